@@ -1,0 +1,153 @@
+//! `file://` blobs, confined to a set of root directories.
+//!
+//! A URI is accepted only if it is an absolute path without `..`
+//! components whose real location (symlinks resolved, for the part of the
+//! path that exists) lies inside one of the roots.
+
+use std::path::{Component, Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::BlobError;
+
+/// The directories `file://` blobs may live in.
+#[derive(Debug, Clone)]
+pub struct LocalRoots {
+    roots: Vec<PathBuf>,
+}
+
+impl LocalRoots {
+    /// Roots are canonicalized when they exist; an empty list allows any path.
+    pub fn new(roots: Vec<PathBuf>) -> Self {
+        let roots = roots.into_iter().map(|r| std::fs::canonicalize(&r).unwrap_or(r)).collect();
+        LocalRoots { roots }
+    }
+
+    fn roots_text(&self) -> String {
+        self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The confined local path of a `file://` URI.
+    pub fn resolve(&self, uri: &str) -> Result<PathBuf, BlobError> {
+        let invalid = |reason: &str| BlobError::InvalidUri { uri: uri.to_string(), reason: reason.into() };
+        let raw = uri.strip_prefix("file://").ok_or_else(|| invalid("not a file:// URI"))?;
+        let path = Path::new(raw);
+        if !path.is_absolute() {
+            return Err(invalid("path is not absolute"));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(invalid("path contains '..'"));
+        }
+        if self.roots.is_empty() {
+            return Ok(path.to_path_buf());
+        }
+        let real = real_path(path);
+        if self.roots.iter().any(|root| real.starts_with(root)) {
+            Ok(path.to_path_buf())
+        } else {
+            Err(BlobError::OutsideRoots { uri: uri.to_string(), roots: self.roots_text() })
+        }
+    }
+
+    pub async fn get(&self, uri: &str) -> Result<Bytes, BlobError> {
+        let path = self.resolve(uri)?;
+        tokio::fs::read(&path)
+            .await
+            .map(Bytes::from)
+            .map_err(|source| BlobError::Io { uri: uri.to_string(), source })
+    }
+
+    pub async fn put(&self, uri: &str, data: Bytes) -> Result<(), BlobError> {
+        let path = self.prepare_write(uri).await?;
+        let io = |source| BlobError::Io { uri: uri.to_string(), source };
+        // Write then rename, so a reader never sees a half-written blob.
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        tokio::fs::write(&tmp, &data).await.map_err(io)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(io)
+    }
+
+    /// Creates the parent directory of a blob about to be written.
+    pub async fn prepare_write(&self, uri: &str) -> Result<PathBuf, BlobError> {
+        let path = self.resolve(uri)?;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|source| BlobError::Io { uri: uri.to_string(), source })?;
+        }
+        // Re-check now that the directories exist and symlinks can be resolved.
+        self.resolve(uri)
+    }
+
+    pub async fn remove(&self, uri: &str) -> Result<(), BlobError> {
+        let path = self.resolve(uri)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(BlobError::Io { uri: uri.to_string(), source }),
+        }
+    }
+}
+
+/// Canonical form of the longest existing prefix of `path`, with the rest
+/// appended unchanged.
+fn real_path(path: &Path) -> PathBuf {
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for part in rest.iter().rev() {
+                out.push(part);
+            }
+            return out;
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confinement_refuses_escapes() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let roots = LocalRoots::new(vec![root.path().to_path_buf()]);
+        let inside = format!("file://{}/a/b.bin", root.path().display());
+        assert!(roots.resolve(&inside).is_ok());
+
+        let err = roots.resolve("file:///etc/shadow").expect_err("absolute escape");
+        assert!(err.to_string().contains("outside the allowed local roots"), "{err}");
+
+        let dotdot = format!("file://{}/../x", root.path().display());
+        let err = roots.resolve(&dotdot).expect_err("dotdot");
+        assert!(err.to_string().contains("'..'"), "{err}");
+
+        std::os::unix::fs::symlink(outside.path(), root.path().join("link")).expect("symlink");
+        let via_link = format!("file://{}/link/secret", root.path().display());
+        let err = roots.resolve(&via_link).expect_err("symlink escape");
+        assert!(err.to_string().contains("outside"), "{err}");
+
+        assert!(roots.resolve("file://relative/path").is_err());
+        assert!(roots.resolve("s3://bucket/key").is_err());
+    }
+
+    #[tokio::test]
+    async fn put_get_remove_round_trip() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let roots = LocalRoots::new(vec![root.path().to_path_buf()]);
+        let uri = format!("file://{}/x/y/z.bin", root.path().display());
+        roots.put(&uri, Bytes::from_static(b"hello")).await.expect("put");
+        assert_eq!(roots.get(&uri).await.expect("get"), Bytes::from_static(b"hello"));
+        roots.remove(&uri).await.expect("remove");
+        roots.remove(&uri).await.expect("remove twice");
+        assert!(roots.get(&uri).await.is_err());
+    }
+}

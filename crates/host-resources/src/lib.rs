@@ -1,0 +1,16 @@
+//! What this host has and who may use it: logical CPUs, memory and disk
+//! capacity (honouring the cgroup limits of Steward's own container), GPUs
+//! discovered through NVML or `nvidia-smi`, and the allocator that pins
+//! whole GPUs to workers.
+//!
+//! Entry points: [`probe_capacity`], [`detect_gpus`], [`GpuAllocator`].
+//! Must not know about: gRPC, protobuf, HTTP, workers or allocations.
+
+mod capacity;
+mod gpu;
+
+pub use capacity::{Capacity, CapacityError, Reserved, probe_capacity};
+pub use gpu::{
+    GpuAllocation, GpuAllocator, GpuAllocatorError, GpuInfo, GpuModel, GpuProbe, GpuProbeError,
+    NvidiaSmiProbe, NvmlProbe, detect_gpus, parse_nvidia_smi_csv,
+};

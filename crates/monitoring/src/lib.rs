@@ -1,0 +1,179 @@
+//! The agent's HTTP face: Kubernetes probes (`/monitoring/startup`,
+//! `/monitoring/health`), Prometheus metrics (`/monitoring/metrics`) and
+//! read-only state documents (`/state/*`).
+//!
+//! The server only routes and formats; what the answers say comes from a
+//! [`StateSource`] the binary wires in.
+//! Must not know about: gRPC, protobuf, workers, the control-plane protocol.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+/// Content type of OpenMetrics text, as Prometheus expects it.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One probe's verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeResult {
+    pub ok: bool,
+    pub message: String,
+}
+
+/// How a state document is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    /// The protobuf text form, where the document has one.
+    Text,
+}
+
+/// A rendered state document.
+#[derive(Debug, Clone)]
+pub enum Document {
+    Json(serde_json::Value),
+    Text(String),
+}
+
+/// What the monitoring server reports; implemented by the agent.
+pub trait StateSource: Send + Sync + 'static {
+    /// Startup probe: false until the agent is registered and has applied
+    /// its first desired state, then true forever.
+    fn startup(&self) -> ProbeResult;
+    /// Liveness: false when the agent is wedged or cut off.
+    fn health(&self) -> ProbeResult;
+    /// OpenMetrics text of every metric.
+    fn metrics(&self) -> String;
+    /// The names of the documents under `/state/`.
+    fn document_names(&self) -> Vec<&'static str>;
+    /// `/state/{name}`; `None` when `name` is unknown.
+    fn document(&self, name: &str, format: Format) -> Option<Document>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitoringError {
+    #[error("cannot listen on {addr} for the monitoring server: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("monitoring server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Binds the monitoring listener, naming the address in the error when the
+/// port is taken.
+pub async fn bind(addr: &str) -> Result<TcpListener, MonitoringError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MonitoringError::Bind { addr: addr.to_string(), source })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    source: Arc<dyn StateSource>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), MonitoringError> {
+    axum::serve(listener, router(source))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(MonitoringError::Serve)
+}
+
+/// The local address a listener got (for port 0).
+pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
+
+type Src = Arc<dyn StateSource>;
+
+/// The routes, for embedding or testing.
+pub fn router(source: Src) -> Router {
+    Router::new()
+        .route("/monitoring/startup", get(startup))
+        .route("/monitoring/health", get(health))
+        .route("/monitoring/metrics", get(metrics))
+        .route("/state", get(state_index))
+        .route("/state/{name}", get(state_document))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(source)
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response {
+    (status, axum::Json(value)).into_response()
+}
+
+async fn startup(State(src): State<Src>) -> Response {
+    let p = src.startup();
+    let (code, status) = if p.ok { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "nok") };
+    json(code, serde_json::json!({"status": status, "message": p.message}))
+}
+
+async fn health(State(src): State<Src>) -> Response {
+    let p = src.health();
+    let (code, status) = if p.ok { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "nok") };
+    json(code, serde_json::json!({"status": status, "message": p.message, "checker": "StewardHealthChecker"}))
+}
+
+async fn metrics(State(src): State<Src>) -> Response {
+    let mut resp = src.metrics().into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE));
+    resp
+}
+
+async fn state_index(State(src): State<Src>) -> Response {
+    let names: Vec<String> = src.document_names().iter().map(|n| format!("/state/{n}")).collect();
+    json(StatusCode::OK, serde_json::json!({"documents": names}))
+}
+
+#[derive(Debug, Deserialize)]
+struct FormatQuery {
+    format: Option<String>,
+}
+
+async fn state_document(
+    State(src): State<Src>,
+    Path(name): Path<String>,
+    Query(q): Query<FormatQuery>,
+) -> Response {
+    let format = match q.format.as_deref() {
+        None | Some("json") => Format::Json,
+        Some("text") => Format::Text,
+        Some(other) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("unknown format {other:?}; use json or text")}),
+            );
+        }
+    };
+    match src.document(&name, format) {
+        Some(Document::Json(v)) => json(StatusCode::OK, v),
+        Some(Document::Text(t)) => t.into_response(),
+        None => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no state document {name:?}"), "documents": src.document_names()}),
+        ),
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    json(StatusCode::NOT_FOUND, serde_json::json!({"error": format!("no route for {}", uri.path())}))
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        serde_json::json!({"error": format!("{method} is not allowed on {}; only GET", uri.path())}),
+    )
+}

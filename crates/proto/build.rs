@@ -1,0 +1,29 @@
+//! Compiles `proto/*.proto` (the repository root's) into Rust, with a vendored
+//! `protoc` so that a fresh machine needs nothing from apt. Also writes the
+//! file descriptor set, which the wire-compatibility test compares with the
+//! reference packages.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let proto_dir = manifest_dir.join("../../proto");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["executor_api.proto", "function_executor.proto", "status.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", proto_dir.join(p).display());
+    }
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    let include = protoc_bin_vendored::include_path()?;
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc);
+    config.btree_map(["."]);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("steward_descriptor.bin"))
+        .compile_with_config(
+            config,
+            &protos.map(|p| proto_dir.join(p)),
+            &[proto_dir.clone(), include],
+        )?;
+    Ok(())
+}
