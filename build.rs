@@ -21,7 +21,11 @@ fn main() {
         .filter(|o| o.status.success())
         .map(|o| !o.stdout.is_empty())
         .unwrap_or(false);
-    let revision = if dirty { format!("{revision}-dirty") } else { revision };
+    let revision = if dirty {
+        format!("{revision}-dirty")
+    } else {
+        revision
+    };
     println!("cargo:rustc-env=STEWARD_GIT_REVISION={revision}");
     println!(
         "cargo:rustc-env=STEWARD_VERSION={}",

@@ -1,1 +1,500 @@
-fn main() {}
+//! `steward`: the host agent binary. The only place where the crates are
+//! wired together: CLI and config, host resources, blob store, the
+//! reconciler, the monitoring server, signal handling; plus the
+//! `steward devserver` dev control plane commands.
+
+mod state_source;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use steward_host_resources as hr;
+use steward_reconciler::{Agent, AgentConfig, GpuPool, Metrics, pb};
+
+const VERSION: &str = env!("STEWARD_VERSION");
+const REVISION: &str = env!("STEWARD_GIT_REVISION");
+const LONG_VERSION: &str = concat!(
+    env!("STEWARD_VERSION"),
+    " (",
+    env!("STEWARD_GIT_REVISION"),
+    ")"
+);
+
+/// Steward: a host agent for the Indexify executor protocol. Flags match
+/// `indexify-cli executor`, so replacing it is a one-word change.
+#[derive(Parser, Debug)]
+#[command(name = "steward", version = LONG_VERSION, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    agent: AgentArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The development control plane and its client commands.
+    Devserver(DevserverArgs),
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// Address of the server's gRPC executor API.
+    #[arg(long, default_value = "localhost:8901")]
+    grpc_server_addr: String,
+    /// Allowed function, `namespace:application:function[:version]`; repeatable. None means any.
+    #[arg(short = 'f', long = "function")]
+    functions: Vec<String>,
+    /// Executor label `key=value`; repeatable.
+    #[arg(short = 'l', long = "label")]
+    labels: Vec<String>,
+    #[arg(long, default_value = "localhost")]
+    monitoring_server_host: String,
+    #[arg(long, default_value_t = 7000)]
+    monitoring_server_port: u16,
+    /// Data directory: code cache, worker logs, executor id.
+    #[arg(long, default_value = "~/.indexify/executor_cache")]
+    executor_cache_path: String,
+    #[arg(long)]
+    catalog_entry_name: Option<String>,
+    /// TLS configuration YAML of the reference executor (not supported yet: refused).
+    #[arg(long)]
+    config_path: Option<PathBuf>,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Executor id; by default one is generated once and kept in the data directory.
+    #[arg(long)]
+    executor_id: Option<String>,
+    /// Worker program to run for each function executor.
+    #[arg(long, default_value = "function-executor")]
+    function_executor_bin: PathBuf,
+    /// Directory `file://` blobs must live in; repeatable. None allows any absolute path.
+    #[arg(long = "blob-root")]
+    blob_roots: Vec<PathBuf>,
+    /// CPUs kept back from workers.
+    #[arg(long, default_value_t = 0)]
+    reserved_cpus: u32,
+    /// Memory kept back from workers, in bytes.
+    #[arg(long, default_value_t = 0)]
+    reserved_memory_bytes: u64,
+    /// Disk kept back from workers, in bytes.
+    #[arg(long, default_value_t = 0)]
+    reserved_disk_bytes: u64,
+    /// GPUs kept back from workers (the lowest indices).
+    #[arg(long, default_value_t = 0)]
+    reserved_gpus: u32,
+    /// `nvidia-smi` to use when NVML cannot be loaded.
+    #[arg(long, default_value = "nvidia-smi")]
+    nvidia_smi: PathBuf,
+    /// Report failures tolerated this long before /monitoring/health turns 503.
+    #[arg(long, default_value_t = 30)]
+    health_report_grace_s: u64,
+    /// Disable periodic worker health checks (as INDEXIFY_DISABLE_FUNCTION_EXECUTOR_HEALTH_CHECKS=1).
+    #[arg(long, env = "INDEXIFY_DISABLE_FUNCTION_EXECUTOR_HEALTH_CHECKS", value_parser = parse_flag, default_value = "0")]
+    disable_function_executor_health_checks: bool,
+}
+
+fn parse_flag(s: &str) -> Result<bool, String> {
+    match s {
+        "" | "0" | "false" => Ok(false),
+        "1" | "true" => Ok(true),
+        other => Err(format!("expected 0/1/true/false, got {other:?}")),
+    }
+}
+
+#[derive(Args, Debug)]
+struct DevserverArgs {
+    #[command(subcommand)]
+    command: Option<DevCommand>,
+    /// gRPC listen address (the executor API).
+    #[arg(long, default_value = "127.0.0.1:8901")]
+    grpc_addr: String,
+    /// HTTP listen address (deploy, invoke, results).
+    #[arg(long, default_value = "127.0.0.1:8900")]
+    http_addr: String,
+    /// Root of the file:// blob store.
+    #[arg(long, default_value = "~/.steward/devserver")]
+    blob_dir: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Pack a directory or .py file of Tensorlake functions and deploy it.
+    Deploy {
+        path: PathBuf,
+        /// Application name (default: the directory or file name).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "1")]
+        version: String,
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        #[arg(long, default_value_t = 1)]
+        max_concurrency: u32,
+        #[arg(long, default_value = "http://127.0.0.1:8900")]
+        server: String,
+    },
+    /// Invoke a function with a JSON input and print the outcome as JSON.
+    Invoke {
+        application: String,
+        function: String,
+        /// JSON input.
+        #[arg(long, default_value = "null")]
+        input: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        #[arg(long, default_value = "http://127.0.0.1:8900")]
+        server: String,
+    },
+    /// Print the registered executors as JSON.
+    Executors {
+        #[arg(long, default_value = "http://127.0.0.1:8900")]
+        server: String,
+    },
+}
+
+fn expand_home(p: &str) -> PathBuf {
+    match p.strip_prefix("~/") {
+        Some(rest) => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(rest),
+        None => PathBuf::from(p),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{default},h2=warn,hyper=warn,tower=warn"))
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Devserver(args)) => {
+            init_logging(0);
+            devserver(args).await
+        }
+        None => {
+            init_logging(cli.agent.verbose);
+            run_agent(cli.agent).await
+        }
+    }
+}
+
+async fn devserver(args: DevserverArgs) -> Result<()> {
+    use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, client};
+    match args.command {
+        None => {
+            let server = DevServer::start(DevServerConfig {
+                grpc_addr: args.grpc_addr,
+                http_addr: args.http_addr,
+                blob_dir: expand_home(&args.blob_dir),
+            })
+            .await?;
+            println!(
+                "{}",
+                serde_json::json!({"grpc_addr": server.grpc_addr.to_string(), "http_url": server.http_url()})
+            );
+            server.run_until(shutdown_signal()).await?;
+            Ok(())
+        }
+        Some(DevCommand::Deploy {
+            path,
+            name,
+            namespace,
+            version,
+            gpus,
+            max_concurrency,
+            server,
+        }) => {
+            let name = match name {
+                Some(n) => n,
+                None => path
+                    .canonicalize()
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .context("cannot derive an application name from the path; pass --name")?,
+            };
+            let options = FunctionOptions {
+                gpus,
+                max_concurrency,
+                ..FunctionOptions::default()
+            };
+            let v = client::deploy(&server, &namespace, &name, &version, &path, &options).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Some(DevCommand::Invoke {
+            application,
+            function,
+            input,
+            namespace,
+            timeout_s,
+            server,
+        }) => {
+            let input: serde_json::Value = serde_json::from_str(&input)
+                .with_context(|| format!("--input is not JSON: {input}"))?;
+            let out = client::invoke(
+                &server,
+                &namespace,
+                &application,
+                &function,
+                &input,
+                timeout_s,
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Some(DevCommand::Executors { server }) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&client::executors(&server).await?)?
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+    }
+}
+
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for l in labels {
+        let Some((k, v)) = l.split_once('=') else {
+            bail!("label {l:?} is not key=value");
+        };
+        if k.is_empty() {
+            bail!("label {l:?} has an empty key");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_allowlist(functions: &[String]) -> Result<Vec<pb::AllowedFunction>> {
+    functions
+        .iter()
+        .map(|f| {
+            let parts: Vec<&str> = f.split(':').collect();
+            if !(3..=4).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
+                bail!("function {f:?} is not namespace:application:function[:version]");
+            }
+            Ok(pb::AllowedFunction {
+                namespace: Some(parts[0].into()),
+                application_name: Some(parts[1].into()),
+                function_name: Some(parts[2].into()),
+                application_version: parts.get(3).map(|v| v.to_string()),
+            })
+        })
+        .collect()
+}
+
+/// The executor id: from the flag, else the one kept in the data directory,
+/// else a new one written there.
+fn executor_id(flag: Option<String>, data_dir: &Path) -> Result<String> {
+    if let Some(id) = flag {
+        return Ok(id);
+    }
+    let path = data_dir.join("executor_id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("steward-{:016x}", rand_u64());
+    std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn gpu_model(m: hr::GpuModel) -> pb::GpuModel {
+    match m {
+        hr::GpuModel::Unknown => pb::GpuModel::Unknown,
+        hr::GpuModel::A100_40GB => pb::GpuModel::NvidiaA10040gb,
+        hr::GpuModel::A100_80GB => pb::GpuModel::NvidiaA10080gb,
+        hr::GpuModel::H100_80GB => pb::GpuModel::NvidiaH10080gb,
+        hr::GpuModel::TeslaT4 => pb::GpuModel::NvidiaTeslaT4,
+        hr::GpuModel::A6000 => pb::GpuModel::NvidiaA6000,
+        hr::GpuModel::A10 => pb::GpuModel::NvidiaA10,
+    }
+}
+
+struct GpuPoolAdapter(Arc<hr::GpuAllocator>);
+
+impl GpuPool for GpuPoolAdapter {
+    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, String> {
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        self.0
+            .allocate(owner, count)
+            .map(|a| a.uuids)
+            .map_err(|e| e.to_string())
+    }
+    fn release(&self, owner: &str) {
+        self.0.release(owner);
+    }
+}
+
+async fn run_agent(args: AgentArgs) -> Result<()> {
+    if let Some(p) = &args.config_path {
+        bail!(
+            "--config-path {} (TLS to the server) is not supported by this version of steward",
+            p.display()
+        );
+    }
+    let data_dir = expand_home(&args.executor_cache_path);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let executor_id = executor_id(args.executor_id.clone(), &data_dir)?;
+    let labels = parse_labels(&args.labels)?;
+    let allowed_functions = parse_allowlist(&args.functions)?;
+
+    // Host resources.
+    let capacity = hr::probe_capacity(&data_dir).context("probing host capacity")?;
+    let reserved = hr::Reserved {
+        cpu_count: args.reserved_cpus,
+        memory_bytes: args.reserved_memory_bytes,
+        disk_bytes: args.reserved_disk_bytes,
+        gpu_count: args.reserved_gpus,
+    };
+    let smi = hr::NvidiaSmiProbe {
+        binary: args.nvidia_smi.clone(),
+    };
+    let gpus = hr::detect_gpus(&[&hr::NvmlProbe, &smi]);
+    let allocator = Arc::new(hr::GpuAllocator::new(gpus.clone(), reserved.gpu_count));
+    let gpu_res = |count: u32| {
+        (count > 0).then(|| pb::GpuResources {
+            count: Some(count),
+            model: Some(
+                gpus.first()
+                    .map(|g| gpu_model(g.model))
+                    .unwrap_or(pb::GpuModel::Unknown) as i32,
+            ),
+        })
+    };
+    let to_pb = |c: hr::Capacity, gpu_count: u32| pb::HostResources {
+        cpu_count: Some(c.cpu_count),
+        memory_bytes: Some(c.memory_bytes),
+        disk_bytes: Some(c.disk_bytes),
+        gpu: gpu_res(gpu_count),
+    };
+    let total = to_pb(capacity, gpus.len() as u32);
+    let allocatable = to_pb(
+        capacity.allocatable(&reserved),
+        allocator.allocatable_count(),
+    );
+    tracing::info!(?capacity, gpus = gpus.len(), ?reserved, "host resources");
+
+    let blob_store = steward_blob_store::BlobStore::new(steward_blob_store::BlobStoreConfig {
+        local_roots: args.blob_roots.clone(),
+        ..Default::default()
+    });
+    if args.blob_roots.is_empty() {
+        tracing::warn!("no --blob-root given: workers may be handed any absolute file:// path");
+    }
+    let mut config = AgentConfig::new(
+        executor_id.clone(),
+        args.grpc_server_addr.clone(),
+        data_dir,
+        blob_store,
+    );
+    config.hostname = hostname();
+    config.version = VERSION.to_string();
+    config.labels = labels;
+    config.allowed_functions = allowed_functions;
+    config.catalog_entry_name = args.catalog_entry_name.clone();
+    config.total_resources = total;
+    config.function_executor_resources = allocatable;
+    config.function_executor_bin = args.function_executor_bin.clone();
+    config.health_checks_enabled = !args.disable_function_executor_health_checks;
+    config.gpu_pool = Arc::new(GpuPoolAdapter(allocator));
+
+    let metrics = Arc::new(Metrics::new(VERSION, REVISION, &executor_id));
+    let monitoring_addr = format!(
+        "{}:{}",
+        args.monitoring_server_host, args.monitoring_server_port
+    );
+    let listener = steward_monitoring::bind(&monitoring_addr).await?;
+    let local = listener
+        .local_addr()
+        .context("monitoring listener address")?;
+
+    let agent = Agent::start(config, metrics)?;
+    tracing::info!(executor_id = %executor_id, server = %args.grpc_server_addr, monitoring = %format!("http://{local}"), version = LONG_VERSION, "steward started");
+    let source = Arc::new(state_source::AgentStateSource {
+        handle: agent.handle(),
+        report_grace: Duration::from_secs(args.health_report_grace_s),
+        reconcile_watchdog: Duration::from_secs(60),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let monitoring = tokio::spawn(steward_monitoring::serve(
+        listener,
+        source,
+        stop.clone().cancelled_owned(),
+    ));
+    shutdown_signal().await;
+    agent.shutdown(Duration::from_secs(5)).await;
+    stop.cancel();
+    let _ = monitoring.await;
+    tracing::info!("steward stopped");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let proto_dir = manifest_dir.join("../../proto");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["executor_api.proto", "function_executor.proto", "status.proto"];
+    let protos = [
+        "executor_api.proto",
+        "function_executor.proto",
+        "status.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={}", proto_dir.join(p).display());
     }
@@ -18,6 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc);
     config.btree_map(["."]);
+    // Our own well-known types, so every generated message can derive Serialize.
+    config.extern_path(".google.protobuf.Timestamp", "crate::wkt::Timestamp");
+    config.extern_path(".google.protobuf.Any", "crate::wkt::Any");
+    config.type_attribute(".", "#[derive(serde::Serialize)]");
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("steward_descriptor.bin"))
         .compile_with_config(

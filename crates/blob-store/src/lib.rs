@@ -52,7 +52,11 @@ pub enum BlobError {
         source: std::io::Error,
     },
     #[error("blob {uri:?} is {actual} bytes, expected at least {expected}")]
-    TooShort { uri: String, expected: u64, actual: u64 },
+    TooShort {
+        uri: String,
+        expected: u64,
+        actual: u64,
+    },
 }
 
 /// Sizes of the write parts for a blob of `size` bytes (at least one part).
@@ -60,7 +64,11 @@ pub fn write_part_sizes(size: u64) -> Vec<u64> {
     let mut parts = Vec::new();
     let mut left = size;
     while left > 0 || parts.is_empty() {
-        let cap = if (parts.len() as u64) < SMALL_PARTS { SMALL_PART_BYTES } else { LARGE_PART_BYTES };
+        let cap = if (parts.len() as u64) < SMALL_PARTS {
+            SMALL_PART_BYTES
+        } else {
+            LARGE_PART_BYTES
+        };
         let part = left.min(cap);
         parts.push(part);
         left -= part;
@@ -97,7 +105,10 @@ pub struct BlobStoreConfig {
 
 impl Default for BlobStoreConfig {
     fn default() -> Self {
-        BlobStoreConfig { local_roots: Vec::new(), presign_ttl: DEFAULT_TTL }
+        BlobStoreConfig {
+            local_roots: Vec::new(),
+            presign_ttl: DEFAULT_TTL,
+        }
     }
 }
 
@@ -109,18 +120,25 @@ pub struct BlobStore {
 
 impl BlobStore {
     pub fn new(config: BlobStoreConfig) -> Self {
-        BlobStore { local: LocalRoots::new(config.local_roots) }
+        BlobStore {
+            local: LocalRoots::new(config.local_roots),
+        }
     }
 
     fn scheme(uri: &str) -> Result<&str, BlobError> {
-        uri.split_once("://").map(|(s, _)| s).ok_or_else(|| BlobError::InvalidUri {
-            uri: uri.to_string(),
-            reason: "no scheme".into(),
-        })
+        uri.split_once("://")
+            .map(|(s, _)| s)
+            .ok_or_else(|| BlobError::InvalidUri {
+                uri: uri.to_string(),
+                reason: "no scheme".into(),
+            })
     }
 
     fn unsupported(uri: &str, scheme: &str) -> BlobError {
-        BlobError::UnsupportedScheme { uri: uri.to_string(), scheme: scheme.to_string() }
+        BlobError::UnsupportedScheme {
+            uri: uri.to_string(),
+            scheme: scheme.to_string(),
+        }
     }
 
     /// Reads a whole blob.
@@ -146,7 +164,10 @@ impl BlobStore {
                 self.local.resolve(uri)?;
                 Ok(read_chunk_sizes(size)
                     .into_iter()
-                    .map(|size| Chunk { uri: uri.to_string(), size })
+                    .map(|size| Chunk {
+                        uri: uri.to_string(),
+                        size,
+                    })
                     .collect())
             }
             s => Err(Self::unsupported(uri, s)),
@@ -176,7 +197,10 @@ impl BlobStore {
                 self.local.resolve(uri)?;
                 Ok(write_part_sizes(size)
                     .into_iter()
-                    .map(|size| Chunk { uri: uri.to_string(), size })
+                    .map(|size| Chunk {
+                        uri: uri.to_string(),
+                        size,
+                    })
                     .collect())
             }
             s => Err(Self::unsupported(uri, s)),
@@ -214,7 +238,10 @@ mod tests {
     fn part_ladder_matches_reference() {
         assert_eq!(write_part_sizes(0), vec![0]);
         assert_eq!(write_part_sizes(10), vec![10]);
-        assert_eq!(write_part_sizes(SMALL_PART_BYTES + 1), vec![SMALL_PART_BYTES, 1]);
+        assert_eq!(
+            write_part_sizes(SMALL_PART_BYTES + 1),
+            vec![SMALL_PART_BYTES, 1]
+        );
         let big = write_part_sizes(SMALL_PARTS * SMALL_PART_BYTES + LARGE_PART_BYTES + 5);
         assert_eq!(big.len(), 102);
         assert_eq!(big[99], SMALL_PART_BYTES);
@@ -225,6 +252,9 @@ mod tests {
     #[test]
     fn read_chunks_cover_size() {
         assert_eq!(read_chunk_sizes(0), vec![0]);
-        assert_eq!(read_chunk_sizes(READ_CHUNK_BYTES * 2 + 3), vec![READ_CHUNK_BYTES, READ_CHUNK_BYTES, 3]);
+        assert_eq!(
+            read_chunk_sizes(READ_CHUNK_BYTES * 2 + 3),
+            vec![READ_CHUNK_BYTES, READ_CHUNK_BYTES, 3]
+        );
     }
 }

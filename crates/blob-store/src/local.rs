@@ -19,18 +19,30 @@ pub struct LocalRoots {
 impl LocalRoots {
     /// Roots are canonicalized when they exist; an empty list allows any path.
     pub fn new(roots: Vec<PathBuf>) -> Self {
-        let roots = roots.into_iter().map(|r| std::fs::canonicalize(&r).unwrap_or(r)).collect();
+        let roots = roots
+            .into_iter()
+            .map(|r| std::fs::canonicalize(&r).unwrap_or(r))
+            .collect();
         LocalRoots { roots }
     }
 
     fn roots_text(&self) -> String {
-        self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The confined local path of a `file://` URI.
     pub fn resolve(&self, uri: &str) -> Result<PathBuf, BlobError> {
-        let invalid = |reason: &str| BlobError::InvalidUri { uri: uri.to_string(), reason: reason.into() };
-        let raw = uri.strip_prefix("file://").ok_or_else(|| invalid("not a file:// URI"))?;
+        let invalid = |reason: &str| BlobError::InvalidUri {
+            uri: uri.to_string(),
+            reason: reason.into(),
+        };
+        let raw = uri
+            .strip_prefix("file://")
+            .ok_or_else(|| invalid("not a file:// URI"))?;
         let path = Path::new(raw);
         if !path.is_absolute() {
             return Err(invalid("path is not absolute"));
@@ -45,7 +57,10 @@ impl LocalRoots {
         if self.roots.iter().any(|root| real.starts_with(root)) {
             Ok(path.to_path_buf())
         } else {
-            Err(BlobError::OutsideRoots { uri: uri.to_string(), roots: self.roots_text() })
+            Err(BlobError::OutsideRoots {
+                uri: uri.to_string(),
+                roots: self.roots_text(),
+            })
         }
     }
 
@@ -54,12 +69,18 @@ impl LocalRoots {
         tokio::fs::read(&path)
             .await
             .map(Bytes::from)
-            .map_err(|source| BlobError::Io { uri: uri.to_string(), source })
+            .map_err(|source| BlobError::Io {
+                uri: uri.to_string(),
+                source,
+            })
     }
 
     pub async fn put(&self, uri: &str, data: Bytes) -> Result<(), BlobError> {
         let path = self.prepare_write(uri).await?;
-        let io = |source| BlobError::Io { uri: uri.to_string(), source };
+        let io = |source| BlobError::Io {
+            uri: uri.to_string(),
+            source,
+        };
         // Write then rename, so a reader never sees a half-written blob.
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         tokio::fs::write(&tmp, &data).await.map_err(io)?;
@@ -72,7 +93,10 @@ impl LocalRoots {
         if let Some(parent) = path.parent() {
             tokio::fs::create_dir_all(parent)
                 .await
-                .map_err(|source| BlobError::Io { uri: uri.to_string(), source })?;
+                .map_err(|source| BlobError::Io {
+                    uri: uri.to_string(),
+                    source,
+                })?;
         }
         // Re-check now that the directories exist and symlinks can be resolved.
         self.resolve(uri)
@@ -83,7 +107,10 @@ impl LocalRoots {
         match tokio::fs::remove_file(&path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(BlobError::Io { uri: uri.to_string(), source }),
+            Err(source) => Err(BlobError::Io {
+                uri: uri.to_string(),
+                source,
+            }),
         }
     }
 }
@@ -101,7 +128,10 @@ fn real_path(path: &Path) -> PathBuf {
             }
             return out;
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -123,8 +153,13 @@ mod tests {
         let inside = format!("file://{}/a/b.bin", root.path().display());
         assert!(roots.resolve(&inside).is_ok());
 
-        let err = roots.resolve("file:///etc/shadow").expect_err("absolute escape");
-        assert!(err.to_string().contains("outside the allowed local roots"), "{err}");
+        let err = roots
+            .resolve("file:///etc/shadow")
+            .expect_err("absolute escape");
+        assert!(
+            err.to_string().contains("outside the allowed local roots"),
+            "{err}"
+        );
 
         let dotdot = format!("file://{}/../x", root.path().display());
         let err = roots.resolve(&dotdot).expect_err("dotdot");
@@ -144,8 +179,14 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let roots = LocalRoots::new(vec![root.path().to_path_buf()]);
         let uri = format!("file://{}/x/y/z.bin", root.path().display());
-        roots.put(&uri, Bytes::from_static(b"hello")).await.expect("put");
-        assert_eq!(roots.get(&uri).await.expect("get"), Bytes::from_static(b"hello"));
+        roots
+            .put(&uri, Bytes::from_static(b"hello"))
+            .await
+            .expect("put");
+        assert_eq!(
+            roots.get(&uri).await.expect("get"),
+            Bytes::from_static(b"hello")
+        );
         roots.remove(&uri).await.expect("remove");
         roots.remove(&uri).await.expect("remove twice");
         assert!(roots.get(&uri).await.is_err());

@@ -64,7 +64,11 @@ pub fn probe_capacity(data_dir: &Path) -> Result<Capacity, CapacityError> {
         }
     }
     let disk_bytes = disk_size_of(data_dir)?;
-    Ok(Capacity { cpu_count, memory_bytes, disk_bytes })
+    Ok(Capacity {
+        cpu_count,
+        memory_bytes,
+        disk_bytes,
+    })
 }
 
 /// Total size of the mounted volume with the longest mount point that is a
@@ -136,11 +140,26 @@ mod tests {
 
     #[test]
     fn allocatable_subtracts_reserved_and_saturates() {
-        let cap = Capacity { cpu_count: 8, memory_bytes: 16 << 30, disk_bytes: 100 << 30 };
-        let reserved =
-            Reserved { cpu_count: 1, memory_bytes: 2 << 30, disk_bytes: 200 << 30, gpu_count: 0 };
+        let cap = Capacity {
+            cpu_count: 8,
+            memory_bytes: 16 << 30,
+            disk_bytes: 100 << 30,
+        };
+        let reserved = Reserved {
+            cpu_count: 1,
+            memory_bytes: 2 << 30,
+            disk_bytes: 200 << 30,
+            gpu_count: 0,
+        };
         let a = cap.allocatable(&reserved);
-        assert_eq!(a, Capacity { cpu_count: 7, memory_bytes: 14 << 30, disk_bytes: 0 });
+        assert_eq!(
+            a,
+            Capacity {
+                cpu_count: 7,
+                memory_bytes: 14 << 30,
+                disk_bytes: 0
+            }
+        );
     }
 
     #[test]

@@ -138,7 +138,9 @@ pub struct NvidiaSmiProbe {
 
 impl Default for NvidiaSmiProbe {
     fn default() -> Self {
-        NvidiaSmiProbe { binary: PathBuf::from("nvidia-smi") }
+        NvidiaSmiProbe {
+            binary: PathBuf::from("nvidia-smi"),
+        }
     }
 }
 
@@ -182,9 +184,13 @@ pub fn parse_nvidia_smi_csv(text: &str) -> Result<Vec<GpuInfo>, GpuProbeError> {
             return Err(parse_err("expected at least index, uuid, name"));
         }
         let optional = |i: usize| -> Option<u64> {
-            fields.get(i).and_then(|f| f.trim_end_matches(" MiB").parse::<u64>().ok())
+            fields
+                .get(i)
+                .and_then(|f| f.trim_end_matches(" MiB").parse::<u64>().ok())
         };
-        let index: u32 = fields[0].parse().map_err(|_| parse_err("index is not a number"))?;
+        let index: u32 = fields[0]
+            .parse()
+            .map_err(|_| parse_err("index is not a number"))?;
         let memory_bytes = optional(3).map(|mib| mib << 20);
         let product_name = fields[2].to_string();
         gpus.push(GpuInfo {
@@ -245,7 +251,12 @@ impl GpuAllocation {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GpuAllocatorError {
     #[error("worker {owner} asks for {wanted} GPU(s) but only {free} of {total} are free")]
-    NotEnough { owner: String, wanted: u32, free: u32, total: u32 },
+    NotEnough {
+        owner: String,
+        wanted: u32,
+        free: u32,
+        total: u32,
+    },
     #[error("worker {0} already holds GPUs")]
     AlreadyHolds(String),
 }
@@ -266,8 +277,18 @@ struct AllocatorState {
 impl GpuAllocator {
     /// Manages `gpus`, keeping the first `reserved` (by index) for the system.
     pub fn new(gpus: Vec<GpuInfo>, reserved: u32) -> Self {
-        let free = gpus.iter().map(|g| g.index).skip(reserved as usize).collect();
-        GpuAllocator { gpus, inner: Mutex::new(AllocatorState { free, owners: BTreeMap::new() }) }
+        let free = gpus
+            .iter()
+            .map(|g| g.index)
+            .skip(reserved as usize)
+            .collect();
+        GpuAllocator {
+            gpus,
+            inner: Mutex::new(AllocatorState {
+                free,
+                owners: BTreeMap::new(),
+            }),
+        }
     }
 
     pub fn gpus(&self) -> &[GpuInfo] {
@@ -310,7 +331,10 @@ impl GpuAllocator {
             .filter_map(|i| self.gpus.iter().find(|g| g.index == *i))
             .map(|g| g.uuid.clone())
             .collect();
-        Ok(GpuAllocation { uuids, indices: taken })
+        Ok(GpuAllocation {
+            uuids,
+            indices: taken,
+        })
     }
 
     /// Returns `owner`'s GPUs to the pool; releasing twice is harmless.
@@ -395,7 +419,10 @@ mod tests {
             "worker fe-c asks for 1 GPU(s) but only 0 of 2 are free"
         );
         alloc.release("fe-a");
-        assert_eq!(alloc.allocate("fe-c", 1).expect("after release").uuids, a.uuids);
+        assert_eq!(
+            alloc.allocate("fe-c", 1).expect("after release").uuids,
+            a.uuids
+        );
     }
 
     #[test]

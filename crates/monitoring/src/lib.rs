@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 /// Content type of OpenMetrics text, as Prometheus expects it.
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// One probe's verdict.
 #[derive(Debug, Clone, Serialize)]
@@ -74,7 +75,10 @@ pub enum MonitoringError {
 pub async fn bind(addr: &str) -> Result<TcpListener, MonitoringError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| MonitoringError::Bind { addr: addr.to_string(), source })
+        .map_err(|source| MonitoringError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// Serves until `shutdown` resolves.
@@ -115,25 +119,45 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
 
 async fn startup(State(src): State<Src>) -> Response {
     let p = src.startup();
-    let (code, status) = if p.ok { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "nok") };
-    json(code, serde_json::json!({"status": status, "message": p.message}))
+    let (code, status) = if p.ok {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "nok")
+    };
+    json(
+        code,
+        serde_json::json!({"status": status, "message": p.message}),
+    )
 }
 
 async fn health(State(src): State<Src>) -> Response {
     let p = src.health();
-    let (code, status) = if p.ok { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "nok") };
-    json(code, serde_json::json!({"status": status, "message": p.message, "checker": "StewardHealthChecker"}))
+    let (code, status) = if p.ok {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "nok")
+    };
+    json(
+        code,
+        serde_json::json!({"status": status, "message": p.message, "checker": "StewardHealthChecker"}),
+    )
 }
 
 async fn metrics(State(src): State<Src>) -> Response {
     let mut resp = src.metrics().into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
+    );
     resp
 }
 
 async fn state_index(State(src): State<Src>) -> Response {
-    let names: Vec<String> = src.document_names().iter().map(|n| format!("/state/{n}")).collect();
+    let names: Vec<String> = src
+        .document_names()
+        .iter()
+        .map(|n| format!("/state/{n}"))
+        .collect();
     json(StatusCode::OK, serde_json::json!({"documents": names}))
 }
 
@@ -168,7 +192,10 @@ async fn state_document(
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    json(StatusCode::NOT_FOUND, serde_json::json!({"error": format!("no route for {}", uri.path())}))
+    json(
+        StatusCode::NOT_FOUND,
+        serde_json::json!({"error": format!("no route for {}", uri.path())}),
+    )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {

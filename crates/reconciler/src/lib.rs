@@ -1,1 +1,203 @@
-//! placeholder
+//! The host agent's core: the client side of the Indexify executor protocol.
+//!
+//! It reports this host's state to the server (every 5 s and on every
+//! change), applies each desired state it streams back (function executors
+//! first, then allocations), runs one controller per function executor
+//! (spawn, initialize, health-check, run allocations, terminate), and keeps
+//! every allocation result until a report carrying it has succeeded.
+//!
+//! Entry points: [`Agent::start`], [`AgentConfig`], [`AgentHandle`].
+//! Must not know about: HTTP serving, how host capacity is measured (it is
+//! given [`pb::HostResources`] and a [`GpuPool`]), how blobs are stored
+//! beyond the `steward-blob-store` API.
+
+mod events;
+mod fe;
+mod metrics;
+mod reconcile;
+mod report;
+mod state;
+mod stream;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use events::{Event, EventLog};
+pub use metrics::Metrics;
+pub use report::state_hash;
+pub use state::{AgentHandle, Snapshot};
+pub use steward_proto::executor_api_pb as pb;
+pub use steward_proto::function_executor_service as fe_pb;
+pub use validate::{validate_allocation, validate_function_executor};
+
+use steward_blob_store::BlobStore;
+use tokio_util::sync::CancellationToken;
+
+/// Hands whole GPUs to workers; implemented over the host-resources allocator.
+pub trait GpuPool: Send + Sync + 'static {
+    /// Reserves `count` GPUs for `owner` and returns their UUIDs, or a
+    /// reason why not.
+    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, String>;
+    /// Returns `owner`'s GPUs; harmless when it holds none.
+    fn release(&self, owner: &str);
+}
+
+/// A pool with no GPUs: every request for one is refused.
+#[derive(Debug, Default)]
+pub struct NoGpus;
+
+impl GpuPool for NoGpus {
+    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, String> {
+        if count == 0 {
+            Ok(Vec::new())
+        } else {
+            Err(format!(
+                "worker {owner} asks for {count} GPU(s) but this host has none"
+            ))
+        }
+    }
+    fn release(&self, _owner: &str) {}
+}
+
+/// Everything the agent needs to know about itself and its environment.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub executor_id: String,
+    pub hostname: String,
+    /// Reported as `ExecutorState.version`.
+    pub version: String,
+    /// `host:port` or a full `http(s)://` URL of the server's gRPC endpoint.
+    pub server_addr: String,
+    pub labels: BTreeMap<String, String>,
+    pub allowed_functions: Vec<pb::AllowedFunction>,
+    pub catalog_entry_name: Option<String>,
+    pub total_resources: pb::HostResources,
+    pub function_executor_resources: pb::HostResources,
+    /// The worker program (`function-executor` from PATH by default).
+    pub function_executor_bin: PathBuf,
+    /// Extra arguments appended to every worker's command line.
+    pub function_executor_args: Vec<String>,
+    /// Where worker logs and downloaded code live.
+    pub data_dir: PathBuf,
+    pub report_interval: Duration,
+    /// Longest wait between failed reports.
+    pub report_backoff_max: Duration,
+    pub health_check_interval: Duration,
+    pub health_checks_enabled: bool,
+    /// How long a new worker may take to accept gRPC connections.
+    pub function_executor_connect_timeout: Duration,
+    /// SIGTERM-to-SIGKILL grace when stopping a worker.
+    pub function_executor_stop_grace: Duration,
+    /// Reopen the desired-state stream after this long without a message.
+    pub stream_idle_timeout: Duration,
+    pub blob_store: BlobStore,
+    pub gpu_pool: Arc<dyn GpuPool>,
+}
+
+impl AgentConfig {
+    /// Defaults matching the reference executor's timings.
+    pub fn new(
+        executor_id: String,
+        server_addr: String,
+        data_dir: PathBuf,
+        blob_store: BlobStore,
+    ) -> Self {
+        AgentConfig {
+            executor_id,
+            hostname: "localhost".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            server_addr,
+            labels: BTreeMap::new(),
+            allowed_functions: Vec::new(),
+            catalog_entry_name: None,
+            total_resources: pb::HostResources::default(),
+            function_executor_resources: pb::HostResources::default(),
+            function_executor_bin: PathBuf::from("function-executor"),
+            function_executor_args: Vec::new(),
+            data_dir,
+            report_interval: Duration::from_secs(5),
+            report_backoff_max: Duration::from_secs(300),
+            health_check_interval: Duration::from_secs(5),
+            health_checks_enabled: true,
+            function_executor_connect_timeout: Duration::from_secs(60),
+            function_executor_stop_grace: Duration::from_secs(5),
+            stream_idle_timeout: Duration::from_secs(300),
+            blob_store,
+            gpu_pool: Arc::new(NoGpus),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid server address {addr:?}: {reason}")]
+    ServerAddr { addr: String, reason: String },
+    #[error("preparing data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The running agent.
+pub struct Agent {
+    handle: AgentHandle,
+    tasks: tokio::task::JoinSet<()>,
+    cancel: CancellationToken,
+}
+
+impl Agent {
+    /// Starts the report, stream and reconcile loops.
+    pub fn start(config: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
+        for dir in [config.data_dir.join("logs"), config.data_dir.join("code")] {
+            std::fs::create_dir_all(&dir).map_err(|source| AgentError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let channel = report::channel(&config.server_addr)?;
+        let shared = state::Shared::new(config, metrics);
+        let cancel = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
+        tasks.spawn(report::run_loop(
+            shared.clone(),
+            channel.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(stream::run_loop(
+            shared.clone(),
+            channel,
+            desired_tx,
+            cancel.clone(),
+        ));
+        tasks.spawn(reconcile::run_loop(
+            shared.clone(),
+            desired_rx,
+            cancel.clone(),
+        ));
+        Ok(Agent {
+            handle: AgentHandle::new(shared),
+            tasks,
+            cancel,
+        })
+    }
+
+    pub fn handle(&self) -> AgentHandle {
+        self.handle.clone()
+    }
+
+    /// Stops taking work, terminates every worker, sends a final STOPPED
+    /// report (best effort, bounded by `report_timeout`) and returns.
+    pub async fn shutdown(mut self, report_timeout: Duration) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        let shared = self.handle.shared();
+        fe::shutdown_all(shared).await;
+        report::send_final(shared, report_timeout).await;
+    }
+}

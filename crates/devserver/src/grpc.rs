@@ -1,0 +1,78 @@
+//! The server side of `executor_api_pb.ExecutorAPI`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use steward_proto::executor_api_pb as pb;
+use steward_proto::executor_api_pb::executor_api_server::{ExecutorApi, ExecutorApiServer};
+use tokio::net::TcpListener;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::DevServerError;
+use crate::scheduler::Scheduler;
+
+struct Api {
+    sched: Arc<Scheduler>,
+    cancel: CancellationToken,
+}
+
+type DesiredStream = Pin<Box<dyn Stream<Item = Result<pb::DesiredExecutorState, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExecutorApi for Api {
+    async fn report_executor_state(
+        &self,
+        request: Request<pb::ReportExecutorStateRequest>,
+    ) -> Result<Response<pb::ReportExecutorStateResponse>, Status> {
+        self.sched.report(request.into_inner()).await?;
+        Ok(Response::new(pb::ReportExecutorStateResponse {}))
+    }
+
+    type get_desired_executor_statesStream = DesiredStream;
+
+    async fn get_desired_executor_states(
+        &self,
+        request: Request<pb::GetDesiredExecutorStatesRequest>,
+    ) -> Result<Response<DesiredStream>, Status> {
+        let id = request.into_inner().executor_id.unwrap_or_default();
+        let rx = self.sched.subscribe(&id).ok_or_else(|| {
+            Status::not_found(format!(
+                "executor {id:?} is not registered; report state first"
+            ))
+        })?;
+        let stream = tokio_stream::StreamExt::map(WatchStream::new(rx), Ok);
+        // Streams end when the server stops, so shutdown never waits on them.
+        let stream = futures::StreamExt::take_until(stream, self.cancel.clone().cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn call_function(
+        &self,
+        _request: Request<pb::FunctionCallRequest>,
+    ) -> Result<Response<pb::FunctionCallResponse>, Status> {
+        Err(Status::unimplemented(
+            "the dev control plane does not run function calls made by functions",
+        ))
+    }
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    sched: Arc<Scheduler>,
+    cancel: CancellationToken,
+) -> Result<(), DevServerError> {
+    let svc = ExecutorApiServer::new(Api {
+        sched,
+        cancel: cancel.clone(),
+    })
+    .max_decoding_message_size(usize::MAX)
+    .max_encoding_message_size(usize::MAX);
+    tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+        .await
+        .map_err(|e| DevServerError::Serve(format!("gRPC: {e}")))
+}

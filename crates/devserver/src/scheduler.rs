@@ -1,0 +1,697 @@
+//! The dev control plane's state: registered executors, deployed
+//! applications, function executors placed on executors, and requests with
+//! their allocations and results. Every change recomputes the desired state
+//! of the affected executors and publishes it with a new clock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use steward_blob_store::{BlobStore, BlobStoreConfig};
+use steward_proto::executor_api_pb as pb;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::DevServerError;
+
+/// An executor that has not reported for this long is forgotten.
+const EXECUTOR_TTL: Duration = Duration::from_secs(30);
+
+/// Per-application settings for the function executors it gets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FunctionOptions {
+    pub cpu_ms_per_sec: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub gpus: u32,
+    pub max_concurrency: u32,
+    pub initialization_timeout_ms: u32,
+    pub allocation_timeout_ms: u32,
+}
+
+impl Default for FunctionOptions {
+    fn default() -> Self {
+        FunctionOptions {
+            cpu_ms_per_sec: 1000,
+            memory_bytes: 1 << 30,
+            disk_bytes: 1 << 30,
+            gpus: 0,
+            max_concurrency: 1,
+            initialization_timeout_ms: 300_000,
+            allocation_timeout_ms: 300_000,
+        }
+    }
+}
+
+/// How a request ended, as returned to HTTP callers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RequestOutcome {
+    pub request_id: String,
+    pub namespace: String,
+    pub application: String,
+    pub function: String,
+    /// "pending", "success" or "failure".
+    pub status: String,
+    pub failure_reason: Option<String>,
+    /// The function's return value (JSON when it returned JSON).
+    pub output: Option<serde_json::Value>,
+    pub output_content_type: Option<String>,
+    /// The message of a RequestError, when the function raised one.
+    pub request_error: Option<String>,
+    pub execution_duration_ms: Option<u64>,
+    pub executor_id: Option<String>,
+    pub function_executor_id: Option<String>,
+}
+
+struct Executor {
+    state: pb::ExecutorState,
+    last_seen: Instant,
+    desired: watch::Sender<pb::DesiredExecutorState>,
+}
+
+struct App {
+    version: String,
+    code: pb::DataPayload,
+    functions: Vec<String>,
+    options: FunctionOptions,
+}
+
+struct Fe {
+    executor_id: String,
+    description: pb::FunctionExecutorDescription,
+    key: (String, String, String, String),
+}
+
+struct Request {
+    outcome: RequestOutcome,
+    allocation: Option<pb::Allocation>,
+    done: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct Inner {
+    clock: u64,
+    executors: BTreeMap<String, Executor>,
+    apps: HashMap<(String, String), App>,
+    fes: BTreeMap<String, Fe>,
+    requests: HashMap<String, Request>,
+    /// Requests waiting for an executor, oldest first.
+    unplaced: Vec<String>,
+}
+
+pub(crate) struct Scheduler {
+    pub blob_dir: PathBuf,
+    pub blobs: BlobStore,
+    inner: Mutex<Inner>,
+}
+
+fn id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    (0..16)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+impl Scheduler {
+    pub fn new(blob_dir: PathBuf) -> Self {
+        let blobs = BlobStore::new(BlobStoreConfig {
+            local_roots: vec![blob_dir.clone()],
+            ..Default::default()
+        });
+        Scheduler {
+            blob_dir,
+            blobs,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn uri(&self, rel: &str) -> String {
+        format!("file://{}/{}", self.blob_dir.display(), rel)
+    }
+
+    /// Stores an application's code and settings; replaces an older version.
+    pub async fn deploy(
+        &self,
+        namespace: &str,
+        application: &str,
+        version: &str,
+        zip: Vec<u8>,
+        options: FunctionOptions,
+    ) -> Result<serde_json::Value, DevServerError> {
+        for (what, v) in [
+            ("namespace", namespace),
+            ("application", application),
+            ("version", version),
+        ] {
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || v.starts_with('.')
+            {
+                return Err(DevServerError::BadRequest(format!(
+                    "{what} {v:?} must be non-empty [A-Za-z0-9._-]"
+                )));
+            }
+        }
+        let functions = crate::app::manifest_functions(&zip)?;
+        let sha = sha256_hex(&zip);
+        let uri = self.uri(&format!(
+            "code/{namespace}/{application}/{version}-{}.zip",
+            &sha[..12]
+        ));
+        let size = zip.len() as u64;
+        self.blobs.put(&uri, zip.into()).await?;
+        let code = pb::DataPayload {
+            uri: Some(uri.clone()),
+            encoding: Some(pb::DataPayloadEncoding::BinaryZip as i32),
+            encoding_version: Some(0),
+            content_type: None,
+            metadata_size: Some(0),
+            offset: Some(0),
+            size: Some(size),
+            sha256_hash: Some(sha.clone()),
+            source_function_call_id: None,
+            id: Some(id()),
+        };
+        self.inner.lock().apps.insert(
+            (namespace.into(), application.into()),
+            App {
+                version: version.into(),
+                code,
+                functions: functions.clone(),
+                options,
+            },
+        );
+        Ok(serde_json::json!({
+            "namespace": namespace, "application": application, "version": version,
+            "functions": functions, "code_uri": uri, "sha256": sha,
+        }))
+    }
+
+    /// Starts a request: stores the input, places it, and returns its id.
+    pub async fn invoke(
+        self: &Arc<Self>,
+        namespace: &str,
+        application: &str,
+        function: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<String, DevServerError> {
+        {
+            let inner = self.inner.lock();
+            let app = inner
+                .apps
+                .get(&(namespace.to_string(), application.to_string()))
+                .ok_or_else(|| {
+                    DevServerError::NotFound(format!("application {namespace}/{application}"))
+                })?;
+            if !app.functions.iter().any(|f| f == function) {
+                return Err(DevServerError::NotFound(format!(
+                    "function {function} in {namespace}/{application} (has: {})",
+                    app.functions.join(", ")
+                )));
+            }
+        }
+        let request_id = id();
+        let input_uri = self.uri(&format!("requests/{request_id}/input"));
+        let sha = sha256_hex(&body);
+        let size = body.len() as u64;
+        self.blobs.put(&input_uri, body.into()).await?;
+        let json = content_type.starts_with("application/json");
+        let arg = pb::DataPayload {
+            uri: Some(input_uri),
+            encoding: Some(if json {
+                pb::DataPayloadEncoding::Utf8Json
+            } else {
+                pb::DataPayloadEncoding::Raw
+            } as i32),
+            encoding_version: Some(0),
+            content_type: Some(content_type.to_string()),
+            metadata_size: Some(0),
+            offset: Some(0),
+            size: Some(size),
+            sha256_hash: Some(sha),
+            source_function_call_id: None,
+            id: Some(id()),
+        };
+        let mut inner = self.inner.lock();
+        let version = inner
+            .apps
+            .get(&(namespace.to_string(), application.to_string()))
+            .map(|a| a.version.clone())
+            .unwrap_or_default();
+        let allocation = pb::Allocation {
+            function: Some(pb::FunctionRef {
+                namespace: Some(namespace.into()),
+                application_name: Some(application.into()),
+                function_name: Some(function.into()),
+                application_version: Some(version),
+            }),
+            allocation_id: Some(id()),
+            function_call_id: Some(request_id.clone()),
+            request_id: Some(request_id.clone()),
+            args: vec![arg],
+            request_data_payload_uri_prefix: Some(self.uri(&format!("requests/{request_id}/data"))),
+            request_error_payload_uri_prefix: Some(
+                self.uri(&format!("requests/{request_id}/error")),
+            ),
+            function_executor_id: None,
+            function_call_metadata: Some(Vec::new()),
+        };
+        inner.requests.insert(
+            request_id.clone(),
+            Request {
+                outcome: RequestOutcome {
+                    request_id: request_id.clone(),
+                    namespace: namespace.into(),
+                    application: application.into(),
+                    function: function.into(),
+                    status: "pending".into(),
+                    failure_reason: None,
+                    output: None,
+                    output_content_type: None,
+                    request_error: None,
+                    execution_duration_ms: None,
+                    executor_id: None,
+                    function_executor_id: None,
+                },
+                allocation: Some(allocation),
+                done: watch::Sender::new(false),
+            },
+        );
+        inner.unplaced.push(request_id.clone());
+        self.place(&mut inner);
+        Ok(request_id)
+    }
+
+    /// Places waiting requests on function executors, creating those as needed.
+    fn place(&self, inner: &mut Inner) {
+        let waiting = std::mem::take(&mut inner.unplaced);
+        let mut touched = Vec::new();
+        for rid in waiting {
+            let Some(req) = inner.requests.get(&rid) else {
+                continue;
+            };
+            let Some(alloc) = &req.allocation else {
+                continue;
+            };
+            let f = alloc.function.clone().unwrap_or_default();
+            let key = (
+                f.namespace.clone().unwrap_or_default(),
+                f.application_name.clone().unwrap_or_default(),
+                f.function_name.clone().unwrap_or_default(),
+                f.application_version.clone().unwrap_or_default(),
+            );
+            let existing = inner
+                .fes
+                .iter()
+                .find(|(_, fe)| fe.key == key)
+                .map(|(id, fe)| (id.clone(), fe.executor_id.clone()));
+            let placed = match existing {
+                Some(p) => Some(p),
+                None => self.new_fe(inner, &key),
+            };
+            match placed {
+                Some((fe_id, executor_id)) => {
+                    if let Some(req) = inner.requests.get_mut(&rid) {
+                        if let Some(a) = req.allocation.as_mut() {
+                            a.function_executor_id = Some(fe_id.clone());
+                        }
+                        req.outcome.executor_id = Some(executor_id.clone());
+                        req.outcome.function_executor_id = Some(fe_id);
+                    }
+                    touched.push(executor_id);
+                }
+                None => inner.unplaced.push(rid),
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for e in touched {
+            publish(inner, &e);
+        }
+    }
+
+    fn new_fe(
+        &self,
+        inner: &mut Inner,
+        key: &(String, String, String, String),
+    ) -> Option<(String, String)> {
+        let app = inner.apps.get(&(key.0.clone(), key.1.clone()))?;
+        // Least loaded executor that is running.
+        let executor_id = inner
+            .executors
+            .iter()
+            .filter(|(_, e)| e.state.status() == pb::ExecutorStatus::Running)
+            .min_by_key(|(id, _)| inner.fes.values().filter(|f| &f.executor_id == *id).count())
+            .map(|(id, _)| id.clone())?;
+        let o = &app.options;
+        let fe_id = id();
+        let description = pb::FunctionExecutorDescription {
+            id: Some(fe_id.clone()),
+            function: Some(pb::FunctionRef {
+                namespace: Some(key.0.clone()),
+                application_name: Some(key.1.clone()),
+                function_name: Some(key.2.clone()),
+                application_version: Some(key.3.clone()),
+            }),
+            secret_names: Vec::new(),
+            initialization_timeout_ms: Some(o.initialization_timeout_ms),
+            application: Some(app.code.clone()),
+            resources: Some(pb::FunctionExecutorResources {
+                cpu_ms_per_sec: Some(o.cpu_ms_per_sec),
+                memory_bytes: Some(o.memory_bytes),
+                disk_bytes: Some(o.disk_bytes),
+                gpu: (o.gpus > 0).then(|| pb::GpuResources {
+                    count: Some(o.gpus),
+                    model: inner
+                        .executors
+                        .get(&executor_id)
+                        .and_then(|e| e.state.total_resources.as_ref())
+                        .and_then(|r| r.gpu.as_ref())
+                        .and_then(|g| g.model)
+                        .or(Some(pb::GpuModel::Unknown as i32)),
+                }),
+            }),
+            max_concurrency: Some(o.max_concurrency),
+            allocation_timeout_ms: Some(o.allocation_timeout_ms),
+            sandbox_metadata: None,
+            container_type: Some(pb::FunctionExecutorType::Function as i32),
+            pool_id: None,
+        };
+        inner.fes.insert(
+            fe_id.clone(),
+            Fe {
+                executor_id: executor_id.clone(),
+                description,
+                key: key.clone(),
+            },
+        );
+        Some((fe_id, executor_id))
+    }
+
+    /// Handles a state report; returns an error for malformed reports.
+    pub async fn report(&self, req: pb::ReportExecutorStateRequest) -> Result<(), tonic::Status> {
+        let state = req
+            .executor_state
+            .ok_or_else(|| tonic::Status::invalid_argument("executor_state is required"))?;
+        let update = req
+            .executor_update
+            .ok_or_else(|| tonic::Status::invalid_argument("executor_update is required"))?;
+        let executor_id = state
+            .executor_id
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                tonic::Status::invalid_argument("executor_state.executor_id is required")
+            })?;
+        // Decode outputs before taking the lock (blob reads are async).
+        let mut decoded = Vec::new();
+        for r in update.allocation_results {
+            decoded.push((self.decode(&r).await, r));
+        }
+        let mut inner = self.inner.lock();
+        let stopped = state.status() == pb::ExecutorStatus::Stopped;
+        let terminated: Vec<String> = state
+            .function_executor_states
+            .iter()
+            .filter(|s| s.status() == pb::FunctionExecutorStatus::Terminated)
+            .filter_map(|s| s.description.as_ref().and_then(|d| d.id.clone()))
+            .collect();
+        let is_new = !inner.executors.contains_key(&executor_id);
+        if stopped {
+            inner.executors.remove(&executor_id);
+        } else {
+            let entry = inner
+                .executors
+                .entry(executor_id.clone())
+                .or_insert_with(|| Executor {
+                    state: state.clone(),
+                    last_seen: Instant::now(),
+                    desired: watch::Sender::new(pb::DesiredExecutorState::default()),
+                });
+            entry.state = state;
+            entry.last_seen = Instant::now();
+        }
+        if is_new && !stopped {
+            tracing::info!(executor = %executor_id, "executor registered");
+        }
+        let mut changed = false;
+        for ((output, content_type, request_error), r) in decoded {
+            let Some(alloc_id) = r.allocation_id.clone() else {
+                continue;
+            };
+            let Some(req) = inner.requests.values_mut().find(|q| {
+                q.allocation
+                    .as_ref()
+                    .and_then(|a| a.allocation_id.as_deref())
+                    == Some(alloc_id.as_str())
+            }) else {
+                tracing::debug!(allocation = %alloc_id, "result for an unknown allocation");
+                continue;
+            };
+            let success = r.outcome_code() == pb::AllocationOutcomeCode::Success;
+            req.outcome.status = if success { "success" } else { "failure" }.into();
+            req.outcome.failure_reason = (!success).then(|| {
+                r.failure_reason()
+                    .as_str_name()
+                    .trim_start_matches("ALLOCATION_FAILURE_REASON_")
+                    .to_string()
+            });
+            req.outcome.output = output;
+            req.outcome.output_content_type = content_type;
+            req.outcome.request_error = request_error;
+            req.outcome.execution_duration_ms = r.execution_duration_ms;
+            req.allocation = None;
+            req.done.send_replace(true);
+            changed = true;
+        }
+        for fe_id in terminated {
+            if inner.fes.remove(&fe_id).is_some() {
+                tracing::info!(fe = %fe_id, "function executor terminated; removed from desired state");
+                changed = true;
+            }
+        }
+        if stopped {
+            let gone: Vec<String> = inner
+                .fes
+                .iter()
+                .filter(|(_, f)| f.executor_id == executor_id)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                inner.fes.remove(&id);
+            }
+            fail_orphans(&mut inner, &executor_id);
+        }
+        if is_new || changed {
+            self.place(&mut inner);
+        }
+        if changed && !stopped {
+            publish(&mut inner, &executor_id);
+        }
+        Ok(())
+    }
+
+    /// Reads a result's output and request error from the blob store.
+    async fn decode(
+        &self,
+        r: &pb::AllocationResult,
+    ) -> (Option<serde_json::Value>, Option<String>, Option<String>) {
+        let mut output = None;
+        let mut content_type = None;
+        if let Some(pb::allocation_result::ReturnValue::Value(p)) = &r.return_value {
+            content_type = p.content_type.clone();
+            output = Some(match self.read_payload(p).await {
+                Ok(data) => match p.encoding() {
+                    pb::DataPayloadEncoding::Utf8Json => serde_json::from_slice(&data)
+                        .unwrap_or_else(|e| serde_json::json!({"undecodable_json": e.to_string()})),
+                    pb::DataPayloadEncoding::Utf8Text => {
+                        serde_json::Value::String(String::from_utf8_lossy(&data).into())
+                    }
+                    _ => match String::from_utf8(data.clone()) {
+                        Ok(s) => serde_json::Value::String(s),
+                        Err(_) => serde_json::json!({"binary_bytes": data.len()}),
+                    },
+                },
+                Err(e) => serde_json::json!({"unreadable_output": e}),
+            });
+        }
+        if let Some(pb::allocation_result::ReturnValue::Updates(_)) = &r.return_value {
+            output = Some(
+                serde_json::json!({"unsupported": "the function returned further function calls, which the dev control plane does not run"}),
+            );
+        }
+        let request_error = match &r.request_error {
+            Some(p) => Some(match self.read_payload(p).await {
+                Ok(d) => String::from_utf8_lossy(&d).into_owned(),
+                Err(e) => format!("unreadable request error: {e}"),
+            }),
+            None => None,
+        };
+        (output, content_type, request_error)
+    }
+
+    /// The data part (metadata skipped) of a payload.
+    async fn read_payload(&self, p: &pb::DataPayload) -> Result<Vec<u8>, String> {
+        let bytes = self
+            .blobs
+            .get(p.uri.as_deref().unwrap_or(""))
+            .await
+            .map_err(|e| e.to_string())?;
+        let offset = p.offset.unwrap_or(0) as usize;
+        let size = p
+            .size
+            .unwrap_or((bytes.len() - offset.min(bytes.len())) as u64) as usize;
+        let meta = p.metadata_size.unwrap_or(0) as usize;
+        let end = offset + size;
+        if end > bytes.len() || meta > size {
+            return Err(format!(
+                "payload [{offset}, {end}) is outside a {}-byte blob",
+                bytes.len()
+            ));
+        }
+        Ok(bytes[offset + meta..end].to_vec())
+    }
+
+    /// The desired-state channel of a registered executor.
+    pub fn subscribe(
+        &self,
+        executor_id: &str,
+    ) -> Option<watch::Receiver<pb::DesiredExecutorState>> {
+        let mut inner = self.inner.lock();
+        if !inner.executors.contains_key(executor_id) {
+            return None;
+        }
+        publish(&mut inner, executor_id);
+        inner
+            .executors
+            .get(executor_id)
+            .map(|e| e.desired.subscribe())
+    }
+
+    pub fn outcome(&self, request_id: &str) -> Option<(RequestOutcome, watch::Receiver<bool>)> {
+        let inner = self.inner.lock();
+        inner
+            .requests
+            .get(request_id)
+            .map(|r| (r.outcome.clone(), r.done.subscribe()))
+    }
+
+    pub fn executors(&self) -> serde_json::Value {
+        let inner = self.inner.lock();
+        serde_json::Value::Array(
+            inner
+                .executors
+                .iter()
+                .map(|(id, e)| {
+                    let fes: Vec<serde_json::Value> = e
+                        .state
+                        .function_executor_states
+                        .iter()
+                        .map(|s| serde_json::json!({
+                            "id": s.description.as_ref().and_then(|d| d.id.clone()),
+                            "status": s.status().as_str_name(),
+                            "termination_reason": s.termination_reason.map(|_| s.termination_reason().as_str_name()),
+                            "allocation_ids_caused_termination": s.allocation_ids_caused_termination,
+                        }))
+                        .collect();
+                    let gpu = e.state.total_resources.as_ref().and_then(|r| r.gpu.as_ref());
+                    serde_json::json!({
+                        "executor_id": id,
+                        "hostname": e.state.hostname,
+                        "version": e.state.version,
+                        "status": e.state.status().as_str_name(),
+                        "state_hash": e.state.state_hash,
+                        "server_clock": e.state.server_clock,
+                        "labels": e.state.labels,
+                        "gpu_count": gpu.and_then(|g| g.count),
+                        "gpu_model": gpu.map(|g| g.model().as_str_name()),
+                        "function_executors": fes,
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Fails requests whose allocations sat on an executor that left.
+fn fail_orphans(inner: &mut Inner, executor_id: &str) {
+    for req in inner.requests.values_mut() {
+        if req.allocation.is_some() && req.outcome.executor_id.as_deref() == Some(executor_id) {
+            req.allocation = None;
+            req.outcome.status = "failure".into();
+            req.outcome.failure_reason = Some("EXECUTOR_REMOVED".into());
+            req.done.send_replace(true);
+        }
+    }
+}
+
+/// Recomputes and sends `executor_id`'s desired state with a new clock.
+fn publish(inner: &mut Inner, executor_id: &str) {
+    inner.clock += 1;
+    let clock = inner.clock;
+    let function_executors: Vec<_> = inner
+        .fes
+        .values()
+        .filter(|f| f.executor_id == executor_id)
+        .map(|f| f.description.clone())
+        .collect();
+    let allocations: Vec<_> = inner
+        .requests
+        .values()
+        .filter_map(|r| r.allocation.as_ref())
+        .filter(|a| {
+            a.function_executor_id
+                .as_ref()
+                .and_then(|id| inner.fes.get(id))
+                .is_some_and(|f| f.executor_id == executor_id)
+        })
+        .cloned()
+        .collect();
+    if let Some(e) = inner.executors.get(executor_id) {
+        e.desired.send_replace(pb::DesiredExecutorState {
+            function_executors,
+            allocations,
+            clock: Some(clock),
+            function_call_results: Vec::new(),
+        });
+    }
+}
+
+/// Forgets executors that stopped reporting and fails their requests.
+pub(crate) async fn expire_executors(
+    sched: Arc<Scheduler>,
+    cancel: CancellationToken,
+) -> Result<(), DevServerError> {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let mut inner = sched.inner.lock();
+        let expired: Vec<String> = inner
+            .executors
+            .iter()
+            .filter(|(_, e)| e.last_seen.elapsed() > EXECUTOR_TTL)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            tracing::warn!(executor = %id, "executor stopped reporting; forgetting it");
+            inner.executors.remove(&id);
+            inner.fes.retain(|_, f| f.executor_id != id);
+            fail_orphans(&mut inner, &id);
+        }
+    }
+}

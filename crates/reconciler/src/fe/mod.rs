@@ -1,0 +1,697 @@
+//! One controller task per function executor: start the worker (GPUs, code,
+//! spawn, connect, `get_info`, `initialize`), run its allocations with at
+//! most `max_concurrency` at once, health-check it, notice at once when the
+//! process exits, and terminate it with the right reason and blamed
+//! allocations. The controller is the only owner of its worker process.
+
+mod allocation;
+mod process;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tonic::transport::{Channel, Endpoint};
+
+use allocation::AllocOutcome;
+pub(crate) use allocation::failed_result;
+use process::FeProcess;
+
+use crate::fe_pb::function_executor_client::FunctionExecutorClient;
+use crate::state::{AllocPhase, Shared, TimelineEntry};
+use crate::{fe_pb, pb};
+
+type Reason = pb::FunctionExecutorTerminationReason;
+
+/// What the reconciler tells a controller.
+pub(crate) enum FeCommand {
+    Run(Box<pb::Allocation>),
+    Cancel(String),
+    Shutdown,
+}
+
+/// Starts a controller for `desc` and returns its command channel.
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    desc: pb::FunctionExecutorDescription,
+) -> mpsc::UnboundedSender<FeCommand> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(Controller::new(shared, desc).run(rx));
+    tx
+}
+
+/// Asks every controller to stop and waits until all are gone.
+pub(crate) async fn shutdown_all(shared: &Arc<Shared>) {
+    {
+        let mut st = shared.state.lock();
+        for fe in st.fes.values_mut() {
+            fe.removing = true;
+            if let Some(tx) = &fe.tx {
+                let _ = tx.send(FeCommand::Shutdown);
+            }
+        }
+        st.fes.retain(|_, fe| fe.tx.is_some());
+    }
+    let deadline =
+        Instant::now() + shared.config.function_executor_stop_grace + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if shared.state.lock().fes.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::warn!("some function executors did not stop in time");
+}
+
+struct Live {
+    process: FeProcess,
+    client: FunctionExecutorClient<Channel>,
+}
+
+struct Running {
+    alloc: pb::Allocation,
+    task: tokio::task::AbortHandle,
+}
+
+struct Controller {
+    shared: Arc<Shared>,
+    id: String,
+    desc: pb::FunctionExecutorDescription,
+    queue: VecDeque<pb::Allocation>,
+    running: HashMap<String, Running>,
+    tasks: JoinSet<(String, AllocOutcome)>,
+    live: Option<Live>,
+    terminated: bool,
+}
+
+impl Controller {
+    fn new(shared: Arc<Shared>, desc: pb::FunctionExecutorDescription) -> Self {
+        Controller {
+            shared,
+            id: desc.id.clone().unwrap_or_default(),
+            desc,
+            queue: VecDeque::new(),
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            live: None,
+            terminated: false,
+        }
+    }
+
+    fn max_concurrency(&self) -> usize {
+        self.desc.max_concurrency.unwrap_or(1).max(1) as usize
+    }
+
+    fn allocation_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(
+            self.desc.allocation_timeout_ms.unwrap_or(300_000),
+        ))
+    }
+
+    fn note(&self, what: String) {
+        if let Some(fe) = self.shared.state.lock().fes.get_mut(&self.id) {
+            fe.timeline.push(TimelineEntry::now(what));
+        }
+    }
+
+    fn alloc_note(&self, id: &str, phase: AllocPhase, what: &str) {
+        if let Some(a) = self.shared.state.lock().allocations.get_mut(id) {
+            a.phase = phase;
+            a.timeline.push(TimelineEntry::now(what));
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<FeCommand>) {
+        self.shared.metrics.fe_creations.inc();
+        let started = Instant::now();
+        // Phase 1: start the worker, queueing allocations meanwhile.
+        let startup = start(self.shared.clone(), self.desc.clone());
+        tokio::pin!(startup);
+        let shutdown_requested = loop {
+            tokio::select! {
+                r = &mut startup => {
+                    match r {
+                        Ok(live) => {
+                            self.shared.metrics.fe_startup_latency.observe(started.elapsed().as_secs_f64());
+                            self.set_status(pb::FunctionExecutorStatus::Running, None, Vec::new(), Some(live.process.pid));
+                            self.shared.event("function_executor_running", &self.id, format!(
+                                "worker pid {} on {} initialized in {} ms (log: {})",
+                                live.process.pid, live.process.address, started.elapsed().as_millis(), live.process.log_path.display()
+                            ));
+                            self.live = Some(live);
+                        }
+                        Err((reason, message)) => {
+                            self.shared.event("function_executor_startup_failed", &self.id, message);
+                            let startup_reason = match reason {
+                                Reason::StartupFailedFunctionError => pb::AllocationFailureReason::StartupFailedFunctionError,
+                                Reason::StartupFailedFunctionTimeout => pb::AllocationFailureReason::StartupFailedFunctionTimeout,
+                                _ => pb::AllocationFailureReason::StartupFailedInternalError,
+                            };
+                            let blamed: Vec<String> = self.queue.iter().filter_map(|a| a.allocation_id.clone()).collect();
+                            for a in std::mem::take(&mut self.queue) {
+                                self.shared.push_result(failed_result(&a, startup_reason, None));
+                            }
+                            self.mark_terminated(reason, blamed);
+                        }
+                    }
+                    break false;
+                }
+                cmd = rx.recv() => match cmd {
+                    Some(FeCommand::Run(a)) => self.queue.push_back(*a),
+                    Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
+                    Some(FeCommand::Shutdown) | None => break true,
+                }
+            }
+        };
+        if shutdown_requested {
+            // Dropping the startup future kills a half-started worker; make
+            // sure its whole group goes too.
+            let pid = self
+                .shared
+                .state
+                .lock()
+                .fes
+                .get(&self.id)
+                .and_then(|f| f.pid);
+            drop(startup);
+            if let Some(pid) = pid {
+                process::signal_group(pid, Signal::SIGKILL);
+            }
+            self.shared.config.gpu_pool.release(&self.id);
+            for a in std::mem::take(&mut self.queue) {
+                self.shared.push_result(failed_result(
+                    &a,
+                    pb::AllocationFailureReason::FunctionExecutorTerminated,
+                    None,
+                ));
+            }
+            self.finish().await;
+            return;
+        }
+
+        // Phase 2: run allocations until told to shut down.
+        let mut health = tokio::time::interval(self.shared.config.health_check_interval);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await;
+        loop {
+            self.start_queued();
+            let alive = self.live.is_some();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(FeCommand::Run(a)) => {
+                        if self.terminated {
+                            self.alloc_note(a.allocation_id.as_deref().unwrap_or(""), AllocPhase::Finished, "function executor is terminated");
+                            self.shared.push_result(failed_result(&a, pb::AllocationFailureReason::FunctionExecutorTerminated, None));
+                        } else {
+                            self.queue.push_back(*a);
+                        }
+                    }
+                    Some(FeCommand::Cancel(id)) => {
+                        if self.running.contains_key(&id) {
+                            self.kill(Reason::FunctionCancelled, vec![id.clone()], Some(&id)).await;
+                        } else {
+                            self.cancel_queued(&id);
+                        }
+                    }
+                    Some(FeCommand::Shutdown) | None => break,
+                },
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    let Ok((id, outcome)) = joined else { continue };
+                    self.finish_allocation(id, outcome).await;
+                }
+                status = async { self.live.as_mut().map(|l| l.process.child.wait()) .expect("guarded by alive").await }, if alive => {
+                    let how = match &status { Ok(s) => process::describe_exit(s), Err(e) => format!("wait failed: {e}") };
+                    let reason = if how.contains("SIGKILL") && self.oom_killed() { Reason::Oom } else { Reason::Unhealthy };
+                    self.shared.event("function_executor_exited", &self.id, format!("worker {how}"));
+                    let blamed = self.running.keys().cloned().collect();
+                    self.kill(reason, blamed, None).await;
+                }
+                _ = health.tick(), if alive && self.shared.config.health_checks_enabled => {
+                    if let Err(why) = self.check_health().await {
+                        self.shared.event("function_executor_unhealthy", &self.id, why);
+                        let blamed = self.running.keys().cloned().collect();
+                        self.kill(Reason::Unhealthy, blamed, None).await;
+                    }
+                }
+            }
+        }
+        // Shutdown: stop the worker, report what it was doing.
+        if let Some(mut live) = self.live.take() {
+            live.process
+                .stop(self.shared.config.function_executor_stop_grace)
+                .await;
+        }
+        self.tasks.abort_all();
+        for (_, r) in std::mem::take(&mut self.running) {
+            self.shared.push_result(failed_result(
+                &r.alloc,
+                pb::AllocationFailureReason::FunctionExecutorTerminated,
+                None,
+            ));
+        }
+        for a in std::mem::take(&mut self.queue) {
+            self.shared.push_result(failed_result(
+                &a,
+                pb::AllocationFailureReason::FunctionExecutorTerminated,
+                None,
+            ));
+        }
+        self.shared.config.gpu_pool.release(&self.id);
+        self.finish().await;
+    }
+
+    /// Forgets this worker and lets the reconciler recreate the id if wanted.
+    async fn finish(&mut self) {
+        self.shared.state.lock().fes.remove(&self.id);
+        self.shared
+            .event("function_executor_removed", &self.id, "controller stopped");
+        self.shared.report_now.notify_one();
+        self.shared.reconcile_now.notify_one();
+    }
+
+    /// Whether the kernel's OOM killer recently killed something in a
+    /// cgroup this host can see (best effort; precise per-worker
+    /// attribution needs a cgroup per worker).
+    fn oom_killed(&self) -> bool {
+        false
+    }
+
+    fn set_status(
+        &self,
+        status: pb::FunctionExecutorStatus,
+        reason: Option<Reason>,
+        blamed: Vec<String>,
+        pid: Option<u32>,
+    ) {
+        {
+            let mut st = self.shared.state.lock();
+            if let Some(fe) = st.fes.get_mut(&self.id) {
+                fe.status = status;
+                fe.termination_reason = reason;
+                fe.blamed = blamed;
+                if pid.is_some() {
+                    fe.pid = pid;
+                }
+                let what = match reason {
+                    Some(r) => format!("{}: {}", status.as_str_name(), r.as_str_name()),
+                    None => status.as_str_name().to_string(),
+                };
+                fe.timeline.push(TimelineEntry::now(what));
+            }
+        }
+        self.shared.report_now.notify_one();
+    }
+
+    fn mark_terminated(&mut self, reason: Reason, blamed: Vec<String>) {
+        self.terminated = true;
+        self.shared
+            .metrics
+            .fe_terminations
+            .get_or_create(&vec![("reason", reason_label(reason))])
+            .inc();
+        self.shared.config.gpu_pool.release(&self.id);
+        self.set_status(
+            pb::FunctionExecutorStatus::Terminated,
+            Some(reason),
+            blamed,
+            None,
+        );
+    }
+
+    fn cancel_queued(&mut self, id: &str) {
+        if let Some(pos) = self
+            .queue
+            .iter()
+            .position(|a| a.allocation_id.as_deref() == Some(id))
+        {
+            if let Some(a) = self.queue.remove(pos) {
+                self.shared.push_result(failed_result(
+                    &a,
+                    pb::AllocationFailureReason::AllocationCancelled,
+                    None,
+                ));
+            }
+        }
+    }
+
+    fn start_queued(&mut self) {
+        let Some(live) = &self.live else { return };
+        while self.running.len() < self.max_concurrency() {
+            let Some(a) = self.queue.pop_front() else {
+                break;
+            };
+            let id = a.allocation_id.clone().unwrap_or_default();
+            self.shared.metrics.allocations_started.inc();
+            self.shared.metrics.allocations_running.inc();
+            if let Some(e) = self.shared.state.lock().allocations.get_mut(&id) {
+                e.phase = AllocPhase::Running;
+                e.timeline.push(TimelineEntry::now("running"));
+            }
+            let fut = allocation::run(
+                self.shared.clone(),
+                live.client.clone(),
+                self.allocation_timeout(),
+                a.clone(),
+            );
+            let task_id = id.clone();
+            let handle = self.tasks.spawn(async move { (task_id, fut.await) });
+            self.running.insert(
+                id,
+                Running {
+                    alloc: a,
+                    task: handle,
+                },
+            );
+        }
+    }
+
+    async fn finish_allocation(&mut self, id: String, outcome: AllocOutcome) {
+        if self.running.remove(&id).is_none() {
+            return; // Already accounted for by a kill.
+        }
+        self.shared.metrics.allocations_running.dec();
+        let failed = outcome.result.outcome_code != Some(pb::AllocationOutcomeCode::Success as i32);
+        self.shared.push_result(outcome.result);
+        if let Some(reason) = outcome.kill_fe {
+            self.kill(reason, vec![id], None).await;
+        } else if failed && self.live.is_some() && self.shared.config.health_checks_enabled {
+            // A failure may mean a broken worker: check once right away.
+            if let Err(why) = self.check_health().await {
+                self.shared
+                    .event("function_executor_unhealthy", &self.id, why);
+                let blamed = self.running.keys().cloned().collect();
+                self.kill(Reason::Unhealthy, blamed, None).await;
+            }
+        }
+    }
+
+    async fn check_health(&mut self) -> Result<(), String> {
+        let Some(live) = &mut self.live else {
+            return Ok(());
+        };
+        let call = live.client.check_health(fe_pb::HealthCheckRequest {});
+        let verdict = match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                if r.healthy == Some(true) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "worker says it is unhealthy: {}",
+                        r.status_message.unwrap_or_default()
+                    ))
+                }
+            }
+            Ok(Err(s)) => Err(format!(
+                "health check failed: {}: {}",
+                s.code(),
+                s.message()
+            )),
+            Err(_) => Err("health check got no answer within 5s".to_string()),
+        };
+        let label = if verdict.is_ok() {
+            "healthy"
+        } else {
+            "unhealthy"
+        };
+        self.shared
+            .metrics
+            .fe_health_checks
+            .get_or_create(&vec![("result", label)])
+            .inc();
+        verdict
+    }
+
+    /// Kills the worker and reports it terminated with `reason`, blaming
+    /// `blamed`. Allocations running on it fail; `cancelled` (if any) is
+    /// reported as cancelled, the others as function errors.
+    async fn kill(&mut self, reason: Reason, blamed: Vec<String>, cancelled: Option<&str>) {
+        if let Some(mut live) = self.live.take() {
+            live.process.stop(Duration::ZERO).await;
+        }
+        for (id, r) in std::mem::take(&mut self.running) {
+            r.task.abort();
+            self.shared.metrics.allocations_running.dec();
+            let why = if Some(id.as_str()) == cancelled {
+                pb::AllocationFailureReason::AllocationCancelled
+            } else if blamed.len() == 1 && blamed[0] == id && reason == Reason::FunctionTimeout {
+                pb::AllocationFailureReason::FunctionTimeout
+            } else {
+                pb::AllocationFailureReason::FunctionError
+            };
+            self.shared.push_result(failed_result(&r.alloc, why, None));
+        }
+        for a in std::mem::take(&mut self.queue) {
+            self.shared.push_result(failed_result(
+                &a,
+                pb::AllocationFailureReason::FunctionExecutorTerminated,
+                None,
+            ));
+        }
+        self.shared.event(
+            "function_executor_terminated",
+            &self.id,
+            format!(
+                "{} (blamed: {})",
+                reason.as_str_name(),
+                if blamed.is_empty() {
+                    "none".to_string()
+                } else {
+                    blamed.join(", ")
+                }
+            ),
+        );
+        self.mark_terminated(reason, blamed);
+        self.note("worker process stopped".into());
+    }
+}
+
+fn reason_label(r: Reason) -> &'static str {
+    match r {
+        Reason::Unknown => "unknown",
+        Reason::StartupFailedInternalError => "startup_failed_internal_error",
+        Reason::StartupFailedFunctionError => "startup_failed_function_error",
+        Reason::StartupFailedFunctionTimeout => "startup_failed_function_timeout",
+        Reason::Unhealthy => "unhealthy",
+        Reason::InternalError => "internal_error",
+        Reason::FunctionTimeout => "function_timeout",
+        Reason::FunctionCancelled => "function_cancelled",
+        Reason::Oom => "oom",
+    }
+}
+
+/// Fetches application code, from the content-addressed cache when the
+/// payload names its sha256.
+async fn application_code(shared: &Shared, payload: &pb::DataPayload) -> Result<Vec<u8>, String> {
+    let uri = payload.uri.clone().unwrap_or_default();
+    let want = payload
+        .sha256_hash
+        .clone()
+        .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
+    let cached = want.as_ref().map(|h| {
+        shared
+            .config
+            .data_dir
+            .join("code")
+            .join(format!("{}.zip", h.to_ascii_lowercase()))
+    });
+    if let (Some(path), Some(h)) = (&cached, &want) {
+        if let Ok(bytes) = tokio::fs::read(path).await {
+            if hex::encode(Sha256::digest(&bytes)).eq_ignore_ascii_case(h) {
+                return Ok(bytes);
+            }
+            let _ = tokio::fs::remove_file(path).await;
+        }
+    }
+    let bytes = shared
+        .config
+        .blob_store
+        .get(&uri)
+        .await
+        .map_err(|e| format!("downloading application code: {e}"))?;
+    if let Some(h) = &want {
+        let got = hex::encode(Sha256::digest(&bytes));
+        if !got.eq_ignore_ascii_case(h) {
+            return Err(format!(
+                "application code from {uri} has sha256 {got}, expected {h}"
+            ));
+        }
+        if let Some(path) = &cached {
+            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+            if tokio::fs::write(&tmp, &bytes).await.is_ok() {
+                let _ = tokio::fs::rename(&tmp, path).await;
+            }
+        }
+    }
+    Ok(bytes.to_vec())
+}
+
+fn to_fe_ref(f: &pb::FunctionRef) -> fe_pb::FunctionRef {
+    fe_pb::FunctionRef {
+        namespace: f.namespace.clone(),
+        application_name: f.application_name.clone(),
+        function_name: f.function_name.clone(),
+        application_version: Some(f.application_version.clone().unwrap_or_default()),
+    }
+}
+
+/// Brings a worker from nothing to initialized.
+async fn start(
+    shared: Arc<Shared>,
+    desc: pb::FunctionExecutorDescription,
+) -> Result<Live, (Reason, String)> {
+    let id = desc.id.clone().unwrap_or_default();
+    let internal = |m: String| (Reason::StartupFailedInternalError, m);
+    let gpu_count = desc
+        .resources
+        .as_ref()
+        .and_then(|r| r.gpu.as_ref())
+        .and_then(|g| g.count)
+        .unwrap_or(0);
+    let gpus = shared
+        .config
+        .gpu_pool
+        .allocate(&id, gpu_count)
+        .map_err(internal)?;
+    let app = desc.application.clone().unwrap_or_default();
+    let code = application_code(&shared, &app).await.map_err(internal)?;
+    let mut process = process::spawn(&shared.config, &id, &gpus).map_err(internal)?;
+    {
+        let mut st = shared.state.lock();
+        if let Some(fe) = st.fes.get_mut(&id) {
+            fe.pid = Some(process.pid);
+            fe.gpus = gpus.clone();
+            fe.timeline.push(TimelineEntry::now(format!(
+                "spawned pid {} on {}",
+                process.pid, process.address
+            )));
+        }
+    }
+    let endpoint = Endpoint::from_shared(format!("http://{}", process.address))
+        .map_err(|e| internal(format!("worker address: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    // Connect, retrying while the worker starts; give up if it exits.
+    let deadline = Instant::now() + shared.config.function_executor_connect_timeout;
+    let channel = loop {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            return Err(internal(format!(
+                "worker {} before accepting connections (log: {})",
+                process::describe_exit(&status),
+                process.log_path.display()
+            )));
+        }
+        match endpoint.connect().await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => {
+                process.stop(Duration::ZERO).await;
+                return Err(internal(format!(
+                    "worker did not accept connections on {}: {e}",
+                    process.address
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let mut client = FunctionExecutorClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let info = match tokio::time::timeout(
+        Duration::from_secs(10),
+        client.get_info(fe_pb::InfoRequest {}),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(s)) => {
+            process.stop(Duration::ZERO).await;
+            return Err(internal(format!(
+                "get_info failed: {}: {}",
+                s.code(),
+                s.message()
+            )));
+        }
+        Err(_) => {
+            process.stop(Duration::ZERO).await;
+            return Err(internal("get_info got no answer within 10s".into()));
+        }
+    };
+    if info.version.is_none()
+        || info.sdk_version.is_none()
+        || info.sdk_language.is_none()
+        || info.sdk_language_version.is_none()
+    {
+        process.stop(Duration::ZERO).await;
+        return Err(internal(format!("get_info answer is incomplete: {info:?}")));
+    }
+    let init_timeout =
+        Duration::from_millis(u64::from(desc.initialization_timeout_ms.unwrap_or(0)));
+    let sha = hex::encode(Sha256::digest(&code));
+    let request = fe_pb::InitializeRequest {
+        function: desc.function.as_ref().map(to_fe_ref),
+        application_code: Some(fe_pb::SerializedObject {
+            manifest: Some(fe_pb::SerializedObjectManifest {
+                encoding: Some(fe_pb::SerializedObjectEncoding::BinaryZip as i32),
+                encoding_version: Some(app.encoding_version.unwrap_or(0)),
+                size: Some(code.len() as u64),
+                metadata_size: Some(0),
+                sha256_hash: Some(sha),
+                content_type: None,
+                source_function_call_id: None,
+            }),
+            data: Some(code),
+        }),
+    };
+    let mut req = tonic::Request::new(request);
+    req.set_timeout(init_timeout);
+    let outcome = tokio::time::timeout(
+        init_timeout + Duration::from_secs(1),
+        client.initialize(req),
+    )
+    .await;
+    let failure = match outcome {
+        Err(_) => Some((
+            Reason::StartupFailedFunctionTimeout,
+            format!(
+                "initialize took longer than {} ms",
+                init_timeout.as_millis()
+            ),
+        )),
+        Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Some((
+            Reason::StartupFailedFunctionTimeout,
+            format!(
+                "initialize took longer than {} ms",
+                init_timeout.as_millis()
+            ),
+        )),
+        Ok(Err(s)) => Some((
+            Reason::StartupFailedFunctionError,
+            format!("initialize failed: {}: {}", s.code(), s.message()),
+        )),
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            if r.outcome_code == Some(fe_pb::InitializationOutcomeCode::Success as i32) {
+                None
+            } else {
+                Some((
+                    Reason::StartupFailedFunctionError,
+                    format!(
+                        "initialize answered {:?} ({:?}); see {}",
+                        r.outcome_code(),
+                        r.failure_reason(),
+                        process.log_path.display()
+                    ),
+                ))
+            }
+        }
+    };
+    if let Some(f) = failure {
+        process.stop(Duration::ZERO).await;
+        return Err(f);
+    }
+    Ok(Live { process, client })
+}

@@ -1,0 +1,139 @@
+//! Spawning and killing one `function-executor` process.
+//!
+//! Each worker runs in its own process group so that killing the group also
+//! kills anything user code forked. `PR_SET_PDEATHSIG(SIGKILL)` makes the
+//! kernel kill the worker if Steward dies, even by SIGKILL, so a worker never
+//! outlives the agent that started it.
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::AgentConfig;
+
+pub(crate) struct FeProcess {
+    pub child: Child,
+    pub pid: u32,
+    pub address: String,
+    pub log_path: PathBuf,
+}
+
+/// Picks a free localhost port by binding port 0 (the worker binds it a
+/// moment later; a lost race shows up as a connect failure and a retry by
+/// the server).
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub(crate) fn spawn(
+    config: &AgentConfig,
+    fe_id: &str,
+    gpus: &[String],
+) -> Result<FeProcess, String> {
+    let port = free_port().map_err(|e| format!("picking a port for the worker: {e}"))?;
+    let address = format!("127.0.0.1:{port}");
+    let log_path = config.data_dir.join("logs").join(format!("fe-{fe_id}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("opening worker log {}: {e}", log_path.display()))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| format!("opening worker log {}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(&config.function_executor_bin);
+    cmd.arg(format!("--executor-id={}", config.executor_id))
+        .arg(format!("--function-executor-id={fe_id}"))
+        .arg("--address")
+        .arg(&address)
+        .args(&config.function_executor_args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .process_group(0)
+        .kill_on_drop(true);
+    if !gpus.is_empty() {
+        let visible = gpus.join(",");
+        cmd.env("CUDA_VISIBLE_DEVICES", &visible)
+            .env("NVIDIA_VISIBLE_DEVICES", &visible);
+    }
+    set_parent_death_signal(&mut cmd);
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", config.function_executor_bin.display()))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| "worker exited before its pid was read".to_string())?;
+    Ok(FeProcess {
+        child,
+        pid,
+        address,
+        log_path,
+    })
+}
+
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Sends `signal` to the worker's whole process group.
+pub(crate) fn signal_group(pid: u32, signal: Signal) {
+    let _ = killpg(Pid::from_raw(pid as i32), signal);
+}
+
+impl FeProcess {
+    /// SIGTERM to the group, then SIGKILL after `grace`; waits for the exit.
+    pub async fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            signal_group(self.pid, Signal::SIGKILL);
+            return Some(status);
+        }
+        if !grace.is_zero() {
+            signal_group(self.pid, Signal::SIGTERM);
+            if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
+                signal_group(self.pid, Signal::SIGKILL);
+                return Some(status);
+            }
+        }
+        signal_group(self.pid, Signal::SIGKILL);
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+}
+
+/// Describes how a worker exited, for logs and reasons.
+pub(crate) fn describe_exit(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!(
+            "killed by signal {sig} ({})",
+            Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown")
+        ),
+        _ => "exited".to_string(),
+    }
+}

@@ -1,0 +1,239 @@
+//! Prometheus metrics of the agent. Label values are bounded sets
+//! (outcomes, reasons, results), never ids.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+fn fast_histogram() -> Histogram {
+    // 1 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+fn slow_histogram() -> Histogram {
+    // 10 ms .. ~2.8 h
+    Histogram::new(exponential_buckets(0.01, 2.5, 16))
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    pub state_reports: Counter,
+    pub state_report_errors: Counter,
+    pub state_report_latency: Histogram,
+    pub state_report_size: Histogram,
+    pub desired_state_streams: Counter,
+    pub desired_state_stream_errors: Counter,
+    pub desired_states_received: Counter,
+    pub reconciliations: Counter,
+    pub reconciliation_latency: Histogram,
+    pub last_desired_function_executors: Gauge,
+    pub last_desired_allocations: Gauge,
+    pub rejected_items: Family<Labels, Counter>,
+    pub fe_creations: Counter,
+    pub fe_startup_latency: Histogram,
+    pub fe_terminations: Family<Labels, Counter>,
+    pub fe_health_checks: Family<Labels, Counter>,
+    pub function_executors: Gauge,
+    pub allocations_started: Counter,
+    pub allocations_completed: Family<Labels, Counter>,
+    pub allocation_run_latency: Histogram,
+    pub allocations_running: Gauge,
+    pub pending_results: Gauge,
+    pub healthy: Gauge,
+    extra: parking_lot::Mutex<Vec<Box<dyn Fn(&mut String) + Send + Sync>>>,
+}
+
+impl Metrics {
+    /// Registers everything under the `steward` prefix; `version` and
+    /// `revision` go into `steward_build_info`.
+    pub fn new(version: &str, revision: &str, executor_id: &str) -> Metrics {
+        let mut registry = Registry::with_prefix("steward");
+        let info: Family<Vec<(String, String)>, Gauge> = Family::default();
+        info.get_or_create(&vec![
+            ("version".into(), version.into()),
+            ("revision".into(), revision.into()),
+            ("executor_id".into(), executor_id.into()),
+        ])
+        .set(1);
+        registry.register(
+            "build_info",
+            "Build and identity of this agent (always 1)",
+            info,
+        );
+
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let m = $metric;
+                registry.register($name, $help, m.clone());
+                m
+            }};
+        }
+        Metrics {
+            state_reports: reg!(
+                "state_reports",
+                "State report RPCs sent",
+                Counter::default()
+            ),
+            state_report_errors: reg!(
+                "state_report_errors",
+                "State report RPCs that failed",
+                Counter::default()
+            ),
+            state_report_latency: reg!(
+                "state_report_latency_seconds",
+                "State report RPC latency",
+                fast_histogram()
+            ),
+            state_report_size: reg!(
+                "state_report_size_bytes",
+                "Encoded size of state reports",
+                Histogram::new(exponential_buckets(256.0, 4.0, 10))
+            ),
+            desired_state_streams: reg!(
+                "desired_state_streams",
+                "Desired state streams opened",
+                Counter::default()
+            ),
+            desired_state_stream_errors: reg!(
+                "desired_state_stream_errors",
+                "Desired state streams that failed or went idle",
+                Counter::default()
+            ),
+            desired_states_received: reg!(
+                "desired_states_received",
+                "Desired state messages received",
+                Counter::default()
+            ),
+            reconciliations: reg!(
+                "reconciliations",
+                "Desired states applied",
+                Counter::default()
+            ),
+            reconciliation_latency: reg!(
+                "reconciliation_latency_seconds",
+                "Time to apply one desired state",
+                fast_histogram()
+            ),
+            last_desired_function_executors: reg!(
+                "last_desired_state_function_executors",
+                "Function executors in the last desired state",
+                Gauge::default()
+            ),
+            last_desired_allocations: reg!(
+                "last_desired_state_allocations",
+                "Allocations in the last desired state",
+                Gauge::default()
+            ),
+            rejected_items: reg!(
+                "desired_state_rejected_items",
+                "Function executors and allocations rejected from a desired state, by kind and reason",
+                Family::default()
+            ),
+            fe_creations: reg!(
+                "function_executor_creations",
+                "Function executors started",
+                Counter::default()
+            ),
+            fe_startup_latency: reg!(
+                "function_executor_startup_latency_seconds",
+                "Spawn to initialized, for function executors that started",
+                slow_histogram()
+            ),
+            fe_terminations: reg!(
+                "function_executor_terminations",
+                "Function executors terminated, by reason",
+                Family::default()
+            ),
+            fe_health_checks: reg!(
+                "function_executor_health_checks",
+                "Function executor health checks, by result",
+                Family::default()
+            ),
+            function_executors: reg!(
+                "function_executors",
+                "Function executors known to the agent",
+                Gauge::default()
+            ),
+            allocations_started: reg!(
+                "allocations_started",
+                "Allocations started on a function executor",
+                Counter::default()
+            ),
+            allocations_completed: reg!(
+                "allocations_completed",
+                "Allocations finished, by outcome and failure reason",
+                Family::default()
+            ),
+            allocation_run_latency: reg!(
+                "allocation_run_latency_seconds",
+                "Allocation run time on the function executor",
+                slow_histogram()
+            ),
+            allocations_running: reg!(
+                "allocations_running",
+                "Allocations running now",
+                Gauge::default()
+            ),
+            pending_results: reg!(
+                "pending_allocation_results",
+                "Allocation results not yet taken by the server",
+                Gauge::default()
+            ),
+            healthy: reg!(
+                "healthy",
+                "1 when the agent considers itself healthy",
+                Gauge::default()
+            ),
+            registry,
+            extra: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn allocation_completed(&self, outcome: &'static str, reason: &'static str) {
+        self.allocations_completed
+            .get_or_create(&vec![("outcome", outcome), ("failure_reason", reason)])
+            .inc();
+    }
+
+    pub(crate) fn rejected(&self, kind: &'static str, reason: &'static str) {
+        self.rejected_items
+            .get_or_create(&vec![("kind", kind), ("reason", reason)])
+            .inc();
+    }
+
+    /// Adds a writer of further OpenMetrics families (host usage, GPUs...),
+    /// called on every scrape before `# EOF`.
+    pub fn add_extra(&self, f: Box<dyn Fn(&mut String) + Send + Sync>) {
+        self.extra.lock().push(f);
+    }
+
+    /// The registry, to register further families before the agent starts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// OpenMetrics text, ending with `# EOF`.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            return "# EOF\n".into();
+        }
+        let extra = self.extra.lock();
+        if !extra.is_empty() {
+            if let Some(stripped) = out.strip_suffix("# EOF\n") {
+                out = stripped.to_string();
+            }
+            for f in extra.iter() {
+                f(&mut out);
+            }
+            out.push_str("# EOF\n");
+        }
+        out
+    }
+}

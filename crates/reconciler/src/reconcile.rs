@@ -1,0 +1,235 @@
+//! Applying a desired state: function executors first (create new ids,
+//! leave existing ones alone since descriptions are immutable per id, shut
+//! down missing ones), then allocations (hand new ones to their worker's
+//! controller, cancel ones that disappeared). Rejected items are reported
+//! back to the server so nothing waits forever on them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::fe::{self, FeCommand};
+use crate::pb;
+use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry, function_label};
+use crate::validate::{validate_allocation, validate_function_executor};
+
+pub(crate) async fn run_loop(
+    shared: Arc<Shared>,
+    mut desired_rx: watch::Receiver<Option<pb::DesiredExecutorState>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = desired_rx.changed() => if r.is_err() { return },
+            _ = shared.reconcile_now.notified() => {}
+        }
+        let Some(desired) = desired_rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let started = Instant::now();
+        shared.health.lock().reconcile_busy_since = Some(started);
+        apply(&shared, &desired);
+        shared.metrics.reconciliations.inc();
+        shared
+            .metrics
+            .reconciliation_latency
+            .observe(started.elapsed().as_secs_f64());
+        {
+            let mut h = shared.health.lock();
+            h.reconcile_busy_since = None;
+            h.last_reconcile_progress = Some(Instant::now());
+        }
+        if !shared.started.swap(true, Ordering::AcqRel) {
+            shared.event(
+                "started",
+                &shared.config.executor_id,
+                "first desired state applied; agent is ready",
+            );
+        }
+        shared.report_now.notify_one();
+    }
+}
+
+/// Applies one desired state. Never blocks: workers are started and stopped
+/// by their own tasks.
+pub(crate) fn apply(shared: &Arc<Shared>, desired: &pb::DesiredExecutorState) {
+    let mut results = Vec::new();
+    let mut events: Vec<(&'static str, String, String)> = Vec::new();
+    {
+        let mut st = shared.state.lock();
+        st.server_clock = desired.clock.unwrap_or(0);
+        st.last_desired = Some((desired.clone(), SystemTime::now()));
+        shared
+            .metrics
+            .last_desired_function_executors
+            .set(desired.function_executors.len() as i64);
+        shared
+            .metrics
+            .last_desired_allocations
+            .set(desired.allocations.len() as i64);
+
+        // 1. Function executors.
+        let mut wanted: HashSet<&str> = HashSet::new();
+        for d in &desired.function_executors {
+            let id = d.id.as_deref().unwrap_or("");
+            if !id.is_empty() {
+                wanted.insert(id);
+            }
+            if st.fes.contains_key(id) {
+                continue; // Immutable per id; an entry being removed is recreated once it is gone.
+            }
+            match validate_function_executor(d) {
+                Ok(()) => {
+                    let tx = fe::spawn(shared.clone(), d.clone());
+                    st.fes.insert(
+                        id.to_string(),
+                        FeEntry {
+                            description: d.clone(),
+                            status: pb::FunctionExecutorStatus::Pending,
+                            termination_reason: None,
+                            blamed: Vec::new(),
+                            tx: Some(tx),
+                            removing: false,
+                            pid: None,
+                            gpus: Vec::new(),
+                            timeline: vec![TimelineEntry::now(
+                                "pending: accepted from desired state",
+                            )],
+                        },
+                    );
+                }
+                Err(rej) => {
+                    shared.metrics.rejected("function_executor", rej.code);
+                    events.push((
+                        "function_executor_rejected",
+                        id.to_string(),
+                        rej.message.clone(),
+                    ));
+                    if !id.is_empty() {
+                        // Report it terminated so the server stops waiting for it.
+                        st.fes.insert(
+                            id.to_string(),
+                            FeEntry {
+                                description: d.clone(),
+                                status: pb::FunctionExecutorStatus::Terminated,
+                                termination_reason: Some(
+                                    pb::FunctionExecutorTerminationReason::StartupFailedInternalError,
+                                ),
+                                blamed: Vec::new(),
+                                tx: None,
+                                removing: false,
+                                pid: None,
+                                gpus: Vec::new(),
+                                timeline: vec![TimelineEntry::now(format!("rejected: {}", rej.message))],
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let mut gone = Vec::new();
+        for (id, fe) in st.fes.iter_mut() {
+            if wanted.contains(id.as_str()) || fe.removing {
+                continue;
+            }
+            match &fe.tx {
+                Some(tx) => {
+                    fe.removing = true;
+                    fe.timeline
+                        .push(TimelineEntry::now("removing: absent from desired state"));
+                    let _ = tx.send(FeCommand::Shutdown);
+                }
+                None => gone.push(id.clone()),
+            }
+        }
+        for id in gone {
+            st.fes.remove(&id);
+        }
+
+        // 2. Allocations.
+        let mut wanted_allocs: HashSet<&str> = HashSet::new();
+        for a in &desired.allocations {
+            let id = a.allocation_id.as_deref().unwrap_or("");
+            if !id.is_empty() {
+                wanted_allocs.insert(id);
+            }
+            if st.allocations.contains_key(id) {
+                continue; // Immutable per id.
+            }
+            let fe_id = a.function_executor_id.clone().unwrap_or_default();
+            let verdict = validate_allocation(a).map_err(|r| {
+                (
+                    r.code,
+                    r.message,
+                    pb::AllocationFailureReason::InternalError,
+                )
+            });
+            let verdict = verdict.and_then(|()| match st.fes.get(&fe_id) {
+                Some(fe) if !fe.removing && fe.tx.is_some() => Ok(()),
+                Some(_) => Err((
+                    "function_executor_terminated",
+                    format!("function executor {fe_id} is terminated or being removed"),
+                    pb::AllocationFailureReason::FunctionExecutorTerminated,
+                )),
+                None => Err((
+                    "unknown_function_executor",
+                    format!("function executor {fe_id} is not in the desired state"),
+                    pb::AllocationFailureReason::FunctionExecutorTerminated,
+                )),
+            });
+            let mut entry = AllocEntry {
+                fe_id: fe_id.clone(),
+                function: function_label(a.function.as_ref()),
+                phase: AllocPhase::Queued,
+                timeline: vec![TimelineEntry::now("queued: accepted from desired state")],
+            };
+            match verdict {
+                Ok(()) => {
+                    if let Some(tx) = st.fes.get(&fe_id).and_then(|fe| fe.tx.as_ref()) {
+                        let _ = tx.send(FeCommand::Run(Box::new(a.clone())));
+                    }
+                }
+                Err((code, message, reason)) => {
+                    shared.metrics.rejected("allocation", code);
+                    events.push(("allocation_rejected", id.to_string(), message.clone()));
+                    if id.is_empty() {
+                        continue;
+                    }
+                    entry.phase = AllocPhase::Finished;
+                    entry
+                        .timeline
+                        .push(TimelineEntry::now(format!("rejected: {message}")));
+                    results.push(fe::failed_result(a, reason, None));
+                }
+            }
+            st.allocations.insert(id.to_string(), entry);
+        }
+        let dropped: Vec<String> = st
+            .allocations
+            .keys()
+            .filter(|id| !wanted_allocs.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in dropped {
+            if let Some(entry) = st.allocations.remove(&id) {
+                if entry.phase != AllocPhase::Finished {
+                    if let Some(tx) = st.fes.get(&entry.fe_id).and_then(|fe| fe.tx.as_ref()) {
+                        let _ = tx.send(FeCommand::Cancel(id.clone()));
+                    }
+                }
+            }
+        }
+        shared.metrics.function_executors.set(st.fes.len() as i64);
+    }
+    for (kind, subject, message) in events {
+        shared.event(kind, &subject, message);
+    }
+    for r in results {
+        shared.push_result(r);
+    }
+}

@@ -1,0 +1,259 @@
+//! Building and sending `report_executor_state`: the state hash, result
+//! packing under the message size limit, the periodic/on-change loop with
+//! backoff, and the final STOPPED report.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::AgentError;
+use crate::pb;
+use crate::pb::executor_api_client::ExecutorApiClient;
+use crate::state::{Shared, State};
+
+/// Results are packed into one report while it stays under this size.
+pub const MAX_REPORT_BYTES: usize = 10 * 1024 * 1024;
+/// Deadline of one report RPC.
+pub const REPORT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lazily connecting channel to the server.
+pub(crate) fn channel(addr: &str) -> Result<Channel, AgentError> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Endpoint::from_shared(url).map_err(|e| AgentError::ServerAddr {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+pub(crate) fn client(channel: Channel) -> ExecutorApiClient<Channel> {
+    ExecutorApiClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// Hex SHA-256 of the deterministic encoding of `state` without its
+/// `state_hash` and `server_clock`.
+///
+/// prost encodes fields in number order and our maps are `BTreeMap`s, so
+/// equal states give equal bytes.
+pub fn state_hash(state: &pb::ExecutorState) -> String {
+    let mut s = state.clone();
+    s.state_hash = None;
+    s.server_clock = None;
+    hex::encode(Sha256::digest(s.encode_to_vec()))
+}
+
+fn fe_state(fe: &crate::state::FeEntry) -> pb::FunctionExecutorState {
+    pb::FunctionExecutorState {
+        description: Some(fe.description.clone()),
+        status: Some(fe.status as i32),
+        termination_reason: fe.termination_reason.map(|r| r as i32),
+        allocation_ids_caused_termination: fe.blamed.clone(),
+    }
+}
+
+/// The agent's `ExecutorState`, hash and clock included.
+pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
+    let c = &shared.config;
+    let mut labels = c.labels.clone();
+    labels.insert("os".into(), std::env::consts::OS.into());
+    labels.insert("architecture".into(), std::env::consts::ARCH.into());
+    let mut state = pb::ExecutorState {
+        executor_id: Some(c.executor_id.clone()),
+        hostname: Some(c.hostname.clone()),
+        version: Some(c.version.clone()),
+        status: Some(st.status as i32),
+        total_resources: Some(c.total_resources),
+        total_function_executor_resources: Some(c.function_executor_resources),
+        allowed_functions: c.allowed_functions.clone(),
+        function_executor_states: st.fes.values().map(fe_state).collect(),
+        labels,
+        state_hash: None,
+        server_clock: None,
+        catalog_entry_name: c.catalog_entry_name.clone(),
+        function_call_watches: Vec::new(),
+        proxy_address: None,
+    };
+    state.state_hash = Some(state_hash(&state));
+    state.server_clock = Some(st.server_clock);
+    state
+}
+
+/// Builds a report and says how many of the oldest buffered results it carries.
+pub(crate) fn build_request(shared: &Shared) -> (pb::ReportExecutorStateRequest, usize) {
+    let st = shared.state.lock();
+    let state = executor_state(shared, &st);
+    let mut request = pb::ReportExecutorStateRequest {
+        executor_state: Some(state),
+        executor_update: Some(pb::ExecutorUpdate {
+            executor_id: Some(shared.config.executor_id.clone()),
+            allocation_results: Vec::new(),
+        }),
+    };
+    let mut size = request.encoded_len();
+    let mut results = Vec::new();
+    for r in st.results.iter() {
+        let len = r.encoded_len() + 8;
+        // The first result always goes, whatever its size.
+        if !results.is_empty() && size + len > MAX_REPORT_BYTES {
+            break;
+        }
+        size += len;
+        results.push(r.clone());
+    }
+    let n = results.len();
+    if let Some(u) = request.executor_update.as_mut() {
+        u.allocation_results = results;
+    }
+    (request, n)
+}
+
+/// Reports now and then every `report_interval`, sooner on change, backing
+/// off ×3 up to `report_backoff_max` while reports fail.
+pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: CancellationToken) {
+    let mut client = client(channel);
+    let mut interval = shared.config.report_interval;
+    loop {
+        let (request, carried) = build_request(&shared);
+        let started = Instant::now();
+        shared.metrics.state_reports.inc();
+        shared
+            .metrics
+            .state_report_size
+            .observe(request.encoded_len() as f64);
+        let call = client.report_executor_state(request.clone());
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = tokio::time::timeout(REPORT_RPC_TIMEOUT, call) => r,
+        };
+        shared
+            .metrics
+            .state_report_latency
+            .observe(started.elapsed().as_secs_f64());
+        let error = match outcome {
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) => Some(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Some(format!(
+                "no answer within {}s",
+                REPORT_RPC_TIMEOUT.as_secs()
+            )),
+        };
+        let more_results;
+        match error {
+            None => {
+                let was_failing;
+                {
+                    let mut st = shared.state.lock();
+                    for _ in 0..carried {
+                        st.results.pop_front();
+                    }
+                    more_results = !st.results.is_empty() && carried > 0;
+                    shared.metrics.pending_results.set(st.results.len() as i64);
+                    st.last_report = Some((request, SystemTime::now()));
+                }
+                {
+                    let mut h = shared.health.lock();
+                    was_failing = h.consecutive_report_failures > 0;
+                    h.last_report_ok = Some(Instant::now());
+                    h.consecutive_report_failures = 0;
+                    h.last_report_error = None;
+                }
+                if was_failing {
+                    shared.event(
+                        "server_connection_restored",
+                        &shared.config.server_addr,
+                        "state reports succeed again",
+                    );
+                }
+                shared.reports_ok.send_modify(|n| *n += 1);
+                interval = shared.config.report_interval;
+            }
+            Some(e) => {
+                more_results = false;
+                shared.metrics.state_report_errors.inc();
+                let first = {
+                    let mut h = shared.health.lock();
+                    h.consecutive_report_failures += 1;
+                    h.last_report_error = Some(e.clone());
+                    h.consecutive_report_failures == 1
+                };
+                if first {
+                    shared.event(
+                        "server_connection_lost",
+                        &shared.config.server_addr,
+                        format!("state report failed: {e}"),
+                    );
+                } else {
+                    tracing::debug!(error = %e, "state report failed");
+                }
+                interval = (interval * 3).min(shared.config.report_backoff_max);
+            }
+        }
+        if more_results {
+            // Results left behind by the size limit go out right away.
+            continue;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = shared.report_now.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// One last report with status STOPPED so the server forgets this agent at
+/// once, carrying any results still buffered.
+pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
+    shared.state.lock().status = pb::ExecutorStatus::Stopped;
+    let Ok(channel) = channel(&shared.config.server_addr) else {
+        return;
+    };
+    let mut client = client(channel);
+    let (request, _) = build_request(shared);
+    match tokio::time::timeout(timeout, client.report_executor_state(request)).await {
+        Ok(Ok(_)) => shared.event(
+            "stopped",
+            &shared.config.executor_id,
+            "final STOPPED report sent",
+        ),
+        Ok(Err(s)) => tracing::warn!(error = %s, "final STOPPED report failed"),
+        Err(_) => tracing::warn!("final STOPPED report timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_ignores_clock_and_changes_with_content() {
+        let mut a = pb::ExecutorState {
+            executor_id: Some("e".into()),
+            ..Default::default()
+        };
+        a.labels.insert("b".into(), "2".into());
+        a.labels.insert("a".into(), "1".into());
+        let h1 = state_hash(&a);
+        a.server_clock = Some(42);
+        a.state_hash = Some("stale".into());
+        assert_eq!(state_hash(&a), h1);
+        a.labels.insert("c".into(), "3".into());
+        assert_ne!(state_hash(&a), h1);
+        assert_eq!(h1.len(), 64);
+    }
+}

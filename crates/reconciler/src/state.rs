@@ -1,0 +1,373 @@
+//! State shared by the agent's loops and worker controllers, and the
+//! read-only [`AgentHandle`] the binary gives to monitoring.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+
+use crate::events::{Event, EventLog};
+use crate::fe::FeCommand;
+use crate::{AgentConfig, Metrics, pb};
+
+/// One worker as the agent tracks it.
+pub(crate) struct FeEntry {
+    pub description: pb::FunctionExecutorDescription,
+    pub status: pb::FunctionExecutorStatus,
+    pub termination_reason: Option<pb::FunctionExecutorTerminationReason>,
+    pub blamed: Vec<String>,
+    /// None for a description that was rejected and has no controller.
+    pub tx: Option<mpsc::UnboundedSender<FeCommand>>,
+    /// Removed from desired state; its controller is shutting down.
+    pub removing: bool,
+    pub pid: Option<u32>,
+    pub gpus: Vec<String>,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// One allocation the agent has accepted and not yet forgotten.
+pub(crate) struct AllocEntry {
+    pub fe_id: String,
+    pub function: String,
+    pub phase: AllocPhase,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocPhase {
+    Queued,
+    Running,
+    Finished,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelineEntry {
+    pub at_unix_ms: u64,
+    pub what: String,
+}
+
+impl TimelineEntry {
+    pub fn now(what: impl Into<String>) -> Self {
+        TimelineEntry {
+            at_unix_ms: unix_ms(SystemTime::now()),
+            what: what.into(),
+        }
+    }
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) struct State {
+    pub fes: BTreeMap<String, FeEntry>,
+    pub allocations: HashMap<String, AllocEntry>,
+    /// Results not yet taken by the server, oldest first.
+    pub results: VecDeque<pb::AllocationResult>,
+    pub server_clock: u64,
+    pub status: pb::ExecutorStatus,
+    pub last_desired: Option<(pb::DesiredExecutorState, SystemTime)>,
+    pub last_report: Option<(pb::ReportExecutorStateRequest, SystemTime)>,
+}
+
+#[derive(Default)]
+pub(crate) struct Health {
+    pub last_report_ok: Option<Instant>,
+    pub last_report_error: Option<String>,
+    pub consecutive_report_failures: u32,
+    pub last_reconcile_progress: Option<Instant>,
+    pub reconcile_busy_since: Option<Instant>,
+}
+
+pub(crate) struct Shared {
+    pub config: AgentConfig,
+    pub metrics: Arc<Metrics>,
+    pub events: EventLog,
+    pub state: Mutex<State>,
+    pub health: Mutex<Health>,
+    /// Wakes the report loop for an immediate report.
+    pub report_now: Notify,
+    /// Wakes the reconcile loop to re-apply the last desired state.
+    pub reconcile_now: Notify,
+    /// Startup latch: set once registered and the first desired state is applied.
+    pub started: AtomicBool,
+    pub started_at: Instant,
+    /// Count of successful reports; the stream loop waits on it.
+    pub reports_ok: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    pub fn new(config: AgentConfig, metrics: Arc<Metrics>) -> Arc<Shared> {
+        Arc::new(Shared {
+            config,
+            metrics,
+            events: EventLog::new(1000),
+            state: Mutex::new(State {
+                fes: BTreeMap::new(),
+                allocations: HashMap::new(),
+                results: VecDeque::new(),
+                server_clock: 0,
+                status: pb::ExecutorStatus::Running,
+                last_desired: None,
+                last_report: None,
+            }),
+            health: Mutex::new(Health::default()),
+            report_now: Notify::new(),
+            reconcile_now: Notify::new(),
+            started: AtomicBool::new(false),
+            started_at: Instant::now(),
+            reports_ok: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    pub fn event(&self, kind: &'static str, subject: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(kind, subject, "{message}");
+        self.events.push(Event::now(kind, subject, message));
+    }
+
+    /// Queues a result for the next report and wakes the reporter.
+    pub fn push_result(&self, result: pb::AllocationResult) {
+        let outcome = outcome_label(&result);
+        self.metrics.allocation_completed(outcome.0, outcome.1);
+        {
+            let mut st = self.state.lock();
+            if let Some(id) = &result.allocation_id {
+                if let Some(a) = st.allocations.get_mut(id) {
+                    a.phase = AllocPhase::Finished;
+                    a.timeline.push(TimelineEntry::now(format!(
+                        "finished: {} {}",
+                        outcome.0, outcome.1
+                    )));
+                }
+            }
+            st.results.push_back(result);
+        }
+        self.report_now.notify_one();
+    }
+}
+
+/// (outcome, failure reason) as lowercase metric label values.
+pub(crate) fn outcome_label(r: &pb::AllocationResult) -> (&'static str, &'static str) {
+    let outcome = match r.outcome_code() {
+        pb::AllocationOutcomeCode::Success => "success",
+        pb::AllocationOutcomeCode::Failure => "failure",
+        pb::AllocationOutcomeCode::Unknown => "unknown",
+    };
+    let reason = if r.failure_reason.is_some() {
+        failure_reason_name(r.failure_reason())
+    } else {
+        "none"
+    };
+    (outcome, reason)
+}
+
+pub(crate) fn failure_reason_name(r: pb::AllocationFailureReason) -> &'static str {
+    use pb::AllocationFailureReason as R;
+    match r {
+        R::Unknown => "unknown",
+        R::InternalError => "internal_error",
+        R::FunctionError => "function_error",
+        R::FunctionTimeout => "function_timeout",
+        R::RequestError => "request_error",
+        R::AllocationCancelled => "allocation_cancelled",
+        R::FunctionExecutorTerminated => "function_executor_terminated",
+        R::Oom => "oom",
+        R::ConstraintUnsatisfiable => "constraint_unsatisfiable",
+        R::ExecutorRemoved => "executor_removed",
+        R::StartupFailedInternalError => "startup_failed_internal_error",
+        R::StartupFailedFunctionError => "startup_failed_function_error",
+        R::StartupFailedFunctionTimeout => "startup_failed_function_timeout",
+    }
+}
+
+/// A worker, as shown on `/state/function-executors`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeView {
+    pub id: String,
+    pub function: String,
+    pub status: String,
+    pub termination_reason: Option<String>,
+    pub allocation_ids_caused_termination: Vec<String>,
+    pub removing: bool,
+    pub pid: Option<u32>,
+    pub gpus: Vec<String>,
+    pub cpu_ms_per_sec: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub max_concurrency: Option<u32>,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// An allocation, as shown on `/state/allocations`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocView {
+    pub id: String,
+    pub function_executor_id: String,
+    pub function: String,
+    pub phase: AllocPhase,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// Point-in-time copy of what monitoring shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub executor_id: String,
+    pub server_clock: u64,
+    pub pending_results: usize,
+    pub function_executors: Vec<FeView>,
+    pub allocations: Vec<AllocView>,
+}
+
+pub(crate) fn function_label(f: Option<&pb::FunctionRef>) -> String {
+    match f {
+        Some(f) => format!(
+            "{}/{}/{}",
+            f.namespace.as_deref().unwrap_or(""),
+            f.application_name.as_deref().unwrap_or(""),
+            f.function_name.as_deref().unwrap_or("")
+        ),
+        None => String::new(),
+    }
+}
+
+/// Read access to the running agent, for monitoring and tests.
+#[derive(Clone)]
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+}
+
+impl AgentHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        AgentHandle { shared }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn executor_id(&self) -> &str {
+        &self.shared.config.executor_id
+    }
+
+    /// (ready, why): ready once registered and the first desired state was applied.
+    pub fn startup(&self) -> (bool, String) {
+        if self.shared.started.load(Ordering::Acquire) {
+            return (
+                true,
+                "registered with the server and applied the first desired state".into(),
+            );
+        }
+        let h = self.shared.health.lock();
+        let why = match (&h.last_report_ok, &h.last_report_error) {
+            (None, Some(e)) => format!("not registered yet: last report failed: {e}"),
+            (None, None) => "not registered yet: first report in flight".into(),
+            (Some(_), _) => "registered; waiting for the first desired state".into(),
+        };
+        (false, why)
+    }
+
+    /// (healthy, why), judged against `report_grace` and `reconcile_watchdog`.
+    pub fn health(
+        &self,
+        report_grace: std::time::Duration,
+        reconcile_watchdog: std::time::Duration,
+    ) -> (bool, String) {
+        let now = Instant::now();
+        let h = self.shared.health.lock();
+        if let Some(busy) = h.reconcile_busy_since {
+            let stuck = now.duration_since(busy);
+            if stuck > reconcile_watchdog {
+                return (
+                    false,
+                    format!(
+                        "reconcile loop has made no progress for {}s",
+                        stuck.as_secs()
+                    ),
+                );
+            }
+        }
+        let since_ok = now.duration_since(h.last_report_ok.unwrap_or(self.shared.started_at));
+        if h.consecutive_report_failures > 0 && since_ok > report_grace {
+            return (
+                false,
+                format!(
+                    "state reports have failed for {}s ({} in a row): {}",
+                    since_ok.as_secs(),
+                    h.consecutive_report_failures,
+                    h.last_report_error.as_deref().unwrap_or("unknown error")
+                ),
+            );
+        }
+        (
+            true,
+            "state reports are succeeding and the reconcile loop is responsive".into(),
+        )
+    }
+
+    /// The last report sent and when, if any.
+    pub fn last_report(&self) -> Option<(pb::ReportExecutorStateRequest, SystemTime)> {
+        self.shared.state.lock().last_report.clone()
+    }
+
+    /// The last desired state received and when, if any.
+    pub fn last_desired(&self) -> Option<(pb::DesiredExecutorState, SystemTime)> {
+        self.shared.state.lock().last_desired.clone()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.shared.events.recent()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let st = self.shared.state.lock();
+        Snapshot {
+            executor_id: self.shared.config.executor_id.clone(),
+            server_clock: st.server_clock,
+            pending_results: st.results.len(),
+            function_executors: st
+                .fes
+                .iter()
+                .map(|(id, fe)| {
+                    let res = fe.description.resources.as_ref();
+                    FeView {
+                        id: id.clone(),
+                        function: function_label(fe.description.function.as_ref()),
+                        status: format!("{:?}", fe.status).to_uppercase(),
+                        termination_reason: fe.termination_reason.map(|r| format!("{r:?}")),
+                        allocation_ids_caused_termination: fe.blamed.clone(),
+                        removing: fe.removing,
+                        pid: fe.pid,
+                        gpus: fe.gpus.clone(),
+                        cpu_ms_per_sec: res.and_then(|r| r.cpu_ms_per_sec),
+                        memory_bytes: res.and_then(|r| r.memory_bytes),
+                        max_concurrency: fe.description.max_concurrency,
+                        timeline: fe.timeline.clone(),
+                    }
+                })
+                .collect(),
+            allocations: st
+                .allocations
+                .iter()
+                .map(|(id, a)| AllocView {
+                    id: id.clone(),
+                    function_executor_id: a.fe_id.clone(),
+                    function: a.function.clone(),
+                    phase: a.phase,
+                    timeline: a.timeline.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// OpenMetrics text of the agent's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+}

@@ -1,0 +1,94 @@
+//! The desired-state stream: opened only after a report has succeeded (the
+//! server answers NOT_FOUND for agents it does not know), reopened with
+//! backoff after errors, and after `stream_idle_timeout` of silence.
+//! Each message replaces the previous one in a watch channel, so the
+//! reconciler always applies the newest state and never a stale backlog.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::pb;
+use crate::report::client;
+use crate::state::Shared;
+
+const BACKOFF_START: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub(crate) async fn run_loop(
+    shared: Arc<Shared>,
+    channel: Channel,
+    desired_tx: watch::Sender<Option<pb::DesiredExecutorState>>,
+    cancel: CancellationToken,
+) {
+    let mut client = client(channel);
+    let mut reports_ok = shared.reports_ok.subscribe();
+    let mut required_reports = 1u64;
+    let mut backoff = BACKOFF_START;
+    loop {
+        // Wait for a report that succeeded after the last stream failure.
+        loop {
+            if *reports_ok.borrow_and_update() >= required_reports {
+                break;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = reports_ok.changed() => if r.is_err() { return },
+            }
+        }
+        shared.metrics.desired_state_streams.inc();
+        let request = pb::GetDesiredExecutorStatesRequest {
+            executor_id: Some(shared.config.executor_id.clone()),
+        };
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = tokio::time::timeout(Duration::from_secs(10), client.get_desired_executor_states(request)) => r,
+        };
+        let reason = match opened {
+            Err(_) => "opening the stream timed out".to_string(),
+            Ok(Err(status)) => format!(
+                "opening the stream failed: {}: {}",
+                status.code(),
+                status.message()
+            ),
+            Ok(Ok(response)) => {
+                let mut stream = response.into_inner();
+                loop {
+                    let next = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        n = tokio::time::timeout(shared.config.stream_idle_timeout, stream.message()) => n,
+                    };
+                    match next {
+                        Err(_) => {
+                            break format!(
+                                "no message for {}s; reopening",
+                                shared.config.stream_idle_timeout.as_secs()
+                            );
+                        }
+                        Ok(Err(status)) => {
+                            break format!("stream failed: {}: {}", status.code(), status.message());
+                        }
+                        Ok(Ok(None)) => break "server closed the stream".to_string(),
+                        Ok(Ok(Some(desired))) => {
+                            backoff = BACKOFF_START;
+                            shared.metrics.desired_states_received.inc();
+                            desired_tx.send_replace(Some(desired));
+                        }
+                    }
+                }
+            }
+        };
+        shared.metrics.desired_state_stream_errors.inc();
+        tracing::warn!(reason = %reason, "desired state stream interrupted");
+        required_reports = *reports_ok.borrow() + 1;
+        shared.report_now.notify_one();
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 10).min(BACKOFF_MAX);
+    }
+}

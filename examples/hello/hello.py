@@ -1,0 +1,31 @@
+"""Demo application for Steward: Tensorlake 0.3.9 functions run by the real
+`function-executor` worker under Steward, deployed to the dev control plane
+with `steward devserver deploy examples/hello`."""
+
+import os
+
+from tensorlake.applications import application, function
+
+
+@application()
+@function(description="Greets someone by name")
+def greet(name: str) -> str:
+    return f"Hello, {name}!"
+
+
+@application()
+@function(description="Sums the squares of a list of integers")
+def sum_of_squares(numbers: list[int]) -> int:
+    return sum(n * n for n in numbers)
+
+
+@application()
+@function(description="Always fails: shows how a function error is reported")
+def explode(reason: str) -> str:
+    raise ValueError(f"exploding on purpose: {reason}")
+
+
+@application()
+@function(description="Reports which GPUs the worker was given")
+def visible_gpus(_: str) -> str:
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "")

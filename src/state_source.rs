@@ -1,0 +1,103 @@
+//! Wires the agent's handle to the monitoring server: probe verdicts,
+//! metrics text and the `/state/*` documents.
+
+use std::time::{Duration, SystemTime};
+
+use steward_monitoring::{Document, Format, ProbeResult, StateSource};
+use steward_reconciler::AgentHandle;
+
+pub struct AgentStateSource {
+    pub handle: AgentHandle,
+    pub report_grace: Duration,
+    pub reconcile_watchdog: Duration,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn timestamped<T: serde::Serialize>(
+    what: &str,
+    v: Option<(T, SystemTime)>,
+    none: &str,
+) -> serde_json::Value {
+    match v {
+        Some((doc, at)) => {
+            serde_json::json!({"status": "ok", "at_unix_ms": unix_ms(at), what: doc})
+        }
+        None => serde_json::json!({"status": "none yet", "message": none}),
+    }
+}
+
+impl StateSource for AgentStateSource {
+    fn startup(&self) -> ProbeResult {
+        let (ok, message) = self.handle.startup();
+        ProbeResult { ok, message }
+    }
+
+    fn health(&self) -> ProbeResult {
+        let (ok, message) = self
+            .handle
+            .health(self.report_grace, self.reconcile_watchdog);
+        self.handle.metrics().healthy.set(i64::from(ok));
+        ProbeResult { ok, message }
+    }
+
+    fn metrics(&self) -> String {
+        // Keep the `healthy` gauge current on every scrape.
+        let _ = self.health();
+        self.handle.metrics().encode()
+    }
+
+    fn document_names(&self) -> Vec<&'static str> {
+        vec![
+            "reported",
+            "desired",
+            "function-executors",
+            "allocations",
+            "events",
+        ]
+    }
+
+    fn document(&self, name: &str, format: Format) -> Option<Document> {
+        match (name, format) {
+            ("reported", Format::Text) => Some(Document::Text(match self.handle.last_report() {
+                Some((r, _)) => format!("{r:#?}\n"),
+                None => "No state reported so far\n".into(),
+            })),
+            ("desired", Format::Text) => Some(Document::Text(match self.handle.last_desired() {
+                Some((d, _)) => format!("{d:#?}\n"),
+                None => "No desired state received from Server yet\n".into(),
+            })),
+            ("reported", _) => Some(Document::Json(timestamped(
+                "report",
+                self.handle.last_report(),
+                "no state reported so far",
+            ))),
+            ("desired", _) => Some(Document::Json(timestamped(
+                "desired_state",
+                self.handle.last_desired(),
+                "no desired state received from the server yet",
+            ))),
+            ("function-executors", _) => {
+                let s = self.handle.snapshot();
+                Some(Document::Json(
+                    serde_json::json!({"function_executors": s.function_executors}),
+                ))
+            }
+            ("allocations", _) => {
+                let s = self.handle.snapshot();
+                Some(Document::Json(serde_json::json!({
+                    "allocations": s.allocations,
+                    "pending_results": s.pending_results,
+                })))
+            }
+            ("events", _) => Some(Document::Json(
+                serde_json::json!({"events": self.handle.events()}),
+            )),
+            _ => None,
+        }
+    }
+}
