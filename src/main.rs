@@ -471,6 +471,11 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         .context("monitoring listener address")?;
 
     let agent = Agent::start(config, metrics)?;
+    // One machine-readable line on stdout, for scripts and tests.
+    println!(
+        "{}",
+        serde_json::json!({"executor_id": executor_id, "monitoring_url": format!("http://{local}")})
+    );
     tracing::info!(executor_id = %executor_id, server = %args.grpc_server_addr, monitoring = %format!("http://{local}"), version = LONG_VERSION, "steward started");
     let source = Arc::new(state_source::AgentStateSource {
         handle: agent.handle(),

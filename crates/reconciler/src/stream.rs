@@ -69,7 +69,11 @@ pub(crate) async fn run_loop(
                             );
                         }
                         Ok(Err(status)) => {
-                            break format!("stream failed: {}: {}", status.code(), status.message());
+                            break format!(
+                                "stream failed: {}: {}",
+                                status.code(),
+                                status.message()
+                            );
                         }
                         Ok(Ok(None)) => break "server closed the stream".to_string(),
                         Ok(Ok(Some(desired))) => {

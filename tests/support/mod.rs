@@ -1,0 +1,261 @@
+//! Shared helpers for the integration tests: the project's Python venv
+//! (pinned indexify + tensorlake), an in-process dev control plane on
+//! ephemeral ports, and agent processes that are killed when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, RequestOutcome, client};
+
+/// The venv with the pinned packages: `$STEWARD_VENV`, else `./.venv`.
+/// `cargo xtask test` creates it; a missing venv is an error, never a skip.
+pub fn venv() -> PathBuf {
+    let dir = std::env::var_os("STEWARD_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"));
+    assert!(
+        dir.join("bin/function-executor").exists(),
+        "no Python venv with tensorlake==0.3.9 at {}; run `cargo xtask test`, which creates it",
+        dir.display()
+    );
+    dir
+}
+
+/// PATH with the venv's bin first, so `function-executor` resolves there.
+pub fn path_with_venv() -> String {
+    format!(
+        "{}:{}",
+        venv().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A dev control plane on ephemeral ports with its own blob directory.
+pub struct Plane {
+    pub server: Option<DevServer>,
+    pub blob_dir: tempfile::TempDir,
+    pub url: String,
+    pub grpc: String,
+}
+
+impl Plane {
+    pub async fn start() -> Result<Plane> {
+        let blob_dir = tempfile::tempdir()?;
+        let server = DevServer::start(DevServerConfig {
+            grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+            blob_dir: blob_dir.path().to_path_buf(),
+        })
+        .await?;
+        let url = server.http_url();
+        let grpc = server.grpc_addr.to_string();
+        Ok(Plane {
+            server: Some(server),
+            blob_dir,
+            url,
+            grpc,
+        })
+    }
+
+    pub async fn deploy_hello(&self, options: FunctionOptions) -> Result<()> {
+        client::deploy(
+            &self.url,
+            "default",
+            "hello",
+            "1",
+            &repo_root().join("examples/hello"),
+            &options,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn invoke(&self, function: &str, input: serde_json::Value) -> Result<RequestOutcome> {
+        Ok(client::invoke(&self.url, "default", "hello", function, &input, 120).await?)
+    }
+
+    /// Waits until `n` executors are registered.
+    pub async fn wait_executors(&self, n: usize) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = client::executors(&self.url).await?;
+            if v.as_array().map_or(0, |a| a.len()) >= n {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!("{n} executor(s) did not register within 60s: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+    }
+}
+
+/// An agent process (Steward or the reference executor), killed on drop.
+pub struct AgentProc {
+    pub child: Child,
+    pub monitoring_url: Option<String>,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl AgentProc {
+    /// Starts `steward` against `grpc` with a fresh data dir and `extra` args.
+    pub fn steward(grpc: &str, blob_root: &Path, extra: &[&str]) -> Result<AgentProc> {
+        let data_dir = tempfile::tempdir()?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args([
+                "--grpc-server-addr",
+                grpc,
+                "--monitoring-server-host",
+                "127.0.0.1",
+                "--monitoring-server-port",
+                "0",
+            ])
+            .arg("--executor-cache-path")
+            .arg(data_dir.path())
+            .arg("--blob-root")
+            .arg(blob_root)
+            .args(extra)
+            .env("PATH", path_with_venv())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting steward")?;
+        let stdout = child.stdout.take().context("steward stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("steward's first line: {line:?}"))?;
+        let monitoring_url = v["monitoring_url"].as_str().map(String::from);
+        Ok(AgentProc {
+            child,
+            monitoring_url,
+            data_dir,
+        })
+    }
+
+    /// Starts the reference Python executor (`indexify-cli executor`).
+    pub fn reference(grpc: &str) -> Result<AgentProc> {
+        let data_dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(venv().join("bin/indexify-cli"))
+            .args([
+                "executor",
+                "--grpc-server-addr",
+                grpc,
+                "--monitoring-server-host",
+                "127.0.0.1",
+            ])
+            .arg("--monitoring-server-port")
+            .arg(port.to_string())
+            .arg("--executor-cache-path")
+            .arg(data_dir.path())
+            .env("PATH", path_with_venv())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting indexify-cli executor")?;
+        Ok(AgentProc {
+            child,
+            monitoring_url: Some(format!("http://127.0.0.1:{port}")),
+            data_dir,
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub async fn get_json(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        let url = format!(
+            "{}{path}",
+            self.monitoring_url
+                .as_deref()
+                .context("no monitoring url")?
+        );
+        let resp = reqwest::get(&url).await?;
+        let code = resp.status().as_u16();
+        Ok((code, resp.json().await?))
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // The reference executor leaks its workers: kill its whole group.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether a process with `pid` still exists (zombies count as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Pids of `function-executor` processes whose command line mentions `needle`.
+pub fn worker_pids(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("function-executor") && cmd.contains(needle) && alive(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}

