@@ -3,6 +3,7 @@
 //! reconciler, the monitoring server, signal handling; plus the
 //! `steward devserver` dev control plane commands.
 
+mod host;
 mod state_source;
 
 use std::collections::BTreeMap;
@@ -94,6 +95,29 @@ struct AgentArgs {
     /// Report failures tolerated this long before /monitoring/health turns 503.
     #[arg(long, default_value_t = 30)]
     health_report_grace_s: u64,
+    /// Lifetime of presigned blob URLs (at least the allocation timeout is used).
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    presign_ttl_s: u64,
+    /// S3 endpoint override (MinIO, test servers); credentials come from the AWS_* environment.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "AWS_REGION")]
+    s3_region: Option<String>,
+    /// Allow a plain-HTTP S3 endpoint.
+    #[arg(long)]
+    s3_allow_http: bool,
+    /// Virtual-hosted-style S3 URLs (bucket.host) instead of path style.
+    #[arg(long)]
+    s3_virtual_hosted_style: bool,
+    /// Seconds between state reports while healthy.
+    #[arg(long, default_value_t = 5, hide = true)]
+    report_interval_s: u64,
+    /// Longest wait between failed state reports (backoff x3 up to this).
+    #[arg(long, default_value_t = 300)]
+    report_backoff_max_s: u64,
+    /// Seconds between samples of host CPU, memory and GPU usage.
+    #[arg(long, default_value_t = 10)]
+    usage_sample_interval_s: u64,
     /// Disable periodic worker health checks (as INDEXIFY_DISABLE_FUNCTION_EXECUTOR_HEALTH_CHECKS=1).
     #[arg(long, env = "INDEXIFY_DISABLE_FUNCTION_EXECUTOR_HEALTH_CHECKS", value_parser = parse_flag, default_value = "0")]
     disable_function_executor_health_checks: bool,
@@ -181,8 +205,10 @@ fn init_logging(verbose: u8) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{default},h2=warn,hyper=warn,tower=warn"))
     });
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -411,7 +437,12 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let smi = hr::NvidiaSmiProbe {
         binary: args.nvidia_smi.clone(),
     };
-    let gpus = hr::detect_gpus(&[&hr::NvmlProbe, &smi]);
+    let (gpus, gpu_source) = hr::detect_gpus_with_source(&[&hr::NvmlProbe, &smi]);
+    let usage_probe: Option<Box<dyn hr::GpuProbe>> = match gpu_source {
+        Some(0) => Some(Box::new(hr::NvmlProbe)),
+        Some(_) => Some(Box::new(smi.clone())),
+        None => None,
+    };
     let allocator = Arc::new(hr::GpuAllocator::new(gpus.clone(), reserved.gpu_count));
     let gpu_res = |count: u32| {
         (count > 0).then(|| pb::GpuResources {
@@ -436,10 +467,20 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     );
     tracing::info!(?capacity, gpus = gpus.len(), ?reserved, "host resources");
 
+    let mut metrics = Metrics::new(VERSION, REVISION, &executor_id);
+    let blob_metrics = Arc::new(host::BlobMetrics::register(metrics.registry_mut()));
     let blob_store = steward_blob_store::BlobStore::new(steward_blob_store::BlobStoreConfig {
         local_roots: args.blob_roots.clone(),
-        ..Default::default()
-    });
+        presign_ttl: Duration::from_secs(args.presign_ttl_s.max(1)),
+        s3: steward_blob_store::S3Config {
+            endpoint: args.s3_endpoint.clone(),
+            region: args.s3_region.clone(),
+            allow_http: args.s3_allow_http,
+            virtual_hosted_style: args.s3_virtual_hosted_style,
+            ..Default::default()
+        },
+    })
+    .with_observer(blob_metrics);
     if args.blob_roots.is_empty() {
         tracing::warn!("no --blob-root given: workers may be handed any absolute file:// path");
     }
@@ -458,9 +499,18 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.function_executor_resources = allocatable;
     config.function_executor_bin = args.function_executor_bin.clone();
     config.health_checks_enabled = !args.disable_function_executor_health_checks;
-    config.gpu_pool = Arc::new(GpuPoolAdapter(allocator));
+    config.report_interval = Duration::from_secs(args.report_interval_s.max(1));
+    config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));
+    config.gpu_pool = Arc::new(GpuPoolAdapter(allocator.clone()));
 
-    let metrics = Arc::new(Metrics::new(VERSION, REVISION, &executor_id));
+    let host = Arc::new(host::HostView::new(
+        capacity,
+        reserved,
+        gpus.clone(),
+        allocator,
+    ));
+    host.register_metrics(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let monitoring_addr = format!(
         "{}:{}",
         args.monitoring_server_host, args.monitoring_server_port
@@ -477,7 +527,15 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         serde_json::json!({"executor_id": executor_id, "monitoring_url": format!("http://{local}")})
     );
     tracing::info!(executor_id = %executor_id, server = %args.grpc_server_addr, monitoring = %format!("http://{local}"), version = LONG_VERSION, "steward started");
+    if let Some(sampler) = hr::UsageSampler::new(usage_probe) {
+        tokio::spawn(host::sample_loop(
+            host.clone(),
+            sampler,
+            Duration::from_secs(args.usage_sample_interval_s.max(1)),
+        ));
+    }
     let source = Arc::new(state_source::AgentStateSource {
+        host: host.clone(),
         handle: agent.handle(),
         report_grace: Duration::from_secs(args.health_report_grace_s),
         reconcile_watchdog: Duration::from_secs(60),

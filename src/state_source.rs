@@ -7,6 +7,7 @@ use steward_monitoring::{Document, Format, ProbeResult, StateSource};
 use steward_reconciler::AgentHandle;
 
 pub struct AgentStateSource {
+    pub host: std::sync::Arc<crate::host::HostView>,
     pub handle: AgentHandle,
     pub report_grace: Duration,
     pub reconcile_watchdog: Duration,
@@ -94,6 +95,7 @@ impl StateSource for AgentStateSource {
                     "pending_results": s.pending_results,
                 })))
             }
+            ("host", _) => Some(Document::Json(self.host.document())),
             ("events", _) => Some(Document::Json(
                 serde_json::json!({"events": self.handle.events()}),
             )),

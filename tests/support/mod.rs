@@ -50,9 +50,13 @@ pub struct Plane {
 
 impl Plane {
     pub async fn start() -> Result<Plane> {
-        let blob_dir = tempfile::tempdir()?;
+        Self::start_on("127.0.0.1:0", tempfile::tempdir()?).await
+    }
+
+    /// Starts on a given gRPC address (to restart a server in place).
+    pub async fn start_on(grpc_addr: &str, blob_dir: tempfile::TempDir) -> Result<Plane> {
         let server = DevServer::start(DevServerConfig {
-            grpc_addr: "127.0.0.1:0".into(),
+            grpc_addr: grpc_addr.into(),
             http_addr: "127.0.0.1:0".into(),
             blob_dir: blob_dir.path().to_path_buf(),
         })
@@ -81,7 +85,30 @@ impl Plane {
     }
 
     pub async fn invoke(&self, function: &str, input: serde_json::Value) -> Result<RequestOutcome> {
-        Ok(client::invoke(&self.url, "default", "hello", function, &input, 120).await?)
+        self.invoke_app("hello", function, input).await
+    }
+
+    pub async fn invoke_app(
+        &self,
+        app: &str,
+        function: &str,
+        input: serde_json::Value,
+    ) -> Result<RequestOutcome> {
+        Ok(client::invoke(&self.url, "default", app, function, &input, 120).await?)
+    }
+
+    /// Deploys `examples/hello` under another application name.
+    pub async fn deploy_hello_as(&self, app: &str, options: FunctionOptions) -> Result<()> {
+        client::deploy(
+            &self.url,
+            "default",
+            app,
+            "1",
+            &repo_root().join("examples/hello"),
+            &options,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Waits until `n` executors are registered.
@@ -104,6 +131,15 @@ impl Plane {
             s.stop().await;
         }
     }
+
+    /// Stops the server and hands back its blob directory for a restart.
+    pub async fn stop_keep_blobs(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        let Plane { blob_dir, .. } = self;
+        blob_dir
+    }
 }
 
 /// An agent process (Steward or the reference executor), killed on drop.
@@ -116,7 +152,19 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts `steward` against `grpc` with a fresh data dir and `extra` args.
     pub fn steward(grpc: &str, blob_root: &Path, extra: &[&str]) -> Result<AgentProc> {
+        Self::steward_with_path(grpc, blob_root, extra, &path_with_venv())
+    }
+
+    /// Like [`AgentProc::steward`] with an explicit PATH. Its stderr goes to
+    /// `steward.log` in the data dir, printed if the test fails.
+    pub fn steward_with_path(
+        grpc: &str,
+        blob_root: &Path,
+        extra: &[&str],
+        path: &str,
+    ) -> Result<AgentProc> {
         let data_dir = tempfile::tempdir()?;
+        let log = std::fs::File::create(data_dir.path().join("steward.log"))?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
             .args([
                 "--grpc-server-addr",
@@ -131,10 +179,11 @@ impl AgentProc {
             .arg("--blob-root")
             .arg(blob_root)
             .args(extra)
-            .env("PATH", path_with_venv())
+            .env("PATH", path)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log))
             .spawn()
             .context("starting steward")?;
         let stdout = child.stdout.take().context("steward stdout")?;
@@ -203,6 +252,31 @@ impl AgentProc {
         }
     }
 
+    /// Polls `path` until `check` accepts (status, body), up to `limit`.
+    pub async fn wait_json(
+        &self,
+        path: &str,
+        limit: Duration,
+        check: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> Result<(u16, serde_json::Value)> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = self.get_json(path).await?;
+            if check(got.0, &got.1) {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{path} never matched within {}s; last: {} {}",
+                    limit.as_secs(),
+                    got.0,
+                    got.1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn get_json(&self, path: &str) -> Result<(u16, serde_json::Value)> {
         let url = format!(
             "{}{path}",
@@ -216,8 +290,18 @@ impl AgentProc {
     }
 }
 
+impl AgentProc {
+    /// Steward's log so far (empty for the reference executor).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("steward.log")).unwrap_or_default()
+    }
+}
+
 impl Drop for AgentProc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- agent log ----\n{}", self.log());
+        }
         // The reference executor leaks its workers: kill its whole group.
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(self.pid()),

@@ -6,17 +6,23 @@
 //! reference executor: reads in 100 MiB chunks; writes in 100 parts of
 //! 100 MiB, then 1 GiB parts, the last part trimmed.
 //!
-//! Entry point: [`BlobStore`].
-//! Must not know about: gRPC, protobuf, workers, allocations, HTTP serving.
+//! Entry points: [`BlobStore`], [`CodeCache`].
+//! Must not know about: gRPC, protobuf, workers, allocations, HTTP serving,
+//! metrics libraries (operations are reported through [`BlobObserver`]).
 
+mod cache;
 mod local;
+mod s3;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use cache::{CodeCache, CodeSource};
 pub use local::LocalRoots;
+pub use s3::S3Config;
 
 /// Read chunk size (one presigned URL per 100 MiB range).
 pub const READ_CHUNK_BYTES: u64 = 100 << 20;
@@ -51,11 +57,13 @@ pub enum BlobError {
         #[source]
         source: std::io::Error,
     },
-    #[error("blob {uri:?} is {actual} bytes, expected at least {expected}")]
-    TooShort {
+    #[error("blob {uri:?}: {message}")]
+    Remote { uri: String, message: String },
+    #[error("blob {uri:?} has sha256 {actual}, expected {expected}")]
+    Integrity {
         uri: String,
-        expected: u64,
-        actual: u64,
+        expected: String,
+        actual: String,
     },
 }
 
@@ -100,7 +108,10 @@ pub struct BlobStoreConfig {
     /// Directories `file://` URIs must resolve inside. Empty allows any
     /// absolute path, as the reference executor does (logged at start).
     pub local_roots: Vec<PathBuf>,
+    /// Lifetime of presigned URLs; an allocation's URLs also live at least
+    /// as long as its timeout.
     pub presign_ttl: Duration,
+    pub s3: S3Config,
 }
 
 impl Default for BlobStoreConfig {
@@ -108,125 +119,221 @@ impl Default for BlobStoreConfig {
         BlobStoreConfig {
             local_roots: Vec::new(),
             presign_ttl: DEFAULT_TTL,
+            s3: S3Config::default(),
         }
     }
 }
 
-/// Blob access by URI scheme.
-#[derive(Debug, Clone)]
+/// Observes every blob operation (the binary turns this into metrics).
+pub trait BlobObserver: Send + Sync + 'static {
+    /// `op` is one of a fixed set of names; `bytes` is what moved, if any.
+    fn observe(&self, op: &'static str, ok: bool, seconds: f64, bytes: u64);
+}
+
+struct NoObserver;
+impl BlobObserver for NoObserver {
+    fn observe(&self, _: &'static str, _: bool, _: f64, _: u64) {}
+}
+
+/// Blob access by URI scheme: `file://` (confined) and `s3://`.
+#[derive(Clone)]
 pub struct BlobStore {
     local: LocalRoots,
+    s3: Arc<s3::S3Stores>,
+    ttl: Duration,
+    observer: Arc<dyn BlobObserver>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("local", &self.local)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+enum Scheme {
+    File,
+    S3,
 }
 
 impl BlobStore {
     pub fn new(config: BlobStoreConfig) -> Self {
         BlobStore {
             local: LocalRoots::new(config.local_roots),
+            s3: Arc::new(s3::S3Stores::new(config.s3)),
+            ttl: config.presign_ttl,
+            observer: Arc::new(NoObserver),
         }
     }
 
-    fn scheme(uri: &str) -> Result<&str, BlobError> {
-        uri.split_once("://")
-            .map(|(s, _)| s)
-            .ok_or_else(|| BlobError::InvalidUri {
+    /// Reports every operation to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn BlobObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    fn scheme(uri: &str) -> Result<Scheme, BlobError> {
+        match uri.split_once("://").map(|(s, _)| s) {
+            Some("file") => Ok(Scheme::File),
+            Some("s3") => Ok(Scheme::S3),
+            Some(other) => Err(BlobError::UnsupportedScheme {
+                uri: uri.to_string(),
+                scheme: other.to_string(),
+            }),
+            None => Err(BlobError::InvalidUri {
                 uri: uri.to_string(),
                 reason: "no scheme".into(),
-            })
+            }),
+        }
     }
 
-    fn unsupported(uri: &str, scheme: &str) -> BlobError {
-        BlobError::UnsupportedScheme {
-            uri: uri.to_string(),
-            scheme: scheme.to_string(),
-        }
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        bytes: impl Fn(&T) -> u64,
+        fut: impl std::future::Future<Output = Result<T, BlobError>>,
+    ) -> Result<T, BlobError> {
+        let started = std::time::Instant::now();
+        let r = fut.await;
+        let moved = r.as_ref().map(&bytes).unwrap_or(0);
+        self.observer
+            .observe(op, r.is_ok(), started.elapsed().as_secs_f64(), moved);
+        r
+    }
+
+    /// Presigned URL lifetime for work that may run `at_least` long.
+    fn ttl_for(&self, at_least: Duration) -> Duration {
+        self.ttl.max(at_least)
     }
 
     /// Reads a whole blob.
     pub async fn get(&self, uri: &str) -> Result<Bytes, BlobError> {
-        match Self::scheme(uri)? {
-            "file" => self.local.get(uri).await,
-            s => Err(Self::unsupported(uri, s)),
-        }
+        self.timed("get", |b: &Bytes| b.len() as u64, async {
+            match Self::scheme(uri)? {
+                Scheme::File => self.local.get(uri).await,
+                Scheme::S3 => self.s3.get(uri).await,
+            }
+        })
+        .await
     }
 
     /// Writes a whole blob, replacing any previous content.
     pub async fn put(&self, uri: &str, data: Bytes) -> Result<(), BlobError> {
-        match Self::scheme(uri)? {
-            "file" => self.local.put(uri, data).await,
-            s => Err(Self::unsupported(uri, s)),
-        }
+        let len = data.len() as u64;
+        self.timed("put", |_| len, async {
+            match Self::scheme(uri)? {
+                Scheme::File => self.local.put(uri, data).await,
+                Scheme::S3 => self.s3.put(uri, data).await,
+            }
+        })
+        .await
     }
 
-    /// Chunks a worker can read to get the first `size` bytes of `uri`.
-    pub async fn presign_read(&self, uri: &str, size: u64) -> Result<Vec<Chunk>, BlobError> {
-        match Self::scheme(uri)? {
-            "file" => {
-                self.local.resolve(uri)?;
-                Ok(read_chunk_sizes(size)
-                    .into_iter()
-                    .map(|size| Chunk {
-                        uri: uri.to_string(),
-                        size,
-                    })
-                    .collect())
-            }
-            s => Err(Self::unsupported(uri, s)),
-        }
+    /// Chunks a worker can read to get the first `size` bytes of `uri`:
+    /// one URL (presigned for S3) repeated over 100 MiB ranges.
+    pub async fn presign_read(
+        &self,
+        uri: &str,
+        size: u64,
+        valid_for: Duration,
+    ) -> Result<Vec<Chunk>, BlobError> {
+        self.timed("presign_read", |_| 0, async {
+            let url = match Self::scheme(uri)? {
+                Scheme::File => {
+                    self.local.resolve(uri)?;
+                    uri.to_string()
+                }
+                Scheme::S3 => self.s3.presign_get(uri, self.ttl_for(valid_for)).await?,
+            };
+            Ok(read_chunk_sizes(size)
+                .into_iter()
+                .map(|size| Chunk {
+                    uri: url.clone(),
+                    size,
+                })
+                .collect())
+        })
+        .await
     }
 
     /// Starts a multipart upload to `uri` and returns its upload id.
     pub async fn create_multipart(&self, uri: &str) -> Result<String, BlobError> {
-        match Self::scheme(uri)? {
-            "file" => {
-                self.local.prepare_write(uri).await?;
-                Ok(LOCAL_UPLOAD_ID.to_string())
+        self.timed("create_multipart", |_| 0, async {
+            match Self::scheme(uri)? {
+                Scheme::File => {
+                    self.local.prepare_write(uri).await?;
+                    Ok(LOCAL_UPLOAD_ID.to_string())
+                }
+                Scheme::S3 => self.s3.create_multipart(uri).await,
             }
-            s => Err(Self::unsupported(uri, s)),
-        }
+        })
+        .await
     }
 
-    /// One writable chunk per part of a `size`-byte upload.
+    /// One writable chunk per part of a `size`-byte upload. For `file://`
+    /// every chunk names the file itself (the worker writes at offsets).
     pub async fn presign_write_parts(
         &self,
         uri: &str,
-        _upload_id: &str,
+        upload_id: &str,
         size: u64,
+        valid_for: Duration,
     ) -> Result<Vec<Chunk>, BlobError> {
-        match Self::scheme(uri)? {
-            "file" => {
-                self.local.resolve(uri)?;
-                Ok(write_part_sizes(size)
-                    .into_iter()
-                    .map(|size| Chunk {
-                        uri: uri.to_string(),
-                        size,
-                    })
-                    .collect())
+        self.timed("presign_write", |_| 0, async {
+            let sizes = write_part_sizes(size);
+            match Self::scheme(uri)? {
+                Scheme::File => {
+                    self.local.resolve(uri)?;
+                    Ok(sizes
+                        .into_iter()
+                        .map(|size| Chunk {
+                            uri: uri.to_string(),
+                            size,
+                        })
+                        .collect())
+                }
+                Scheme::S3 => {
+                    let ttl = self.ttl_for(valid_for);
+                    let mut chunks = Vec::with_capacity(sizes.len());
+                    for (i, size) in sizes.into_iter().enumerate() {
+                        let url = self.s3.presign_part(uri, upload_id, i + 1, ttl).await?;
+                        chunks.push(Chunk { uri: url, size });
+                    }
+                    Ok(chunks)
+                }
             }
-            s => Err(Self::unsupported(uri, s)),
-        }
+        })
+        .await
     }
 
     /// Completes an upload with the parts' ETags in order.
     pub async fn complete_multipart(
         &self,
         uri: &str,
-        _upload_id: &str,
-        _etags: &[String],
+        upload_id: &str,
+        etags: &[String],
     ) -> Result<(), BlobError> {
-        match Self::scheme(uri)? {
-            // The worker wrote the bytes in place; nothing to assemble.
-            "file" => self.local.resolve(uri).map(|_| ()),
-            s => Err(Self::unsupported(uri, s)),
-        }
+        self.timed("complete_multipart", |_| 0, async {
+            match Self::scheme(uri)? {
+                // The worker wrote the bytes in place; nothing to assemble.
+                Scheme::File => self.local.resolve(uri).map(|_| ()),
+                Scheme::S3 => self.s3.complete_multipart(uri, upload_id, etags).await,
+            }
+        })
+        .await
     }
 
     /// Abandons an upload; for `file://` the partial file is removed.
-    pub async fn abort_multipart(&self, uri: &str, _upload_id: &str) -> Result<(), BlobError> {
-        match Self::scheme(uri)? {
-            "file" => self.local.remove(uri).await,
-            s => Err(Self::unsupported(uri, s)),
-        }
+    pub async fn abort_multipart(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
+        self.timed("abort_multipart", |_| 0, async {
+            match Self::scheme(uri)? {
+                Scheme::File => self.local.remove(uri).await,
+                Scheme::S3 => self.s3.abort_multipart(uri, upload_id).await,
+            }
+        })
+        .await
     }
 }
 

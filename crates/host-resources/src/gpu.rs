@@ -210,8 +210,13 @@ pub fn parse_nvidia_smi_csv(text: &str) -> Result<Vec<GpuInfo>, GpuProbeError> {
 /// has no GPUs; the reasons are logged once, at debug level for a plain
 /// "not installed" and as a warning for a probe that exists but fails.
 pub fn detect_gpus(probes: &[&dyn GpuProbe]) -> Vec<GpuInfo> {
+    detect_gpus_with_source(probes).0
+}
+
+/// Like [`detect_gpus`], also saying which probe found them (by position).
+pub fn detect_gpus_with_source(probes: &[&dyn GpuProbe]) -> (Vec<GpuInfo>, Option<usize>) {
     let mut reasons = Vec::new();
-    for probe in probes {
+    for (i, probe) in probes.iter().enumerate() {
         match probe.probe() {
             Ok(gpus) => {
                 for g in gpus.iter().filter(|g| g.model == GpuModel::Unknown) {
@@ -221,7 +226,7 @@ pub fn detect_gpus(probes: &[&dyn GpuProbe]) -> Vec<GpuInfo> {
                     );
                 }
                 tracing::info!(source = probe.name(), count = gpus.len(), "GPUs discovered");
-                return gpus;
+                return (gpus, Some(i));
             }
             Err(e @ GpuProbeError::CommandFailed(_)) | Err(e @ GpuProbeError::Parse { .. }) => {
                 tracing::warn!(source = probe.name(), error = %e, "GPU probe failed");
@@ -231,7 +236,7 @@ pub fn detect_gpus(probes: &[&dyn GpuProbe]) -> Vec<GpuInfo> {
         }
     }
     tracing::info!(reasons = %reasons.join("; "), "no GPUs");
-    Vec::new()
+    (Vec::new(), None)
 }
 
 /// GPUs handed to one worker.
@@ -299,6 +304,11 @@ impl GpuAllocator {
     pub fn allocatable_count(&self) -> u32 {
         let inner = self.inner.lock();
         (inner.free.len() + inner.owners.values().map(Vec::len).sum::<usize>()) as u32
+    }
+
+    /// Which worker holds which GPU indices.
+    pub fn owners(&self) -> BTreeMap<String, Vec<u32>> {
+        self.inner.lock().owners.clone()
     }
 
     pub fn free_count(&self) -> u32 {

@@ -3,14 +3,17 @@
 //! discovered through NVML or `nvidia-smi`, and the allocator that pins
 //! whole GPUs to workers.
 //!
-//! Entry points: [`probe_capacity`], [`detect_gpus`], [`GpuAllocator`].
+//! Entry points: [`probe_capacity`], [`detect_gpus`], [`GpuAllocator`],
+//! [`UsageSampler`].
 //! Must not know about: gRPC, protobuf, HTTP, workers or allocations.
 
 mod capacity;
 mod gpu;
+mod usage;
 
 pub use capacity::{Capacity, CapacityError, Reserved, probe_capacity};
 pub use gpu::{
     GpuAllocation, GpuAllocator, GpuAllocatorError, GpuInfo, GpuModel, GpuProbe, GpuProbeError,
-    NvidiaSmiProbe, NvmlProbe, detect_gpus, parse_nvidia_smi_csv,
+    NvidiaSmiProbe, NvmlProbe, detect_gpus, detect_gpus_with_source, parse_nvidia_smi_csv,
 };
+pub use usage::{GpuUsage, HostUsage, UsageSampler};

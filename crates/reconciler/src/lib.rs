@@ -94,6 +94,8 @@ pub struct AgentConfig {
     /// Reopen the desired-state stream after this long without a message.
     pub stream_idle_timeout: Duration,
     pub blob_store: BlobStore,
+    /// Size bound of the application code cache in the data directory.
+    pub code_cache_max_bytes: u64,
     pub gpu_pool: Arc<dyn GpuPool>,
 }
 
@@ -126,6 +128,7 @@ impl AgentConfig {
             function_executor_stop_grace: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(300),
             blob_store,
+            code_cache_max_bytes: 10 << 30,
             gpu_pool: Arc::new(NoGpus),
         }
     }
@@ -135,7 +138,7 @@ impl AgentConfig {
 pub enum AgentError {
     #[error("invalid server address {addr:?}: {reason}")]
     ServerAddr { addr: String, reason: String },
-    #[error("preparing data directory {path}: {source}")]
+    #[error("preparing {path}: {source}")]
     DataDir {
         path: String,
         #[source]
@@ -160,7 +163,15 @@ impl Agent {
             })?;
         }
         let channel = report::channel(&config.server_addr)?;
-        let shared = state::Shared::new(config, metrics);
+        let code_dir = config.data_dir.join("code");
+        let code_cache =
+            steward_blob_store::CodeCache::open(&code_dir, config.code_cache_max_bytes).map_err(
+                |source| AgentError::DataDir {
+                    path: code_dir.display().to_string(),
+                    source,
+                },
+            )?;
+        let shared = state::Shared::new(config, metrics, code_cache);
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub last_desired_allocations: Gauge,
     pub rejected_items: Family<Labels, Counter>,
     pub fe_creations: Counter,
+    pub application_code_fetches: Family<Labels, Counter>,
     pub fe_startup_latency: Histogram,
     pub fe_terminations: Family<Labels, Counter>,
     pub fe_health_checks: Family<Labels, Counter>,
@@ -139,6 +140,11 @@ impl Metrics {
                 "function_executor_creations",
                 "Function executors started",
                 Counter::default()
+            ),
+            application_code_fetches: reg!(
+                "application_code_fetches",
+                "Application code fetched for new workers, by source (cache or blob_store)",
+                Family::default()
             ),
             fe_startup_latency: reg!(
                 "function_executor_startup_latency_seconds",

@@ -17,16 +17,25 @@ use crate::pb;
 use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry, function_label};
 use crate::validate::{validate_allocation, validate_function_executor};
 
+/// How often an idle reconcile loop proves it is alive.
+pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
     mut desired_rx: watch::Receiver<Option<pb::DesiredExecutorState>>,
     cancel: CancellationToken,
 ) {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = desired_rx.changed() => if r.is_err() { return },
             _ = shared.reconcile_now.notified() => {}
+            _ = heartbeat.tick() => {
+                // Proves to the health check that this loop is alive while idle.
+                shared.health.lock().last_reconcile_progress = Some(Instant::now());
+                continue;
+            }
         }
         let Some(desired) = desired_rx.borrow_and_update().clone() else {
             continue;
@@ -216,12 +225,19 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &pb::DesiredExecutorState) {
             .cloned()
             .collect();
         for id in dropped {
-            if let Some(entry) = st.allocations.remove(&id) {
+            if let Some(mut entry) = st.allocations.remove(&id) {
                 if entry.phase != AllocPhase::Finished {
                     if let Some(tx) = st.fes.get(&entry.fe_id).and_then(|fe| fe.tx.as_ref()) {
                         let _ = tx.send(FeCommand::Cancel(id.clone()));
                     }
                 }
+                entry
+                    .timeline
+                    .push(TimelineEntry::now("dropped from desired state"));
+                if st.recent_allocations.len() == crate::state::RECENT_ALLOCATIONS {
+                    st.recent_allocations.pop_front();
+                }
+                st.recent_allocations.push_back((id, entry));
             }
         }
         shared.metrics.function_executors.set(st.fes.len() as i64);

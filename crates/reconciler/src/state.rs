@@ -30,6 +30,9 @@ pub(crate) struct FeEntry {
 }
 
 /// One allocation the agent has accepted and not yet forgotten.
+/// How many dropped allocations `/state/allocations` still shows.
+pub(crate) const RECENT_ALLOCATIONS: usize = 1000;
+
 pub(crate) struct AllocEntry {
     pub fe_id: String,
     pub function: String,
@@ -69,6 +72,9 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
 pub(crate) struct State {
     pub fes: BTreeMap<String, FeEntry>,
     pub allocations: HashMap<String, AllocEntry>,
+    /// Allocations the server has dropped from the desired state, newest
+    /// last, kept (bounded) so operators can still read their timelines.
+    pub recent_allocations: VecDeque<(String, AllocEntry)>,
     /// Results not yet taken by the server, oldest first.
     pub results: VecDeque<pb::AllocationResult>,
     pub server_clock: u64,
@@ -88,6 +94,7 @@ pub(crate) struct Health {
 
 pub(crate) struct Shared {
     pub config: AgentConfig,
+    pub code_cache: steward_blob_store::CodeCache,
     pub metrics: Arc<Metrics>,
     pub events: EventLog,
     pub state: Mutex<State>,
@@ -104,14 +111,20 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: AgentConfig, metrics: Arc<Metrics>) -> Arc<Shared> {
+    pub fn new(
+        config: AgentConfig,
+        metrics: Arc<Metrics>,
+        code_cache: steward_blob_store::CodeCache,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             config,
+            code_cache,
             metrics,
             events: EventLog::new(1000),
             state: Mutex::new(State {
                 fes: BTreeMap::new(),
                 allocations: HashMap::new(),
+                recent_allocations: VecDeque::new(),
                 results: VecDeque::new(),
                 server_clock: 0,
                 status: pb::ExecutorStatus::Running,
@@ -287,11 +300,21 @@ impl AgentHandle {
                 return (
                     false,
                     format!(
-                        "reconcile loop has made no progress for {}s",
+                        "reconcile loop is stuck applying a desired state for {}s",
                         stuck.as_secs()
                     ),
                 );
             }
+        }
+        let last_beat = h.last_reconcile_progress.unwrap_or(self.shared.started_at);
+        if now.duration_since(last_beat) > reconcile_watchdog {
+            return (
+                false,
+                format!(
+                    "reconcile loop has shown no sign of life for {}s",
+                    now.duration_since(last_beat).as_secs()
+                ),
+            );
         }
         let since_ok = now.duration_since(h.last_report_ok.unwrap_or(self.shared.started_at));
         if h.consecutive_report_failures > 0 && since_ok > report_grace {
@@ -355,6 +378,7 @@ impl AgentHandle {
             allocations: st
                 .allocations
                 .iter()
+                .chain(st.recent_allocations.iter().rev().map(|(id, a)| (id, a)))
                 .map(|(id, a)| AllocView {
                     id: id.clone(),
                     function_executor_id: a.fe_id.clone(),

@@ -104,7 +104,7 @@ pub(crate) async fn run(
     for (i, p) in alloc.args.iter().enumerate() {
         let uri = p.uri.clone().unwrap_or_default();
         let covered = p.offset.unwrap_or(0) + p.size.unwrap_or(0);
-        match blobs.presign_read(&uri, covered).await {
+        match blobs.presign_read(&uri, covered, allocation_timeout).await {
             Ok(chunks) => arg_blobs.push(fe_pb::Blob {
                 id: None,
                 chunks: to_chunks(chunks),
@@ -150,6 +150,7 @@ pub(crate) async fn run(
             &request_error_uri,
             &request_error_upload.upload_id,
             REQUEST_ERROR_BLOB_BYTES,
+            allocation_timeout,
         )
         .await
     {
@@ -442,6 +443,7 @@ async fn drive(
             &state,
             &mut answered,
             uploads,
+            allocation_timeout,
         )
         .await?;
         // Time spent on the agent's side does not count against the function.
@@ -497,6 +499,7 @@ async fn answer_requests(
     state: &fe_pb::AllocationState,
     answered: &mut HashSet<String>,
     uploads: &mut HashMap<String, Upload>,
+    valid_for: Duration,
 ) -> Result<(), Driven> {
     use fe_pb::allocation_update::Update;
     let blobs = &shared.config.blob_store;
@@ -517,7 +520,9 @@ async fn answer_requests(
         let size = req.size.unwrap_or(0);
         let prepared = async {
             let upload_id = blobs.create_multipart(&uri).await?;
-            let chunks = blobs.presign_write_parts(&uri, &upload_id, size).await;
+            let chunks = blobs
+                .presign_write_parts(&uri, &upload_id, size, valid_for)
+                .await;
             match chunks {
                 Ok(c) => Ok((upload_id, c)),
                 Err(e) => {

@@ -133,6 +133,14 @@ impl Controller {
         tokio::pin!(startup);
         let shutdown_requested = loop {
             tokio::select! {
+                // Commands first: an allocation that arrived with the worker
+                // is queued (and blamed) before a startup failure is handled.
+                biased;
+                cmd = rx.recv() => match cmd {
+                    Some(FeCommand::Run(a)) => self.queue.push_back(*a),
+                    Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
+                    Some(FeCommand::Shutdown) | None => break true,
+                },
                 r = &mut startup => {
                     match r {
                         Ok(live) => {
@@ -159,11 +167,6 @@ impl Controller {
                         }
                     }
                     break false;
-                }
-                cmd = rx.recv() => match cmd {
-                    Some(FeCommand::Run(a)) => self.queue.push_back(*a),
-                    Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
-                    Some(FeCommand::Shutdown) | None => break true,
                 }
             }
         };
@@ -484,52 +487,6 @@ fn reason_label(r: Reason) -> &'static str {
     }
 }
 
-/// Fetches application code, from the content-addressed cache when the
-/// payload names its sha256.
-async fn application_code(shared: &Shared, payload: &pb::DataPayload) -> Result<Vec<u8>, String> {
-    let uri = payload.uri.clone().unwrap_or_default();
-    let want = payload
-        .sha256_hash
-        .clone()
-        .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
-    let cached = want.as_ref().map(|h| {
-        shared
-            .config
-            .data_dir
-            .join("code")
-            .join(format!("{}.zip", h.to_ascii_lowercase()))
-    });
-    if let (Some(path), Some(h)) = (&cached, &want) {
-        if let Ok(bytes) = tokio::fs::read(path).await {
-            if hex::encode(Sha256::digest(&bytes)).eq_ignore_ascii_case(h) {
-                return Ok(bytes);
-            }
-            let _ = tokio::fs::remove_file(path).await;
-        }
-    }
-    let bytes = shared
-        .config
-        .blob_store
-        .get(&uri)
-        .await
-        .map_err(|e| format!("downloading application code: {e}"))?;
-    if let Some(h) = &want {
-        let got = hex::encode(Sha256::digest(&bytes));
-        if !got.eq_ignore_ascii_case(h) {
-            return Err(format!(
-                "application code from {uri} has sha256 {got}, expected {h}"
-            ));
-        }
-        if let Some(path) = &cached {
-            let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-            if tokio::fs::write(&tmp, &bytes).await.is_ok() {
-                let _ = tokio::fs::rename(&tmp, path).await;
-            }
-        }
-    }
-    Ok(bytes.to_vec())
-}
-
 fn to_fe_ref(f: &pb::FunctionRef) -> fe_pb::FunctionRef {
     fe_pb::FunctionRef {
         namespace: f.namespace.clone(),
@@ -558,7 +515,22 @@ async fn start(
         .allocate(&id, gpu_count)
         .map_err(internal)?;
     let app = desc.application.clone().unwrap_or_default();
-    let code = application_code(&shared, &app).await.map_err(internal)?;
+    let uri = app.uri.clone().unwrap_or_default();
+    let (code, source) = shared
+        .code_cache
+        .get_or_fetch(&shared.config.blob_store, &uri, app.sha256_hash.as_deref())
+        .await
+        .map_err(|e| internal(format!("application code: {e}")))?;
+    let label = match source {
+        steward_blob_store::CodeSource::Cache => "cache",
+        steward_blob_store::CodeSource::Store => "blob_store",
+    };
+    shared
+        .metrics
+        .application_code_fetches
+        .get_or_create(&vec![("source", label)])
+        .inc();
+    let code = code.to_vec();
     let mut process = process::spawn(&shared.config, &id, &gpus).map_err(internal)?;
     {
         let mut st = shared.state.lock();

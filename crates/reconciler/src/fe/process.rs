@@ -57,6 +57,12 @@ pub(crate) fn spawn(
         .stderr(Stdio::from(log_err))
         .process_group(0)
         .kill_on_drop(true);
+    // Workers get presigned URLs, never the agent's cloud credentials.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AWS_") {
+            cmd.env_remove(&key);
+        }
+    }
     if !gpus.is_empty() {
         let visible = gpus.join(",");
         cmd.env("CUDA_VISIBLE_DEVICES", &visible)

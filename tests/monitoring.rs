@@ -1,0 +1,266 @@
+//! The monitoring server of a running Steward, through a real HTTP client:
+//! probe transitions across a control-plane outage, metrics parsed by the
+//! Prometheus project's own OpenMetrics parser (from the venv), the metric
+//! name snapshot, and the structure of every `/state` document.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use steward_devserver::FunctionOptions;
+use support::{AgentProc, Plane};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_follow_registration_and_server_outages() -> Result<()> {
+    // Reserve a port, then start Steward before any server listens on it.
+    let grpc = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let blobs = tempfile::tempdir()?;
+    let fast = [
+        "--report-backoff-max-s",
+        "1",
+        "--health-report-grace-s",
+        "1",
+    ];
+    let steward = AgentProc::steward(&grpc, blobs.path(), &fast)?;
+    let (code, body) = steward.get_json("/monitoring/startup").await?;
+    assert_eq!(
+        (code, body["status"].clone()),
+        (503, json!("nok")),
+        "{body}"
+    );
+    steward
+        .wait_json("/monitoring/health", Duration::from_secs(20), |c, b| {
+            c == 503
+                && b["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("state reports have failed"))
+        })
+        .await?;
+
+    let plane = Plane::start_on(&grpc, blobs).await?;
+    steward
+        .wait_json("/monitoring/startup", Duration::from_secs(30), |c, _| {
+            c == 200
+        })
+        .await?;
+    let (code, health) = steward
+        .wait_json("/monitoring/health", Duration::from_secs(30), |c, _| {
+            c == 200
+        })
+        .await?;
+    assert_eq!(health["status"], json!("ok"), "{health}");
+    assert_eq!(health["checker"], json!("StewardHealthChecker"));
+
+    // Outage: health turns 503 and says why; startup stays 200.
+    let blobs = plane.stop_keep_blobs().await;
+    steward
+        .wait_json("/monitoring/health", Duration::from_secs(30), |c, _| {
+            c == 503
+        })
+        .await?;
+    let (code_startup, _) = steward.get_json("/monitoring/startup").await?;
+    assert_eq!(code_startup, 200, "startup is a latch");
+    assert_eq!(code, 200);
+
+    // The server comes back on the same address: healthy again.
+    let plane = Plane::start_on(&grpc, blobs).await?;
+    steward
+        .wait_json("/monitoring/health", Duration::from_secs(30), |c, _| {
+            c == 200
+        })
+        .await?;
+    assert_eq!(steward.get_json("/monitoring/startup").await?.0, 200);
+    plane.stop().await;
+    Ok(())
+}
+
+/// Names of the metric families, one per line, sorted.
+fn snapshot_path() -> std::path::PathBuf {
+    support::repo_root().join("tests/snapshots/metric_names.txt")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_as_openmetrics_and_match_the_name_snapshot() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &[])?;
+    plane.wait_executors(1).await?;
+    assert_eq!(plane.invoke("greet", json!("m")).await?.status, "success");
+    assert_eq!(plane.invoke("explode", json!("m")).await?.status, "failure");
+
+    let url = format!(
+        "{}/monitoring/metrics",
+        steward.monitoring_url.clone().context("url")?
+    );
+    let resp = reqwest::get(&url).await?;
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        ctype,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let text = resp.text().await?;
+
+    // Parse with prometheus_client's OpenMetrics parser; print "name type" per family.
+    let script = "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\n\
+                  fams = list(p(sys.stdin.read()))\nfor f in fams: print(f.name, f.type)\n";
+    let mut child = std::process::Command::new(support::venv().join("bin/python"))
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "OpenMetrics parser rejected the output: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed = String::from_utf8(out.stdout)?;
+    let mut names: Vec<&str> = parsed.lines().collect();
+    names.sort();
+    let names = names.join("\n") + "\n";
+
+    // Values for what we just did.
+    assert!(
+        text.contains(
+            "steward_allocations_completed_total{outcome=\"success\",failure_reason=\"none\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("steward_allocations_completed_total{outcome=\"failure\",failure_reason=\"function_error\"} 1"), "{text}");
+    assert!(text.contains("steward_healthy 1"), "{text}");
+    assert!(
+        !text.contains(&plane.invoke("greet", json!("x")).await?.request_id),
+        "ids never become labels"
+    );
+
+    let path = snapshot_path();
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, &names)?;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert_eq!(
+        names,
+        want,
+        "metric families changed; if intended, rerun with UPDATE_SNAPSHOTS=1 and commit {}",
+        path.display()
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_documents_have_their_structure_and_errors_are_json() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &[])?;
+    plane.wait_executors(1).await?;
+    assert_eq!(plane.invoke("greet", json!("s")).await?.status, "success");
+
+    let (code, reported) = steward.get_json("/state/reported").await?;
+    assert_eq!(code, 200);
+    assert!(reported["at_unix_ms"].as_u64().is_some(), "{reported}");
+    let state = &reported["report"]["executor_state"];
+    assert!(
+        state["executor_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{reported}"
+    );
+    assert_eq!(
+        state["state_hash"].as_str().map(str::len),
+        Some(64),
+        "{reported}"
+    );
+    assert!(state["labels"]["os"].is_string(), "{reported}");
+
+    let (_, desired) = steward.get_json("/state/desired").await?;
+    assert!(
+        desired["desired_state"]["clock"].as_u64().is_some(),
+        "{desired}"
+    );
+    assert_eq!(
+        desired["desired_state"]["function_executors"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{desired}"
+    );
+
+    let (_, fes) = steward.get_json("/state/function-executors").await?;
+    let fe = &fes["function_executors"][0];
+    assert_eq!(fe["status"], json!("RUNNING"), "{fes}");
+    assert!(
+        fe["pid"].as_u64().is_some() && fe["timeline"].as_array().is_some_and(|t| t.len() >= 3),
+        "{fes}"
+    );
+
+    let (_, allocs) = steward.get_json("/state/allocations").await?;
+    let a = &allocs["allocations"][0];
+    assert_eq!(a["phase"], json!("finished"), "{allocs}");
+    assert!(
+        a["timeline"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|e| e["what"].as_str().is_some_and(|w| w.contains("success")))),
+        "{allocs}"
+    );
+
+    let (_, events) = steward.get_json("/state/events").await?;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"started") && kinds.contains(&"function_executor_running"),
+        "{kinds:?}"
+    );
+
+    let (_, host) = steward.get_json("/state/host").await?;
+    assert!(
+        host["capacity"]["cpu_count"]
+            .as_u64()
+            .is_some_and(|c| c >= 1),
+        "{host}"
+    );
+
+    let base = steward.monitoring_url.clone().context("url")?;
+    let text = reqwest::get(format!("{base}/state/reported?format=text"))
+        .await?
+        .text()
+        .await?;
+    assert!(text.contains("ReportExecutorStateRequest"), "{text}");
+    let (code, body) = steward.get_json("/state/nope").await?;
+    assert_eq!(code, 404);
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("nope")),
+        "{body}"
+    );
+    let (code, body) = steward.get_json("/nothing/here").await?;
+    assert_eq!((code, body["error"].is_string()), (404, true));
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/monitoring/health"))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 405);
+    let body: serde_json::Value = resp.json().await?;
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("only GET")),
+        "{body}"
+    );
+    let (code, _) = steward.get_json("/state/reported?format=xml").await?;
+    assert_eq!(code, 400);
+    plane.stop().await;
+    Ok(())
+}
