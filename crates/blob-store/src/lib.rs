@@ -69,13 +69,19 @@ pub enum BlobError {
 
 /// Sizes of the write parts for a blob of `size` bytes (at least one part).
 pub fn write_part_sizes(size: u64) -> Vec<u64> {
+    write_part_sizes_with(size, SMALL_PART_BYTES)
+}
+
+/// [`write_part_sizes`] with another size for the first [`SMALL_PARTS`] parts.
+pub fn write_part_sizes_with(size: u64, small_part: u64) -> Vec<u64> {
+    let small_part = small_part.max(1);
     let mut parts = Vec::new();
     let mut left = size;
     while left > 0 || parts.is_empty() {
         let cap = if (parts.len() as u64) < SMALL_PARTS {
-            SMALL_PART_BYTES
+            small_part
         } else {
-            LARGE_PART_BYTES
+            LARGE_PART_BYTES.max(small_part)
         };
         let part = left.min(cap);
         parts.push(part);
@@ -89,13 +95,19 @@ pub fn write_part_sizes(size: u64) -> Vec<u64> {
 
 /// Sizes of the read chunks covering `size` bytes (at least one chunk).
 pub fn read_chunk_sizes(size: u64) -> Vec<u64> {
+    read_chunk_sizes_with(size, READ_CHUNK_BYTES)
+}
+
+/// [`read_chunk_sizes`] with another chunk size.
+pub fn read_chunk_sizes_with(size: u64, chunk: u64) -> Vec<u64> {
+    let chunk = chunk.max(1);
     if size == 0 {
         return vec![0];
     }
     let mut chunks = Vec::new();
     let mut left = size;
     while left > 0 {
-        let c = left.min(READ_CHUNK_BYTES);
+        let c = left.min(chunk);
         chunks.push(c);
         left -= c;
     }
@@ -112,6 +124,9 @@ pub struct BlobStoreConfig {
     /// as long as its timeout.
     pub presign_ttl: Duration,
     pub s3: S3Config,
+    /// Read chunk and (first 100) write part size; the reference's 100 MiB
+    /// unless overridden (tests use small chunks to cross chunk boundaries).
+    pub chunk_bytes: u64,
 }
 
 impl Default for BlobStoreConfig {
@@ -120,6 +135,7 @@ impl Default for BlobStoreConfig {
             local_roots: Vec::new(),
             presign_ttl: DEFAULT_TTL,
             s3: S3Config::default(),
+            chunk_bytes: READ_CHUNK_BYTES,
         }
     }
 }
@@ -141,6 +157,7 @@ pub struct BlobStore {
     local: LocalRoots,
     s3: Arc<s3::S3Stores>,
     ttl: Duration,
+    chunk_bytes: u64,
     observer: Arc<dyn BlobObserver>,
 }
 
@@ -164,6 +181,7 @@ impl BlobStore {
             local: LocalRoots::new(config.local_roots),
             s3: Arc::new(s3::S3Stores::new(config.s3)),
             ttl: config.presign_ttl,
+            chunk_bytes: config.chunk_bytes,
             observer: Arc::new(NoObserver),
         }
     }
@@ -247,7 +265,7 @@ impl BlobStore {
                 }
                 Scheme::S3 => self.s3.presign_get(uri, self.ttl_for(valid_for)).await?,
             };
-            Ok(read_chunk_sizes(size)
+            Ok(read_chunk_sizes_with(size, self.chunk_bytes)
                 .into_iter()
                 .map(|size| Chunk {
                     uri: url.clone(),
@@ -282,7 +300,7 @@ impl BlobStore {
         valid_for: Duration,
     ) -> Result<Vec<Chunk>, BlobError> {
         self.timed("presign_write", |_| 0, async {
-            let sizes = write_part_sizes(size);
+            let sizes = write_part_sizes_with(size, self.chunk_bytes);
             match Self::scheme(uri)? {
                 Scheme::File => {
                     self.local.resolve(uri)?;
