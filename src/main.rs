@@ -109,6 +109,9 @@ struct AgentArgs {
     /// Virtual-hosted-style S3 URLs (bucket.host) instead of path style.
     #[arg(long)]
     s3_virtual_hosted_style: bool,
+    /// Read chunk and write part size for workers (the reference's 100 MiB by default).
+    #[arg(long, default_value_t = 100 << 20, hide = true)]
+    blob_chunk_bytes: u64,
     /// Seconds between state reports while healthy.
     #[arg(long, default_value_t = 5, hide = true)]
     report_interval_s: u64,
@@ -144,6 +147,14 @@ struct DevserverArgs {
     /// Root of the file:// blob store.
     #[arg(long, default_value = "~/.steward/devserver")]
     blob_dir: String,
+    /// Keep code, inputs and outputs under this s3://bucket/prefix instead
+    /// (credentials from the AWS_* environment).
+    #[arg(long)]
+    s3_base: Option<String>,
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    s3_endpoint: Option<String>,
+    #[arg(long)]
+    s3_allow_http: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +247,12 @@ async fn devserver(args: DevserverArgs) -> Result<()> {
                 grpc_addr: args.grpc_addr,
                 http_addr: args.http_addr,
                 blob_dir: expand_home(&args.blob_dir),
+                s3_base: args.s3_base,
+                s3: steward_blob_store::S3Config {
+                    endpoint: args.s3_endpoint,
+                    allow_http: args.s3_allow_http,
+                    ..Default::default()
+                },
             })
             .await?;
             println!(
@@ -472,6 +489,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let blob_store = steward_blob_store::BlobStore::new(steward_blob_store::BlobStoreConfig {
         local_roots: args.blob_roots.clone(),
         presign_ttl: Duration::from_secs(args.presign_ttl_s.max(1)),
+        chunk_bytes: args.blob_chunk_bytes,
         s3: steward_blob_store::S3Config {
             endpoint: args.s3_endpoint.clone(),
             region: args.s3_region.clone(),

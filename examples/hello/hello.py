@@ -29,3 +29,9 @@ def explode(reason: str) -> str:
 @function(description="Reports which GPUs the worker was given")
 def visible_gpus(_: str) -> str:
     return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
+@application()
+@function(description="Returns its input twice (used to move large payloads through the blob store)")
+def echo_twice(text: str) -> str:
+    return text + text

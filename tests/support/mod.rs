@@ -59,8 +59,28 @@ impl Plane {
             grpc_addr: grpc_addr.into(),
             http_addr: "127.0.0.1:0".into(),
             blob_dir: blob_dir.path().to_path_buf(),
+            s3_base: None,
+            s3: Default::default(),
         })
         .await?;
+        Self::from_server(server, blob_dir)
+    }
+
+    /// A plane whose blobs live under `s3_base` on an S3 endpoint.
+    pub async fn start_s3(s3_base: &str, s3: steward_blob_store::S3Config) -> Result<Plane> {
+        let blob_dir = tempfile::tempdir()?;
+        let server = DevServer::start(DevServerConfig {
+            grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+            blob_dir: blob_dir.path().to_path_buf(),
+            s3_base: Some(s3_base.into()),
+            s3,
+        })
+        .await?;
+        Self::from_server(server, blob_dir)
+    }
+
+    fn from_server(server: DevServer, blob_dir: tempfile::TempDir) -> Result<Plane> {
         let url = server.http_url();
         let grpc = server.grpc_addr.to_string();
         Ok(Plane {
@@ -163,7 +183,36 @@ impl AgentProc {
         extra: &[&str],
         path: &str,
     ) -> Result<AgentProc> {
-        let data_dir = tempfile::tempdir()?;
+        Self::steward_with_env(grpc, blob_root, extra, path, &[])
+    }
+
+    pub fn steward_with_env(
+        grpc: &str,
+        blob_root: &Path,
+        extra: &[&str],
+        path: &str,
+        envs: &[(&str, &str)],
+    ) -> Result<AgentProc> {
+        Self::steward_full(grpc, blob_root, extra, path, envs, tempfile::tempdir()?)
+    }
+
+    /// Stops this agent (SIGKILL) and hands back its data directory, to
+    /// start another agent on it.
+    pub fn into_data_dir(mut self) -> Result<tempfile::TempDir> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(std::mem::replace(&mut self.data_dir, tempfile::tempdir()?))
+    }
+
+    /// Steward with every knob: extra args, PATH, environment, data directory.
+    pub fn steward_full(
+        grpc: &str,
+        blob_root: &Path,
+        extra: &[&str],
+        path: &str,
+        envs: &[(&str, &str)],
+        data_dir: tempfile::TempDir,
+    ) -> Result<AgentProc> {
         let log = std::fs::File::create(data_dir.path().join("steward.log"))?;
         let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
             .args([
@@ -182,6 +231,7 @@ impl AgentProc {
             .env("PATH", path)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()

@@ -53,6 +53,9 @@ pub struct DevServerConfig {
     pub http_addr: String,
     /// Root of the `file://` blob store (code, inputs, outputs).
     pub blob_dir: PathBuf,
+    /// Keep blobs under this `s3://bucket/prefix` instead of `blob_dir`.
+    pub s3_base: Option<String>,
+    pub s3: steward_blob_store::S3Config,
 }
 
 /// A running dev control plane.
@@ -72,7 +75,11 @@ impl DevServer {
         let blob_dir = std::fs::canonicalize(&config.blob_dir).map_err(|e| {
             DevServerError::App(format!("resolving {}: {e}", config.blob_dir.display()))
         })?;
-        let sched = Arc::new(scheduler::Scheduler::new(blob_dir));
+        let sched = Arc::new(scheduler::Scheduler::new(
+            blob_dir,
+            config.s3_base.clone(),
+            config.s3.clone(),
+        ));
         let bind = |addr: String| async move {
             TcpListener::bind(&addr)
                 .await

@@ -105,6 +105,8 @@ struct Inner {
 
 pub(crate) struct Scheduler {
     pub blob_dir: PathBuf,
+    /// `s3://bucket/prefix` when blobs live in S3.
+    s3_base: Option<String>,
     pub blobs: BlobStore,
     inner: Mutex<Inner>,
 }
@@ -123,20 +125,30 @@ fn sha256_hex(b: &[u8]) -> String {
 }
 
 impl Scheduler {
-    pub fn new(blob_dir: PathBuf) -> Self {
+    pub fn new(
+        blob_dir: PathBuf,
+        s3_base: Option<String>,
+        s3: steward_blob_store::S3Config,
+    ) -> Self {
         let blobs = BlobStore::new(BlobStoreConfig {
             local_roots: vec![blob_dir.clone()],
+            s3,
             ..Default::default()
         });
+        let s3_base = s3_base.map(|b| b.trim_end_matches('/').to_string());
         Scheduler {
             blob_dir,
+            s3_base,
             blobs,
             inner: Mutex::new(Inner::default()),
         }
     }
 
     fn uri(&self, rel: &str) -> String {
-        format!("file://{}/{}", self.blob_dir.display(), rel)
+        match &self.s3_base {
+            Some(base) => format!("{base}/{rel}"),
+            None => format!("file://{}/{}", self.blob_dir.display(), rel),
+        }
     }
 
     /// Stores an application's code and settings; replaces an older version.
