@@ -264,3 +264,25 @@ async fn state_documents_have_their_structure_and_errors_are_json() -> Result<()
     plane.stop().await;
     Ok(())
 }
+
+#[test]
+fn a_taken_monitoring_port_is_a_clear_startup_error() -> Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port().to_string();
+    let data = tempfile::tempdir()?;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["--grpc-server-addr", "127.0.0.1:1", "--monitoring-server-host", "127.0.0.1"])
+        .args(["--monitoring-server-port", &port])
+        .arg("--executor-cache-path")
+        .arg(data.path())
+        .env("PATH", support::path_with_venv())
+        .env("RUST_BACKTRACE", "0")
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port} for the monitoring server")),
+        "{stderr}"
+    );
+    Ok(())
+}

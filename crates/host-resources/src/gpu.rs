@@ -112,21 +112,42 @@ impl GpuProbe for NvmlProbe {
         let mut gpus = Vec::with_capacity(count as usize);
         for index in 0..count {
             let device = nvml.device_by_index(index).map_err(err)?;
-            let product_name = device.name().map_err(err)?;
-            let uuid = device.uuid().map_err(err)?;
             let memory = device.memory_info().ok();
-            let memory_bytes = memory.as_ref().map(|m| m.total);
-            gpus.push(GpuInfo {
+            gpus.push(gpu_from_nvml(
                 index,
-                model: GpuModel::classify(&product_name, memory_bytes),
-                uuid,
-                product_name,
-                memory_bytes,
-                utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
-                memory_used_bytes: memory.map(|m| m.used),
-            });
+                NvmlAnswers {
+                    name: device.name().map_err(err)?,
+                    uuid: device.uuid().map_err(err)?,
+                    memory_total_bytes: memory.as_ref().map(|m| m.total),
+                    memory_used_bytes: memory.map(|m| m.used),
+                    utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+                },
+            ));
         }
         Ok(gpus)
+    }
+}
+
+/// What NVML says about one device; the seam where tests put fake answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NvmlAnswers {
+    pub name: String,
+    pub uuid: String,
+    pub memory_total_bytes: Option<u64>,
+    pub memory_used_bytes: Option<u64>,
+    pub utilization_percent: Option<u32>,
+}
+
+/// Turns NVML's answers for device `index` into a [`GpuInfo`].
+pub fn gpu_from_nvml(index: u32, a: NvmlAnswers) -> GpuInfo {
+    GpuInfo {
+        index,
+        model: GpuModel::classify(&a.name, a.memory_total_bytes),
+        uuid: a.uuid,
+        product_name: a.name,
+        memory_bytes: a.memory_total_bytes,
+        utilization_percent: a.utilization_percent,
+        memory_used_bytes: a.memory_used_bytes,
     }
 }
 
@@ -387,6 +408,54 @@ mod tests {
         for (name, mem, want) in cases {
             assert_eq!(GpuModel::classify(name, *mem), *want, "{name} with {mem:?}");
         }
+    }
+
+    #[test]
+    fn fake_nvml_answers_map_to_wire_models() {
+        // (NVML name, total memory) as real devices answer; expected model.
+        let cases: &[(&str, u64, GpuModel)] = &[
+            ("NVIDIA A100-SXM4-40GB", 40 * GIB, GpuModel::A100_40GB),
+            ("NVIDIA A100-PCIE-40GB", 40 * GIB, GpuModel::A100_40GB),
+            ("NVIDIA A100-SXM4-80GB", 80 * GIB, GpuModel::A100_80GB),
+            ("NVIDIA A100 80GB PCIe", 80 * GIB, GpuModel::A100_80GB),
+            ("NVIDIA H100 80GB HBM3", 80 * GIB, GpuModel::H100_80GB),
+            ("NVIDIA H100 PCIe", 80 * GIB, GpuModel::H100_80GB),
+            ("NVIDIA H100 NVL", 94 * GIB, GpuModel::H100_80GB),
+            ("NVIDIA H200", 141 * GIB, GpuModel::Unknown),
+            ("Tesla T4", 15 * GIB, GpuModel::TeslaT4),
+            ("NVIDIA A10", 24 * GIB, GpuModel::A10),
+            ("NVIDIA RTX A6000", 48 * GIB, GpuModel::A6000),
+            ("NVIDIA L4", 23 * GIB, GpuModel::Unknown),
+            ("NVIDIA L40S", 46 * GIB, GpuModel::Unknown),
+        ];
+        for (i, (name, mem, want)) in cases.iter().enumerate() {
+            let g = gpu_from_nvml(
+                i as u32,
+                NvmlAnswers {
+                    name: name.to_string(),
+                    uuid: format!("GPU-{i}"),
+                    memory_total_bytes: Some(*mem),
+                    memory_used_bytes: Some(0),
+                    utilization_percent: Some(5),
+                },
+            );
+            assert_eq!(g.model, *want, "{name}");
+            assert_eq!((g.index, g.memory_bytes), (i as u32, Some(*mem)));
+        }
+    }
+
+    #[test]
+    fn mixed_host_keeps_each_gpu_model() {
+        let csv = "0, GPU-a, NVIDIA A100-SXM4-40GB, 40960, 0, 0\n1, GPU-b, NVIDIA A100 80GB PCIe, 81920, 0, 0\n2, GPU-c, NVIDIA L4, 23034, 0, 0\n";
+        let models: Vec<GpuModel> = parse_nvidia_smi_csv(csv)
+            .expect("parse")
+            .into_iter()
+            .map(|g| g.model)
+            .collect();
+        assert_eq!(
+            models,
+            vec![GpuModel::A100_40GB, GpuModel::A100_80GB, GpuModel::Unknown]
+        );
     }
 
     #[test]

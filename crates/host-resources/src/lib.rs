@@ -14,6 +14,7 @@ mod usage;
 pub use capacity::{Capacity, CapacityError, Reserved, probe_capacity};
 pub use gpu::{
     GpuAllocation, GpuAllocator, GpuAllocatorError, GpuInfo, GpuModel, GpuProbe, GpuProbeError,
-    NvidiaSmiProbe, NvmlProbe, detect_gpus, detect_gpus_with_source, parse_nvidia_smi_csv,
+    NvidiaSmiProbe, NvmlAnswers, NvmlProbe, detect_gpus, detect_gpus_with_source, gpu_from_nvml,
+    parse_nvidia_smi_csv,
 };
 pub use usage::{GpuUsage, HostUsage, UsageSampler};

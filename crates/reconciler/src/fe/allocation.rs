@@ -28,9 +28,49 @@ pub(crate) struct AllocOutcome {
     pub kill_fe: Option<pb::FunctionExecutorTerminationReason>,
 }
 
+#[derive(Clone)]
 struct Upload {
     uri: String,
     upload_id: String,
+}
+
+/// Open uploads of a running allocation, aborted if dropped while armed.
+struct OpenUploads {
+    shared: Arc<Shared>,
+    map: HashMap<String, Upload>,
+    request_error: Option<Upload>,
+}
+
+impl OpenUploads {
+    /// Hands the uploads to the caller, who now completes or aborts them.
+    fn disarm(&mut self) -> HashMap<String, Upload> {
+        self.request_error = None;
+        std::mem::take(&mut self.map)
+    }
+}
+
+impl Drop for OpenUploads {
+    fn drop(&mut self) {
+        let open: Vec<Upload> = self
+            .map
+            .drain()
+            .map(|(_, u)| u)
+            .chain(self.request_error.take())
+            .collect();
+        if open.is_empty() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            rt.spawn(async move {
+                for up in open {
+                    if let Err(e) = shared.config.blob_store.abort_multipart(&up.uri, &up.upload_id).await {
+                        tracing::warn!(uri = %up.uri, error = %e, "aborting an abandoned upload failed");
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// A failed result for `a` with `reason`.
@@ -188,7 +228,13 @@ pub(crate) async fn run(
     };
 
     let started = Instant::now();
-    let mut uploads: HashMap<String, Upload> = HashMap::new();
+    // Owns the open uploads while the worker runs: if this task is dropped
+    // (allocation cancelled, worker killed) they are aborted, not leaked.
+    let mut guard = OpenUploads {
+        shared: shared.clone(),
+        map: HashMap::new(),
+        request_error: Some(request_error_upload.clone()),
+    };
     let outcome = drive(
         &shared,
         &mut client,
@@ -196,9 +242,10 @@ pub(crate) async fn run(
         request,
         allocation_timeout,
         &alloc,
-        &mut uploads,
+        &mut guard.map,
     )
     .await;
+    let mut uploads = guard.disarm();
     let duration_ms = ceil_ms(started.elapsed());
     shared
         .metrics
