@@ -271,7 +271,12 @@ fn a_taken_monitoring_port_is_a_clear_startup_error() -> Result<()> {
     let port = taken.local_addr()?.port().to_string();
     let data = tempfile::tempdir()?;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
-        .args(["--grpc-server-addr", "127.0.0.1:1", "--monitoring-server-host", "127.0.0.1"])
+        .args([
+            "--grpc-server-addr",
+            "127.0.0.1:1",
+            "--monitoring-server-host",
+            "127.0.0.1",
+        ])
         .args(["--monitoring-server-port", &port])
         .arg("--executor-cache-path")
         .arg(data.path())
@@ -281,7 +286,9 @@ fn a_taken_monitoring_port_is_a_clear_startup_error() -> Result<()> {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains(&format!("cannot listen on 127.0.0.1:{port} for the monitoring server")),
+        stderr.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} for the monitoring server"
+        )),
         "{stderr}"
     );
     Ok(())

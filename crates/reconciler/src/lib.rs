@@ -18,6 +18,8 @@ mod reconcile;
 mod report;
 mod state;
 mod stream;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod validate;
 
 use std::collections::BTreeMap;
