@@ -12,7 +12,12 @@ fn every_crate_root_has_a_module_header() {
         .expect("crates dir")
         .flatten()
     {
-        roots.push(entry.path().join("src/lib.rs"));
+        let lib = entry.path().join("src/lib.rs");
+        roots.push(if lib.exists() {
+            lib
+        } else {
+            entry.path().join("src/main.rs")
+        });
     }
     let missing: Vec<String> = roots
         .iter()

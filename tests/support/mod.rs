@@ -36,6 +36,17 @@ pub fn path_with_venv() -> String {
     )
 }
 
+/// The native fake worker, built next to `steward` by `cargo build --workspace`.
+pub fn fake_worker() -> PathBuf {
+    let bin = Path::new(env!("CARGO_BIN_EXE_steward")).with_file_name("steward-fake-worker");
+    assert!(
+        bin.exists(),
+        "{} is missing; run `cargo build --workspace` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -129,6 +140,99 @@ impl Plane {
         )
         .await?;
         Ok(())
+    }
+
+    /// Deploys `examples/fake` (functions the fake worker acts out).
+    pub async fn deploy_fake(&self, options: FunctionOptions) -> Result<()> {
+        client::deploy(
+            &self.url,
+            "default",
+            "fake",
+            "1",
+            &repo_root().join("examples/fake"),
+            &options,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts a request without waiting; returns its id.
+    pub async fn start_request(
+        &self,
+        app: &str,
+        function: &str,
+        input: serde_json::Value,
+    ) -> Result<String> {
+        let url = format!(
+            "{}/v1/namespaces/default/applications/{app}/functions/{function}",
+            self.url
+        );
+        let v: serde_json::Value = reqwest::Client::new()
+            .post(url)
+            .json(&input)
+            .send()
+            .await?
+            .json()
+            .await?;
+        v["request_id"]
+            .as_str()
+            .map(String::from)
+            .context("request_id")
+    }
+
+    /// Waits for a request's outcome.
+    pub async fn outcome(&self, request_id: &str) -> Result<RequestOutcome> {
+        let url = format!(
+            "{}/v1/namespaces/default/requests/{request_id}?wait=true&timeout_s=120",
+            self.url
+        );
+        Ok(reqwest::get(url).await?.json().await?)
+    }
+
+    /// Every result and worker termination the executors reported.
+    pub async fn log(&self) -> Result<serde_json::Value> {
+        Ok(reqwest::get(format!("{}/v1/log", self.url))
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Waits until a termination of a worker for `function` was reported.
+    pub async fn wait_termination(&self, function: &str) -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let log = self.log().await?;
+            if let Some(t) = log["terminations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["function"] == function)
+            {
+                return Ok(t.clone());
+            }
+            if Instant::now() > deadline {
+                bail!("no termination of a {function} worker reported within 60s: {log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str) -> Result<u16> {
+        Ok(reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .send()
+            .await?
+            .status()
+            .as_u16())
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<u16> {
+        Ok(reqwest::Client::new()
+            .delete(format!("{}{path}", self.url))
+            .send()
+            .await?
+            .status()
+            .as_u16())
     }
 
     /// Waits until `n` executors are registered.

@@ -38,14 +38,21 @@ impl ExecutorApi for Api {
         request: Request<pb::GetDesiredExecutorStatesRequest>,
     ) -> Result<Response<DesiredStream>, Status> {
         let id = request.into_inner().executor_id.unwrap_or_default();
-        let rx = self.sched.subscribe(&id).ok_or_else(|| {
+        let (rx, cut) = self.sched.subscribe(&id).ok_or_else(|| {
             Status::not_found(format!(
                 "executor {id:?} is not registered; report state first"
             ))
         })?;
         let stream = tokio_stream::StreamExt::map(WatchStream::new(rx), Ok);
-        // Streams end when the server stops, so shutdown never waits on them.
-        let stream = futures::StreamExt::take_until(stream, self.cancel.clone().cancelled_owned());
+        // Streams end when the server stops or the stream is cut on purpose.
+        let server_stop = self.cancel.clone();
+        let ended = async move {
+            tokio::select! {
+                _ = server_stop.cancelled() => {}
+                _ = cut.cancelled() => {}
+            }
+        };
+        let stream = futures::StreamExt::take_until(stream, Box::pin(ended));
         Ok(Response::new(Box::pin(stream)))
     }
 

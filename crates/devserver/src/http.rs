@@ -4,7 +4,11 @@
 //! - `POST /v1/namespaces/{ns}/applications/{app}/functions/{fn}?wait=true`
 //!   with the input as body: invoke; answers the request id, or the outcome when waiting.
 //! - `GET /v1/namespaces/{ns}/requests/{id}?wait=true`: a request's outcome.
+//! - `DELETE /v1/namespaces/{ns}/requests/{id}`: cancel (the allocation leaves the desired state).
+//! - `DELETE /v1/namespaces/{ns}/applications/{app}`: undeploy (its workers leave the desired state).
 //! - `GET /v1/executors`: registered executors and their workers.
+//! - `POST /v1/executors/{id}/cut-stream`, `POST /v1/executors/{id}/republish`: fault injection.
+//! - `GET /v1/log`: every allocation result and worker termination reported.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,19 +137,59 @@ async fn executors(State(s): State<S>) -> Response {
     (StatusCode::OK, axum::Json(s.executors())).into_response()
 }
 
+fn done(r: Result<(), DevServerError>) -> Response {
+    match r {
+        Ok(()) => (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ok"})),
+        )
+            .into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn cancel_request(State(s): State<S>, Path((_ns, id)): Path<(String, String)>) -> Response {
+    done(s.cancel(&id))
+}
+
+async fn undeploy(State(s): State<S>, Path((ns, app)): Path<(String, String)>) -> Response {
+    done(s.undeploy(&ns, &app))
+}
+
+async fn cut_stream(State(s): State<S>, Path(id): Path<String>) -> Response {
+    done(s.cut_stream(&id))
+}
+
+async fn republish(State(s): State<S>, Path(id): Path<String>) -> Response {
+    done(s.republish(&id))
+}
+
+async fn log(State(s): State<S>) -> Response {
+    (StatusCode::OK, axum::Json(s.log())).into_response()
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     sched: S,
     cancel: CancellationToken,
 ) -> Result<(), DevServerError> {
     let app = Router::new()
-        .route("/v1/namespaces/{ns}/applications/{app}", post(deploy))
+        .route(
+            "/v1/namespaces/{ns}/applications/{app}",
+            post(deploy).delete(undeploy),
+        )
         .route(
             "/v1/namespaces/{ns}/applications/{app}/functions/{function}",
             post(invoke),
         )
-        .route("/v1/namespaces/{ns}/requests/{id}", get(get_request))
+        .route(
+            "/v1/namespaces/{ns}/requests/{id}",
+            get(get_request).delete(cancel_request),
+        )
         .route("/v1/executors", get(executors))
+        .route("/v1/executors/{id}/cut-stream", post(cut_stream))
+        .route("/v1/executors/{id}/republish", post(republish))
+        .route("/v1/log", get(log))
         .layer(DefaultBodyLimit::max(1 << 30))
         .with_state(sched);
     axum::serve(listener, app)

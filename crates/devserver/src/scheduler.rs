@@ -71,6 +71,8 @@ struct Executor {
     state: pb::ExecutorState,
     last_seen: Instant,
     desired: watch::Sender<pb::DesiredExecutorState>,
+    /// Cancelled to cut the executor's open desired-state stream.
+    stream_cut: CancellationToken,
 }
 
 struct App {
@@ -88,6 +90,10 @@ struct Fe {
 
 struct Request {
     outcome: RequestOutcome,
+    /// Kept after the allocation leaves the desired state (cancelled or
+    /// undeployed) so its result is still recorded.
+    allocation_id: String,
+    /// Set while the allocation is in the desired state.
     allocation: Option<pb::Allocation>,
     done: watch::Sender<bool>,
 }
@@ -101,6 +107,19 @@ struct Inner {
     requests: HashMap<String, Request>,
     /// Requests waiting for an executor, oldest first.
     unplaced: Vec<String>,
+    /// Every allocation result and worker termination the executors
+    /// reported, for tests (bounded).
+    log_results: Vec<serde_json::Value>,
+    log_terminations: Vec<serde_json::Value>,
+}
+
+const LOG_LIMIT: usize = 10_000;
+
+fn push_log(log: &mut Vec<serde_json::Value>, v: serde_json::Value) {
+    if log.len() == LOG_LIMIT {
+        log.remove(0);
+    }
+    log.push(v);
 }
 
 pub(crate) struct Scheduler {
@@ -284,6 +303,7 @@ impl Scheduler {
         inner.requests.insert(
             request_id.clone(),
             Request {
+                allocation_id: allocation.allocation_id.clone().unwrap_or_default(),
                 outcome: RequestOutcome {
                     request_id: request_id.clone(),
                     namespace: namespace.into(),
@@ -435,11 +455,19 @@ impl Scheduler {
         }
         let mut inner = self.inner.lock();
         let stopped = state.status() == pb::ExecutorStatus::Stopped;
-        let terminated: Vec<String> = state
+        let terminated: Vec<(String, String, Vec<String>)> = state
             .function_executor_states
             .iter()
             .filter(|s| s.status() == pb::FunctionExecutorStatus::Terminated)
-            .filter_map(|s| s.description.as_ref().and_then(|d| d.id.clone()))
+            .filter_map(|s| {
+                let id = s.description.as_ref().and_then(|d| d.id.clone())?;
+                let reason = s
+                    .termination_reason()
+                    .as_str_name()
+                    .trim_start_matches("FUNCTION_EXECUTOR_TERMINATION_REASON_")
+                    .to_string();
+                Some((id, reason, s.allocation_ids_caused_termination.clone()))
+            })
             .collect();
         let is_new = !inner.executors.contains_key(&executor_id);
         if stopped {
@@ -452,6 +480,7 @@ impl Scheduler {
                     state: state.clone(),
                     last_seen: Instant::now(),
                     desired: watch::Sender::new(pb::DesiredExecutorState::default()),
+                    stream_cut: CancellationToken::new(),
                 });
             entry.state = state;
             entry.last_seen = Instant::now();
@@ -464,12 +493,21 @@ impl Scheduler {
             let Some(alloc_id) = r.allocation_id.clone() else {
                 continue;
             };
-            let Some(req) = inner.requests.values_mut().find(|q| {
-                q.allocation
-                    .as_ref()
-                    .and_then(|a| a.allocation_id.as_deref())
-                    == Some(alloc_id.as_str())
-            }) else {
+            push_log(
+                &mut inner.log_results,
+                serde_json::json!({
+                    "executor_id": executor_id,
+                    "allocation_id": alloc_id,
+                    "outcome": r.outcome_code().as_str_name(),
+                    "failure_reason": r.failure_reason.map(|_| r.failure_reason().as_str_name()),
+                    "execution_duration_ms": r.execution_duration_ms,
+                }),
+            );
+            let Some(req) = inner
+                .requests
+                .values_mut()
+                .find(|q| q.allocation_id == alloc_id && q.outcome.status == "pending")
+            else {
                 tracing::debug!(allocation = %alloc_id, "result for an unknown allocation");
                 continue;
             };
@@ -489,9 +527,19 @@ impl Scheduler {
             req.done.send_replace(true);
             changed = true;
         }
-        for fe_id in terminated {
-            if inner.fes.remove(&fe_id).is_some() {
-                tracing::info!(fe = %fe_id, "function executor terminated; removed from desired state");
+        for (fe_id, reason, blamed) in terminated {
+            if let Some(fe) = inner.fes.remove(&fe_id) {
+                tracing::info!(fe = %fe_id, %reason, "function executor terminated; removed from desired state");
+                push_log(
+                    &mut inner.log_terminations,
+                    serde_json::json!({
+                        "function_executor_id": fe_id,
+                        "function": fe.key.2,
+                        "application": fe.key.1,
+                        "reason": reason,
+                        "allocation_ids_caused_termination": blamed,
+                    }),
+                );
                 changed = true;
             }
         }
@@ -578,10 +626,12 @@ impl Scheduler {
     }
 
     /// The desired-state channel of a registered executor.
+    /// The desired-state channel of a registered executor, and the token
+    /// that cuts its stream.
     pub fn subscribe(
         &self,
         executor_id: &str,
-    ) -> Option<watch::Receiver<pb::DesiredExecutorState>> {
+    ) -> Option<(watch::Receiver<pb::DesiredExecutorState>, CancellationToken)> {
         let mut inner = self.inner.lock();
         if !inner.executors.contains_key(executor_id) {
             return None;
@@ -590,7 +640,7 @@ impl Scheduler {
         inner
             .executors
             .get(executor_id)
-            .map(|e| e.desired.subscribe())
+            .map(|e| (e.desired.subscribe(), e.stream_cut.clone()))
     }
 
     pub fn outcome(&self, request_id: &str) -> Option<(RequestOutcome, watch::Receiver<bool>)> {
@@ -599,6 +649,87 @@ impl Scheduler {
             .requests
             .get(request_id)
             .map(|r| (r.outcome.clone(), r.done.subscribe()))
+    }
+
+    /// What executors reported: every allocation result and worker termination.
+    pub fn log(&self) -> serde_json::Value {
+        let inner = self.inner.lock();
+        serde_json::json!({"results": inner.log_results, "terminations": inner.log_terminations})
+    }
+
+    /// Removes a request's allocation from the desired state (the agent
+    /// cancels it); its result is still recorded.
+    pub fn cancel(&self, request_id: &str) -> Result<(), DevServerError> {
+        let mut inner = self.inner.lock();
+        let req = inner
+            .requests
+            .get_mut(request_id)
+            .ok_or_else(|| DevServerError::NotFound(format!("request {request_id}")))?;
+        let executor = req.outcome.executor_id.clone();
+        if req.allocation.take().is_none() {
+            return Err(DevServerError::BadRequest(format!(
+                "request {request_id} is not running"
+            )));
+        }
+        inner.unplaced.retain(|r| r != request_id);
+        if let Some(e) = executor {
+            publish(&mut inner, &e);
+        }
+        Ok(())
+    }
+
+    /// Removes an application: its workers and running allocations leave the
+    /// desired state.
+    pub fn undeploy(&self, namespace: &str, application: &str) -> Result<(), DevServerError> {
+        let mut inner = self.inner.lock();
+        inner
+            .apps
+            .remove(&(namespace.to_string(), application.to_string()))
+            .ok_or_else(|| {
+                DevServerError::NotFound(format!("application {namespace}/{application}"))
+            })?;
+        let gone: Vec<(String, String)> = inner
+            .fes
+            .iter()
+            .filter(|(_, f)| f.key.0 == namespace && f.key.1 == application)
+            .map(|(id, f)| (id.clone(), f.executor_id.clone()))
+            .collect();
+        for req in inner.requests.values_mut() {
+            if req.outcome.namespace == namespace && req.outcome.application == application {
+                req.allocation = None;
+            }
+        }
+        for (id, _) in &gone {
+            inner.fes.remove(id);
+        }
+        let mut executors: Vec<String> = gone.into_iter().map(|(_, e)| e).collect();
+        executors.dedup();
+        for e in executors {
+            publish(&mut inner, &e);
+        }
+        Ok(())
+    }
+
+    /// Ends the executor's open desired-state stream (it reconnects).
+    pub fn cut_stream(&self, executor_id: &str) -> Result<(), DevServerError> {
+        let mut inner = self.inner.lock();
+        let e = inner
+            .executors
+            .get_mut(executor_id)
+            .ok_or_else(|| DevServerError::NotFound(format!("executor {executor_id}")))?;
+        let old = std::mem::replace(&mut e.stream_cut, CancellationToken::new());
+        old.cancel();
+        Ok(())
+    }
+
+    /// Sends the same desired state again with a new clock.
+    pub fn republish(&self, executor_id: &str) -> Result<(), DevServerError> {
+        let mut inner = self.inner.lock();
+        if !inner.executors.contains_key(executor_id) {
+            return Err(DevServerError::NotFound(format!("executor {executor_id}")));
+        }
+        publish(&mut inner, executor_id);
+        Ok(())
     }
 
     pub fn executors(&self) -> serde_json::Value {

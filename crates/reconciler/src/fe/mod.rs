@@ -228,7 +228,9 @@ impl Controller {
                 }
                 status = async { self.live.as_mut().map(|l| l.process.child.wait()) .expect("guarded by alive").await }, if alive => {
                     let how = match &status { Ok(s) => process::describe_exit(s), Err(e) => format!("wait failed: {e}") };
-                    let reason = if how.contains("SIGKILL") && self.oom_killed() { Reason::Oom } else { Reason::Unhealthy };
+                    let oom = status.as_ref().is_ok_and(process::killed_by_sigkill)
+                        && self.live.as_ref().is_some_and(|l| l.process.oom_killed_since_start());
+                    let reason = if oom { Reason::Oom } else { Reason::Unhealthy };
                     self.shared.event("function_executor_exited", &self.id, format!("worker {how}"));
                     let blamed = self.running.keys().cloned().collect();
                     self.kill(reason, blamed, None).await;
@@ -274,13 +276,6 @@ impl Controller {
             .event("function_executor_removed", &self.id, "controller stopped");
         self.shared.report_now.notify_one();
         self.shared.reconcile_now.notify_one();
-    }
-
-    /// Whether the kernel's OOM killer recently killed something in a
-    /// cgroup this host can see (best effort; precise per-worker
-    /// attribution needs a cgroup per worker).
-    fn oom_killed(&self) -> bool {
-        false
     }
 
     fn set_status(
@@ -441,6 +436,8 @@ impl Controller {
             self.shared.metrics.allocations_running.dec();
             let why = if Some(id.as_str()) == cancelled {
                 pb::AllocationFailureReason::AllocationCancelled
+            } else if reason == Reason::Oom {
+                pb::AllocationFailureReason::Oom
             } else if blamed.len() == 1 && blamed[0] == id && reason == Reason::FunctionTimeout {
                 pb::AllocationFailureReason::FunctionTimeout
             } else {
@@ -620,6 +617,7 @@ async fn start(
     };
     let mut req = tonic::Request::new(request);
     req.set_timeout(init_timeout);
+    let init_started = Instant::now();
     let outcome = tokio::time::timeout(
         init_timeout + Duration::from_secs(1),
         client.initialize(req),
@@ -633,13 +631,21 @@ async fn start(
                 init_timeout.as_millis()
             ),
         )),
-        Ok(Err(s)) if s.code() == tonic::Code::DeadlineExceeded => Some((
-            Reason::StartupFailedFunctionTimeout,
-            format!(
-                "initialize took longer than {} ms",
-                init_timeout.as_millis()
-            ),
-        )),
+        // A worker may answer an expired deadline with CANCELLED.
+        Ok(Err(s))
+            if matches!(
+                s.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) || init_started.elapsed() >= init_timeout =>
+        {
+            Some((
+                Reason::StartupFailedFunctionTimeout,
+                format!(
+                    "initialize took longer than {} ms",
+                    init_timeout.as_millis()
+                ),
+            ))
+        }
         Ok(Err(s)) => Some((
             Reason::StartupFailedFunctionError,
             format!("initialize failed: {}: {}", s.code(), s.message()),

@@ -16,6 +16,8 @@ use tokio::process::{Child, Command};
 use crate::AgentConfig;
 
 pub(crate) struct FeProcess {
+    /// Kernel OOM kills counted when the worker started.
+    pub oom_kills_at_start: Option<u64>,
     pub child: Child,
     pub pid: u32,
     pub address: String,
@@ -76,6 +78,7 @@ pub(crate) fn spawn(
         .id()
         .ok_or_else(|| "worker exited before its pid was read".to_string())?;
     Ok(FeProcess {
+        oom_kills_at_start: oom_kill_count(),
         child,
         pid,
         address,
@@ -141,5 +144,47 @@ pub(crate) fn describe_exit(status: &ExitStatus) -> String {
                 .unwrap_or("unknown")
         ),
         _ => "exited".to_string(),
+    }
+}
+
+/// The kernel's count of OOM kills (`oom_kill` in `/proc/vmstat`).
+pub(crate) fn oom_kill_count() -> Option<u64> {
+    parse_oom_kills(&std::fs::read_to_string("/proc/vmstat").ok()?)
+}
+
+fn parse_oom_kills(vmstat: &str) -> Option<u64> {
+    vmstat
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl FeProcess {
+    /// Whether the kernel OOM-killed something since this worker started:
+    /// with a SIGKILL exit we did not send, the worker is taken to be it.
+    pub fn oom_killed_since_start(&self) -> bool {
+        matches!((self.oom_kills_at_start, oom_kill_count()), (Some(a), Some(b)) if b > a)
+    }
+}
+
+/// Whether the exit was a SIGKILL.
+pub(crate) fn killed_by_sigkill(status: &ExitStatus) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(libc::SIGKILL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_oom_kill_counter() {
+        let vmstat = "nr_free_pages 12\noom_kill 3\npgfault 99\n";
+        assert_eq!(parse_oom_kills(vmstat), Some(3));
+        assert_eq!(parse_oom_kills("nr_free_pages 1\n"), None);
+        assert!(
+            oom_kill_count().is_some(),
+            "this kernel exposes oom_kill in /proc/vmstat"
+        );
     }
 }

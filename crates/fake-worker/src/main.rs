@@ -1,0 +1,418 @@
+//! `steward-fake-worker`: a native function executor that speaks the
+//! Tensorlake worker protocol (`function_executor_service.FunctionExecutor`)
+//! with the reference worker's command line, answers at once, and
+//! misbehaves on cue. It ignores application code and acts on the
+//! function's name (see `examples/fake/fake.py`): `echo`, `noop`, `fail`,
+//! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`.
+//! Outputs go through the real output-blob protocol (`file://` blobs).
+//!
+//! Used where a real worker cannot misbehave on demand (fault tests) and
+//! where hundreds of Python workers would not fit (benchmarks).
+//! Must not know about: the agent, the control plane.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use steward_proto::function_executor_service as fe;
+use steward_proto::function_executor_service::function_executor_server::{
+    FunctionExecutor, FunctionExecutorServer,
+};
+use tokio::sync::{oneshot, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+struct Alloc {
+    state: watch::Sender<fe::AllocationState>,
+    blob: Option<oneshot::Sender<fe::Blob>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    function: Mutex<Option<String>>,
+    allocs: Mutex<HashMap<String, Alloc>>,
+}
+
+#[derive(Clone, Default)]
+struct Worker(Arc<Inner>);
+
+type StateStream = Pin<Box<dyn Stream<Item = Result<fe::AllocationState, Status>> + Send>>;
+
+fn file_path(uri: &str) -> Result<&str, String> {
+    uri.strip_prefix("file://")
+        .ok_or_else(|| format!("the fake worker only handles file:// blobs, got {uri}"))
+}
+
+/// Reads `size` bytes at global `offset` of a blob whose chunks all name one file.
+fn read_blob(blob: &fe::Blob, offset: u64, size: u64) -> Result<Vec<u8>, String> {
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    let uri = blob
+        .chunks
+        .first()
+        .and_then(|c| c.uri.as_deref())
+        .ok_or("argument blob has no chunks")?;
+    let mut f = std::fs::File::open(file_path(uri)?).map_err(|e| format!("{uri}: {e}"))?;
+    f.seek(SeekFrom::Start(offset)).map_err(|e| e.to_string())?;
+    let mut buf = vec![0; size as usize];
+    f.read_exact(&mut buf).map_err(|e| format!("{uri}: {e}"))?;
+    Ok(buf)
+}
+
+/// Writes `data` across the blob's chunks (each chunk at its global offset).
+fn write_blob(blob: &fe::Blob, data: &[u8]) -> Result<Vec<fe::BlobChunk>, String> {
+    let mut used = Vec::new();
+    let mut offset = 0usize;
+    for c in &blob.chunks {
+        if offset >= data.len() && !used.is_empty() {
+            break;
+        }
+        let uri = c.uri.as_deref().ok_or("output chunk without a URI")?;
+        let take = (c.size.unwrap_or(0) as usize).min(data.len() - offset);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(file_path(uri)?)
+            .map_err(|e| format!("{uri}: {e}"))?;
+        f.seek(SeekFrom::Start(offset as u64))
+            .map_err(|e| e.to_string())?;
+        f.write_all(&data[offset..offset + take])
+            .map_err(|e| e.to_string())?;
+        used.push(fe::BlobChunk {
+            uri: Some(uri.to_string()),
+            size: Some(take as u64),
+            etag: Some(hex::encode(Sha256::digest(&data[offset..offset + take]))),
+        });
+        offset += take;
+    }
+    if offset < data.len() {
+        return Err(format!(
+            "output of {} bytes does not fit the offered chunks",
+            data.len()
+        ));
+    }
+    Ok(used)
+}
+
+fn failure(reason: fe::AllocationFailureReason) -> fe::AllocationResult {
+    fe::AllocationResult {
+        outcome_code: Some(fe::AllocationOutcomeCode::Failure as i32),
+        failure_reason: Some(reason as i32),
+        ..Default::default()
+    }
+}
+
+impl Worker {
+    fn publish(&self, id: &str, f: impl FnOnce(&mut fe::AllocationState)) {
+        if let Some(a) = self.0.allocs.lock().get(id) {
+            a.state.send_modify(|s| {
+                f(s);
+                let n: u64 = s
+                    .sha256_hash
+                    .as_deref()
+                    .and_then(|h| h.parse().ok())
+                    .unwrap_or(0);
+                s.sha256_hash = Some((n + 1).to_string());
+            });
+        }
+    }
+
+    /// Runs the "function" named at initialization.
+    async fn run(self, alloc: fe::Allocation) {
+        let id = alloc.allocation_id.clone().unwrap_or_default();
+        let function = self.0.function.lock().clone().unwrap_or_default();
+        let inputs = alloc.inputs.unwrap_or_default();
+        let input = match (inputs.args.first(), inputs.arg_blobs.first()) {
+            (Some(arg), Some(blob)) => {
+                let size = arg.manifest.as_ref().and_then(|m| m.size).unwrap_or(0);
+                read_blob(blob, arg.offset.unwrap_or(0), size)
+            }
+            _ => Ok(b"null".to_vec()),
+        };
+        let output = match (function.as_str(), input) {
+            (_, Err(e)) => {
+                eprintln!("fake worker: reading input: {e}");
+                return self.publish(&id, |s| {
+                    s.result = Some(failure(fe::AllocationFailureReason::InternalError))
+                });
+            }
+            ("hang", _) => return std::future::pending().await,
+            ("crash", _) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                std::process::exit(3);
+            }
+            ("fail", _) => {
+                return self.publish(&id, |s| {
+                    s.result = Some(failure(fe::AllocationFailureReason::FunctionError))
+                });
+            }
+            ("noop", _) => b"null".to_vec(),
+            (f, Ok(input)) => {
+                if let Some(ms) = f.strip_prefix("sleep_").and_then(|m| m.parse::<u64>().ok()) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                input
+            }
+        };
+        // Ask for an output blob and wait for the agent to provide it.
+        let (tx, rx) = oneshot::channel();
+        if let Some(a) = self.0.allocs.lock().get_mut(&id) {
+            a.blob = Some(tx);
+        }
+        let size = output.len() as u64;
+        self.publish(&id, |s| {
+            s.output_blob_requests
+                .push(fe::AllocationOutputBlobRequest {
+                    id: Some("out".into()),
+                    size: Some(size),
+                })
+        });
+        let Ok(blob) = rx.await else { return };
+        let result = match write_blob(&blob, &output) {
+            Ok(chunks) => fe::AllocationResult {
+                outcome_code: Some(fe::AllocationOutcomeCode::Success as i32),
+                outputs: Some(fe::allocation_result::Outputs::Value(
+                    fe::SerializedObjectInsideBlob {
+                        manifest: Some(fe::SerializedObjectManifest {
+                            encoding: Some(fe::SerializedObjectEncoding::Utf8Json as i32),
+                            encoding_version: Some(0),
+                            size: Some(size),
+                            metadata_size: Some(0),
+                            sha256_hash: Some(hex::encode(Sha256::digest(&output))),
+                            content_type: Some("application/json".into()),
+                            source_function_call_id: None,
+                        }),
+                        offset: Some(0),
+                    },
+                )),
+                uploaded_function_outputs_blob: Some(fe::Blob {
+                    id: blob.id.clone(),
+                    chunks,
+                }),
+                ..Default::default()
+            },
+            Err(e) => {
+                eprintln!("fake worker: writing output: {e}");
+                failure(fe::AllocationFailureReason::InternalError)
+            }
+        };
+        self.publish(&id, |s| s.result = Some(result));
+    }
+}
+
+#[tonic::async_trait]
+impl FunctionExecutor for Worker {
+    async fn initialize(
+        &self,
+        request: Request<fe::InitializeRequest>,
+    ) -> Result<Response<fe::InitializeResponse>, Status> {
+        let name = request
+            .into_inner()
+            .function
+            .and_then(|f| f.function_name)
+            .unwrap_or_default();
+        let outcome = match name.as_str() {
+            "init_hang" => std::future::pending().await,
+            "init_fail" => fe::InitializeResponse {
+                outcome_code: Some(fe::InitializationOutcomeCode::Failure as i32),
+                failure_reason: Some(fe::InitializationFailureReason::FunctionError as i32),
+            },
+            _ => fe::InitializeResponse {
+                outcome_code: Some(fe::InitializationOutcomeCode::Success as i32),
+                failure_reason: None,
+            },
+        };
+        if outcome.outcome_code == Some(fe::InitializationOutcomeCode::Success as i32) {
+            *self.0.function.lock() = Some(name);
+        }
+        Ok(Response::new(outcome))
+    }
+
+    async fn list_allocations(
+        &self,
+        _: Request<fe::ListAllocationsRequest>,
+    ) -> Result<Response<fe::ListAllocationsResponse>, Status> {
+        let ids: Vec<String> = self.0.allocs.lock().keys().cloned().collect();
+        Ok(Response::new(fe::ListAllocationsResponse {
+            allocations: ids
+                .into_iter()
+                .map(|id| fe::Allocation {
+                    allocation_id: Some(id),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+    }
+
+    async fn create_allocation(
+        &self,
+        request: Request<fe::CreateAllocationRequest>,
+    ) -> Result<Response<fe::Empty>, Status> {
+        if self.0.function.lock().is_none() {
+            return Err(Status::failed_precondition("not initialized"));
+        }
+        let alloc = request
+            .into_inner()
+            .allocation
+            .ok_or_else(|| Status::invalid_argument("allocation is required"))?;
+        let id = alloc
+            .allocation_id
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("allocation_id is required"))?;
+        {
+            let mut allocs = self.0.allocs.lock();
+            if allocs.contains_key(&id) {
+                return Err(Status::already_exists(format!("allocation {id} exists")));
+            }
+            let initial = fe::AllocationState {
+                sha256_hash: Some("0".into()),
+                ..Default::default()
+            };
+            allocs.insert(
+                id,
+                Alloc {
+                    state: watch::Sender::new(initial),
+                    blob: None,
+                },
+            );
+        }
+        tokio::spawn(self.clone().run(alloc));
+        Ok(Response::new(fe::Empty {}))
+    }
+
+    type watch_allocation_stateStream = StateStream;
+
+    async fn watch_allocation_state(
+        &self,
+        request: Request<fe::WatchAllocationStateRequest>,
+    ) -> Result<Response<StateStream>, Status> {
+        let id = request.into_inner().allocation_id.unwrap_or_default();
+        let mut rx = self
+            .0
+            .allocs
+            .lock()
+            .get(&id)
+            .map(|a| a.state.subscribe())
+            .ok_or_else(|| Status::not_found(format!("allocation {id}")))?;
+        let (tx, out) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let state = rx.borrow_and_update().clone();
+                let done = state.result.is_some();
+                if tx.send(Ok(state)).await.is_err() || done {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out),
+        )))
+    }
+
+    async fn delete_allocation(
+        &self,
+        request: Request<fe::DeleteAllocationRequest>,
+    ) -> Result<Response<fe::Empty>, Status> {
+        let id = request.into_inner().allocation_id.unwrap_or_default();
+        let mut allocs = self.0.allocs.lock();
+        match allocs.get(&id) {
+            None => Err(Status::not_found(format!("allocation {id}"))),
+            Some(a) if a.state.borrow().result.is_none() => {
+                Err(Status::failed_precondition("allocation is still running"))
+            }
+            Some(_) => {
+                allocs.remove(&id);
+                Ok(Response::new(fe::Empty {}))
+            }
+        }
+    }
+
+    async fn send_allocation_update(
+        &self,
+        request: Request<fe::AllocationUpdate>,
+    ) -> Result<Response<fe::Empty>, Status> {
+        let update = request.into_inner();
+        let id = update.allocation_id.unwrap_or_default();
+        let mut allocs = self.0.allocs.lock();
+        let a = allocs
+            .get_mut(&id)
+            .ok_or_else(|| Status::not_found(format!("allocation {id}")))?;
+        if a.state.borrow().result.is_some() {
+            return Err(Status::failed_precondition("allocation finished"));
+        }
+        if let Some(fe::allocation_update::Update::OutputBlob(b)) = update.update {
+            if let (Some(tx), Some(blob)) = (a.blob.take(), b.blob) {
+                let _ = tx.send(blob);
+            }
+        }
+        Ok(Response::new(fe::Empty {}))
+    }
+
+    async fn check_health(
+        &self,
+        _: Request<fe::HealthCheckRequest>,
+    ) -> Result<Response<fe::HealthCheckResponse>, Status> {
+        match self.0.function.lock().as_deref() {
+            None => Err(Status::unavailable("not initialized")),
+            Some("unhealthy") => Ok(Response::new(fe::HealthCheckResponse {
+                healthy: Some(false),
+                status_message: Some("the fake worker was told to be unhealthy".into()),
+            })),
+            Some(_) => Ok(Response::new(fe::HealthCheckResponse {
+                healthy: Some(true),
+                status_message: None,
+            })),
+        }
+    }
+
+    async fn get_info(
+        &self,
+        _: Request<fe::InfoRequest>,
+    ) -> Result<Response<fe::InfoResponse>, Status> {
+        Ok(Response::new(fe::InfoResponse {
+            version: Some("0.1.2".into()),
+            sdk_version: Some(env!("CARGO_PKG_VERSION").into()),
+            sdk_language: Some("rust-fake".into()),
+            sdk_language_version: Some("1".into()),
+        }))
+    }
+}
+
+fn address_from_args() -> Result<String, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut address = None;
+    let mut i = 0;
+    while i < args.len() {
+        if let Some(v) = args[i].strip_prefix("--address=") {
+            address = Some(v.to_string());
+        } else if args[i] == "--address" {
+            address = args.get(i + 1).cloned();
+            i += 1;
+        }
+        i += 1;
+    }
+    address.ok_or_else(|| "usage: steward-fake-worker --address HOST:PORT [--executor-id=..] [--function-executor-id=..]".into())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let address = address_from_args()?;
+    let addr = tokio::net::lookup_host(&address)
+        .await?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {address}"))?;
+    tonic::transport::Server::builder()
+        .add_service(FunctionExecutorServer::new(Worker::default()))
+        .serve(addr)
+        .await?;
+    Ok(())
+}

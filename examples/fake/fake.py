@@ -1,0 +1,67 @@
+"""Function names understood by `steward-fake-worker` (the native fake
+function executor used by fault tests and benchmarks). The worker ignores
+the code and acts on the function's name; this file only gives the dev
+control plane a manifest to deploy. Running it under the real tensorlake
+worker is not intended."""
+
+from tensorlake.applications import application, function
+
+
+@application()
+@function()
+def echo(x: str) -> str:
+    """Returns its input."""
+
+
+@application()
+@function()
+def noop(x: str) -> None:
+    """Returns null at once."""
+
+
+@application()
+@function()
+def fail(x: str) -> str:
+    """Fails with a function error."""
+
+
+@application()
+@function()
+def hang(x: str) -> str:
+    """Never finishes (for timeouts and cancellation)."""
+
+
+@application()
+@function()
+def crash(x: str) -> str:
+    """The worker process exits while running it."""
+
+
+@application()
+@function()
+def unhealthy(x: str) -> str:
+    """The worker reports itself unhealthy after initialization."""
+
+
+@application()
+@function()
+def init_fail(x: str) -> str:
+    """Initialization fails with a function error."""
+
+
+@application()
+@function()
+def init_hang(x: str) -> str:
+    """Initialization never finishes."""
+
+
+@application()
+@function()
+def sleep_200(x: str) -> str:
+    """Sleeps 200 ms, then returns its input."""
+
+
+@application()
+@function()
+def sleep_1500(x: str) -> str:
+    """Sleeps 1.5 s, then returns its input."""

@@ -1,0 +1,389 @@
+//! Fault injection: one test per fault, each asserting what the server was
+//! told (worker terminations with reasons and blamed allocations, results)
+//! and that no process is left. Worker faults use `steward-fake-worker`, a
+//! native worker that misbehaves on cue (a real one cannot hang, crash or
+//! fail its health check on demand); server faults use the dev control
+//! plane's fault-injection endpoints.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+use steward_devserver::FunctionOptions;
+use support::{AgentProc, Plane, alive};
+
+const FAST_HEALTH: [&str; 2] = ["--function-executor-health-check-interval-ms", "200"];
+
+async fn fake_setup(options: FunctionOptions, extra: &[&str]) -> Result<(Plane, AgentProc)> {
+    let plane = Plane::start().await?;
+    plane.deploy_fake(options).await?;
+    let bin = support::fake_worker();
+    let mut args = vec!["--function-executor-bin", bin.to_str().unwrap_or_default()];
+    args.extend_from_slice(extra);
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
+    plane.wait_executors(1).await?;
+    Ok((plane, steward))
+}
+
+/// Worker pids Steward knows about right now.
+async fn worker_pids(steward: &AgentProc) -> Result<Vec<u32>> {
+    let (_, fes) = steward.get_json("/state/function-executors").await?;
+    Ok(fes["function_executors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_worker_round_trip() -> Result<()> {
+    let (plane, _steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    let out = plane
+        .invoke_app("fake", "echo", json!({"a": [1, 2]}))
+        .await?;
+    assert_eq!(
+        (out.status.as_str(), out.output),
+        ("success", Some(json!({"a": [1, 2]})))
+    );
+    let out = plane.invoke_app("fake", "fail", json!(1)).await?;
+    assert_eq!(out.failure_reason.as_deref(), Some("FUNCTION_ERROR"));
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_exit_is_noticed_at_once_and_blames_its_allocation() -> Result<()> {
+    // Health checks every 5 s (the default): the exit must be seen without them.
+    let (plane, steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    let started = std::time::Instant::now();
+    let id = plane.start_request("fake", "crash", json!("x")).await?;
+    let out = plane.outcome(&id).await?;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        out.failure_reason.as_deref(),
+        Some("FUNCTION_ERROR"),
+        "{out:?}"
+    );
+    let t = plane.wait_termination("crash").await?;
+    assert_eq!(t["reason"], json!("UNHEALTHY"), "{t}");
+    let log = plane.log().await?;
+    let alloc_id = log["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .last()
+        .map(|r| r["allocation_id"].clone());
+    assert_eq!(
+        t["allocation_ids_caused_termination"],
+        json!([alloc_id.unwrap_or_default()]),
+        "{t}"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(
+        events.to_string().contains("worker exited with code 3"),
+        "{events}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_worker_is_killed_and_reported_unhealthy() -> Result<()> {
+    let (plane, steward) = fake_setup(FunctionOptions::default(), &FAST_HEALTH).await?;
+    let out = plane.invoke_app("fake", "unhealthy", json!("x")).await?;
+    assert_eq!(out.status, "success");
+    let pid = out.function_executor_id.clone();
+    let t = plane.wait_termination("unhealthy").await?;
+    assert_eq!(
+        (
+            t["reason"].clone(),
+            t["allocation_ids_caused_termination"].clone()
+        ),
+        (json!("UNHEALTHY"), json!([])),
+        "{t}"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(
+        events
+            .to_string()
+            .contains("the fake worker was told to be unhealthy"),
+        "{events}"
+    );
+    assert!(pid.is_some());
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initialization_timeout_and_failure_are_startup_failures() -> Result<()> {
+    let options = FunctionOptions {
+        initialization_timeout_ms: 500,
+        ..FunctionOptions::default()
+    };
+    let (plane, _steward) = fake_setup(options, &[]).await?;
+    let hang = plane.start_request("fake", "init_hang", json!("x")).await?;
+    let fail = plane.start_request("fake", "init_fail", json!("x")).await?;
+    let hang = plane.outcome(&hang).await?;
+    let fail = plane.outcome(&fail).await?;
+    assert_eq!(
+        hang.failure_reason.as_deref(),
+        Some("STARTUP_FAILED_FUNCTION_TIMEOUT"),
+        "{hang:?}"
+    );
+    assert_eq!(
+        fail.failure_reason.as_deref(),
+        Some("STARTUP_FAILED_FUNCTION_ERROR"),
+        "{fail:?}"
+    );
+    let t = plane.wait_termination("init_hang").await?;
+    assert_eq!(t["reason"], json!("STARTUP_FAILED_FUNCTION_TIMEOUT"), "{t}");
+    assert_eq!(
+        t["allocation_ids_caused_termination"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{t}"
+    );
+    let t = plane.wait_termination("init_fail").await?;
+    assert_eq!(t["reason"], json!("STARTUP_FAILED_FUNCTION_ERROR"), "{t}");
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_timeout_kills_the_worker() -> Result<()> {
+    let options = FunctionOptions {
+        allocation_timeout_ms: 700,
+        ..FunctionOptions::default()
+    };
+    let (plane, steward) = fake_setup(options, &[]).await?;
+    let id = plane.start_request("fake", "hang", json!("x")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pids = worker_pids(&steward).await?;
+    let out = plane.outcome(&id).await?;
+    assert_eq!(
+        out.failure_reason.as_deref(),
+        Some("FUNCTION_TIMEOUT"),
+        "{out:?}"
+    );
+    let t = plane.wait_termination("hang").await?;
+    assert_eq!(t["reason"], json!("FUNCTION_TIMEOUT"), "{t}");
+    assert_eq!(
+        t["allocation_ids_caused_termination"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{t}"
+    );
+    assert!(
+        !pids.is_empty() && pids.iter().all(|p| !alive(*p)),
+        "timed-out worker still alive: {pids:?}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_allocation_is_cancelled_and_its_worker_killed() -> Result<()> {
+    let (plane, steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    let id = plane.start_request("fake", "hang", json!("x")).await?;
+    steward
+        .wait_json("/state/allocations", Duration::from_secs(30), |_, v| {
+            v.to_string().contains("\"phase\":\"running\"")
+        })
+        .await?;
+    let pids = worker_pids(&steward).await?;
+    assert_eq!(
+        plane
+            .delete(&format!("/v1/namespaces/default/requests/{id}"))
+            .await?,
+        200
+    );
+    let out = plane.outcome(&id).await?;
+    assert_eq!(
+        out.failure_reason.as_deref(),
+        Some("ALLOCATION_CANCELLED"),
+        "{out:?}"
+    );
+    let t = plane.wait_termination("hang").await?;
+    assert_eq!(t["reason"], json!("FUNCTION_CANCELLED"), "{t}");
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "cancelled worker still alive: {pids:?}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_worker_fails_its_running_and_queued_allocations() -> Result<()> {
+    let (plane, steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    let running = plane.start_request("fake", "hang", json!("x")).await?;
+    let queued = plane.start_request("fake", "hang", json!("y")).await?;
+    steward
+        .wait_json("/state/allocations", Duration::from_secs(30), |_, v| {
+            let s = v.to_string();
+            s.contains("\"phase\":\"running\"") && s.contains("\"phase\":\"queued\"")
+        })
+        .await?;
+    assert_eq!(
+        plane
+            .delete("/v1/namespaces/default/applications/fake")
+            .await?,
+        200
+    );
+    for id in [running, queued] {
+        let out = plane.outcome(&id).await?;
+        assert_eq!(
+            out.failure_reason.as_deref(),
+            Some("FUNCTION_EXECUTOR_TERMINATED"),
+            "{out:?}"
+        );
+    }
+    steward
+        .wait_json(
+            "/state/function-executors",
+            Duration::from_secs(30),
+            |_, v| v["function_executors"] == json!([]),
+        )
+        .await?;
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_stream_and_resent_state_restart_nothing() -> Result<()> {
+    let (plane, steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    assert_eq!(
+        plane.invoke_app("fake", "echo", json!(1)).await?.status,
+        "success"
+    );
+    let before = worker_pids(&steward).await?;
+    let executor_id = std::fs::read_to_string(steward.data_dir.path().join("executor_id"))?;
+    assert_eq!(
+        plane
+            .post(&format!("/v1/executors/{}/cut-stream", executor_id.trim()))
+            .await?,
+        200
+    );
+    assert_eq!(
+        plane
+            .post(&format!("/v1/executors/{}/republish", executor_id.trim()))
+            .await?,
+        200
+    );
+    // Work still flows through a new stream, on the same worker.
+    assert_eq!(
+        plane.invoke_app("fake", "echo", json!(2)).await?.output,
+        Some(json!(2))
+    );
+    assert_eq!(worker_pids(&steward).await?, before);
+    let url = format!(
+        "{}/monitoring/metrics",
+        steward.monitoring_url.clone().unwrap_or_default()
+    );
+    let metrics = reqwest::get(url).await?.text().await?;
+    assert!(
+        metrics.contains("steward_function_executor_creations_total 1\n"),
+        "worker restarted:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("steward_desired_state_streams_total 2\n"),
+        "stream not reopened:\n{metrics}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_are_kept_through_an_outage_and_delivered_after() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_fake(FunctionOptions::default()).await?;
+    let grpc = plane.grpc.clone();
+    let bin = support::fake_worker();
+    let args = [
+        "--function-executor-bin",
+        bin.to_str().unwrap_or_default(),
+        "--report-backoff-max-s",
+        "1",
+    ];
+    let steward = AgentProc::steward(&grpc, plane.blob_dir.path(), &args)?;
+    plane.wait_executors(1).await?;
+    let _id = plane
+        .start_request("fake", "sleep_1500", json!("late"))
+        .await?;
+    steward
+        .wait_json("/state/allocations", Duration::from_secs(30), |_, v| {
+            v.to_string().contains("\"phase\":\"running\"")
+        })
+        .await?;
+    let pids = worker_pids(&steward).await?;
+    let (_, allocs) = steward.get_json("/state/allocations").await?;
+    let alloc_id = allocs["allocations"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    // The server goes away while the function runs; the result waits in Steward.
+    let blobs = plane.stop_keep_blobs().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let url = format!(
+        "{}/monitoring/metrics",
+        steward.monitoring_url.clone().unwrap_or_default()
+    );
+    loop {
+        let m = reqwest::get(&url).await?.text().await?;
+        if m.contains("steward_allocations_completed_total{outcome=\"success\"") {
+            assert!(
+                m.contains("steward_pending_allocation_results 1\n")
+                    || m.contains("steward_pending_allocation_results 0\n")
+            );
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the allocation never finished during the outage:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, allocs) = steward.get_json("/state/allocations").await?;
+    assert_eq!(
+        allocs["pending_results"],
+        json!(1),
+        "the result waits in Steward: {allocs}"
+    );
+    assert!(
+        pids.iter().all(|p| alive(*p)),
+        "workers must keep running through an outage"
+    );
+
+    // A server comes back on the same address and receives the kept result.
+    let plane = Plane::start_on(&grpc, blobs).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = plane.log().await?;
+        if log["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|r| r["allocation_id"] == json!(alloc_id))
+        {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "kept result never delivered: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    plane.stop().await;
+    Ok(())
+}
