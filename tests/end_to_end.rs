@@ -164,3 +164,44 @@ async fn sigterm_stops_workers_and_deregisters() -> Result<()> {
     plane.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_sigkilled_run_are_cleaned_on_the_next_start() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &[])?;
+    plane.wait_executors(1).await?;
+    // User code forks a process that stays in the worker's process group.
+    let out = plane.invoke("spawn_sleeper", json!(300)).await?;
+    let sleeper = out.output.and_then(|v| v.as_u64()).expect("sleeper pid") as u32;
+    assert!(alive(sleeper));
+
+    // SIGKILL: the worker dies with Steward, its forked child does not.
+    let data_dir = steward.into_data_dir()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        alive(sleeper),
+        "the forked child should outlive a SIGKILLed agent until the next start"
+    );
+
+    let steward = AgentProc::steward_full(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &[],
+        &support::path_with_venv(),
+        &[],
+        data_dir,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(sleeper) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !alive(sleeper),
+        "leftover process {sleeper} was not cleaned"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(events.to_string().contains("leftover_cleaned"), "{events}");
+    plane.stop().await;
+    Ok(())
+}

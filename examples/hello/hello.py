@@ -35,3 +35,11 @@ def visible_gpus(_: str) -> str:
 @function(description="Returns its input twice (used to move large payloads through the blob store)")
 def echo_twice(text: str) -> str:
     return text + text
+
+
+@application()
+@function(description="Starts a background `sleep` (like user code that forks) and returns its pid")
+def spawn_sleeper(seconds: int) -> int:
+    import subprocess
+
+    return subprocess.Popen(["sleep", str(seconds)]).pid

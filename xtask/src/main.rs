@@ -93,7 +93,7 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["build", "--workspace", "--all-targets"]))?;
     run(cargo()
         .current_dir(root())
-        .args(["test", "--workspace", "--all-targets"])
+        .args(["test", "--workspace", "--all-targets", "--all-features"])
         .args(extra)
         .env("STEWARD_VENV", &venv))
 }

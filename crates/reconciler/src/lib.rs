@@ -174,6 +174,13 @@ impl Agent {
                 },
             )?;
         let shared = state::Shared::new(config, metrics, code_cache);
+        for (fe_id, killed) in fe::reap_leftovers(&shared.config.data_dir.join("workers")) {
+            shared.event(
+                "leftover_cleaned",
+                &fe_id,
+                format!("a previous run left worker {fe_id} behind; killed {killed} leftover process(es)"),
+            );
+        }
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);

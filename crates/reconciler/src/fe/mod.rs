@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use allocation::AllocOutcome;
 pub(crate) use allocation::failed_result;
 use process::FeProcess;
+pub(crate) use process::reap_leftovers;
 
 use crate::fe_pb::function_executor_client::FunctionExecutorClient;
 use crate::state::{AllocPhase, Shared, TimelineEntry};
@@ -271,6 +272,7 @@ impl Controller {
 
     /// Forgets this worker and lets the reconciler recreate the id if wanted.
     async fn finish(&mut self) {
+        process::forget(&self.shared.config.data_dir.join("workers"), &self.id);
         self.shared.state.lock().fes.remove(&self.id);
         self.shared
             .event("function_executor_removed", &self.id, "controller stopped");
@@ -529,6 +531,7 @@ async fn start(
         .inc();
     let code = code.to_vec();
     let mut process = process::spawn(&shared.config, &id, &gpus).map_err(internal)?;
+    process::record(&shared.config.data_dir.join("workers"), &id, process.pid);
     {
         let mut st = shared.state.lock();
         if let Some(fe) = st.fes.get_mut(&id) {

@@ -188,3 +188,71 @@ mod tests {
         );
     }
 }
+
+/// Fields of `/proc/<pid>/stat` we need: (pgid, start time in clock ticks).
+fn stat_of(pid: u32) -> Option<(u32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: split after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): pgid is field 5, starttime field 22.
+    let pgid = fields.get(2)?.parse().ok()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((pgid, start))
+}
+
+/// Records a running worker's process group in `dir`, so that a later run
+/// can clean up after a Steward that was SIGKILLed.
+pub(crate) fn record(dir: &std::path::Path, fe_id: &str, pid: u32) {
+    let Some((_, start)) = stat_of(pid) else {
+        return;
+    };
+    if std::fs::create_dir_all(dir).is_ok() {
+        let _ = std::fs::write(dir.join(fe_id), format!("{pid} {start}\n"));
+    }
+}
+
+pub(crate) fn forget(dir: &std::path::Path, fe_id: &str) {
+    let _ = std::fs::remove_file(dir.join(fe_id));
+}
+
+/// Kills what workers of a previous run left behind (processes forked by
+/// user code survive their worker, keeping its process group) and clears
+/// the records. Returns (worker id, processes killed) for each record.
+pub(crate) fn reap_leftovers(dir: &std::path::Path) -> Vec<(String, usize)> {
+    let mut reaped = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return reaped;
+    };
+    for e in entries.flatten() {
+        let fe_id = e.file_name().to_string_lossy().to_string();
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let mut parts = text.split_whitespace();
+        let (Some(pgid), Some(start)) = (
+            parts.next().and_then(|p| p.parse::<u32>().ok()),
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+        ) else {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        };
+        // A live leader with another start time means the id was reused: not ours.
+        let reused = stat_of(pgid).is_some_and(|(_, s)| s != start);
+        let mut killed = 0;
+        if !reused {
+            let members: Vec<u32> = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|p| p.file_name().to_string_lossy().parse::<u32>().ok())
+                .filter(|pid| stat_of(*pid).is_some_and(|(g, _)| g == pgid))
+                .collect();
+            if !members.is_empty() {
+                signal_group(pgid, Signal::SIGKILL);
+                killed = members.len();
+            }
+        }
+        let _ = std::fs::remove_file(e.path());
+        reaped.push((fe_id, killed));
+    }
+    reaped
+}
