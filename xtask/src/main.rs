@@ -4,6 +4,9 @@
 //!   plane, running the real Tensorlake functions of `examples/hello`.
 //! - `cargo xtask test`: every test, after making sure the Python venv with
 //!   the pinned reference packages exists.
+//! - `cargo xtask bench`: release builds, then the side-by-side harness
+//!   (`crates/bench`) against the reference executor; the table also goes to
+//!   `target/bench/results.md`. Not part of `test`.
 //!
 //! Both create `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
 
@@ -22,9 +25,12 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo(args.iter().any(|a| a == "--once")),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         Some("venv") => ensure_venv().map(|p| println!("{}", p.display())),
         _ => {
-            eprintln!("usage: cargo xtask <demo [--once] | test [cargo test args] | venv>");
+            eprintln!(
+                "usage: cargo xtask <demo [--once] | test [cargo test args] | bench [harness args] | venv>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -95,6 +101,29 @@ fn test(extra: &[String]) -> Result<()> {
         .current_dir(root())
         .args(["test", "--workspace", "--all-targets", "--all-features"])
         .args(extra)
+        .env("STEWARD_VENV", &venv))
+}
+
+fn bench(extra: &[String]) -> Result<()> {
+    let venv = ensure_venv()?;
+    let root = root();
+    run(cargo().current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "steward",
+        "-p",
+        "steward-fake-worker",
+        "-p",
+        "steward-bench",
+    ]))?;
+    std::fs::create_dir_all(root.join("target/bench"))?;
+    run(Command::new(root.join("target/release/steward-bench"))
+        .current_dir(&root)
+        .args(extra)
+        .arg("--out")
+        .arg(root.join("target/bench/results.md"))
+        .env("STEWARD_BIN", root.join("target/release/steward"))
         .env("STEWARD_VENV", &venv))
 }
 

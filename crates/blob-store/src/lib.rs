@@ -226,6 +226,15 @@ impl BlobStore {
         self.ttl.max(at_least)
     }
 
+    /// Checks that `uri` names a blob this store may hand out: a supported
+    /// scheme and, for `file://`, a location inside the allowed roots.
+    pub fn check_uri(&self, uri: &str) -> Result<(), BlobError> {
+        match Self::scheme(uri)? {
+            Scheme::File => self.local.resolve(uri).map(|_| ()),
+            Scheme::S3 => s3::split(uri).map(|_| ()),
+        }
+    }
+
     /// Reads a whole blob.
     pub async fn get(&self, uri: &str) -> Result<Bytes, BlobError> {
         self.timed("get", |b: &Bytes| b.len() as u64, async {

@@ -9,6 +9,7 @@
 //! - `GET /v1/executors`: registered executors and their workers.
 //! - `POST /v1/executors/{id}/cut-stream`, `POST /v1/executors/{id}/republish`: fault injection.
 //! - `GET /v1/log`: every allocation result and worker termination reported.
+//! - `POST .../functions/{fn}/batch?count=N`, `GET /v1/stats`, `DELETE /v1/stats`: benchmarks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,6 +165,52 @@ async fn republish(State(s): State<S>, Path(id): Path<String>) -> Response {
     done(s.republish(&id))
 }
 
+async fn stats(State(s): State<S>) -> Response {
+    (StatusCode::OK, axum::Json(s.stats())).into_response()
+}
+
+async fn forget_finished(State(s): State<S>) -> Response {
+    s.forget_finished();
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({"status": "ok"})),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchQuery {
+    count: usize,
+}
+
+/// Starts `count` requests with the same JSON input at once.
+async fn invoke_batch(
+    State(s): State<S>,
+    Path((ns, app, function)): Path<(String, String, String)>,
+    Query(q): Query<BatchQuery>,
+    body: Bytes,
+) -> Response {
+    let ids = match s
+        .invoke_many(
+            &ns,
+            &app,
+            &function,
+            body.to_vec(),
+            "application/json",
+            q.count,
+        )
+        .await
+    {
+        Ok(ids) => ids,
+        Err(e) => return error(e),
+    };
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"request_ids": ids})),
+    )
+        .into_response()
+}
+
 async fn log(State(s): State<S>) -> Response {
     (StatusCode::OK, axum::Json(s.log())).into_response()
 }
@@ -190,6 +237,11 @@ pub(crate) async fn serve(
         .route("/v1/executors/{id}/cut-stream", post(cut_stream))
         .route("/v1/executors/{id}/republish", post(republish))
         .route("/v1/log", get(log))
+        .route("/v1/stats", get(stats).delete(forget_finished))
+        .route(
+            "/v1/namespaces/{ns}/applications/{app}/functions/{function}/batch",
+            post(invoke_batch),
+        )
         .layer(DefaultBodyLimit::max(1 << 30))
         .with_state(sched);
     axum::serve(listener, app)

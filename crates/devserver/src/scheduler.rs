@@ -86,6 +86,9 @@ struct Fe {
     executor_id: String,
     description: pb::FunctionExecutorDescription,
     key: (String, String, String, String),
+    placed_at: Instant,
+    /// Placement to the first report saying RUNNING.
+    running_after: Option<Duration>,
 }
 
 struct Request {
@@ -111,6 +114,8 @@ struct Inner {
     /// reported, for tests (bounded).
     log_results: Vec<serde_json::Value>,
     log_terminations: Vec<serde_json::Value>,
+    /// Placement-to-RUNNING times of workers, in milliseconds.
+    cold_starts_ms: Vec<f64>,
 }
 
 const LOG_LIMIT: usize = 10_000;
@@ -239,6 +244,25 @@ impl Scheduler {
         body: Vec<u8>,
         content_type: &str,
     ) -> Result<String, DevServerError> {
+        let ids = self
+            .invoke_many(namespace, application, function, body, content_type, 1)
+            .await?;
+        ids.into_iter()
+            .next()
+            .ok_or_else(|| DevServerError::App("no request created".into()))
+    }
+
+    /// Starts `count` requests with the same input (stored once, by its
+    /// sha256) and places them all with one desired-state update.
+    pub async fn invoke_many(
+        self: &Arc<Self>,
+        namespace: &str,
+        application: &str,
+        function: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        count: usize,
+    ) -> Result<Vec<String>, DevServerError> {
         {
             let inner = self.inner.lock();
             let app = inner
@@ -254,9 +278,8 @@ impl Scheduler {
                 )));
             }
         }
-        let request_id = id();
-        let input_uri = self.uri(&format!("requests/{request_id}/input"));
         let sha = sha256_hex(&body);
+        let input_uri = self.uri(&format!("inputs/{sha}"));
         let size = body.len() as u64;
         self.blobs.put(&input_uri, body.into()).await?;
         let json = content_type.starts_with("application/json");
@@ -277,54 +300,62 @@ impl Scheduler {
             id: Some(id()),
         };
         let mut inner = self.inner.lock();
-        let version = inner
-            .apps
-            .get(&(namespace.to_string(), application.to_string()))
-            .map(|a| a.version.clone())
-            .unwrap_or_default();
-        let allocation = pb::Allocation {
-            function: Some(pb::FunctionRef {
-                namespace: Some(namespace.into()),
-                application_name: Some(application.into()),
-                function_name: Some(function.into()),
-                application_version: Some(version),
-            }),
-            allocation_id: Some(id()),
-            function_call_id: Some(request_id.clone()),
-            request_id: Some(request_id.clone()),
-            args: vec![arg],
-            request_data_payload_uri_prefix: Some(self.uri(&format!("requests/{request_id}/data"))),
-            request_error_payload_uri_prefix: Some(
-                self.uri(&format!("requests/{request_id}/error")),
-            ),
-            function_executor_id: None,
-            function_call_metadata: Some(Vec::new()),
-        };
-        inner.requests.insert(
-            request_id.clone(),
-            Request {
-                allocation_id: allocation.allocation_id.clone().unwrap_or_default(),
-                outcome: RequestOutcome {
-                    request_id: request_id.clone(),
-                    namespace: namespace.into(),
-                    application: application.into(),
-                    function: function.into(),
-                    status: "pending".into(),
-                    failure_reason: None,
-                    output: None,
-                    output_content_type: None,
-                    request_error: None,
-                    execution_duration_ms: None,
-                    executor_id: None,
-                    function_executor_id: None,
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            let request_id = id();
+            let arg = arg.clone();
+            let version = inner
+                .apps
+                .get(&(namespace.to_string(), application.to_string()))
+                .map(|a| a.version.clone())
+                .unwrap_or_default();
+            let allocation = pb::Allocation {
+                function: Some(pb::FunctionRef {
+                    namespace: Some(namespace.into()),
+                    application_name: Some(application.into()),
+                    function_name: Some(function.into()),
+                    application_version: Some(version),
+                }),
+                allocation_id: Some(id()),
+                function_call_id: Some(request_id.clone()),
+                request_id: Some(request_id.clone()),
+                args: vec![arg],
+                request_data_payload_uri_prefix: Some(
+                    self.uri(&format!("requests/{request_id}/data")),
+                ),
+                request_error_payload_uri_prefix: Some(
+                    self.uri(&format!("requests/{request_id}/error")),
+                ),
+                function_executor_id: None,
+                function_call_metadata: Some(Vec::new()),
+            };
+            inner.requests.insert(
+                request_id.clone(),
+                Request {
+                    allocation_id: allocation.allocation_id.clone().unwrap_or_default(),
+                    outcome: RequestOutcome {
+                        request_id: request_id.clone(),
+                        namespace: namespace.into(),
+                        application: application.into(),
+                        function: function.into(),
+                        status: "pending".into(),
+                        failure_reason: None,
+                        output: None,
+                        output_content_type: None,
+                        request_error: None,
+                        execution_duration_ms: None,
+                        executor_id: None,
+                        function_executor_id: None,
+                    },
+                    allocation: Some(allocation),
+                    done: watch::Sender::new(false),
                 },
-                allocation: Some(allocation),
-                done: watch::Sender::new(false),
-            },
-        );
-        inner.unplaced.push(request_id.clone());
+            );
+            inner.unplaced.push(request_id.clone());
+            ids.push(request_id);
+        }
         self.place(&mut inner);
-        Ok(request_id)
+        Ok(ids)
     }
 
     /// Places waiting requests on function executors, creating those as needed.
@@ -428,6 +459,8 @@ impl Scheduler {
                 executor_id: executor_id.clone(),
                 description,
                 key: key.clone(),
+                placed_at: Instant::now(),
+                running_after: None,
             },
         );
         Some((fe_id, executor_id))
@@ -469,6 +502,21 @@ impl Scheduler {
                 Some((id, reason, s.allocation_ids_caused_termination.clone()))
             })
             .collect();
+        for s in &state.function_executor_states {
+            if s.status() != pb::FunctionExecutorStatus::Running {
+                continue;
+            }
+            let Some(id) = s.description.as_ref().and_then(|d| d.id.as_deref()) else {
+                continue;
+            };
+            if let Some(fe) = inner.fes.get_mut(id) {
+                if fe.running_after.is_none() {
+                    let after = fe.placed_at.elapsed();
+                    fe.running_after = Some(after);
+                    inner.cold_starts_ms.push(after.as_secs_f64() * 1000.0);
+                }
+            }
+        }
         let is_new = !inner.executors.contains_key(&executor_id);
         if stopped {
             inner.executors.remove(&executor_id);
@@ -649,6 +697,30 @@ impl Scheduler {
             .requests
             .get(request_id)
             .map(|r| (r.outcome.clone(), r.done.subscribe()))
+    }
+
+    /// Counts for benchmarks: requests by status, workers placed and running,
+    /// and every worker's placement-to-RUNNING time.
+    pub fn stats(&self) -> serde_json::Value {
+        let inner = self.inner.lock();
+        let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in inner.requests.values() {
+            *by_status.entry(r.outcome.status.as_str()).or_default() += 1;
+        }
+        serde_json::json!({
+            "requests": by_status,
+            "function_executors": inner.fes.len(),
+            "function_executors_running": inner.fes.values().filter(|f| f.running_after.is_some()).count(),
+            "cold_starts_ms": inner.cold_starts_ms,
+        })
+    }
+
+    /// Forgets finished requests (keeps memory flat across benchmark rounds).
+    pub fn forget_finished(&self) {
+        self.inner
+            .lock()
+            .requests
+            .retain(|_, r| r.outcome.status == "pending");
     }
 
     /// What executors reported: every allocation result and worker termination.

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::fe::{self, FeCommand};
 use crate::pb;
 use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry, function_label};
-use crate::validate::{validate_allocation, validate_function_executor};
+use crate::validate::{
+    admit_allocation, admit_function_executor, validate_allocation, validate_function_executor,
+};
 
 /// How often an idle reconcile loop proves it is alive.
 pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -92,7 +94,14 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &pb::DesiredExecutorState) {
             if st.fes.contains_key(id) {
                 continue; // Immutable per id; an entry being removed is recreated once it is gone.
             }
-            match validate_function_executor(d) {
+            let verdict = validate_function_executor(d).and_then(|()| {
+                admit_function_executor(
+                    d,
+                    &shared.config.function_executor_resources,
+                    &shared.config.blob_store,
+                )
+            });
+            match verdict {
                 Ok(()) => {
                     let tx = fe::spawn(shared.clone(), d.clone());
                     st.fes.insert(
@@ -171,13 +180,15 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &pb::DesiredExecutorState) {
                 continue; // Immutable per id.
             }
             let fe_id = a.function_executor_id.clone().unwrap_or_default();
-            let verdict = validate_allocation(a).map_err(|r| {
-                (
-                    r.code,
-                    r.message,
-                    pb::AllocationFailureReason::InternalError,
-                )
-            });
+            let verdict = validate_allocation(a)
+                .and_then(|()| admit_allocation(a, &shared.config.blob_store))
+                .map_err(|r| {
+                    (
+                        r.code,
+                        r.message,
+                        pb::AllocationFailureReason::InternalError,
+                    )
+                });
             let verdict = verdict.and_then(|()| match st.fes.get(&fe_id) {
                 Some(fe) if !fe.removing && fe.tx.is_some() => Ok(()),
                 Some(_) => Err((

@@ -20,6 +20,19 @@ pub const MAX_REPORT_BYTES: usize = 10 * 1024 * 1024;
 /// Deadline of one report RPC.
 pub const REPORT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Waits between failed reports: jittered, ×3 from 3× the report interval
+/// up to `report_backoff_max` (the reference's 5 → 15 → 45 → ... → 300 s).
+fn report_backoff(c: &crate::AgentConfig) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay((c.report_interval * 3).min(c.report_backoff_max))
+        .with_max_delay(c.report_backoff_max)
+        .with_factor(3.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// A lazily connecting channel to the server.
 pub(crate) fn channel(addr: &str) -> Result<Channel, AgentError> {
     let url = if addr.contains("://") {
@@ -127,7 +140,8 @@ pub(crate) fn build_request(shared: &Shared) -> (pb::ReportExecutorStateRequest,
 /// off ×3 up to `report_backoff_max` while reports fail.
 pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: CancellationToken) {
     let mut client = client(channel);
-    let mut interval = shared.config.report_interval;
+    let mut interval;
+    let mut backoff = report_backoff(&shared.config);
     loop {
         let (request, carried) = build_request(&shared);
         let started = Instant::now();
@@ -182,6 +196,7 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
                 }
                 shared.reports_ok.send_modify(|n| *n += 1);
                 interval = shared.config.report_interval;
+                backoff = report_backoff(&shared.config);
             }
             Some(e) => {
                 more_results = false;
@@ -201,7 +216,7 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
                 } else {
                     tracing::debug!(error = %e, "state report failed");
                 }
-                interval = (interval * 3).min(shared.config.report_backoff_max);
+                interval = backoff.next().unwrap_or(shared.config.report_backoff_max);
             }
         }
         if more_results {

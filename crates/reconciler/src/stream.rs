@@ -18,6 +18,18 @@ use crate::state::Shared;
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// Jittered 50 ms → 500 ms → 5 s between reopen attempts.
+fn stream_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(BACKOFF_START)
+        .with_max_delay(BACKOFF_MAX)
+        .with_factor(10.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
     channel: Channel,
@@ -27,7 +39,7 @@ pub(crate) async fn run_loop(
     let mut client = client(channel);
     let mut reports_ok = shared.reports_ok.subscribe();
     let mut required_reports = 1u64;
-    let mut backoff = BACKOFF_START;
+    let mut backoff = stream_backoff();
     loop {
         // Wait for a report that succeeded after the last stream failure.
         loop {
@@ -77,7 +89,7 @@ pub(crate) async fn run_loop(
                         }
                         Ok(Ok(None)) => break "server closed the stream".to_string(),
                         Ok(Ok(Some(desired))) => {
-                            backoff = BACKOFF_START;
+                            backoff = stream_backoff();
                             shared.metrics.desired_states_received.inc();
                             desired_tx.send_replace(Some(desired));
                         }
@@ -89,10 +101,10 @@ pub(crate) async fn run_loop(
         tracing::warn!(reason = %reason, "desired state stream interrupted");
         required_reports = *reports_ok.borrow() + 1;
         shared.report_now.notify_one();
+        let wait = backoff.next().unwrap_or(BACKOFF_MAX);
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 10).min(BACKOFF_MAX);
     }
 }

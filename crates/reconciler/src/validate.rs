@@ -160,7 +160,7 @@ pub fn validate_allocation(a: &pb::Allocation) -> Result<(), Rejection> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn good_fe() -> pb::FunctionExecutorDescription {
@@ -222,5 +222,143 @@ mod tests {
     fn allocation_requires_ids() {
         let e = validate_allocation(&pb::Allocation::default()).expect_err("empty");
         assert_eq!(e.message, "allocation.allocation_id is missing or empty");
+    }
+}
+
+/// Checks that one worker fits what this host gives workers (a server bug or
+/// a stale placement must not overcommit the host) and that its code URI is
+/// one this agent may fetch.
+pub(crate) fn admit_function_executor(
+    d: &pb::FunctionExecutorDescription,
+    allocatable: &pb::HostResources,
+    blobs: &steward_blob_store::BlobStore,
+) -> Result<(), Rejection> {
+    let too_big = |what: &str, want: u64, have: u64| Rejection {
+        code: "exceeds_allocatable",
+        message: format!(
+            "function executor asks for {want} {what} but this host gives workers at most {have}"
+        ),
+    };
+    if let Some(r) = &d.resources {
+        let cpus = u64::from(r.cpu_ms_per_sec.unwrap_or(0)).div_ceil(1000);
+        let have = u64::from(allocatable.cpu_count.unwrap_or(0));
+        if cpus > have {
+            return Err(too_big("CPU(s)", cpus, have));
+        }
+        let (mem, have) = (
+            r.memory_bytes.unwrap_or(0),
+            allocatable.memory_bytes.unwrap_or(0),
+        );
+        if mem > have {
+            return Err(too_big("bytes of memory", mem, have));
+        }
+        let (disk, have) = (
+            r.disk_bytes.unwrap_or(0),
+            allocatable.disk_bytes.unwrap_or(0),
+        );
+        if disk > have {
+            return Err(too_big("bytes of disk", disk, have));
+        }
+        let gpus = r.gpu.as_ref().and_then(|g| g.count).unwrap_or(0);
+        let have = allocatable.gpu.as_ref().and_then(|g| g.count).unwrap_or(0);
+        if gpus > have {
+            return Err(too_big("GPU(s)", u64::from(gpus), u64::from(have)));
+        }
+    }
+    let uri = d
+        .application
+        .as_ref()
+        .and_then(|a| a.uri.as_deref())
+        .unwrap_or("");
+    blobs.check_uri(uri).map_err(|e| Rejection {
+        code: "uri_not_allowed",
+        message: format!("function_executor.application: {e}"),
+    })
+}
+
+/// Checks that every blob an allocation names is one this agent may use.
+pub(crate) fn admit_allocation(
+    a: &pb::Allocation,
+    blobs: &steward_blob_store::BlobStore,
+) -> Result<(), Rejection> {
+    let bad = |what: String, e: steward_blob_store::BlobError| Rejection {
+        code: "uri_not_allowed",
+        message: format!("{what}: {e}"),
+    };
+    for (i, arg) in a.args.iter().enumerate() {
+        blobs
+            .check_uri(arg.uri.as_deref().unwrap_or(""))
+            .map_err(|e| bad(format!("allocation.args[{i}]"), e))?;
+    }
+    for (what, prefix) in [
+        (
+            "allocation.request_data_payload_uri_prefix",
+            &a.request_data_payload_uri_prefix,
+        ),
+        (
+            "allocation.request_error_payload_uri_prefix",
+            &a.request_error_payload_uri_prefix,
+        ),
+    ] {
+        let probe = format!("{}.probe", prefix.as_deref().unwrap_or(""));
+        blobs
+            .check_uri(&probe)
+            .map_err(|e| bad(what.to_string(), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+
+    #[test]
+    fn oversized_worker_and_escaping_uris_are_rejected() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let blobs = steward_blob_store::BlobStore::new(steward_blob_store::BlobStoreConfig {
+            local_roots: vec![root.path().to_path_buf()],
+            ..Default::default()
+        });
+        let host = pb::HostResources {
+            cpu_count: Some(2),
+            memory_bytes: Some(1 << 30),
+            disk_bytes: Some(1 << 30),
+            gpu: None,
+        };
+        let mut d = tests::good_fe();
+        d.application
+            .as_mut()
+            .map(|a| a.uri = Some(format!("file://{}/code.zip", root.path().display())));
+        assert_eq!(admit_function_executor(&d, &host, &blobs), Ok(()));
+        d.resources.as_mut().map(|r| r.cpu_ms_per_sec = Some(2500));
+        let e = admit_function_executor(&d, &host, &blobs).expect_err("3 cpus");
+        assert_eq!(
+            e.message,
+            "function executor asks for 3 CPU(s) but this host gives workers at most 2"
+        );
+        let mut d = tests::good_fe();
+        d.application
+            .as_mut()
+            .map(|a| a.uri = Some("file:///etc/shadow".into()));
+        assert_eq!(
+            admit_function_executor(&d, &host, &blobs)
+                .expect_err("escape")
+                .code,
+            "uri_not_allowed"
+        );
+        let a = pb::Allocation {
+            request_data_payload_uri_prefix: Some(format!(
+                "file://{}/../../x",
+                root.path().display()
+            )),
+            request_error_payload_uri_prefix: Some(format!("file://{}/err", root.path().display())),
+            ..Default::default()
+        };
+        assert!(
+            admit_allocation(&a, &blobs)
+                .expect_err("dotdot")
+                .message
+                .contains("'..'")
+        );
     }
 }

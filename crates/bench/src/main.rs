@@ -1,0 +1,723 @@
+//! `steward-bench`: runs each scenario against Steward and against the
+//! reference Python executor (`indexify-cli executor` from the venv), on the
+//! same dev control plane code, alternating agents, for several rounds, and
+//! prints a table of medians, spread and the Steward/reference ratio.
+//! `cargo xtask bench` builds everything in release mode and runs it.
+//!
+//! Must not know about: Steward's internals; it drives both agents from the
+//! outside (processes, the control plane, monitoring endpoints, /proc).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, client};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Agent {
+    Steward,
+    Reference,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Worker {
+    Real,
+    Fake,
+}
+
+struct Env {
+    steward: PathBuf,
+    fake_worker: PathBuf,
+    venv: PathBuf,
+    repo: PathBuf,
+    /// A directory whose `function-executor` is the fake worker (for the reference).
+    fake_path_dir: tempfile::TempDir,
+}
+
+struct Plane {
+    server: Option<DevServer>,
+    _blobs: tempfile::TempDir,
+    blob_dir: PathBuf,
+    url: String,
+    grpc: String,
+}
+
+impl Plane {
+    async fn start() -> Result<Plane> {
+        let blobs = tempfile::tempdir()?;
+        let server = DevServer::start(DevServerConfig {
+            grpc_addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+            blob_dir: blobs.path().to_path_buf(),
+            s3_base: None,
+            s3: Default::default(),
+        })
+        .await?;
+        let url = server.http_url();
+        let grpc = server.grpc_addr.to_string();
+        let blob_dir = std::fs::canonicalize(blobs.path())?;
+        Ok(Plane {
+            server: Some(server),
+            _blobs: blobs,
+            blob_dir,
+            url,
+            grpc,
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+    }
+
+    async fn deploy(
+        &self,
+        env: &Env,
+        dir: &str,
+        name: &str,
+        options: &FunctionOptions,
+    ) -> Result<()> {
+        client::deploy(
+            &self.url,
+            "default",
+            name,
+            "1",
+            &env.repo.join(dir),
+            options,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn invoke(
+        &self,
+        app: &str,
+        function: &str,
+        input: Value,
+    ) -> Result<steward_devserver::RequestOutcome> {
+        let out = client::invoke(&self.url, "default", app, function, &input, 300).await?;
+        if out.status != "success" {
+            bail!("{app}/{function} did not succeed: {out:?}");
+        }
+        Ok(out)
+    }
+
+    async fn batch(&self, app: &str, function: &str, count: usize) -> Result<()> {
+        let url = format!(
+            "{}/v1/namespaces/default/applications/{app}/functions/{function}/batch?count={count}",
+            self.url
+        );
+        let resp = reqwest::Client::new()
+            .post(url)
+            .body("\"x\"")
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("batch failed: {}", resp.text().await?);
+        }
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<Value> {
+        Ok(reqwest::get(format!("{}/v1/stats", self.url))
+            .await?
+            .json()
+            .await?)
+    }
+
+    async fn wait_executor(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client::executors(&self.url)
+            .await?
+            .as_array()
+            .is_none_or(|a| a.is_empty())
+        {
+            if Instant::now() > deadline {
+                bail!("agent did not register within 60s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    /// Waits until no request is pending; fails after `limit`.
+    async fn drain(&self, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let s = self.stats().await?;
+            let pending = s["requests"]["pending"].as_u64().unwrap_or(0);
+            let failed = s["requests"]["failure"].as_u64().unwrap_or(0);
+            if failed > 0 {
+                bail!("{failed} request(s) failed");
+            }
+            if pending == 0 {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > limit {
+                bail!(
+                    "{pending} request(s) still pending after {}s",
+                    limit.as_secs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+struct AgentProc {
+    child: Child,
+    monitoring: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        // Whole group: the reference executor leaks its workers otherwise.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn clock_ticks() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
+impl AgentProc {
+    fn start(env: &Env, agent: Agent, plane: &Plane, worker: Worker) -> Result<AgentProc> {
+        use std::os::unix::process::CommandExt;
+        let data = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let venv_bin = env.venv.join("bin");
+        let path = match (agent, worker) {
+            (Agent::Reference, Worker::Fake) => format!(
+                "{}:{}",
+                env.fake_path_dir.path().display(),
+                venv_bin.display()
+            ),
+            _ => format!("{}", venv_bin.display()),
+        };
+        let path = format!("{path}:{}", std::env::var("PATH").unwrap_or_default());
+        let mut cmd = match agent {
+            Agent::Steward => {
+                let mut c = Command::new(&env.steward);
+                c.args([
+                    "--grpc-server-addr",
+                    &plane.grpc,
+                    "--monitoring-server-host",
+                    "127.0.0.1",
+                ])
+                .args(["--monitoring-server-port", &port.to_string()])
+                .arg("--executor-cache-path")
+                .arg(data.path())
+                .arg("--blob-root")
+                .arg(&plane.blob_dir)
+                .env("RUST_LOG", "warn");
+                if worker == Worker::Fake {
+                    c.arg("--function-executor-bin").arg(&env.fake_worker);
+                }
+                c
+            }
+            Agent::Reference => {
+                let mut c = Command::new(venv_bin.join("indexify-cli"));
+                c.args([
+                    "executor",
+                    "--grpc-server-addr",
+                    &plane.grpc,
+                    "--monitoring-server-host",
+                    "127.0.0.1",
+                ])
+                .args(["--monitoring-server-port", &port.to_string()])
+                .arg("--executor-cache-path")
+                .arg(data.path());
+                c
+            }
+        };
+        let child = cmd
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {agent:?}"))?;
+        Ok(AgentProc {
+            child,
+            monitoring: format!("http://127.0.0.1:{port}"),
+            _data: data,
+        })
+    }
+
+    /// CPU seconds (user + system) used so far by the agent process itself.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|r| r.1).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / clock_ticks()
+    }
+
+    /// (current RSS, peak RSS) in MiB.
+    fn rss_mib(&self) -> (f64, f64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        let kb = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+    }
+
+    async fn wait_startup(&self) -> Result<Duration> {
+        let started = Instant::now();
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http
+                .get(format!("{}/monitoring/startup", self.monitoring))
+                .send()
+                .await
+            {
+                if r.status().is_success() {
+                    return Ok(started.elapsed());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("startup probe never turned 200");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Samples of one metric per agent.
+#[derive(Default)]
+struct Table {
+    rows: BTreeMap<(usize, String), (String, Vec<f64>, Vec<f64>, Option<String>)>,
+    order: usize,
+}
+
+impl Table {
+    fn add(&mut self, metric: &str, unit: &str, agent: Agent, value: f64) {
+        let next = self.order;
+        let key = self
+            .rows
+            .keys()
+            .find(|(_, m)| m == metric)
+            .cloned()
+            .unwrap_or_else(|| (next, metric.to_string()));
+        if key.0 == next {
+            self.order += 1;
+        }
+        let row = self
+            .rows
+            .entry(key)
+            .or_insert_with(|| (unit.to_string(), Vec::new(), Vec::new(), None));
+        match agent {
+            Agent::Steward => row.1.push(value),
+            Agent::Reference => row.2.push(value),
+        }
+    }
+
+    fn fail(&mut self, metric: &str, agent: Agent, why: &str) {
+        let next = self.order;
+        let key = self
+            .rows
+            .keys()
+            .find(|(_, m)| m == metric)
+            .cloned()
+            .unwrap_or_else(|| (next, metric.to_string()));
+        if key.0 == next {
+            self.order += 1;
+        }
+        let row = self
+            .rows
+            .entry(key)
+            .or_insert_with(|| (String::new(), Vec::new(), Vec::new(), None));
+        row.3 = Some(format!("{agent:?}: {why}"));
+    }
+
+    fn render(&self) -> String {
+        let stat = |v: &[f64]| -> String {
+            if v.is_empty() {
+                return "-".into();
+            }
+            let mut s = v.to_vec();
+            s.sort_by(|a, b| a.total_cmp(b));
+            let med = s[s.len() / 2];
+            if s.len() > 1 {
+                format!("{} ({}–{})", fmt(med), fmt(s[0]), fmt(s[s.len() - 1]))
+            } else {
+                fmt(med)
+            }
+        };
+        let median = |v: &[f64]| {
+            let mut s = v.to_vec();
+            s.sort_by(|a, b| a.total_cmp(b));
+            s.get(s.len() / 2).copied()
+        };
+        let mut out = String::from(
+            "| metric | unit | Steward median (min–max) | reference median (min–max) | Steward / reference |\n|---|---|---|---|---|\n",
+        );
+        for ((_, metric), (unit, st, re, note)) in &self.rows {
+            let ratio = match (median(st), median(re)) {
+                (Some(a), Some(b)) if b != 0.0 => format!("{:.3}", a / b),
+                _ => "-".into(),
+            };
+            let note = note
+                .as_deref()
+                .map(|n| format!(" ({n})"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "| {metric}{note} | {unit} | {} | {} | {ratio} |\n",
+                stat(st),
+                stat(re)
+            ));
+        }
+        out
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Startup, cold start and warm sequential latency with one kind of worker.
+async fn latency(env: &Env, agent: Agent, worker: Worker, n: usize, t: &mut Table) -> Result<()> {
+    let plane = Plane::start().await?;
+    let (dir, app, function, input, label) = match worker {
+        Worker::Real => (
+            "examples/hello",
+            "hello",
+            "greet",
+            json!("bench"),
+            "real worker",
+        ),
+        Worker::Fake => ("examples/fake", "fake", "noop", json!("x"), "fake worker"),
+    };
+    plane
+        .deploy(env, dir, app, &FunctionOptions::default())
+        .await?;
+    let proc = AgentProc::start(env, agent, &plane, worker)?;
+    let startup = proc.wait_startup().await?;
+    plane.wait_executor().await?;
+    if worker == Worker::Fake {
+        t.add(
+            "6. agent start → /monitoring/startup 200",
+            "ms",
+            agent,
+            startup.as_secs_f64() * 1000.0,
+        );
+    }
+    plane.invoke(app, function, input.clone()).await?;
+    if let Some(c) = plane.stats().await?["cold_starts_ms"]
+        .get(0)
+        .and_then(Value::as_f64)
+    {
+        t.add(
+            &format!("3. cold start: new worker → RUNNING reported ({label})"),
+            "ms",
+            agent,
+            c,
+        );
+    }
+    for _ in 0..3 {
+        plane.invoke(app, function, input.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        plane.invoke(app, function, input.clone()).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    for (p, name) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
+        t.add(
+            &format!("1. sequential latency, warm {label}, {name}"),
+            "ms",
+            agent,
+            percentile(&samples, p),
+        );
+    }
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
+/// 2,000 allocations over 4 workers with max_concurrency 8 (fake worker),
+/// plus the agent's CPU and memory.
+async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
+    let plane = Plane::start().await?;
+    let options = FunctionOptions {
+        max_concurrency: 8,
+        ..FunctionOptions::default()
+    };
+    let apps = ["t0", "t1", "t2", "t3"];
+    for app in apps {
+        plane.deploy(env, "examples/fake", app, &options).await?;
+    }
+    let proc = AgentProc::start(env, agent, &plane, Worker::Fake)?;
+    plane.wait_executor().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (idle_rss, _) = proc.rss_mib();
+    for app in apps {
+        plane.invoke(app, "noop", json!("warm")).await?;
+    }
+    let cpu0 = proc.cpu_seconds();
+    let started = Instant::now();
+    for app in apps {
+        plane.batch(app, "noop", 500).await?;
+    }
+    plane.drain(Duration::from_secs(300)).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = proc.cpu_seconds() - cpu0;
+    let (_, peak_rss) = proc.rss_mib();
+    t.add(
+        "2. throughput: 2,000 allocations, 4 workers × max_concurrency 8",
+        "alloc/s",
+        agent,
+        2000.0 / elapsed,
+    );
+    t.add(
+        "4. agent CPU per 1,000 allocations",
+        "CPU s",
+        agent,
+        cpu / 2.0,
+    );
+    t.add("4. agent resident memory, idle", "MiB", agent, idle_rss);
+    t.add("4. agent resident memory, peak", "MiB", agent, peak_rss);
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
+/// Mean reconcile pass time from an agent's own metrics, in ms.
+async fn reconcile_mean_ms(proc: &AgentProc, agent: Agent) -> Option<f64> {
+    let text = reqwest::get(format!("{}/monitoring/metrics", proc.monitoring))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let name = match agent {
+        Agent::Steward => "steward_reconciliation_latency_seconds",
+        Agent::Reference => "state_reconciliation_latency_seconds",
+    };
+    let value = |suffix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{suffix}")))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let (sum, count) = (value("_sum")?, value("_count")?);
+    (count > 0.0).then(|| sum / count * 1000.0)
+}
+
+/// 200 workers and 20,000 allocations in the desired state (fake worker).
+async fn scale(
+    env: &Env,
+    agent: Agent,
+    workers: usize,
+    allocations: usize,
+    limit: Duration,
+    t: &mut Table,
+) -> Result<()> {
+    let plane = Plane::start().await?;
+    let apps: Vec<String> = (0..workers).map(|i| format!("s{i}")).collect();
+    let options = FunctionOptions {
+        max_concurrency: 4,
+        ..FunctionOptions::default()
+    };
+    for app in &apps {
+        plane.deploy(env, "examples/fake", app, &options).await?;
+    }
+    let proc = AgentProc::start(env, agent, &plane, Worker::Fake)?;
+    plane.wait_executor().await?;
+    let started = Instant::now();
+    for app in &apps {
+        plane.batch(app, "noop", allocations / workers).await?;
+    }
+    let label = format!(
+        "5. scale: {workers} workers, {} allocations",
+        allocations / workers * workers
+    );
+    let converge_deadline = started + limit;
+    loop {
+        let s = plane.stats().await?;
+        if s["function_executors_running"].as_u64().unwrap_or(0) as usize >= workers {
+            t.add(
+                &format!("{label}: converge (all RUNNING)"),
+                "s",
+                agent,
+                started.elapsed().as_secs_f64(),
+            );
+            break;
+        }
+        if Instant::now() > converge_deadline {
+            t.fail(
+                &format!("{label}: converge (all RUNNING)"),
+                agent,
+                &format!("not converged in {}s", limit.as_secs()),
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    match plane.drain(limit.saturating_sub(started.elapsed())).await {
+        Ok(_) => t.add(
+            &format!("{label}: drain (all finished)"),
+            "s",
+            agent,
+            started.elapsed().as_secs_f64(),
+        ),
+        Err(e) => t.fail(
+            &format!("{label}: drain (all finished)"),
+            agent,
+            &e.to_string(),
+        ),
+    }
+    if let Some(ms) = reconcile_mean_ms(&proc, agent).await {
+        t.add(&format!("{label}: mean reconcile pass"), "ms", agent, ms);
+    }
+    t.add(
+        &format!("{label}: agent peak memory"),
+        "MiB",
+        agent,
+        proc.rss_mib().1,
+    );
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds: usize = arg(&args, "--rounds", 3);
+    let latency_n: usize = arg(&args, "--latency-samples", 100);
+    let scale_workers: usize = arg(&args, "--scale-workers", 200);
+    let scale_allocations: usize = arg(&args, "--scale-allocations", 20_000);
+    let scale_limit = Duration::from_secs(arg(&args, "--scale-limit-s", 240));
+    let out_file: Option<String> = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+
+    let steward = PathBuf::from(
+        std::env::var("STEWARD_BIN").context("STEWARD_BIN (set by cargo xtask bench)")?,
+    );
+    let fake_worker = steward.with_file_name("steward-fake-worker");
+    let venv = PathBuf::from(
+        std::env::var("STEWARD_VENV").context("STEWARD_VENV (set by cargo xtask bench)")?,
+    );
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fake_path_dir = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(&fake_worker, fake_path_dir.path().join("function-executor"))?;
+    let env = Env {
+        steward,
+        fake_worker,
+        venv,
+        repo,
+        fake_path_dir,
+    };
+    check(&env.steward)?;
+    check(&env.fake_worker)?;
+
+    let started = Instant::now();
+    let mut t = Table::default();
+    for round in 0..rounds {
+        // Alternate which agent goes first.
+        let order = if round % 2 == 0 {
+            [Agent::Steward, Agent::Reference]
+        } else {
+            [Agent::Reference, Agent::Steward]
+        };
+        for agent in order {
+            eprintln!("round {}/{rounds}: {agent:?}", round + 1);
+            for worker in [Worker::Real, Worker::Fake] {
+                if let Err(e) = latency(&env, agent, worker, latency_n, &mut t).await {
+                    t.fail("1. sequential latency", agent, &e.to_string());
+                }
+            }
+            if let Err(e) = throughput(&env, agent, &mut t).await {
+                t.fail(
+                    "2. throughput: 2,000 allocations, 4 workers × max_concurrency 8",
+                    agent,
+                    &e.to_string(),
+                );
+            }
+        }
+    }
+    // Scale once per agent: it is the longest scenario.
+    for agent in [Agent::Steward, Agent::Reference] {
+        eprintln!("scale: {agent:?}");
+        if let Err(e) = scale(
+            &env,
+            agent,
+            scale_workers,
+            scale_allocations,
+            scale_limit,
+            &mut t,
+        )
+        .await
+        {
+            t.fail("5. scale", agent, &e.to_string());
+        }
+    }
+    let table = t.render();
+    let header = format!(
+        "{} round(s), {} latency samples, scale {} workers / {} allocations; harness ran {:.0} s on {} CPU(s)\n\n",
+        rounds,
+        latency_n,
+        scale_workers,
+        scale_allocations,
+        started.elapsed().as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("{header}{table}");
+    if let Some(path) = out_file {
+        std::fs::write(&path, format!("{header}{table}"))?;
+    }
+    Ok(())
+}
+
+fn check(p: &Path) -> Result<()> {
+    if !p.exists() {
+        bail!("{} is missing; run `cargo xtask bench`", p.display());
+    }
+    Ok(())
+}
