@@ -7,7 +7,7 @@ use steward_proto::executor_api_pb as pb;
 use steward_proto::executor_api_pb::executor_api_server::{ExecutorApi, ExecutorApiServer};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -79,7 +79,11 @@ pub(crate) async fn serve(
     .max_encoding_message_size(usize::MAX);
     tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.cancelled_owned())
+        // TCP_NODELAY: without it small stream messages wait on delayed ACKs (~40 ms).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            cancel.cancelled_owned(),
+        )
         .await
         .map_err(|e| DevServerError::Serve(format!("gRPC: {e}")))
 }

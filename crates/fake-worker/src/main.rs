@@ -74,6 +74,10 @@ fn write_blob(blob: &fe::Blob, data: &[u8]) -> Result<Vec<fe::BlobChunk>, String
         }
         let uri = c.uri.as_deref().ok_or("output chunk without a URI")?;
         let take = (c.size.unwrap_or(0) as usize).min(data.len() - offset);
+        // Like the real worker, create the parent directory.
+        if let Some(parent) = std::path::Path::new(file_path(uri)?).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{uri}: {e}"))?;
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -411,6 +415,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .ok_or_else(|| format!("cannot resolve {address}"))?;
     tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .add_service(FunctionExecutorServer::new(Worker::default()))
         .serve(addr)
         .await?;

@@ -24,7 +24,7 @@ pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs
 
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
-    mut desired_rx: watch::Receiver<Option<pb::DesiredExecutorState>>,
+    mut desired_rx: watch::Receiver<Option<Arc<pb::DesiredExecutorState>>>,
     cancel: CancellationToken,
 ) {
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -68,7 +68,7 @@ pub(crate) async fn run_loop(
 
 /// Applies one desired state. Never blocks: workers are started and stopped
 /// by their own tasks.
-pub(crate) fn apply(shared: &Arc<Shared>, desired: &pb::DesiredExecutorState) {
+pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState>) {
     let mut results = Vec::new();
     let mut events: Vec<(&'static str, String, String)> = Vec::new();
     {

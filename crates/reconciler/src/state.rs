@@ -79,7 +79,7 @@ pub(crate) struct State {
     pub results: VecDeque<pb::AllocationResult>,
     pub server_clock: u64,
     pub status: pb::ExecutorStatus,
-    pub last_desired: Option<(pb::DesiredExecutorState, SystemTime)>,
+    pub last_desired: Option<(Arc<pb::DesiredExecutorState>, SystemTime)>,
     pub last_report: Option<(pb::ReportExecutorStateRequest, SystemTime)>,
 }
 
@@ -340,7 +340,7 @@ impl AgentHandle {
     }
 
     /// The last desired state received and when, if any.
-    pub fn last_desired(&self) -> Option<(pb::DesiredExecutorState, SystemTime)> {
+    pub fn last_desired(&self) -> Option<(Arc<pb::DesiredExecutorState>, SystemTime)> {
         self.shared.state.lock().last_desired.clone()
     }
 

@@ -33,7 +33,7 @@ fn stream_backoff() -> backon::ExponentialBackoff {
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
     channel: Channel,
-    desired_tx: watch::Sender<Option<pb::DesiredExecutorState>>,
+    desired_tx: watch::Sender<Option<std::sync::Arc<pb::DesiredExecutorState>>>,
     cancel: CancellationToken,
 ) {
     let mut client = client(channel);
@@ -91,7 +91,7 @@ pub(crate) async fn run_loop(
                         Ok(Ok(Some(desired))) => {
                             backoff = stream_backoff();
                             shared.metrics.desired_states_received.inc();
-                            desired_tx.send_replace(Some(desired));
+                            desired_tx.send_replace(Some(std::sync::Arc::new(desired)));
                         }
                     }
                 }

@@ -14,7 +14,7 @@ use crate::{AgentConfig, AgentHandle, Metrics, pb};
 /// A populated agent state and the desired state that matches it.
 pub struct Synthetic {
     pub handle: AgentHandle,
-    pub desired: pb::DesiredExecutorState,
+    pub desired: Arc<pb::DesiredExecutorState>,
     shared: Arc<Shared>,
     _receivers: Vec<mpsc::UnboundedReceiver<FeCommand>>,
 }
@@ -166,14 +166,14 @@ impl Synthetic {
         }
         Synthetic {
             handle: AgentHandle::new(shared.clone()),
-            desired,
+            desired: Arc::new(desired),
             shared,
             _receivers: receivers,
         }
     }
 
     /// Applies `desired` (the steady state: everything already matches).
-    pub fn apply(&self, desired: &pb::DesiredExecutorState) {
+    pub fn apply(&self, desired: &Arc<pb::DesiredExecutorState>) {
         crate::reconcile::apply(&self.shared, desired);
     }
 

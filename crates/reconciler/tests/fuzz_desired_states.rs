@@ -103,7 +103,7 @@ proptest! {
             let s = Synthetic::new(0, 0, 0);
             for d in &states {
                 let started = Instant::now();
-                s.apply(d);
+                s.apply(&std::sync::Arc::new(d.clone()));
                 prop_assert!(started.elapsed() < Duration::from_secs(1), "apply took {:?}", started.elapsed());
                 tokio::task::yield_now().await;
                 let report = s.build_report();
@@ -118,10 +118,11 @@ proptest! {
                 }
             }
             // The server wants nothing: every worker winds down.
-            s.apply(&pb::DesiredExecutorState { clock: Some(u64::MAX), ..Default::default() });
+            let nothing = std::sync::Arc::new(pb::DesiredExecutorState { clock: Some(u64::MAX), ..Default::default() });
+            s.apply(&nothing);
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
-                s.apply(&pb::DesiredExecutorState { clock: Some(u64::MAX), ..Default::default() });
+                s.apply(&nothing);
                 if s.handle.snapshot().function_executors.is_empty() {
                     break;
                 }
