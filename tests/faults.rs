@@ -387,3 +387,49 @@ async fn results_are_kept_through_an_outage_and_delivered_after() -> Result<()> 
     plane.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stream_is_reopened_without_disturbing_workers() -> Result<()> {
+    let (plane, steward) = fake_setup(
+        FunctionOptions::default(),
+        &["--stream-idle-timeout-s", "1"],
+    )
+    .await?;
+    assert_eq!(
+        plane.invoke_app("fake", "echo", json!(1)).await?.status,
+        "success"
+    );
+    let before = worker_pids(&steward).await?;
+    let url = format!(
+        "{}/monitoring/metrics",
+        steward.monitoring_url.clone().unwrap_or_default()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = reqwest::get(&url).await?.text().await?;
+        let streams = m
+            .lines()
+            .find_map(|l| l.strip_prefix("steward_desired_state_streams_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if streams >= 3 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "stream was not reopened after silence:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        worker_pids(&steward).await?,
+        before,
+        "reopening the stream restarted a worker"
+    );
+    assert_eq!(
+        plane.invoke_app("fake", "echo", json!(2)).await?.output,
+        Some(json!(2))
+    );
+    plane.stop().await;
+    Ok(())
+}

@@ -549,6 +549,7 @@ async fn start(
         .tcp_nodelay(true);
     // Connect, retrying while the worker starts; give up if it exits.
     let deadline = Instant::now() + shared.config.function_executor_connect_timeout;
+    let mut retry = Duration::from_millis(2);
     let channel = loop {
         if let Ok(Some(status)) = process.child.try_wait() {
             return Err(internal(format!(
@@ -566,7 +567,11 @@ async fn start(
                     process.address
                 )));
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(_) => {
+                // Fast workers listen within milliseconds: poll quickly at first.
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_millis(100));
+            }
         }
     };
     let mut client = FunctionExecutorClient::new(channel)
