@@ -38,6 +38,8 @@ struct Env {
 }
 
 struct Plane {
+    /// One keep-alive HTTP client for every call, as a real caller would use.
+    http: reqwest::Client,
     server: Option<DevServer>,
     _blobs: tempfile::TempDir,
     blob_dir: PathBuf,
@@ -60,6 +62,7 @@ impl Plane {
         let grpc = server.grpc_addr.to_string();
         let blob_dir = std::fs::canonicalize(blobs.path())?;
         Ok(Plane {
+            http: reqwest::Client::new(),
             server: Some(server),
             _blobs: blobs,
             blob_dir,
@@ -99,7 +102,18 @@ impl Plane {
         function: &str,
         input: Value,
     ) -> Result<steward_devserver::RequestOutcome> {
-        let out = client::invoke(&self.url, "default", app, function, &input, 300).await?;
+        let url = format!(
+            "{}/v1/namespaces/default/applications/{app}/functions/{function}?wait=true&timeout_s=300",
+            self.url
+        );
+        let out: steward_devserver::RequestOutcome = self
+            .http
+            .post(url)
+            .json(&input)
+            .send()
+            .await?
+            .json()
+            .await?;
         if out.status != "success" {
             bail!("{app}/{function} did not succeed: {out:?}");
         }
@@ -111,11 +125,7 @@ impl Plane {
             "{}/v1/namespaces/default/applications/{app}/functions/{function}/batch?count={count}",
             self.url
         );
-        let resp = reqwest::Client::new()
-            .post(url)
-            .body("\"x\"")
-            .send()
-            .await?;
+        let resp = self.http.post(url).body("\"x\"").send().await?;
         if !resp.status().is_success() {
             bail!("batch failed: {}", resp.text().await?);
         }
@@ -123,7 +133,10 @@ impl Plane {
     }
 
     async fn stats(&self) -> Result<Value> {
-        Ok(reqwest::get(format!("{}/v1/stats", self.url))
+        Ok(self
+            .http
+            .get(format!("{}/v1/stats", self.url))
+            .send()
             .await?
             .json()
             .await?)
