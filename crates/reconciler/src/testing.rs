@@ -164,6 +164,13 @@ impl Synthetic {
             }
             st.results.extend((0..results).map(result));
         }
+        for i in 0..1000 {
+            shared.events.push(crate::Event::now(
+                "function_executor_running",
+                &format!("fe-{i:06}"),
+                "worker pid 1 initialized in 900 ms".into(),
+            ));
+        }
         Synthetic {
             handle: AgentHandle::new(shared.clone()),
             desired: Arc::new(desired),
