@@ -317,26 +317,29 @@ impl AgentProc {
 /// Samples of one metric per agent.
 #[derive(Default)]
 struct Table {
-    rows: BTreeMap<(usize, String), (String, Vec<f64>, Vec<f64>, Option<String>)>,
+    rows: BTreeMap<(usize, String), Row>,
     order: usize,
 }
 
+type Row = (String, Vec<f64>, Vec<f64>, Option<String>);
+
 impl Table {
-    fn add(&mut self, metric: &str, unit: &str, agent: Agent, value: f64) {
-        let next = self.order;
-        let key = self
-            .rows
-            .keys()
-            .find(|(_, m)| m == metric)
-            .cloned()
-            .unwrap_or_else(|| (next, metric.to_string()));
-        if key.0 == next {
-            self.order += 1;
-        }
-        let row = self
-            .rows
+    /// The row for `metric`, created (in first-seen order) when new.
+    fn row(&mut self, metric: &str, unit: &str) -> &mut Row {
+        let key = match self.rows.keys().find(|(_, m)| m == metric) {
+            Some(k) => k.clone(),
+            None => {
+                self.order += 1;
+                (self.order, metric.to_string())
+            }
+        };
+        self.rows
             .entry(key)
-            .or_insert_with(|| (unit.to_string(), Vec::new(), Vec::new(), None));
+            .or_insert_with(|| (unit.to_string(), Vec::new(), Vec::new(), None))
+    }
+
+    fn add(&mut self, metric: &str, unit: &str, agent: Agent, value: f64) {
+        let row = self.row(metric, unit);
         match agent {
             Agent::Steward => row.1.push(value),
             Agent::Reference => row.2.push(value),
@@ -344,21 +347,7 @@ impl Table {
     }
 
     fn fail(&mut self, metric: &str, agent: Agent, why: &str) {
-        let next = self.order;
-        let key = self
-            .rows
-            .keys()
-            .find(|(_, m)| m == metric)
-            .cloned()
-            .unwrap_or_else(|| (next, metric.to_string()));
-        if key.0 == next {
-            self.order += 1;
-        }
-        let row = self
-            .rows
-            .entry(key)
-            .or_insert_with(|| (String::new(), Vec::new(), Vec::new(), None));
-        row.3 = Some(format!("{agent:?}: {why}"));
+        self.row(metric, "").3 = Some(format!("{agent:?}: {why}"));
     }
 
     fn render(&self) -> String {

@@ -117,30 +117,26 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
-async fn startup(State(src): State<Src>) -> Response {
-    let p = src.startup();
+/// A probe's answer: 200 `{"status": "ok"}` or 503 `{"status": "nok"}`, plus `extra` fields.
+fn probe(p: ProbeResult, extra: &[(&str, &str)]) -> Response {
     let (code, status) = if p.ok {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "nok")
     };
-    json(
-        code,
-        serde_json::json!({"status": status, "message": p.message}),
-    )
+    let mut body = serde_json::json!({"status": status, "message": p.message});
+    for (k, v) in extra {
+        body[*k] = serde_json::Value::String(v.to_string());
+    }
+    json(code, body)
+}
+
+async fn startup(State(src): State<Src>) -> Response {
+    probe(src.startup(), &[])
 }
 
 async fn health(State(src): State<Src>) -> Response {
-    let p = src.health();
-    let (code, status) = if p.ok {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "nok")
-    };
-    json(
-        code,
-        serde_json::json!({"status": status, "message": p.message, "checker": "StewardHealthChecker"}),
-    )
+    probe(src.health(), &[("checker", "StewardHealthChecker")])
 }
 
 async fn metrics(State(src): State<Src>) -> Response {
