@@ -94,9 +94,11 @@ fn cargo() -> Command {
 
 fn test(extra: &[String]) -> Result<()> {
     let venv = ensure_venv()?;
+    // The binaries the tests spawn (steward, steward-fake-worker), with the
+    // same features as the test build so nothing compiles twice.
     run(cargo()
         .current_dir(root())
-        .args(["build", "--workspace", "--all-targets"]))?;
+        .args(["build", "--workspace", "--bins", "--all-features"]))?;
     run(cargo()
         .current_dir(root())
         .args(["test", "--workspace", "--all-targets", "--all-features"])
