@@ -181,6 +181,11 @@ async fn state_documents_have_their_structure_and_errors_are_json() -> Result<()
         "{reported}"
     );
     assert!(state["labels"]["os"].is_string(), "{reported}");
+    assert_eq!(
+        state["status"],
+        json!("EXECUTOR_STATUS_RUNNING"),
+        "enums are names: {reported}"
+    );
 
     let (_, desired) = steward.get_json("/state/desired").await?;
     assert!(

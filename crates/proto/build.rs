@@ -5,6 +5,26 @@
 
 use std::path::PathBuf;
 
+/// (message.field, serializer in `enum_names`) for every enum-typed field of executor_api.
+const ENUM_FIELDS: &[(&str, &str)] = &[
+    ("DataPayload.encoding", "data_payload_encoding"),
+    ("GPUResources.model", "gpu_model"),
+    (
+        "FunctionExecutorDescription.container_type",
+        "function_executor_type",
+    ),
+    ("FunctionExecutorState.status", "function_executor_status"),
+    (
+        "FunctionExecutorState.termination_reason",
+        "termination_reason",
+    ),
+    ("ExecutorState.status", "executor_status"),
+    ("FunctionCallResult.outcome_code", "outcome_code"),
+    ("FunctionCallResult.failure_reason", "failure_reason"),
+    ("AllocationResult.outcome_code", "outcome_code"),
+    ("AllocationResult.failure_reason", "failure_reason"),
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let proto_dir = manifest_dir.join("../../proto");
@@ -26,6 +46,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.extern_path(".google.protobuf.Timestamp", "crate::wkt::Timestamp");
     config.extern_path(".google.protobuf.Any", "crate::wkt::Any");
     config.type_attribute(".", "#[derive(serde::Serialize)]");
+    // Enum fields of the control-plane API serialize as their names in JSON.
+    for (field, serializer) in ENUM_FIELDS {
+        config.field_attribute(
+            format!(".executor_api_pb.{field}"),
+            format!("#[serde(serialize_with = \"crate::enum_names::{serializer}\")]"),
+        );
+    }
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("steward_descriptor.bin"))
         .compile_with_config(

@@ -49,3 +49,32 @@ pub mod wkt {
         pub value: ::prost::alloc::vec::Vec<u8>,
     }
 }
+
+/// JSON serializers that write enum fields of `executor_api_pb` as their
+/// names (`"EXECUTOR_STATUS_RUNNING"`), or the number when it is unknown.
+pub mod enum_names {
+    use crate::executor_api_pb as pb;
+
+    macro_rules! names {
+        ($($fn_name:ident => $enum:ty),* $(,)?) => {$(
+            pub fn $fn_name<S: serde::Serializer>(v: &Option<i32>, s: S) -> Result<S::Ok, S::Error> {
+                match v.map(|n| (n, <$enum>::try_from(n))) {
+                    None => s.serialize_none(),
+                    Some((_, Ok(e))) => s.serialize_str(e.as_str_name()),
+                    Some((n, Err(_))) => s.serialize_i32(n),
+                }
+            }
+        )*};
+    }
+
+    names! {
+        data_payload_encoding => pb::DataPayloadEncoding,
+        gpu_model => pb::GpuModel,
+        function_executor_type => pb::FunctionExecutorType,
+        function_executor_status => pb::FunctionExecutorStatus,
+        termination_reason => pb::FunctionExecutorTerminationReason,
+        executor_status => pb::ExecutorStatus,
+        outcome_code => pb::AllocationOutcomeCode,
+        failure_reason => pb::AllocationFailureReason,
+    }
+}
