@@ -44,7 +44,7 @@ pub(crate) async fn run_loop(
         };
         let started = Instant::now();
         shared.health.lock().reconcile_busy_since = Some(started);
-        apply(&shared, &desired);
+        let fes_changed = apply(&shared, &desired);
         shared.metrics.reconciliations.inc();
         shared
             .metrics
@@ -55,20 +55,29 @@ pub(crate) async fn run_loop(
             h.reconcile_busy_since = None;
             h.last_reconcile_progress = Some(Instant::now());
         }
-        if !shared.started.swap(true, Ordering::AcqRel) {
+        let first = !shared.started.swap(true, Ordering::AcqRel);
+        if first {
             shared.event(
                 "started",
                 &shared.config.executor_id,
                 "first desired state applied; agent is ready",
             );
         }
-        shared.report_now.notify_one();
+        // New or removed workers are reported at once; a desired state that
+        // only moved allocations is echoed (its clock) by the next report,
+        // as the reference does, saving an RPC per allocation.
+        if first || fes_changed {
+            shared.report_now.notify_one();
+        }
     }
 }
 
 /// Applies one desired state. Never blocks: workers are started and stopped
 /// by their own tasks.
-pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState>) {
+/// Returns whether the set of workers changed (a state the server should
+/// hear about at once); result reports are triggered separately.
+pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState>) -> bool {
+    let mut fes_changed = false;
     let mut results = Vec::new();
     let mut events: Vec<(&'static str, String, String)> = Vec::new();
     {
@@ -104,6 +113,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
             match verdict {
                 Ok(()) => {
                     let tx = fe::spawn(shared.clone(), d.clone());
+                    fes_changed = true;
                     st.fes.insert(
                         id.to_string(),
                         FeEntry {
@@ -130,6 +140,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
                     ));
                     if !id.is_empty() {
                         // Report it terminated so the server stops waiting for it.
+                        fes_changed = true;
                         st.fes.insert(
                             id.to_string(),
                             FeEntry {
@@ -158,6 +169,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
             match &fe.tx {
                 Some(tx) => {
                     fe.removing = true;
+                    fes_changed = true;
                     fe.timeline
                         .push(TimelineEntry::now("removing: absent from desired state"));
                     let _ = tx.send(FeCommand::Shutdown);
@@ -167,6 +179,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
         }
         for id in gone {
             st.fes.remove(&id);
+            fes_changed = true;
         }
 
         // 2. Allocations.
@@ -259,4 +272,5 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
     for r in results {
         shared.push_result(r);
     }
+    fes_changed
 }
