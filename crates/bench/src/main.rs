@@ -301,10 +301,9 @@ impl AgentProc {
                 .get(format!("{}/monitoring/startup", self.monitoring))
                 .send()
                 .await
+                && r.status().is_success()
             {
-                if r.status().is_success() {
-                    return Ok(started.elapsed());
-                }
+                return Ok(started.elapsed());
             }
             if started.elapsed() > Duration::from_secs(60) {
                 bail!("startup probe never turned 200");

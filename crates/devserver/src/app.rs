@@ -41,15 +41,15 @@ pub fn find_functions(source: &str) -> Vec<String> {
         let def = line
             .strip_prefix("async def ")
             .or_else(|| line.strip_prefix("def "));
-        if let Some(rest) = def {
-            if decorated {
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if !name.is_empty() {
-                    found.push(name);
-                }
+        if let Some(rest) = def
+            && decorated
+        {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() {
+                found.push(name);
             }
         }
         decorated = false;

@@ -509,12 +509,12 @@ impl Scheduler {
             let Some(id) = s.description.as_ref().and_then(|d| d.id.as_deref()) else {
                 continue;
             };
-            if let Some(fe) = inner.fes.get_mut(id) {
-                if fe.running_after.is_none() {
-                    let after = fe.placed_at.elapsed();
-                    fe.running_after = Some(after);
-                    inner.cold_starts_ms.push(after.as_secs_f64() * 1000.0);
-                }
+            if let Some(fe) = inner.fes.get_mut(id)
+                && fe.running_after.is_none()
+            {
+                let after = fe.placed_at.elapsed();
+                fe.running_after = Some(after);
+                inner.cold_starts_ms.push(after.as_secs_f64() * 1000.0);
             }
         }
         let is_new = !inner.executors.contains_key(&executor_id);

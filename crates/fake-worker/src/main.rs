@@ -353,10 +353,10 @@ impl FunctionExecutor for Worker {
         if a.state.borrow().result.is_some() {
             return Err(Status::failed_precondition("allocation finished"));
         }
-        if let Some(fe::allocation_update::Update::OutputBlob(b)) = update.update {
-            if let (Some(tx), Some(blob)) = (a.blob.take(), b.blob) {
-                let _ = tx.send(blob);
-            }
+        if let Some(fe::allocation_update::Update::OutputBlob(b)) = update.update
+            && let (Some(tx), Some(blob)) = (a.blob.take(), b.blob)
+        {
+            let _ = tx.send(blob);
         }
         Ok(Response::new(fe::Empty {}))
     }

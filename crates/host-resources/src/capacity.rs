@@ -58,10 +58,10 @@ pub fn probe_capacity(data_dir: &Path) -> Result<Capacity, CapacityError> {
         None => host_cpus,
     };
     let mut memory_bytes = sys.total_memory();
-    if let Some(limits) = sys.cgroup_limits() {
-        if limits.total_memory > 0 {
-            memory_bytes = memory_bytes.min(limits.total_memory);
-        }
+    if let Some(limits) = sys.cgroup_limits()
+        && limits.total_memory > 0
+    {
+        memory_bytes = memory_bytes.min(limits.total_memory);
     }
     let disk_bytes = disk_size_of(data_dir)?;
     Ok(Capacity {

@@ -30,7 +30,7 @@ impl GpuModel {
     pub fn classify(product_name: &str, memory_bytes: Option<u64>) -> GpuModel {
         let upper = product_name.to_ascii_uppercase();
         let tokens: Vec<&str> = upper
-            .split(|c: char| c == ' ' || c == '-' || c == '_')
+            .split([' ', '-', '_'])
             .filter(|t| !t.is_empty())
             .collect();
         let has = |t: &str| tokens.contains(&t);

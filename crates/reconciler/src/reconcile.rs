@@ -250,10 +250,10 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
             .collect();
         for id in dropped {
             if let Some(mut entry) = st.allocations.remove(&id) {
-                if entry.phase != AllocPhase::Finished {
-                    if let Some(tx) = st.fes.get(&entry.fe_id).and_then(|fe| fe.tx.as_ref()) {
-                        let _ = tx.send(FeCommand::Cancel(id.clone()));
-                    }
+                if entry.phase != AllocPhase::Finished
+                    && let Some(tx) = st.fes.get(&entry.fe_id).and_then(|fe| fe.tx.as_ref())
+                {
+                    let _ = tx.send(FeCommand::Cancel(id.clone()));
                 }
                 entry
                     .timeline

@@ -152,14 +152,14 @@ impl Shared {
         self.metrics.allocation_completed(outcome.0, outcome.1);
         {
             let mut st = self.state.lock();
-            if let Some(id) = &result.allocation_id {
-                if let Some(a) = st.allocations.get_mut(id) {
-                    a.phase = AllocPhase::Finished;
-                    a.timeline.push(TimelineEntry::now(format!(
-                        "finished: {} {}",
-                        outcome.0, outcome.1
-                    )));
-                }
+            if let Some(id) = &result.allocation_id
+                && let Some(a) = st.allocations.get_mut(id)
+            {
+                a.phase = AllocPhase::Finished;
+                a.timeline.push(TimelineEntry::now(format!(
+                    "finished: {} {}",
+                    outcome.0, outcome.1
+                )));
             }
             st.results.push_back(result);
         }

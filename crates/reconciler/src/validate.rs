@@ -80,13 +80,13 @@ pub fn validate_function_executor(d: &pb::FunctionExecutorDescription) -> Result
     }
     validate_function_ref(d.function.as_ref(), "function_executor.function", true)?;
     validate_payload(d.application.as_ref(), "function_executor.application")?;
-    if let Some(app) = &d.application {
-        if app.encoding != Some(pb::DataPayloadEncoding::BinaryZip as i32) {
-            return Err(Rejection {
-                code: "invalid_encoding",
-                message: "function_executor.application must be a BINARY_ZIP payload".into(),
-            });
-        }
+    if let Some(app) = &d.application
+        && app.encoding != Some(pb::DataPayloadEncoding::BinaryZip as i32)
+    {
+        return Err(Rejection {
+            code: "invalid_encoding",
+            message: "function_executor.application must be a BINARY_ZIP payload".into(),
+        });
     }
     match d.initialization_timeout_ms {
         Some(t) if t > 0 => {}
@@ -124,10 +124,10 @@ pub fn validate_function_executor(d: &pb::FunctionExecutorDescription) -> Result
             "function_executor.resources.{cpu_ms_per_sec,memory_bytes,disk_bytes}",
         ));
     }
-    if let Some(g) = &r.gpu {
-        if g.count.is_none() || g.model.is_none() {
-            return Err(missing("function_executor.resources.gpu.{count,model}"));
-        }
+    if let Some(g) = &r.gpu
+        && (g.count.is_none() || g.model.is_none())
+    {
+        return Err(missing("function_executor.resources.gpu.{count,model}"));
     }
     Ok(())
 }

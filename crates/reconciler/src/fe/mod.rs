@@ -172,8 +172,8 @@ impl Controller {
             }
         };
         if shutdown_requested {
-            // Dropping the startup future kills a half-started worker; make
-            // sure its whole group goes too.
+            // A half-started worker is killed with its whole group here; the
+            // pinned startup future (and its child handle) goes at return.
             let pid = self
                 .shared
                 .state
@@ -181,7 +181,6 @@ impl Controller {
                 .fes
                 .get(&self.id)
                 .and_then(|f| f.pid);
-            drop(startup);
             if let Some(pid) = pid {
                 process::signal_group(pid, Signal::SIGKILL);
             }
@@ -327,14 +326,13 @@ impl Controller {
             .queue
             .iter()
             .position(|a| a.allocation_id.as_deref() == Some(id))
+            && let Some(a) = self.queue.remove(pos)
         {
-            if let Some(a) = self.queue.remove(pos) {
-                self.shared.push_result(failed_result(
-                    &a,
-                    pb::AllocationFailureReason::AllocationCancelled,
-                    None,
-                ));
-            }
+            self.shared.push_result(failed_result(
+                &a,
+                pb::AllocationFailureReason::AllocationCancelled,
+                None,
+            ));
         }
     }
 

@@ -173,22 +173,6 @@ pub(crate) fn killed_by_sigkill(status: &ExitStatus) -> bool {
     status.signal() == Some(libc::SIGKILL)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_oom_kill_counter() {
-        let vmstat = "nr_free_pages 12\noom_kill 3\npgfault 99\n";
-        assert_eq!(parse_oom_kills(vmstat), Some(3));
-        assert_eq!(parse_oom_kills("nr_free_pages 1\n"), None);
-        assert!(
-            oom_kill_count().is_some(),
-            "this kernel exposes oom_kill in /proc/vmstat"
-        );
-    }
-}
-
 /// Fields of `/proc/<pid>/stat` we need: (pgid, start time in clock ticks).
 fn stat_of(pid: u32) -> Option<(u32, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -255,4 +239,20 @@ pub(crate) fn reap_leftovers(dir: &std::path::Path) -> Vec<(String, usize)> {
         reaped.push((fe_id, killed));
     }
     reaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_oom_kill_counter() {
+        let vmstat = "nr_free_pages 12\noom_kill 3\npgfault 99\n";
+        assert_eq!(parse_oom_kills(vmstat), Some(3));
+        assert_eq!(parse_oom_kills("nr_free_pages 1\n"), None);
+        assert!(
+            oom_kill_count().is_some(),
+            "this kernel exposes oom_kill in /proc/vmstat"
+        );
+    }
 }
