@@ -110,20 +110,8 @@ fn walk(root: &std::path::Path) -> Vec<String> {
 }
 
 fn fetches(metrics: &str, source: &str) -> u64 {
-    let needle = format!("steward_application_code_fetches_total{{source=\"{source}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-async fn metrics_of(agent: &AgentProc) -> Result<String> {
-    let url = format!(
-        "{}/monitoring/metrics",
-        agent.monitoring_url.clone().unwrap_or_default()
-    );
-    Ok(reqwest::get(url).await?.text().await?)
+    let series = format!("steward_application_code_fetches_total{{source=\"{source}\"}}");
+    support::metric(metrics, &series).unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +137,7 @@ async fn code_cache_serves_a_second_worker_and_survives_a_restart() -> Result<()
             .status,
         "success"
     );
-    let m = metrics_of(&steward).await?;
+    let m = steward.metrics().await?;
     let code_lines: Vec<&str> = m
         .lines()
         .filter(|l| l.contains("application_code_fetches"))
@@ -178,7 +166,7 @@ async fn code_cache_serves_a_second_worker_and_survives_a_restart() -> Result<()
         plane.invoke_app("third", "greet", json!("c")).await?.status,
         "success"
     );
-    let m = metrics_of(&steward).await?;
+    let m = steward.metrics().await?;
     let code_lines: Vec<&str> = m
         .lines()
         .filter(|l| l.contains("application_code_fetches"))

@@ -286,11 +286,7 @@ async fn cut_stream_and_resent_state_restart_nothing() -> Result<()> {
         Some(json!(2))
     );
     assert_eq!(worker_pids(&steward).await?, before);
-    let url = format!(
-        "{}/monitoring/metrics",
-        steward.monitoring_url.clone().unwrap_or_default()
-    );
-    let metrics = reqwest::get(url).await?.text().await?;
+    let metrics = steward.metrics().await?;
     assert!(
         metrics.contains("steward_function_executor_creations_total 1\n"),
         "worker restarted:\n{metrics}"
@@ -335,12 +331,8 @@ async fn results_are_kept_through_an_outage_and_delivered_after() -> Result<()> 
     // The server goes away while the function runs; the result waits in Steward.
     let blobs = plane.stop_keep_blobs().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let url = format!(
-        "{}/monitoring/metrics",
-        steward.monitoring_url.clone().unwrap_or_default()
-    );
     loop {
-        let m = reqwest::get(&url).await?.text().await?;
+        let m = steward.metrics().await?;
         if m.contains("steward_allocations_completed_total{outcome=\"success\"") {
             assert!(
                 m.contains("steward_pending_allocation_results 1\n")
@@ -400,19 +392,10 @@ async fn a_silent_stream_is_reopened_without_disturbing_workers() -> Result<()> 
         "success"
     );
     let before = worker_pids(&steward).await?;
-    let url = format!(
-        "{}/monitoring/metrics",
-        steward.monitoring_url.clone().unwrap_or_default()
-    );
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let m = reqwest::get(&url).await?.text().await?;
-        let streams = m
-            .lines()
-            .find_map(|l| l.strip_prefix("steward_desired_state_streams_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if streams >= 3 {
+        let m = steward.metrics().await?;
+        if support::metric(&m, "steward_desired_state_streams_total").unwrap_or(0.0) >= 3.0 {
             break;
         }
         anyhow::ensure!(

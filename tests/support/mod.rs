@@ -444,7 +444,26 @@ impl AgentProc {
     }
 }
 
+/// The value of the sample line `series` (name with labels) in OpenMetrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 impl AgentProc {
+    /// The agent's `/monitoring/metrics` text.
+    pub async fn metrics(&self) -> Result<String> {
+        let url = format!(
+            "{}/monitoring/metrics",
+            self.monitoring_url
+                .as_deref()
+                .context("no monitoring url")?
+        );
+        Ok(reqwest::get(url).await?.text().await?)
+    }
+
     /// Steward's log so far (empty for the reference executor).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.path().join("steward.log")).unwrap_or_default()

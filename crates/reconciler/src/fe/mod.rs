@@ -429,6 +429,25 @@ impl Controller {
     /// reported as cancelled, the others as function errors.
     async fn kill(&mut self, reason: Reason, blamed: Vec<String>, cancelled: Option<&str>) {
         if let Some(mut live) = self.live.take() {
+            // A failed RPC can be how a dead worker is first noticed: say so.
+            // (It may still be closing down: give it a moment when unhealthy.)
+            let exited = match live.process.child.try_wait() {
+                Ok(Some(status)) => Some(status),
+                _ if reason == Reason::Unhealthy => {
+                    tokio::time::timeout(Duration::from_millis(50), live.process.child.wait())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+                _ => None,
+            };
+            if let Some(status) = exited {
+                self.shared.event(
+                    "function_executor_exited",
+                    &self.id,
+                    format!("worker {}", process::describe_exit(&status)),
+                );
+            }
             live.process.stop(Duration::ZERO).await;
         }
         for (id, r) in std::mem::take(&mut self.running) {
