@@ -118,6 +118,11 @@ struct AgentArgs {
     /// Reopen the desired-state stream after this many seconds without a message.
     #[arg(long, default_value_t = 300, hide = true)]
     stream_idle_timeout_s: u64,
+    /// Longest a running function waits for one nested call's result before
+    /// it fails with FUNCTION_TIMEOUT (its own timeout is paused meanwhile;
+    /// the reference waits forever).
+    #[arg(long, default_value_t = 86_400)]
+    max_function_call_wait_s: u64,
     /// Seconds between state reports while healthy.
     #[arg(long, default_value_t = 5, hide = true)]
     report_interval_s: u64,
@@ -525,6 +530,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.health_checks_enabled = !args.disable_function_executor_health_checks;
     config.report_interval = Duration::from_secs(args.report_interval_s.max(1));
     config.stream_idle_timeout = Duration::from_secs(args.stream_idle_timeout_s.max(1));
+    config.max_function_call_wait = Duration::from_secs(args.max_function_call_wait_s.max(1));
     config.health_check_interval =
         Duration::from_millis(args.function_executor_health_check_interval_ms.max(10));
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));

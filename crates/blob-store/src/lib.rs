@@ -31,8 +31,6 @@ pub const SMALL_PART_BYTES: u64 = 100 << 20;
 pub const SMALL_PARTS: u64 = 100;
 /// Size of every later write part.
 pub const LARGE_PART_BYTES: u64 = 1 << 30;
-/// Upload id used for `file://` multipart uploads, which need no server state.
-pub const LOCAL_UPLOAD_ID: &str = "local-multipart-upload-id";
 /// Presigned URL lifetime unless configured otherwise (the reference's 7 days).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -235,6 +233,17 @@ impl BlobStore {
         }
     }
 
+    /// Size of the blob at `uri`, or `None` when it does not exist.
+    pub async fn head(&self, uri: &str) -> Result<Option<u64>, BlobError> {
+        self.timed("head", |_| 0, async {
+            match Self::scheme(uri)? {
+                Scheme::File => self.local.head(uri).await,
+                Scheme::S3 => self.s3.head(uri).await,
+            }
+        })
+        .await
+    }
+
     /// Reads a whole blob.
     pub async fn get(&self, uri: &str) -> Result<Bytes, BlobError> {
         self.timed("get", |b: &Bytes| b.len() as u64, async {
@@ -289,10 +298,7 @@ impl BlobStore {
     pub async fn create_multipart(&self, uri: &str) -> Result<String, BlobError> {
         self.timed("create_multipart", |_| 0, async {
             match Self::scheme(uri)? {
-                Scheme::File => {
-                    self.local.prepare_write(uri).await?;
-                    Ok(LOCAL_UPLOAD_ID.to_string())
-                }
+                Scheme::File => self.local.create_upload(uri).await,
                 Scheme::S3 => self.s3.create_multipart(uri).await,
             }
         })
@@ -300,7 +306,8 @@ impl BlobStore {
     }
 
     /// One writable chunk per part of a `size`-byte upload. For `file://`
-    /// every chunk names the file itself (the worker writes at offsets).
+    /// every chunk names the upload's staging file (the worker writes at
+    /// offsets); completing the upload moves it into place.
     pub async fn presign_write_parts(
         &self,
         uri: &str,
@@ -312,11 +319,11 @@ impl BlobStore {
             let sizes = write_part_sizes_with(size, self.chunk_bytes);
             match Self::scheme(uri)? {
                 Scheme::File => {
-                    self.local.resolve(uri)?;
+                    let staged = self.local.staging_uri(uri, upload_id)?;
                     Ok(sizes
                         .into_iter()
                         .map(|size| Chunk {
-                            uri: uri.to_string(),
+                            uri: staged.clone(),
                             size,
                         })
                         .collect())
@@ -344,19 +351,18 @@ impl BlobStore {
     ) -> Result<(), BlobError> {
         self.timed("complete_multipart", |_| 0, async {
             match Self::scheme(uri)? {
-                // The worker wrote the bytes in place; nothing to assemble.
-                Scheme::File => self.local.resolve(uri).map(|_| ()),
+                Scheme::File => self.local.complete_upload(uri, upload_id).await,
                 Scheme::S3 => self.s3.complete_multipart(uri, upload_id, etags).await,
             }
         })
         .await
     }
 
-    /// Abandons an upload; for `file://` the partial file is removed.
+    /// Abandons an upload; for `file://` the staging file is removed.
     pub async fn abort_multipart(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
         self.timed("abort_multipart", |_| 0, async {
             match Self::scheme(uri)? {
-                Scheme::File => self.local.remove(uri).await,
+                Scheme::File => self.local.abort_upload(uri, upload_id).await,
                 Scheme::S3 => self.s3.abort_multipart(uri, upload_id).await,
             }
         })

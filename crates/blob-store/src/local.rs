@@ -102,6 +102,76 @@ impl LocalRoots {
         self.resolve(uri)
     }
 
+    /// Size of the blob at `uri`, or `None` when there is none.
+    pub async fn head(&self, uri: &str) -> Result<Option<u64>, BlobError> {
+        let path = self.resolve(uri)?;
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.is_file() => Ok(Some(m.len())),
+            Ok(_) => Err(BlobError::InvalidUri {
+                uri: uri.to_string(),
+                reason: "not a regular file".into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BlobError::Io {
+                uri: uri.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Starts an upload: a fresh staging file next to the blob, so that
+    /// nobody sees the blob before it is complete and an aborted upload
+    /// never touches a blob written before.
+    pub async fn create_upload(&self, uri: &str) -> Result<String, BlobError> {
+        self.prepare_write(uri).await?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        Ok(format!("{:x}-{nanos:x}-{n:x}", std::process::id()))
+    }
+
+    /// The `file://` URI a worker writes an upload's bytes to.
+    pub fn staging_uri(&self, uri: &str, upload_id: &str) -> Result<String, BlobError> {
+        let ok = !upload_id.is_empty()
+            && upload_id.len() <= 64
+            && upload_id.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+        if !ok {
+            return Err(BlobError::InvalidUri {
+                uri: uri.to_string(),
+                reason: format!("invalid local upload id {upload_id:?}"),
+            });
+        }
+        let staged = format!("{uri}.upload-{upload_id}");
+        self.resolve(&staged)?;
+        Ok(staged)
+    }
+
+    /// Publishes a staged upload as the blob (an upload the worker never
+    /// wrote to becomes an empty blob).
+    pub async fn complete_upload(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
+        let staged = self.resolve(&self.staging_uri(uri, upload_id)?)?;
+        let path = self.prepare_write(uri).await?;
+        let io = |source| BlobError::Io {
+            uri: uri.to_string(),
+            source,
+        };
+        match tokio::fs::rename(&staged, &path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tokio::fs::write(&path, b"").await.map_err(io)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Drops a staged upload; the blob itself is left as it was.
+    pub async fn abort_upload(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
+        self.remove(&self.staging_uri(uri, upload_id)?).await
+    }
+
     pub async fn remove(&self, uri: &str) -> Result<(), BlobError> {
         let path = self.resolve(uri)?;
         match tokio::fs::remove_file(&path).await {

@@ -117,6 +117,16 @@ impl S3Stores {
         r.bytes().await.map_err(|e| err(uri, e))
     }
 
+    pub async fn head(&self, uri: &str) -> Result<Option<u64>, BlobError> {
+        let (bucket, path) = split(uri)?;
+        let store = self.store(uri, &bucket)?;
+        match store.head(&path).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(err(uri, e)),
+        }
+    }
+
     pub async fn put(&self, uri: &str, data: Bytes) -> Result<(), BlobError> {
         let (bucket, path) = split(uri)?;
         let store = self.store(uri, &bucket)?;

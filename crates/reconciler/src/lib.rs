@@ -21,6 +21,7 @@ mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod validate;
+mod watches;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -95,6 +96,9 @@ pub struct AgentConfig {
     pub function_executor_stop_grace: Duration,
     /// Reopen the desired-state stream after this long without a message.
     pub stream_idle_timeout: Duration,
+    /// Longest an allocation waits for one function call result before it
+    /// fails with FUNCTION_TIMEOUT (its deadline is paused meanwhile).
+    pub max_function_call_wait: Duration,
     pub blob_store: BlobStore,
     /// Size bound of the application code cache in the data directory.
     pub code_cache_max_bytes: u64,
@@ -129,6 +133,7 @@ impl AgentConfig {
             function_executor_connect_timeout: Duration::from_secs(60),
             function_executor_stop_grace: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(300),
+            max_function_call_wait: Duration::from_secs(24 * 3600),
             blob_store,
             code_cache_max_bytes: 10 << 30,
             gpu_pool: Arc::new(NoGpus),
@@ -173,7 +178,7 @@ impl Agent {
                     source,
                 },
             )?;
-        let shared = state::Shared::new(config, metrics, code_cache);
+        let shared = state::Shared::new(config, metrics, code_cache, channel.clone());
         for (fe_id, killed) in fe::reap_leftovers(&shared.config.data_dir.join("workers")) {
             shared.event(
                 "leftover_cleaned",
@@ -183,6 +188,7 @@ impl Agent {
         }
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(fe::probe_python(shared.clone()));
         let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
         tasks.spawn(report::run_loop(
             shared.clone(),

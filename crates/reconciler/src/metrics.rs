@@ -47,6 +47,12 @@ pub struct Metrics {
     pub allocations_running: Gauge,
     pub pending_results: Gauge,
     pub healthy: Gauge,
+    pub function_calls: Family<Labels, Counter>,
+    pub function_call_latency: Histogram,
+    pub function_call_retries: Counter,
+    pub function_call_watches: Gauge,
+    pub function_call_results: Family<Labels, Counter>,
+    pub request_state_operations: Family<Labels, Counter>,
     extra: parking_lot::Mutex<Vec<Box<dyn Fn(&mut String) + Send + Sync>>>,
 }
 
@@ -196,6 +202,36 @@ impl Metrics {
                 "1 when the agent considers itself healthy",
                 Gauge::default()
             ),
+            function_calls: reg!(
+                "function_calls",
+                "Nested function calls forwarded to the server, by result (created or refused)",
+                Family::default()
+            ),
+            function_call_latency: reg!(
+                "function_call_latency_seconds",
+                "Worker request to server answer for nested function calls, retries included",
+                fast_histogram()
+            ),
+            function_call_retries: reg!(
+                "function_call_retries",
+                "call_function attempts retried after a transient failure",
+                Counter::default()
+            ),
+            function_call_watches: reg!(
+                "function_call_watches",
+                "Function call results this host waits for (reported watches)",
+                Gauge::default()
+            ),
+            function_call_results: reg!(
+                "function_call_results",
+                "Function call results from the server, by routing (delivered, kept, not_final)",
+                Family::default()
+            ),
+            request_state_operations: reg!(
+                "request_state_operations",
+                "Request state operations served, by operation and status",
+                Family::default()
+            ),
             registry,
             extra: parking_lot::Mutex::new(Vec::new()),
         }
@@ -204,6 +240,35 @@ impl Metrics {
     pub(crate) fn allocation_completed(&self, outcome: &'static str, reason: &'static str) {
         self.allocations_completed
             .get_or_create(&vec![("outcome", outcome), ("failure_reason", reason)])
+            .inc();
+    }
+
+    pub(crate) fn function_call(&self, result: &'static str, took: std::time::Duration) {
+        self.function_calls
+            .get_or_create(&vec![("result", result)])
+            .inc();
+        self.function_call_latency.observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn request_state_operation(
+        &self,
+        op: &crate::fe_pb::AllocationRequestStateOperation,
+        code: i32,
+    ) {
+        use crate::fe_pb::allocation_request_state_operation::Operation as Op;
+        let op = match op.operation {
+            Some(Op::PrepareRead(_)) => "prepare_read",
+            Some(Op::PrepareWrite(_)) => "prepare_write",
+            Some(Op::CommitWrite(_)) => "commit_write",
+            None => "none",
+        };
+        let status = match code {
+            0 => "ok",
+            5 => "not_found",
+            _ => "error",
+        };
+        self.request_state_operations
+            .get_or_create(&vec![("operation", op), ("status", status)])
             .inc();
     }
 

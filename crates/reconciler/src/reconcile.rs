@@ -265,6 +265,22 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
             }
         }
         shared.metrics.function_executors.set(st.fes.len() as i64);
+
+        // 3. Function call results, after allocations so a cancelled
+        // allocation has already left the registry's waiters... as far as
+        // its task has run; a late delivery to it is dropped unread.
+        for r in &desired.function_call_results {
+            let label = match st.watches.route(r) {
+                crate::watches::Routed::Delivered(_) => "delivered",
+                crate::watches::Routed::Kept => "kept",
+                crate::watches::Routed::NotFinal => "not_final",
+            };
+            shared
+                .metrics
+                .function_call_results
+                .get_or_create(&vec![("routing", label)])
+                .inc();
+        }
     }
     for (kind, subject, message) in events {
         shared.event(kind, &subject, message);

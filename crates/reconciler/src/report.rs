@@ -86,6 +86,10 @@ pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
     let mut labels = c.labels.clone();
     labels.insert("os".into(), std::env::consts::OS.into());
     labels.insert("architecture".into(), std::env::consts::ARCH.into());
+    if let Some((major, minor)) = &st.python_version {
+        labels.insert("python_major_version".into(), major.clone());
+        labels.insert("python_minor_version".into(), minor.clone());
+    }
     let mut state = pb::ExecutorState {
         executor_id: Some(c.executor_id.clone()),
         hostname: Some(c.hostname.clone()),
@@ -99,7 +103,7 @@ pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
         state_hash: None,
         server_clock: None,
         catalog_entry_name: c.catalog_entry_name.clone(),
-        function_call_watches: Vec::new(),
+        function_call_watches: st.watches.reported(),
         proxy_address: None,
     };
     state.state_hash = Some(state_hash(&state));

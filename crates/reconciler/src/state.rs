@@ -12,6 +12,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::events::{Event, EventLog};
 use crate::fe::FeCommand;
+use crate::watches::WatchRegistry;
 use crate::{AgentConfig, Metrics, pb};
 
 /// One worker as the agent tracks it.
@@ -81,6 +82,10 @@ pub(crate) struct State {
     pub status: pb::ExecutorStatus,
     pub last_desired: Option<(Arc<pb::DesiredExecutorState>, SystemTime)>,
     pub last_report: Option<(pb::ReportExecutorStateRequest, SystemTime)>,
+    /// Function call results the running allocations wait for.
+    pub watches: WatchRegistry,
+    /// (major, minor) of the workers' Python, reported as labels.
+    pub python_version: Option<(String, String)>,
 }
 
 #[derive(Default)]
@@ -94,6 +99,8 @@ pub(crate) struct Health {
 
 pub(crate) struct Shared {
     pub config: AgentConfig,
+    /// The server's channel (lazily connected), shared by every RPC.
+    pub server: tonic::transport::Channel,
     pub code_cache: steward_blob_store::CodeCache,
     pub metrics: Arc<Metrics>,
     pub events: EventLog,
@@ -115,9 +122,11 @@ impl Shared {
         config: AgentConfig,
         metrics: Arc<Metrics>,
         code_cache: steward_blob_store::CodeCache,
+        server: tonic::transport::Channel,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             config,
+            server,
             code_cache,
             metrics,
             events: EventLog::new(1000),
@@ -130,6 +139,8 @@ impl Shared {
                 status: pb::ExecutorStatus::Running,
                 last_desired: None,
                 last_report: None,
+                watches: WatchRegistry::default(),
+                python_version: None,
             }),
             health: Mutex::new(Health::default()),
             report_now: Notify::new(),

@@ -120,7 +120,8 @@ impl Synthetic {
             std::env::temp_dir().join(format!("steward-bench-cache-{}", std::process::id()));
         let cache = steward_blob_store::CodeCache::open(&cache_dir, 1 << 20)
             .expect("bench code cache in temp dir");
-        let shared = Shared::new(config, metrics, cache);
+        let server = crate::report::channel(&config.server_addr).expect("a valid address");
+        let shared = Shared::new(config, metrics, cache, server);
         let mut receivers = Vec::new();
         let desired = pb::DesiredExecutorState {
             function_executors: (0..fes).map(description).collect(),

@@ -1,26 +1,31 @@
 //! Running one allocation on an initialized worker: prepare inputs (chunked
 //! read URIs for args, a writable request-error blob), `create_allocation`,
-//! follow `watch_allocation_state` answering the worker's requests, enforce
-//! the dynamic deadline, `delete_allocation`, finish uploads and turn the
-//! worker's result into the server's `AllocationResult`.
+//! follow `watch_allocation_state` answering the worker's requests (output
+//! blobs, nested function calls, watchers of their results, request state),
+//! enforce the dynamic deadline (paused while a watcher waits, up to a
+//! ceiling), `delete_allocation`, finish uploads and turn the worker's
+//! result (a value or a tail call) into the server's `AllocationResult`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
+use super::{calls, plan, request_state};
 use crate::fe_pb::function_executor_client::FunctionExecutorClient;
 use crate::state::Shared;
+use crate::watches::{Delivery, Waiter};
 use crate::{fe_pb, pb};
 
 /// Deadline of `create_allocation`, `send_allocation_update` and `delete_allocation`.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Size offered for a request error payload.
 const REQUEST_ERROR_BLOB_BYTES: u64 = 10 * 1024 * 1024;
-/// gRPC status code for "not implemented".
-const CODE_UNIMPLEMENTED: i32 = 12;
 const CODE_INTERNAL: i32 = 13;
+/// Most watchers one allocation may have open at once.
+const MAX_WATCHERS: usize = 10_000;
 
 pub(crate) struct AllocOutcome {
     pub result: pb::AllocationResult,
@@ -29,23 +34,31 @@ pub(crate) struct AllocOutcome {
 }
 
 #[derive(Clone)]
-struct Upload {
-    uri: String,
-    upload_id: String,
+pub(crate) struct Upload {
+    pub uri: String,
+    pub upload_id: String,
 }
 
 /// Open uploads of a running allocation, aborted if dropped while armed.
 struct OpenUploads {
     shared: Arc<Shared>,
+    /// Output blobs by the worker's blob id.
     map: HashMap<String, Upload>,
+    /// Prepared, not yet committed request-state writes by operation id.
+    state_writes: HashMap<String, Upload>,
     request_error: Option<Upload>,
 }
 
 impl OpenUploads {
-    /// Hands the uploads to the caller, who now completes or aborts them.
+    /// Hands the output uploads to the caller, who now completes or aborts
+    /// them; uncommitted state writes are among them, under their op ids.
     fn disarm(&mut self) -> HashMap<String, Upload> {
         self.request_error = None;
-        std::mem::take(&mut self.map)
+        let mut all = std::mem::take(&mut self.map);
+        for (id, up) in self.state_writes.drain() {
+            all.insert(format!("state-write:{id}"), up);
+        }
+        all
     }
 }
 
@@ -54,6 +67,7 @@ impl Drop for OpenUploads {
         let open: Vec<Upload> = self
             .map
             .drain()
+            .chain(self.state_writes.drain())
             .map(|(_, u)| u)
             .chain(self.request_error.take())
             .collect();
@@ -110,7 +124,43 @@ fn manifest_of(p: &pb::DataPayload) -> fe_pb::SerializedObjectManifest {
     }
 }
 
-fn to_chunks(chunks: Vec<steward_blob_store::Chunk>) -> Vec<fe_pb::BlobChunk> {
+/// The worker's ETags of a blob's chunks, in order.
+pub(crate) fn etags(blob: &fe_pb::Blob) -> Vec<String> {
+    blob.chunks
+        .iter()
+        .map(|c| c.etag.clone().unwrap_or_default())
+        .collect()
+}
+
+/// What the worker needs to read `p`: its manifest and presigned chunks
+/// covering everything up to its end.
+async fn readable(
+    blobs: &steward_blob_store::BlobStore,
+    p: &pb::DataPayload,
+    valid_for: Duration,
+) -> Result<(fe_pb::SerializedObjectInsideBlob, fe_pb::Blob), String> {
+    let uri = p.uri.as_deref().unwrap_or("");
+    let offset = p.offset.unwrap_or(0);
+    let covered = offset
+        .checked_add(p.size.unwrap_or(0))
+        .ok_or_else(|| format!("payload at {uri}: offset + size overflows"))?;
+    let chunks = blobs
+        .presign_read(uri, covered, valid_for)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((
+        fe_pb::SerializedObjectInsideBlob {
+            manifest: Some(manifest_of(p)),
+            offset: Some(offset),
+        },
+        fe_pb::Blob {
+            id: None,
+            chunks: to_chunks(chunks),
+        },
+    ))
+}
+
+pub(crate) fn to_chunks(chunks: Vec<steward_blob_store::Chunk>) -> Vec<fe_pb::BlobChunk> {
     chunks
         .into_iter()
         .map(|c| fe_pb::BlobChunk {
@@ -142,13 +192,11 @@ pub(crate) async fn run(
     let mut args = Vec::new();
     let mut arg_blobs = Vec::new();
     for (i, p) in alloc.args.iter().enumerate() {
-        let uri = p.uri.clone().unwrap_or_default();
-        let covered = p.offset.unwrap_or(0) + p.size.unwrap_or(0);
-        match blobs.presign_read(&uri, covered, allocation_timeout).await {
-            Ok(chunks) => arg_blobs.push(fe_pb::Blob {
-                id: None,
-                chunks: to_chunks(chunks),
-            }),
+        match readable(blobs, p, allocation_timeout).await {
+            Ok((arg, blob)) => {
+                args.push(arg);
+                arg_blobs.push(blob);
+            }
             Err(e) => {
                 shared.event(
                     "allocation_input_error",
@@ -158,10 +206,6 @@ pub(crate) async fn run(
                 return fail(pb::AllocationFailureReason::InternalError, None, None);
             }
         }
-        args.push(fe_pb::SerializedObjectInsideBlob {
-            manifest: Some(manifest_of(p)),
-            offset: Some(p.offset.unwrap_or(0)),
-        });
     }
     let request_error_uri = format!(
         "{}.{}.req_error",
@@ -230,21 +274,21 @@ pub(crate) async fn run(
     let started = Instant::now();
     // Owns the open uploads while the worker runs: if this task is dropped
     // (allocation cancelled, worker killed) they are aborted, not leaked.
-    let mut guard = OpenUploads {
+    let guard = OpenUploads {
         shared: shared.clone(),
         map: HashMap::new(),
+        state_writes: HashMap::new(),
         request_error: Some(request_error_upload.clone()),
     };
-    let outcome = drive(
-        &shared,
+    let mut runner = Runner::new(
+        shared.clone(),
         &mut client,
-        &alloc_id,
-        request,
-        allocation_timeout,
         &alloc,
-        &mut guard.map,
-    )
-    .await;
+        allocation_timeout,
+        guard,
+    );
+    let outcome = runner.drive(request).await;
+    let mut guard = runner.into_uploads();
     let mut uploads = guard.disarm();
     let duration_ms = ceil_ms(started.elapsed());
     shared
@@ -282,13 +326,8 @@ pub(crate) async fn run(
         let id = blob.id.clone().unwrap_or_default();
         match uploads.remove(&id) {
             Some(up) => {
-                let etags: Vec<String> = blob
-                    .chunks
-                    .iter()
-                    .map(|c| c.etag.clone().unwrap_or_default())
-                    .collect();
                 if let Err(e) = blobs
-                    .complete_multipart(&up.uri, &up.upload_id, &etags)
+                    .complete_multipart(&up.uri, &up.upload_id, &etags(blob))
                     .await
                 {
                     shared.event(
@@ -367,15 +406,19 @@ pub(crate) async fn run(
     }
     match (&fe_result.outputs, &outputs_uri) {
         (Some(fe_pb::allocation_result::Outputs::Value(v)), Some(uri)) => {
-            result.return_value = Some(pb::allocation_result::ReturnValue::Value(payload_in_blob(
-                v, uri,
-            )));
+            result.return_value = Some(pb::allocation_result::ReturnValue::Value(
+                plan::payload_in_blob(v, uri),
+            ));
         }
         (Some(fe_pb::allocation_result::Outputs::Updates(u)), _) => {
-            match convert_updates(u, outputs_uri.as_deref()) {
+            match plan::convert_updates(u, outputs_uri.as_deref()) {
                 Ok(u) => result.return_value = Some(pb::allocation_result::ReturnValue::Updates(u)),
                 Err(e) => {
-                    shared.event("allocation_failed", &alloc_id, e);
+                    shared.event(
+                        "allocation_failed",
+                        &alloc_id,
+                        format!("the function's tail call cannot be sent to the server: {e}"),
+                    );
                     return fail(
                         pb::AllocationFailureReason::FunctionError,
                         Some(duration_ms),
@@ -387,7 +430,7 @@ pub(crate) async fn run(
         _ => {}
     }
     if let (Some(out), Some(uri)) = (&fe_result.request_error_output, &request_error_kept) {
-        result.request_error = Some(payload_in_blob(out, uri));
+        result.request_error = Some(plan::payload_in_blob(out, uri));
     }
     AllocOutcome {
         result,
@@ -430,82 +473,565 @@ async fn with_deadline<T>(
     }
 }
 
-/// Runs the allocation on the worker until it has a result.
-async fn drive(
-    shared: &Arc<Shared>,
-    client: &mut FunctionExecutorClient<Channel>,
-    alloc_id: &str,
-    request: fe_pb::CreateAllocationRequest,
+/// Drives one allocation on its worker: owns the worker client, the open
+/// uploads and the watchers while the allocation runs.
+struct Runner<'a> {
+    shared: Arc<Shared>,
+    client: &'a mut FunctionExecutorClient<Channel>,
+    alloc: &'a pb::Allocation,
+    alloc_id: String,
     allocation_timeout: Duration,
-    alloc: &pb::Allocation,
-    uploads: &mut HashMap<String, Upload>,
-) -> Result<fe_pb::AllocationResult, Driven> {
-    with_deadline("create_allocation", client.create_allocation(request)).await?;
-    let watch = fe_pb::WatchAllocationStateRequest {
-        allocation_id: Some(alloc_id.to_string()),
-    };
-    let mut stream = with_deadline(
-        "watch_allocation_state",
-        client.watch_allocation_state(watch),
-    )
-    .await?;
-    let mut deadline = tokio::time::Instant::now() + allocation_timeout;
-    let mut last_progress: Option<(u32, u32)> = None;
-    let mut answered: HashSet<String> = HashSet::new();
-    let result = loop {
-        let next = tokio::select! {
-            m = stream.message() => m,
-            _ = tokio::time::sleep_until(deadline) => {
-                return Err(Driven {
-                    reason: pb::AllocationFailureReason::FunctionTimeout,
-                    kill: Some(pb::FunctionExecutorTerminationReason::FunctionTimeout),
-                    message: format!("no progress within {} ms", allocation_timeout.as_millis()),
-                });
-            }
-        };
-        let state = match next {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Err(Driven {
-                    reason: pb::AllocationFailureReason::FunctionError,
-                    kill: None,
-                    message: "worker ended the state stream without a result".into(),
-                });
-            }
-            Err(status) => return Err(rpc_failure("watch_allocation_state", &status)),
-        };
-        let progress = state
-            .progress
-            .map(|p| (p.current.to_bits(), p.total.to_bits()));
-        if progress.is_some() && progress != last_progress {
-            last_progress = progress;
-            deadline = tokio::time::Instant::now() + allocation_timeout;
-        }
-        let work_started = tokio::time::Instant::now();
-        answer_requests(
+    uploads: OpenUploads,
+    /// Ids of worker requests already answered, by kind.
+    answered: HashSet<String>,
+    watchers: Watchers,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl<'a> Runner<'a> {
+    fn new(
+        shared: Arc<Shared>,
+        client: &'a mut FunctionExecutorClient<Channel>,
+        alloc: &'a pb::Allocation,
+        allocation_timeout: Duration,
+        uploads: OpenUploads,
+    ) -> Self {
+        let alloc_id = alloc.allocation_id.clone().unwrap_or_default();
+        let (tx, deliveries) = mpsc::unbounded_channel();
+        let watchers = Watchers::new(shared.clone(), alloc, tx);
+        Runner {
             shared,
             client,
-            alloc_id,
             alloc,
-            &state,
-            &mut answered,
-            uploads,
+            alloc_id,
             allocation_timeout,
+            uploads,
+            answered: HashSet::new(),
+            watchers,
+            deliveries,
+        }
+    }
+
+    fn into_uploads(self) -> OpenUploads {
+        self.uploads
+    }
+
+    /// Runs the allocation on the worker until it has a result.
+    async fn drive(
+        &mut self,
+        request: fe_pb::CreateAllocationRequest,
+    ) -> Result<fe_pb::AllocationResult, Driven> {
+        with_deadline("create_allocation", self.client.create_allocation(request)).await?;
+        let watch = fe_pb::WatchAllocationStateRequest {
+            allocation_id: Some(self.alloc_id.clone()),
+        };
+        let mut stream = with_deadline(
+            "watch_allocation_state",
+            self.client.watch_allocation_state(watch),
         )
         .await?;
-        // Time spent on the agent's side does not count against the function.
-        deadline += work_started.elapsed();
-        if let Some(r) = state.result {
-            break r;
+        let mut clock = Deadline::new(
+            self.allocation_timeout,
+            self.shared.config.max_function_call_wait,
+        );
+        let mut last_progress: Option<(u32, u32)> = None;
+        let result = loop {
+            clock.waiting(self.watchers.pending());
+            let next = tokio::select! {
+                m = stream.message() => m,
+                Some(d) = self.deliveries.recv() => {
+                    let started = tokio::time::Instant::now();
+                    self.deliver(d).await?;
+                    clock.extend(started.elapsed());
+                    continue;
+                }
+                _ = tokio::time::sleep_until(clock.wake_at()) => return Err(clock.expired()),
+            };
+            let state = match next {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    return Err(Driven {
+                        reason: pb::AllocationFailureReason::FunctionError,
+                        kill: None,
+                        message: "worker ended the state stream without a result".into(),
+                    });
+                }
+                Err(status) => return Err(rpc_failure("watch_allocation_state", &status)),
+            };
+            let progress = state
+                .progress
+                .map(|p| (p.current.to_bits(), p.total.to_bits()));
+            if progress.is_some() && progress != last_progress {
+                last_progress = progress;
+                clock.reset();
+            }
+            let work_started = tokio::time::Instant::now();
+            self.answer(&state).await?;
+            // Time spent on the agent's side does not count against the function.
+            clock.extend(work_started.elapsed());
+            if let Some(r) = state.result {
+                break r;
+            }
+        };
+        let delete = fe_pb::DeleteAllocationRequest {
+            allocation_id: Some(self.alloc_id.clone()),
+        };
+        if let Err(d) =
+            with_deadline("delete_allocation", self.client.delete_allocation(delete)).await
+        {
+            tracing::warn!(allocation = %self.alloc_id, error = %d.message, "delete_allocation failed");
         }
-    };
-    let delete = fe_pb::DeleteAllocationRequest {
-        allocation_id: Some(alloc_id.to_string()),
-    };
-    if let Err(d) = with_deadline("delete_allocation", client.delete_allocation(delete)).await {
-        tracing::warn!(allocation = alloc_id, error = %d.message, "delete_allocation failed");
+        Ok(result)
     }
-    Ok(result)
+
+    /// Answers every request in `state` not answered before, in the
+    /// reference's order: output blobs, function calls, watchers, request
+    /// state reads, then writes and commits.
+    async fn answer(&mut self, state: &fe_pb::AllocationState) -> Result<(), Driven> {
+        for req in &state.output_blob_requests {
+            self.output_blob(req).await?;
+        }
+        for call in &state.function_calls {
+            self.function_call(call).await?;
+        }
+        for d in self.watchers.sync(&state.function_call_watchers) {
+            self.deliver(d).await?;
+        }
+        use fe_pb::allocation_request_state_operation::Operation as Op;
+        let (reads, writes): (Vec<_>, Vec<_>) = state
+            .request_state_operations
+            .iter()
+            .partition(|op| matches!(op.operation, Some(Op::PrepareRead(_))));
+        for op in reads.into_iter().chain(writes) {
+            self.request_state(op).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, update: fe_pb::allocation_update::Update) -> Result<(), Driven> {
+        send_update(self.client, &self.alloc_id, update).await
+    }
+
+    async fn output_blob(
+        &mut self,
+        req: &fe_pb::AllocationOutputBlobRequest,
+    ) -> Result<(), Driven> {
+        let id = req.id.clone().unwrap_or_default();
+        if !self.answered.insert(format!("blob:{id}")) {
+            return Ok(());
+        }
+        let uri = format!(
+            "{}.{}.{}.output",
+            self.alloc
+                .request_data_payload_uri_prefix
+                .as_deref()
+                .unwrap_or(""),
+            self.alloc_id,
+            id
+        );
+        let size = req.size.unwrap_or(0);
+        let blobs = &self.shared.config.blob_store;
+        let prepared = async {
+            if size > request_state::MAX_BLOB_BYTES {
+                return Err(format!(
+                    "a {size}-byte output is over the {}-byte limit",
+                    request_state::MAX_BLOB_BYTES
+                ));
+            }
+            let upload_id = blobs
+                .create_multipart(&uri)
+                .await
+                .map_err(|e| e.to_string())?;
+            match blobs
+                .presign_write_parts(&uri, &upload_id, size, self.allocation_timeout)
+                .await
+            {
+                Ok(c) => Ok((upload_id, c)),
+                Err(e) => {
+                    let _ = blobs.abort_multipart(&uri, &upload_id).await;
+                    Err(e.to_string())
+                }
+            }
+        }
+        .await;
+        let update = match prepared {
+            Ok((upload_id, chunks)) => {
+                self.uploads
+                    .map
+                    .insert(id.clone(), Upload { uri, upload_id });
+                fe_pb::AllocationOutputBlob {
+                    status: Some(status(0, "")),
+                    blob: Some(fe_pb::Blob {
+                        id: Some(id),
+                        chunks: to_chunks(chunks),
+                    }),
+                }
+            }
+            Err(e) => {
+                self.shared.event(
+                    "output_blob_error",
+                    &self.alloc_id,
+                    format!("output blob {id}: {e}"),
+                );
+                fe_pb::AllocationOutputBlob {
+                    status: Some(status(CODE_INTERNAL, e)),
+                    blob: Some(fe_pb::Blob {
+                        id: Some(id),
+                        chunks: Vec::new(),
+                    }),
+                }
+            }
+        };
+        self.send(fe_pb::allocation_update::Update::OutputBlob(update))
+            .await
+    }
+
+    /// Forwards a nested call to the server and tells the worker whether it
+    /// was created.
+    async fn function_call(&mut self, call: &fe_pb::AllocationFunctionCall) -> Result<(), Driven> {
+        let id = call
+            .id
+            .clone()
+            .or_else(|| {
+                call.updates
+                    .as_ref()
+                    .and_then(|u| u.root_function_call_id.clone())
+            })
+            .unwrap_or_default();
+        if !self.answered.insert(format!("call:{id}")) {
+            return Ok(());
+        }
+        let outcome =
+            match calls::prepare(&self.shared, self.alloc, call, &mut self.uploads.map).await {
+                Ok(request) => calls::send(&self.shared, request).await,
+                Err(refused) => Err(refused),
+            };
+        let status = match outcome {
+            Ok(()) => status(0, ""),
+            Err(r) => {
+                self.shared.event(
+                    "function_call_refused",
+                    &self.alloc_id,
+                    format!("function call {id}: {}", r.message),
+                );
+                status(r.code, r.message)
+            }
+        };
+        let update = fe_pb::allocation_update::Update::FunctionCallCreationResult(
+            fe_pb::AllocationFunctionCallCreationResult {
+                function_call_id: Some(id.clone()),
+                allocation_function_call_id: Some(id),
+                status: Some(status),
+            },
+        );
+        self.send(update).await
+    }
+
+    /// Hands a watcher its result (once), with read URIs for the value.
+    async fn deliver(&mut self, d: Delivery) -> Result<(), Driven> {
+        if !self.watchers.take(&d.watcher_id) {
+            return Ok(()); // Gone (user timeout) or already served.
+        }
+        let r = &d.result;
+        let blobs = &self.shared.config.blob_store;
+        let valid_for = self.allocation_timeout;
+        let mut out = fe_pb::AllocationFunctionCallResult {
+            function_call_id: r.function_call_id.clone(),
+            watcher_id: Some(d.watcher_id.clone()),
+            outcome_code: Some(match r.outcome_code() {
+                pb::AllocationOutcomeCode::Success => fe_pb::AllocationOutcomeCode::Success,
+                pb::AllocationOutcomeCode::Failure => fe_pb::AllocationOutcomeCode::Failure,
+                pb::AllocationOutcomeCode::Unknown => fe_pb::AllocationOutcomeCode::Unknown,
+            } as i32),
+            value_output: None,
+            value_blob: None,
+            request_error_output: None,
+            request_error_blob: None,
+        };
+        let unreadable = |what: &str, e: String| Driven {
+            reason: pb::AllocationFailureReason::InternalError,
+            kill: None,
+            message: format!(
+                "the {what} of function call {:?} cannot be handed to the worker: {e}",
+                r.function_call_id
+            ),
+        };
+        if let Some(p) = &r.return_value {
+            let (so, blob) = readable(blobs, p, valid_for)
+                .await
+                .map_err(|e| unreadable("value", e))?;
+            out.value_output = Some(so);
+            out.value_blob = Some(blob);
+        }
+        if let Some(p) = &r.request_error {
+            let (so, blob) = readable(blobs, p, valid_for)
+                .await
+                .map_err(|e| unreadable("request error", e))?;
+            out.request_error_output = Some(so);
+            out.request_error_blob = Some(blob);
+        }
+        self.send(fe_pb::allocation_update::Update::FunctionCallResult(out))
+            .await
+    }
+
+    async fn request_state(
+        &mut self,
+        op: &fe_pb::AllocationRequestStateOperation,
+    ) -> Result<(), Driven> {
+        let id = op.operation_id.clone().unwrap_or_default();
+        if !self.answered.insert(format!("state:{id}")) {
+            return Ok(());
+        }
+        let prefix = self
+            .alloc
+            .request_data_payload_uri_prefix
+            .as_deref()
+            .unwrap_or("");
+        let result = request_state::serve(
+            &self.shared.config.blob_store,
+            prefix,
+            op,
+            &mut self.uploads.state_writes,
+            self.allocation_timeout,
+        )
+        .await;
+        let code = result.status.as_ref().map(|s| s.code).unwrap_or(0);
+        self.shared.metrics.request_state_operation(op, code);
+        self.send(fe_pb::allocation_update::Update::RequestStateOperationResult(result))
+            .await
+    }
+}
+
+/// The allocation's deadline: `allocation_timeout` from the last progress,
+/// extended by time spent on the agent's side, and paused while a watcher
+/// waits for a function call result, up to `max_wait` per wait.
+struct Deadline {
+    timeout: Duration,
+    max_wait: Duration,
+    at: tokio::time::Instant,
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+impl Deadline {
+    fn new(timeout: Duration, max_wait: Duration) -> Self {
+        Deadline {
+            timeout,
+            max_wait,
+            at: tokio::time::Instant::now() + timeout,
+            waiting_since: None,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.at = tokio::time::Instant::now() + self.timeout;
+    }
+
+    fn extend(&mut self, by: Duration) {
+        self.at += by;
+    }
+
+    /// Notes whether a watcher is waiting now; the time waited is added to
+    /// the deadline when the wait ends.
+    fn waiting(&mut self, pending: bool) {
+        let now = tokio::time::Instant::now();
+        match (pending, self.waiting_since) {
+            (true, None) => self.waiting_since = Some(now),
+            (false, Some(since)) => {
+                self.at += now.duration_since(since);
+                self.waiting_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    fn wake_at(&self) -> tokio::time::Instant {
+        match self.waiting_since {
+            Some(since) => since + self.max_wait,
+            None => self.at,
+        }
+    }
+
+    fn expired(&self) -> Driven {
+        let message = match self.waiting_since {
+            Some(_) => format!(
+                "waited {} s for a function call result without getting one (max-function-call-wait-s); the call was lost or is stuck",
+                self.max_wait.as_secs()
+            ),
+            None => format!("no progress within {} ms", self.timeout.as_millis()),
+        };
+        Driven {
+            reason: pb::AllocationFailureReason::FunctionTimeout,
+            kill: Some(pb::FunctionExecutorTerminationReason::FunctionTimeout),
+            message,
+        }
+    }
+}
+
+/// The watchers an allocation has open, registered with the agent-wide
+/// registry; dropping this unregisters them all (allocation ended or
+/// cancelled).
+struct Watchers {
+    shared: Arc<Shared>,
+    alloc_id: String,
+    /// Namespace, application and request of every watch of this allocation.
+    base: pb::FunctionCallWatch,
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Watcher id -> (its watch, result already sent).
+    live: HashMap<String, (pb::FunctionCallWatch, bool)>,
+}
+
+impl Watchers {
+    fn new(
+        shared: Arc<Shared>,
+        alloc: &pb::Allocation,
+        tx: mpsc::UnboundedSender<Delivery>,
+    ) -> Self {
+        let f = alloc.function.clone().unwrap_or_default();
+        Watchers {
+            shared,
+            alloc_id: alloc.allocation_id.clone().unwrap_or_default(),
+            base: pb::FunctionCallWatch {
+                namespace: f.namespace,
+                application: f.application_name,
+                request_id: alloc.request_id.clone(),
+                function_call_id: None,
+            },
+            tx,
+            live: HashMap::new(),
+        }
+    }
+
+    /// Whether a watcher still waits for its result.
+    fn pending(&self) -> bool {
+        self.live.values().any(|(_, sent)| !sent)
+    }
+
+    /// Marks `watcher_id` served; false when it is gone or was served.
+    fn take(&mut self, watcher_id: &str) -> bool {
+        match self.live.get_mut(watcher_id) {
+            Some((_, sent)) if !*sent => {
+                *sent = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Follows the worker's watcher list: registers new watchers, drops
+    /// vanished ones. Returns results to hand over at once (kept results,
+    /// and failures for watchers that name no call).
+    fn sync(&mut self, list: &[fe_pb::AllocationFunctionCallWatcher]) -> Vec<Delivery> {
+        let mut now = Vec::new();
+        let mut changed = false;
+        let present: HashSet<String> = list.iter().filter_map(watcher_id).collect();
+        {
+            let mut st = self.shared.state.lock();
+            let gone: Vec<String> = self
+                .live
+                .keys()
+                .filter(|id| !present.contains(*id))
+                .cloned()
+                .collect();
+            for id in gone {
+                if let Some((watch, _)) = self.live.remove(&id) {
+                    changed |= st.watches.remove(&watch, &self.alloc_id, &id);
+                }
+            }
+            for w in list {
+                let Some(id) = watcher_id(w) else { continue };
+                if self.live.contains_key(&id) {
+                    continue;
+                }
+                let call = w
+                    .root_function_call_id
+                    .clone()
+                    .or_else(|| w.function_call_id.clone());
+                let Some(call) = call
+                    .filter(|c| !c.is_empty())
+                    .filter(|_| self.live.len() < MAX_WATCHERS)
+                else {
+                    // Nothing to watch: the worker gets a failure, not a hang.
+                    self.live.insert(id.clone(), (self.base.clone(), false));
+                    now.push(self.failure(id));
+                    continue;
+                };
+                let watch = pb::FunctionCallWatch {
+                    function_call_id: Some(call),
+                    ..self.base.clone()
+                };
+                let waiter = Waiter {
+                    allocation_id: self.alloc_id.clone(),
+                    watcher_id: id.clone(),
+                    tx: self.tx.clone(),
+                };
+                let (added, early) = st.watches.add(&watch, waiter);
+                changed |= added;
+                self.live.insert(id.clone(), (watch, false));
+                if let Some(result) = early {
+                    now.push(Delivery {
+                        watcher_id: id,
+                        result,
+                    });
+                }
+            }
+            self.shared
+                .metrics
+                .function_call_watches
+                .set(st.watches.len() as i64);
+        }
+        if changed {
+            self.shared.report_now.notify_one();
+        }
+        now
+    }
+
+    fn failure(&self, watcher_id: String) -> Delivery {
+        self.shared.event(
+            "function_call_watcher_invalid",
+            &self.alloc_id,
+            format!("watcher {watcher_id} names no function call (or too many are open); answered with a failure"),
+        );
+        Delivery {
+            watcher_id,
+            result: pb::FunctionCallResult {
+                namespace: self.base.namespace.clone(),
+                request_id: self.base.request_id.clone(),
+                function_call_id: None,
+                outcome_code: Some(pb::AllocationOutcomeCode::Failure as i32),
+                failure_reason: Some(pb::AllocationFailureReason::InternalError as i32),
+                return_value: None,
+                request_error: None,
+            },
+        }
+    }
+}
+
+fn watcher_id(w: &fe_pb::AllocationFunctionCallWatcher) -> Option<String> {
+    w.id.clone()
+        .or_else(|| w.watcher_id.clone())
+        .filter(|id| !id.is_empty())
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        if self.live.is_empty() {
+            return;
+        }
+        let mut changed = false;
+        {
+            let mut st = self.shared.state.lock();
+            for (id, (watch, _)) in self.live.drain() {
+                changed |= st.watches.remove(&watch, &self.alloc_id, &id);
+            }
+            self.shared
+                .metrics
+                .function_call_watches
+                .set(st.watches.len() as i64);
+        }
+        if changed {
+            self.shared.report_now.notify_one();
+        }
+    }
 }
 
 async fn send_update(
@@ -529,124 +1055,12 @@ async fn send_update(
     }
 }
 
-fn status(code: i32, message: impl Into<String>) -> steward_proto::google::rpc::Status {
+pub(crate) fn status(code: i32, message: impl Into<String>) -> steward_proto::google::rpc::Status {
     steward_proto::google::rpc::Status {
         code,
         message: message.into(),
         details: Vec::new(),
     }
-}
-
-/// Answers every request in `state` not answered before.
-async fn answer_requests(
-    shared: &Arc<Shared>,
-    client: &mut FunctionExecutorClient<Channel>,
-    alloc_id: &str,
-    alloc: &pb::Allocation,
-    state: &fe_pb::AllocationState,
-    answered: &mut HashSet<String>,
-    uploads: &mut HashMap<String, Upload>,
-    valid_for: Duration,
-) -> Result<(), Driven> {
-    use fe_pb::allocation_update::Update;
-    let blobs = &shared.config.blob_store;
-    for req in &state.output_blob_requests {
-        let id = req.id.clone().unwrap_or_default();
-        if !answered.insert(format!("blob:{id}")) {
-            continue;
-        }
-        let uri = format!(
-            "{}.{}.{}.output",
-            alloc
-                .request_data_payload_uri_prefix
-                .as_deref()
-                .unwrap_or(""),
-            alloc_id,
-            id
-        );
-        let size = req.size.unwrap_or(0);
-        let prepared = async {
-            let upload_id = blobs.create_multipart(&uri).await?;
-            let chunks = blobs
-                .presign_write_parts(&uri, &upload_id, size, valid_for)
-                .await;
-            match chunks {
-                Ok(c) => Ok((upload_id, c)),
-                Err(e) => {
-                    let _ = blobs.abort_multipart(&uri, &upload_id).await;
-                    Err(e)
-                }
-            }
-        }
-        .await;
-        let update = match prepared {
-            Ok((upload_id, chunks)) => {
-                uploads.insert(
-                    id.clone(),
-                    Upload {
-                        uri: uri.clone(),
-                        upload_id,
-                    },
-                );
-                fe_pb::AllocationOutputBlob {
-                    status: Some(status(0, "")),
-                    blob: Some(fe_pb::Blob {
-                        id: Some(id.clone()),
-                        chunks: to_chunks(chunks),
-                    }),
-                }
-            }
-            Err(e) => {
-                shared.event(
-                    "output_blob_error",
-                    alloc_id,
-                    format!("output blob {id}: {e}"),
-                );
-                fe_pb::AllocationOutputBlob {
-                    status: Some(status(CODE_INTERNAL, e.to_string())),
-                    blob: None,
-                }
-            }
-        };
-        send_update(client, alloc_id, Update::OutputBlob(update)).await?;
-    }
-    for call in &state.function_calls {
-        let id = call.id.clone().unwrap_or_default();
-        if !answered.insert(format!("call:{id}")) {
-            continue;
-        }
-        let root = call
-            .updates
-            .as_ref()
-            .and_then(|u| u.root_function_call_id.clone());
-        let update =
-            Update::FunctionCallCreationResult(fe_pb::AllocationFunctionCallCreationResult {
-                function_call_id: root,
-                allocation_function_call_id: Some(id),
-                status: Some(status(
-                    CODE_UNIMPLEMENTED,
-                    "function calls from running functions are not supported by this agent yet",
-                )),
-            });
-        send_update(client, alloc_id, update).await?;
-    }
-    for op in &state.request_state_operations {
-        let id = op.operation_id.clone().unwrap_or_default();
-        if !answered.insert(format!("state:{id}")) {
-            continue;
-        }
-        let update =
-            Update::RequestStateOperationResult(fe_pb::AllocationRequestStateOperationResult {
-                operation_id: Some(id),
-                status: Some(status(
-                    CODE_UNIMPLEMENTED,
-                    "request state is not supported by this agent yet",
-                )),
-                result: None,
-            });
-        send_update(client, alloc_id, update).await?;
-    }
-    Ok(())
 }
 
 async fn abort_all(shared: &Arc<Shared>, uploads: HashMap<String, Upload>, extra: Option<Upload>) {
@@ -660,94 +1074,4 @@ async fn abort_all(shared: &Arc<Shared>, uploads: HashMap<String, Upload>, extra
             tracing::warn!(uri = %up.uri, error = %e, "aborting upload failed");
         }
     }
-}
-
-/// A server payload for a serialized object stored in the blob at `uri`.
-fn payload_in_blob(so: &fe_pb::SerializedObjectInsideBlob, uri: &str) -> pb::DataPayload {
-    let m = so.manifest.clone().unwrap_or_default();
-    let encoding = match m.encoding {
-        Some(e) if e == fe_pb::SerializedObjectEncoding::BinaryZip as i32 => {
-            pb::DataPayloadEncoding::Unknown as i32
-        }
-        Some(e) => e,
-        None => pb::DataPayloadEncoding::Unknown as i32,
-    };
-    pb::DataPayload {
-        uri: Some(uri.to_string()),
-        encoding: Some(encoding),
-        encoding_version: Some(m.encoding_version.unwrap_or(0)),
-        content_type: m.content_type,
-        metadata_size: Some(m.metadata_size.unwrap_or(0)),
-        offset: Some(so.offset.unwrap_or(0)),
-        size: m.size,
-        sha256_hash: m.sha256_hash,
-        source_function_call_id: Some(m.source_function_call_id.unwrap_or_default()),
-        id: None,
-    }
-}
-
-fn convert_ref(f: &fe_pb::FunctionRef) -> pb::FunctionRef {
-    pb::FunctionRef {
-        namespace: f.namespace.clone(),
-        application_name: f.application_name.clone(),
-        function_name: f.function_name.clone(),
-        application_version: Some(f.application_version.clone().unwrap_or_default()),
-    }
-}
-
-fn convert_arg(a: &fe_pb::FunctionArg, blob_uri: Option<&str>) -> Result<pb::FunctionArg, String> {
-    use fe_pb::function_arg::Source as S;
-    let source = match &a.source {
-        Some(S::FunctionCallId(id)) => pb::function_arg::Source::FunctionCallId(id.clone()),
-        Some(S::Value(v)) => {
-            let uri = blob_uri
-                .ok_or("function call argument refers to an outputs blob that was not uploaded")?;
-            pb::function_arg::Source::InlineData(payload_in_blob(v, uri))
-        }
-        None => return Err("function call argument has no source".into()),
-    };
-    Ok(pb::FunctionArg {
-        source: Some(source),
-    })
-}
-
-/// Converts the worker's execution plan updates into the server's form.
-fn convert_updates(
-    u: &fe_pb::ExecutionPlanUpdates,
-    blob_uri: Option<&str>,
-) -> Result<pb::ExecutionPlanUpdates, String> {
-    use fe_pb::execution_plan_update::Op as FOp;
-    use pb::execution_plan_update::Op;
-    let mut updates = Vec::new();
-    for up in &u.updates {
-        let op = match &up.op {
-            Some(FOp::FunctionCall(c)) => Op::FunctionCall(pb::FunctionCall {
-                id: Some(c.id.clone().unwrap_or_default()),
-                target: c.target.as_ref().map(convert_ref),
-                args: c
-                    .args
-                    .iter()
-                    .map(|a| convert_arg(a, blob_uri))
-                    .collect::<Result<_, _>>()?,
-                call_metadata: Some(c.call_metadata.clone().unwrap_or_default()),
-            }),
-            Some(FOp::Reduce(r)) => Op::Reduce(pb::ReduceOp {
-                id: r.id.clone(),
-                collection: r
-                    .collection
-                    .iter()
-                    .map(|a| convert_arg(a, blob_uri))
-                    .collect::<Result<_, _>>()?,
-                reducer: r.reducer.as_ref().map(convert_ref),
-                call_metadata: Some(r.call_metadata.clone().unwrap_or_default()),
-            }),
-            None => return Err("execution plan update without an operation".into()),
-        };
-        updates.push(pb::ExecutionPlanUpdate { op: Some(op) });
-    }
-    Ok(pb::ExecutionPlanUpdates {
-        updates,
-        root_function_call_id: Some(u.root_function_call_id.clone().unwrap_or_default()),
-        start_at: u.start_at,
-    })
 }

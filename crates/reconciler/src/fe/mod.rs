@@ -5,7 +5,10 @@
 //! allocations. The controller is the only owner of its worker process.
 
 mod allocation;
+mod calls;
+mod plan;
 mod process;
+mod request_state;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,6 +24,24 @@ use allocation::AllocOutcome;
 pub(crate) use allocation::failed_result;
 use process::FeProcess;
 pub(crate) use process::reap_leftovers;
+
+/// Learns the workers' Python version before any worker runs (so the first
+/// reports already carry it); a worker's `get_info` confirms it later.
+pub(crate) async fn probe_python(shared: Arc<Shared>) {
+    let Some(v) = process::probe_python_version(&shared.config.function_executor_bin).await else {
+        return;
+    };
+    let set = {
+        let mut st = shared.state.lock();
+        st.python_version
+            .is_none()
+            .then(|| st.python_version = Some(v))
+            .is_some()
+    };
+    if set {
+        shared.report_now.notify_one();
+    }
+}
 
 use crate::fe_pb::function_executor_client::FunctionExecutorClient;
 use crate::state::{AllocPhase, Shared, TimelineEntry};
@@ -512,6 +533,36 @@ fn to_fe_ref(f: &pb::FunctionRef) -> fe_pb::FunctionRef {
     }
 }
 
+/// "3.11.2" -> ("3", "11"), for a Python worker.
+fn python_version(info: &fe_pb::InfoResponse) -> Option<(String, String)> {
+    if !info.sdk_language.as_deref()?.eq_ignore_ascii_case("python") {
+        return None;
+    }
+    let mut parts = info.sdk_language_version.as_deref()?.split('.');
+    let number = |p: Option<&str>| {
+        p.filter(|s| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()))
+            .map(str::to_string)
+    };
+    Some((number(parts.next())?, number(parts.next())?))
+}
+
+/// Reports the workers' Python version as labels, as the reference reports
+/// its own (the interpreter that runs the functions is what matters here).
+fn note_python_version(shared: &Shared, info: &fe_pb::InfoResponse) {
+    let Some(v) = python_version(info) else {
+        return;
+    };
+    let changed = {
+        let mut st = shared.state.lock();
+        let changed = st.python_version.as_ref() != Some(&v);
+        st.python_version = Some(v);
+        changed
+    };
+    if changed {
+        shared.report_now.notify_one();
+    }
+}
+
 /// Brings a worker from nothing to initialized.
 async fn start(
     shared: Arc<Shared>,
@@ -622,6 +673,7 @@ async fn start(
         process.stop(Duration::ZERO).await;
         return Err(internal(format!("get_info answer is incomplete: {info:?}")));
     }
+    note_python_version(&shared, &info);
     let init_timeout =
         Duration::from_millis(u64::from(desc.initialization_timeout_ms.unwrap_or(0)));
     let sha = hex::encode(Sha256::digest(&code));

@@ -1,0 +1,291 @@
+//! Execution plan updates (nested calls, tail calls, reduce ops) from the
+//! worker's form into the server's, and the checks the server would
+//! otherwise answer with an error for the whole call or report.
+
+use prost::Message;
+
+use crate::{fe_pb, pb};
+
+/// Largest `call_function` request or tail-call plan (the reference's limit).
+pub(crate) const MAX_PLAN_BYTES: usize = 1 << 20;
+/// Most entries in one plan (the reference's limit).
+pub(crate) const MAX_PLAN_UPDATES: usize = 1000;
+
+/// A server payload for a serialized object stored in the blob at `uri`.
+pub(crate) fn payload_in_blob(
+    so: &fe_pb::SerializedObjectInsideBlob,
+    uri: &str,
+) -> pb::DataPayload {
+    let m = so.manifest.clone().unwrap_or_default();
+    let encoding = match m.encoding {
+        Some(e) if e == fe_pb::SerializedObjectEncoding::BinaryZip as i32 => {
+            pb::DataPayloadEncoding::Unknown as i32
+        }
+        Some(e) => e,
+        None => pb::DataPayloadEncoding::Unknown as i32,
+    };
+    pb::DataPayload {
+        uri: Some(uri.to_string()),
+        encoding: Some(encoding),
+        encoding_version: Some(m.encoding_version.unwrap_or(0)),
+        content_type: m.content_type,
+        metadata_size: Some(m.metadata_size.unwrap_or(0)),
+        offset: Some(so.offset.unwrap_or(0)),
+        size: m.size,
+        sha256_hash: m.sha256_hash,
+        source_function_call_id: Some(m.source_function_call_id.unwrap_or_default()),
+        id: None,
+    }
+}
+
+fn convert_ref(f: &fe_pb::FunctionRef) -> pb::FunctionRef {
+    pb::FunctionRef {
+        namespace: f.namespace.clone(),
+        application_name: f.application_name.clone(),
+        function_name: f.function_name.clone(),
+        application_version: Some(f.application_version.clone().unwrap_or_default()),
+    }
+}
+
+fn convert_arg(a: &fe_pb::FunctionArg, blob_uri: Option<&str>) -> Result<pb::FunctionArg, String> {
+    use fe_pb::function_arg::Source as S;
+    let source = match &a.source {
+        Some(S::FunctionCallId(id)) => pb::function_arg::Source::FunctionCallId(id.clone()),
+        Some(S::Value(v)) => {
+            if v.manifest.as_ref().and_then(|m| m.encoding)
+                == Some(fe_pb::SerializedObjectEncoding::BinaryZip as i32)
+            {
+                return Err("a function call argument is encoded as a ZIP, which the server does not accept".into());
+            }
+            let uri = blob_uri.ok_or(
+                "a function call argument refers to an arguments blob that was not uploaded",
+            )?;
+            pb::function_arg::Source::InlineData(payload_in_blob(v, uri))
+        }
+        None => return Err("a function call argument has no source".into()),
+    };
+    Ok(pb::FunctionArg {
+        source: Some(source),
+    })
+}
+
+fn convert_args(
+    args: &[fe_pb::FunctionArg],
+    blob_uri: Option<&str>,
+) -> Result<Vec<pb::FunctionArg>, String> {
+    args.iter().map(|a| convert_arg(a, blob_uri)).collect()
+}
+
+/// Converts the worker's execution plan updates into the server's form;
+/// `blob_uri` is where the inline argument values were uploaded.
+pub(crate) fn convert_updates(
+    u: &fe_pb::ExecutionPlanUpdates,
+    blob_uri: Option<&str>,
+) -> Result<pb::ExecutionPlanUpdates, String> {
+    use fe_pb::execution_plan_update::Op as FOp;
+    use pb::execution_plan_update::Op;
+    let mut updates = Vec::with_capacity(u.updates.len().min(MAX_PLAN_UPDATES + 1));
+    for up in &u.updates {
+        let op = match &up.op {
+            Some(FOp::FunctionCall(c)) => Op::FunctionCall(pb::FunctionCall {
+                id: c.id.clone(),
+                target: c.target.as_ref().map(convert_ref),
+                args: convert_args(&c.args, blob_uri)?,
+                call_metadata: Some(c.call_metadata.clone().unwrap_or_default()),
+            }),
+            Some(FOp::Reduce(r)) => Op::Reduce(pb::ReduceOp {
+                id: r.id.clone(),
+                collection: convert_args(&r.collection, blob_uri)?,
+                reducer: r.reducer.as_ref().map(convert_ref),
+                call_metadata: Some(r.call_metadata.clone().unwrap_or_default()),
+            }),
+            None => return Err("an execution plan update has no operation".into()),
+        };
+        updates.push(pb::ExecutionPlanUpdate { op: Some(op) });
+    }
+    let plan = pb::ExecutionPlanUpdates {
+        updates,
+        root_function_call_id: u.root_function_call_id.clone(),
+        start_at: u.start_at,
+    };
+    validate(&plan)?;
+    Ok(plan)
+}
+
+fn nonempty(v: &Option<String>) -> bool {
+    v.as_deref().is_some_and(|s| !s.is_empty())
+}
+
+fn check_ref(what: &str, f: Option<&pb::FunctionRef>) -> Result<(), String> {
+    let f = f.ok_or_else(|| format!("{what} has no target function"))?;
+    if !nonempty(&f.namespace) || !nonempty(&f.function_name) {
+        return Err(format!("{what} names no namespace or function"));
+    }
+    Ok(())
+}
+
+fn check_args(what: &str, args: &[pb::FunctionArg]) -> Result<(), String> {
+    for a in args {
+        if let Some(pb::function_arg::Source::InlineData(p)) = &a.source
+            && (!nonempty(&p.uri)
+                || p.size.is_none()
+                || !nonempty(&p.sha256_hash)
+                || p.encoding.is_none())
+        {
+            return Err(format!(
+                "{what} has an inline argument without uri, size, sha256 or encoding"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The checks the server makes (it answers INTERNAL for the whole call or
+/// report otherwise), plus the reference's size limits.
+pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
+    use pb::execution_plan_update::Op;
+    if !nonempty(&plan.root_function_call_id) {
+        return Err("the plan has no root function call id".into());
+    }
+    if plan.updates.len() > MAX_PLAN_UPDATES {
+        return Err(format!(
+            "the plan has {} entries; at most {MAX_PLAN_UPDATES} are allowed",
+            plan.updates.len()
+        ));
+    }
+    let bytes = plan.encoded_len();
+    if bytes > MAX_PLAN_BYTES {
+        return Err(format!(
+            "the plan is {bytes} bytes; at most {MAX_PLAN_BYTES} are allowed"
+        ));
+    }
+    for (i, up) in plan.updates.iter().enumerate() {
+        let what = format!("plan entry {i}");
+        match &up.op {
+            Some(Op::FunctionCall(c)) => {
+                if !nonempty(&c.id) {
+                    return Err(format!("{what} (function call) has no id"));
+                }
+                check_ref(&what, c.target.as_ref())?;
+                check_args(&what, &c.args)?;
+            }
+            Some(Op::Reduce(r)) => {
+                if !nonempty(&r.id) {
+                    return Err(format!("{what} (reduce) has no id"));
+                }
+                check_ref(&what, r.reducer.as_ref())?;
+                check_args(&what, &r.collection)?;
+            }
+            None => return Err(format!("{what} has no operation")),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(encoding: fe_pb::SerializedObjectEncoding) -> fe_pb::FunctionArg {
+        fe_pb::FunctionArg {
+            source: Some(fe_pb::function_arg::Source::Value(
+                fe_pb::SerializedObjectInsideBlob {
+                    manifest: Some(fe_pb::SerializedObjectManifest {
+                        encoding: Some(encoding as i32),
+                        encoding_version: Some(0),
+                        size: Some(10),
+                        metadata_size: Some(3),
+                        sha256_hash: Some("ab".into()),
+                        content_type: None,
+                        source_function_call_id: None,
+                    }),
+                    offset: Some(7),
+                },
+            )),
+        }
+    }
+
+    fn call(id: &str, args: Vec<fe_pb::FunctionArg>) -> fe_pb::ExecutionPlanUpdate {
+        fe_pb::ExecutionPlanUpdate {
+            op: Some(fe_pb::execution_plan_update::Op::FunctionCall(
+                fe_pb::FunctionCall {
+                    id: Some(id.into()),
+                    target: Some(fe_pb::FunctionRef {
+                        namespace: Some("ns".into()),
+                        application_name: Some("app".into()),
+                        function_name: Some("f".into()),
+                        application_version: None,
+                    }),
+                    args,
+                    call_metadata: None,
+                },
+            )),
+        }
+    }
+
+    fn plan(updates: Vec<fe_pb::ExecutionPlanUpdate>) -> fe_pb::ExecutionPlanUpdates {
+        fe_pb::ExecutionPlanUpdates {
+            updates,
+            root_function_call_id: Some("D".into()),
+            start_at: None,
+        }
+    }
+
+    #[test]
+    fn values_point_into_the_args_blob() {
+        let p = plan(vec![call(
+            "D",
+            vec![
+                value(fe_pb::SerializedObjectEncoding::BinaryPickle),
+                fe_pb::FunctionArg {
+                    source: Some(fe_pb::function_arg::Source::FunctionCallId("C".into())),
+                },
+            ],
+        )]);
+        let out = convert_updates(&p, Some("file:///b")).expect("converts");
+        let Some(pb::execution_plan_update::Op::FunctionCall(c)) = &out.updates[0].op else {
+            panic!("a function call");
+        };
+        let Some(pb::function_arg::Source::InlineData(d)) = &c.args[0].source else {
+            panic!("inline data");
+        };
+        assert_eq!(d.uri.as_deref(), Some("file:///b"));
+        assert_eq!(
+            (d.offset, d.size, d.metadata_size),
+            (Some(7), Some(10), Some(3))
+        );
+        assert!(matches!(
+            &c.args[1].source,
+            Some(pb::function_arg::Source::FunctionCallId(id)) if id == "C"
+        ));
+        assert_eq!(c.call_metadata.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn what_the_server_would_refuse_is_refused_here() {
+        let v = || value(fe_pb::SerializedObjectEncoding::BinaryPickle);
+        let missing_blob = convert_updates(&plan(vec![call("D", vec![v()])]), None);
+        assert!(missing_blob.is_err_and(|e| e.contains("not uploaded")));
+        let zip = convert_updates(
+            &plan(vec![call(
+                "D",
+                vec![value(fe_pb::SerializedObjectEncoding::BinaryZip)],
+            )]),
+            Some("file:///b"),
+        );
+        assert!(zip.is_err_and(|e| e.contains("ZIP")));
+        let mut no_root = plan(vec![call("D", vec![])]);
+        no_root.root_function_call_id = None;
+        assert!(convert_updates(&no_root, None).is_err_and(|e| e.contains("root")));
+        let no_id = convert_updates(&plan(vec![call("", vec![])]), None);
+        assert!(no_id.is_err_and(|e| e.contains("no id")));
+        let too_many = plan(
+            (0..=MAX_PLAN_UPDATES)
+                .map(|i| call(&i.to_string(), vec![]))
+                .collect(),
+        );
+        assert!(convert_updates(&too_many, None).is_err_and(|e| e.contains("at most")));
+        let no_op = plan(vec![fe_pb::ExecutionPlanUpdate { op: None }]);
+        assert!(convert_updates(&no_op, None).is_err());
+    }
+}

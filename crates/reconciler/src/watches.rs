@@ -1,0 +1,311 @@
+//! Function-call watches: which results the allocations on this host wait
+//! for, and routing of the server's `FunctionCallResult`s to them.
+//!
+//! The server is told the deduplicated set of watches (ref-counted by
+//! content, part of the state hash). Results are routed on
+//! (namespace, request id, function call id), as the reference does, to
+//! every waiting watcher exactly once. A result that arrives while nobody
+//! waits is kept (bounded) so a watcher registered later still gets it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use tokio::sync::mpsc;
+
+use crate::pb;
+
+/// How many results with no watcher yet are kept, oldest dropped first.
+pub(crate) const EARLY_RESULTS_LIMIT: usize = 1024;
+
+/// What a result is routed on (the application is not part of it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RouteKey {
+    pub namespace: String,
+    pub request_id: String,
+    pub function_call_id: String,
+}
+
+impl RouteKey {
+    pub fn of_watch(w: &pb::FunctionCallWatch) -> RouteKey {
+        RouteKey {
+            namespace: w.namespace.clone().unwrap_or_default(),
+            request_id: w.request_id.clone().unwrap_or_default(),
+            function_call_id: w.function_call_id.clone().unwrap_or_default(),
+        }
+    }
+
+    fn of_result(r: &pb::FunctionCallResult) -> RouteKey {
+        RouteKey {
+            namespace: r.namespace.clone().unwrap_or_default(),
+            request_id: r.request_id.clone().unwrap_or_default(),
+            function_call_id: r.function_call_id.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// A watch as reported, ordered so the report (and its hash) is stable.
+type WatchTuple = (String, String, String, String);
+
+fn tuple(w: &pb::FunctionCallWatch) -> WatchTuple {
+    (
+        w.namespace.clone().unwrap_or_default(),
+        w.application.clone().unwrap_or_default(),
+        w.request_id.clone().unwrap_or_default(),
+        w.function_call_id.clone().unwrap_or_default(),
+    )
+}
+
+/// A result on its way to one watcher of one allocation.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    pub watcher_id: String,
+    pub result: pb::FunctionCallResult,
+}
+
+/// Where an allocation receives its deliveries, and under which watcher.
+pub(crate) struct Waiter {
+    pub allocation_id: String,
+    pub watcher_id: String,
+    pub tx: mpsc::UnboundedSender<Delivery>,
+}
+
+/// What [`WatchRegistry::route`] did with a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Routed {
+    /// Sent to this many watchers.
+    Delivered(usize),
+    /// Nobody waits for it now; kept for a watcher that comes later.
+    Kept,
+    /// Not terminal yet (UNKNOWN, or SUCCESS before a tail chain resolved).
+    NotFinal,
+}
+
+#[derive(Default)]
+pub(crate) struct WatchRegistry {
+    reported: BTreeMap<WatchTuple, usize>,
+    waiters: HashMap<RouteKey, Vec<Waiter>>,
+    early: VecDeque<(RouteKey, pb::FunctionCallResult)>,
+}
+
+/// Only a terminal result is routed: FAILURE, or SUCCESS with its value.
+pub(crate) fn is_final(r: &pb::FunctionCallResult) -> bool {
+    match r.outcome_code() {
+        pb::AllocationOutcomeCode::Failure => true,
+        pb::AllocationOutcomeCode::Success => r.return_value.is_some(),
+        pb::AllocationOutcomeCode::Unknown => false,
+    }
+}
+
+impl WatchRegistry {
+    /// Registers `waiter` on `watch`. Returns whether the reported set
+    /// changed, and a result already kept for it (then the waiter is not
+    /// registered: the caller delivers that result itself).
+    pub fn add(
+        &mut self,
+        watch: &pb::FunctionCallWatch,
+        waiter: Waiter,
+    ) -> (bool, Option<pb::FunctionCallResult>) {
+        let count = self.reported.entry(tuple(watch)).or_insert(0);
+        *count += 1;
+        let changed = *count == 1;
+        let key = RouteKey::of_watch(watch);
+        if let Some((_, r)) = self.early.iter().find(|(k, _)| *k == key) {
+            return (changed, Some(r.clone()));
+        }
+        self.waiters.entry(key).or_default().push(waiter);
+        (changed, None)
+    }
+
+    /// Drops one registration of `watch` by (allocation, watcher). Returns
+    /// whether the reported set changed.
+    pub fn remove(
+        &mut self,
+        watch: &pb::FunctionCallWatch,
+        allocation_id: &str,
+        watcher_id: &str,
+    ) -> bool {
+        let key = RouteKey::of_watch(watch);
+        if let Some(list) = self.waiters.get_mut(&key) {
+            list.retain(|w| !(w.allocation_id == allocation_id && w.watcher_id == watcher_id));
+            if list.is_empty() {
+                self.waiters.remove(&key);
+            }
+        }
+        let t = tuple(watch);
+        match self.reported.get_mut(&t) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                self.reported.remove(&t);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends a final result to every watcher waiting on it (each only once:
+    /// a served waiter is unregistered), or keeps it for later.
+    pub fn route(&mut self, result: &pb::FunctionCallResult) -> Routed {
+        if !is_final(result) {
+            return Routed::NotFinal;
+        }
+        let key = RouteKey::of_result(result);
+        let waiters = self.waiters.remove(&key).unwrap_or_default();
+        let mut sent = 0;
+        for w in waiters {
+            let d = Delivery {
+                watcher_id: w.watcher_id,
+                result: result.clone(),
+            };
+            // A closed receiver is an allocation that already ended.
+            if w.tx.send(d).is_ok() {
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            return Routed::Delivered(sent);
+        }
+        self.early.retain(|(k, _)| *k != key);
+        if self.early.len() >= EARLY_RESULTS_LIMIT {
+            self.early.pop_front();
+        }
+        self.early.push_back((key, result.clone()));
+        Routed::Kept
+    }
+
+    /// The deduplicated watches to report, in a stable order.
+    pub fn reported(&self) -> Vec<pb::FunctionCallWatch> {
+        self.reported
+            .keys()
+            .map(|(ns, app, req, fc)| pb::FunctionCallWatch {
+                namespace: Some(ns.clone()),
+                application: Some(app.clone()),
+                request_id: Some(req.clone()),
+                function_call_id: Some(fc.clone()),
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.reported.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch(fc: &str) -> pb::FunctionCallWatch {
+        pb::FunctionCallWatch {
+            namespace: Some("ns".into()),
+            application: Some("app".into()),
+            request_id: Some("r1".into()),
+            function_call_id: Some(fc.into()),
+        }
+    }
+
+    fn success(fc: &str) -> pb::FunctionCallResult {
+        pb::FunctionCallResult {
+            namespace: Some("ns".into()),
+            request_id: Some("r1".into()),
+            function_call_id: Some(fc.into()),
+            outcome_code: Some(pb::AllocationOutcomeCode::Success as i32),
+            failure_reason: None,
+            return_value: Some(pb::DataPayload {
+                uri: Some("file:///x".into()),
+                ..Default::default()
+            }),
+            request_error: None,
+        }
+    }
+
+    fn waiter(alloc: &str, watcher: &str) -> (Waiter, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Waiter {
+                allocation_id: alloc.into(),
+                watcher_id: watcher.into(),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn watches_are_deduplicated_and_ref_counted() {
+        let mut reg = WatchRegistry::default();
+        let (w1, _r1) = waiter("a1", "w1");
+        let (w2, _r2) = waiter("a2", "w2");
+        assert_eq!(reg.add(&watch("d"), w1).0, true);
+        assert_eq!(reg.add(&watch("d"), w2).0, false, "same content twice");
+        assert_eq!(reg.reported().len(), 1);
+        assert!(!reg.remove(&watch("d"), "a1", "w1"), "still watched by a2");
+        assert!(reg.remove(&watch("d"), "a2", "w2"), "last one gone");
+        assert!(reg.reported().is_empty());
+        assert!(
+            !reg.remove(&watch("d"), "a2", "w2"),
+            "unknown removal is harmless"
+        );
+    }
+
+    #[test]
+    fn a_result_fans_out_to_every_waiter_once() {
+        let mut reg = WatchRegistry::default();
+        let (w1, mut r1) = waiter("a1", "w1");
+        let (w2, mut r2) = waiter("a2", "w2");
+        reg.add(&watch("d"), w1);
+        reg.add(&watch("d"), w2);
+        assert_eq!(reg.route(&success("d")), Routed::Delivered(2));
+        assert_eq!(
+            r1.try_recv().map(|d| d.watcher_id).ok().as_deref(),
+            Some("w1")
+        );
+        assert_eq!(
+            r2.try_recv().map(|d| d.watcher_id).ok().as_deref(),
+            Some("w2")
+        );
+        // The same result again (every desired state repeats it): not twice.
+        assert_eq!(reg.route(&success("d")), Routed::Kept);
+        assert!(r1.try_recv().is_err() && r2.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_result_before_its_watcher_is_kept_and_handed_over() {
+        let mut reg = WatchRegistry::default();
+        assert_eq!(reg.route(&success("d")), Routed::Kept);
+        let (w, mut rx) = waiter("a1", "w1");
+        let (changed, early) = reg.add(&watch("d"), w);
+        assert!(changed);
+        assert_eq!(early.and_then(|r| r.function_call_id).as_deref(), Some("d"));
+        assert!(rx.try_recv().is_err(), "handed back, not sent");
+    }
+
+    #[test]
+    fn unfinished_results_are_not_routed() {
+        let mut reg = WatchRegistry::default();
+        let (w, mut rx) = waiter("a1", "w1");
+        reg.add(&watch("d"), w);
+        let mut r = success("d");
+        r.return_value = None; // Tail chain not resolved yet.
+        assert_eq!(reg.route(&r), Routed::NotFinal);
+        r.outcome_code = Some(pb::AllocationOutcomeCode::Unknown as i32);
+        assert_eq!(reg.route(&r), Routed::NotFinal);
+        assert!(rx.try_recv().is_err());
+        let mut f = success("d");
+        f.return_value = None;
+        f.outcome_code = Some(pb::AllocationOutcomeCode::Failure as i32);
+        assert_eq!(reg.route(&f), Routed::Delivered(1));
+    }
+
+    #[test]
+    fn kept_results_are_bounded() {
+        let mut reg = WatchRegistry::default();
+        for i in 0..EARLY_RESULTS_LIMIT + 10 {
+            reg.route(&success(&format!("d{i}")));
+        }
+        assert_eq!(reg.early.len(), EARLY_RESULTS_LIMIT);
+        let (w, _rx) = waiter("a", "w");
+        assert!(reg.add(&watch("d0"), w).1.is_none(), "oldest dropped");
+    }
+}
