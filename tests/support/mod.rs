@@ -142,6 +142,35 @@ impl Plane {
         Ok(())
     }
 
+    /// Deploys `examples/compose` (nested calls, map/reduce, tail calls,
+    /// futures, request state) as application `compose`.
+    pub async fn deploy_compose(&self, options: FunctionOptions) -> Result<()> {
+        client::deploy(
+            &self.url,
+            "default",
+            "compose",
+            "1",
+            &repo_root().join("examples/compose"),
+            &options,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sets how the plane answers `call_function`: "ok", "refuse" or "drop".
+    pub async fn fault_call_function(&self, mode: &str) -> Result<()> {
+        let status = reqwest::Client::new()
+            .post(format!("{}/v1/faults", self.url))
+            .json(&serde_json::json!({ "call_function": mode }))
+            .send()
+            .await?
+            .status();
+        if !status.is_success() {
+            bail!("setting call_function fault {mode:?}: HTTP {status}");
+        }
+        Ok(())
+    }
+
     /// Deploys `examples/fake` (functions the fake worker acts out).
     pub async fn deploy_fake(&self, options: FunctionOptions) -> Result<()> {
         client::deploy(

@@ -1,7 +1,8 @@
 //! This binary defines the project's tasks that plain `cargo` cannot express:
 //!
 //! - `cargo xtask demo [--once]`: the agent against the embedded dev control
-//!   plane, running the real Tensorlake functions of `examples/hello`.
+//!   plane, running the real Tensorlake functions of `examples/hello` and
+//!   the composed application `examples/compose`.
 //! - `cargo xtask test`: every test, after making sure the Python venv with
 //!   the pinned reference packages exists.
 //! - `cargo xtask bench`: release builds, then the side-by-side harness
@@ -252,16 +253,30 @@ fn demo(once: bool) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let hello = root.join("examples/hello");
-    let hello = hello.to_str().context("path")?;
-    steward_json(&bin, &["devserver", "deploy", hello, "--server", &http])?;
+    for app in ["hello", "compose"] {
+        let dir = root.join("examples").join(app);
+        let dir = dir.to_str().context("path")?;
+        steward_json(&bin, &["devserver", "deploy", dir, "--server", &http])?;
+    }
 
-    println!("\nSteward ran examples/hello on the real tensorlake function-executor:\n");
-    println!("{:<16} {:<16} {:<9} result", "function", "input", "status");
-    for (function, input) in [
-        ("greet", "\"Steward\""),
-        ("sum_of_squares", "[1, 2, 3, 4, 5]"),
-        ("explode", "\"demo\""),
+    println!(
+        "\nSteward ran examples/hello and examples/compose on the real tensorlake function-executor:\n"
+    );
+    println!(
+        "{:<8} {:<16} {:<16} {:<9} result",
+        "app", "function", "input", "status"
+    );
+    for (app, function, input) in [
+        ("hello", "greet", "\"Steward\""),
+        ("hello", "sum_of_squares", "[1, 2, 3, 4, 5]"),
+        ("hello", "explode", "\"demo\""),
+        ("compose", "nested", "3"),
+        ("compose", "tail", "4"),
+        ("compose", "map_squares", "5"),
+        ("compose", "reduce_sum", "10"),
+        ("compose", "futures", "3"),
+        ("compose", "state_roundtrip", "\"Steward\""),
+        ("compose", "failing_child", "1"),
     ] {
         let started = Instant::now();
         let out = steward_json(
@@ -269,7 +284,7 @@ fn demo(once: bool) -> Result<()> {
             &[
                 "devserver",
                 "invoke",
-                "hello",
+                app,
                 function,
                 "--input",
                 input,
@@ -287,7 +302,7 @@ fn demo(once: bool) -> Result<()> {
             )
         };
         println!(
-            "{function:<16} {input:<16} {status:<9} {result}   ({} ms)",
+            "{app:<8} {function:<16} {input:<16} {status:<9} {result}   ({} ms)",
             started.elapsed().as_millis()
         );
     }

@@ -517,6 +517,53 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// A composed request on the real worker: `map_squares(100)` from
+/// `examples/compose` (100 nested calls, plus the 100 duplicate runs
+/// tensorlake 0.3.9's map makes, each a `call_function`, a watch and a
+/// delivered result), after one warm-up request.
+async fn composed(env: &Env, agent: Agent, runs: usize, t: &mut Table) -> Result<()> {
+    const LABEL: &str = "7. composed: map over 100 items (real worker)";
+    let plane = Plane::start().await?;
+    plane
+        .deploy(
+            env,
+            "examples/compose",
+            "compose",
+            &FunctionOptions::default(),
+        )
+        .await?;
+    let proc = AgentProc::start(env, agent, &plane, Worker::Real)?;
+    plane.wait_executor().await?;
+    let expected: Vec<u64> = (1..=100u64).map(|i| i * i).collect();
+    let check = |out: steward_devserver::RequestOutcome| -> Result<()> {
+        if out.output != Some(json!(expected)) {
+            bail!("map_squares(100) gave {:?}", out.output);
+        }
+        Ok(())
+    };
+    check(plane.invoke("compose", "map_squares", json!(100)).await?)?;
+    let cpu0 = proc.cpu_seconds();
+    for _ in 0..runs {
+        let started = Instant::now();
+        check(plane.invoke("compose", "map_squares", json!(100)).await?)?;
+        t.add(
+            &format!("{LABEL}, latency"),
+            "s",
+            agent,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    t.add(
+        &format!("{LABEL}, agent CPU per request"),
+        "CPU ms",
+        agent,
+        (proc.cpu_seconds() - cpu0) * 1000.0 / runs.max(1) as f64,
+    );
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
 /// Mean reconcile pass time from an agent's own metrics, in ms.
 async fn reconcile_mean_ms(proc: &AgentProc, agent: Agent) -> Option<f64> {
     let text = reqwest::get(format!("{}/monitoring/metrics", proc.monitoring))
@@ -632,6 +679,7 @@ async fn main() -> Result<()> {
     let scale_workers: usize = arg(&args, "--scale-workers", 200);
     let scale_allocations: usize = arg(&args, "--scale-allocations", 20_000);
     let scale_limit = Duration::from_secs(arg(&args, "--scale-limit-s", 240));
+    let composed_runs: usize = arg(&args, "--composed-runs", 3);
     let out_file: Option<String> = args
         .iter()
         .position(|a| a == "--out")
@@ -673,6 +721,9 @@ async fn main() -> Result<()> {
                 if let Err(e) = latency(&env, agent, worker, latency_n, &mut t).await {
                     t.fail("1. sequential latency", agent, &e.to_string());
                 }
+            }
+            if let Err(e) = composed(&env, agent, composed_runs, &mut t).await {
+                t.fail("7. composed", agent, &e.to_string());
             }
             if let Err(e) = throughput(&env, agent, &mut t).await {
                 t.fail(
