@@ -1075,3 +1075,44 @@ async fn abort_all(shared: &Arc<Shared>, uploads: HashMap<String, Upload>, extra
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_watcher_pauses_the_deadline_up_to_the_ceiling() {
+        let mut d = Deadline::new(Duration::from_secs(10), Duration::from_secs(3));
+        let due = d.at;
+        assert_eq!(d.wake_at(), due);
+        assert!(d.expired().message.contains("no progress within 10000 ms"));
+
+        d.waiting(true);
+        let since = d.waiting_since.expect("waiting");
+        assert_eq!(
+            d.wake_at(),
+            since + Duration::from_secs(3),
+            "the ceiling, not the deadline"
+        );
+        let expired = d.expired();
+        assert!(
+            expired
+                .message
+                .contains("waited 3 s for a function call result"),
+            "{}",
+            expired.message
+        );
+        assert_eq!(expired.reason, pb::AllocationFailureReason::FunctionTimeout);
+        d.waiting(true);
+        assert_eq!(
+            d.waiting_since,
+            Some(since),
+            "a wait is not restarted while it lasts"
+        );
+
+        d.waiting(false);
+        assert!(d.waiting_since.is_none());
+        assert!(d.at >= due, "time spent waiting is added to the deadline");
+        assert_eq!(d.wake_at(), d.at);
+    }
+}
