@@ -1,4 +1,6 @@
-//! The server side of `executor_api_pb.ExecutorAPI`.
+//! The server side of `executor_api_pb.ExecutorAPI`: a thin adapter from
+//! tonic to the scheduler (reports, desired-state streams, `call_function`).
+//! Must not know about: scheduling, HTTP.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -58,11 +60,10 @@ impl ExecutorApi for Api {
 
     async fn call_function(
         &self,
-        _request: Request<pb::FunctionCallRequest>,
+        request: Request<pb::FunctionCallRequest>,
     ) -> Result<Response<pb::FunctionCallResponse>, Status> {
-        Err(Status::unimplemented(
-            "the dev control plane does not run function calls made by functions",
-        ))
+        self.sched.call_function(request.into_inner()).await?;
+        Ok(Response::new(pb::FunctionCallResponse {}))
     }
 }
 

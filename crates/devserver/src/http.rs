@@ -10,6 +10,20 @@
 //! - `POST /v1/executors/{id}/cut-stream`, `POST /v1/executors/{id}/republish`: fault injection.
 //! - `GET /v1/log`: every allocation result and worker termination reported.
 //! - `POST .../functions/{fn}/batch?count=N`, `GET /v1/stats`, `DELETE /v1/stats`: benchmarks.
+//! - `GET /v1/namespaces/{ns}/requests/{id}/runs`: the request's function runs
+//!   and the calls waiting for their arguments, in creation order, at most
+//!   1000: `{"request_id", "namespace", "application", "status",
+//!   "function_calls", "function_runs", "waiting_calls", "truncated",
+//!   "runs": [{"id", "function", "parent", "status" (waiting_for_args |
+//!   unplaced | running | withdrawn | completed), "outcome" (success |
+//!   failure | null), "failure_reason", "has_output", "child_function_call",
+//!   "allocation_id"}]}`.
+//! - `GET /v1/faults`, `POST /v1/faults` with `{"call_function": "ok" |
+//!   "refuse" | "drop"}`: fault injection. "refuse" answers every
+//!   `call_function` FAILED_PRECONDITION ("refused by fault injection"),
+//!   "drop" answers OK and creates nothing (the real server's silent drop),
+//!   "ok" restores; absent fields stay as they are. Answers the faults now in
+//!   force, e.g. `{"call_function": "ok"}`; an unknown field or value is a 400.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::DevServerError;
-use crate::scheduler::{FunctionOptions, Scheduler};
+use crate::scheduler::{FaultsUpdate, FunctionOptions, Scheduler};
 
 type S = Arc<Scheduler>;
 
@@ -150,11 +164,11 @@ fn done(r: Result<(), DevServerError>) -> Response {
 }
 
 async fn cancel_request(State(s): State<S>, Path((_ns, id)): Path<(String, String)>) -> Response {
-    done(s.cancel(&id))
+    done(s.cancel(&id).await)
 }
 
 async fn undeploy(State(s): State<S>, Path((ns, app)): Path<(String, String)>) -> Response {
-    done(s.undeploy(&ns, &app))
+    done(s.undeploy(&ns, &app).await)
 }
 
 async fn cut_stream(State(s): State<S>, Path(id): Path<String>) -> Response {
@@ -211,6 +225,24 @@ async fn invoke_batch(
         .into_response()
 }
 
+async fn runs(State(s): State<S>, Path((ns, id)): Path<(String, String)>) -> Response {
+    match s.runs(&ns, &id) {
+        Ok(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn get_faults(State(s): State<S>) -> Response {
+    (StatusCode::OK, axum::Json(s.faults())).into_response()
+}
+
+async fn set_faults(State(s): State<S>, body: Bytes) -> Response {
+    match serde_json::from_slice::<FaultsUpdate>(&body) {
+        Ok(update) => (StatusCode::OK, axum::Json(s.set_faults(update))).into_response(),
+        Err(e) => error(DevServerError::BadRequest(format!("faults: {e}"))),
+    }
+}
+
 async fn log(State(s): State<S>) -> Response {
     (StatusCode::OK, axum::Json(s.log())).into_response()
 }
@@ -233,6 +265,8 @@ pub(crate) async fn serve(
             "/v1/namespaces/{ns}/requests/{id}",
             get(get_request).delete(cancel_request),
         )
+        .route("/v1/namespaces/{ns}/requests/{id}/runs", get(runs))
+        .route("/v1/faults", get(get_faults).post(set_faults))
         .route("/v1/executors", get(executors))
         .route("/v1/executors/{id}/cut-stream", post(cut_stream))
         .route("/v1/executors/{id}/republish", post(republish))

@@ -1,17 +1,28 @@
 //! A development control plane: the server side of the Indexify executor
 //! API (`executor_api_pb.ExecutorAPI`) with just enough scheduling to run
 //! real functions for demos, tests and benchmarks, plus a small HTTP API
-//! (deploy, invoke, result) and the client calls the CLI uses.
+//! (deploy, invoke, result, fault injection) and the client calls the CLI uses.
 //!
 //! Scheduling: one function executor per (application, function, version),
-//! placed on the least-loaded registered executor when first invoked; each
-//! invocation becomes one allocation; its result is decoded from the blob
-//! store and handed back to the caller.
+//! placed on the least-loaded registered executor when first needed. A
+//! request is a set of function calls and function runs keyed by durable
+//! function call id, as in Indexify server v0.3.15: the root run (id = the
+//! request id) comes from the HTTP invocation; running functions add calls
+//! with `call_function` (nested calls, futures, `.map`; a `ReduceOp` becomes
+//! a left-fold chain) and with tail calls (`AllocationResult.updates`); a
+//! call gets a run, i.e. an allocation, once its arguments are ready, and a
+//! call id that already has a run is never run again. Outputs travel up
+//! tail-call links; executors get a `FunctionCallResult` for every call they
+//! watch. A request succeeds when all its runs finished and the root has its
+//! output (decoded from the blob store for the caller); any failed run fails
+//! it and cancels the rest (no retries).
 //! Must not know about: the agent's internals (it only speaks the protocol),
 //! worker processes, host resources.
 
 pub mod app;
 pub mod client;
+mod convert;
+mod graph;
 mod grpc;
 mod http;
 mod scheduler;
@@ -20,7 +31,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use scheduler::{FunctionOptions, RequestOutcome};
+pub use scheduler::{CallFunctionFault, Faults, FaultsUpdate, FunctionOptions, RequestOutcome};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

@@ -1,9 +1,20 @@
-//! The dev control plane's state: registered executors, deployed
-//! applications, function executors placed on executors, and requests with
-//! their allocations and results. Every change recomputes the desired state
-//! of the affected executors and publishes it with a new clock.
+//! The dev control plane's state: registered executors (with the function
+//! calls they watch), deployed applications, function executors placed on
+//! executors, and requests with their function calls and runs
+//! ([`crate::graph`]). Every change recomputes the desired state of the
+//! affected executors and publishes it with a new clock.
+//!
+//! Entry points: `invoke_many`, `call_function` (gRPC), `report` (gRPC, in
+//! `report.rs`), the HTTP operations below, and `expire_executors`.
+//! Placement and desired states are in `placement.rs`.
+//! Must not know about: the agent's internals, worker processes, HTTP routes.
 
-use std::collections::{BTreeMap, HashMap};
+mod placement;
+mod report;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,9 +28,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::DevServerError;
+use crate::convert::{self, ApiError, Watch};
+use crate::graph::{
+    AllocationTemplate, Changes, PlanError, RequestGraph, RunOutcome, RunState, Verdict,
+};
 
 /// An executor that has not reported for this long is forgotten.
 const EXECUTOR_TTL: Duration = Duration::from_secs(30);
+
+/// Most runs (and waiting calls) one `/runs` listing shows.
+const RUNS_LISTING_LIMIT: usize = 1000;
 
 /// Per-application settings for the function executors it gets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,15 +74,46 @@ pub struct RequestOutcome {
     pub function: String,
     /// "pending", "success" or "failure".
     pub status: String,
+    /// Why the request failed: the failing run's reason (any run of the
+    /// request), or `EXECUTOR_REMOVED`, `ALLOCATION_CANCELLED`, ...
     pub failure_reason: Option<String>,
-    /// The function's return value (JSON when it returned JSON).
+    /// The root function's return value (JSON when it returned JSON); with
+    /// tail calls, the value their chain ended with.
     pub output: Option<serde_json::Value>,
     pub output_content_type: Option<String>,
-    /// The message of a RequestError, when the function raised one.
+    /// The message of a RequestError, when a function raised one.
     pub request_error: Option<String>,
+    /// The root run's duration on success; the failing run's on failure.
     pub execution_duration_ms: Option<u64>,
+    /// Where the root run was placed.
     pub executor_id: Option<String>,
     pub function_executor_id: Option<String>,
+}
+
+/// What `call_function` does (fault injection for tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CallFunctionFault {
+    /// Behave like the real server.
+    #[default]
+    Ok,
+    /// Answer every call FAILED_PRECONDITION.
+    Refuse,
+    /// Answer OK and create nothing (the real server's silent drop).
+    Drop,
+}
+
+/// Injected faults, as `GET/POST /v1/faults` show them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    pub call_function: CallFunctionFault,
+}
+
+/// A change to the injected faults; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultsUpdate {
+    pub call_function: Option<CallFunctionFault>,
 }
 
 struct Executor {
@@ -73,6 +122,8 @@ struct Executor {
     desired: watch::Sender<pb::DesiredExecutorState>,
     /// Cancelled to cut the executor's open desired-state stream.
     stream_cut: CancellationToken,
+    /// The function calls it waits for, as last reported.
+    watches: BTreeSet<Watch>,
 }
 
 struct App {
@@ -82,10 +133,13 @@ struct App {
     options: FunctionOptions,
 }
 
+/// (namespace, application, function, application version).
+type FeKey = (String, String, String, String);
+
 struct Fe {
     executor_id: String,
     description: pb::FunctionExecutorDescription,
-    key: (String, String, String, String),
+    key: FeKey,
     placed_at: Instant,
     /// Placement to the first report saying RUNNING.
     running_after: Option<Duration>,
@@ -93,11 +147,14 @@ struct Fe {
 
 struct Request {
     outcome: RequestOutcome,
-    /// Kept after the allocation leaves the desired state (cancelled or
-    /// undeployed) so its result is still recorded.
-    allocation_id: String,
-    /// Set while the allocation is in the desired state.
-    allocation: Option<pb::Allocation>,
+    /// The application version the request runs (picks function executors).
+    version: String,
+    graph: RequestGraph,
+    /// Cancelled or undeployed: no new runs; it ends when none is in flight.
+    withdrawn: bool,
+    /// Set once the request is over; `outcome` is filled in after its
+    /// payloads are decoded.
+    verdict: Option<Verdict>,
     done: watch::Sender<bool>,
 }
 
@@ -108,14 +165,38 @@ struct Inner {
     apps: HashMap<(String, String), App>,
     fes: BTreeMap<String, Fe>,
     requests: HashMap<String, Request>,
-    /// Requests waiting for an executor, oldest first.
-    unplaced: Vec<String>,
+    /// allocation id -> (request id, function call id), for every allocation
+    /// whose result is still accepted.
+    allocations: HashMap<String, (String, String)>,
+    /// Runs waiting for a function executor, oldest first.
+    unplaced: Vec<(String, String)>,
+    faults: Faults,
     /// Every allocation result and worker termination the executors
     /// reported, for tests (bounded).
     log_results: Vec<serde_json::Value>,
     log_terminations: Vec<serde_json::Value>,
     /// Placement-to-RUNNING times of workers, in milliseconds.
     cold_starts_ms: Vec<f64>,
+}
+
+/// What one operation changed beyond the request it touched.
+#[derive(Default)]
+struct Effects {
+    /// Executors whose desired state must be sent again.
+    publish: BTreeSet<String>,
+    /// (request id, function call id) of runs that finished or got output.
+    changed_runs: Vec<(String, String)>,
+    /// Requests that ended and await their outcome.
+    ended: Vec<String>,
+}
+
+/// A request that ended, with the payloads its outcome is decoded from.
+struct Ending {
+    request_id: String,
+    verdict: Verdict,
+    output: Option<pb::DataPayload>,
+    request_error: Option<pb::DataPayload>,
+    execution_duration_ms: Option<u64>,
 }
 
 const LOG_LIMIT: usize = 10_000;
@@ -146,6 +227,137 @@ fn id() -> String {
 
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
+}
+
+/// `FUNCTION_ERROR` for `ALLOCATION_FAILURE_REASON_FUNCTION_ERROR`.
+fn reason_name(r: pb::AllocationFailureReason) -> String {
+    r.as_str_name()
+        .trim_start_matches("ALLOCATION_FAILURE_REASON_")
+        .to_string()
+}
+
+impl Inner {
+    /// Records what a graph transition of request `rid` changed.
+    fn absorb(&mut self, rid: &str, changes: Changes, fx: &mut Effects) {
+        for a in &changes.finished_allocations {
+            self.allocations.remove(a);
+        }
+        fx.publish.extend(changes.executors);
+        fx.changed_runs
+            .extend(changes.runs.into_iter().map(|r| (rid.to_string(), r)));
+    }
+
+    /// After request `rid` changed: creates the runs whose arguments are
+    /// ready (unless it was withdrawn), then ends it if it is over.
+    fn advance(&mut self, rid: &str, fx: &mut Effects) {
+        let Some(req) = self.requests.get_mut(rid) else {
+            return;
+        };
+        if req.verdict.is_some() {
+            return;
+        }
+        if !req.withdrawn {
+            for run_id in req.graph.create_ready_runs(&mut id) {
+                if let Some(run) = req.graph.run(&run_id) {
+                    self.allocations
+                        .insert(run.allocation_id.clone(), (rid.to_string(), run_id.clone()));
+                }
+                self.unplaced.push((rid.to_string(), run_id));
+            }
+        }
+        if let Some(v) = req.graph.verdict(req.withdrawn) {
+            self.end(rid, v, fx);
+        }
+    }
+
+    /// Ends request `rid`; a failure cancels its unfinished runs.
+    fn end(&mut self, rid: &str, verdict: Verdict, fx: &mut Effects) {
+        let Some(req) = self.requests.get_mut(rid) else {
+            return;
+        };
+        if req.verdict.is_some() {
+            return;
+        }
+        let failed = matches!(verdict, Verdict::Failure { .. });
+        req.verdict = Some(verdict);
+        if failed {
+            let changes = req.graph.cancel_unfinished();
+            self.absorb(rid, changes, fx);
+        }
+        fx.ended.push(rid.to_string());
+    }
+
+    /// Fails request `rid` for a reason no run reported.
+    fn fail_request(&mut self, rid: &str, reason: pb::AllocationFailureReason, fx: &mut Effects) {
+        self.end(rid, Verdict::Failure { reason, run: None }, fx);
+    }
+
+    /// Fails the requests that had allocations on an executor that left.
+    fn fail_orphans(&mut self, executor_id: &str, fx: &mut Effects) {
+        let orphans: Vec<String> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.verdict.is_none())
+            .filter(|(_, r)| {
+                r.graph
+                    .runs()
+                    .any(|(_, run)| run.state.executor_id() == Some(executor_id))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for rid in orphans {
+            self.fail_request(&rid, pb::AllocationFailureReason::ExecutorRemoved, fx);
+        }
+    }
+
+    /// Takes request `rid`'s allocations out of the desired state; false when
+    /// none was in flight.
+    fn withdraw(&mut self, rid: &str, fx: &mut Effects) -> bool {
+        let Some(req) = self.requests.get_mut(rid) else {
+            return false;
+        };
+        if req.verdict.is_some() {
+            return false;
+        }
+        let Some(changes) = req.graph.withdraw() else {
+            return false;
+        };
+        req.withdrawn = true;
+        self.absorb(rid, changes, fx);
+        self.advance(rid, fx);
+        true
+    }
+
+    /// Places waiting runs, republishes what changed, and hands back the
+    /// requests that ended.
+    fn settle(&mut self, mut fx: Effects) -> Vec<Ending> {
+        self.place(&mut fx);
+        self.notify_watchers(&mut fx);
+        for e in std::mem::take(&mut fx.publish) {
+            self.publish(&e);
+        }
+        fx.ended.iter().filter_map(|rid| self.ending(rid)).collect()
+    }
+
+    fn ending(&self, rid: &str) -> Option<Ending> {
+        let req = self.requests.get(rid)?;
+        let verdict = req.verdict.clone()?;
+        let run_id = match &verdict {
+            Verdict::Success => Some(req.graph.root_id()),
+            Verdict::Failure { run, .. } => run.as_deref(),
+        };
+        let run = run_id.and_then(|r| req.graph.run(r));
+        Some(Ending {
+            request_id: rid.to_string(),
+            output: match verdict {
+                Verdict::Success => req.graph.root_output().cloned(),
+                Verdict::Failure { .. } => None,
+            },
+            request_error: run.and_then(|r| r.request_error.clone()),
+            execution_duration_ms: run.and_then(|r| r.execution_duration_ms),
+            verdict,
+        })
+    }
 }
 
 impl Scheduler {
@@ -252,6 +464,29 @@ impl Scheduler {
             .ok_or_else(|| DevServerError::App("no request created".into()))
     }
 
+    /// The application's deployed version, if `function` is one of its functions.
+    fn check_function(
+        &self,
+        namespace: &str,
+        application: &str,
+        function: &str,
+    ) -> Result<String, DevServerError> {
+        let inner = self.inner.lock();
+        let app = inner
+            .apps
+            .get(&(namespace.to_string(), application.to_string()))
+            .ok_or_else(|| {
+                DevServerError::NotFound(format!("application {namespace}/{application}"))
+            })?;
+        if !app.functions.iter().any(|f| f == function) {
+            return Err(DevServerError::NotFound(format!(
+                "function {function} in {namespace}/{application} (has: {})",
+                app.functions.join(", ")
+            )));
+        }
+        Ok(app.version.clone())
+    }
+
     /// Starts `count` requests with the same input (stored once, by its
     /// sha256) and places them all with one desired-state update.
     pub async fn invoke_many(
@@ -263,21 +498,7 @@ impl Scheduler {
         content_type: &str,
         count: usize,
     ) -> Result<Vec<String>, DevServerError> {
-        {
-            let inner = self.inner.lock();
-            let app = inner
-                .apps
-                .get(&(namespace.to_string(), application.to_string()))
-                .ok_or_else(|| {
-                    DevServerError::NotFound(format!("application {namespace}/{application}"))
-                })?;
-            if !app.functions.iter().any(|f| f == function) {
-                return Err(DevServerError::NotFound(format!(
-                    "function {function} in {namespace}/{application} (has: {})",
-                    app.functions.join(", ")
-                )));
-            }
-        }
+        let version = self.check_function(namespace, application, function)?;
         let sha = sha256_hex(&body);
         let input_uri = self.uri(&format!("inputs/{sha}"));
         let size = body.len() as u64;
@@ -303,352 +524,172 @@ impl Scheduler {
         let mut ids = Vec::with_capacity(count);
         for _ in 0..count {
             let request_id = id();
-            let arg = arg.clone();
-            let version = inner
-                .apps
-                .get(&(namespace.to_string(), application.to_string()))
-                .map(|a| a.version.clone())
-                .unwrap_or_default();
-            let allocation = pb::Allocation {
-                function: Some(pb::FunctionRef {
-                    namespace: Some(namespace.into()),
-                    application_name: Some(application.into()),
-                    function_name: Some(function.into()),
-                    application_version: Some(version),
-                }),
-                allocation_id: Some(id()),
-                function_call_id: Some(request_id.clone()),
-                request_id: Some(request_id.clone()),
-                args: vec![arg],
-                request_data_payload_uri_prefix: Some(
-                    self.uri(&format!("requests/{request_id}/data")),
-                ),
-                request_error_payload_uri_prefix: Some(
-                    self.uri(&format!("requests/{request_id}/error")),
-                ),
-                function_executor_id: None,
-                function_call_metadata: Some(Vec::new()),
-            };
-            inner.requests.insert(
-                request_id.clone(),
-                Request {
-                    allocation_id: allocation.allocation_id.clone().unwrap_or_default(),
-                    outcome: RequestOutcome {
-                        request_id: request_id.clone(),
-                        namespace: namespace.into(),
-                        application: application.into(),
-                        function: function.into(),
-                        status: "pending".into(),
-                        failure_reason: None,
-                        output: None,
-                        output_content_type: None,
-                        request_error: None,
-                        execution_duration_ms: None,
-                        executor_id: None,
-                        function_executor_id: None,
-                    },
-                    allocation: Some(allocation),
-                    done: watch::Sender::new(false),
-                },
+            let request = self.new_request(
+                namespace,
+                application,
+                function,
+                &version,
+                &request_id,
+                arg.clone(),
             );
-            inner.unplaced.push(request_id.clone());
+            inner.allocations.insert(
+                request
+                    .graph
+                    .run(&request_id)
+                    .map(|r| r.allocation_id.clone())
+                    .unwrap_or_default(),
+                (request_id.clone(), request_id.clone()),
+            );
+            inner.requests.insert(request_id.clone(), request);
+            inner
+                .unplaced
+                .push((request_id.clone(), request_id.clone()));
             ids.push(request_id);
         }
-        self.place(&mut inner);
+        let endings = inner.settle(Effects::default());
+        debug_assert!(
+            endings.is_empty(),
+            "a new request cannot end while it is placed"
+        );
         Ok(ids)
     }
 
-    /// Places waiting requests on function executors, creating those as needed.
-    fn place(&self, inner: &mut Inner) {
-        let waiting = std::mem::take(&mut inner.unplaced);
-        let mut touched = Vec::new();
-        for rid in waiting {
-            let Some(req) = inner.requests.get(&rid) else {
-                continue;
-            };
-            let Some(alloc) = &req.allocation else {
-                continue;
-            };
-            let f = alloc.function.clone().unwrap_or_default();
-            let key = (
-                f.namespace.clone().unwrap_or_default(),
-                f.application_name.clone().unwrap_or_default(),
-                f.function_name.clone().unwrap_or_default(),
-                f.application_version.clone().unwrap_or_default(),
-            );
-            let existing = inner
-                .fes
-                .iter()
-                .find(|(_, fe)| fe.key == key)
-                .map(|(id, fe)| (id.clone(), fe.executor_id.clone()));
-            let placed = match existing {
-                Some(p) => Some(p),
-                None => self.new_fe(inner, &key),
-            };
-            match placed {
-                Some((fe_id, executor_id)) => {
-                    if let Some(req) = inner.requests.get_mut(&rid) {
-                        if let Some(a) = req.allocation.as_mut() {
-                            a.function_executor_id = Some(fe_id.clone());
-                        }
-                        req.outcome.executor_id = Some(executor_id.clone());
-                        req.outcome.function_executor_id = Some(fe_id);
-                    }
-                    touched.push(executor_id);
-                }
-                None => inner.unplaced.push(rid),
-            }
-        }
-        touched.sort();
-        touched.dedup();
-        for e in touched {
-            publish(inner, &e);
-        }
-    }
-
-    fn new_fe(
+    /// A request whose root run calls `function` with `arg`.
+    fn new_request(
         &self,
-        inner: &mut Inner,
-        key: &(String, String, String, String),
-    ) -> Option<(String, String)> {
-        let app = inner.apps.get(&(key.0.clone(), key.1.clone()))?;
-        // Least loaded executor that is running.
-        let executor_id = inner
-            .executors
-            .iter()
-            .filter(|(_, e)| e.state.status() == pb::ExecutorStatus::Running)
-            .min_by_key(|(id, _)| inner.fes.values().filter(|f| &f.executor_id == *id).count())
-            .map(|(id, _)| id.clone())?;
-        let o = &app.options;
-        let fe_id = id();
-        let description = pb::FunctionExecutorDescription {
-            id: Some(fe_id.clone()),
-            function: Some(pb::FunctionRef {
-                namespace: Some(key.0.clone()),
-                application_name: Some(key.1.clone()),
-                function_name: Some(key.2.clone()),
-                application_version: Some(key.3.clone()),
-            }),
-            secret_names: Vec::new(),
-            initialization_timeout_ms: Some(o.initialization_timeout_ms),
-            application: Some(app.code.clone()),
-            resources: Some(pb::FunctionExecutorResources {
-                cpu_ms_per_sec: Some(o.cpu_ms_per_sec),
-                memory_bytes: Some(o.memory_bytes),
-                disk_bytes: Some(o.disk_bytes),
-                gpu: (o.gpus > 0).then(|| pb::GpuResources {
-                    count: Some(o.gpus),
-                    model: inner
-                        .executors
-                        .get(&executor_id)
-                        .and_then(|e| e.state.total_resources.as_ref())
-                        .and_then(|r| r.gpu.as_ref())
-                        .and_then(|g| g.model)
-                        .or(Some(pb::GpuModel::Unknown as i32)),
-                }),
-            }),
-            max_concurrency: Some(o.max_concurrency),
-            allocation_timeout_ms: Some(o.allocation_timeout_ms),
-            sandbox_metadata: None,
-            container_type: Some(pb::FunctionExecutorType::Function as i32),
-            pool_id: None,
+        namespace: &str,
+        application: &str,
+        function: &str,
+        version: &str,
+        request_id: &str,
+        arg: pb::DataPayload,
+    ) -> Request {
+        let template = AllocationTemplate {
+            namespace: namespace.into(),
+            application: application.into(),
+            request_id: request_id.into(),
+            data_prefix: self.uri(&format!("requests/{request_id}/data")),
+            error_prefix: self.uri(&format!("requests/{request_id}/error")),
         };
-        inner.fes.insert(
-            fe_id.clone(),
-            Fe {
-                executor_id: executor_id.clone(),
-                description,
-                key: key.clone(),
-                placed_at: Instant::now(),
-                running_after: None,
+        let allocation = pb::Allocation {
+            function: Some(pb::FunctionRef {
+                namespace: Some(namespace.into()),
+                application_name: Some(application.into()),
+                function_name: Some(function.into()),
+                application_version: Some(version.into()),
+            }),
+            allocation_id: Some(id()),
+            function_call_id: Some(request_id.into()),
+            request_id: Some(request_id.into()),
+            args: vec![arg],
+            request_data_payload_uri_prefix: Some(template.data_prefix.clone()),
+            request_error_payload_uri_prefix: Some(template.error_prefix.clone()),
+            function_executor_id: None,
+            function_call_metadata: Some(Vec::new()),
+        };
+        Request {
+            outcome: RequestOutcome {
+                request_id: request_id.into(),
+                namespace: namespace.into(),
+                application: application.into(),
+                function: function.into(),
+                status: "pending".into(),
+                failure_reason: None,
+                output: None,
+                output_content_type: None,
+                request_error: None,
+                execution_duration_ms: None,
+                executor_id: None,
+                function_executor_id: None,
             },
-        );
-        Some((fe_id, executor_id))
+            version: version.into(),
+            graph: RequestGraph::new(template, function, allocation),
+            withdrawn: false,
+            verdict: None,
+            done: watch::Sender::new(false),
+        }
     }
 
-    /// Handles a state report; returns an error for malformed reports.
-    pub async fn report(&self, req: pb::ReportExecutorStateRequest) -> Result<(), tonic::Status> {
-        let state = req
-            .executor_state
-            .ok_or_else(|| tonic::Status::invalid_argument("executor_state is required"))?;
-        let update = req
-            .executor_update
-            .ok_or_else(|| tonic::Status::invalid_argument("executor_update is required"))?;
-        let executor_id = state
-            .executor_id
-            .clone()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                tonic::Status::invalid_argument("executor_state.executor_id is required")
-            })?;
-        // Decode outputs before taking the lock (blob reads are async).
-        let mut decoded = Vec::new();
-        for r in update.allocation_results {
-            decoded.push((self.decode(&r).await, r));
+    /// `call_function`: adds the calls a running function made and runs
+    /// those whose arguments are ready. Unknown or finished requests and
+    /// unknown source calls are dropped silently, as the real server does.
+    pub async fn call_function(&self, r: pb::FunctionCallRequest) -> Result<(), ApiError> {
+        if self.inner.lock().faults.call_function == CallFunctionFault::Refuse {
+            return Err(ApiError::Refused);
         }
-        let mut inner = self.inner.lock();
-        let stopped = state.status() == pb::ExecutorStatus::Stopped;
-        let terminated: Vec<(String, String, Vec<String>)> = state
-            .function_executor_states
-            .iter()
-            .filter(|s| s.status() == pb::FunctionExecutorStatus::Terminated)
-            .filter_map(|s| {
-                let id = s.description.as_ref().and_then(|d| d.id.clone())?;
-                let reason = s
-                    .termination_reason()
-                    .as_str_name()
-                    .trim_start_matches("FUNCTION_EXECUTOR_TERMINATION_REASON_")
-                    .to_string();
-                Some((id, reason, s.allocation_ids_caused_termination.clone()))
-            })
-            .collect();
-        for s in &state.function_executor_states {
-            if s.status() != pb::FunctionExecutorStatus::Running {
-                continue;
-            }
-            let Some(id) = s.description.as_ref().and_then(|d| d.id.as_deref()) else {
-                continue;
-            };
-            if let Some(fe) = inner.fes.get_mut(id)
-                && fe.running_after.is_none()
-            {
-                let after = fe.placed_at.elapsed();
-                fe.running_after = Some(after);
-                inner.cold_starts_ms.push(after.as_secs_f64() * 1000.0);
-            }
-        }
-        let is_new = !inner.executors.contains_key(&executor_id);
-        if stopped {
-            inner.executors.remove(&executor_id);
-        } else {
-            let entry = inner
-                .executors
-                .entry(executor_id.clone())
-                .or_insert_with(|| Executor {
-                    state: state.clone(),
-                    last_seen: Instant::now(),
-                    desired: watch::Sender::new(pb::DesiredExecutorState::default()),
-                    stream_cut: CancellationToken::new(),
-                });
-            entry.state = state;
-            entry.last_seen = Instant::now();
-        }
-        if is_new && !stopped {
-            tracing::info!(executor = %executor_id, "executor registered");
-        }
-        let mut changed = false;
-        for ((output, content_type, request_error), r) in decoded {
-            let Some(alloc_id) = r.allocation_id.clone() else {
-                continue;
-            };
-            push_log(
-                &mut inner.log_results,
-                serde_json::json!({
-                    "executor_id": executor_id,
-                    "allocation_id": alloc_id,
-                    "outcome": r.outcome_code().as_str_name(),
-                    "failure_reason": r.failure_reason.map(|_| r.failure_reason().as_str_name()),
-                    "execution_duration_ms": r.execution_duration_ms,
-                }),
-            );
-            let Some(req) = inner
-                .requests
-                .values_mut()
-                .find(|q| q.allocation_id == alloc_id && q.outcome.status == "pending")
-            else {
-                tracing::debug!(allocation = %alloc_id, "result for an unknown allocation");
-                continue;
-            };
-            let success = r.outcome_code() == pb::AllocationOutcomeCode::Success;
-            req.outcome.status = if success { "success" } else { "failure" }.into();
-            req.outcome.failure_reason = (!success).then(|| {
-                r.failure_reason()
-                    .as_str_name()
-                    .trim_start_matches("ALLOCATION_FAILURE_REASON_")
-                    .to_string()
-            });
-            req.outcome.output = output;
-            req.outcome.output_content_type = content_type;
-            req.outcome.request_error = request_error;
-            req.outcome.execution_duration_ms = r.execution_duration_ms;
-            req.allocation = None;
-            req.done.send_replace(true);
-            changed = true;
-        }
-        for (fe_id, reason, blamed) in terminated {
-            if let Some(fe) = inner.fes.remove(&fe_id) {
-                tracing::info!(fe = %fe_id, %reason, "function executor terminated; removed from desired state");
-                push_log(
-                    &mut inner.log_terminations,
-                    serde_json::json!({
-                        "function_executor_id": fe_id,
-                        "function": fe.key.2,
-                        "application": fe.key.1,
-                        "reason": reason,
-                        "allocation_ids_caused_termination": blamed,
-                    }),
-                );
-                changed = true;
-            }
-        }
-        if stopped {
-            let gone: Vec<String> = inner
-                .fes
-                .iter()
-                .filter(|(_, f)| f.executor_id == executor_id)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in gone {
-                inner.fes.remove(&id);
-            }
-            fail_orphans(&mut inner, &executor_id);
-        }
-        if is_new || changed {
-            self.place(&mut inner);
-        }
-        if changed && !stopped {
-            publish(&mut inner, &executor_id);
-        }
+        let call = convert::call_request(r)?;
+        let endings = {
+            let mut inner = self.inner.lock();
+            let mut fx = Effects::default();
+            inner.add_calls(&call, &mut fx)?;
+            inner.settle(fx)
+        };
+        self.finish(endings).await;
         Ok(())
     }
 
-    /// Reads a result's output and request error from the blob store.
-    async fn decode(
-        &self,
-        r: &pb::AllocationResult,
-    ) -> (Option<serde_json::Value>, Option<String>, Option<String>) {
-        let mut output = None;
-        let mut content_type = None;
-        if let Some(pb::allocation_result::ReturnValue::Value(p)) = &r.return_value {
-            content_type = p.content_type.clone();
-            output = Some(match self.read_payload(p).await {
-                Ok(data) => match p.encoding() {
-                    pb::DataPayloadEncoding::Utf8Json => serde_json::from_slice(&data)
-                        .unwrap_or_else(|e| serde_json::json!({"undecodable_json": e.to_string()})),
-                    pb::DataPayloadEncoding::Utf8Text => {
-                        serde_json::Value::String(String::from_utf8_lossy(&data).into())
-                    }
-                    _ => match String::from_utf8(data.clone()) {
-                        Ok(s) => serde_json::Value::String(s),
-                        Err(_) => serde_json::json!({"binary_bytes": data.len()}),
-                    },
+    /// Fills in the outcomes of ended requests (decoding their payloads) and
+    /// wakes their waiters.
+    async fn finish(&self, endings: Vec<Ending>) {
+        let mut decoded = Vec::with_capacity(endings.len());
+        for e in endings {
+            let output = match &e.output {
+                Some(p) => Some(self.decode_value(p).await),
+                None => None,
+            };
+            let request_error = match &e.request_error {
+                Some(p) => Some(self.decode_text(p).await),
+                None => None,
+            };
+            decoded.push((e, output, request_error));
+        }
+        let mut inner = self.inner.lock();
+        for (e, output, request_error) in decoded {
+            let Some(req) = inner.requests.get_mut(&e.request_id) else {
+                continue;
+            };
+            let o = &mut req.outcome;
+            match e.verdict {
+                Verdict::Success => {
+                    o.status = "success".into();
+                    o.output_content_type = e.output.as_ref().and_then(|p| p.content_type.clone());
+                    o.output = output;
+                }
+                Verdict::Failure { reason, .. } => {
+                    o.status = "failure".into();
+                    o.failure_reason = Some(reason_name(reason));
+                }
+            }
+            o.request_error = request_error;
+            o.execution_duration_ms = e.execution_duration_ms;
+            req.done.send_replace(true);
+        }
+    }
+
+    /// Decodes a returned value: JSON as JSON, text and other UTF-8 as a
+    /// string, anything else as its size.
+    async fn decode_value(&self, p: &pb::DataPayload) -> serde_json::Value {
+        match self.read_payload(p).await {
+            Ok(data) => match p.encoding() {
+                pb::DataPayloadEncoding::Utf8Json => serde_json::from_slice(&data)
+                    .unwrap_or_else(|e| serde_json::json!({"undecodable_json": e.to_string()})),
+                pb::DataPayloadEncoding::Utf8Text => {
+                    serde_json::Value::String(String::from_utf8_lossy(&data).into())
+                }
+                _ => match String::from_utf8(data) {
+                    Ok(s) => serde_json::Value::String(s),
+                    Err(e) => serde_json::json!({"binary_bytes": e.as_bytes().len()}),
                 },
-                Err(e) => serde_json::json!({"unreadable_output": e}),
-            });
+            },
+            Err(e) => serde_json::json!({"unreadable_output": e}),
         }
-        if let Some(pb::allocation_result::ReturnValue::Updates(_)) = &r.return_value {
-            output = Some(
-                serde_json::json!({"unsupported": "the function returned further function calls, which the dev control plane does not run"}),
-            );
+    }
+
+    async fn decode_text(&self, p: &pb::DataPayload) -> String {
+        match self.read_payload(p).await {
+            Ok(d) => String::from_utf8_lossy(&d).into_owned(),
+            Err(e) => format!("unreadable request error: {e}"),
         }
-        let request_error = match &r.request_error {
-            Some(p) => Some(match self.read_payload(p).await {
-                Ok(d) => String::from_utf8_lossy(&d).into_owned(),
-                Err(e) => format!("unreadable request error: {e}"),
-            }),
-            None => None,
-        };
-        (output, content_type, request_error)
     }
 
     /// The data part (metadata skipped) of a payload.
@@ -658,22 +699,25 @@ impl Scheduler {
             .get(p.uri.as_deref().unwrap_or(""))
             .await
             .map_err(|e| e.to_string())?;
-        let offset = p.offset.unwrap_or(0) as usize;
-        let size = p
-            .size
-            .unwrap_or((bytes.len() - offset.min(bytes.len())) as u64) as usize;
-        let meta = p.metadata_size.unwrap_or(0) as usize;
-        let end = offset + size;
-        if end > bytes.len() || meta > size {
-            return Err(format!(
+        let offset = usize::try_from(p.offset.unwrap_or(0)).unwrap_or(usize::MAX);
+        let size = match p.size {
+            Some(s) => usize::try_from(s).unwrap_or(usize::MAX),
+            None => bytes.len().saturating_sub(offset),
+        };
+        let meta = usize::try_from(p.metadata_size.unwrap_or(0)).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(size);
+        let data = offset
+            .checked_add(meta)
+            .filter(|_| meta <= size)
+            .and_then(|start| bytes.get(start..end));
+        data.map(<[u8]>::to_vec).ok_or_else(|| {
+            format!(
                 "payload [{offset}, {end}) is outside a {}-byte blob",
                 bytes.len()
-            ));
-        }
-        Ok(bytes[offset + meta..end].to_vec())
+            )
+        })
     }
 
-    /// The desired-state channel of a registered executor.
     /// The desired-state channel of a registered executor, and the token
     /// that cuts its stream.
     pub fn subscribe(
@@ -684,7 +728,7 @@ impl Scheduler {
         if !inner.executors.contains_key(executor_id) {
             return None;
         }
-        publish(&mut inner, executor_id);
+        inner.publish(executor_id);
         inner
             .executors
             .get(executor_id)
@@ -717,10 +761,14 @@ impl Scheduler {
 
     /// Forgets finished requests (keeps memory flat across benchmark rounds).
     pub fn forget_finished(&self) {
-        self.inner
-            .lock()
-            .requests
-            .retain(|_, r| r.outcome.status == "pending");
+        let mut inner = self.inner.lock();
+        inner.requests.retain(|_, r| r.outcome.status == "pending");
+        let Inner {
+            requests,
+            allocations,
+            ..
+        } = &mut *inner;
+        allocations.retain(|_, (rid, _)| requests.contains_key(rid));
     }
 
     /// What executors reported: every allocation result and worker termination.
@@ -729,56 +777,64 @@ impl Scheduler {
         serde_json::json!({"results": inner.log_results, "terminations": inner.log_terminations})
     }
 
-    /// Removes a request's allocation from the desired state (the agent
-    /// cancels it); its result is still recorded.
-    pub fn cancel(&self, request_id: &str) -> Result<(), DevServerError> {
-        let mut inner = self.inner.lock();
-        let req = inner
-            .requests
-            .get_mut(request_id)
-            .ok_or_else(|| DevServerError::NotFound(format!("request {request_id}")))?;
-        let executor = req.outcome.executor_id.clone();
-        if req.allocation.take().is_none() {
-            return Err(DevServerError::BadRequest(format!(
-                "request {request_id} is not running"
-            )));
-        }
-        inner.unplaced.retain(|r| r != request_id);
-        if let Some(e) = executor {
-            publish(&mut inner, &e);
-        }
+    /// Takes a request's allocations out of the desired state (the agent
+    /// cancels them); their results are still recorded, and the request
+    /// fails once none is in flight.
+    pub async fn cancel(&self, request_id: &str) -> Result<(), DevServerError> {
+        let endings = {
+            let mut inner = self.inner.lock();
+            if !inner.requests.contains_key(request_id) {
+                return Err(DevServerError::NotFound(format!("request {request_id}")));
+            }
+            let mut fx = Effects::default();
+            if !inner.withdraw(request_id, &mut fx) {
+                return Err(DevServerError::BadRequest(format!(
+                    "request {request_id} is not running"
+                )));
+            }
+            inner.settle(fx)
+        };
+        self.finish(endings).await;
         Ok(())
     }
 
     /// Removes an application: its workers and running allocations leave the
     /// desired state.
-    pub fn undeploy(&self, namespace: &str, application: &str) -> Result<(), DevServerError> {
-        let mut inner = self.inner.lock();
-        inner
-            .apps
-            .remove(&(namespace.to_string(), application.to_string()))
-            .ok_or_else(|| {
-                DevServerError::NotFound(format!("application {namespace}/{application}"))
-            })?;
-        let gone: Vec<(String, String)> = inner
-            .fes
-            .iter()
-            .filter(|(_, f)| f.key.0 == namespace && f.key.1 == application)
-            .map(|(id, f)| (id.clone(), f.executor_id.clone()))
-            .collect();
-        for req in inner.requests.values_mut() {
-            if req.outcome.namespace == namespace && req.outcome.application == application {
-                req.allocation = None;
+    pub async fn undeploy(&self, namespace: &str, application: &str) -> Result<(), DevServerError> {
+        let endings = {
+            let mut inner = self.inner.lock();
+            inner
+                .apps
+                .remove(&(namespace.to_string(), application.to_string()))
+                .ok_or_else(|| {
+                    DevServerError::NotFound(format!("application {namespace}/{application}"))
+                })?;
+            let mut fx = Effects::default();
+            let requests: Vec<String> = inner
+                .requests
+                .iter()
+                .filter(|(_, r)| {
+                    r.outcome.namespace == namespace && r.outcome.application == application
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for rid in requests {
+                inner.withdraw(&rid, &mut fx);
             }
-        }
-        for (id, _) in &gone {
-            inner.fes.remove(id);
-        }
-        let mut executors: Vec<String> = gone.into_iter().map(|(_, e)| e).collect();
-        executors.dedup();
-        for e in executors {
-            publish(&mut inner, &e);
-        }
+            let gone: Vec<String> = inner
+                .fes
+                .iter()
+                .filter(|(_, f)| f.key.0 == namespace && f.key.1 == application)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in gone {
+                if let Some(fe) = inner.fes.remove(&id) {
+                    fx.publish.insert(fe.executor_id);
+                }
+            }
+            inner.settle(fx)
+        };
+        self.finish(endings).await;
         Ok(())
     }
 
@@ -800,8 +856,66 @@ impl Scheduler {
         if !inner.executors.contains_key(executor_id) {
             return Err(DevServerError::NotFound(format!("executor {executor_id}")));
         }
-        publish(&mut inner, executor_id);
+        inner.publish(executor_id);
         Ok(())
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.inner.lock().faults
+    }
+
+    /// Applies a fault-injection change; returns the faults now in force.
+    pub fn set_faults(&self, update: FaultsUpdate) -> Faults {
+        let mut inner = self.inner.lock();
+        if let Some(f) = update.call_function {
+            tracing::info!(mode = ?f, "call_function fault injection");
+            inner.faults.call_function = f;
+        }
+        inner.faults
+    }
+
+    /// A request's function runs and the calls still waiting for their
+    /// arguments, in creation order (at most `RUNS_LISTING_LIMIT`).
+    pub fn runs(
+        &self,
+        namespace: &str,
+        request_id: &str,
+    ) -> Result<serde_json::Value, DevServerError> {
+        let inner = self.inner.lock();
+        let req = inner
+            .requests
+            .get(request_id)
+            .filter(|r| r.outcome.namespace == namespace)
+            .ok_or_else(|| DevServerError::NotFound(format!("request {namespace}/{request_id}")))?;
+        let mut runs: Vec<_> = req.graph.runs().collect();
+        runs.sort_by_key(|(_, r)| r.seq);
+        let listed_runs = runs
+            .iter()
+            .take(RUNS_LISTING_LIMIT)
+            .map(|(id, r)| run_json(id, r));
+        let waiting = req.graph.waiting_calls().map(|(id, c)| {
+            serde_json::json!({
+                "id": id, "function": c.spec.function, "parent": c.parent,
+                "status": "waiting_for_args", "outcome": null, "failure_reason": null,
+                "has_output": false, "child_function_call": null, "allocation_id": null,
+            })
+        });
+        let listed: Vec<serde_json::Value> = listed_runs
+            .chain(waiting)
+            .take(RUNS_LISTING_LIMIT)
+            .collect();
+        let waiting_count = req.graph.waiting_calls().count();
+        Ok(serde_json::json!({
+            "request_id": request_id,
+            "namespace": namespace,
+            "application": req.outcome.application,
+            "status": req.outcome.status,
+            "function_calls": req.graph.call_count(),
+            "function_runs": runs.len(),
+            "waiting_calls": waiting_count,
+            "truncated": runs.len() + waiting_count > listed.len(),
+            "runs": listed,
+        }))
     }
 
     pub fn executors(&self) -> serde_json::Value {
@@ -810,78 +924,103 @@ impl Scheduler {
             inner
                 .executors
                 .iter()
-                .map(|(id, e)| {
-                    let fes: Vec<serde_json::Value> = e
-                        .state
-                        .function_executor_states
-                        .iter()
-                        .map(|s| serde_json::json!({
-                            "id": s.description.as_ref().and_then(|d| d.id.clone()),
-                            "status": s.status().as_str_name(),
-                            "termination_reason": s.termination_reason.map(|_| s.termination_reason().as_str_name()),
-                            "allocation_ids_caused_termination": s.allocation_ids_caused_termination,
-                        }))
-                        .collect();
-                    let gpu = e.state.total_resources.as_ref().and_then(|r| r.gpu.as_ref());
-                    serde_json::json!({
-                        "executor_id": id,
-                        "hostname": e.state.hostname,
-                        "version": e.state.version,
-                        "status": e.state.status().as_str_name(),
-                        "state_hash": e.state.state_hash,
-                        "server_clock": e.state.server_clock,
-                        "labels": e.state.labels,
-                        "gpu_count": gpu.and_then(|g| g.count),
-                        "gpu_model": gpu.map(|g| g.model().as_str_name()),
-                        "function_executors": fes,
-                    })
-                })
+                .map(|(id, e)| executor_json(id, e))
                 .collect(),
         )
     }
 }
 
-/// Fails requests whose allocations sat on an executor that left.
-fn fail_orphans(inner: &mut Inner, executor_id: &str) {
-    for req in inner.requests.values_mut() {
-        if req.allocation.is_some() && req.outcome.executor_id.as_deref() == Some(executor_id) {
-            req.allocation = None;
-            req.outcome.status = "failure".into();
-            req.outcome.failure_reason = Some("EXECUTOR_REMOVED".into());
-            req.done.send_replace(true);
+fn run_json(id: &str, r: &crate::graph::FunctionRun) -> serde_json::Value {
+    let (status, outcome, reason) = match &r.state {
+        RunState::Unplaced { .. } => ("unplaced", None, None),
+        RunState::Placed { .. } => ("running", None, None),
+        RunState::Withdrawn { .. } => ("withdrawn", None, None),
+        RunState::Completed(RunOutcome::Success) => ("completed", Some("success"), None),
+        RunState::Completed(RunOutcome::Failure(f)) => {
+            ("completed", Some("failure"), Some(reason_name(*f)))
         }
-    }
+        RunState::Completed(RunOutcome::Cancelled) => (
+            "completed",
+            Some("failure"),
+            Some("FUNCTION_RUN_CANCELLED".to_string()),
+        ),
+    };
+    serde_json::json!({
+        "id": id, "function": r.function, "parent": r.parent, "status": status,
+        "outcome": outcome, "failure_reason": reason, "has_output": r.output.is_some(),
+        "child_function_call": r.child_function_call, "allocation_id": r.allocation_id,
+    })
 }
 
-/// Recomputes and sends `executor_id`'s desired state with a new clock.
-fn publish(inner: &mut Inner, executor_id: &str) {
-    inner.clock += 1;
-    let clock = inner.clock;
-    let function_executors: Vec<_> = inner
-        .fes
-        .values()
-        .filter(|f| f.executor_id == executor_id)
-        .map(|f| f.description.clone())
-        .collect();
-    let allocations: Vec<_> = inner
-        .requests
-        .values()
-        .filter_map(|r| r.allocation.as_ref())
-        .filter(|a| {
-            a.function_executor_id
-                .as_ref()
-                .and_then(|id| inner.fes.get(id))
-                .is_some_and(|f| f.executor_id == executor_id)
+fn executor_json(id: &str, e: &Executor) -> serde_json::Value {
+    let fes: Vec<serde_json::Value> = e
+        .state
+        .function_executor_states
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "id": s.description.as_ref().and_then(|d| d.id.clone()),
+                "status": s.status().as_str_name(),
+                "termination_reason": s.termination_reason.map(|_| s.termination_reason().as_str_name()),
+                "allocation_ids_caused_termination": s.allocation_ids_caused_termination,
+            })
         })
-        .cloned()
         .collect();
-    if let Some(e) = inner.executors.get(executor_id) {
-        e.desired.send_replace(pb::DesiredExecutorState {
-            function_executors,
-            allocations,
-            clock: Some(clock),
-            function_call_results: Vec::new(),
-        });
+    let gpu = e
+        .state
+        .total_resources
+        .as_ref()
+        .and_then(|r| r.gpu.as_ref());
+    serde_json::json!({
+        "executor_id": id,
+        "hostname": e.state.hostname,
+        "version": e.state.version,
+        "status": e.state.status().as_str_name(),
+        "state_hash": e.state.state_hash,
+        "server_clock": e.state.server_clock,
+        "labels": e.state.labels,
+        "gpu_count": gpu.and_then(|g| g.count),
+        "gpu_model": gpu.map(|g| g.model().as_str_name()),
+        "function_call_watches": e.watches.len(),
+        "function_executors": fes,
+    })
+}
+
+impl Inner {
+    /// The `call_function` transition (after fault and field checks).
+    fn add_calls(&mut self, call: &convert::CallRequest, fx: &mut Effects) -> Result<(), ApiError> {
+        if self.faults.call_function == CallFunctionFault::Drop {
+            tracing::info!(request = %call.request_id, "call_function dropped by fault injection");
+            return Ok(());
+        }
+        let rid = call.request_id.as_str();
+        let Some(req) = self.requests.get_mut(rid).filter(|r| {
+            r.verdict.is_none()
+                && !r.withdrawn
+                && r.outcome.namespace == call.namespace
+                && r.outcome.application == call.application
+        }) else {
+            tracing::debug!(request = %rid, "call_function for an unknown or finished request; dropped");
+            return Ok(());
+        };
+        if !req.graph.has_call(&call.source_function_call_id) {
+            tracing::debug!(request = %rid, source = %call.source_function_call_id, "call_function from an unknown function call; dropped");
+            return Ok(());
+        }
+        match req
+            .graph
+            .add_plan(&call.plan.ops, Some(&call.source_function_call_id))
+        {
+            Ok(()) => self.advance(rid, fx),
+            Err(PlanError::TooManyCalls { request_id, limit }) => {
+                return Err(ApiError::TooManyCalls { request_id, limit });
+            }
+            Err(e @ PlanError::ShortReduce { .. }) => {
+                tracing::warn!(request = %rid, error = %e, "failing the request");
+                self.fail_request(rid, pb::AllocationFailureReason::FunctionError, fx);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -895,18 +1034,34 @@ pub(crate) async fn expire_executors(
             _ = cancel.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
-        let mut inner = sched.inner.lock();
-        let expired: Vec<String> = inner
+        let endings = sched.inner.lock().expire(EXECUTOR_TTL);
+        sched.finish(endings).await;
+    }
+}
+
+impl Inner {
+    /// Removes executors silent for longer than `ttl` (with their function
+    /// executors and watches) and fails the requests that ran there.
+    fn expire(&mut self, ttl: Duration) -> Vec<Ending> {
+        let expired: Vec<String> = self
             .executors
             .iter()
-            .filter(|(_, e)| e.last_seen.elapsed() > EXECUTOR_TTL)
+            .filter(|(_, e)| e.last_seen.elapsed() > ttl)
             .map(|(id, _)| id.clone())
             .collect();
+        let mut fx = Effects::default();
         for id in expired {
             tracing::warn!(executor = %id, "executor stopped reporting; forgetting it");
-            inner.executors.remove(&id);
-            inner.fes.retain(|_, f| f.executor_id != id);
-            fail_orphans(&mut inner, &id);
+            self.remove_executor(&id, &mut fx);
         }
+        self.settle(fx)
+    }
+
+    /// Forgets an executor, its function executors and watches, and fails
+    /// the requests that had allocations there.
+    fn remove_executor(&mut self, executor_id: &str, fx: &mut Effects) {
+        self.executors.remove(executor_id);
+        self.fes.retain(|_, f| f.executor_id != executor_id);
+        self.fail_orphans(executor_id, fx);
     }
 }

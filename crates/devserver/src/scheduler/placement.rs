@@ -1,0 +1,301 @@
+//! Placement and desired states: runs go to the one function executor of
+//! their (namespace, application, function, version), created on the least
+//! loaded running executor when missing; an executor's desired state holds
+//! its function executors, the allocations placed on them, and a
+//! `FunctionCallResult` for each watched call whose run exists.
+//! Must not know about: how requests progress (see `crate::graph`).
+
+use std::time::Instant;
+
+use steward_proto::executor_api_pb as pb;
+
+use super::{Effects, Fe, FeKey, Inner, id};
+use crate::graph::{RunOutcome, RunState, Verdict};
+
+/// How placing one run went.
+enum Placement {
+    Placed {
+        fe_id: String,
+        executor_id: String,
+    },
+    /// No function executor and no running executor to create one on (or the
+    /// application is gone): try again later.
+    Wait,
+    /// The application has no such function.
+    Impossible,
+}
+
+impl Inner {
+    /// Places waiting runs on function executors, creating those as needed.
+    pub(super) fn place(&mut self, fx: &mut Effects) {
+        let waiting = std::mem::take(&mut self.unplaced);
+        for (rid, run_id) in waiting {
+            let Some(key) = self.unplaced_key(&rid, &run_id) else {
+                continue; // Ended, withdrawn or already placed.
+            };
+            match self.placement_for(&key) {
+                Placement::Placed { fe_id, executor_id } => {
+                    self.assign(&rid, &run_id, &fe_id, &executor_id);
+                    fx.publish.insert(executor_id);
+                }
+                Placement::Wait => self.unplaced.push((rid, run_id)),
+                Placement::Impossible => {
+                    tracing::warn!(request = %rid, function = %key.2, "no such function in the application; failing the request");
+                    self.fail_request(
+                        &rid,
+                        pb::AllocationFailureReason::ConstraintUnsatisfiable,
+                        fx,
+                    );
+                }
+            }
+        }
+    }
+
+    /// The function executor key of a run that is still unplaced.
+    fn unplaced_key(&self, rid: &str, run_id: &str) -> Option<FeKey> {
+        let req = self.requests.get(rid)?;
+        if req.verdict.is_some() {
+            return None;
+        }
+        let run = req.graph.run(run_id)?;
+        if !matches!(run.state, RunState::Unplaced { .. }) {
+            return None;
+        }
+        Some((
+            req.outcome.namespace.clone(),
+            req.outcome.application.clone(),
+            run.function.clone(),
+            req.version.clone(),
+        ))
+    }
+
+    fn placement_for(&mut self, key: &FeKey) -> Placement {
+        if let Some((fe_id, fe)) = self.fes.iter().find(|(_, fe)| &fe.key == key) {
+            return Placement::Placed {
+                fe_id: fe_id.clone(),
+                executor_id: fe.executor_id.clone(),
+            };
+        }
+        match self.apps.get(&(key.0.clone(), key.1.clone())) {
+            None => return Placement::Wait,
+            Some(app) if !app.functions.iter().any(|f| f == &key.2) => {
+                return Placement::Impossible;
+            }
+            Some(_) => {}
+        }
+        match self.new_fe(key) {
+            Some((fe_id, executor_id)) => Placement::Placed { fe_id, executor_id },
+            None => Placement::Wait,
+        }
+    }
+
+    /// Moves an unplaced run onto function executor `fe_id`.
+    fn assign(&mut self, rid: &str, run_id: &str, fe_id: &str, executor_id: &str) {
+        let Some(req) = self.requests.get_mut(rid) else {
+            return;
+        };
+        if run_id == req.graph.root_id() {
+            req.outcome.executor_id = Some(executor_id.to_string());
+            req.outcome.function_executor_id = Some(fe_id.to_string());
+        }
+        let Some(run) = req.graph.run_mut(run_id) else {
+            return;
+        };
+        if let RunState::Unplaced { allocation } = &mut run.state {
+            allocation.function_executor_id = Some(fe_id.to_string());
+            let allocation = std::mem::take(allocation);
+            run.state = RunState::Placed {
+                allocation,
+                executor_id: executor_id.to_string(),
+            };
+        }
+    }
+
+    fn new_fe(&mut self, key: &FeKey) -> Option<(String, String)> {
+        let app = self.apps.get(&(key.0.clone(), key.1.clone()))?;
+        // Least loaded executor that is running.
+        let executor_id = self
+            .executors
+            .iter()
+            .filter(|(_, e)| e.state.status() == pb::ExecutorStatus::Running)
+            .min_by_key(|(id, _)| self.fes.values().filter(|f| &f.executor_id == *id).count())
+            .map(|(id, _)| id.clone())?;
+        let o = &app.options;
+        let fe_id = id();
+        let function = pb::FunctionRef {
+            namespace: Some(key.0.clone()),
+            application_name: Some(key.1.clone()),
+            function_name: Some(key.2.clone()),
+            application_version: Some(key.3.clone()),
+        };
+        let gpu_model = self
+            .executors
+            .get(&executor_id)
+            .and_then(|e| e.state.total_resources.as_ref())
+            .and_then(|r| r.gpu.as_ref())
+            .and_then(|g| g.model)
+            .or(Some(pb::GpuModel::Unknown as i32));
+        let description = pb::FunctionExecutorDescription {
+            id: Some(fe_id.clone()),
+            function: Some(function),
+            secret_names: Vec::new(),
+            initialization_timeout_ms: Some(o.initialization_timeout_ms),
+            application: Some(app.code.clone()),
+            resources: Some(pb::FunctionExecutorResources {
+                cpu_ms_per_sec: Some(o.cpu_ms_per_sec),
+                memory_bytes: Some(o.memory_bytes),
+                disk_bytes: Some(o.disk_bytes),
+                gpu: (o.gpus > 0).then_some(pb::GpuResources {
+                    count: Some(o.gpus),
+                    model: gpu_model,
+                }),
+            }),
+            max_concurrency: Some(o.max_concurrency),
+            allocation_timeout_ms: Some(o.allocation_timeout_ms),
+            sandbox_metadata: None,
+            container_type: Some(pb::FunctionExecutorType::Function as i32),
+            pool_id: None,
+        };
+        self.fes.insert(
+            fe_id.clone(),
+            Fe {
+                executor_id: executor_id.clone(),
+                description,
+                key: key.clone(),
+                placed_at: Instant::now(),
+                running_after: None,
+            },
+        );
+        Some((fe_id, executor_id))
+    }
+
+    /// Adds the executors watching any changed run to those to republish.
+    pub(super) fn notify_watchers(&self, fx: &mut Effects) {
+        for (rid, fc) in &fx.changed_runs {
+            for (executor_id, e) in &self.executors {
+                if watches_call(&e.watches, rid, fc) {
+                    fx.publish.insert(executor_id.clone());
+                }
+            }
+        }
+    }
+
+    /// Recomputes and sends `executor_id`'s desired state with a new clock.
+    pub(super) fn publish(&mut self, executor_id: &str) {
+        if !self.executors.contains_key(executor_id) {
+            return;
+        }
+        self.clock += 1;
+        let state = pb::DesiredExecutorState {
+            function_executors: self
+                .fes
+                .values()
+                .filter(|f| f.executor_id == executor_id)
+                .map(|f| f.description.clone())
+                .collect(),
+            allocations: self.allocations_on(executor_id),
+            clock: Some(self.clock),
+            function_call_results: self.results_for(executor_id),
+        };
+        if let Some(e) = self.executors.get(executor_id) {
+            e.desired.send_replace(state);
+        }
+    }
+
+    fn allocations_on(&self, executor_id: &str) -> Vec<pb::Allocation> {
+        let fe_here = |fe_id: &Option<String>| {
+            fe_id
+                .as_ref()
+                .and_then(|id| self.fes.get(id))
+                .is_some_and(|f| f.executor_id == executor_id)
+        };
+        let mut out = Vec::new();
+        for req in self.requests.values().filter(|r| r.verdict.is_none()) {
+            for (_, run) in req.graph.runs() {
+                if let RunState::Placed { allocation, .. } = &run.state
+                    && fe_here(&allocation.function_executor_id)
+                {
+                    out.push(allocation.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// A `FunctionCallResult` for each watch of `executor_id` whose run
+    /// exists, unless its request failed (the real server deletes those).
+    fn results_for(&self, executor_id: &str) -> Vec<pb::FunctionCallResult> {
+        let Some(e) = self.executors.get(executor_id) else {
+            return Vec::new();
+        };
+        e.watches
+            .iter()
+            .filter_map(|w| {
+                let req = self.requests.get(&w.request_id).filter(|r| {
+                    r.outcome.namespace == w.namespace
+                        && r.outcome.application == w.application
+                        && !matches!(r.verdict, Some(Verdict::Failure { .. }))
+                })?;
+                let run = req.graph.run(&w.function_call_id)?;
+                Some(call_result(
+                    w,
+                    &run.state,
+                    run.output.as_ref(),
+                    run.request_error.as_ref(),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// Whether `watches` holds a watch of call `fc` of request `rid`.
+pub(super) fn watches_call(
+    watches: &std::collections::BTreeSet<crate::convert::Watch>,
+    rid: &str,
+    fc: &str,
+) -> bool {
+    let from = crate::convert::Watch {
+        request_id: rid.to_string(),
+        function_call_id: fc.to_string(),
+        namespace: String::new(),
+        application: String::new(),
+    };
+    watches
+        .range(from..)
+        .next()
+        .is_some_and(|w| w.request_id == rid && w.function_call_id == fc)
+}
+
+fn call_result(
+    w: &crate::convert::Watch,
+    state: &RunState,
+    output: Option<&pb::DataPayload>,
+    request_error: Option<&pb::DataPayload>,
+) -> pb::FunctionCallResult {
+    let (code, reason) = match state {
+        RunState::Completed(RunOutcome::Success) => (pb::AllocationOutcomeCode::Success, None),
+        RunState::Completed(RunOutcome::Failure(r)) => {
+            (pb::AllocationOutcomeCode::Failure, Some(*r as i32))
+        }
+        RunState::Completed(RunOutcome::Cancelled) => (
+            pb::AllocationOutcomeCode::Failure,
+            Some(pb::AllocationFailureReason::AllocationCancelled as i32),
+        ),
+        _ => (pb::AllocationOutcomeCode::Unknown, None),
+    };
+    // As the real server rebuilds them: no content type, no source call.
+    let strip = |p: &pb::DataPayload| pb::DataPayload {
+        content_type: None,
+        source_function_call_id: None,
+        ..p.clone()
+    };
+    pb::FunctionCallResult {
+        namespace: Some(w.namespace.clone()),
+        request_id: Some(w.request_id.clone()),
+        function_call_id: Some(w.function_call_id.clone()),
+        outcome_code: Some(code as i32),
+        failure_reason: reason,
+        return_value: output.map(strip),
+        request_error: request_error.map(strip),
+    }
+}
