@@ -120,6 +120,19 @@ impl Synthetic {
             std::env::temp_dir().join(format!("steward-bench-cache-{}", std::process::id()));
         let cache = steward_blob_store::CodeCache::open(&cache_dir, 1 << 20)
             .expect("bench code cache in temp dir");
+        // A lazy channel spawns its worker on a runtime; the synthetic
+        // state never calls the server, so any runtime will do.
+        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+        let _entered = tokio::runtime::Handle::try_current().is_err().then(|| {
+            RUNTIME
+                .get_or_init(|| {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a tokio runtime")
+                })
+                .enter()
+        });
         let server = crate::report::channel(&config.server_addr).expect("a valid address");
         let shared = Shared::new(config, metrics, cache, server);
         let mut receivers = Vec::new();
