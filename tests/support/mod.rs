@@ -506,7 +506,7 @@ impl Drop for AgentProc {
         }
         // The reference executor leaks its workers, each in a process group
         // of its own: kill its descendants' groups, then its own group.
-        for pid in descendants(self.child.id()) {
+        for pid in steward_host_resources::descendants(self.child.id()) {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -533,35 +533,6 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Pids of `function-executor` processes whose command line mentions `needle`.
-/// Parent pid of `pid`, from `/proc/<pid>/stat` (after the command name).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Every live descendant of `root`.
-pub fn descendants(root: u32) -> Vec<u32> {
-    let pids: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter_map(|pid| Some((pid, parent_of(pid)?)))
-        .collect();
-    let mut out = Vec::new();
-    let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for &(pid, parent) in &pids {
-            if parent == p && !out.contains(&pid) {
-                out.push(pid);
-                frontier.push(pid);
-            }
-        }
-    }
-    out
-}
-
 pub fn worker_pids(needle: &str) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {

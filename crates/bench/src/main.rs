@@ -189,7 +189,14 @@ struct AgentProc {
 
 impl Drop for AgentProc {
     fn drop(&mut self) {
-        // Whole group: the reference executor leaks its workers otherwise.
+        // The reference executor leaks its workers, each in a process group
+        // of its own: kill their groups, then the agent's own group.
+        for p in steward_host_resources::descendants(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(p as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.kill();

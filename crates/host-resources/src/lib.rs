@@ -4,11 +4,12 @@
 //! whole GPUs to workers.
 //!
 //! Entry points: [`probe_capacity`], [`detect_gpus`], [`GpuAllocator`],
-//! [`UsageSampler`].
+//! [`UsageSampler`], [`descendants`] (the process tree).
 //! Must not know about: gRPC, protobuf, HTTP, workers or allocations.
 
 mod capacity;
 mod gpu;
+mod procs;
 mod usage;
 
 pub use capacity::{Capacity, CapacityError, Reserved, probe_capacity};
@@ -17,4 +18,5 @@ pub use gpu::{
     NvidiaSmiProbe, NvmlAnswers, NvmlProbe, detect_gpus, detect_gpus_with_source, gpu_from_nvml,
     parse_nvidia_smi_csv,
 };
+pub use procs::descendants;
 pub use usage::{GpuUsage, HostUsage, UsageSampler};
