@@ -687,6 +687,9 @@ async fn main() -> Result<()> {
     let scale_allocations: usize = arg(&args, "--scale-allocations", 20_000);
     let scale_limit = Duration::from_secs(arg(&args, "--scale-limit-s", 240));
     let composed_runs: usize = arg(&args, "--composed-runs", 3);
+    // One scenario only: latency, composed, throughput or scale.
+    let only: String = arg(&args, "--only", String::new());
+    let wanted = |name: &str| only.is_empty() || only == name;
     let out_file: Option<String> = args
         .iter()
         .position(|a| a == "--out")
@@ -725,14 +728,21 @@ async fn main() -> Result<()> {
         for agent in order {
             eprintln!("round {}/{rounds}: {agent:?}", round + 1);
             for worker in [Worker::Real, Worker::Fake] {
+                if !wanted("latency") {
+                    break;
+                }
                 if let Err(e) = latency(&env, agent, worker, latency_n, &mut t).await {
                     t.fail("1. sequential latency", agent, &e.to_string());
                 }
             }
-            if let Err(e) = composed(&env, agent, composed_runs, &mut t).await {
+            if wanted("composed")
+                && let Err(e) = composed(&env, agent, composed_runs, &mut t).await
+            {
                 t.fail("7. composed", agent, &e.to_string());
             }
-            if let Err(e) = throughput(&env, agent, &mut t).await {
+            if wanted("throughput")
+                && let Err(e) = throughput(&env, agent, &mut t).await
+            {
                 t.fail(
                     "2. throughput: 2,000 allocations, 4 workers × max_concurrency 8",
                     agent,
@@ -743,6 +753,9 @@ async fn main() -> Result<()> {
     }
     // Scale once per agent: it is the longest scenario.
     for agent in [Agent::Steward, Agent::Reference] {
+        if !wanted("scale") {
+            break;
+        }
         eprintln!("scale: {agent:?}");
         if let Err(e) = scale(
             &env,

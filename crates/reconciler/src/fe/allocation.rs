@@ -924,6 +924,7 @@ impl Watchers {
         let mut now = Vec::new();
         let mut changed = false;
         let present: HashSet<String> = list.iter().filter_map(watcher_id).collect();
+        let count;
         {
             let mut st = self.shared.state.lock();
             let gone: Vec<String> = self
@@ -974,15 +975,19 @@ impl Watchers {
                     });
                 }
             }
-            self.shared
-                .metrics
-                .function_call_watches
-                .set(st.watches.len() as i64);
+            count = st.watches.len();
         }
+        self.settle(count, changed);
+        now
+    }
+
+    /// After the registry changed: the gauge, and a report at once when
+    /// the set of reported watches changed.
+    fn settle(&self, count: usize, changed: bool) {
+        self.shared.metrics.function_call_watches.set(count as i64);
         if changed {
             self.shared.report_now.notify_one();
         }
-        now
     }
 
     fn failure(&self, watcher_id: String) -> Delivery {
@@ -1018,19 +1023,14 @@ impl Drop for Watchers {
             return;
         }
         let mut changed = false;
-        {
+        let count = {
             let mut st = self.shared.state.lock();
             for (id, (watch, _)) in self.live.drain() {
                 changed |= st.watches.remove(&watch, &self.alloc_id, &id);
             }
-            self.shared
-                .metrics
-                .function_call_watches
-                .set(st.watches.len() as i64);
-        }
-        if changed {
-            self.shared.report_now.notify_one();
-        }
+            st.watches.len()
+        };
+        self.settle(count, changed);
     }
 }
 
