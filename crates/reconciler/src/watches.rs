@@ -237,8 +237,8 @@ mod tests {
         let mut reg = WatchRegistry::default();
         let (w1, _r1) = waiter("a1", "w1");
         let (w2, _r2) = waiter("a2", "w2");
-        assert_eq!(reg.add(&watch("d"), w1).0, true);
-        assert_eq!(reg.add(&watch("d"), w2).0, false, "same content twice");
+        assert!(reg.add(&watch("d"), w1).0);
+        assert!(!reg.add(&watch("d"), w2).0, "same content twice");
         assert_eq!(reg.reported().len(), 1);
         assert!(!reg.remove(&watch("d"), "a1", "w1"), "still watched by a2");
         assert!(reg.remove(&watch("d"), "a2", "w2"), "last one gone");

@@ -241,22 +241,6 @@ pub(crate) fn reap_leftovers(dir: &std::path::Path) -> Vec<(String, usize)> {
     reaped
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_the_oom_kill_counter() {
-        let vmstat = "nr_free_pages 12\noom_kill 3\npgfault 99\n";
-        assert_eq!(parse_oom_kills(vmstat), Some(3));
-        assert_eq!(parse_oom_kills("nr_free_pages 1\n"), None);
-        assert!(
-            oom_kill_count().is_some(),
-            "this kernel exposes oom_kill in /proc/vmstat"
-        );
-    }
-}
-
 /// The (major, minor) version of the Python that runs `bin`, when `bin` is
 /// a Python script (its `#!` line names the interpreter). Bounded: the
 /// first line is read up to 4 KiB, the interpreter gets 10 s.
@@ -306,4 +290,20 @@ pub(crate) async fn probe_python_version(bin: &std::path::Path) -> Option<(Strin
     let (major, minor) = (parts.next()?, parts.next()?);
     let digits = |s: &str| !s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit());
     (digits(major) && digits(minor)).then(|| (major.to_string(), minor.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_oom_kill_counter() {
+        let vmstat = "nr_free_pages 12\noom_kill 3\npgfault 99\n";
+        assert_eq!(parse_oom_kills(vmstat), Some(3));
+        assert_eq!(parse_oom_kills("nr_free_pages 1\n"), None);
+        assert!(
+            oom_kill_count().is_some(),
+            "this kernel exposes oom_kill in /proc/vmstat"
+        );
+    }
 }
