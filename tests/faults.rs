@@ -416,3 +416,50 @@ async fn a_silent_stream_is_reopened_without_disturbing_workers() -> Result<()> 
     plane.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_hears_from_the_agent_within_seconds() -> Result<()> {
+    let plane = Plane::start().await?;
+    let grpc = plane.grpc.clone();
+    // Default backoff settings: what a fleet runs with.
+    let steward = AgentProc::steward(&grpc, plane.blob_dir.path(), &[])?;
+    plane.wait_executors(1).await?;
+
+    let blobs = plane.stop_keep_blobs().await;
+    // The agent has noticed: a report failed, so it is backing off.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = steward.metrics().await?;
+        if support::metric(&m, "steward_state_report_errors_total").is_some_and(|v| v >= 1.0) {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no failed report during the outage:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A server comes back on the same address: the agent registers again
+    // at once (a functional bound, generous; the long backoff took 15 s).
+    let plane = Plane::start_on(&grpc, blobs).await?;
+    let back = std::time::Instant::now();
+    loop {
+        let executors = steward_devserver::client::executors(&plane.url).await?;
+        if executors.as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        anyhow::ensure!(
+            back.elapsed() < Duration::from_secs(3),
+            "the agent did not report within 3 s of the server's return"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(
+        events.to_string().contains("server_connection_restored"),
+        "{events}"
+    );
+    plane.stop().await;
+    Ok(())
+}

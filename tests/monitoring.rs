@@ -37,7 +37,7 @@ async fn probes_follow_registration_and_server_outages() -> Result<()> {
             c == 503
                 && b["message"]
                     .as_str()
-                    .is_some_and(|m| m.contains("state reports have failed"))
+                    .is_some_and(|m| m.contains("no state report has succeeded"))
         })
         .await?;
 

@@ -33,6 +33,37 @@ fn report_backoff(c: &crate::AgentConfig) -> backon::ExponentialBackoff {
         .build()
 }
 
+/// Waits between reports while the server cannot be reached at all
+/// (connection refused or reset): short, so a restarted server hears from
+/// every host within a second of coming back. A failed attempt then is
+/// one refused TCP connect, so retrying this often costs nothing.
+fn unreachable_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// How a report failed, which decides how soon to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No server answered: retry within a second.
+    Unreachable,
+    /// A server answered and refused, or did not answer in time: back off.
+    Refused,
+}
+
+fn classify(status: &tonic::Status) -> Failure {
+    match status.code() {
+        tonic::Code::Unavailable => Failure::Unreachable,
+        _ => Failure::Refused,
+    }
+}
+
 /// A lazily connecting channel to the server.
 pub(crate) fn channel(addr: &str) -> Result<Channel, AgentError> {
     let url = if addr.contains("://") {
@@ -140,12 +171,16 @@ pub(crate) fn build_request(shared: &Shared) -> (pb::ReportExecutorStateRequest,
     (request, n)
 }
 
-/// Reports now and then every `report_interval`, sooner on change, backing
-/// off ×3 up to `report_backoff_max` while reports fail.
+/// Reports now and then every `report_interval`, sooner on change. While
+/// reports fail it retries within a second if no server answers, and backs
+/// off ×3 up to `report_backoff_max` if the server refuses them; during a
+/// backoff, changes (such as new results) wait for the next attempt.
 pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: CancellationToken) {
     let mut client = client(channel);
     let mut interval;
     let mut backoff = report_backoff(&shared.config);
+    let mut fast = unreachable_backoff();
+    let mut failing;
     loop {
         let (request, carried) = build_request(&shared);
         let started = Instant::now();
@@ -165,10 +200,13 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
             .observe(started.elapsed().as_secs_f64());
         let error = match outcome {
             Ok(Ok(_)) => None,
-            Ok(Err(status)) => Some(format!("{}: {}", status.code(), status.message())),
-            Err(_) => Some(format!(
-                "no answer within {}s",
-                REPORT_RPC_TIMEOUT.as_secs()
+            Ok(Err(status)) => Some((
+                classify(&status),
+                format!("{}: {}", status.code(), status.message()),
+            )),
+            Err(_) => Some((
+                Failure::Refused,
+                format!("no answer within {}s", REPORT_RPC_TIMEOUT.as_secs()),
             )),
         };
         let more_results;
@@ -201,30 +239,31 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
                 shared.reports_ok.send_modify(|n| *n += 1);
                 interval = shared.config.report_interval;
                 backoff = report_backoff(&shared.config);
+                fast = unreachable_backoff();
+                failing = false;
             }
-            Some(e) => {
+            Some((kind, e)) => {
                 more_results = false;
+                failing = true;
                 shared.metrics.state_report_errors.inc();
-                let first = {
-                    let mut h = shared.health.lock();
-                    h.consecutive_report_failures += 1;
-                    h.last_report_error = Some(e.clone());
-                    h.consecutive_report_failures == 1
-                };
-                if first {
-                    shared.event(
-                        "server_connection_lost",
-                        &shared.config.server_addr,
-                        format!("state report failed: {e}"),
-                    );
-                } else {
-                    tracing::debug!(error = %e, "state report failed");
+                note_failure(&shared, &e);
+                interval = match kind {
+                    Failure::Unreachable => fast.next(),
+                    Failure::Refused => backoff.next(),
                 }
-                interval = backoff.next().unwrap_or(shared.config.report_backoff_max);
+                .unwrap_or(shared.config.report_backoff_max);
             }
         }
         if more_results {
             // Results left behind by the size limit go out right away.
+            continue;
+        }
+        if failing {
+            // A backoff is not cut short by changes: they ride the next try.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
             continue;
         }
         tokio::select! {
@@ -232,6 +271,33 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
             _ = shared.report_now.notified() => {}
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// Records a failed report; the first failure, and every change of reason
+/// (a server that came back but refuses, say), is an event with the reason.
+fn note_failure(shared: &Shared, error: &str) {
+    let (first, changed) = {
+        let mut h = shared.health.lock();
+        h.consecutive_report_failures += 1;
+        let changed = h.last_report_error.as_deref() != Some(error);
+        h.last_report_error = Some(error.to_string());
+        (h.consecutive_report_failures == 1, changed)
+    };
+    if first {
+        shared.event(
+            "server_connection_lost",
+            &shared.config.server_addr,
+            format!("state report failed: {error}"),
+        );
+    } else if changed {
+        shared.event(
+            "state_report_failing",
+            &shared.config.server_addr,
+            format!("state reports still fail, now with: {error}"),
+        );
+    } else {
+        tracing::debug!(error, "state report failed");
     }
 }
 

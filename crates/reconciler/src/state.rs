@@ -173,6 +173,8 @@ impl Shared {
                 )));
             }
             st.results.push_back(result);
+            // Current during outages too, not only after a report.
+            self.metrics.pending_results.set(st.results.len() as i64);
         }
         self.report_now.notify_one();
     }
@@ -327,15 +329,19 @@ impl AgentHandle {
                 ),
             );
         }
+        // Judged by the age of the last good report, so a report loop that
+        // died or hangs is seen as surely as one whose reports fail.
         let since_ok = now.duration_since(h.last_report_ok.unwrap_or(self.shared.started_at));
-        if h.consecutive_report_failures > 0 && since_ok > report_grace {
+        if since_ok > report_grace {
             return (
                 false,
                 format!(
-                    "state reports have failed for {}s ({} in a row): {}",
+                    "no state report has succeeded for {}s ({} failed in a row): {}",
                     since_ok.as_secs(),
                     h.consecutive_report_failures,
-                    h.last_report_error.as_deref().unwrap_or("unknown error")
+                    h.last_report_error
+                        .as_deref()
+                        .unwrap_or("no report attempt failed: the report loop is stuck")
                 ),
             );
         }
