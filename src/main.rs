@@ -123,6 +123,10 @@ struct AgentArgs {
     /// the reference waits forever).
     #[arg(long, default_value_t = 86_400)]
     max_function_call_wait_s: u64,
+    /// Largest blob a worker may ask to write (an output or a request state
+    /// value); larger requests fail that allocation's request only.
+    #[arg(long, default_value_t = 5 << 40)]
+    max_output_blob_bytes: u64,
     /// Seconds between state reports while healthy.
     #[arg(long, default_value_t = 5, hide = true)]
     report_interval_s: u64,
@@ -531,6 +535,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.report_interval = Duration::from_secs(args.report_interval_s.max(1));
     config.stream_idle_timeout = Duration::from_secs(args.stream_idle_timeout_s.max(1));
     config.max_function_call_wait = Duration::from_secs(args.max_function_call_wait_s.max(1));
+    config.max_output_blob_bytes = args.max_output_blob_bytes;
     config.health_check_interval =
         Duration::from_millis(args.function_executor_health_check_interval_ms.max(10));
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));

@@ -463,3 +463,72 @@ async fn a_restarted_server_hears_from_the_agent_within_seconds() -> Result<()> 
     plane.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_one_allocation_does_not_blame_its_siblings() -> Result<()> {
+    let options = FunctionOptions {
+        max_concurrency: 2,
+        ..FunctionOptions::default()
+    };
+    let (plane, steward) = fake_setup(options, &[]).await?;
+    let cancelled = plane.start_request("fake", "hang", json!("a")).await?;
+    let sibling = plane.start_request("fake", "hang", json!("b")).await?;
+    steward
+        .wait_json("/state/allocations", Duration::from_secs(30), |_, v| {
+            v.to_string().matches("\"phase\":\"running\"").count() == 2
+        })
+        .await?;
+    assert_eq!(
+        plane
+            .delete(&format!("/v1/namespaces/default/requests/{cancelled}"))
+            .await?,
+        200
+    );
+    let out = plane.outcome(&cancelled).await?;
+    assert_eq!(
+        out.failure_reason.as_deref(),
+        Some("ALLOCATION_CANCELLED"),
+        "{out:?}"
+    );
+    // The sibling's worker was killed under it: not its function's fault.
+    let out = plane.outcome(&sibling).await?;
+    assert_eq!(
+        out.failure_reason.as_deref(),
+        Some("FUNCTION_EXECUTOR_TERMINATED"),
+        "{out:?}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_never_uploaded_is_a_failure() -> Result<()> {
+    let (plane, _steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    let out = plane.invoke_app("fake", "no_upload", json!("x")).await?;
+    assert_eq!(
+        (out.status.as_str(), out.failure_reason.as_deref()),
+        ("failure", Some("FUNCTION_ERROR")),
+        "{out:?}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_output_request_fails_only_its_allocation() -> Result<()> {
+    let (plane, steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    let out = plane.invoke_app("fake", "huge_output", json!("x")).await?;
+    assert_eq!(out.status, "failure", "{out:?}");
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(
+        events.to_string().contains("byte limit"),
+        "the refusal names the limit: {events}"
+    );
+    // The agent (and with it every other worker) is still there.
+    let ok = plane
+        .invoke_app("fake", "echo", json!("still here"))
+        .await?;
+    assert_eq!(ok.output, Some(json!("still here")), "{ok:?}");
+    plane.stop().await;
+    Ok(())
+}

@@ -65,3 +65,15 @@ def sleep_200(x: str) -> str:
 @function()
 def sleep_1500(x: str) -> str:
     """Sleeps 1.5 s, then returns its input."""
+
+
+@application()
+@function()
+def no_upload(x: str) -> str:
+    """Reports success with a value it never uploaded."""
+
+
+@application()
+@function()
+def huge_output(x: str) -> str:
+    """Asks for a u64::MAX-byte output blob."""

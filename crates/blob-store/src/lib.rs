@@ -29,6 +29,8 @@ pub const READ_CHUNK_BYTES: u64 = 100 << 20;
 /// Size of each of the first [`SMALL_PARTS`] write parts.
 pub const SMALL_PART_BYTES: u64 = 100 << 20;
 pub const SMALL_PARTS: u64 = 100;
+/// Most parts one upload may have (S3's own limit is 10,000).
+pub const MAX_PARTS: u64 = 10_000;
 /// Size of every later write part.
 pub const LARGE_PART_BYTES: u64 = 1 << 30;
 /// Presigned URL lifetime unless configured otherwise (the reference's 7 days).
@@ -57,12 +59,31 @@ pub enum BlobError {
     },
     #[error("blob {uri:?}: {message}")]
     Remote { uri: String, message: String },
+    #[error("blob {uri:?}: {size} bytes need {parts} parts; at most {max} are allowed")]
+    TooManyParts {
+        uri: String,
+        size: u64,
+        parts: u64,
+        max: u64,
+    },
     #[error("blob {uri:?} has sha256 {actual}, expected {expected}")]
     Integrity {
         uri: String,
         expected: String,
         actual: String,
     },
+}
+
+/// How many write parts a blob of `size` bytes takes (at least one),
+/// computed without listing them.
+pub fn write_part_count(size: u64, small_part: u64) -> u64 {
+    let small_part = small_part.max(1);
+    let large = LARGE_PART_BYTES.max(small_part);
+    let small_total = small_part.saturating_mul(SMALL_PARTS);
+    if size <= small_total {
+        return size.div_ceil(small_part).max(1);
+    }
+    SMALL_PARTS.saturating_add((size - small_total).div_ceil(large))
 }
 
 /// Sizes of the write parts for a blob of `size` bytes (at least one part).
@@ -316,6 +337,15 @@ impl BlobStore {
         valid_for: Duration,
     ) -> Result<Vec<Chunk>, BlobError> {
         self.timed("presign_write", |_| 0, async {
+            let parts = write_part_count(size, self.chunk_bytes);
+            if parts > MAX_PARTS {
+                return Err(BlobError::TooManyParts {
+                    uri: uri.to_string(),
+                    size,
+                    parts,
+                    max: MAX_PARTS,
+                });
+            }
             let sizes = write_part_sizes_with(size, self.chunk_bytes);
             match Self::scheme(uri)? {
                 Scheme::File => {
@@ -387,6 +417,45 @@ mod tests {
         assert_eq!(big[99], SMALL_PART_BYTES);
         assert_eq!(big[100], LARGE_PART_BYTES);
         assert_eq!(big[101], 5);
+    }
+
+    #[test]
+    fn part_count_matches_the_ladder_and_bounds_huge_sizes() {
+        for size in [
+            0,
+            1,
+            99,
+            100,
+            101,
+            100 * 100,
+            100 * 100 + 1,
+            100 * 100 + 5000,
+        ] {
+            assert_eq!(
+                write_part_count(size, 100),
+                write_part_sizes_with(size, 100).len() as u64,
+                "{size}"
+            );
+        }
+        let five_tib = 5u64 << 40;
+        assert!(write_part_count(five_tib, SMALL_PART_BYTES) <= MAX_PARTS);
+        assert!(write_part_count(u64::MAX, SMALL_PART_BYTES) > MAX_PARTS);
+    }
+
+    #[tokio::test]
+    async fn a_huge_upload_is_refused_without_listing_its_parts() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::new(BlobStoreConfig {
+            local_roots: vec![root.path().to_path_buf()],
+            ..Default::default()
+        });
+        let uri = format!("file://{}/big", root.path().display());
+        let id = store.create_multipart(&uri).await.expect("create");
+        let err = store
+            .presign_write_parts(&uri, &id, u64::MAX, Duration::ZERO)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, BlobError::TooManyParts { .. }), "{err}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! with the reference worker's command line, answers at once, and
 //! misbehaves on cue. It ignores application code and acts on the
 //! function's name (see `examples/fake/fake.py`): `echo`, `noop`, `fail`,
-//! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`.
+//! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`,
+//! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request).
 //! Outputs go through the real output-blob protocol (`file://` blobs).
 //!
 //! Used where a real worker cannot misbehave on demand (fault tests) and
@@ -157,6 +158,18 @@ impl Worker {
                 });
             }
             ("noop", _) => b"null".to_vec(),
+            ("no_upload", _) => {
+                // Claims a value but never asks for a blob to put it in.
+                return self.publish(&id, |s| {
+                    s.result = Some(fe::AllocationResult {
+                        outcome_code: Some(fe::AllocationOutcomeCode::Success as i32),
+                        outputs: Some(fe::allocation_result::Outputs::Value(
+                            fe::SerializedObjectInsideBlob::default(),
+                        )),
+                        ..Default::default()
+                    })
+                });
+            }
             (f, Ok(input)) => {
                 if let Some(ms) = f.strip_prefix("sleep_").and_then(|m| m.parse::<u64>().ok()) {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -169,7 +182,12 @@ impl Worker {
         if let Some(a) = self.0.allocs.lock().get_mut(&id) {
             a.blob = Some(tx);
         }
-        let size = output.len() as u64;
+        // `huge_output` asks for the largest blob a worker can name.
+        let size = if function == "huge_output" {
+            u64::MAX
+        } else {
+            output.len() as u64
+        };
         self.publish(&id, |s| {
             s.output_blob_requests
                 .push(fe::AllocationOutputBlobRequest {

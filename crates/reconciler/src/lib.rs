@@ -99,6 +99,9 @@ pub struct AgentConfig {
     /// Longest an allocation waits for one function call result before it
     /// fails with FUNCTION_TIMEOUT (its deadline is paused meanwhile).
     pub max_function_call_wait: Duration,
+    /// Largest blob a worker may ask to write (outputs, request state);
+    /// a larger request is refused to that allocation alone.
+    pub max_output_blob_bytes: u64,
     pub blob_store: BlobStore,
     /// Size bound of the application code cache in the data directory.
     pub code_cache_max_bytes: u64,
@@ -134,6 +137,7 @@ impl AgentConfig {
             function_executor_stop_grace: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(300),
             max_function_call_wait: Duration::from_secs(24 * 3600),
+            max_output_blob_bytes: 5 << 40,
             blob_store,
             code_cache_max_bytes: 10 << 30,
             gpu_pool: Arc::new(NoGpus),

@@ -427,6 +427,18 @@ pub(crate) async fn run(
                 }
             }
         }
+        (Some(fe_pb::allocation_result::Outputs::Value(_)), None) if success => {
+            shared.event(
+                "allocation_failed",
+                &alloc_id,
+                "the function returned a value but never uploaded it (no outputs blob)",
+            );
+            return fail(
+                pb::AllocationFailureReason::FunctionError,
+                Some(duration_ms),
+                None,
+            );
+        }
         _ => {}
     }
     if let (Some(out), Some(uri)) = (&fe_result.request_error_output, &request_error_kept) {
@@ -632,11 +644,9 @@ impl<'a> Runner<'a> {
         let size = req.size.unwrap_or(0);
         let blobs = &self.shared.config.blob_store;
         let prepared = async {
-            if size > request_state::MAX_BLOB_BYTES {
-                return Err(format!(
-                    "a {size}-byte output is over the {}-byte limit",
-                    request_state::MAX_BLOB_BYTES
-                ));
+            let max = self.shared.config.max_output_blob_bytes;
+            if size > max {
+                return Err(format!("a {size}-byte output is over the {max}-byte limit"));
             }
             let upload_id = blobs
                 .create_multipart(&uri)
@@ -793,6 +803,7 @@ impl<'a> Runner<'a> {
             op,
             &mut self.uploads.state_writes,
             self.allocation_timeout,
+            self.shared.config.max_output_blob_bytes,
         )
         .await;
         let code = result.status.as_ref().map(|s| s.code).unwrap_or(0);

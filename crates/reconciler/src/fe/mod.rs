@@ -62,8 +62,54 @@ pub(crate) fn spawn(
     desc: pb::FunctionExecutorDescription,
 ) -> mpsc::UnboundedSender<FeCommand> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(Controller::new(shared, desc).run(rx));
+    let id = desc.id.clone().unwrap_or_default();
+    let controller = tokio::spawn(Controller::new(shared.clone(), desc).run(rx));
+    // A controller that panics must not take its allocations with it.
+    tokio::spawn(async move {
+        if let Err(e) = controller.await
+            && e.is_panic()
+        {
+            controller_panicked(&shared, &id);
+        }
+    });
     tx
+}
+
+/// Accounts for a controller that panicked: its worker is reported
+/// terminated (the process died with the controller's handle, which kills
+/// on drop) and every allocation it had not finished gets a failed result.
+fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
+    shared.event(
+        "function_executor_controller_panicked",
+        fe_id,
+        "the controller of this worker panicked; its worker is gone and its allocations failed",
+    );
+    let orphans: Vec<pb::Allocation> = {
+        let st = shared.state.lock();
+        let unfinished = |id: &str| {
+            st.allocations
+                .get(id)
+                .is_some_and(|a| a.fe_id == fe_id && a.phase != AllocPhase::Finished)
+        };
+        st.last_desired
+            .iter()
+            .flat_map(|(d, _)| d.allocations.iter())
+            .filter(|a| unfinished(a.allocation_id.as_deref().unwrap_or("")))
+            .cloned()
+            .collect()
+    };
+    for a in orphans {
+        shared.push_result(failed_result(
+            &a,
+            pb::AllocationFailureReason::FunctionExecutorTerminated,
+            None,
+        ));
+    }
+    shared.config.gpu_pool.release(fe_id);
+    process::forget(&shared.config.data_dir.join("workers"), fe_id);
+    shared.state.lock().fes.remove(fe_id);
+    shared.report_now.notify_one();
+    shared.reconcile_now.notify_one();
 }
 
 /// Asks every controller to stop and waits until all are gone.
@@ -98,6 +144,9 @@ struct Running {
     alloc: pb::Allocation,
     task: tokio::task::AbortHandle,
 }
+
+/// What became of an allocation task.
+type Joined = Result<(String, AllocOutcome), tokio::task::JoinError>;
 
 struct Controller {
     shared: Arc<Shared>,
@@ -244,8 +293,9 @@ impl Controller {
                     Some(FeCommand::Shutdown) | None => break,
                 },
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    let Ok((id, outcome)) = joined else { continue };
-                    self.finish_allocation(id, outcome).await;
+                    if let Some((id, outcome)) = self.account(joined) {
+                        self.finish_allocation(id, outcome).await;
+                    }
                 }
                 status = async { self.live.as_mut().map(|l| l.process.child.wait()) .expect("guarded by alive").await }, if alive => {
                     let how = match &status { Ok(s) => process::describe_exit(s), Err(e) => format!("wait failed: {e}") };
@@ -271,6 +321,7 @@ impl Controller {
                 .stop(self.shared.config.function_executor_stop_grace)
                 .await;
         }
+        self.collect_finished();
         self.tasks.abort_all();
         for (_, r) in std::mem::take(&mut self.running) {
             self.shared.push_result(failed_result(
@@ -388,6 +439,51 @@ impl Controller {
         }
     }
 
+    /// A joined allocation task: its outcome, or, for a task that panicked,
+    /// a failed result pushed here (an aborted task was accounted for by
+    /// whoever aborted it).
+    fn account(&mut self, joined: Joined) -> Option<(String, AllocOutcome)> {
+        let e = match joined {
+            Ok(done) => return Some(done),
+            Err(e) => e,
+        };
+        if !e.is_panic() {
+            return None;
+        }
+        let id = self
+            .running
+            .iter()
+            .find(|(_, r)| r.task.id() == e.id())
+            .map(|(id, _)| id.clone())?;
+        let r = self.running.remove(&id)?;
+        self.shared.metrics.allocations_running.dec();
+        self.shared.event(
+            "allocation_failed",
+            &id,
+            "the agent's task running this allocation panicked",
+        );
+        self.shared.push_result(failed_result(
+            &r.alloc,
+            pb::AllocationFailureReason::InternalError,
+            None,
+        ));
+        None
+    }
+
+    /// Takes the results of allocation tasks that already finished, so a
+    /// kill or shutdown that follows does not overwrite them with failures.
+    fn collect_finished(&mut self) {
+        while let Some(joined) = self.tasks.try_join_next() {
+            let Some((id, outcome)) = self.account(joined) else {
+                continue;
+            };
+            if self.running.remove(&id).is_some() {
+                self.shared.metrics.allocations_running.dec();
+                self.shared.push_result(outcome.result);
+            }
+        }
+    }
+
     async fn finish_allocation(&mut self, id: String, outcome: AllocOutcome) {
         if self.running.remove(&id).is_none() {
             return; // Already accounted for by a kill.
@@ -449,6 +545,7 @@ impl Controller {
     /// `blamed`. Allocations running on it fail; `cancelled` (if any) is
     /// reported as cancelled, the others as function errors.
     async fn kill(&mut self, reason: Reason, blamed: Vec<String>, cancelled: Option<&str>) {
+        self.collect_finished();
         if let Some(mut live) = self.live.take() {
             // A failed RPC can be how a dead worker is first noticed: say so.
             // (It may still be closing down: give it a moment when unhealthy.)
@@ -474,15 +571,7 @@ impl Controller {
         for (id, r) in std::mem::take(&mut self.running) {
             r.task.abort();
             self.shared.metrics.allocations_running.dec();
-            let why = if Some(id.as_str()) == cancelled {
-                pb::AllocationFailureReason::AllocationCancelled
-            } else if reason == Reason::Oom {
-                pb::AllocationFailureReason::Oom
-            } else if blamed.len() == 1 && blamed[0] == id && reason == Reason::FunctionTimeout {
-                pb::AllocationFailureReason::FunctionTimeout
-            } else {
-                pb::AllocationFailureReason::FunctionError
-            };
+            let why = sibling_reason(&id, reason, &blamed, cancelled);
             self.shared.push_result(failed_result(&r.alloc, why, None));
         }
         for a in std::mem::take(&mut self.queue) {
@@ -507,6 +596,31 @@ impl Controller {
         );
         self.mark_terminated(reason, blamed);
         self.note("worker process stopped".into());
+    }
+}
+
+/// The failure of an allocation running on a worker killed for `reason`:
+/// the cancelled one is cancelled, the ones blamed fail by the reason, and
+/// the others had their worker terminated under them.
+fn sibling_reason(
+    id: &str,
+    reason: Reason,
+    blamed: &[String],
+    cancelled: Option<&str>,
+) -> pb::AllocationFailureReason {
+    use pb::AllocationFailureReason as F;
+    if Some(id) == cancelled {
+        return F::AllocationCancelled;
+    }
+    if reason == Reason::Oom {
+        return F::Oom;
+    }
+    if !blamed.iter().any(|b| b == id) {
+        return F::FunctionExecutorTerminated;
+    }
+    match reason {
+        Reason::FunctionTimeout => F::FunctionTimeout,
+        _ => F::FunctionError,
     }
 }
 

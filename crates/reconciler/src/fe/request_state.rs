@@ -20,8 +20,6 @@ const CODE_NOT_FOUND: i32 = 5;
 const CODE_INTERNAL: i32 = 13;
 /// Longest object key a state key may become (S3's limit).
 const MAX_KEY_BYTES: usize = 1024;
-/// Largest value one write may announce (S3's object limit).
-pub(crate) const MAX_BLOB_BYTES: u64 = 5 << 40;
 
 type OpResult = fe_pb::allocation_request_state_operation_result::Result;
 
@@ -61,24 +59,21 @@ pub(crate) async fn serve(
     op: &fe_pb::AllocationRequestStateOperation,
     writes: &mut HashMap<String, Upload>,
     valid_for: Duration,
+    max_bytes: u64,
 ) -> fe_pb::AllocationRequestStateOperationResult {
     use fe_pb::allocation_request_state_operation::Operation as Op;
     let id = op.operation_id.clone().unwrap_or_default();
     let key = op.state_key.as_deref().unwrap_or("");
     let (code, message, result) = match &op.operation {
         Some(Op::PrepareRead(_)) => prepare_read(blobs, prefix, key, valid_for).await,
-        Some(Op::PrepareWrite(w)) => {
-            prepare_write(
-                blobs,
-                prefix,
-                key,
-                &id,
-                w.size.unwrap_or(0),
-                writes,
-                valid_for,
-            )
-            .await
-        }
+        Some(Op::PrepareWrite(w)) => match w.size.unwrap_or(0) {
+            size if size > max_bytes => (
+                CODE_INTERNAL,
+                format!("a {size}-byte value is over the {max_bytes}-byte limit"),
+                write_result(None),
+            ),
+            size => prepare_write(blobs, prefix, key, &id, size, writes, valid_for).await,
+        },
         Some(Op::CommitWrite(c)) => commit_write(blobs, c, writes).await,
         None => (
             CODE_INTERNAL,
@@ -145,10 +140,6 @@ async fn prepare_write(
     writes: &mut HashMap<String, Upload>,
     valid_for: Duration,
 ) -> Served {
-    if size > MAX_BLOB_BYTES {
-        let m = format!("a {size}-byte value is over the {MAX_BLOB_BYTES}-byte limit");
-        return (CODE_INTERNAL, m, write_result(None));
-    }
     if op_id.is_empty() || writes.contains_key(op_id) {
         let m = format!("write operation id {op_id:?} is empty or already used");
         return (CODE_INTERNAL, m, write_result(None));
@@ -250,6 +241,7 @@ mod tests {
             &op("r0", Op::PrepareRead(read)),
             &mut writes,
             valid,
+            1 << 20,
         )
         .await;
         assert_eq!(missing.status.map(|s| s.code), Some(CODE_NOT_FOUND));
@@ -262,6 +254,7 @@ mod tests {
             &op("w1", Op::PrepareWrite(w)),
             &mut writes,
             valid,
+            1 << 20,
         )
         .await;
         assert_eq!(prepared.status.as_ref().map(|s| s.code), Some(0));
@@ -285,6 +278,7 @@ mod tests {
             &op("r1", Op::PrepareRead(read)),
             &mut writes,
             valid,
+            1 << 20,
         )
         .await;
         assert_eq!(before.status.map(|s| s.code), Some(CODE_NOT_FOUND));
@@ -298,6 +292,7 @@ mod tests {
             &op("c1", Op::CommitWrite(commit.clone())),
             &mut writes,
             valid,
+            1 << 20,
         )
         .await;
         assert_eq!(done.status.map(|s| s.code), Some(0));
@@ -307,6 +302,7 @@ mod tests {
             &op("c2", Op::CommitWrite(commit)),
             &mut writes,
             valid,
+            1 << 20,
         )
         .await;
         assert_eq!(
@@ -322,6 +318,7 @@ mod tests {
             &op("r2", Op::PrepareRead(read)),
             &mut writes,
             valid,
+            1 << 20,
         )
         .await;
         assert_eq!(found.status.map(|s| s.code), Some(0));
