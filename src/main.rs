@@ -127,6 +127,16 @@ struct AgentArgs {
     /// value); larger requests fail that allocation's request only.
     #[arg(long, default_value_t = 5 << 40)]
     max_output_blob_bytes: u64,
+    /// Largest gRPC message exchanged with the server; a larger desired
+    /// state fails its stream (an event names the limit), a larger report
+    /// is not sent (the reference: unlimited).
+    #[arg(long, default_value_t = 256 << 20)]
+    max_server_message_bytes: usize,
+    /// Largest gRPC message exchanged with a worker; a larger allocation
+    /// state fails that allocation and the worker (the application code
+    /// sent to `initialize` must fit too).
+    #[arg(long, default_value_t = 1 << 30)]
+    max_worker_message_bytes: usize,
     /// Seconds between state reports while healthy.
     #[arg(long, default_value_t = 5, hide = true)]
     report_interval_s: u64,
@@ -536,6 +546,8 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.stream_idle_timeout = Duration::from_secs(args.stream_idle_timeout_s.max(1));
     config.max_function_call_wait = Duration::from_secs(args.max_function_call_wait_s.max(1));
     config.max_output_blob_bytes = args.max_output_blob_bytes;
+    config.max_server_message_bytes = args.max_server_message_bytes.max(1 << 20);
+    config.max_worker_message_bytes = args.max_worker_message_bytes.max(1 << 20);
     config.health_check_interval =
         Duration::from_millis(args.function_executor_health_check_interval_ms.max(10));
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));

@@ -77,3 +77,9 @@ def no_upload(x: str) -> str:
 @function()
 def huge_output(x: str) -> str:
     """Asks for a u64::MAX-byte output blob."""
+
+
+@application()
+@function()
+def fuzz(seed: int) -> str:
+    """Publishes hostile allocation states chosen by the seed, then a random result."""

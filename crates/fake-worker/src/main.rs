@@ -4,12 +4,15 @@
 //! misbehaves on cue. It ignores application code and acts on the
 //! function's name (see `examples/fake/fake.py`): `echo`, `noop`, `fail`,
 //! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`,
-//! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request).
+//! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request),
+//! `fuzz` (hostile allocation states from a seed; see `fuzz.rs`).
 //! Outputs go through the real output-blob protocol (`file://` blobs).
 //!
 //! Used where a real worker cannot misbehave on demand (fault tests) and
 //! where hundreds of Python workers would not fit (benchmarks).
 //! Must not know about: the agent, the control plane.
+
+mod fuzz;
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -148,6 +151,15 @@ impl Worker {
                 });
             }
             ("hang", _) => return std::future::pending().await,
+            ("fuzz", Ok(input)) => {
+                let seed = String::from_utf8_lossy(&input).trim().parse().unwrap_or(0);
+                let mut rng = fuzz::Rng::new(seed);
+                for _ in 0..fuzz::steps(&mut rng) {
+                    self.publish(&id, |s| fuzz::mutate(&mut rng, s));
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                return self.publish(&id, |s| s.result = Some(fuzz::result(&mut rng)));
+            }
             ("crash", _) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 std::process::exit(3);

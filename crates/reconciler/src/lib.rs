@@ -102,6 +102,11 @@ pub struct AgentConfig {
     /// Largest blob a worker may ask to write (outputs, request state);
     /// a larger request is refused to that allocation alone.
     pub max_output_blob_bytes: u64,
+    /// Largest gRPC message to or from the server (desired states, reports).
+    pub max_server_message_bytes: usize,
+    /// Largest gRPC message to or from a worker (allocation states; the
+    /// application code in `initialize` counts too).
+    pub max_worker_message_bytes: usize,
     pub blob_store: BlobStore,
     /// Size bound of the application code cache in the data directory.
     pub code_cache_max_bytes: u64,
@@ -138,6 +143,8 @@ impl AgentConfig {
             stream_idle_timeout: Duration::from_secs(300),
             max_function_call_wait: Duration::from_secs(24 * 3600),
             max_output_blob_bytes: 5 << 40,
+            max_server_message_bytes: 256 << 20,
+            max_worker_message_bytes: 1 << 30,
             blob_store,
             code_cache_max_bytes: 10 << 30,
             gpu_pool: Arc::new(NoGpus),

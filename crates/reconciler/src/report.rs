@@ -84,10 +84,13 @@ pub(crate) fn channel(addr: &str) -> Result<Channel, AgentError> {
         .connect_lazy())
 }
 
-pub(crate) fn client(channel: Channel) -> ExecutorApiClient<Channel> {
+/// A client of the server with the configured message size limit both
+/// ways: a larger desired state fails its stream (reopened with backoff,
+/// an event names the limit), a larger report is not sent.
+pub(crate) fn client(channel: Channel, max_message_bytes: usize) -> ExecutorApiClient<Channel> {
     ExecutorApiClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes)
 }
 
 /// Hex SHA-256 of the deterministic encoding of `state` without its
@@ -176,7 +179,7 @@ pub(crate) fn build_request(shared: &Shared) -> (pb::ReportExecutorStateRequest,
 /// off ×3 up to `report_backoff_max` if the server refuses them; during a
 /// backoff, changes (such as new results) wait for the next attempt.
 pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: CancellationToken) {
-    let mut client = client(channel);
+    let mut client = client(channel, shared.config.max_server_message_bytes);
     let mut interval;
     let mut backoff = report_backoff(&shared.config);
     let mut fast = unreachable_backoff();
@@ -308,7 +311,7 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
     let Ok(channel) = channel(&shared.config.server_addr) else {
         return;
     };
-    let mut client = client(channel);
+    let mut client = client(channel, shared.config.max_server_message_bytes);
     let (request, _) = build_request(shared);
     match tokio::time::timeout(timeout, client.report_executor_state(request)).await {
         Ok(Ok(_)) => shared.event(

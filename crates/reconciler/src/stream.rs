@@ -36,7 +36,7 @@ pub(crate) async fn run_loop(
     desired_tx: watch::Sender<Option<std::sync::Arc<pb::DesiredExecutorState>>>,
     cancel: CancellationToken,
 ) {
-    let mut client = client(channel);
+    let mut client = client(channel, shared.config.max_server_message_bytes);
     let mut reports_ok = shared.reports_ok.subscribe();
     let mut required_reports = 1u64;
     let mut backoff = stream_backoff();

@@ -15,7 +15,6 @@ use backon::BackoffBuilder;
 
 use super::allocation::{Upload, etags};
 use super::plan;
-use crate::pb::executor_api_client::ExecutorApiClient;
 use crate::state::Shared;
 use crate::{fe_pb, pb};
 
@@ -128,7 +127,10 @@ pub(crate) async fn send(
     request: pb::FunctionCallRequest,
 ) -> Result<(), Refused> {
     let started = Instant::now();
-    let mut client = ExecutorApiClient::new(shared.server.clone());
+    let mut client = crate::report::client(
+        shared.server.clone(),
+        shared.config.max_server_message_bytes,
+    );
     let mut delays = backoff();
     let mut internal_seen = 0;
     let outcome = loop {

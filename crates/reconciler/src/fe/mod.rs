@@ -756,9 +756,12 @@ async fn start(
             }
         }
     };
+    // A worker sending more than this in one message has its allocation
+    // failed and is terminated as unhealthy (the RPC fails OUT_OF_RANGE).
+    let limit = shared.config.max_worker_message_bytes;
     let mut client = FunctionExecutorClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     let info = match tokio::time::timeout(
         Duration::from_secs(10),
         client.get_info(fe_pb::InfoRequest {}),
