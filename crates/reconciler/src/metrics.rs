@@ -32,6 +32,7 @@ pub struct Metrics {
     pub desired_states_received: Counter,
     pub reconciliations: Counter,
     pub reconciliation_latency: Histogram,
+    pub reconcile_lock_hold: Histogram,
     pub last_desired_function_executors: Gauge,
     pub last_desired_allocations: Gauge,
     pub rejected_items: Family<Labels, Counter>,
@@ -126,6 +127,11 @@ impl Metrics {
                 "reconciliation_latency_seconds",
                 "Time to apply one desired state",
                 fast_histogram()
+            ),
+            reconcile_lock_hold: reg!(
+                "reconcile_lock_hold_seconds",
+                "Time a reconcile pass holds the agent's state lock (readers wait this long at most)",
+                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
             ),
             last_desired_function_executors: reg!(
                 "last_desired_state_function_executors",

@@ -16,8 +16,67 @@ use crate::fe::{self, FeCommand};
 use crate::pb;
 use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry, function_label};
 use crate::validate::{
-    admit_allocation, admit_function_executor, validate_allocation, validate_function_executor,
+    Rejection, admit_allocation, admit_function_executor, validate_allocation,
+    validate_function_executor,
 };
+
+/// Verdicts on the items of a desired state that are new to the agent,
+/// reached before taking the state lock: admission resolves `file://`
+/// locations (filesystem calls), which must not stall readers of the state.
+/// `None` where the item was not new when checked.
+struct Verdicts {
+    fes: Vec<Option<Result<(), Rejection>>>,
+    allocations: Vec<Option<Result<(), Rejection>>>,
+}
+
+fn fe_verdict(shared: &Shared, d: &pb::FunctionExecutorDescription) -> Result<(), Rejection> {
+    validate_function_executor(d).and_then(|()| {
+        admit_function_executor(
+            d,
+            &shared.config.function_executor_resources,
+            &shared.config.blob_store,
+        )
+    })
+}
+
+fn allocation_verdict(shared: &Shared, a: &pb::Allocation) -> Result<(), Rejection> {
+    validate_allocation(a).and_then(|()| admit_allocation(a, &shared.config.blob_store))
+}
+
+fn precheck(shared: &Shared, desired: &pb::DesiredExecutorState) -> Verdicts {
+    let (new_fes, new_allocations): (Vec<bool>, Vec<bool>) = {
+        let st = shared.state.lock();
+        (
+            desired
+                .function_executors
+                .iter()
+                .map(|d| !st.fes.contains_key(d.id.as_deref().unwrap_or("")))
+                .collect(),
+            desired
+                .allocations
+                .iter()
+                .map(|a| {
+                    !st.allocations
+                        .contains_key(a.allocation_id.as_deref().unwrap_or(""))
+                })
+                .collect(),
+        )
+    };
+    Verdicts {
+        fes: desired
+            .function_executors
+            .iter()
+            .zip(new_fes)
+            .map(|(d, new)| new.then(|| fe_verdict(shared, d)))
+            .collect(),
+        allocations: desired
+            .allocations
+            .iter()
+            .zip(new_allocations)
+            .map(|(a, new)| new.then(|| allocation_verdict(shared, a)))
+            .collect(),
+    }
+}
 
 /// How often an idle reconcile loop proves it is alive.
 pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -80,8 +139,10 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
     let mut fes_changed = false;
     let mut results = Vec::new();
     let mut events: Vec<(&'static str, String, String)> = Vec::new();
+    let mut verdicts = precheck(shared, desired);
     {
         let mut st = shared.state.lock();
+        let locked = Instant::now();
         st.server_clock = desired.clock.unwrap_or(0);
         st.last_desired = Some((desired.clone(), SystemTime::now()));
         shared
@@ -95,7 +156,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
 
         // 1. Function executors.
         let mut wanted: HashSet<&str> = HashSet::new();
-        for d in &desired.function_executors {
+        for (i, d) in desired.function_executors.iter().enumerate() {
             let id = d.id.as_deref().unwrap_or("");
             if !id.is_empty() {
                 wanted.insert(id);
@@ -103,13 +164,10 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
             if st.fes.contains_key(id) {
                 continue; // Immutable per id; an entry being removed is recreated once it is gone.
             }
-            let verdict = validate_function_executor(d).and_then(|()| {
-                admit_function_executor(
-                    d,
-                    &shared.config.function_executor_resources,
-                    &shared.config.blob_store,
-                )
-            });
+            // Gone since the precheck (its controller ended): checked here.
+            let verdict = verdicts.fes[i]
+                .take()
+                .unwrap_or_else(|| fe_verdict(shared, d));
             match verdict {
                 Ok(()) => {
                     let tx = fe::spawn(shared.clone(), d.clone());
@@ -184,7 +242,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
 
         // 2. Allocations.
         let mut wanted_allocs: HashSet<&str> = HashSet::new();
-        for a in &desired.allocations {
+        for (i, a) in desired.allocations.iter().enumerate() {
             let id = a.allocation_id.as_deref().unwrap_or("");
             if !id.is_empty() {
                 wanted_allocs.insert(id);
@@ -193,8 +251,9 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
                 continue; // Immutable per id.
             }
             let fe_id = a.function_executor_id.clone().unwrap_or_default();
-            let verdict = validate_allocation(a)
-                .and_then(|()| admit_allocation(a, &shared.config.blob_store))
+            let verdict = verdicts.allocations[i]
+                .take()
+                .unwrap_or_else(|| allocation_verdict(shared, a))
                 .map_err(|r| {
                     (
                         r.code,
@@ -281,6 +340,10 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
                 .get_or_create(&vec![("routing", label)])
                 .inc();
         }
+        shared
+            .metrics
+            .reconcile_lock_hold
+            .observe(locked.elapsed().as_secs_f64());
     }
     for (kind, subject, message) in events {
         shared.event(kind, &subject, message);
