@@ -22,11 +22,46 @@ pub(crate) struct FeProcess {
     pub pid: u32,
     pub address: String,
     pub log_path: PathBuf,
+    /// The worker's port, kept from every other worker while this one lives.
+    _port: PortLease,
 }
 
-/// Picks a free localhost port by binding port 0 (the worker binds it a
-/// moment later; a lost race shows up as a connect failure and a retry by
-/// the server).
+/// Ports handed to live workers. The worker binds its port with
+/// SO_REUSEPORT (grpc-python does), so two workers given the same port
+/// would both bind it and the agent could talk to the wrong one: a port is
+/// never handed out twice while its worker lives.
+static LEASED_PORTS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A port leased to one worker until dropped.
+#[derive(Debug)]
+pub(crate) struct PortLease(u16);
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        if let Ok(mut leased) = LEASED_PORTS.lock() {
+            leased.remove(&self.0);
+        }
+    }
+}
+
+/// Leases a port from `pick` that no live worker holds (a few tries).
+fn lease_port(mut pick: impl FnMut() -> std::io::Result<u16>) -> std::io::Result<PortLease> {
+    for _ in 0..32 {
+        let port = pick()?;
+        let mut leased = LEASED_PORTS
+            .lock()
+            .map_err(|_| std::io::Error::other("port lease table poisoned"))?;
+        if leased.insert(port) {
+            return Ok(PortLease(port));
+        }
+    }
+    Err(std::io::Error::other(
+        "no free port that no live worker holds after 32 tries",
+    ))
+}
+
+/// A port free right now (binding port 0; the worker binds it a moment later).
 fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
@@ -37,8 +72,8 @@ pub(crate) fn spawn(
     fe_id: &str,
     gpus: &[String],
 ) -> Result<FeProcess, String> {
-    let port = free_port().map_err(|e| format!("picking a port for the worker: {e}"))?;
-    let address = format!("127.0.0.1:{port}");
+    let port = lease_port(free_port).map_err(|e| format!("picking a port for the worker: {e}"))?;
+    let address = format!("127.0.0.1:{}", port.0);
     let log_path = config.data_dir.join("logs").join(format!("fe-{fe_id}.log"));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -71,8 +106,7 @@ pub(crate) fn spawn(
             .env("NVIDIA_VISIBLE_DEVICES", &visible);
     }
     set_parent_death_signal(&mut cmd);
-    let child = cmd
-        .spawn()
+    let child = spawn_from_lasting_thread(cmd)
         .map_err(|e| format!("starting {}: {e}", config.function_executor_bin.display()))?;
     let pid = child
         .id()
@@ -83,7 +117,48 @@ pub(crate) fn spawn(
         pid,
         address,
         log_path,
+        _port: port,
     })
+}
+
+type SpawnJob = (
+    Command,
+    tokio::runtime::Handle,
+    std::sync::mpsc::SyncSender<std::io::Result<Child>>,
+);
+
+/// Forks `cmd` from a thread that lives as long as the agent. The kernel
+/// sends the parent-death signal when the *thread* that forked a child
+/// exits, not the process: a worker forked from a pooled thread that later
+/// retires would be killed with it.
+fn spawn_from_lasting_thread(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new()
+            .name("steward-spawner".into())
+            .spawn(move || {
+                for (mut cmd, runtime, reply) in rx {
+                    // Registers the child with the caller's runtime.
+                    let _entered = runtime.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the worker spawner thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
+    let gone = || std::io::Error::other("the worker spawner thread is gone");
+    spawner
+        .lock()
+        .map_err(|_| gone())?
+        .send((cmd, tokio::runtime::Handle::current(), reply_tx))
+        .map_err(|_| gone())?;
+    // A fork and exec: milliseconds, so waiting here is fine.
+    reply_rx.recv().map_err(|_| gone())?
 }
 
 #[allow(unsafe_code)]
@@ -295,6 +370,22 @@ pub(crate) async fn probe_python_version(bin: &std::path::Path) -> Option<(Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_is_never_leased_to_two_live_workers() {
+        let first = lease_port(|| Ok(40_001)).expect("lease");
+        // The picker offers the leased port again, then another one.
+        let mut offers = [40_001u16, 40_002].into_iter();
+        let second = lease_port(|| Ok(offers.next().unwrap_or(40_003))).expect("lease");
+        assert_eq!((first.0, second.0), (40_001, 40_002));
+        assert!(
+            lease_port(|| Ok(40_001)).is_err(),
+            "only the taken port on offer"
+        );
+        drop(first);
+        let again = lease_port(|| Ok(40_001)).expect("free once its worker is gone");
+        assert_eq!(again.0, 40_001);
+    }
 
     #[test]
     fn reads_the_oom_kill_counter() {
