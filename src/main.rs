@@ -4,6 +4,7 @@
 //! `steward devserver` dev control plane commands.
 
 mod host;
+mod init;
 mod state_source;
 
 use std::collections::BTreeMap;
@@ -249,8 +250,17 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    if let Some(code) = init::supervise_if_pid1()? {
+        std::process::exit(code);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async_main())
+}
+
+async fn async_main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Devserver(args)) => {

@@ -43,3 +43,17 @@ def spawn_sleeper(seconds: int) -> int:
     import subprocess
 
     return subprocess.Popen(["sleep", str(seconds)]).pid
+
+
+@application()
+@function(description="Leaves an orphan: a `sleep` whose parent shell has already exited; returns its pid")
+def orphan_sleeper(seconds: float) -> int:
+    import subprocess
+
+    out = subprocess.run(
+        ["sh", "-c", f"sleep {seconds} >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip())
