@@ -69,9 +69,33 @@ pub fn validate_payload(p: Option<&pb::DataPayload>, what: &str) -> Result<(), R
     Ok(())
 }
 
+/// A function executor id names files in the data directory (its log, its
+/// process record): only what the server's ids use (nanoids, uuids, hex),
+/// bounded, never a path.
+fn check_fe_id(id: &str) -> Result<(), Rejection> {
+    let ok = id.len() <= 256
+        && id != "."
+        && id != ".."
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejection {
+            code: "invalid_id",
+            message: format!(
+                "function_executor.id {:?} must be at most 256 of [A-Za-z0-9._-]",
+                id.chars().take(64).collect::<String>()
+            ),
+        })
+    }
+}
+
 /// Checks a function executor description.
 pub fn validate_function_executor(d: &pb::FunctionExecutorDescription) -> Result<(), Rejection> {
     non_empty(&d.id, "function_executor.id")?;
+    check_fe_id(d.id.as_deref().unwrap_or(""))?;
     if d.container_type == Some(pb::FunctionExecutorType::Sandbox as i32) {
         return Err(Rejection {
             code: "unsupported_type",
@@ -202,6 +226,17 @@ pub(crate) mod tests {
             e.message,
             "function_executor.function.function_name is missing or empty"
         );
+        for bad in ["../../etc/cron.d/x", "..", "a/b", &"x".repeat(300)] {
+            let mut d = good_fe();
+            d.id = Some(bad.to_string());
+            assert_eq!(
+                validate_function_executor(&d).expect_err(bad).code,
+                "invalid_id"
+            );
+        }
+        let mut d = good_fe();
+        d.id = Some("-cNXOwmUJKenmf_HMeypF".into());
+        assert_eq!(validate_function_executor(&d), Ok(()), "a nanoid");
         let mut d = good_fe();
         d.max_concurrency = Some(0);
         assert_eq!(
