@@ -7,40 +7,188 @@
 //!   the pinned reference packages exists.
 //! - `cargo xtask bench`: release builds, then the side-by-side harness
 //!   (`crates/bench`) against the reference executor; the table also goes to
-//!   `target/bench/results.md`. Not part of `test`.
+//!   `target/bench/results.md`. Not part of `test`. `cargo xtask bench
+//!   --help` lists the harness's flags.
 //!
-//! Both create `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
+//! Each creates `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
+//!
+//! SIGINT or SIGTERM stops what xtask started, newest first, and nothing is
+//! left running: the demo's agent before its dev control plane, the bench
+//! harness (which stops its agents and their workers) before xtask exits.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
 
 /// The reference packages every test and benchmark runs against.
 const PINS: &[&str] = &["indexify==0.4.56", "tensorlake==0.3.9"];
 
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Steward's project tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Steward on the dev control plane, running examples/hello and
+    /// examples/compose on the real worker; runs until Ctrl-C
+    Demo {
+        /// Stop after printing the table
+        #[arg(long)]
+        once: bool,
+    },
+    /// Every test, with the venv and the binaries the tests spawn
+    #[command(disable_help_flag = true)]
+    Test {
+        /// Passed to `cargo test`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The side-by-side benchmark in release mode (`--help` lists its flags)
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Passed to `steward-bench`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Creates `.venv` with the pinned packages and prints its path
+    Venv,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("demo") => demo(args.iter().any(|a| a == "--once")),
-        Some("test") => test(&args[1..]),
-        Some("bench") => bench(&args[1..]),
-        Some("venv") => ensure_venv().map(|p| println!("{}", p.display())),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <demo [--once] | test [cargo test args] | bench [harness args] | venv>"
-            );
-            return ExitCode::from(2);
-        }
+    let cli = Cli::parse();
+    if let Err(e) = stop_children_on_signals() {
+        eprintln!("xtask: cannot watch SIGINT and SIGTERM: {e}");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.task {
+        Task::Demo { once } => demo(once),
+        Task::Test { args } => test(&args),
+        Task::Bench { args } => bench(&args),
+        Task::Venv => ensure_venv().map(|p| println!("{}", p.display())),
     };
+    if STOPPING.load(Ordering::SeqCst) {
+        // A signal came: the signal thread stops the children and exits.
+        loop {
+            std::thread::park();
+        }
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtask: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Set (under the [`CHILDREN`] lock) once SIGINT or SIGTERM arrived; from
+/// then on only the signal thread stops children.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// A running child that must be stopped before xtask exits.
+struct Tracked {
+    pid: u32,
+    name: &'static str,
+    /// How long it gets between SIGTERM and SIGKILL.
+    grace: Duration,
+}
+
+/// The running children, in start order. The signal thread holds the lock
+/// from the signal to the exit, so nothing else kills or reaps them meanwhile.
+static CHILDREN: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
+
+fn children() -> MutexGuard<'static, Vec<Tracked>> {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Spawns `cmd` and tracks the child until [`untrack`].
+fn spawn_tracked(cmd: &mut Command, name: &'static str, grace: Duration) -> Result<Child> {
+    let mut running = children();
+    let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    running.push(Tracked {
+        pid: child.id(),
+        name,
+        grace,
+    });
+    Ok(child)
+}
+
+fn untrack(running: &mut Vec<Tracked>, pid: u32) {
+    running.retain(|t| t.pid != pid);
+}
+
+/// Handles SIGINT and SIGTERM on a thread of their own: on either, the
+/// children stop newest first (the demo's agent before the dev control
+/// plane, so the agent's final report reaches a live server), each with
+/// SIGTERM, up to its grace period, then SIGKILL to its process group; then
+/// xtask exits with 128 + the signal number. (A handler, not a blocked
+/// mask: children inherit a mask, while a handler resets on exec.)
+fn stop_children_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Some(signal) = signals.forever().next() else {
+                return;
+            };
+            let mut running = children();
+            STOPPING.store(true, Ordering::SeqCst);
+            let name = Signal::try_from(signal).map_or("a signal", Signal::as_str);
+            eprintln!("\nxtask: {name}; stopping");
+            while let Some(child) = running.pop() {
+                stop(&child);
+            }
+            std::process::exit(128 + signal);
+        })?;
+    Ok(())
+}
+
+fn stop(child: &Tracked) {
+    let pid = Pid::from_raw(child.pid as i32);
+    let _ = kill(pid, Signal::SIGTERM);
+    let deadline = Instant::now() + child.grace;
+    while !exited(child.pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if exited(child.pid) {
+        eprintln!("xtask: {} stopped", child.name);
+    } else {
+        eprintln!(
+            "xtask: {} still running {} s after SIGTERM; killing it",
+            child.name,
+            child.grace.as_secs()
+        );
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    // Whatever is left in its process group goes too (the long-lived
+    // children lead groups of their own).
+    let _ = killpg(pid, Signal::SIGKILL);
+}
+
+/// Whether `pid` has exited (a zombie nobody reaped yet counts).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
     }
 }
 
@@ -51,8 +199,12 @@ fn root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// Runs `cmd` to completion (stopped with the rest on a signal).
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    let mut child = spawn_tracked(cmd, "a build or test step", Duration::from_secs(10))?;
+    let status = child.wait();
+    untrack(&mut children(), child.id());
+    let status = status.with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -108,8 +260,20 @@ fn test(extra: &[String]) -> Result<()> {
 }
 
 fn bench(extra: &[String]) -> Result<()> {
-    let venv = ensure_venv()?;
     let root = root();
+    let bench_bin = root.join("target/release/steward-bench");
+    if extra.iter().any(|a| a == "--help" || a == "-h") {
+        // Usage only: no venv, no agent build.
+        run(cargo().current_dir(&root).args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "steward-bench",
+        ]))?;
+        return run(Command::new(&bench_bin).args(extra));
+    }
+    let venv = ensure_venv()?;
     run(cargo().current_dir(&root).args([
         "build",
         "--release",
@@ -121,26 +285,42 @@ fn bench(extra: &[String]) -> Result<()> {
         "steward-bench",
     ]))?;
     std::fs::create_dir_all(root.join("target/bench"))?;
-    run(Command::new(root.join("target/release/steward-bench"))
-        .current_dir(&root)
-        .args(extra)
-        .arg("--out")
-        .arg(root.join("target/bench/results.md"))
-        .env("STEWARD_BIN", root.join("target/release/steward"))
-        .env("STEWARD_VENV", &venv))
+    let mut cmd = Command::new(&bench_bin);
+    cmd.current_dir(&root).args(extra);
+    if !extra
+        .iter()
+        .any(|a| a == "--out" || a.starts_with("--out="))
+    {
+        cmd.arg("--out").arg(root.join("target/bench/results.md"));
+    }
+    // Its own process group: a Ctrl-C reaches xtask only, which stops the
+    // harness with SIGTERM; the harness then stops its agents and workers.
+    let mut child = spawn_tracked(
+        cmd.env("STEWARD_BIN", root.join("target/release/steward"))
+            .env("STEWARD_VENV", &venv)
+            .process_group(0),
+        "steward-bench",
+        Duration::from_secs(60),
+    )?;
+    let status = child.wait();
+    untrack(&mut children(), child.id());
+    let status = status.context("waiting for steward-bench")?;
+    if !status.success() {
+        bail!("steward-bench failed with {status}");
+    }
+    Ok(())
 }
 
-/// A child process killed (SIGKILL) when dropped.
+/// A long-lived child in a process group of its own (so a terminal's Ctrl-C
+/// reaches xtask only, which stops the children in order); SIGKILLed when
+/// dropped, unless a signal is being handled.
 struct Guard(Child);
 
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 impl Guard {
+    fn spawn(cmd: &mut Command, name: &'static str, grace: Duration) -> Result<Guard> {
+        Ok(Guard(spawn_tracked(cmd.process_group(0), name, grace)?))
+    }
+
     fn first_line_json(&mut self) -> Result<serde_json::Value> {
         let out = self.0.stdout.take().context("child stdout")?;
         let mut line = String::new();
@@ -148,11 +328,9 @@ impl Guard {
         serde_json::from_str(&line).with_context(|| format!("expected a JSON line, got {line:?}"))
     }
 
-    /// SIGTERM, then wait up to `limit`.
+    /// SIGTERM, then wait up to `limit` for a successful exit.
     fn terminate(&mut self, limit: Duration) -> Result<()> {
-        run(Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string()))?;
+        kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM)?;
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.0.try_wait()? {
@@ -167,11 +345,31 @@ impl Guard {
     }
 }
 
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut running = children();
+        if STOPPING.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        untrack(&mut running, self.0.id());
+    }
+}
+
 fn steward_json(bin: &Path, args: &[&str]) -> Result<serde_json::Value> {
-    let out = Command::new(bin)
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()?;
+    let child = spawn_tracked(
+        Command::new(bin)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit()),
+        "a steward devserver command",
+        Duration::from_secs(5),
+    )?;
+    let pid = child.id();
+    let out = child.wait_with_output();
+    untrack(&mut children(), pid);
+    let out = out?;
     if !out.status.success() {
         bail!("steward {} failed", args.join(" "));
     }
@@ -194,7 +392,7 @@ fn demo(once: bool) -> Result<()> {
         std::env::var("PATH").unwrap_or_default()
     );
 
-    let mut plane = Guard(
+    let mut plane = Guard::spawn(
         Command::new(&bin)
             .args([
                 "devserver",
@@ -206,15 +404,15 @@ fn demo(once: bool) -> Result<()> {
             ])
             .arg(work.join("blobs"))
             .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the dev control plane")?,
-    );
+            .stdout(Stdio::piped()),
+        "the dev control plane",
+        Duration::from_secs(10),
+    )?;
     let p = plane.first_line_json()?;
     let grpc = p["grpc_addr"].as_str().context("grpc_addr")?.to_string();
     let http = p["http_url"].as_str().context("http_url")?.to_string();
 
-    let mut agent = Guard(
+    let mut agent = Guard::spawn(
         Command::new(&bin)
             .args([
                 "--grpc-server-addr",
@@ -233,10 +431,10 @@ fn demo(once: bool) -> Result<()> {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting steward")?,
-    );
+            .stdout(Stdio::piped()),
+        "steward",
+        Duration::from_secs(30),
+    )?;
     let a = agent.first_line_json()?;
     let monitoring = a["monitoring_url"]
         .as_str()
@@ -322,6 +520,6 @@ fn demo(once: bool) -> Result<()> {
         return Ok(());
     }
     println!("\nRunning; press Ctrl-C to stop.");
-    let _ = agent.0.wait();
-    Ok(())
+    let status = agent.0.wait()?;
+    bail!("steward exited on its own with {status}")
 }

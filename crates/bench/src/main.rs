@@ -9,10 +9,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clap::Parser;
 use serde_json::{Value, json};
 use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, client};
 
@@ -190,15 +191,19 @@ struct AgentProc {
 impl Drop for AgentProc {
     fn drop(&mut self) {
         // The reference executor leaks its workers, each in a process group
-        // of its own: kill their groups, then the agent's own group.
+        // of its own. Freeze the agent so it starts no more, kill every
+        // descendant and its group, then the agent's own group. This also
+        // runs when a signal drops the whole run.
+        use nix::sys::signal::{Signal, kill, killpg};
+        use nix::unistd::Pid;
+        let agent = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(agent, Signal::SIGSTOP);
         for p in steward_host_resources::descendants(self.child.id()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(p as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let p = Pid::from_raw(p as i32);
+            let _ = killpg(p, Signal::SIGKILL);
+            let _ = kill(p, Signal::SIGKILL);
         }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = killpg(agent, Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -670,39 +675,83 @@ async fn scale(
     Ok(())
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// Which scenario `--only` runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Scenario {
+    Latency,
+    Composed,
+    Throughput,
+    Scale,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let rounds: usize = arg(&args, "--rounds", 3);
-    let latency_n: usize = arg(&args, "--latency-samples", 100);
-    let scale_workers: usize = arg(&args, "--scale-workers", 200);
-    let scale_allocations: usize = arg(&args, "--scale-allocations", 20_000);
-    let scale_limit = Duration::from_secs(arg(&args, "--scale-limit-s", 240));
-    let composed_runs: usize = arg(&args, "--composed-runs", 3);
-    // One scenario only: latency, composed, throughput or scale.
-    let only: String = arg(&args, "--only", String::new());
-    let wanted = |name: &str| only.is_empty() || only == name;
-    let out_file: Option<String> = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+/// Runs each scenario against Steward and the reference executor, alternating
+/// which goes first, and prints a table of medians, spread and ratios.
+/// `cargo xtask bench` builds everything in release mode and runs this.
+#[derive(Parser, Debug)]
+#[command(name = "steward-bench")]
+struct Cli {
+    /// Rounds of the latency, composed and throughput scenarios
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Warm sequential requests timed per latency run
+    #[arg(long, default_value_t = 100)]
+    latency_samples: usize,
+    /// Workers in the scale scenario
+    #[arg(long, default_value_t = 200)]
+    scale_workers: usize,
+    /// Allocations in the scale scenario, spread over its workers
+    #[arg(long, default_value_t = 20_000)]
+    scale_allocations: usize,
+    /// Time the scale scenario gets to converge and drain, in seconds
+    #[arg(long, default_value_t = 240)]
+    scale_limit_s: u64,
+    /// Timed composed requests per agent and round
+    #[arg(long, default_value_t = 3)]
+    composed_runs: usize,
+    /// Run one scenario only
+    #[arg(long, value_enum)]
+    only: Option<Scenario>,
+    /// Also write the table to this file
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The `steward` binary to measure
+    #[arg(long, env = "STEWARD_BIN")]
+    steward_bin: PathBuf,
+    /// The venv with the pinned reference packages
+    #[arg(long, env = "STEWARD_VENV")]
+    venv: PathBuf,
+}
 
-    let steward = PathBuf::from(
-        std::env::var("STEWARD_BIN").context("STEWARD_BIN (set by cargo xtask bench)")?,
-    );
+/// Runs the benchmark until it ends or SIGINT/SIGTERM arrives. On a signal
+/// the run is dropped where it stands: each agent's `Drop` kills it and its
+/// workers' process groups, and the in-process control plane goes with it.
+#[tokio::main]
+async fn main() -> Result<ExitCode> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let cli = Cli::parse();
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let code = tokio::select! {
+        done = run(cli) => return done.map(|()| ExitCode::SUCCESS),
+        _ = interrupt.recv() => 130,
+        _ = terminate.recv() => 143,
+    };
+    eprintln!("steward-bench: interrupted; agents and their workers stopped");
+    Ok(ExitCode::from(code))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let rounds = cli.rounds;
+    let latency_n = cli.latency_samples;
+    let scale_workers = cli.scale_workers;
+    let scale_allocations = cli.scale_allocations;
+    let scale_limit = Duration::from_secs(cli.scale_limit_s);
+    let composed_runs = cli.composed_runs;
+    let wanted = |s: Scenario| cli.only.is_none_or(|o| o == s);
+
+    let steward = cli.steward_bin.clone();
     let fake_worker = steward.with_file_name("steward-fake-worker");
-    let venv = PathBuf::from(
-        std::env::var("STEWARD_VENV").context("STEWARD_VENV (set by cargo xtask bench)")?,
-    );
+    let venv = cli.venv.clone();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let fake_path_dir = tempfile::tempdir()?;
     std::os::unix::fs::symlink(&fake_worker, fake_path_dir.path().join("function-executor"))?;
@@ -728,19 +777,19 @@ async fn main() -> Result<()> {
         for agent in order {
             eprintln!("round {}/{rounds}: {agent:?}", round + 1);
             for worker in [Worker::Real, Worker::Fake] {
-                if !wanted("latency") {
+                if !wanted(Scenario::Latency) {
                     break;
                 }
                 if let Err(e) = latency(&env, agent, worker, latency_n, &mut t).await {
                     t.fail("1. sequential latency", agent, &e.to_string());
                 }
             }
-            if wanted("composed")
+            if wanted(Scenario::Composed)
                 && let Err(e) = composed(&env, agent, composed_runs, &mut t).await
             {
                 t.fail("7. composed", agent, &e.to_string());
             }
-            if wanted("throughput")
+            if wanted(Scenario::Throughput)
                 && let Err(e) = throughput(&env, agent, &mut t).await
             {
                 t.fail(
@@ -753,7 +802,7 @@ async fn main() -> Result<()> {
     }
     // Scale once per agent: it is the longest scenario.
     for agent in [Agent::Steward, Agent::Reference] {
-        if !wanted("scale") {
+        if !wanted(Scenario::Scale) {
             break;
         }
         eprintln!("scale: {agent:?}");
@@ -781,7 +830,7 @@ async fn main() -> Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!("{header}{table}");
-    if let Some(path) = out_file {
+    if let Some(path) = cli.out {
         std::fs::write(&path, format!("{header}{table}"))?;
     }
     Ok(())
