@@ -161,12 +161,29 @@ async fn code_cache_serves_a_second_worker_and_survives_a_restart() -> Result<()
         &[],
         data_dir,
     )?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Registered again: a report from the restarted agent succeeded.
+    steward
+        .wait_json("/monitoring/startup", Duration::from_secs(30), |c, _| {
+            c == 200
+        })
+        .await?;
     assert_eq!(
         plane.invoke_app("third", "greet", json!("c")).await?.status,
         "success"
     );
-    let m = steward.metrics().await?;
+    // Wait until all three workers have their code, from wherever.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let m = loop {
+        let m = steward.metrics().await?;
+        if fetches(&m, "blob_store") + fetches(&m, "cache") >= 3 {
+            break m;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "three workers never got their code:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let code_lines: Vec<&str> = m
         .lines()
         .filter(|l| l.contains("application_code_fetches"))

@@ -177,8 +177,24 @@ async fn leftovers_of_a_sigkilled_run_are_cleaned_on_the_next_start() -> Result<
     assert!(alive(sleeper));
 
     // SIGKILL: the worker dies with Steward, its forked child does not.
+    let (_, fes) = steward.get_json("/state/function-executors").await?;
+    let workers: Vec<u32> = fes["function_executors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    assert!(!workers.is_empty(), "{fes}");
     let data_dir = steward.into_data_dir()?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workers.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        workers.iter().all(|p| !alive(*p)),
+        "the worker outlived a SIGKILLed agent: {workers:?}"
+    );
     assert!(
         alive(sleeper),
         "the forked child should outlive a SIGKILLed agent until the next start"

@@ -1,8 +1,25 @@
 //! Repository hygiene, checked as an ordinary test: every crate root opens
 //! with a `//!` header saying what it owns, and every source file is
-//! formatted as `cargo fmt` would.
+//! formatted as `cargo fmt` would (this test runs `cargo fmt --check`).
 
 use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn every_source_file_is_formatted() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let out = Command::new(&cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["fmt", "--all", "--", "--check", "--color", "never"])
+        .output()
+        .unwrap_or_else(|e| panic!("running {} fmt: {e}", cargo.display()));
+    assert!(
+        out.status.success(),
+        "`cargo fmt --all -- --check` failed (run `cargo fmt --all`; rustfmt must be installed):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 #[test]
 fn every_crate_root_has_a_module_header() {

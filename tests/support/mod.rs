@@ -13,35 +13,73 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, RequestOutcome, client};
 
-/// The venv with the pinned packages: `$STEWARD_VENV`, else `./.venv`.
-/// `cargo xtask test` creates it; a missing venv is an error, never a skip.
-pub fn venv() -> PathBuf {
-    let dir = std::env::var_os("STEWARD_VENV")
+/// Where the venv with the pinned packages lives: `$STEWARD_VENV`, else `./.venv`.
+fn venv_dir() -> PathBuf {
+    std::env::var_os("STEWARD_VENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"))
+}
+
+/// The venv with the pinned packages (the real `function-executor`, the
+/// reference executor). `cargo xtask test` creates it; a test that needs it
+/// fails at once without it, never skips.
+pub fn venv() -> PathBuf {
+    let dir = venv_dir();
     assert!(
         dir.join("bin/function-executor").exists(),
-        "no Python venv with tensorlake==0.3.9 at {}; run `cargo xtask test`, which creates it",
+        "this test needs the real worker: no Python venv with tensorlake==0.3.9 at {}; \
+         run `cargo xtask test`, which creates it",
         dir.display()
     );
     dir
 }
 
-/// PATH with the venv's bin first, so `function-executor` resolves there.
+/// PATH with the venv's bin first when there is a venv, so
+/// `function-executor` resolves there. Tests that need only the fake worker
+/// (or none) run without a venv; those that deploy a real function fail at
+/// the deploy ([`venv`]).
 pub fn path_with_venv() -> String {
-    format!(
-        "{}:{}",
-        venv().join("bin").display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
+    let path = std::env::var("PATH").unwrap_or_default();
+    let bin = venv_dir().join("bin");
+    if bin.join("function-executor").exists() {
+        format!("{}:{path}", bin.display())
+    } else {
+        path
+    }
 }
 
-/// The native fake worker, built next to `steward` by `cargo build --workspace`.
+/// The native fake worker next to `steward`. `cargo xtask test` builds it;
+/// under a plain `cargo test` it is built here on first use (cargo builds
+/// only this package's binaries for its tests).
 pub fn fake_worker() -> PathBuf {
-    let bin = Path::new(env!("CARGO_BIN_EXE_steward")).with_file_name("steward-fake-worker");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let steward = Path::new(env!("CARGO_BIN_EXE_steward"));
+    let bin = steward.with_file_name("steward-fake-worker");
+    BUILD.call_once(|| {
+        let profile_dir = steward.parent();
+        let Some(target_dir) = profile_dir.and_then(Path::parent) else {
+            return;
+        };
+        if bin.exists() {
+            return;
+        }
+        let profile = match profile_dir.and_then(Path::file_name) {
+            Some(p) if p == "release" => "release",
+            _ => "dev",
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+        let status = Command::new(cargo)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "-p", "steward-fake-worker"])
+            .args(["--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .status();
+        eprintln!("building {}: {status:?}", bin.display());
+    });
     assert!(
         bin.exists(),
-        "{} is missing; run `cargo build --workspace` (cargo xtask test does)",
+        "{} is missing and could not be built; run `cargo build --workspace` (cargo xtask test does)",
         bin.display()
     );
     bin
@@ -103,6 +141,7 @@ impl Plane {
     }
 
     pub async fn deploy_hello(&self, options: FunctionOptions) -> Result<()> {
+        venv(); // The real worker runs it: fail here without the venv.
         client::deploy(
             &self.url,
             "default",
@@ -130,6 +169,7 @@ impl Plane {
 
     /// Deploys `examples/hello` under another application name.
     pub async fn deploy_hello_as(&self, app: &str, options: FunctionOptions) -> Result<()> {
+        venv(); // The real worker runs it: fail here without the venv.
         client::deploy(
             &self.url,
             "default",
@@ -145,6 +185,7 @@ impl Plane {
     /// Deploys `examples/compose` (nested calls, map/reduce, tail calls,
     /// futures, request state) as application `compose`.
     pub async fn deploy_compose(&self, options: FunctionOptions) -> Result<()> {
+        venv(); // The real worker runs it: fail here without the venv.
         client::deploy(
             &self.url,
             "default",
