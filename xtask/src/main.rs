@@ -9,8 +9,10 @@
 //!   (`crates/bench`) against the reference executor; the table also goes to
 //!   `target/bench/results.md`. Not part of `test`. `cargo xtask bench
 //!   --help` lists the harness's flags.
+//! - `cargo xtask fuzz [--seeds N]`: the hostile-worker fuzz test
+//!   (`tests/worker_fuzz.rs`) with many seeds; `test` runs 40.
 //!
-//! Each creates `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
+//! Demo, test and bench create `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
 //!
 //! SIGINT or SIGTERM stops what xtask started, newest first, and nothing is
 //! left running: the demo's agent before its dev control plane, the bench
@@ -66,6 +68,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The hostile-worker fuzz test with many seeds (CI runs 40)
+    Fuzz {
+        /// How many seeds of the fake worker's `fuzz` function to run
+        #[arg(long, default_value_t = 2000)]
+        seeds: u64,
+    },
     /// Creates `.venv` with the pinned packages and prints its path
     Venv,
 }
@@ -80,6 +88,7 @@ fn main() -> ExitCode {
         Task::Demo { once } => demo(once),
         Task::Test { args } => test(&args),
         Task::Bench { args } => bench(&args),
+        Task::Fuzz { seeds } => fuzz(seeds),
         Task::Venv => ensure_venv().map(|p| println!("{}", p.display())),
     };
     if STOPPING.load(Ordering::SeqCst) {
@@ -257,6 +266,23 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--all-targets", "--all-features"])
         .args(extra)
         .env("STEWARD_VENV", &venv))
+}
+
+fn fuzz(seeds: u64) -> Result<()> {
+    run(cargo()
+        .current_dir(root())
+        .args(["build", "--workspace", "--bins", "--all-features"]))?;
+    run(cargo()
+        .current_dir(root())
+        .args([
+            "test",
+            "--all-features",
+            "--test",
+            "worker_fuzz",
+            "--",
+            "--nocapture",
+        ])
+        .env("STEWARD_FUZZ_SEEDS", seeds.to_string()))
 }
 
 fn bench(extra: &[String]) -> Result<()> {
