@@ -598,6 +598,69 @@ async fn reconcile_mean_ms(proc: &AgentProc, agent: Agent) -> Option<f64> {
     (count > 0.0).then(|| sum / count * 1000.0)
 }
 
+/// The upper bound, in ms, of the bucket holding the largest observation of
+/// histogram `name` (OpenMetrics text; buckets are cumulative).
+fn histogram_max_ms(text: &str, name: &str) -> Option<f64> {
+    let count: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_count ")))?
+        .trim()
+        .parse()
+        .ok()?;
+    let prefix = format!("{name}_bucket{{le=\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, n) = rest.split_once("\"} ")?;
+            Some((le.parse::<f64>().ok()?, n.trim().parse::<f64>().ok()?))
+        })
+        .filter(|(_, n)| *n >= count)
+        .map(|(le, _)| le * 1000.0)
+        .reduce(f64::min)
+}
+
+/// Mean, in ms, of histogram `name`.
+fn histogram_mean_ms(text: &str, name: &str) -> Option<f64> {
+    let value = |suffix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{suffix} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let (sum, count) = (value("_sum")?, value("_count")?);
+    (count > 0.0).then(|| sum / count * 1000.0)
+}
+
+/// Steward only: how long reconcile passes hold the state lock, next to
+/// how long whole passes take (which is what the lock was held for before
+/// admission moved out of it).
+async fn lock_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
+    let text = reqwest::get(format!("{}/monitoring/metrics", proc.monitoring))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let pass = "steward_reconciliation_latency_seconds";
+    let lock = "steward_reconcile_lock_hold_seconds";
+    for (what, name) in [
+        ("whole reconcile pass", pass),
+        ("state-lock hold of a pass", lock),
+    ] {
+        if let Some(ms) = histogram_max_ms(&text, name) {
+            t.add(
+                &format!("{label}: longest {what} (bucket bound)"),
+                "ms",
+                Agent::Steward,
+                ms,
+            );
+        }
+        if let Some(ms) = histogram_mean_ms(&text, name) {
+            t.add(&format!("{label}: mean {what}"), "ms", Agent::Steward, ms);
+        }
+    }
+    Some(())
+}
+
 /// 200 workers and 20,000 allocations in the desired state (fake worker).
 async fn scale(
     env: &Env,
@@ -663,6 +726,9 @@ async fn scale(
     }
     if let Some(ms) = reconcile_mean_ms(&proc, agent).await {
         t.add(&format!("{label}: mean reconcile pass"), "ms", agent, ms);
+    }
+    if agent == Agent::Steward {
+        lock_rows(&proc, &label, t).await;
     }
     t.add(
         &format!("{label}: agent peak memory"),

@@ -185,6 +185,9 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
     let mut fast = unreachable_backoff();
     let mut failing;
     loop {
+        if cancel.is_cancelled() {
+            return;
+        }
         let (request, carried) = build_request(&shared);
         let started = Instant::now();
         shared.metrics.state_reports.inc();
@@ -192,11 +195,11 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
             .metrics
             .state_report_size
             .observe(request.encoded_len() as f64);
+        // A report in flight is finished (bounded by its deadline), never
+        // dropped on shutdown: a dropped one can still reach the server
+        // after the final STOPPED report and undo it.
         let call = client.report_executor_state(request.clone());
-        let outcome = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(REPORT_RPC_TIMEOUT, call) => r,
-        };
+        let outcome = tokio::time::timeout(REPORT_RPC_TIMEOUT, call).await;
         shared
             .metrics
             .state_report_latency

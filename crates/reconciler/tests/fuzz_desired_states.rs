@@ -21,7 +21,7 @@
 //!   desired throughout, running, and not a leftover of an earlier one),
 //!   an allocation has the outcome its function gives;
 //! - once nothing is desired and after shutdown: every allocation ever
-//!   desired has exactly one result, and a final report said STOPPED.
+//!   desired has exactly one result, and the last report said STOPPED.
 //!
 //! Some steps are not left to settle before the next, so removals race
 //! startups and cancellations race running allocations.
@@ -837,11 +837,11 @@ async fn run_async(sc: &Scenario) -> Result<Tally, String> {
             return Err(format!("after shutdown, allocation {id} has {n} results"));
         }
     }
-    // Not necessarily the last report heard: a report in flight when the
-    // report loop is cancelled can still reach the server after it.
+    // The last report the server heard: a report in flight at shutdown is
+    // finished before the final one, never left to arrive after it.
     let statuses = heard.lock().statuses.clone();
-    if !statuses.contains(&(pb::ExecutorStatus::Stopped as i32)) {
-        return Err(format!("no report said STOPPED: {statuses:?}"));
+    if statuses.last() != Some(&(pb::ExecutorStatus::Stopped as i32)) {
+        return Err(format!("the last report did not say STOPPED: {statuses:?}"));
     }
     server.abort();
     tally.outcomes = seen

@@ -315,14 +315,16 @@ impl Controller {
                 }
             }
         }
-        // Shutdown: stop the worker, report what it was doing.
+        // Shutdown: keep what already finished, stop the worker, and report
+        // the rest terminated (a task that fails because the worker is gone
+        // is not an error of its function).
+        self.collect_finished();
+        self.tasks.abort_all();
         if let Some(mut live) = self.live.take() {
             live.process
                 .stop(self.shared.config.function_executor_stop_grace)
                 .await;
         }
-        self.collect_finished();
-        self.tasks.abort_all();
         for (_, r) in std::mem::take(&mut self.running) {
             self.shared.push_result(failed_result(
                 &r.alloc,
