@@ -41,7 +41,8 @@ fn unreachable_backoff() -> backon::ExponentialBackoff {
     use backon::BackoffBuilder;
     backon::ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(1))
+        // Jitter may double a wait: at most 1 s between tries.
+        .with_max_delay(Duration::from_millis(500))
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
@@ -57,9 +58,14 @@ enum Failure {
     Refused,
 }
 
+/// Transport failures (refused or reset connections, a server going away
+/// mid-call) come back as UNAVAILABLE, UNKNOWN or CANCELLED; anything else
+/// is the server's own answer.
 fn classify(status: &tonic::Status) -> Failure {
     match status.code() {
-        tonic::Code::Unavailable => Failure::Unreachable,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            Failure::Unreachable
+        }
         _ => Failure::Refused,
     }
 }
@@ -210,8 +216,10 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
                 classify(&status),
                 format!("{}: {}", status.code(), status.message()),
             )),
+            // A server that takes the call and never answers is not one
+            // that refused it: no long backoff either.
             Err(_) => Some((
-                Failure::Refused,
+                Failure::Unreachable,
                 format!("no answer within {}s", REPORT_RPC_TIMEOUT.as_secs()),
             )),
         };
