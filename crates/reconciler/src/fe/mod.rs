@@ -157,6 +157,9 @@ struct Controller {
     tasks: JoinSet<(String, AllocOutcome)>,
     live: Option<Live>,
     terminated: bool,
+    /// Why the worker never started, for allocations that reach it after
+    /// the startup failed (they race the failure; the reason is the same).
+    startup_failure: Option<pb::AllocationFailureReason>,
 }
 
 impl Controller {
@@ -170,6 +173,7 @@ impl Controller {
             tasks: JoinSet::new(),
             live: None,
             terminated: false,
+            startup_failure: None,
         }
     }
 
@@ -230,6 +234,7 @@ impl Controller {
                                 Reason::StartupFailedFunctionTimeout => pb::AllocationFailureReason::StartupFailedFunctionTimeout,
                                 _ => pb::AllocationFailureReason::StartupFailedInternalError,
                             };
+                            self.startup_failure = Some(startup_reason);
                             let blamed: Vec<String> = self.queue.iter().filter_map(|a| a.allocation_id.clone()).collect();
                             for a in std::mem::take(&mut self.queue) {
                                 self.shared.push_result(failed_result(&a, startup_reason, None));
@@ -278,7 +283,8 @@ impl Controller {
                     Some(FeCommand::Run(a)) => {
                         if self.terminated {
                             self.alloc_note(a.allocation_id.as_deref().unwrap_or(""), AllocPhase::Finished, "function executor is terminated");
-                            self.shared.push_result(failed_result(&a, pb::AllocationFailureReason::FunctionExecutorTerminated, None));
+                            let why = self.startup_failure.unwrap_or(pb::AllocationFailureReason::FunctionExecutorTerminated);
+                            self.shared.push_result(failed_result(&a, why, None));
                         } else {
                             self.queue.push_back(*a);
                         }
