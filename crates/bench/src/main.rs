@@ -72,6 +72,26 @@ impl Plane {
         })
     }
 
+    /// Stops the control plane and starts a fresh one on the same gRPC
+    /// address (a server restart: it knows no executor until one reports).
+    async fn restart(&mut self, down_for: Duration) -> Result<()> {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+        tokio::time::sleep(down_for).await;
+        let server = DevServer::start(DevServerConfig {
+            grpc_addr: self.grpc.clone(),
+            http_addr: "127.0.0.1:0".into(),
+            blob_dir: self.blob_dir.clone(),
+            s3_base: None,
+            s3: Default::default(),
+        })
+        .await?;
+        self.url = server.http_url();
+        self.server = Some(server);
+        Ok(())
+    }
+
     async fn stop(mut self) {
         if let Some(s) = self.server.take() {
             s.stop().await;
@@ -661,6 +681,30 @@ async fn lock_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
     Some(())
 }
 
+/// A control-plane restart with the server down for 8 s (as measured on
+/// the real server in issue 11): from the server's return to the agent's
+/// first report reaching it.
+async fn recovery(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
+    let mut plane = Plane::start().await?;
+    plane
+        .deploy(env, "examples/fake", "fake", &FunctionOptions::default())
+        .await?;
+    let proc = AgentProc::start(env, agent, &plane, Worker::Fake)?;
+    plane.wait_executor().await?;
+    plane.restart(Duration::from_secs(8)).await?;
+    let back = Instant::now();
+    plane.wait_executor().await?;
+    t.add(
+        "8. recovery: server back after 8 s down → first report received",
+        "s",
+        agent,
+        back.elapsed().as_secs_f64(),
+    );
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
 /// 200 workers and 20,000 allocations in the desired state (fake worker).
 async fn scale(
     env: &Env,
@@ -746,6 +790,7 @@ async fn scale(
 enum Scenario {
     Latency,
     Composed,
+    Recovery,
     Throughput,
     Scale,
 }
@@ -854,6 +899,11 @@ async fn run(cli: Cli) -> Result<()> {
                 && let Err(e) = composed(&env, agent, composed_runs, &mut t).await
             {
                 t.fail("7. composed", agent, &e.to_string());
+            }
+            if wanted(Scenario::Recovery)
+                && let Err(e) = recovery(&env, agent, &mut t).await
+            {
+                t.fail("8. recovery", agent, &e.to_string());
             }
             if wanted(Scenario::Throughput)
                 && let Err(e) = throughput(&env, agent, &mut t).await
