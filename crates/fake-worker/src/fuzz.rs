@@ -82,7 +82,7 @@ fn value(rng: &mut Rng) -> fe::SerializedObjectInsideBlob {
     fe::SerializedObjectInsideBlob {
         manifest: rng.chance(80).then(|| fe::SerializedObjectManifest {
             encoding: Some(rng.below(8) as i32),
-            encoding_version: Some(rng.below(3) as u64),
+            encoding_version: Some(rng.below(3)),
             size: Some(rng.size()),
             metadata_size: Some(rng.size()),
             sha256_hash: rng.id(),

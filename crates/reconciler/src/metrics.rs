@@ -54,8 +54,11 @@ pub struct Metrics {
     pub function_call_watches: Gauge,
     pub function_call_results: Family<Labels, Counter>,
     pub request_state_operations: Family<Labels, Counter>,
-    extra: parking_lot::Mutex<Vec<Box<dyn Fn(&mut String) + Send + Sync>>>,
+    extra: parking_lot::Mutex<Vec<ExtraWriter>>,
 }
+
+/// Writes further OpenMetrics families on every scrape.
+type ExtraWriter = Box<dyn Fn(&mut String) + Send + Sync>;
 
 impl Metrics {
     /// Registers everything under the `steward` prefix; `version` and

@@ -220,7 +220,9 @@ pub(crate) mod tests {
     fn accepts_good_and_names_the_bad_field() {
         assert_eq!(validate_function_executor(&good_fe()), Ok(()));
         let mut d = good_fe();
-        d.function.as_mut().map(|f| f.function_name = None);
+        if let Some(f) = d.function.as_mut() {
+            f.function_name = None;
+        }
         let e = validate_function_executor(&d).expect_err("no fn name");
         assert_eq!(
             e.message,
@@ -244,9 +246,9 @@ pub(crate) mod tests {
             "invalid_concurrency"
         );
         let mut d = good_fe();
-        d.application
-            .as_mut()
-            .map(|a| a.uri = Some("nowhere".into()));
+        if let Some(a) = d.application.as_mut() {
+            a.uri = Some("nowhere".into());
+        }
         assert_eq!(
             validate_function_executor(&d).expect_err("uri").code,
             "invalid_uri"
@@ -361,20 +363,22 @@ mod admission_tests {
             gpu: None,
         };
         let mut d = tests::good_fe();
-        d.application
-            .as_mut()
-            .map(|a| a.uri = Some(format!("file://{}/code.zip", root.path().display())));
+        if let Some(a) = d.application.as_mut() {
+            a.uri = Some(format!("file://{}/code.zip", root.path().display()));
+        }
         assert_eq!(admit_function_executor(&d, &host, &blobs), Ok(()));
-        d.resources.as_mut().map(|r| r.cpu_ms_per_sec = Some(2500));
+        if let Some(r) = d.resources.as_mut() {
+            r.cpu_ms_per_sec = Some(2500);
+        }
         let e = admit_function_executor(&d, &host, &blobs).expect_err("3 cpus");
         assert_eq!(
             e.message,
             "function executor asks for 3 CPU(s) but this host gives workers at most 2"
         );
         let mut d = tests::good_fe();
-        d.application
-            .as_mut()
-            .map(|a| a.uri = Some("file:///etc/shadow".into()));
+        if let Some(a) = d.application.as_mut() {
+            a.uri = Some("file:///etc/shadow".into());
+        }
         assert_eq!(
             admit_function_executor(&d, &host, &blobs)
                 .expect_err("escape")
