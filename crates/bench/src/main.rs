@@ -596,26 +596,23 @@ async fn composed(env: &Env, agent: Agent, runs: usize, t: &mut Table) -> Result
     Ok(())
 }
 
-/// Mean reconcile pass time from an agent's own metrics, in ms.
-async fn reconcile_mean_ms(proc: &AgentProc, agent: Agent) -> Option<f64> {
-    let text = reqwest::get(format!("{}/monitoring/metrics", proc.monitoring))
+/// The agent's `/monitoring/metrics` text.
+async fn metrics_text(proc: &AgentProc) -> Option<String> {
+    reqwest::get(format!("{}/monitoring/metrics", proc.monitoring))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// Mean reconcile pass time from an agent's own metrics, in ms.
+async fn reconcile_mean_ms(proc: &AgentProc, agent: Agent) -> Option<f64> {
     let name = match agent {
         Agent::Steward => "steward_reconciliation_latency_seconds",
         Agent::Reference => "state_reconciliation_latency_seconds",
     };
-    let value = |suffix: &str| {
-        text.lines()
-            .find(|l| l.starts_with(&format!("{name}{suffix}")))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    let (sum, count) = (value("_sum")?, value("_count")?);
-    (count > 0.0).then(|| sum / count * 1000.0)
+    histogram_mean_ms(&metrics_text(proc).await?, name)
 }
 
 /// The upper bound, in ms, of the bucket holding the largest observation of
@@ -654,12 +651,7 @@ fn histogram_mean_ms(text: &str, name: &str) -> Option<f64> {
 /// how long whole passes take (which is what the lock was held for before
 /// admission moved out of it).
 async fn lock_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
-    let text = reqwest::get(format!("{}/monitoring/metrics", proc.monitoring))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = metrics_text(proc).await?;
     let pass = "steward_reconciliation_latency_seconds";
     let lock = "steward_reconcile_lock_hold_seconds";
     for (what, name) in [
