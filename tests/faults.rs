@@ -547,3 +547,31 @@ async fn a_huge_output_request_fails_only_its_allocation() -> Result<()> {
     plane.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_message_over_the_limit_fails_only_its_allocation() -> Result<()> {
+    let (plane, steward) = fake_setup(
+        FunctionOptions::default(),
+        &["--max-worker-message-bytes", "1048576"],
+    )
+    .await?;
+    let out = plane.invoke_app("fake", "huge_state", json!("x")).await?;
+    assert_eq!(
+        (out.status.as_str(), out.failure_reason.as_deref()),
+        ("failure", Some("FUNCTION_ERROR")),
+        "{out:?}"
+    );
+    let t = plane.wait_termination("huge_state").await?;
+    assert_eq!(t["reason"], json!("UNHEALTHY"), "{t}");
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(
+        events.to_string().contains("too large"),
+        "the failure names the size limit: {events}"
+    );
+    let ok = plane
+        .invoke_app("fake", "echo", json!("still here"))
+        .await?;
+    assert_eq!(ok.output, Some(json!("still here")), "{ok:?}");
+    plane.stop().await;
+    Ok(())
+}

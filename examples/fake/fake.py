@@ -83,3 +83,9 @@ def huge_output(x: str) -> str:
 @function()
 def fuzz(seed: int) -> str:
     """Publishes hostile allocation states chosen by the seed, then a random result."""
+
+
+@application()
+@function()
+def huge_state(x: str) -> str:
+    """Publishes one 2 MiB allocation state, then never finishes."""

@@ -5,7 +5,8 @@
 //! function's name (see `examples/fake/fake.py`): `echo`, `noop`, `fail`,
 //! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`,
 //! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request),
-//! `fuzz` (hostile allocation states from a seed; see `fuzz.rs`).
+//! `fuzz` (hostile allocation states from a seed; see `fuzz.rs`), `huge_state`
+//! (a 2 MiB allocation state).
 //! Outputs go through the real output-blob protocol (`file://` blobs).
 //!
 //! Used where a real worker cannot misbehave on demand (fault tests) and
@@ -151,6 +152,28 @@ impl Worker {
                 });
             }
             ("hang", _) => return std::future::pending().await,
+            ("huge_state", _) => {
+                // One allocation state of 2 MiB (a call's metadata), then silence.
+                self.publish(&id, |s| {
+                    s.function_calls.push(fe::AllocationFunctionCall {
+                        id: Some("big".into()),
+                        updates: Some(fe::ExecutionPlanUpdates {
+                            updates: vec![fe::ExecutionPlanUpdate {
+                                op: Some(fe::execution_plan_update::Op::FunctionCall(
+                                    fe::FunctionCall {
+                                        call_metadata: Some(vec![7; 2 << 20]),
+                                        ..Default::default()
+                                    },
+                                )),
+                            }],
+                            root_function_call_id: Some("big".into()),
+                            start_at: None,
+                        }),
+                        args_blob: None,
+                    })
+                });
+                return std::future::pending().await;
+            }
             ("fuzz", Ok(input)) => {
                 let seed = String::from_utf8_lossy(&input).trim().parse().unwrap_or(0);
                 let mut rng = fuzz::Rng::new(seed);
