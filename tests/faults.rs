@@ -328,8 +328,11 @@ async fn results_are_kept_through_an_outage_and_delivered_after() -> Result<()> 
     ];
     let steward = AgentProc::steward(&grpc, plane.blob_dir.path(), &args)?;
     plane.wait_executors(1).await?;
+    // The function finishes only when the test opens its gate, during the outage.
+    let gate_dir = tempfile::tempdir()?;
+    let gate = gate_dir.path().join("open");
     let _id = plane
-        .start_request("fake", "sleep_1500", json!("late"))
+        .start_request("fake", "gate", json!(gate.to_string_lossy()))
         .await?;
     steward
         .wait_json("/state/allocations", Duration::from_secs(30), |_, v| {
@@ -345,6 +348,7 @@ async fn results_are_kept_through_an_outage_and_delivered_after() -> Result<()> 
 
     // The server goes away while the function runs; the result waits in Steward.
     let blobs = plane.stop_keep_blobs().await;
+    std::fs::write(&gate, b"")?;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let m = steward.metrics().await?;

@@ -89,3 +89,9 @@ def fuzz(seed: int) -> str:
 @function()
 def huge_state(x: str) -> str:
     """Publishes one 2 MiB allocation state, then never finishes."""
+
+
+@application()
+@function()
+def gate(path: str) -> str:
+    """Returns its input once the file it names exists (tests open the gate)."""

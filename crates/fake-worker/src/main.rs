@@ -6,7 +6,7 @@
 //! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`,
 //! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request),
 //! `fuzz` (hostile allocation states from a seed; see `fuzz.rs`), `huge_state`
-//! (a 2 MiB allocation state).
+//! (a 2 MiB allocation state), `gate` (finishes once the file its input names exists).
 //! Outputs go through the real output-blob protocol (`file://` blobs).
 //!
 //! Used where a real worker cannot misbehave on demand (fault tests) and
@@ -204,6 +204,17 @@ impl Worker {
                         ..Default::default()
                     })
                 });
+            }
+            ("gate", Ok(input)) => {
+                // Finishes once the file named by its (JSON string) input exists.
+                let path = String::from_utf8_lossy(&input)
+                    .trim()
+                    .trim_matches('"')
+                    .to_string();
+                while !std::path::Path::new(&path).exists() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                input
             }
             (f, Ok(input)) => {
                 if let Some(ms) = f.strip_prefix("sleep_").and_then(|m| m.parse::<u64>().ok()) {
