@@ -83,7 +83,11 @@ pub(crate) enum Routed {
 pub(crate) struct WatchRegistry {
     reported: BTreeMap<WatchTuple, usize>,
     waiters: HashMap<RouteKey, Vec<Waiter>>,
-    early: VecDeque<(RouteKey, pb::FunctionCallResult)>,
+    /// Results nobody waited for yet, and their arrival order (oldest
+    /// first) for eviction. Every desired state repeats watched results,
+    /// so a known key costs one lookup.
+    early: HashMap<RouteKey, pb::FunctionCallResult>,
+    early_order: VecDeque<RouteKey>,
 }
 
 /// Only a terminal result is routed: FAILURE, or SUCCESS with its value.
@@ -108,7 +112,7 @@ impl WatchRegistry {
         *count += 1;
         let changed = *count == 1;
         let key = RouteKey::of_watch(watch);
-        if let Some((_, r)) = self.early.iter().find(|(k, _)| *k == key) {
+        if let Some(r) = self.early.get(&key) {
             return (changed, Some(r.clone()));
         }
         self.waiters.entry(key).or_default().push(waiter);
@@ -166,11 +170,16 @@ impl WatchRegistry {
         if sent > 0 {
             return Routed::Delivered(sent);
         }
-        self.early.retain(|(k, _)| *k != key);
-        if self.early.len() >= EARLY_RESULTS_LIMIT {
-            self.early.pop_front();
+        if self.early.contains_key(&key) {
+            return Routed::Kept;
         }
-        self.early.push_back((key, result.clone()));
+        if self.early_order.len() >= EARLY_RESULTS_LIMIT
+            && let Some(oldest) = self.early_order.pop_front()
+        {
+            self.early.remove(&oldest);
+        }
+        self.early_order.push_back(key.clone());
+        self.early.insert(key, result.clone());
         Routed::Kept
     }
 
