@@ -310,6 +310,26 @@ impl AgentProc {
         (ticks(11) + ticks(12)) / clock_ticks()
     }
 
+    /// Context switches (voluntary + involuntary) of the agent's live
+    /// threads so far, from `/proc/<pid>/task/*/status` (threads that
+    /// already exited are not counted).
+    fn context_switches(&self) -> f64 {
+        let dir = format!("/proc/{}/task", self.child.id());
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .flat_map(|status| {
+                status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// (current RSS, peak RSS) in MiB.
     fn rss_mib(&self) -> (f64, f64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -522,6 +542,7 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
         plane.invoke(app, "noop", json!("warm")).await?;
     }
     let cpu0 = proc.cpu_seconds();
+    let switches0 = proc.context_switches();
     let started = Instant::now();
     for app in apps {
         plane.batch(app, "noop", 500).await?;
@@ -529,6 +550,12 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
     plane.drain(Duration::from_secs(300)).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = proc.cpu_seconds() - cpu0;
+    t.add(
+        "4. agent context switches per allocation",
+        "switches",
+        agent,
+        (proc.context_switches() - switches0) / 2000.0,
+    );
     let (_, peak_rss) = proc.rss_mib();
     t.add(
         "2. throughput: 2,000 allocations, 4 workers × max_concurrency 8",
