@@ -498,6 +498,16 @@ struct Runner<'a> {
     answered: HashSet<String>,
     watchers: Watchers,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
+    /// Nested calls on their way to the server (made on first use).
+    calls: Option<calls::Sender>,
+}
+
+/// The next outcome of a nested call, if any are in flight.
+async fn next_call(calls: &mut Option<calls::Sender>) -> (String, Result<(), calls::Refused>) {
+    match calls {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl<'a> Runner<'a> {
@@ -521,6 +531,7 @@ impl<'a> Runner<'a> {
             answered: HashSet::new(),
             watchers,
             deliveries,
+            calls: None,
         }
     }
 
@@ -548,9 +559,15 @@ impl<'a> Runner<'a> {
         );
         let mut last_progress: Option<(u32, u32)> = None;
         let result = loop {
-            clock.waiting(self.watchers.pending());
+            // The function waits on the agent or the server, not on itself.
+            let calls_busy = self.calls.as_ref().is_some_and(calls::Sender::busy);
+            clock.waiting(self.watchers.pending() || calls_busy);
             let next = tokio::select! {
                 m = stream.message() => m,
+                (id, outcome) = next_call(&mut self.calls) => {
+                    self.answer_call(id, outcome).await?;
+                    continue;
+                }
                 Some(d) = self.deliveries.recv() => {
                     let started = tokio::time::Instant::now();
                     self.deliver(d).await?;
@@ -696,8 +713,9 @@ impl<'a> Runner<'a> {
             .await
     }
 
-    /// Forwards a nested call to the server and tells the worker whether it
-    /// was created.
+    /// Queues a nested call for the server (the worker hears whether it was
+    /// created when the server answers); a call that cannot even be sent is
+    /// refused at once.
     async fn function_call(&mut self, call: &fe_pb::AllocationFunctionCall) -> Result<(), Driven> {
         let id = call
             .id
@@ -711,11 +729,24 @@ impl<'a> Runner<'a> {
         if !self.answered.insert(format!("call:{id}")) {
             return Ok(());
         }
-        let outcome =
-            match calls::prepare(&self.shared, self.alloc, call, &mut self.uploads.map).await {
-                Ok(request) => calls::send(&self.shared, request).await,
-                Err(refused) => Err(refused),
-            };
+        match calls::prepare(&self.shared, self.alloc, call, &mut self.uploads.map).await {
+            Ok(request) => {
+                let shared = &self.shared;
+                self.calls
+                    .get_or_insert_with(|| calls::Sender::new(shared.clone()))
+                    .push(id, request);
+                Ok(())
+            }
+            Err(refused) => self.answer_call(id, Err(refused)).await,
+        }
+    }
+
+    /// Tells the worker whether its call was created.
+    async fn answer_call(
+        &mut self,
+        id: String,
+        outcome: Result<(), calls::Refused>,
+    ) -> Result<(), Driven> {
         let status = match outcome {
             Ok(()) => status(0, ""),
             Err(r) => {

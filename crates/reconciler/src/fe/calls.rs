@@ -6,7 +6,9 @@
 //! INTERNAL) are retried with backoff, and a definite refusal goes back to
 //! the worker as a failed creation result carrying the server's message,
 //! so user code raises instead of waiting forever. Calls of one allocation
-//! are made one after another, in the order the worker created them.
+//! are made one after another, in the order the worker created them, by a
+//! [`Sender`] of their own, so an allocation keeps serving its worker's
+//! other requests while a call waits out a server outage.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +42,64 @@ impl Refused {
         Refused {
             code: CODE_INTERNAL,
             message: message.into(),
+        }
+    }
+}
+
+/// One allocation's calls on their way to the server, in order; outcomes
+/// come back as (allocation function call id, outcome). Dropping it stops
+/// the calls not yet sent.
+pub(crate) struct Sender {
+    queue: tokio::sync::mpsc::UnboundedSender<(String, pb::FunctionCallRequest)>,
+    done: tokio::sync::mpsc::UnboundedReceiver<(String, Result<(), Refused>)>,
+    /// Calls sent to the sender whose outcome has not been taken yet.
+    pending: usize,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl Sender {
+    pub fn new(shared: Arc<Shared>) -> Sender {
+        let (queue, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some((id, request)) = requests.recv().await {
+                let outcome = send(&shared, request).await;
+                if done_tx.send((id, outcome)).is_err() {
+                    return;
+                }
+            }
+        });
+        Sender {
+            queue,
+            done,
+            pending: 0,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Queues a call behind the ones already queued.
+    pub fn push(&mut self, id: String, request: pb::FunctionCallRequest) {
+        if self.queue.send((id, request)).is_ok() {
+            self.pending += 1;
+        }
+    }
+
+    /// Whether a call still waits for the server's answer.
+    pub fn busy(&self) -> bool {
+        self.pending > 0
+    }
+
+    /// The next call outcome; never resolves while nothing is pending.
+    pub async fn next(&mut self) -> (String, Result<(), Refused>) {
+        if self.pending == 0 {
+            return std::future::pending().await;
+        }
+        match self.done.recv().await {
+            Some(outcome) => {
+                self.pending -= 1;
+                outcome
+            }
+            None => std::future::pending().await,
         }
     }
 }
