@@ -51,14 +51,11 @@ struct OpenUploads {
 
 impl OpenUploads {
     /// Hands the output uploads to the caller, who now completes or aborts
-    /// them; uncommitted state writes are among them, under their op ids.
+    /// them. Uncommitted state writes stay here and are aborted when the
+    /// guard goes (they never share a namespace with the worker's blob ids).
     fn disarm(&mut self) -> HashMap<String, Upload> {
         self.request_error = None;
-        let mut all = std::mem::take(&mut self.map);
-        for (id, up) in self.state_writes.drain() {
-            all.insert(format!("state-write:{id}"), up);
-        }
-        all
+        std::mem::take(&mut self.map)
     }
 }
 
