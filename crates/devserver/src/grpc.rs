@@ -40,12 +40,17 @@ impl ExecutorApi for Api {
         request: Request<pb::GetDesiredExecutorStatesRequest>,
     ) -> Result<Response<DesiredStream>, Status> {
         let id = request.into_inner().executor_id.unwrap_or_default();
-        let (rx, cut) = self.sched.subscribe(&id).ok_or_else(|| {
+        let sub = self.sched.subscribe(&id).ok_or_else(|| {
             Status::not_found(format!(
                 "executor {id:?} is not registered; report state first"
             ))
         })?;
-        let stream = tokio_stream::StreamExt::map(WatchStream::new(rx), Ok);
+        let (sent, cut) = (sub.sent, sub.cut);
+        // Latest state only, as the real server's watch channel.
+        let stream = tokio_stream::StreamExt::map(WatchStream::new(sub.desired), move |d| {
+            sent.count();
+            Ok(d)
+        });
         // Streams end when the server stops or the stream is cut on purpose.
         let server_stop = self.cancel.clone();
         let ended = async move {

@@ -9,6 +9,8 @@
 //! Placement and desired states are in `placement.rs`.
 //! Must not know about: the agent's internals, worker processes, HTTP routes.
 
+#[cfg(test)]
+mod fidelity_tests;
 mod placement;
 mod report;
 #[cfg(test)]
@@ -17,6 +19,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -39,7 +42,10 @@ const EXECUTOR_TTL: Duration = Duration::from_secs(30);
 /// Most runs (and waiting calls) one `/runs` listing shows.
 const RUNS_LISTING_LIMIT: usize = 1000;
 
-/// Per-application settings for the function executors it gets.
+/// Per-application settings for the function executors it gets. The
+/// defaults are what Indexify server v0.3.15 gives a function that asks for
+/// nothing: 1 CPU, 1 GiB of memory, 2 GiB of disk, no GPU, concurrency 1 and
+/// 300 s initialization and allocation timeouts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FunctionOptions {
     pub cpu_ms_per_sec: u32,
@@ -56,7 +62,7 @@ impl Default for FunctionOptions {
         FunctionOptions {
             cpu_ms_per_sec: 1000,
             memory_bytes: 1 << 30,
-            disk_bytes: 1 << 30,
+            disk_bytes: 2 << 30,
             gpus: 0,
             max_concurrency: 1,
             initialization_timeout_ms: 300_000,
@@ -124,6 +130,34 @@ struct Executor {
     stream_cut: CancellationToken,
     /// The function calls it waits for, as last reported.
     watches: BTreeSet<Watch>,
+    /// Desired states published to it (each a full state with a new clock).
+    published: u64,
+    /// Messages its desired-state streams wrote (the watch channel keeps
+    /// only the latest state, so a slow reader skips some publishes).
+    sent: Arc<AtomicU64>,
+}
+
+/// What `get_desired_executor_states` streams from.
+pub(crate) struct Subscription {
+    pub desired: watch::Receiver<pb::DesiredExecutorState>,
+    /// Cancelled to end the stream.
+    pub cut: CancellationToken,
+    pub sent: SentCounter,
+}
+
+/// Counts desired-state messages written to an executor's stream.
+#[derive(Clone)]
+pub(crate) struct SentCounter {
+    executor: Arc<AtomicU64>,
+    all: Arc<AtomicU64>,
+}
+
+impl SentCounter {
+    /// Records one message written.
+    pub fn count(&self) {
+        self.executor.fetch_add(1, Ordering::Relaxed);
+        self.all.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 struct App {
@@ -177,6 +211,12 @@ struct Inner {
     log_terminations: Vec<serde_json::Value>,
     /// Placement-to-RUNNING times of workers, in milliseconds.
     cold_starts_ms: Vec<f64>,
+    /// Cumulative counts since start, over every executor that ever
+    /// registered: desired states published, allocations put into a desired
+    /// state, and desired-state messages written to streams.
+    desired_states_published: u64,
+    allocations_created: u64,
+    desired_states_sent: Arc<AtomicU64>,
 }
 
 /// What one operation changed beyond the request it touched.
@@ -424,7 +464,7 @@ impl Scheduler {
             uri: Some(uri.clone()),
             encoding: Some(pb::DataPayloadEncoding::BinaryZip as i32),
             encoding_version: Some(0),
-            content_type: None,
+            content_type: Some("application/zip".into()),
             metadata_size: Some(0),
             offset: Some(0),
             size: Some(size),
@@ -518,7 +558,7 @@ impl Scheduler {
             size: Some(size),
             sha256_hash: Some(sha),
             source_function_call_id: None,
-            id: Some(id()),
+            id: None,
         };
         let mut inner = self.inner.lock();
         let mut ids = Vec::with_capacity(count);
@@ -530,7 +570,11 @@ impl Scheduler {
                 function,
                 &version,
                 &request_id,
-                arg.clone(),
+                // The real server names a request's input after the request.
+                pb::DataPayload {
+                    id: Some(request_id.clone()),
+                    ..arg.clone()
+                },
             );
             inner.allocations.insert(
                 request
@@ -554,7 +598,9 @@ impl Scheduler {
         Ok(ids)
     }
 
-    /// A request whose root run calls `function` with `arg`.
+    /// A request whose root run calls `function` with `arg`. Its allocation
+    /// has the real server's shape: no application version in `function`,
+    /// empty call metadata, and one prefix for request data and errors.
     fn new_request(
         &self,
         namespace: &str,
@@ -564,19 +610,22 @@ impl Scheduler {
         request_id: &str,
         arg: pb::DataPayload,
     ) -> Request {
+        // The real server's `{blob store}/{ns}/{app}/{request id}` for both,
+        // under `requests/`.
+        let prefix = self.uri(&format!("requests/{namespace}/{application}/{request_id}"));
         let template = AllocationTemplate {
             namespace: namespace.into(),
             application: application.into(),
             request_id: request_id.into(),
-            data_prefix: self.uri(&format!("requests/{request_id}/data")),
-            error_prefix: self.uri(&format!("requests/{request_id}/error")),
+            data_prefix: prefix.clone(),
+            error_prefix: prefix,
         };
         let allocation = pb::Allocation {
             function: Some(pb::FunctionRef {
                 namespace: Some(namespace.into()),
                 application_name: Some(application.into()),
                 function_name: Some(function.into()),
-                application_version: Some(version.into()),
+                application_version: None,
             }),
             allocation_id: Some(id()),
             function_call_id: Some(request_id.into()),
@@ -718,21 +767,24 @@ impl Scheduler {
         })
     }
 
-    /// The desired-state channel of a registered executor, and the token
-    /// that cuts its stream.
-    pub fn subscribe(
-        &self,
-        executor_id: &str,
-    ) -> Option<(watch::Receiver<pb::DesiredExecutorState>, CancellationToken)> {
+    /// The desired-state channel of a registered executor (a full state is
+    /// published first, as the real server sends one when a stream opens),
+    /// the token that cuts its stream, and the counters of messages sent.
+    pub fn subscribe(&self, executor_id: &str) -> Option<Subscription> {
         let mut inner = self.inner.lock();
         if !inner.executors.contains_key(executor_id) {
             return None;
         }
         inner.publish(executor_id);
-        inner
-            .executors
-            .get(executor_id)
-            .map(|e| (e.desired.subscribe(), e.stream_cut.clone()))
+        let all = inner.desired_states_sent.clone();
+        inner.executors.get(executor_id).map(|e| Subscription {
+            desired: e.desired.subscribe(),
+            cut: e.stream_cut.clone(),
+            sent: SentCounter {
+                executor: e.sent.clone(),
+                all,
+            },
+        })
     }
 
     pub fn outcome(&self, request_id: &str) -> Option<(RequestOutcome, watch::Receiver<bool>)> {
@@ -744,18 +796,38 @@ impl Scheduler {
     }
 
     /// Counts for benchmarks: requests by status, workers placed and running,
-    /// and every worker's placement-to-RUNNING time.
+    /// every worker's placement-to-RUNNING time, and the desired-state
+    /// cadence: `desired_states_published` (full states published, all
+    /// executors), `desired_states_sent` (messages the streams wrote; fewer
+    /// when a reader skipped superseded states), `allocations_created`, and
+    /// per registered executor `desired_states_by_executor`. The cadence
+    /// counts are cumulative since start (not reset by `forget_finished`);
+    /// messages per allocation is the difference of `desired_states_sent`
+    /// over the difference of `allocations_created`.
     pub fn stats(&self) -> serde_json::Value {
         let inner = self.inner.lock();
         let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
         for r in inner.requests.values() {
             *by_status.entry(r.outcome.status.as_str()).or_default() += 1;
         }
+        let by_executor: BTreeMap<&str, serde_json::Value> = inner
+            .executors
+            .iter()
+            .map(|(id, e)| {
+                let sent = e.sent.load(Ordering::Relaxed);
+                let v = serde_json::json!({"published": e.published, "sent": sent});
+                (id.as_str(), v)
+            })
+            .collect();
         serde_json::json!({
             "requests": by_status,
             "function_executors": inner.fes.len(),
             "function_executors_running": inner.fes.values().filter(|f| f.running_after.is_some()).count(),
             "cold_starts_ms": inner.cold_starts_ms,
+            "desired_states_published": inner.desired_states_published,
+            "desired_states_sent": inner.desired_states_sent.load(Ordering::Relaxed),
+            "allocations_created": inner.allocations_created,
+            "desired_states_by_executor": by_executor,
         })
     }
 

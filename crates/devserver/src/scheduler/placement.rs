@@ -102,6 +102,7 @@ impl Inner {
             return;
         };
         if let RunState::Unplaced { allocation } = &mut run.state {
+            self.allocations_created += 1;
             allocation.function_executor_id = Some(fe_id.to_string());
             let allocation = std::mem::take(allocation);
             run.state = RunState::Placed {
@@ -154,7 +155,8 @@ impl Inner {
             allocation_timeout_ms: Some(o.allocation_timeout_ms),
             sandbox_metadata: None,
             container_type: Some(pb::FunctionExecutorType::Function as i32),
-            pool_id: None,
+            // As the real server names a function's pool.
+            pool_id: Some(format!("fn:{}:{}:{}:{}", key.0, key.1, key.2, key.3)),
         };
         self.fes.insert(
             fe_id.clone(),
@@ -180,12 +182,14 @@ impl Inner {
         }
     }
 
-    /// Recomputes and sends `executor_id`'s desired state with a new clock.
+    /// Recomputes and sends `executor_id`'s full desired state with a new
+    /// clock (the stream delivers the latest one only), and counts it.
     pub(super) fn publish(&mut self, executor_id: &str) {
         if !self.executors.contains_key(executor_id) {
             return;
         }
         self.clock += 1;
+        self.desired_states_published += 1;
         let state = pb::DesiredExecutorState {
             function_executors: self
                 .fes
@@ -197,7 +201,8 @@ impl Inner {
             clock: Some(self.clock),
             function_call_results: self.results_for(executor_id),
         };
-        if let Some(e) = self.executors.get(executor_id) {
+        if let Some(e) = self.executors.get_mut(executor_id) {
+            e.published += 1;
             e.desired.send_replace(state);
         }
     }

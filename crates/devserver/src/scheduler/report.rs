@@ -156,6 +156,8 @@ impl Inner {
                 desired: watch::Sender::new(pb::DesiredExecutorState::default()),
                 stream_cut: CancellationToken::new(),
                 watches: BTreeSet::new(),
+                published: 0,
+                sent: Default::default(),
             });
         entry.state = state;
         entry.last_seen = Instant::now();
