@@ -17,7 +17,8 @@
 //!   "runs": [{"id", "function", "parent", "status" (waiting_for_args |
 //!   unplaced | running | withdrawn | completed), "outcome" (success |
 //!   failure | null), "failure_reason", "has_output", "child_function_call",
-//!   "allocation_id"}]}`.
+//!   "allocation_id"}]}`; "unplaced" is runnable but waiting for a free
+//!   slot on its worker.
 //! - `GET /v1/faults`, `POST /v1/faults` with `{"call_function": "ok" |
 //!   "refuse" | "drop"}`: fault injection. "refuse" answers every
 //!   `call_function` FAILED_PRECONDITION ("refused by fault injection"),

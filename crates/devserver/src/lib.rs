@@ -4,9 +4,10 @@
 //! (deploy, invoke, result, fault injection) and the client calls the CLI uses.
 //!
 //! Scheduling: one function executor per (application, function, version),
-//! placed on the least-loaded registered executor when first needed. A
-//! request is a set of function calls and function runs keyed by durable
-//! function call id, as in Indexify server v0.3.15: the root run (id = the
+//! placed on the least-loaded registered executor when first needed, and
+//! filled only up to its capacity (see "Capacity" below). A request is a
+//! set of function calls and function runs keyed by durable function call
+//! id, as in Indexify server v0.3.15: the root run (id = the
 //! request id) comes from the HTTP invocation; running functions add calls
 //! with `call_function` (nested calls, futures, `.map`; a `ReduceOp` becomes
 //! a left-fold chain) and with tail calls (`AllocationResult.updates`); a
@@ -42,30 +43,47 @@
 //!   for the root); one prefix, ending `{ns}/{app}/{request id}`, for both
 //!   request data and request errors.
 //!
+//! Capacity, as the real server's (`queue_size` 1): a function executor
+//! holds at most `max_concurrency × 1` allocations in the desired state.
+//! Further runnable runs stay pending at the server, in no desired state,
+//! one queue per function executor in the order they became runnable
+//! (functions do not wait for each other); a slot frees when its allocation
+//! leaves the desired state (a result, a cancel or undeploy, a failed
+//! request), and the oldest pending run takes it in the same published
+//! state that removes the finished allocation. A run that calls its own
+//! function waits for a slot like any other: with `max_concurrency` 1 a
+//! parent blocked on such a child waits for ever, as the real server's does
+//! once it cannot add a container.
+//!
 //! Cadence, as the real server's: every change that touches an executor
 //! publishes its full desired state with a higher clock (one clock for the
 //! whole server), through a `tokio::sync::watch` channel, so a stream sends
 //! the latest state only and a slow reader skips superseded ones. The
 //! changes: an allocation placed (invocation, `call_function`, a call whose
-//! arguments became ready), a result (its allocation removed, and the runs it
-//! made runnable placed, in the same state), a watched call's result, a
-//! worker terminated, a cancel or undeploy, an executor expired; and a stream
-//! opening gets a full state at once. `GET /v1/stats` counts them, cumulative
+//! arguments became ready, each when its worker has a free slot), a result
+//! (its allocation removed, and the pending runs that fit placed, in the
+//! same state), a watched call's result, a worker terminated, a cancel or
+//! undeploy, an executor expired; and a stream opening gets a full state at
+//! once. `GET /v1/stats` counts them, cumulative
 //! since start: `desired_states_published`, `desired_states_sent` (messages
 //! the streams wrote), `allocations_created`, and per executor
-//! `desired_states_by_executor`. For comparison, the real server sent about
-//! 1.9 messages per allocation (419 for 220 allocations, 2 workers, 16
+//! `desired_states_by_executor`; `runs_pending` counts the runs waiting at
+//! the server now. For comparison, the real server sent about 1.9 messages
+//! per allocation (419 for 220 allocations, 2 workers, 16
 //! requests in flight).
 //!
 //! Deliberate differences:
-//! - Placement: one function executor per (namespace, application,
-//!   function, version), and every ready run goes to it at once (the agent
-//!   queues what exceeds `max_concurrency`). The real server fills a
-//!   container only up to its capacity, keeps the rest pending and scales
-//!   containers, so under load it places allocations later, one result at a
-//!   time, and its messages per allocation can differ.
-//! - `POST .../batch?count=N` (benchmarks) places N requests with one
-//!   publish; the real server has no batch invocation.
+//! - No scale-out: one function executor per (namespace, application,
+//!   function, version). The real server adds containers for a function
+//!   whose containers are full (up to its `max_containers`, on any executor
+//!   with room); here pending runs wait for that one worker's slots. So
+//!   under load fewer allocations run at once than on the real server, and
+//!   a call to the caller's own full function waits (for ever, if the
+//!   caller blocks on it) where the real server would start another
+//!   container.
+//! - `POST .../batch?count=N` (benchmarks) starts N requests and places
+//!   those that fit with one publish; the real server has no batch
+//!   invocation.
 //! - Opening a stream publishes (the clock advances); the real server sends
 //!   its current state.
 //! - A new watch of a call that already finished republishes once; the real

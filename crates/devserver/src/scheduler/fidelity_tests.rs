@@ -395,16 +395,23 @@ async fn a_full_state_with_a_higher_clock_is_published_on_every_change() {
     let d = c.step(&p, "first invocation");
     assert_eq!(d.function_executors.len(), 1);
     assert!(p.allocation(&r1).is_some());
+    // The worker is full (max_concurrency 1): the second run waits at the
+    // server, and the executor hears nothing.
     let r2 = p.invoke("slow").await;
-    let d = c.step(&p, "second invocation");
-    assert_eq!(d.allocations.len(), 2, "full state, not a delta");
+    c.unchanged(&p, "invocation while the worker is full");
+    assert!(p.allocation(&r2).is_none());
 
-    // Result: published without the allocation; the rest stays.
+    // Result: published without its allocation and with the waiting run in
+    // the freed slot, in one state.
     p.succeed(&r1, vec![]).await;
-    let d = c.step(&p, "result");
+    let d = c.step(&p, "result that frees the slot");
     assert!(p.allocation(&r1).is_none());
     assert!(p.allocation(&r2).is_some());
-    assert_eq!(d.function_executors.len(), 1);
+    assert_eq!(
+        d.function_executors.len(),
+        1,
+        "full state: the unchanged worker is repeated"
+    );
 
     // A nested call that can run creates an allocation: published.
     p.call(&r2, &r2, "d1", None).await;

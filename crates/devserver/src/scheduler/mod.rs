@@ -177,6 +177,9 @@ struct Fe {
     placed_at: Instant,
     /// Placement to the first report saying RUNNING.
     running_after: Option<Duration>,
+    /// (request id, function call id) of the runs placed on it; those that
+    /// left the desired state are dropped when its load is counted.
+    placed: Vec<(String, String)>,
 }
 
 struct Request {
@@ -202,8 +205,9 @@ struct Inner {
     /// allocation id -> (request id, function call id), for every allocation
     /// whose result is still accepted.
     allocations: HashMap<String, (String, String)>,
-    /// Runs waiting for a function executor, oldest first.
-    unplaced: Vec<(String, String)>,
+    /// Runnable runs waiting for a slot on their function executor (or for
+    /// one to be created), oldest first.
+    pending: placement::Pending,
     faults: Faults,
     /// Every allocation result and worker termination the executors
     /// reported, for tests (bounded).
@@ -298,11 +302,18 @@ impl Inner {
         }
         if !req.withdrawn {
             for run_id in req.graph.create_ready_runs(&mut id) {
-                if let Some(run) = req.graph.run(&run_id) {
-                    self.allocations
-                        .insert(run.allocation_id.clone(), (rid.to_string(), run_id.clone()));
-                }
-                self.unplaced.push((rid.to_string(), run_id));
+                let Some(run) = req.graph.run(&run_id) else {
+                    continue;
+                };
+                self.allocations
+                    .insert(run.allocation_id.clone(), (rid.to_string(), run_id.clone()));
+                let key = (
+                    req.outcome.namespace.clone(),
+                    req.outcome.application.clone(),
+                    run.function.clone(),
+                    req.version.clone(),
+                );
+                self.pending.push(key, rid, &run_id);
             }
         }
         if let Some(v) = req.graph.verdict(req.withdrawn) {
@@ -528,7 +539,8 @@ impl Scheduler {
     }
 
     /// Starts `count` requests with the same input (stored once, by its
-    /// sha256) and places them all with one desired-state update.
+    /// sha256) and places as many as their worker has room for with one
+    /// desired-state update; the rest wait for results to free slots.
     pub async fn invoke_many(
         self: &Arc<Self>,
         namespace: &str,
@@ -585,9 +597,13 @@ impl Scheduler {
                 (request_id.clone(), request_id.clone()),
             );
             inner.requests.insert(request_id.clone(), request);
-            inner
-                .unplaced
-                .push((request_id.clone(), request_id.clone()));
+            let key = (
+                namespace.to_string(),
+                application.to_string(),
+                function.to_string(),
+                version.clone(),
+            );
+            inner.pending.push(key, &request_id, &request_id);
             ids.push(request_id);
         }
         let endings = inner.settle(Effects::default());
@@ -796,7 +812,9 @@ impl Scheduler {
     }
 
     /// Counts for benchmarks: requests by status, workers placed and running,
-    /// every worker's placement-to-RUNNING time, and the desired-state
+    /// every worker's placement-to-RUNNING time, `runs_pending` (runnable
+    /// runs in no desired state yet: their worker is full, or there is no
+    /// executor to put it on), and the desired-state
     /// cadence: `desired_states_published` (full states published, all
     /// executors), `desired_states_sent` (messages the streams wrote; fewer
     /// when a reader skipped superseded states), `allocations_created`, and
@@ -824,6 +842,7 @@ impl Scheduler {
             "function_executors": inner.fes.len(),
             "function_executors_running": inner.fes.values().filter(|f| f.running_after.is_some()).count(),
             "cold_starts_ms": inner.cold_starts_ms,
+            "runs_pending": inner.pending.count(&inner.requests),
             "desired_states_published": inner.desired_states_published,
             "desired_states_sent": inner.desired_states_sent.load(Ordering::Relaxed),
             "allocations_created": inner.allocations_created,

@@ -1,16 +1,25 @@
 //! Placement and desired states: runs go to the one function executor of
 //! their (namespace, application, function, version), created on the least
-//! loaded running executor when missing; an executor's desired state holds
-//! its function executors, the allocations placed on them, and a
-//! `FunctionCallResult` for each watched call whose run exists.
+//! loaded running executor when missing, as long as it has a free slot:
+//! like the real server, a function executor holds at most
+//! `max_concurrency × QUEUE_SIZE` allocations in the desired state, and the
+//! other runnable runs wait here, per function executor key, in the order
+//! they became runnable. An executor's desired state holds its function
+//! executors, the allocations placed on them, and a `FunctionCallResult` for
+//! each watched call whose run exists.
 //! Must not know about: how requests progress (see `crate::graph`).
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use steward_proto::executor_api_pb as pb;
 
-use super::{Effects, Fe, FeKey, Inner, id};
+use super::{Effects, Fe, FeKey, Inner, Request, id};
 use crate::graph::{RunOutcome, RunState, Verdict};
+
+/// Allocations a function executor holds per unit of `max_concurrency`, as
+/// the real server's `queue_size`.
+const QUEUE_SIZE: usize = 1;
 
 /// How placing one run went.
 enum Placement {
@@ -18,62 +27,161 @@ enum Placement {
         fe_id: String,
         executor_id: String,
     },
-    /// No function executor and no running executor to create one on (or the
-    /// application is gone): try again later.
+    /// Its function executor is full, or there is none and no running
+    /// executor to create one on (or the application is gone): try again on
+    /// the next change.
     Wait,
     /// The application has no such function.
     Impossible,
 }
 
-impl Inner {
-    /// Places waiting runs on function executors, creating those as needed.
-    pub(super) fn place(&mut self, fx: &mut Effects) {
-        let waiting = std::mem::take(&mut self.unplaced);
-        for (rid, run_id) in waiting {
-            let Some(key) = self.unplaced_key(&rid, &run_id) else {
-                continue; // Ended, withdrawn or already placed.
-            };
-            match self.placement_for(&key) {
-                Placement::Placed { fe_id, executor_id } => {
-                    self.assign(&rid, &run_id, &fe_id, &executor_id);
-                    fx.publish.insert(executor_id);
-                }
-                Placement::Wait => self.unplaced.push((rid, run_id)),
-                Placement::Impossible => {
-                    tracing::warn!(request = %rid, function = %key.2, "no such function in the application; failing the request");
-                    self.fail_request(
-                        &rid,
-                        pb::AllocationFailureReason::ConstraintUnsatisfiable,
-                        fx,
-                    );
-                }
+/// Runnable runs not yet in any desired state, per function executor key,
+/// oldest first. Entries whose run was placed, cancelled or forgotten
+/// meanwhile are dropped when met.
+#[derive(Default)]
+pub(super) struct Pending {
+    queues: HashMap<FeKey, VecDeque<Waiting>>,
+    /// Order of becoming runnable, across keys.
+    next_seq: u64,
+}
+
+struct Waiting {
+    seq: u64,
+    request_id: String,
+    run_id: String,
+}
+
+impl Pending {
+    /// Queues run `run_id` of request `request_id` behind the others of `key`.
+    pub(super) fn push(&mut self, key: FeKey, request_id: &str, run_id: &str) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queues.entry(key).or_default().push_back(Waiting {
+            seq,
+            request_id: request_id.to_string(),
+            run_id: run_id.to_string(),
+        });
+    }
+
+    /// Keys with waiting runs, by their oldest run.
+    fn keys(&self) -> Vec<FeKey> {
+        let mut keys: Vec<(u64, &FeKey)> = self
+            .queues
+            .iter()
+            .filter_map(|(k, q)| q.front().map(|w| (w.seq, k)))
+            .collect();
+        keys.sort_unstable_by_key(|(seq, _)| *seq);
+        keys.into_iter().map(|(_, k)| k.clone()).collect()
+    }
+
+    fn front(&self, key: &FeKey) -> Option<(&str, &str)> {
+        let w = self.queues.get(key)?.front()?;
+        Some((&w.request_id, &w.run_id))
+    }
+
+    fn pop(&mut self, key: &FeKey) {
+        if let Some(q) = self.queues.get_mut(key) {
+            q.pop_front();
+            if q.is_empty() {
+                self.queues.remove(key);
             }
         }
     }
 
-    /// The function executor key of a run that is still unplaced.
-    fn unplaced_key(&self, rid: &str, run_id: &str) -> Option<FeKey> {
-        let req = self.requests.get(rid)?;
-        if req.verdict.is_some() {
-            return None;
+    /// Runs still waiting (stale entries not counted).
+    pub(super) fn count(&self, requests: &HashMap<String, Request>) -> usize {
+        self.queues
+            .values()
+            .flatten()
+            .filter(|w| is_unplaced(requests, &w.request_id, &w.run_id))
+            .count()
+    }
+}
+
+/// Whether run `run_id` of request `rid` still waits for placement.
+fn is_unplaced(requests: &HashMap<String, Request>, rid: &str, run_id: &str) -> bool {
+    requests
+        .get(rid)
+        .filter(|r| r.verdict.is_none())
+        .and_then(|r| r.graph.run(run_id))
+        .is_some_and(|run| matches!(run.state, RunState::Unplaced { .. }))
+}
+
+/// Whether run `run_id` of request `rid` is an allocation in the desired
+/// state on function executor `fe_id` (what `allocations_on` sends).
+fn placed_on(requests: &HashMap<String, Request>, rid: &str, run_id: &str, fe_id: &str) -> bool {
+    requests
+        .get(rid)
+        .filter(|r| r.verdict.is_none())
+        .and_then(|r| r.graph.run(run_id))
+        .is_some_and(|run| match &run.state {
+            RunState::Placed { allocation, .. } => {
+                allocation.function_executor_id.as_deref() == Some(fe_id)
+            }
+            _ => false,
+        })
+}
+
+/// How many allocations a function executor may hold at once (a
+/// `max_concurrency` of 0, which the agent refuses, counts as 1).
+fn capacity(fe: &Fe) -> usize {
+    let concurrency = fe.description.max_concurrency.unwrap_or(1).max(1);
+    usize::try_from(concurrency).unwrap_or(usize::MAX) * QUEUE_SIZE
+}
+
+impl Inner {
+    /// Places waiting runs on function executors with a free slot, creating
+    /// those as needed: per function executor, oldest first; functions in
+    /// the order of their oldest waiting run.
+    pub(super) fn place(&mut self, fx: &mut Effects) {
+        // Failing a request (unknown function) can free slots of functions
+        // already passed over: go round again.
+        while self.place_round(fx) {}
+    }
+
+    /// One pass over the waiting runs; true when it failed a request.
+    fn place_round(&mut self, fx: &mut Effects) -> bool {
+        let mut failed = false;
+        for key in self.pending.keys() {
+            while let Some((rid, run_id)) = self.pending.front(&key) {
+                if !is_unplaced(&self.requests, rid, run_id) {
+                    self.pending.pop(&key); // Ended, withdrawn or forgotten.
+                    continue;
+                }
+                let (rid, run_id) = (rid.to_string(), run_id.to_string());
+                match self.placement_for(&key) {
+                    Placement::Placed { fe_id, executor_id } => {
+                        self.pending.pop(&key);
+                        self.assign(&rid, &run_id, &fe_id, &executor_id);
+                        fx.publish.insert(executor_id);
+                    }
+                    Placement::Wait => break,
+                    Placement::Impossible => {
+                        self.pending.pop(&key);
+                        tracing::warn!(request = %rid, function = %key.2, "no such function in the application; failing the request");
+                        self.fail_request(
+                            &rid,
+                            pb::AllocationFailureReason::ConstraintUnsatisfiable,
+                            fx,
+                        );
+                        failed = true;
+                    }
+                }
+            }
         }
-        let run = req.graph.run(run_id)?;
-        if !matches!(run.state, RunState::Unplaced { .. }) {
-            return None;
-        }
-        Some((
-            req.outcome.namespace.clone(),
-            req.outcome.application.clone(),
-            run.function.clone(),
-            req.version.clone(),
-        ))
+        failed
     }
 
     fn placement_for(&mut self, key: &FeKey) -> Placement {
-        if let Some((fe_id, fe)) = self.fes.iter().find(|(_, fe)| &fe.key == key) {
-            return Placement::Placed {
-                fe_id: fe_id.clone(),
-                executor_id: fe.executor_id.clone(),
+        if let Some(fe_id) = self
+            .fes
+            .iter()
+            .find(|(_, fe)| &fe.key == key)
+            .map(|(id, _)| id.clone())
+        {
+            return match self.has_free_slot(&fe_id) {
+                Some(executor_id) => Placement::Placed { fe_id, executor_id },
+                None => Placement::Wait,
             };
         }
         match self.apps.get(&(key.0.clone(), key.1.clone())) {
@@ -87,6 +195,17 @@ impl Inner {
             Some((fe_id, executor_id)) => Placement::Placed { fe_id, executor_id },
             None => Placement::Wait,
         }
+    }
+
+    /// The executor of function executor `fe_id` when it holds fewer
+    /// allocations in the desired state than its capacity (forgetting the
+    /// runs that left it: finished, cancelled, withdrawn).
+    fn has_free_slot(&mut self, fe_id: &str) -> Option<String> {
+        let Inner { fes, requests, .. } = self;
+        let fe = fes.get_mut(fe_id)?;
+        fe.placed
+            .retain(|(rid, run_id)| placed_on(requests, rid, run_id, fe_id));
+        (fe.placed.len() < capacity(fe)).then(|| fe.executor_id.clone())
     }
 
     /// Moves an unplaced run onto function executor `fe_id`.
@@ -103,6 +222,9 @@ impl Inner {
         };
         if let RunState::Unplaced { allocation } = &mut run.state {
             self.allocations_created += 1;
+            if let Some(fe) = self.fes.get_mut(fe_id) {
+                fe.placed.push((rid.to_string(), run_id.to_string()));
+            }
             allocation.function_executor_id = Some(fe_id.to_string());
             let allocation = std::mem::take(allocation);
             run.state = RunState::Placed {
@@ -166,6 +288,7 @@ impl Inner {
                 key: key.clone(),
                 placed_at: Instant::now(),
                 running_after: None,
+                placed: Vec::new(),
             },
         );
         Some((fe_id, executor_id))

@@ -1,6 +1,7 @@
 //! Function composition through the scheduler, driven with synthetic
 //! reports and `call_function` requests: child allocations, reduce chains,
-//! tail calls, watches, failures, validation codes, fault modes, bounds.
+//! tail calls, watches, failures, validation codes, fault modes, bounds;
+//! and placement limited by the worker's capacity.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,10 @@ struct Plane {
 }
 
 async fn plane() -> Plane {
+    plane_with(FunctionOptions::default()).await
+}
+
+async fn plane_with(options: FunctionOptions) -> Plane {
     let dir = tempfile::tempdir().expect("tempdir");
     let src = dir.path().join("src");
     std::fs::create_dir(&src).expect("mkdir");
@@ -35,7 +40,7 @@ async fn plane() -> Plane {
     std::fs::create_dir(&blobs).expect("mkdir");
     let sched = Arc::new(Scheduler::new(blobs, None, Default::default()));
     sched
-        .deploy(NS, APP, "7", packed.zip, FunctionOptions::default())
+        .deploy(NS, APP, "7", packed.zip, options)
         .await
         .expect("deploy");
     sched
@@ -90,6 +95,20 @@ impl Plane {
         let inner = self.sched.inner.lock();
         let e = inner.executors.get(EX).expect("registered");
         e.desired.borrow().clone()
+    }
+
+    /// Desired states published to the executor so far.
+    fn published(&self) -> u64 {
+        self.sched.inner.lock().executors[EX].published
+    }
+
+    /// The function call ids of the allocations in the desired state.
+    fn allocated(&self) -> BTreeSet<String> {
+        self.desired()
+            .allocations
+            .into_iter()
+            .filter_map(|a| a.function_call_id)
+            .collect()
     }
 
     fn allocation(&self, fc: &str) -> Option<pb::Allocation> {
@@ -1057,4 +1076,109 @@ async fn forget_finished_keeps_running_requests_reachable() {
     assert!(p.sched.outcome(&done).is_none());
     p.result(&running, value(p.payload("out2", "2"))).await;
     assert_eq!(p.outcome(&running).output, Some(serde_json::json!(2)));
+}
+
+fn ids(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_full_worker_gets_the_next_run_in_the_state_that_frees_its_slot() {
+    let p = plane().await; // max_concurrency 1
+    let r1 = p.invoke().await;
+    let published = p.published();
+    let r2 = p.invoke().await;
+    assert_eq!(
+        p.allocated(),
+        ids(&[&r1]),
+        "the worker holds one allocation"
+    );
+    assert_eq!(p.published(), published, "the executor hears nothing");
+    assert_eq!(p.run_status(&r2, &r2)["status"], "unplaced");
+    assert_eq!(p.sched.stats()["runs_pending"], 1);
+
+    p.result(&r1, value(p.payload("out1", "1"))).await;
+    assert_eq!(p.published(), published + 1, "one message");
+    assert_eq!(p.allocated(), ids(&[&r2]), "r1 removed, r2 placed");
+    assert_eq!(p.sched.stats()["runs_pending"], 0);
+    p.result(&r2, value(p.payload("out2", "2"))).await;
+    assert_eq!(p.outcome(&r2).output, Some(serde_json::json!(2)));
+}
+
+#[tokio::test]
+async fn a_worker_holds_at_most_max_concurrency_allocations_oldest_first() {
+    let p = plane_with(FunctionOptions {
+        max_concurrency: 3,
+        ..FunctionOptions::default()
+    })
+    .await;
+    let mut r = Vec::new();
+    for _ in 0..5 {
+        r.push(p.invoke().await);
+    }
+    assert_eq!(p.allocated(), ids(&[&r[0], &r[1], &r[2]]));
+    assert_eq!(p.sched.stats()["runs_pending"], 2);
+    let published = p.published();
+    p.result(&r[1], value(p.payload("out1", "1"))).await;
+    assert_eq!(p.published(), published + 1, "one message");
+    assert_eq!(p.allocated(), ids(&[&r[0], &r[2], &r[3]]));
+    p.result(&r[0], value(p.payload("out0", "0"))).await;
+    assert_eq!(p.allocated(), ids(&[&r[2], &r[3], &r[4]]));
+    assert_eq!(p.sched.stats()["runs_pending"], 0);
+}
+
+#[tokio::test]
+async fn a_call_to_the_callers_full_worker_waits_but_other_functions_do_not() {
+    let p = plane().await; // max_concurrency 1
+    let rid = p.invoke().await;
+    let older = p.invoke().await;
+    let x = p.payload("x", "1");
+    // A child of another function runs at once, ahead of the older waiting
+    // root run: each worker has its own queue.
+    p.call(
+        &rid,
+        &rid,
+        "d1",
+        vec![call_op("d1", "child", vec![inline_arg(&x)])],
+    )
+    .await;
+    assert_eq!(p.allocated(), ids(&[&rid, "d1"]));
+    // A child of the caller's own function waits behind `older` for the
+    // slot the caller holds, as on the real server once it cannot add a
+    // worker: a caller waiting for it would wait for ever.
+    p.call(
+        &rid,
+        &rid,
+        "d2",
+        vec![call_op("d2", "root", vec![inline_arg(&x)])],
+    )
+    .await;
+    assert_eq!(p.run_status(&rid, "d2")["status"], "unplaced");
+    p.result(&rid, value(p.payload("root-out", "1"))).await;
+    assert_eq!(p.allocated(), ids(&[&older, "d1"]));
+    p.result(&older, value(p.payload("older-out", "1"))).await;
+    assert_eq!(p.allocated(), ids(&["d1", "d2"]));
+}
+
+#[tokio::test]
+async fn cancelling_frees_the_slot_and_drops_waiting_runs() {
+    let p = plane().await; // max_concurrency 1
+    let mut r = Vec::new();
+    for _ in 0..4 {
+        r.push(p.invoke().await);
+    }
+    // A waiting request is cancelled where it is: no message.
+    let published = p.published();
+    p.sched.cancel(&r[1]).await.expect("cancel waiting");
+    assert_eq!(p.published(), published);
+    assert_eq!(
+        p.outcome(&r[1]).failure_reason.as_deref(),
+        Some("ALLOCATION_CANCELLED")
+    );
+    // Withdrawing the placed one frees its slot in the same message.
+    p.sched.cancel(&r[0]).await.expect("cancel placed");
+    assert_eq!(p.published(), published + 1, "one message");
+    assert_eq!(p.allocated(), ids(&[&r[2]]));
+    p.result(&r[2], value(p.payload("out2", "2"))).await;
+    assert_eq!(p.allocated(), ids(&[&r[3]]));
 }
