@@ -241,6 +241,9 @@ async fn removed_allocation_is_cancelled_and_its_worker_killed() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_worker_fails_its_running_and_queued_allocations() -> Result<()> {
     let (plane, steward) = fake_setup(FunctionOptions::default(), &[]).await?;
+    // The real server never sends a full worker more; a server that does
+    // (a deeper queue) makes the agent queue the second allocation.
+    plane.set_faults(json!({"placement": "unlimited"})).await?;
     let running = plane.start_request("fake", "hang", json!("x")).await?;
     let queued = plane.start_request("fake", "hang", json!("y")).await?;
     steward

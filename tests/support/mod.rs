@@ -200,14 +200,20 @@ impl Plane {
 
     /// Sets how the plane answers `call_function`: "ok", "refuse" or "drop".
     pub async fn fault_call_function(&self, mode: &str) -> Result<()> {
+        self.set_faults(serde_json::json!({ "call_function": mode }))
+            .await
+    }
+
+    /// Changes the plane's injected faults (`POST /v1/faults`).
+    pub async fn set_faults(&self, faults: serde_json::Value) -> Result<()> {
         let status = reqwest::Client::new()
             .post(format!("{}/v1/faults", self.url))
-            .json(&serde_json::json!({ "call_function": mode }))
+            .json(&faults)
             .send()
             .await?
             .status();
         if !status.is_success() {
-            bail!("setting call_function fault {mode:?}: HTTP {status}");
+            bail!("setting faults {faults}: HTTP {status}");
         }
         Ok(())
     }

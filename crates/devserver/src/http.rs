@@ -23,8 +23,12 @@
 //!   "refuse" | "drop"}`: fault injection. "refuse" answers every
 //!   `call_function` FAILED_PRECONDITION ("refused by fault injection"),
 //!   "drop" answers OK and creates nothing (the real server's silent drop),
-//!   "ok" restores; absent fields stay as they are. Answers the faults now in
-//!   force, e.g. `{"call_function": "ok"}`; an unknown field or value is a 400.
+//!   "ok" restores; `{"placement": "capacity" | "unlimited"}`: "unlimited"
+//!   places every runnable run at once (from then on), so allocations queue
+//!   at the agent; "capacity" is the real server's rule. Absent fields stay
+//!   as they are. Answers the faults now in force, e.g.
+//!   `{"call_function": "ok", "placement": "capacity"}`; an unknown field or
+//!   value is a 400.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -152,7 +152,10 @@ async fn call_function_faults_and_runs_over_the_wire() {
 
     assert_eq!(
         post_faults(&http, &url, r#"{"call_function": "refuse"}"#).await,
-        (200, serde_json::json!({"call_function": "refuse"}))
+        (
+            200,
+            serde_json::json!({"call_function": "refuse", "placement": "capacity"})
+        )
     );
     let err = grpc
         .call_function(call(&rid, true))
@@ -189,7 +192,7 @@ async fn call_function_faults_and_runs_over_the_wire() {
         post_faults(&http, &url, r#"{"call_function": "ok"}"#)
             .await
             .1,
-        serde_json::json!({"call_function": "ok"})
+        serde_json::json!({"call_function": "ok", "placement": "capacity"})
     );
     grpc.call_function(call(&rid, true)).await.expect("ok");
     let (_, listed) = runs(&http, &url, &rid).await;
@@ -220,6 +223,9 @@ async fn call_function_faults_and_runs_over_the_wire() {
         .json()
         .await
         .expect("json");
-    assert_eq!(faults, serde_json::json!({"call_function": "ok"}));
+    assert_eq!(
+        faults,
+        serde_json::json!({"call_function": "ok", "placement": "capacity"})
+    );
     server.stop().await;
 }

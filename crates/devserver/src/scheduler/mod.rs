@@ -109,10 +109,24 @@ pub enum CallFunctionFault {
     Drop,
 }
 
+/// How many allocations a worker may hold in the desired state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementMode {
+    /// Like the real server: `max_concurrency` × 1 (its queue size).
+    #[default]
+    Capacity,
+    /// Every runnable run at once, so allocations queue at the agent (as
+    /// with a server that keeps a deeper queue per worker): for tests of
+    /// the agent's own queue.
+    Unlimited,
+}
+
 /// Injected faults, as `GET/POST /v1/faults` show them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Faults {
     pub call_function: CallFunctionFault,
+    pub placement: PlacementMode,
 }
 
 /// A change to the injected faults; absent fields stay as they are.
@@ -120,6 +134,7 @@ pub struct Faults {
 #[serde(deny_unknown_fields)]
 pub struct FaultsUpdate {
     pub call_function: Option<CallFunctionFault>,
+    pub placement: Option<PlacementMode>,
 }
 
 struct Executor {
@@ -958,6 +973,10 @@ impl Scheduler {
     /// Applies a fault-injection change; returns the faults now in force.
     pub fn set_faults(&self, update: FaultsUpdate) -> Faults {
         let mut inner = self.inner.lock();
+        if let Some(p) = update.placement {
+            tracing::info!(mode = ?p, "placement mode");
+            inner.faults.placement = p;
+        }
         if let Some(f) = update.call_function {
             tracing::info!(mode = ?f, "call_function fault injection");
             inner.faults.call_function = f;

@@ -201,11 +201,17 @@ impl Inner {
     /// allocations in the desired state than its capacity (forgetting the
     /// runs that left it: finished, cancelled, withdrawn).
     fn has_free_slot(&mut self, fe_id: &str) -> Option<String> {
-        let Inner { fes, requests, .. } = self;
+        let Inner {
+            fes,
+            requests,
+            faults,
+            ..
+        } = self;
         let fe = fes.get_mut(fe_id)?;
         fe.placed
             .retain(|(rid, run_id)| placed_on(requests, rid, run_id, fe_id));
-        (fe.placed.len() < capacity(fe)).then(|| fe.executor_id.clone())
+        let unlimited = faults.placement == super::PlacementMode::Unlimited;
+        (unlimited || fe.placed.len() < capacity(fe)).then(|| fe.executor_id.clone())
     }
 
     /// Moves an unplaced run onto function executor `fe_id`.

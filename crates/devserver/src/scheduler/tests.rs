@@ -822,6 +822,7 @@ async fn fault_modes_refuse_drop_and_restore() {
     let set = |f| {
         p.sched.set_faults(FaultsUpdate {
             call_function: Some(f),
+            ..FaultsUpdate::default()
         })
     };
 
