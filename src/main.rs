@@ -147,6 +147,11 @@ struct AgentArgs {
     /// Seconds between samples of host CPU, memory and GPU usage.
     #[arg(long, default_value_t = 10)]
     usage_sample_interval_s: u64,
+    /// Threads running the agent's tasks: 1 (default) runs them all on the
+    /// main thread; more gives a work-stealing pool (for hosts where one
+    /// core cannot keep up with the allocation rate); 0 uses every CPU.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=256))]
+    runtime_threads: u16,
     /// Disable periodic worker health checks (as INDEXIFY_DISABLE_FUNCTION_EXECUTOR_HEALTH_CHECKS=1).
     #[arg(long, env = "INDEXIFY_DISABLE_FUNCTION_EXECUTOR_HEALTH_CHECKS", value_parser = parse_flag, default_value = "0")]
     disable_function_executor_health_checks: bool,
@@ -254,14 +259,36 @@ fn main() -> Result<()> {
     if let Some(code) = init::supervise_if_pid1()? {
         std::process::exit(code);
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(async_main())
+    let cli = Cli::parse();
+    let threads = match cli.command {
+        Some(Command::Devserver(_)) => 0,
+        None => usize::from(cli.agent.runtime_threads),
+    };
+    runtime(threads)?.block_on(async_main(cli))
 }
 
-async fn async_main() -> Result<()> {
-    let cli = Cli::parse();
+/// The agent's runtime: by default one thread runs every task (as
+/// linkerd2-proxy does with one core). The agent's work is many short
+/// hand-offs between tasks (stream, reconcile, worker controllers, report,
+/// RPC connections); on one thread a hand-off is a queue push, while a
+/// work-stealing pool wakes a parked thread for it, and that doubled the
+/// context switches and CPU per allocation (BENCHMARKS.md, runtime rows).
+/// `threads` > 1 gives a work-stealing pool of that size; 0 sizes it to
+/// the CPUs (the dev control plane's default).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
+}
+
+async fn async_main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Devserver(args)) => {
             init_logging(0);

@@ -123,22 +123,7 @@ impl Plane {
         function: &str,
         input: Value,
     ) -> Result<steward_devserver::RequestOutcome> {
-        let url = format!(
-            "{}/v1/namespaces/default/applications/{app}/functions/{function}?wait=true&timeout_s=300",
-            self.url
-        );
-        let out: steward_devserver::RequestOutcome = self
-            .http
-            .post(url)
-            .json(&input)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if out.status != "success" {
-            bail!("{app}/{function} did not succeed: {out:?}");
-        }
-        Ok(out)
+        invoke_at(&self.http, &self.url, app, function, input).await
     }
 
     async fn batch(&self, app: &str, function: &str, count: usize) -> Result<()> {
@@ -202,6 +187,26 @@ impl Plane {
     }
 }
 
+/// Calls `function` of `app` through the control plane at `url` and waits
+/// for its outcome.
+async fn invoke_at(
+    http: &reqwest::Client,
+    url: &str,
+    app: &str,
+    function: &str,
+    input: Value,
+) -> Result<steward_devserver::RequestOutcome> {
+    let url = format!(
+        "{url}/v1/namespaces/default/applications/{app}/functions/{function}?wait=true&timeout_s=300"
+    );
+    let out: steward_devserver::RequestOutcome =
+        http.post(url).json(&input).send().await?.json().await?;
+    if out.status != "success" {
+        bail!("{app}/{function} did not succeed: {out:?}");
+    }
+    Ok(out)
+}
+
 struct AgentProc {
     child: Child,
     monitoring: String,
@@ -235,6 +240,18 @@ fn clock_ticks() -> f64 {
 
 impl AgentProc {
     fn start(env: &Env, agent: Agent, plane: &Plane, worker: Worker) -> Result<AgentProc> {
+        Self::start_wrapped(env, agent, plane, worker, &[])
+    }
+
+    /// Starts the agent under `wrapper` (a program and its arguments, such
+    /// as valgrind) when it is not empty.
+    fn start_wrapped(
+        env: &Env,
+        agent: Agent,
+        plane: &Plane,
+        worker: Worker,
+        wrapper: &[String],
+    ) -> Result<AgentProc> {
         use std::os::unix::process::CommandExt;
         let data = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -252,7 +269,14 @@ impl AgentProc {
         let path = format!("{path}:{}", std::env::var("PATH").unwrap_or_default());
         let mut cmd = match agent {
             Agent::Steward => {
-                let mut c = Command::new(&env.steward);
+                let mut c = match wrapper.split_first() {
+                    Some((program, args)) => {
+                        let mut c = Command::new(program);
+                        c.args(args).arg(&env.steward);
+                        c
+                    }
+                    None => Command::new(&env.steward),
+                };
                 c.args([
                     "--grpc-server-addr",
                     &plane.grpc,
@@ -804,6 +828,239 @@ async fn scale(
     Ok(())
 }
 
+/// The real protocol pattern: two single-function apps on the real worker
+/// (one worker each, max_concurrency 1), `requests` requests with
+/// `in_flight` outstanding at any time, alternating apps; per-request
+/// latency, the agent's CPU and context switches per allocation, and the
+/// desired-state messages the control plane sent per allocation.
+async fn concurrent(
+    env: &Env,
+    agent: Agent,
+    requests: usize,
+    in_flight: usize,
+    t: &mut Table,
+) -> Result<()> {
+    let label =
+        format!("9. concurrent: {requests} requests, {in_flight} in flight, 2 real workers");
+    let plane = Plane::start().await?;
+    let apps = ["c0", "c1"];
+    for app in apps {
+        plane
+            .deploy(env, "examples/hello", app, &FunctionOptions::default())
+            .await?;
+    }
+    let proc = AgentProc::start(env, agent, &plane, Worker::Real)?;
+    plane.wait_executor().await?;
+    for app in apps {
+        plane.invoke(app, "greet", json!("warm")).await?;
+    }
+    let published0 = published(&plane).await;
+    let cpu0 = proc.cpu_seconds();
+    let switches0 = proc.context_switches();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..in_flight {
+        let (http, url, next) = (plane.http.clone(), plane.url.clone(), next.clone());
+        clients.spawn(async move {
+            let mut samples = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= requests {
+                    return Ok::<_, anyhow::Error>(samples);
+                }
+                let started = Instant::now();
+                invoke_at(&http, &url, apps[i % 2], "greet", json!(format!("r{i}"))).await?;
+                samples.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        });
+    }
+    let mut samples = Vec::with_capacity(requests);
+    while let Some(joined) = clients.join_next().await {
+        samples.extend(joined??);
+    }
+    let cpu = proc.cpu_seconds() - cpu0;
+    let switches = proc.context_switches() - switches0;
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let mean = samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+    t.add(&format!("{label}: latency mean"), "ms", agent, mean);
+    for (p, name) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
+        t.add(
+            &format!("{label}: latency {name}"),
+            "ms",
+            agent,
+            percentile(&samples, p),
+        );
+    }
+    let n = requests as f64;
+    t.add(
+        &format!("{label}: agent CPU per allocation"),
+        "CPU ms",
+        agent,
+        cpu * 1000.0 / n,
+    );
+    t.add(
+        &format!("{label}: agent context switches per allocation"),
+        "switches",
+        agent,
+        switches / n,
+    );
+    if let (Some(before), Some(after)) = (published0, published(&plane).await) {
+        t.add(
+            &format!("{label}: desired states sent per allocation (real server: 1.9)"),
+            "messages",
+            agent,
+            (after - before) / n,
+        );
+    }
+    if agent == Agent::Steward {
+        cycle_rows(&proc, &label, t).await;
+    }
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
+/// Desired-state messages the control plane has published so far.
+async fn published(plane: &Plane) -> Option<f64> {
+    plane.stats().await.ok()?["desired_states_published"].as_f64()
+}
+
+/// Steward only: the agent's own share of each worker cycle, from its
+/// `steward_agent_cycle_seconds` histogram (p99 as a bucket bound).
+async fn cycle_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
+    let text = metrics_text(proc).await?;
+    for (leg, what) in [
+        (
+            "result_to_wire",
+            "allocation finished → result report on the wire",
+        ),
+        (
+            "desired_to_running",
+            "desired state received → allocation running",
+        ),
+    ] {
+        if let Some(ms) = histogram_quantile_ms(&text, "steward_agent_cycle_seconds", leg, 0.99) {
+            t.add(
+                &format!("{label}: agent share, {what}, p99 (bucket bound)"),
+                "ms",
+                Agent::Steward,
+                ms,
+            );
+        }
+    }
+    Some(())
+}
+
+/// The upper bound, in ms, of the bucket of histogram `name` (series
+/// `leg="{leg}"`) holding quantile `q`.
+fn histogram_quantile_ms(text: &str, name: &str, leg: &str, q: f64) -> Option<f64> {
+    let series = format!("leg=\"{leg}\"");
+    let count: f64 = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_count{{")) && l.contains(&series))
+        .find_map(|l| l.rsplit_once(' ')?.1.trim().parse().ok())?;
+    if count == 0.0 {
+        return None;
+    }
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")) && l.contains(&series))
+        .filter_map(|l| {
+            let le = l
+                .split("le=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .parse::<f64>()
+                .ok()?;
+            let n = l.rsplit_once(' ')?.1.trim().parse::<f64>().ok()?;
+            Some((le, n))
+        })
+        .filter(|(_, n)| *n >= count * q)
+        .map(|(le, _)| le * 1000.0)
+        .reduce(f64::min)
+}
+
+/// Steward alone under callgrind on the fake worker: instructions per
+/// allocation, counted from a warm agent (counters zeroed after warm-up)
+/// over `allocations` allocations on 4 workers × max_concurrency 8.
+/// Repeatable on noisy machines, unlike CPU time. The profile is kept as
+/// `target/bench/callgrind.steward.out` for `callgrind_annotate`.
+async fn callgrind(env: &Env, allocations: usize, t: &mut Table) -> Result<()> {
+    let label = format!(
+        "10. agent instructions per allocation (callgrind, fake worker, {allocations} allocations)"
+    );
+    let plane = Plane::start().await?;
+    let options = FunctionOptions {
+        max_concurrency: 8,
+        ..FunctionOptions::default()
+    };
+    let apps = ["g0", "g1", "g2", "g3"];
+    for app in apps {
+        plane.deploy(env, "examples/fake", app, &options).await?;
+    }
+    let out_dir = tempfile::tempdir()?;
+    let out = out_dir.path().join("callgrind.out");
+    let wrapper = vec![
+        "valgrind".to_string(),
+        "--tool=callgrind".to_string(),
+        format!("--callgrind-out-file={}", out.display()),
+    ];
+    let proc = AgentProc::start_wrapped(env, Agent::Steward, &plane, Worker::Fake, &wrapper)?;
+    proc.wait_startup().await?;
+    plane.wait_executor().await?;
+    for app in apps {
+        plane.invoke(app, "noop", json!("warm")).await?;
+    }
+    let pid = proc.child.id().to_string();
+    callgrind_control(&["--zero", &pid])?;
+    for app in apps {
+        plane.batch(app, "noop", allocations / apps.len()).await?;
+    }
+    plane.drain(Duration::from_secs(600)).await?;
+    callgrind_control(&["--dump=measured", &pid])?;
+    let dump = std::fs::read_dir(out_dir.path())?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::read_to_string(p).is_ok_and(|s| s.contains("desc: Trigger: dump measured"))
+        })
+        .context("callgrind wrote no dump for the measured part")?;
+    let text = std::fs::read_to_string(&dump)?;
+    let total: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary: ")
+                .or_else(|| l.strip_prefix("totals: "))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .context("no totals in the callgrind dump")?;
+    t.add(
+        &label,
+        "instructions",
+        Agent::Steward,
+        total / (allocations / apps.len() * apps.len()) as f64,
+    );
+    let keep = env.repo.join("target/bench");
+    std::fs::create_dir_all(&keep)?;
+    std::fs::copy(&dump, keep.join("callgrind.steward.out"))?;
+    drop(proc);
+    plane.stop().await;
+    Ok(())
+}
+
+/// Runs `callgrind_control` with `args` and fails if it does.
+fn callgrind_control(args: &[&str]) -> Result<()> {
+    let status = Command::new("callgrind_control")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .context("running callgrind_control (valgrind is needed)")?;
+    if !status.success() {
+        bail!("callgrind_control {args:?} failed: {status}");
+    }
+    Ok(())
+}
+
 /// Which scenario `--only` runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Scenario {
@@ -812,6 +1069,8 @@ enum Scenario {
     Recovery,
     Throughput,
     Scale,
+    Concurrent,
+    Callgrind,
 }
 
 /// Runs each scenario against Steward and the reference executor, alternating
@@ -838,6 +1097,15 @@ struct Cli {
     /// Timed composed requests per agent and round
     #[arg(long, default_value_t = 3)]
     composed_runs: usize,
+    /// Requests of the concurrent scenario
+    #[arg(long, default_value_t = 200)]
+    concurrent_requests: usize,
+    /// Requests the concurrent scenario keeps outstanding
+    #[arg(long, default_value_t = 16)]
+    concurrent_in_flight: usize,
+    /// Allocations counted under callgrind (Steward only)
+    #[arg(long, default_value_t = 400)]
+    callgrind_allocations: usize,
     /// Run one scenario only
     #[arg(long, value_enum)]
     only: Option<Scenario>,
@@ -924,6 +1192,18 @@ async fn run(cli: Cli) -> Result<()> {
             {
                 t.fail("8. recovery", agent, &e.to_string());
             }
+            if wanted(Scenario::Concurrent)
+                && let Err(e) = concurrent(
+                    &env,
+                    agent,
+                    cli.concurrent_requests,
+                    cli.concurrent_in_flight,
+                    &mut t,
+                )
+                .await
+            {
+                t.fail("9. concurrent", agent, &e.to_string());
+            }
             if wanted(Scenario::Throughput)
                 && let Err(e) = throughput(&env, agent, &mut t).await
             {
@@ -933,6 +1213,17 @@ async fn run(cli: Cli) -> Result<()> {
                     &e.to_string(),
                 );
             }
+        }
+    }
+    // Callgrind once (Steward only): instruction counts repeat exactly.
+    if cli.only == Some(Scenario::Callgrind) || (cli.only.is_none() && which("callgrind_control")) {
+        eprintln!("callgrind: Steward");
+        if let Err(e) = callgrind(&env, cli.callgrind_allocations, &mut t).await {
+            t.fail(
+                "10. agent instructions per allocation",
+                Agent::Steward,
+                &e.to_string(),
+            );
         }
     }
     // Scale once per agent: it is the longest scenario.
@@ -969,6 +1260,12 @@ async fn run(cli: Cli) -> Result<()> {
         std::fs::write(&path, format!("{header}{table}"))?;
     }
     Ok(())
+}
+
+/// Whether `program` is on PATH.
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
 fn check(p: &Path) -> Result<()> {

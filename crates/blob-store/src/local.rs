@@ -3,6 +3,12 @@
 //! A URI is accepted only if it is an absolute path without `..`
 //! components whose real location (symlinks resolved, for the part of the
 //! path that exists) lies inside one of the roots.
+//!
+//! Metadata operations (stat, mkdir, rename, unlink) run inline on the
+//! caller's thread: on a local disk they take microseconds, while a
+//! round trip through tokio's blocking pool costs two thread wake-ups,
+//! and an allocation makes several of them. Reads and writes of blob
+//! bytes, which can be large, still go through the blocking pool.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -10,10 +16,20 @@ use bytes::Bytes;
 
 use crate::BlobError;
 
+/// How many resolved directories [`LocalRoots`] remembers.
+const RESOLVED_DIRS: usize = 4096;
+
 /// The directories `file://` blobs may live in.
 #[derive(Debug, Clone)]
 pub struct LocalRoots {
     roots: Vec<PathBuf>,
+    /// Real locations of directories blobs were resolved in: resolving a
+    /// path is then one `lstat` of its last component instead of a
+    /// `realpath` (an `lstat` per component, more for a path that does
+    /// not exist yet). A directory swapped for a symlink after it was
+    /// remembered could only be swapped by a process of the agent's own
+    /// user, which can write there directly anyway.
+    dirs: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<PathBuf, PathBuf>>>,
 }
 
 impl LocalRoots {
@@ -23,7 +39,34 @@ impl LocalRoots {
             .into_iter()
             .map(|r| std::fs::canonicalize(&r).unwrap_or(r))
             .collect();
-        LocalRoots { roots }
+        LocalRoots {
+            roots,
+            dirs: Default::default(),
+        }
+    }
+
+    /// The real location of `path`: its remembered directory's, with its
+    /// last component appended when that is not a symlink; else resolved
+    /// in full (and its directory remembered).
+    fn real(&self, path: &Path) -> PathBuf {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return real_path(path);
+        };
+        let not_a_link =
+            || std::fs::symlink_metadata(path).map_or(true, |m| !m.file_type().is_symlink());
+        if let Some(real_dir) = self.dirs.lock().get(dir).cloned()
+            && not_a_link()
+        {
+            return real_dir.join(name);
+        }
+        if let Ok(real_dir) = std::fs::canonicalize(dir) {
+            let mut dirs = self.dirs.lock();
+            if dirs.len() >= RESOLVED_DIRS {
+                dirs.clear();
+            }
+            dirs.insert(dir.to_path_buf(), real_dir);
+        }
+        real_path(path)
     }
 
     fn roots_text(&self) -> String {
@@ -53,7 +96,7 @@ impl LocalRoots {
         if self.roots.is_empty() {
             return Ok(path.to_path_buf());
         }
-        let real = real_path(path);
+        let real = self.real(path);
         if self.roots.iter().any(|root| real.starts_with(root)) {
             Ok(path.to_path_buf())
         } else {
@@ -91,12 +134,10 @@ impl LocalRoots {
     pub async fn prepare_write(&self, uri: &str) -> Result<PathBuf, BlobError> {
         let path = self.resolve(uri)?;
         if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|source| BlobError::Io {
-                    uri: uri.to_string(),
-                    source,
-                })?;
+            std::fs::create_dir_all(parent).map_err(|source| BlobError::Io {
+                uri: uri.to_string(),
+                source,
+            })?;
         }
         // Re-check now that the directories exist and symlinks can be resolved.
         self.resolve(uri)
@@ -105,7 +146,7 @@ impl LocalRoots {
     /// Size of the blob at `uri`, or `None` when there is none.
     pub async fn head(&self, uri: &str) -> Result<Option<u64>, BlobError> {
         let path = self.resolve(uri)?;
-        match tokio::fs::metadata(&path).await {
+        match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
             Ok(_) => Err(BlobError::InvalidUri {
                 uri: uri.to_string(),
@@ -158,10 +199,10 @@ impl LocalRoots {
             uri: uri.to_string(),
             source,
         };
-        match tokio::fs::rename(&staged, &path).await {
+        match std::fs::rename(&staged, &path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tokio::fs::write(&path, b"").await.map_err(io)
+                std::fs::write(&path, b"").map_err(io)
             }
             Err(e) => Err(io(e)),
         }
@@ -174,7 +215,7 @@ impl LocalRoots {
 
     pub async fn remove(&self, uri: &str) -> Result<(), BlobError> {
         let path = self.resolve(uri)?;
-        match tokio::fs::remove_file(&path).await {
+        match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(BlobError::Io {
@@ -242,6 +283,26 @@ mod tests {
 
         assert!(roots.resolve("file://relative/path").is_err());
         assert!(roots.resolve("s3://bucket/key").is_err());
+    }
+
+    #[test]
+    fn a_remembered_directory_still_refuses_a_file_symlinked_out() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("secret"), b"s").expect("write");
+        let roots = LocalRoots::new(vec![root.path().to_path_buf()]);
+        let blob = root.path().join("blob");
+        let uri = format!("file://{}", blob.display());
+        std::fs::write(&blob, b"x").expect("write");
+        assert!(roots.resolve(&uri).is_ok(), "first: resolved in full");
+        assert!(
+            roots.resolve(&uri).is_ok(),
+            "second: from the remembered directory"
+        );
+        std::fs::remove_file(&blob).expect("rm");
+        std::os::unix::fs::symlink(outside.path().join("secret"), &blob).expect("symlink");
+        let err = roots.resolve(&uri).expect_err("file symlink escape");
+        assert!(err.to_string().contains("outside"), "{err}");
     }
 
     #[tokio::test]

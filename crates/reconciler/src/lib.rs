@@ -11,6 +11,7 @@
 //! given [`pb::HostResources`] and a [`GpuPool`]), how blobs are stored
 //! beyond the `steward-blob-store` API.
 
+mod desired;
 mod events;
 mod fe;
 mod metrics;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use desired::Desired;
 pub use events::{Event, EventLog};
 pub use metrics::Metrics;
 pub use report::state_hash;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub desired_state_streams: Counter,
     pub desired_state_stream_errors: Counter,
     pub desired_states_received: Counter,
+    pub desired_state_items: Counter,
+    pub desired_state_items_decoded: Counter,
     pub reconciliations: Counter,
     pub reconciliation_latency: Histogram,
     pub reconcile_lock_hold: Histogram,
@@ -54,6 +56,13 @@ pub struct Metrics {
     pub function_call_watches: Gauge,
     pub function_call_results: Family<Labels, Counter>,
     pub request_state_operations: Family<Labels, Counter>,
+    /// The agent's share of a worker cycle: a finished allocation's result
+    /// until the report carrying it goes on the wire.
+    pub cycle_result_to_wire: Histogram,
+    /// The agent's share of a worker cycle: the desired state that brought
+    /// an allocation (or the slot it waited for) until the worker is asked
+    /// to run it.
+    pub cycle_desired_to_running: Histogram,
     extra: parking_lot::Mutex<Vec<ExtraWriter>>,
 }
 
@@ -85,7 +94,25 @@ impl Metrics {
                 m
             }};
         }
+        let cycle: Family<Labels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| {
+                // 10 µs .. ~0.3 s
+                Histogram::new(exponential_buckets(0.00001, 2.0, 16))
+            });
+        registry.register(
+            "agent_cycle_seconds",
+            "The agent's own share of each worker cycle, by leg (result_to_wire, desired_to_running)",
+            cycle.clone(),
+        );
+        let cycle_result_to_wire = cycle
+            .get_or_create(&vec![("leg", "result_to_wire")])
+            .clone();
+        let cycle_desired_to_running = cycle
+            .get_or_create(&vec![("leg", "desired_to_running")])
+            .clone();
         Metrics {
+            cycle_result_to_wire,
+            cycle_desired_to_running,
             state_reports: reg!(
                 "state_reports",
                 "State report RPCs sent",
@@ -119,6 +146,16 @@ impl Metrics {
             desired_states_received: reg!(
                 "desired_states_received",
                 "Desired state messages received",
+                Counter::default()
+            ),
+            desired_state_items: reg!(
+                "desired_state_items",
+                "Function executors, allocations and function call results received in desired states",
+                Counter::default()
+            ),
+            desired_state_items_decoded: reg!(
+                "desired_state_items_decoded",
+                "Desired state items decoded (the rest repeated the previous message and were reused)",
                 Counter::default()
             ),
             reconciliations: reg!(

@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::desired::Desired;
 use crate::fe::{self, FeCommand};
 use crate::pb;
 use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry, function_label};
@@ -43,7 +44,7 @@ fn allocation_verdict(shared: &Shared, a: &pb::Allocation) -> Result<(), Rejecti
     validate_allocation(a).and_then(|()| admit_allocation(a, &shared.config.blob_store))
 }
 
-fn precheck(shared: &Shared, desired: &pb::DesiredExecutorState) -> Verdicts {
+fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
     let (new_fes, new_allocations): (Vec<bool>, Vec<bool>) = {
         let st = shared.state.lock();
         (
@@ -78,12 +79,15 @@ fn precheck(shared: &Shared, desired: &pb::DesiredExecutorState) -> Verdicts {
     }
 }
 
+/// A desired state and when its message arrived.
+pub(crate) type Received = (Arc<Desired>, Instant);
+
 /// How often an idle reconcile loop proves it is alive.
 pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
-    mut desired_rx: watch::Receiver<Option<Arc<pb::DesiredExecutorState>>>,
+    mut desired_rx: watch::Receiver<Option<Received>>,
     cancel: CancellationToken,
 ) {
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
@@ -98,12 +102,12 @@ pub(crate) async fn run_loop(
                 continue;
             }
         }
-        let Some(desired) = desired_rx.borrow_and_update().clone() else {
+        let Some((desired, received)) = desired_rx.borrow_and_update().clone() else {
             continue;
         };
         let started = Instant::now();
         shared.health.lock().reconcile_busy_since = Some(started);
-        let fes_changed = apply(&shared, &desired);
+        let fes_changed = apply(&shared, &desired, received);
         shared.metrics.reconciliations.inc();
         shared
             .metrics
@@ -135,7 +139,7 @@ pub(crate) async fn run_loop(
 /// by their own tasks.
 /// Returns whether the set of workers changed (a state the server should
 /// hear about at once); result reports are triggered separately.
-pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState>) -> bool {
+pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Instant) -> bool {
     let mut fes_changed = false;
     let mut results = Vec::new();
     let mut events: Vec<(&'static str, String, String)> = Vec::new();
@@ -170,12 +174,13 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
                 .unwrap_or_else(|| fe_verdict(shared, d));
             match verdict {
                 Ok(()) => {
-                    let tx = fe::spawn(shared.clone(), d.clone());
+                    let tx = fe::spawn(shared.clone(), (**d).clone());
                     fes_changed = true;
                     st.fes.insert(
                         id.to_string(),
                         FeEntry {
-                            description: d.clone(),
+                            description: (**d).clone(),
+                            description_bytes: prost::Message::encode_to_vec(&**d).into(),
                             status: pb::FunctionExecutorStatus::Pending,
                             termination_reason: None,
                             blamed: Vec::new(),
@@ -202,7 +207,8 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
                         st.fes.insert(
                             id.to_string(),
                             FeEntry {
-                                description: d.clone(),
+                                description: (**d).clone(),
+                                description_bytes: prost::Message::encode_to_vec(&**d).into(),
                                 status: pb::FunctionExecutorStatus::Terminated,
                                 termination_reason: Some(
                                     pb::FunctionExecutorTerminationReason::StartupFailedInternalError,
@@ -283,7 +289,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<pb::DesiredExecutorState
             match verdict {
                 Ok(()) => {
                     if let Some(tx) = st.fes.get(&fe_id).and_then(|fe| fe.tx.as_ref()) {
-                        let _ = tx.send(FeCommand::Run(Box::new(a.clone())));
+                        let _ = tx.send(FeCommand::Run(Box::new((**a).clone()), received));
                     }
                 }
                 Err((code, message, reason)) => {

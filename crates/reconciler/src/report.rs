@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::AgentError;
+use crate::desired::BytesCodec;
 use crate::pb;
 use crate::pb::executor_api_client::ExecutorApiClient;
-use crate::state::{Shared, State};
+use crate::state::{Shared, State, TimelineEntry, micros};
 
 /// Results are packed into one report while it stays under this size.
 pub const MAX_REPORT_BYTES: usize = 10 * 1024 * 1024;
@@ -100,28 +101,86 @@ pub(crate) fn client(channel: Channel, max_message_bytes: usize) -> ExecutorApiC
 }
 
 /// Hex SHA-256 of the deterministic encoding of `state` without its
-/// `state_hash` and `server_clock`.
-///
-/// prost encodes fields in number order and our maps are `BTreeMap`s, so
-/// equal states give equal bytes.
+/// `state_hash` and `server_clock`: the same bytes a report is built from
+/// (every field but the worker states in prost's order, then each worker
+/// state), so it equals the hash reports carry.
 pub fn state_hash(state: &pb::ExecutorState) -> String {
-    let mut s = state.clone();
-    s.state_hash = None;
-    s.server_clock = None;
-    hex::encode(Sha256::digest(s.encode_to_vec()))
+    let mut base = state.clone();
+    base.state_hash = None;
+    base.server_clock = None;
+    let fes = std::mem::take(&mut base.function_executor_states);
+    let mut body = base.encode_to_vec();
+    for fe in &fes {
+        let description = fe
+            .description
+            .as_ref()
+            .map(Message::encode_to_vec)
+            .unwrap_or_default();
+        encode_fe_state(
+            &description,
+            fe.status,
+            fe.termination_reason,
+            &fe.allocation_ids_caused_termination,
+            &mut body,
+        );
+    }
+    hex::encode(Sha256::digest(&body))
 }
 
-fn fe_state(fe: &crate::state::FeEntry) -> pb::FunctionExecutorState {
-    pb::FunctionExecutorState {
-        description: Some(fe.description.clone()),
-        status: Some(fe.status as i32),
-        termination_reason: fe.termination_reason.map(|r| r as i32),
-        allocation_ids_caused_termination: fe.blamed.clone(),
+/// Appends one `function_executor_states` entry (field 9) of an
+/// `ExecutorState`, its description given already encoded: descriptions
+/// are immutable per worker, so each is encoded once, when it arrives.
+fn encode_fe_state(
+    description: &[u8],
+    status: Option<i32>,
+    termination_reason: Option<i32>,
+    blamed: &[String],
+    out: &mut Vec<u8>,
+) {
+    use prost::encoding::{
+        WireType, encode_key, encode_varint, encoded_len_varint, int32, key_len, string,
+    };
+    let description_len =
+        key_len(1) + encoded_len_varint(description.len() as u64) + description.len();
+    let len = description_len
+        + status.map_or(0, |v| int32::encoded_len(2, &v))
+        + termination_reason.map_or(0, |v| int32::encoded_len(3, &v))
+        + string::encoded_len_repeated(4, blamed);
+    encode_key(9, WireType::LengthDelimited, out);
+    encode_varint(len as u64, out);
+    encode_key(1, WireType::LengthDelimited, out);
+    encode_varint(description.len() as u64, out);
+    out.extend_from_slice(description);
+    if let Some(v) = status {
+        int32::encode(2, &v, out);
+    }
+    if let Some(v) = termination_reason {
+        int32::encode(3, &v, out);
+    }
+    string::encode_repeated(4, blamed, out);
+}
+
+/// The hash of the last state body, kept so an unchanged state (most
+/// reports: only results or the clock differ) is compared, not rehashed.
+#[derive(Default)]
+pub(crate) struct HashCache {
+    body: Vec<u8>,
+    hash: String,
+}
+
+impl HashCache {
+    fn hash_of(&mut self, body: Vec<u8>) -> String {
+        if body != self.body || self.hash.is_empty() {
+            self.hash = hex::encode(Sha256::digest(&body));
+            self.body = body;
+        }
+        self.hash.clone()
     }
 }
 
-/// The agent's `ExecutorState`, hash and clock included.
-pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
+/// The encoded `ExecutorState` without hash and clock: every field but
+/// the worker states in prost's order, then the worker states.
+fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
     let c = &shared.config;
     let mut labels = c.labels.clone();
     labels.insert("os".into(), std::env::consts::OS.into());
@@ -130,7 +189,7 @@ pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
         labels.insert("python_major_version".into(), major.clone());
         labels.insert("python_minor_version".into(), minor.clone());
     }
-    let mut state = pb::ExecutorState {
+    let base = pb::ExecutorState {
         executor_id: Some(c.executor_id.clone()),
         hostname: Some(c.hostname.clone()),
         version: Some(c.version.clone()),
@@ -138,7 +197,7 @@ pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
         total_resources: Some(c.total_resources),
         total_function_executor_resources: Some(c.function_executor_resources),
         allowed_functions: c.allowed_functions.clone(),
-        function_executor_states: st.fes.values().map(fe_state).collect(),
+        function_executor_states: Vec::new(),
         labels,
         state_hash: None,
         server_clock: None,
@@ -146,38 +205,132 @@ pub(crate) fn executor_state(shared: &Shared, st: &State) -> pb::ExecutorState {
         function_call_watches: st.watches.reported(),
         proxy_address: None,
     };
-    state.state_hash = Some(state_hash(&state));
-    state.server_clock = Some(st.server_clock);
+    let described: usize = st
+        .fes
+        .values()
+        .map(|f| f.description_bytes.len() + 64)
+        .sum();
+    let mut body = Vec::with_capacity(base.encoded_len() + described);
+    base.encode_raw(&mut body);
+    for fe in st.fes.values() {
+        encode_fe_state(
+            &fe.description_bytes,
+            Some(fe.status as i32),
+            fe.termination_reason.map(|r| r as i32),
+            &fe.blamed,
+            &mut body,
+        );
+    }
+    body
+}
+
+/// The encoded `ExecutorState`, hash and clock included.
+fn encoded_state(shared: &Shared, st: &mut State) -> Vec<u8> {
+    use prost::encoding::{string, uint64};
+    let body = state_body(shared, st);
+    let hash = st.hash_cache.hash_of(body.clone());
+    let mut state = body;
+    string::encode(11, &hash, &mut state);
+    uint64::encode(12, &st.server_clock, &mut state);
     state
 }
 
+/// The agent's `ExecutorState`, hash and clock included.
+pub(crate) fn executor_state(shared: &Shared, st: &mut State) -> pb::ExecutorState {
+    let bytes = encoded_state(shared, st);
+    pb::ExecutorState::decode(bytes.as_slice()).unwrap_or_default()
+}
+
+/// A report, encoded, ready for the wire.
+#[derive(Clone)]
+pub(crate) struct Report {
+    pub bytes: bytes::Bytes,
+}
+
+impl Report {
+    /// The report as a message (for `/state/reported` and tests).
+    pub fn decode(&self) -> pb::ReportExecutorStateRequest {
+        pb::ReportExecutorStateRequest::decode(self.bytes.clone()).unwrap_or_default()
+    }
+}
+
 /// Builds a report and says how many of the oldest buffered results it carries.
-pub(crate) fn build_request(shared: &Shared) -> (pb::ReportExecutorStateRequest, usize) {
-    let st = shared.state.lock();
-    let state = executor_state(shared, &st);
-    let mut request = pb::ReportExecutorStateRequest {
-        executor_state: Some(state),
-        executor_update: Some(pb::ExecutorUpdate {
-            executor_id: Some(shared.config.executor_id.clone()),
-            allocation_results: Vec::new(),
-        }),
-    };
-    let mut size = request.encoded_len();
-    let mut results = Vec::new();
-    for r in st.results.iter() {
-        let len = r.encoded_len() + 8;
+pub(crate) fn build_request(shared: &Shared) -> (Report, usize) {
+    use prost::encoding::{WireType, encode_key, encode_varint, message, string};
+    let mut st = shared.state.lock();
+    let state = encoded_state(shared, &mut st);
+    let mut update = Vec::new();
+    string::encode(1, &shared.config.executor_id, &mut update);
+    let mut size = state.len() + update.len() + 16;
+    let mut carried = 0;
+    let mut first_sends = Vec::new();
+    for p in st.results.iter_mut() {
+        let len = p.result.encoded_len() + 8;
         // The first result always goes, whatever its size.
-        if !results.is_empty() && size + len > MAX_REPORT_BYTES {
+        if carried > 0 && size + len > MAX_REPORT_BYTES {
             break;
         }
         size += len;
-        results.push(r.clone());
+        carried += 1;
+        message::encode(2, &p.result, &mut update);
+        if !p.sent {
+            p.sent = true;
+            let took = p.ready.elapsed();
+            shared
+                .metrics
+                .cycle_result_to_wire
+                .observe(took.as_secs_f64());
+            if let Some(id) = p.result.allocation_id.clone() {
+                first_sends.push((id, took));
+            }
+        }
     }
-    let n = results.len();
-    if let Some(u) = request.executor_update.as_mut() {
-        u.allocation_results = results;
+    for (id, took) in first_sends {
+        if let Some(a) = st.allocations.get_mut(&id) {
+            a.timeline.push(TimelineEntry::now(format!(
+                "reported: result on the wire {} µs after it was ready",
+                micros(took)
+            )));
+        }
     }
-    (request, n)
+    drop(st);
+    let mut request = Vec::with_capacity(state.len() + update.len() + 16);
+    encode_key(1, WireType::LengthDelimited, &mut request);
+    encode_varint(state.len() as u64, &mut request);
+    request.extend_from_slice(&state);
+    encode_key(2, WireType::LengthDelimited, &mut request);
+    encode_varint(update.len() as u64, &mut request);
+    request.extend_from_slice(&update);
+    (
+        Report {
+            bytes: request.into(),
+        },
+        carried,
+    )
+}
+
+/// Sends one encoded report.
+async fn send(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    report: Report,
+) -> Result<(), tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("server not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/executor_api_pb.ExecutorAPI/report_executor_state",
+    );
+    grpc.unary(tonic::Request::new(report.bytes), path, BytesCodec)
+        .await
+        .map(|_| ())
+}
+
+/// A client of the server for encoded reports, with the configured
+/// message size limit.
+fn report_client(channel: Channel, max_message_bytes: usize) -> tonic::client::Grpc<Channel> {
+    tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes)
 }
 
 /// Reports now and then every `report_interval`, sooner on change. While
@@ -185,7 +338,7 @@ pub(crate) fn build_request(shared: &Shared) -> (pb::ReportExecutorStateRequest,
 /// off ×3 up to `report_backoff_max` if the server refuses them; during a
 /// backoff, changes (such as new results) wait for the next attempt.
 pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: CancellationToken) {
-    let mut client = client(channel, shared.config.max_server_message_bytes);
+    let mut client = report_client(channel, shared.config.max_server_message_bytes);
     let mut interval;
     let mut backoff = report_backoff(&shared.config);
     let mut fast = unreachable_backoff();
@@ -200,11 +353,11 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
         shared
             .metrics
             .state_report_size
-            .observe(request.encoded_len() as f64);
+            .observe(request.bytes.len() as f64);
         // A report in flight is finished (bounded by its deadline), never
         // dropped on shutdown: a dropped one can still reach the server
         // after the final STOPPED report and undo it.
-        let call = client.report_executor_state(request.clone());
+        let call = send(&mut client, request.clone());
         let outcome = tokio::time::timeout(REPORT_RPC_TIMEOUT, call).await;
         shared
             .metrics
@@ -322,9 +475,9 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
     let Ok(channel) = channel(&shared.config.server_addr) else {
         return;
     };
-    let mut client = client(channel, shared.config.max_server_message_bytes);
+    let mut client = report_client(channel, shared.config.max_server_message_bytes);
     let (request, _) = build_request(shared);
-    match tokio::time::timeout(timeout, client.report_executor_state(request)).await {
+    match tokio::time::timeout(timeout, send(&mut client, request)).await {
         Ok(Ok(_)) => shared.event(
             "stopped",
             &shared.config.executor_id,
@@ -338,6 +491,53 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(feature = "testing")]
+    #[test]
+    fn a_report_decodes_to_the_state_and_carries_its_own_hash() {
+        let s = crate::testing::Synthetic::new(5, 20, 3);
+        let report = pb::ReportExecutorStateRequest::decode(s.build_report()).expect("decodes");
+        let state = report.executor_state.expect("state");
+        assert_eq!(
+            state.state_hash.as_deref(),
+            Some(state_hash(&state).as_str())
+        );
+        let described: Vec<_> = state
+            .function_executor_states
+            .iter()
+            .map(|f| f.description.clone().expect("description"))
+            .collect();
+        assert_eq!(described, s.desired.function_executors);
+        assert!(
+            state
+                .function_executor_states
+                .iter()
+                .all(|f| f.status == Some(pb::FunctionExecutorStatus::Running as i32))
+        );
+        assert_eq!(
+            state.labels.get("os").map(String::as_str),
+            Some(std::env::consts::OS)
+        );
+        let update = report.executor_update.expect("update");
+        assert_eq!(update.executor_id.as_deref(), Some("bench"));
+        assert_eq!(update.allocation_results.len(), 3);
+        // The same state again: the same bytes, so the same hash.
+        let again = pb::ReportExecutorStateRequest::decode(s.build_report()).expect("decodes");
+        assert_eq!(
+            again.executor_state.and_then(|e| e.state_hash),
+            state.state_hash
+        );
+    }
+
+    #[test]
+    fn the_hash_cache_rehashes_only_a_changed_body() {
+        let mut cache = HashCache::default();
+        let a = cache.hash_of(b"one".to_vec());
+        assert_eq!(a, hex::encode(Sha256::digest(b"one")));
+        assert_eq!(cache.hash_of(b"one".to_vec()), a);
+        let b = cache.hash_of(b"two".to_vec());
+        assert_eq!(b, hex::encode(Sha256::digest(b"two")));
+    }
 
     #[test]
     fn hash_ignores_clock_and_changes_with_content() {

@@ -18,6 +18,8 @@ use crate::{AgentConfig, Metrics, pb};
 /// One worker as the agent tracks it.
 pub(crate) struct FeEntry {
     pub description: pb::FunctionExecutorDescription,
+    /// `description`, encoded once for every report to copy.
+    pub description_bytes: bytes::Bytes,
     pub status: pb::FunctionExecutorStatus,
     pub termination_reason: Option<pb::FunctionExecutorTerminationReason>,
     pub blamed: Vec<String>,
@@ -70,6 +72,30 @@ pub(crate) fn unix_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// A result waiting for the server to take it.
+pub(crate) struct PendingResult {
+    pub result: pb::AllocationResult,
+    /// When the agent had it (the start of its share of the cycle).
+    pub ready: Instant,
+    /// Whether a report has carried it yet (its share is then counted).
+    pub sent: bool,
+}
+
+impl PendingResult {
+    pub fn new(result: pb::AllocationResult) -> Self {
+        PendingResult {
+            result,
+            ready: Instant::now(),
+            sent: false,
+        }
+    }
+}
+
+/// Microseconds of `d`, for timeline texts.
+pub(crate) fn micros(d: std::time::Duration) -> u128 {
+    d.as_micros()
+}
+
 pub(crate) struct State {
     pub fes: BTreeMap<String, FeEntry>,
     pub allocations: HashMap<String, AllocEntry>,
@@ -77,11 +103,13 @@ pub(crate) struct State {
     /// last, kept (bounded) so operators can still read their timelines.
     pub recent_allocations: VecDeque<(String, AllocEntry)>,
     /// Results not yet taken by the server, oldest first.
-    pub results: VecDeque<pb::AllocationResult>,
+    pub results: VecDeque<PendingResult>,
     pub server_clock: u64,
     pub status: pb::ExecutorStatus,
-    pub last_desired: Option<(Arc<pb::DesiredExecutorState>, SystemTime)>,
-    pub last_report: Option<(pb::ReportExecutorStateRequest, SystemTime)>,
+    pub last_desired: Option<(Arc<crate::Desired>, SystemTime)>,
+    pub last_report: Option<(crate::report::Report, SystemTime)>,
+    /// The last reported state's hash, reused while the state is unchanged.
+    pub hash_cache: crate::report::HashCache,
     /// Function call results the running allocations wait for.
     pub watches: WatchRegistry,
     /// (major, minor) of the workers' Python, reported as labels.
@@ -139,6 +167,7 @@ impl Shared {
                 status: pb::ExecutorStatus::Running,
                 last_desired: None,
                 last_report: None,
+                hash_cache: Default::default(),
                 watches: WatchRegistry::default(),
                 python_version: None,
             }),
@@ -172,7 +201,7 @@ impl Shared {
                     outcome.0, outcome.1
                 )));
             }
-            st.results.push_back(result);
+            st.results.push_back(PendingResult::new(result));
             // Current during outages too, not only after a report.
             self.metrics.pending_results.set(st.results.len() as i64);
         }
@@ -353,11 +382,12 @@ impl AgentHandle {
 
     /// The last report sent and when, if any.
     pub fn last_report(&self) -> Option<(pb::ReportExecutorStateRequest, SystemTime)> {
-        self.shared.state.lock().last_report.clone()
+        let last = self.shared.state.lock().last_report.clone();
+        last.map(|(r, at)| (r.decode(), at))
     }
 
     /// The last desired state received and when, if any.
-    pub fn last_desired(&self) -> Option<(Arc<pb::DesiredExecutorState>, SystemTime)> {
+    pub fn last_desired(&self) -> Option<(Arc<crate::Desired>, SystemTime)> {
         self.shared.state.lock().last_desired.clone()
     }
 

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::desired::{Decoder, RawCodec};
 use crate::pb;
-use crate::report::client;
 use crate::state::Shared;
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
@@ -30,13 +30,34 @@ fn stream_backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
+/// Opens the stream with raw message bytes as its items (see `desired`).
+async fn open(
+    grpc: &mut tonic::client::Grpc<Channel>,
+    request: pb::GetDesiredExecutorStatesRequest,
+) -> Result<tonic::Response<tonic::codec::Streaming<bytes::Bytes>>, tonic::Status> {
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("server not ready: {e}")))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/executor_api_pb.ExecutorAPI/get_desired_executor_states",
+    );
+    grpc.server_streaming(
+        tonic::Request::new(request),
+        path,
+        RawCodec::<pb::GetDesiredExecutorStatesRequest>::default(),
+    )
+    .await
+}
+
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
     channel: Channel,
-    desired_tx: watch::Sender<Option<std::sync::Arc<pb::DesiredExecutorState>>>,
+    desired_tx: watch::Sender<Option<crate::reconcile::Received>>,
     cancel: CancellationToken,
 ) {
-    let mut client = client(channel, shared.config.max_server_message_bytes);
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_decoding_message_size(shared.config.max_server_message_bytes)
+        .max_encoding_message_size(shared.config.max_server_message_bytes);
     let mut reports_ok = shared.reports_ok.subscribe();
     let mut required_reports = 1u64;
     let mut backoff = stream_backoff();
@@ -57,7 +78,7 @@ pub(crate) async fn run_loop(
         };
         let opened = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(10), client.get_desired_executor_states(request)) => r,
+            r = tokio::time::timeout(Duration::from_secs(10), open(&mut grpc, request)) => r,
         };
         let reason = match opened {
             Err(_) => "opening the stream timed out".to_string(),
@@ -68,6 +89,7 @@ pub(crate) async fn run_loop(
             ),
             Ok(Ok(response)) => {
                 let mut stream = response.into_inner();
+                let mut decoder = Decoder::default();
                 loop {
                     let next = tokio::select! {
                         _ = cancel.cancelled() => return,
@@ -88,10 +110,25 @@ pub(crate) async fn run_loop(
                             );
                         }
                         Ok(Ok(None)) => break "server closed the stream".to_string(),
-                        Ok(Ok(Some(desired))) => {
+                        Ok(Ok(Some(raw))) => {
+                            let received = std::time::Instant::now();
+                            let desired = match decoder.decode(raw) {
+                                Ok((desired, stats)) => {
+                                    shared
+                                        .metrics
+                                        .desired_state_items
+                                        .inc_by(stats.items as u64);
+                                    shared
+                                        .metrics
+                                        .desired_state_items_decoded
+                                        .inc_by(stats.decoded as u64);
+                                    desired
+                                }
+                                Err(e) => break format!("undecodable desired state: {e}"),
+                            };
                             backoff = stream_backoff();
                             shared.metrics.desired_states_received.inc();
-                            desired_tx.send_replace(Some(std::sync::Arc::new(desired)));
+                            desired_tx.send_replace(Some((std::sync::Arc::new(desired), received)));
                         }
                     }
                 }

@@ -151,6 +151,7 @@ impl Synthetic {
                     d.id.clone().unwrap_or_default(),
                     FeEntry {
                         description: d.clone(),
+                        description_bytes: prost::Message::encode_to_vec(d).into(),
                         status: pb::FunctionExecutorStatus::Running,
                         termination_reason: None,
                         blamed: Vec::new(),
@@ -176,7 +177,11 @@ impl Synthetic {
                     },
                 );
             }
-            st.results.extend((0..results).map(result));
+            st.results.extend(
+                (0..results)
+                    .map(result)
+                    .map(crate::state::PendingResult::new),
+            );
         }
         for i in 0..1000 {
             shared.events.push(crate::Event::now(
@@ -195,17 +200,18 @@ impl Synthetic {
 
     /// Applies `desired` (the steady state: everything already matches).
     pub fn apply(&self, desired: &Arc<pb::DesiredExecutorState>) {
-        crate::reconcile::apply(&self.shared, desired);
+        let desired = Arc::new(crate::Desired::from((**desired).clone()));
+        crate::reconcile::apply(&self.shared, &desired, std::time::Instant::now());
     }
 
     /// Builds the next state report.
-    pub fn build_report(&self) -> pb::ReportExecutorStateRequest {
-        crate::report::build_request(&self.shared).0
+    pub fn build_report(&self) -> bytes::Bytes {
+        crate::report::build_request(&self.shared).0.bytes
     }
 
     /// The agent's `ExecutorState` (hash included).
     pub fn executor_state(&self) -> pb::ExecutorState {
-        let st = self.shared.state.lock();
-        crate::report::executor_state(&self.shared, &st)
+        let mut st = self.shared.state.lock();
+        crate::report::executor_state(&self.shared, &mut st)
     }
 }

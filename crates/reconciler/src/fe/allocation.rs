@@ -177,6 +177,7 @@ pub(crate) async fn run(
     mut client: FunctionExecutorClient<Channel>,
     allocation_timeout: Duration,
     alloc: pb::Allocation,
+    ready: Instant,
 ) -> AllocOutcome {
     let blobs = &shared.config.blob_store;
     let alloc_id = alloc.allocation_id.clone().unwrap_or_default();
@@ -284,6 +285,7 @@ pub(crate) async fn run(
         allocation_timeout,
         guard,
     );
+    note_handed_over(&shared, &alloc_id, ready);
     let outcome = runner.drive(request).await;
     let mut guard = runner.into_uploads();
     let mut uploads = guard.disarm();
@@ -497,6 +499,22 @@ struct Runner<'a> {
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     /// Nested calls on their way to the server (made on first use).
     calls: Option<calls::Sender>,
+}
+
+/// Counts the agent's share from `ready` until the worker is asked to run
+/// the allocation, as a metric and a timeline stamp.
+fn note_handed_over(shared: &Shared, alloc_id: &str, ready: Instant) {
+    let took = ready.elapsed();
+    shared
+        .metrics
+        .cycle_desired_to_running
+        .observe(took.as_secs_f64());
+    if let Some(a) = shared.state.lock().allocations.get_mut(alloc_id) {
+        a.timeline.push(crate::state::TimelineEntry::now(format!(
+            "handed to the worker {} µs after it could start",
+            crate::state::micros(took)
+        )));
+    }
 }
 
 /// The next outcome of a nested call, if any are in flight.

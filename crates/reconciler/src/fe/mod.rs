@@ -51,7 +51,8 @@ type Reason = pb::FunctionExecutorTerminationReason;
 
 /// What the reconciler tells a controller.
 pub(crate) enum FeCommand {
-    Run(Box<pb::Allocation>),
+    /// An allocation and when the desired state that brought it arrived.
+    Run(Box<pb::Allocation>, Instant),
     Cancel(String),
     Shutdown,
 }
@@ -95,7 +96,7 @@ fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
             .iter()
             .flat_map(|(d, _)| d.allocations.iter())
             .filter(|a| unfinished(a.allocation_id.as_deref().unwrap_or("")))
-            .cloned()
+            .map(|a| (**a).clone())
             .collect()
     };
     for a in orphans {
@@ -140,6 +141,15 @@ struct Live {
     client: FunctionExecutorClient<Channel>,
 }
 
+/// An allocation waiting for a slot on its worker.
+struct Queued {
+    alloc: pb::Allocation,
+    /// When it could have started: its arrival if a slot was free then;
+    /// `None` while it waits for a slot or the worker (the wait is the
+    /// worker's, not the agent's share of the cycle).
+    ready: Option<Instant>,
+}
+
 struct Running {
     alloc: pb::Allocation,
     task: tokio::task::AbortHandle,
@@ -152,7 +162,7 @@ struct Controller {
     shared: Arc<Shared>,
     id: String,
     desc: pb::FunctionExecutorDescription,
-    queue: VecDeque<pb::Allocation>,
+    queue: VecDeque<Queued>,
     running: HashMap<String, Running>,
     tasks: JoinSet<(String, AllocOutcome)>,
     live: Option<Live>,
@@ -212,7 +222,7 @@ impl Controller {
                 // is queued (and blamed) before a startup failure is handled.
                 biased;
                 cmd = rx.recv() => match cmd {
-                    Some(FeCommand::Run(a)) => self.queue.push_back(*a),
+                    Some(FeCommand::Run(a, _)) => self.queue.push_back(Queued { alloc: *a, ready: None }),
                     Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
                     Some(FeCommand::Shutdown) | None => break true,
                 },
@@ -235,8 +245,8 @@ impl Controller {
                                 _ => pb::AllocationFailureReason::StartupFailedInternalError,
                             };
                             self.startup_failure = Some(startup_reason);
-                            let blamed: Vec<String> = self.queue.iter().filter_map(|a| a.allocation_id.clone()).collect();
-                            for a in std::mem::take(&mut self.queue) {
+                            let blamed: Vec<String> = self.queue.iter().filter_map(|q| q.alloc.allocation_id.clone()).collect();
+                            for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
                                 self.shared.push_result(failed_result(&a, startup_reason, None));
                             }
                             self.mark_terminated(reason, blamed);
@@ -260,7 +270,7 @@ impl Controller {
                 process::signal_group(pid, Signal::SIGKILL);
             }
             self.shared.config.gpu_pool.release(&self.id);
-            for a in std::mem::take(&mut self.queue) {
+            for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
                 self.shared.push_result(failed_result(
                     &a,
                     pb::AllocationFailureReason::FunctionExecutorTerminated,
@@ -280,13 +290,14 @@ impl Controller {
             let alive = self.live.is_some();
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(FeCommand::Run(a)) => {
+                    Some(FeCommand::Run(a, received)) => {
                         if self.terminated {
                             self.alloc_note(a.allocation_id.as_deref().unwrap_or(""), AllocPhase::Finished, "function executor is terminated");
                             let why = self.startup_failure.unwrap_or(pb::AllocationFailureReason::FunctionExecutorTerminated);
                             self.shared.push_result(failed_result(&a, why, None));
                         } else {
-                            self.queue.push_back(*a);
+                            let free = self.queue.is_empty() && self.running.len() < self.max_concurrency();
+                            self.queue.push_back(Queued { alloc: *a, ready: free.then_some(received) });
                         }
                     }
                     Some(FeCommand::Cancel(id)) => {
@@ -338,7 +349,7 @@ impl Controller {
                 None,
             ));
         }
-        for a in std::mem::take(&mut self.queue) {
+        for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
             self.shared.push_result(failed_result(
                 &a,
                 pb::AllocationFailureReason::FunctionExecutorTerminated,
@@ -405,8 +416,8 @@ impl Controller {
         if let Some(pos) = self
             .queue
             .iter()
-            .position(|a| a.allocation_id.as_deref() == Some(id))
-            && let Some(a) = self.queue.remove(pos)
+            .position(|q| q.alloc.allocation_id.as_deref() == Some(id))
+            && let Some(Queued { alloc: a, .. }) = self.queue.remove(pos)
         {
             self.shared.push_result(failed_result(
                 &a,
@@ -419,9 +430,10 @@ impl Controller {
     fn start_queued(&mut self) {
         let Some(live) = &self.live else { return };
         while self.running.len() < self.max_concurrency() {
-            let Some(a) = self.queue.pop_front() else {
+            let Some(Queued { alloc: a, ready }) = self.queue.pop_front() else {
                 break;
             };
+            let ready = ready.unwrap_or_else(Instant::now);
             let id = a.allocation_id.clone().unwrap_or_default();
             self.shared.metrics.allocations_started.inc();
             self.shared.metrics.allocations_running.inc();
@@ -434,6 +446,7 @@ impl Controller {
                 live.client.clone(),
                 self.allocation_timeout(),
                 a.clone(),
+                ready,
             );
             let task_id = id.clone();
             let handle = self.tasks.spawn(async move { (task_id, fut.await) });
@@ -582,7 +595,7 @@ impl Controller {
             let why = sibling_reason(&id, reason, &blamed, cancelled);
             self.shared.push_result(failed_result(&r.alloc, why, None));
         }
-        for a in std::mem::take(&mut self.queue) {
+        for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
             self.shared.push_result(failed_result(
                 &a,
                 pb::AllocationFailureReason::FunctionExecutorTerminated,
