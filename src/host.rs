@@ -158,6 +158,17 @@ pub struct BlobMetrics {
     errors: Family<Labels, prometheus_client::metrics::counter::Counter>,
     bytes: Family<Labels, prometheus_client::metrics::counter::Counter>,
     latency: Family<Labels, prometheus_client::metrics::histogram::Histogram>,
+    /// Each operation's series, looked up once: a family lookup hashes a
+    /// freshly allocated label set, and an allocation makes a dozen blob
+    /// operations.
+    series: Mutex<Vec<(&'static str, Arc<OpSeries>)>>,
+}
+
+/// The series of one blob operation (sharing the families' values).
+struct OpSeries {
+    requests: prometheus_client::metrics::counter::Counter,
+    bytes: prometheus_client::metrics::counter::Counter,
+    latency: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl BlobMetrics {
@@ -171,6 +182,7 @@ impl BlobMetrics {
                     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.5, 14),
                 )
             }),
+            series: Mutex::new(Vec::new()),
         };
         registry.register(
             "blob_store_requests",
@@ -196,14 +208,32 @@ impl BlobMetrics {
     }
 }
 
+impl BlobMetrics {
+    fn series(&self, op: &'static str) -> Arc<OpSeries> {
+        let mut known = self.series.lock();
+        if let Some((_, s)) = known.iter().find(|(name, _)| *name == op) {
+            return s.clone();
+        }
+        let labels = vec![("operation".to_string(), op.to_string())];
+        let s = Arc::new(OpSeries {
+            requests: self.requests.get_or_create(&labels).clone(),
+            bytes: self.bytes.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+        });
+        known.push((op, s.clone()));
+        s
+    }
+}
+
 impl steward_blob_store::BlobObserver for BlobMetrics {
     fn observe(&self, op: &'static str, ok: bool, seconds: f64, bytes: u64) {
-        let labels = vec![("operation".to_string(), op.to_string())];
-        self.requests.get_or_create(&labels).inc();
+        let series = self.series(op);
+        series.requests.inc();
         if !ok {
+            let labels = vec![("operation".to_string(), op.to_string())];
             self.errors.get_or_create(&labels).inc();
         }
-        self.bytes.get_or_create(&labels).inc_by(bytes);
-        self.latency.get_or_create(&labels).observe(seconds);
+        series.bytes.inc_by(bytes);
+        series.latency.observe(seconds);
     }
 }

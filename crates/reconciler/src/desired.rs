@@ -88,7 +88,9 @@ impl<T: Message + Default> Seen<T> {
 
     /// Ends a message: its items become the previous ones.
     fn roll(&mut self) {
-        self.previous = std::mem::take(&mut self.current);
+        // Swapped, not replaced: both maps keep their capacity.
+        std::mem::swap(&mut self.previous, &mut self.current);
+        self.current.clear();
     }
 
     /// Forgets a message that failed half way.

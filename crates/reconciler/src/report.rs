@@ -236,6 +236,7 @@ fn encoded_state(shared: &Shared, st: &mut State) -> Vec<u8> {
 }
 
 /// The agent's `ExecutorState`, hash and clock included.
+#[cfg(feature = "testing")]
 pub(crate) fn executor_state(shared: &Shared, st: &mut State) -> pb::ExecutorState {
     let bytes = encoded_state(shared, st);
     pb::ExecutorState::decode(bytes.as_slice()).unwrap_or_default()

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
+use super::conn::WorkerClient;
 use super::{calls, plan, request_state};
-use crate::fe_pb::function_executor_client::FunctionExecutorClient;
 use crate::state::Shared;
 use crate::watches::{Delivery, Waiter};
 use crate::{fe_pb, pb};
@@ -174,7 +173,7 @@ fn ceil_ms(d: Duration) -> u64 {
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut client: FunctionExecutorClient<Channel>,
+    mut client: WorkerClient,
     allocation_timeout: Duration,
     alloc: pb::Allocation,
     ready: Instant,
@@ -488,7 +487,7 @@ async fn with_deadline<T>(
 /// uploads and the watchers while the allocation runs.
 struct Runner<'a> {
     shared: Arc<Shared>,
-    client: &'a mut FunctionExecutorClient<Channel>,
+    client: &'a mut WorkerClient,
     alloc: &'a pb::Allocation,
     alloc_id: String,
     allocation_timeout: Duration,
@@ -528,7 +527,7 @@ async fn next_call(calls: &mut Option<calls::Sender>) -> (String, Result<(), cal
 impl<'a> Runner<'a> {
     fn new(
         shared: Arc<Shared>,
-        client: &'a mut FunctionExecutorClient<Channel>,
+        client: &'a mut WorkerClient,
         alloc: &'a pb::Allocation,
         allocation_timeout: Duration,
         uploads: OpenUploads,
@@ -1092,7 +1091,7 @@ impl Drop for Watchers {
 }
 
 async fn send_update(
-    client: &mut FunctionExecutorClient<Channel>,
+    client: &mut WorkerClient,
     alloc_id: &str,
     update: fe_pb::allocation_update::Update,
 ) -> Result<(), Driven> {
