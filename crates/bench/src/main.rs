@@ -939,6 +939,14 @@ async fn cycle_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> 
             "desired state received → allocation running",
         ),
     ] {
+        if let Some(ms) = histogram_leg_mean_ms(&text, "steward_agent_cycle_seconds", leg) {
+            t.add(
+                &format!("{label}: agent share, {what}, mean"),
+                "ms",
+                Agent::Steward,
+                ms,
+            );
+        }
         if let Some(ms) = histogram_quantile_ms(&text, "steward_agent_cycle_seconds", leg, 0.99) {
             t.add(
                 &format!("{label}: agent share, {what}, p99 (bucket bound)"),
@@ -949,6 +957,18 @@ async fn cycle_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> 
         }
     }
     Some(())
+}
+
+/// Mean, in ms, of the series `leg="{leg}"` of histogram `name`.
+fn histogram_leg_mean_ms(text: &str, name: &str, leg: &str) -> Option<f64> {
+    let series = format!("leg=\"{leg}\"");
+    let value = |suffix: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{suffix}{{")) && l.contains(&series))
+            .find_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+    };
+    let (sum, count) = (value("_sum")?, value("_count")?);
+    (count > 0.0).then(|| sum / count * 1000.0)
 }
 
 /// The upper bound, in ms, of the bucket of histogram `name` (series

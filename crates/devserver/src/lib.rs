@@ -49,8 +49,8 @@
 //! one queue per function executor in the order they became runnable
 //! (functions do not wait for each other); a slot frees when its allocation
 //! leaves the desired state (a result, a cancel or undeploy, a failed
-//! request), and the oldest pending run takes it in the same published
-//! state that removes the finished allocation. A run that calls its own
+//! request), and the oldest pending run takes it in the next published
+//! state, after the one that removes the finished allocation. A run that calls its own
 //! function waits for a slot like any other: with `max_concurrency` 1 a
 //! parent blocked on such a child waits for ever, as the real server's does
 //! once it cannot add a container.
@@ -61,8 +61,9 @@
 //! the latest state only and a slow reader skips superseded ones. The
 //! changes: an allocation placed (invocation, `call_function`, a call whose
 //! arguments became ready, each when its worker has a free slot), a result
-//! (its allocation removed, and the pending runs that fit placed, in the
-//! same state), a watched call's result, a worker terminated, a cancel or
+//! (its allocation removed; then, as a change of its own, the pending runs
+//! that fit placed: two states, as the real server's cadence of about two
+//! messages per allocation shows), a watched call's result, a worker terminated, a cancel or
 //! undeploy, an executor expired; and a stream opening gets a full state at
 //! once. `GET /v1/stats` counts them, cumulative
 //! since start: `desired_states_published`, `desired_states_sent` (messages

@@ -364,9 +364,15 @@ impl Cadence {
     /// Asserts that the last operation published exactly one more full
     /// state, with a higher clock, to the subscriber; returns it.
     fn step(&mut self, p: &Plane, what: &str) -> pb::DesiredExecutorState {
+        self.steps(p, 1, what)
+    }
+
+    /// As `step`, for an operation that published `n` full states (the
+    /// subscriber sees the last).
+    fn steps(&mut self, p: &Plane, n: u64, what: &str) -> pb::DesiredExecutorState {
         let d = self.sub.desired.borrow().clone();
-        assert_eq!(p.published(), self.published + 1, "{what}: one publish");
-        self.published += 1;
+        assert_eq!(p.published(), self.published + n, "{what}: {n} publish(es)");
+        self.published += n;
         let clock = d.clock.expect("clock");
         let last = *self.clocks.last().expect("a clock");
         assert!(
@@ -401,10 +407,10 @@ async fn a_full_state_with_a_higher_clock_is_published_on_every_change() {
     c.unchanged(&p, "invocation while the worker is full");
     assert!(p.allocation(&r2).is_none());
 
-    // Result: published without its allocation and with the waiting run in
-    // the freed slot, in one state.
+    // Result: published without its allocation, then with the waiting run
+    // in the freed slot (two changes on the real server, two states).
     p.succeed(&r1, vec![]).await;
-    let d = c.step(&p, "result that frees the slot");
+    let d = c.steps(&p, 2, "result that frees the slot");
     assert!(p.allocation(&r1).is_none());
     assert!(p.allocation(&r2).is_some());
     assert_eq!(
@@ -421,7 +427,7 @@ async fn a_full_state_with_a_higher_clock_is_published_on_every_change() {
     p.call(&r2, &r2, "d2", Some("d1")).await;
     c.unchanged(&p, "waiting call");
 
-    // d1's result removes its allocation and places d2 in the same state.
+    // d1's result removes its allocation, then d2 is placed: two states.
     let watch = pb::FunctionCallWatch {
         namespace: Some(NS.into()),
         application: Some(APP.into()),
@@ -429,7 +435,7 @@ async fn a_full_state_with_a_higher_clock_is_published_on_every_change() {
         function_call_id: Some("d2".into()),
     };
     p.succeed("d1", vec![watch.clone()]).await;
-    c.step(&p, "result that makes the next call runnable");
+    c.steps(&p, 2, "result that makes the next call runnable");
     assert!(p.allocation("d1").is_none());
     assert!(p.allocation("d2").is_some());
 

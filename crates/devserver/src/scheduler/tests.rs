@@ -1084,7 +1084,7 @@ fn ids(ids: &[&str]) -> BTreeSet<String> {
 }
 
 #[tokio::test]
-async fn a_full_worker_gets_the_next_run_in_the_state_that_frees_its_slot() {
+async fn a_full_worker_gets_the_next_run_in_the_state_after_the_one_that_frees_its_slot() {
     let p = plane().await; // max_concurrency 1
     let r1 = p.invoke().await;
     let published = p.published();
@@ -1099,7 +1099,11 @@ async fn a_full_worker_gets_the_next_run_in_the_state_that_frees_its_slot() {
     assert_eq!(p.sched.stats()["runs_pending"], 1);
 
     p.result(&r1, value(p.payload("out1", "1"))).await;
-    assert_eq!(p.published(), published + 1, "one message");
+    assert_eq!(
+        p.published(),
+        published + 2,
+        "two messages: the removal, then the placement"
+    );
     assert_eq!(p.allocated(), ids(&[&r2]), "r1 removed, r2 placed");
     assert_eq!(p.sched.stats()["runs_pending"], 0);
     p.result(&r2, value(p.payload("out2", "2"))).await;
@@ -1121,7 +1125,11 @@ async fn a_worker_holds_at_most_max_concurrency_allocations_oldest_first() {
     assert_eq!(p.sched.stats()["runs_pending"], 2);
     let published = p.published();
     p.result(&r[1], value(p.payload("out1", "1"))).await;
-    assert_eq!(p.published(), published + 1, "one message");
+    assert_eq!(
+        p.published(),
+        published + 2,
+        "two messages: the removal, then the placement"
+    );
     assert_eq!(p.allocated(), ids(&[&r[0], &r[2], &r[3]]));
     p.result(&r[0], value(p.payload("out0", "0"))).await;
     assert_eq!(p.allocated(), ids(&[&r[2], &r[3], &r[4]]));
@@ -1176,9 +1184,10 @@ async fn cancelling_frees_the_slot_and_drops_waiting_runs() {
         p.outcome(&r[1]).failure_reason.as_deref(),
         Some("ALLOCATION_CANCELLED")
     );
-    // Withdrawing the placed one frees its slot in the same message.
+    // Withdrawing the placed one frees its slot: the removal, then the
+    // placement.
     p.sched.cancel(&r[0]).await.expect("cancel placed");
-    assert_eq!(p.published(), published + 1, "one message");
+    assert_eq!(p.published(), published + 2, "two messages");
     assert_eq!(p.allocated(), ids(&[&r[2]]));
     p.result(&r[2], value(p.payload("out2", "2"))).await;
     assert_eq!(p.allocated(), ids(&[&r[3]]));
