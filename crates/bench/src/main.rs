@@ -36,6 +36,8 @@ struct Env {
     repo: PathBuf,
     /// A directory whose `function-executor` is the fake worker (for the reference).
     fake_path_dir: tempfile::TempDir,
+    /// A command Steward runs under (a profiler), from `--steward-wrapper`.
+    wrapper: Vec<String>,
 }
 
 struct Plane {
@@ -240,7 +242,7 @@ fn clock_ticks() -> f64 {
 
 impl AgentProc {
     fn start(env: &Env, agent: Agent, plane: &Plane, worker: Worker) -> Result<AgentProc> {
-        Self::start_wrapped(env, agent, plane, worker, &[])
+        Self::start_wrapped(env, agent, plane, worker, &env.wrapper)
     }
 
     /// Starts the agent under `wrapper` (a program and its arguments, such
@@ -1081,6 +1083,23 @@ fn callgrind_control(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Which agent `--agent` measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum AgentChoice {
+    Steward,
+    Reference,
+}
+
+impl AgentChoice {
+    fn admits(choice: Option<AgentChoice>, agent: Agent) -> bool {
+        match choice {
+            None => true,
+            Some(AgentChoice::Steward) => agent == Agent::Steward,
+            Some(AgentChoice::Reference) => agent == Agent::Reference,
+        }
+    }
+}
+
 /// Which scenario `--only` runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Scenario {
@@ -1129,6 +1148,14 @@ struct Cli {
     /// Run one scenario only
     #[arg(long, value_enum)]
     only: Option<Scenario>,
+    /// Run Steward under this command, split at spaces (a profiler, e.g.
+    /// "heaptrack -o target/bench/heaptrack"); its numbers then measure
+    /// the profiler too
+    #[arg(long)]
+    steward_wrapper: Option<String>,
+    /// Measure one agent only (a quick look; ratios need both)
+    #[arg(long, value_enum)]
+    agent: Option<AgentChoice>,
     /// Also write the table to this file
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1179,6 +1206,11 @@ async fn run(cli: Cli) -> Result<()> {
         venv,
         repo,
         fake_path_dir,
+        wrapper: cli
+            .steward_wrapper
+            .as_deref()
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default(),
     };
     check(&env.steward)?;
     check(&env.fake_worker)?;
@@ -1193,6 +1225,9 @@ async fn run(cli: Cli) -> Result<()> {
             [Agent::Reference, Agent::Steward]
         };
         for agent in order {
+            if !AgentChoice::admits(cli.agent, agent) {
+                continue;
+            }
             eprintln!("round {}/{rounds}: {agent:?}", round + 1);
             for worker in [Worker::Real, Worker::Fake] {
                 if !wanted(Scenario::Latency) {
@@ -1250,6 +1285,9 @@ async fn run(cli: Cli) -> Result<()> {
     for agent in [Agent::Steward, Agent::Reference] {
         if !wanted(Scenario::Scale) {
             break;
+        }
+        if !AgentChoice::admits(cli.agent, agent) {
+            continue;
         }
         eprintln!("scale: {agent:?}");
         if let Err(e) = scale(

@@ -226,11 +226,14 @@ impl BlobStore {
         }
     }
 
+    /// Runs `fut` (boxed by every caller: the operations' state machines
+    /// are then a few words wherever they are awaited, instead of the
+    /// largest backend's future inline) and reports it to the observer.
     async fn timed<T>(
         &self,
         op: &'static str,
         bytes: impl Fn(&T) -> u64,
-        fut: impl std::future::Future<Output = Result<T, BlobError>>,
+        fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, BlobError>> + Send + '_>>,
     ) -> Result<T, BlobError> {
         let started = std::time::Instant::now();
         let r = fut.await;
@@ -256,35 +259,47 @@ impl BlobStore {
 
     /// Size of the blob at `uri`, or `None` when it does not exist.
     pub async fn head(&self, uri: &str) -> Result<Option<u64>, BlobError> {
-        self.timed("head", |_| 0, async {
-            match Self::scheme(uri)? {
-                Scheme::File => self.local.head(uri).await,
-                Scheme::S3 => self.s3.head(uri).await,
-            }
-        })
+        self.timed(
+            "head",
+            |_| 0,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.head(uri).await,
+                    Scheme::S3 => self.s3.head(uri).await,
+                }
+            }),
+        )
         .await
     }
 
     /// Reads a whole blob.
     pub async fn get(&self, uri: &str) -> Result<Bytes, BlobError> {
-        self.timed("get", |b: &Bytes| b.len() as u64, async {
-            match Self::scheme(uri)? {
-                Scheme::File => self.local.get(uri).await,
-                Scheme::S3 => self.s3.get(uri).await,
-            }
-        })
+        self.timed(
+            "get",
+            |b: &Bytes| b.len() as u64,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.get(uri).await,
+                    Scheme::S3 => self.s3.get(uri).await,
+                }
+            }),
+        )
         .await
     }
 
     /// Writes a whole blob, replacing any previous content.
     pub async fn put(&self, uri: &str, data: Bytes) -> Result<(), BlobError> {
         let len = data.len() as u64;
-        self.timed("put", |_| len, async {
-            match Self::scheme(uri)? {
-                Scheme::File => self.local.put(uri, data).await,
-                Scheme::S3 => self.s3.put(uri, data).await,
-            }
-        })
+        self.timed(
+            "put",
+            |_| len,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.put(uri, data).await,
+                    Scheme::S3 => self.s3.put(uri, data).await,
+                }
+            }),
+        )
         .await
     }
 
@@ -296,33 +311,41 @@ impl BlobStore {
         size: u64,
         valid_for: Duration,
     ) -> Result<Vec<Chunk>, BlobError> {
-        self.timed("presign_read", |_| 0, async {
-            let url = match Self::scheme(uri)? {
-                Scheme::File => {
-                    self.local.resolve(uri)?;
-                    uri.to_string()
-                }
-                Scheme::S3 => self.s3.presign_get(uri, self.ttl_for(valid_for)).await?,
-            };
-            Ok(read_chunk_sizes_with(size, self.chunk_bytes)
-                .into_iter()
-                .map(|size| Chunk {
-                    uri: url.clone(),
-                    size,
-                })
-                .collect())
-        })
+        self.timed(
+            "presign_read",
+            |_| 0,
+            Box::pin(async {
+                let url = match Self::scheme(uri)? {
+                    Scheme::File => {
+                        self.local.resolve(uri)?;
+                        uri.to_string()
+                    }
+                    Scheme::S3 => self.s3.presign_get(uri, self.ttl_for(valid_for)).await?,
+                };
+                Ok(read_chunk_sizes_with(size, self.chunk_bytes)
+                    .into_iter()
+                    .map(|size| Chunk {
+                        uri: url.clone(),
+                        size,
+                    })
+                    .collect())
+            }),
+        )
         .await
     }
 
     /// Starts a multipart upload to `uri` and returns its upload id.
     pub async fn create_multipart(&self, uri: &str) -> Result<String, BlobError> {
-        self.timed("create_multipart", |_| 0, async {
-            match Self::scheme(uri)? {
-                Scheme::File => self.local.create_upload(uri).await,
-                Scheme::S3 => self.s3.create_multipart(uri).await,
-            }
-        })
+        self.timed(
+            "create_multipart",
+            |_| 0,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.create_upload(uri).await,
+                    Scheme::S3 => self.s3.create_multipart(uri).await,
+                }
+            }),
+        )
         .await
     }
 
@@ -336,39 +359,43 @@ impl BlobStore {
         size: u64,
         valid_for: Duration,
     ) -> Result<Vec<Chunk>, BlobError> {
-        self.timed("presign_write", |_| 0, async {
-            let parts = write_part_count(size, self.chunk_bytes);
-            if parts > MAX_PARTS {
-                return Err(BlobError::TooManyParts {
-                    uri: uri.to_string(),
-                    size,
-                    parts,
-                    max: MAX_PARTS,
-                });
-            }
-            let sizes = write_part_sizes_with(size, self.chunk_bytes);
-            match Self::scheme(uri)? {
-                Scheme::File => {
-                    let staged = self.local.staging_uri(uri, upload_id)?;
-                    Ok(sizes
-                        .into_iter()
-                        .map(|size| Chunk {
-                            uri: staged.clone(),
-                            size,
-                        })
-                        .collect())
+        self.timed(
+            "presign_write",
+            |_| 0,
+            Box::pin(async {
+                let parts = write_part_count(size, self.chunk_bytes);
+                if parts > MAX_PARTS {
+                    return Err(BlobError::TooManyParts {
+                        uri: uri.to_string(),
+                        size,
+                        parts,
+                        max: MAX_PARTS,
+                    });
                 }
-                Scheme::S3 => {
-                    let ttl = self.ttl_for(valid_for);
-                    let mut chunks = Vec::with_capacity(sizes.len());
-                    for (i, size) in sizes.into_iter().enumerate() {
-                        let url = self.s3.presign_part(uri, upload_id, i + 1, ttl).await?;
-                        chunks.push(Chunk { uri: url, size });
+                let sizes = write_part_sizes_with(size, self.chunk_bytes);
+                match Self::scheme(uri)? {
+                    Scheme::File => {
+                        let staged = self.local.staging_uri(uri, upload_id)?;
+                        Ok(sizes
+                            .into_iter()
+                            .map(|size| Chunk {
+                                uri: staged.clone(),
+                                size,
+                            })
+                            .collect())
                     }
-                    Ok(chunks)
+                    Scheme::S3 => {
+                        let ttl = self.ttl_for(valid_for);
+                        let mut chunks = Vec::with_capacity(sizes.len());
+                        for (i, size) in sizes.into_iter().enumerate() {
+                            let url = self.s3.presign_part(uri, upload_id, i + 1, ttl).await?;
+                            chunks.push(Chunk { uri: url, size });
+                        }
+                        Ok(chunks)
+                    }
                 }
-            }
-        })
+            }),
+        )
         .await
     }
 
@@ -379,23 +406,31 @@ impl BlobStore {
         upload_id: &str,
         etags: &[String],
     ) -> Result<(), BlobError> {
-        self.timed("complete_multipart", |_| 0, async {
-            match Self::scheme(uri)? {
-                Scheme::File => self.local.complete_upload(uri, upload_id).await,
-                Scheme::S3 => self.s3.complete_multipart(uri, upload_id, etags).await,
-            }
-        })
+        self.timed(
+            "complete_multipart",
+            |_| 0,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.complete_upload(uri, upload_id).await,
+                    Scheme::S3 => self.s3.complete_multipart(uri, upload_id, etags).await,
+                }
+            }),
+        )
         .await
     }
 
     /// Abandons an upload; for `file://` the staging file is removed.
     pub async fn abort_multipart(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
-        self.timed("abort_multipart", |_| 0, async {
-            match Self::scheme(uri)? {
-                Scheme::File => self.local.abort_upload(uri, upload_id).await,
-                Scheme::S3 => self.s3.abort_multipart(uri, upload_id).await,
-            }
-        })
+        self.timed(
+            "abort_multipart",
+            |_| 0,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.abort_upload(uri, upload_id).await,
+                    Scheme::S3 => self.s3.abort_multipart(uri, upload_id).await,
+                }
+            }),
+        )
         .await
     }
 }
