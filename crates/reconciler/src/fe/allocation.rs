@@ -620,14 +620,21 @@ impl<'a> Runner<'a> {
                 break r;
             }
         };
+        // The worker forgets the allocation while its result goes on: the
+        // result does not wait a round trip for the acknowledgement (the
+        // call ends within RPC_TIMEOUT, or with the worker's connection).
         let delete = fe_pb::DeleteAllocationRequest {
             allocation_id: Some(self.alloc_id.clone()),
         };
-        if let Err(d) =
-            with_deadline("delete_allocation", self.client.delete_allocation(delete)).await
-        {
-            tracing::warn!(allocation = %self.alloc_id, error = %d.message, "delete_allocation failed");
-        }
+        let mut client = self.client.clone();
+        let alloc_id = self.alloc_id.clone();
+        tokio::spawn(async move {
+            if let Err(d) =
+                with_deadline("delete_allocation", client.delete_allocation(delete)).await
+            {
+                tracing::warn!(allocation = %alloc_id, error = %d.message, "delete_allocation failed");
+            }
+        });
         Ok(result)
     }
 
