@@ -770,6 +770,7 @@ async fn scale(
     }
     let proc = AgentProc::start(env, agent, &plane, Worker::Fake)?;
     plane.wait_executor().await?;
+    let cpu0 = proc.cpu_seconds();
     let started = Instant::now();
     for app in &apps {
         plane.batch(app, "noop", allocations / workers).await?;
@@ -801,12 +802,20 @@ async fn scale(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     match plane.drain(limit.saturating_sub(started.elapsed())).await {
-        Ok(_) => t.add(
-            &format!("{label}: drain (all finished)"),
-            "s",
-            agent,
-            started.elapsed().as_secs_f64(),
-        ),
+        Ok(_) => {
+            t.add(
+                &format!("{label}: drain (all finished)"),
+                "s",
+                agent,
+                started.elapsed().as_secs_f64(),
+            );
+            t.add(
+                &format!("{label}: agent CPU per 1,000 allocations"),
+                "CPU s",
+                agent,
+                (proc.cpu_seconds() - cpu0) * 1000.0 / (allocations / workers * workers) as f64,
+            );
+        }
         Err(e) => t.fail(
             &format!("{label}: drain (all finished)"),
             agent,

@@ -773,9 +773,12 @@ async fn start(
                 )));
             }
             Err(_) => {
-                // Fast workers listen within milliseconds: poll quickly at first.
+                // Fast workers listen within milliseconds: poll quickly at
+                // first; a Python worker takes about half a second, and
+                // polling it every 20 ms (a refused loopback connect costs
+                // microseconds) adds 10 ms on average, not 50.
                 tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(Duration::from_millis(100));
+                retry = (retry * 2).min(Duration::from_millis(20));
             }
         }
     };
