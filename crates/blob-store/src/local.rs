@@ -174,7 +174,11 @@ impl LocalRoots {
     /// nobody sees the blob before it is complete and an aborted upload
     /// never touches a blob written before.
     pub async fn create_upload(&self, uri: &str) -> Result<String, BlobError> {
-        self.prepare_write(uri).await?;
+        // Checked, not created: the worker makes the directories it writes
+        // into (as tensorlake's file store does), and a directory is a new
+        // inode, which on ext4 cost more than the rest of the agent's work
+        // per allocation (BENCHMARKS.md, issue 12).
+        self.resolve(uri)?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = std::time::SystemTime::now()
@@ -204,14 +208,17 @@ impl LocalRoots {
     /// wrote to becomes an empty blob).
     pub async fn complete_upload(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
         let staged = self.resolve(&self.staging_uri(uri, upload_id)?)?;
-        let path = self.prepare_write(uri).await?;
+        let path = self.resolve(uri)?;
         let io = |source| BlobError::Io {
             uri: uri.to_string(),
             source,
         };
+        // The staging file sits next to the blob: its directory exists
+        // when the worker wrote anything.
         match std::fs::rename(&staged, &path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let path = self.prepare_write(uri).await?;
                 std::fs::write(&path, b"").map_err(io)
             }
             Err(e) => Err(io(e)),

@@ -263,12 +263,16 @@ mod tests {
         };
         let blob = p.blob.expect("blob");
         assert_eq!(blob.id.as_deref(), Some("w1"));
-        // The worker writes the chunk.
+        // The worker writes the chunk, making its directories as
+        // tensorlake's file store does.
         let path = blob.chunks[0]
             .uri
             .as_deref()
             .and_then(|u| u.strip_prefix("file://"))
             .expect("file uri");
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(dir).expect("worker's directories");
+        }
         std::fs::write(path, b"hello").expect("write chunk");
         // Not visible before the commit.
         let read = fe_pb::AllocationRequestStatePrepareReadOperation {};
