@@ -6,7 +6,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use steward_reconciler::state_hash;
-use steward_reconciler::testing::Synthetic;
+use steward_reconciler::testing::{DesiredDecoder, Synthetic};
 
 fn hot_paths(c: &mut Criterion) {
     let s = Synthetic::new(500, 10_000, 100);
@@ -28,10 +28,31 @@ fn hot_paths(c: &mut Criterion) {
     });
 
     let big = Synthetic::new(1_000, 10_000, 0);
-    let desired = big.desired.clone();
+    let desired = big.received();
     c.bench_function("desired_state_diff/1000_workers_10k_allocations", |b| {
         b.iter(|| big.apply(&desired))
     });
+
+    // What the stream does with each message: prost decodes all of it; the
+    // incremental decoder only what changed (here, nothing but the clock).
+    let raw: bytes::Bytes = prost::Message::encode_to_vec(&*big.desired).into();
+    c.bench_function(
+        "desired_state_decode/prost_whole/1000_workers_10k_allocations",
+        |b| {
+            b.iter(|| {
+                <steward_reconciler::pb::DesiredExecutorState as prost::Message>::decode(
+                    raw.clone(),
+                )
+                .map(|d| d.allocations.len())
+            })
+        },
+    );
+    let mut decoder = DesiredDecoder::default();
+    decoder.decode(raw.clone());
+    c.bench_function(
+        "desired_state_decode/incremental_repeat/1000_workers_10k_allocations",
+        |b| b.iter(|| decoder.decode(raw.clone())),
+    );
 }
 
 criterion_group!(benches, hot_paths);

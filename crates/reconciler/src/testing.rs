@@ -198,10 +198,14 @@ impl Synthetic {
         }
     }
 
+    /// `desired` as the stream hands it to the reconciler (items shared).
+    pub fn received(&self) -> Arc<crate::Desired> {
+        Arc::new(crate::Desired::from((*self.desired).clone()))
+    }
+
     /// Applies `desired` (the steady state: everything already matches).
-    pub fn apply(&self, desired: &Arc<pb::DesiredExecutorState>) {
-        let desired = Arc::new(crate::Desired::from((**desired).clone()));
-        crate::reconcile::apply(&self.shared, &desired, std::time::Instant::now());
+    pub fn apply(&self, desired: &Arc<crate::Desired>) {
+        crate::reconcile::apply(&self.shared, desired, std::time::Instant::now());
     }
 
     /// Builds the next state report.
@@ -213,5 +217,17 @@ impl Synthetic {
     pub fn executor_state(&self) -> pb::ExecutorState {
         let mut st = self.shared.state.lock();
         crate::report::executor_state(&self.shared, &mut st)
+    }
+}
+
+/// The stream's desired-state decoder, for benchmarks.
+#[derive(Default)]
+pub struct DesiredDecoder(crate::desired::Decoder);
+
+impl DesiredDecoder {
+    /// Decodes one encoded desired state; returns how many items had to
+    /// be decoded (the rest repeated the previous message).
+    pub fn decode(&mut self, raw: bytes::Bytes) -> usize {
+        self.0.decode(raw).map_or(0, |(_, stats)| stats.decoded)
     }
 }
