@@ -137,28 +137,10 @@ async fn plane(functions: &[&str]) -> Plane {
         .await
         .expect("deploy");
     sched
-        .report(report(vec![], vec![]))
+        .report(super::tests::report(EX, vec![], vec![]))
         .await
         .expect("register");
     Plane { sched, _dir: dir }
-}
-
-fn report(
-    watches: Vec<pb::FunctionCallWatch>,
-    results: Vec<pb::AllocationResult>,
-) -> pb::ReportExecutorStateRequest {
-    pb::ReportExecutorStateRequest {
-        executor_state: Some(pb::ExecutorState {
-            executor_id: Some(EX.into()),
-            status: Some(pb::ExecutorStatus::Running as i32),
-            function_call_watches: watches,
-            ..Default::default()
-        }),
-        executor_update: Some(pb::ExecutorUpdate {
-            executor_id: Some(EX.into()),
-            allocation_results: results,
-        }),
-    }
 }
 
 impl Plane {
@@ -210,7 +192,7 @@ impl Plane {
             ..Default::default()
         };
         self.sched
-            .report(report(watches, vec![r]))
+            .report(super::tests::report(EX, watches, vec![r]))
             .await
             .expect("report");
     }

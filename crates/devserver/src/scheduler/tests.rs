@@ -54,7 +54,8 @@ async fn plane_with(options: FunctionOptions) -> Plane {
     }
 }
 
-fn report(
+/// A report of `executor_id` carrying `watches` and `results`.
+pub(super) fn report(
     executor_id: &str,
     watches: Vec<pb::FunctionCallWatch>,
     results: Vec<pb::AllocationResult>,
