@@ -69,14 +69,21 @@ impl LocalRoots {
         {
             return real_dir.join(name);
         }
-        if let Ok(real_dir) = std::fs::canonicalize(dir) {
+        let Ok(real_dir) = std::fs::canonicalize(dir) else {
+            return real_path(path);
+        };
+        {
             let mut dirs = self.dirs.lock();
             if dirs.len() >= RESOLVED_DIRS {
                 dirs.clear();
             }
-            dirs.insert(dir.to_owned(), real_dir);
+            dirs.insert(dir.to_owned(), real_dir.clone());
         }
-        real_path(path)
+        if not_a_link() {
+            real_dir.join(name)
+        } else {
+            real_path(path)
+        }
     }
 
     fn roots_text(&self) -> String {

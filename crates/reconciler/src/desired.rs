@@ -242,14 +242,14 @@ impl<E: Message + Send + 'static> Codec for RawCodec<E> {
     type Encode = E;
     type Decode = Bytes;
     type Encoder = RawCodec<E>;
-    type Decoder = RawCodec<E>;
+    type Decoder = BytesCodec;
 
     fn encoder(&mut self) -> Self::Encoder {
         RawCodec(std::marker::PhantomData)
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        RawCodec(std::marker::PhantomData)
+        BytesCodec
     }
 }
 
@@ -260,15 +260,6 @@ impl<E: Message> tonic::codec::Encoder for RawCodec<E> {
     fn encode(&mut self, item: E, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
         item.encode(buf)
             .map_err(|e| Status::internal(format!("encoding the request: {e}")))
-    }
-}
-
-impl<E: Message> tonic::codec::Decoder for RawCodec<E> {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(buf.copy_to_bytes(buf.remaining())))
     }
 }
 

@@ -14,7 +14,7 @@ use crate::AgentError;
 use crate::desired::BytesCodec;
 use crate::pb;
 use crate::pb::executor_api_client::ExecutorApiClient;
-use crate::state::{Shared, State, TimelineEntry, micros};
+use crate::state::{Shared, State, TimelineEntry};
 
 /// Results are packed into one report while it stays under this size.
 pub const MAX_REPORT_BYTES: usize = 10 * 1024 * 1024;
@@ -169,10 +169,10 @@ pub(crate) struct HashCache {
 }
 
 impl HashCache {
-    fn hash_of(&mut self, body: Vec<u8>) -> String {
-        if body != self.body || self.hash.is_empty() {
-            self.hash = hex::encode(Sha256::digest(&body));
-            self.body = body;
+    fn hash_of(&mut self, body: &[u8]) -> String {
+        if body != self.body.as_slice() || self.hash.is_empty() {
+            self.hash = hex::encode(Sha256::digest(body));
+            self.body = body.to_vec();
         }
         self.hash.clone()
     }
@@ -227,9 +227,8 @@ fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
 /// The encoded `ExecutorState`, hash and clock included.
 fn encoded_state(shared: &Shared, st: &mut State) -> Vec<u8> {
     use prost::encoding::{string, uint64};
-    let body = state_body(shared, st);
-    let hash = st.hash_cache.hash_of(body.clone());
-    let mut state = body;
+    let mut state = state_body(shared, st);
+    let hash = st.hash_cache.hash_of(&state);
     string::encode(11, &hash, &mut state);
     uint64::encode(12, &st.server_clock, &mut state);
     state
@@ -290,7 +289,7 @@ pub(crate) fn build_request(shared: &Shared) -> (Report, usize) {
         if let Some(a) = st.allocations.get_mut(&id) {
             a.timeline.push(TimelineEntry::now(format!(
                 "reported: result on the wire {} µs after it was ready",
-                micros(took)
+                took.as_micros()
             )));
         }
     }
@@ -533,10 +532,10 @@ mod tests {
     #[test]
     fn the_hash_cache_rehashes_only_a_changed_body() {
         let mut cache = HashCache::default();
-        let a = cache.hash_of(b"one".to_vec());
+        let a = cache.hash_of(b"one");
         assert_eq!(a, hex::encode(Sha256::digest(b"one")));
-        assert_eq!(cache.hash_of(b"one".to_vec()), a);
-        let b = cache.hash_of(b"two".to_vec());
+        assert_eq!(cache.hash_of(b"one"), a);
+        let b = cache.hash_of(b"two");
         assert_eq!(b, hex::encode(Sha256::digest(b"two")));
     }
 

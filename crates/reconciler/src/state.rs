@@ -91,11 +91,6 @@ impl PendingResult {
     }
 }
 
-/// Microseconds of `d`, for timeline texts.
-pub(crate) fn micros(d: std::time::Duration) -> u128 {
-    d.as_micros()
-}
-
 pub(crate) struct State {
     pub fes: BTreeMap<String, FeEntry>,
     pub allocations: HashMap<String, AllocEntry>,

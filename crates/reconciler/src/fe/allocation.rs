@@ -512,7 +512,7 @@ fn note_handed_over(shared: &Shared, alloc_id: &str, ready: Instant) {
     if let Some(a) = shared.state.lock().allocations.get_mut(alloc_id) {
         a.timeline.push(crate::state::TimelineEntry::now(format!(
             "handed to the worker {} µs after it could start",
-            crate::state::micros(took)
+            took.as_micros()
         )));
     }
 }
