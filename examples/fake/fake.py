@@ -95,3 +95,21 @@ def huge_state(x: str) -> str:
 @function()
 def gate(path: str) -> str:
     """Returns its input once the file it names exists (tests open the gate)."""
+
+
+@application()
+@function()
+def burn_1500(x: str) -> str:
+    """Spins two threads on the CPU for 1.5 s; returns {"wall_ms", "cpu_ms"} (process CPU time used)."""
+
+
+@application()
+@function()
+def forkbomb(x: str) -> str:
+    """Spawns `sleep`s until a spawn fails (or 100,000 run), kills and reaps them all; returns {"spawned", "error"}."""
+
+
+@application()
+@function()
+def alloc_256(x: str) -> str:
+    """Allocates and touches 256 MiB, holds it 200 ms; returns {"allocated_mib": 256}."""

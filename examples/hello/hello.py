@@ -57,3 +57,10 @@ def orphan_sleeper(seconds: float) -> int:
         check=True,
     )
     return int(out.stdout.strip())
+
+
+@application()
+@function(description="Allocates and touches `mib` MiB (used to test memory limits)")
+def hog(mib: int) -> int:
+    data = bytearray(b"x") * (mib << 20)
+    return len(data)

@@ -6,7 +6,11 @@
 //! `hang`, `crash`, `unhealthy`, `init_fail`, `init_hang`, `sleep_<ms>`,
 //! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request),
 //! `fuzz` (hostile allocation states from a seed; see `fuzz.rs`), `huge_state`
-//! (a 2 MiB allocation state), `gate` (finishes once the file its input names exists).
+//! (a 2 MiB allocation state), `gate` (finishes once the file its input names exists),
+//! and, for resource-limit tests, `burn_<ms>` (two threads spin for `<ms>` of wall
+//! time; outputs the wall and process CPU time), `forkbomb` (spawns `sleep`s until a
+//! spawn fails, then kills and reaps them all; outputs how many and the error) and
+//! `alloc_<mib>` (allocates and touches `<mib>` MiB, holds it 200 ms; see `limits.rs`).
 //! Outputs go through the real output-blob protocol (`file://` blobs).
 //!
 //! Used where a real worker cannot misbehave on demand (fault tests) and
@@ -14,6 +18,7 @@
 //! Must not know about: the agent, the control plane.
 
 mod fuzz;
+mod limits;
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -109,6 +114,20 @@ fn write_blob(blob: &fe::Blob, data: &[u8]) -> Result<Vec<fe::BlobChunk>, String
     Ok(used)
 }
 
+/// The number `<n>` in a function name `<prefix><n>`.
+fn suffix_number<T: std::str::FromStr>(name: &str, prefix: &str) -> Option<T> {
+    name.strip_prefix(prefix).and_then(|n| n.parse().ok())
+}
+
+/// Runs `f` on the blocking pool, off the (single) runtime thread.
+async fn blocking(
+    f: impl FnOnce() -> Result<Vec<u8>, String> + Send + 'static,
+) -> Result<Vec<u8>, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("blocking task: {e}"))?
+}
+
 fn failure(reason: fe::AllocationFailureReason) -> fe::AllocationResult {
     fe::AllocationResult {
         outcome_code: Some(fe::AllocationOutcomeCode::Failure as i32),
@@ -130,6 +149,14 @@ impl Worker {
                 s.sha256_hash = Some((n + 1).to_string());
             });
         }
+    }
+
+    /// Ends the allocation with an internal error, logging why.
+    fn fail_internal(&self, id: &str, why: &str) {
+        eprintln!("fake worker: {why}");
+        self.publish(id, |s| {
+            s.result = Some(failure(fe::AllocationFailureReason::InternalError))
+        });
     }
 
     /// Runs the "function" named at initialization.
@@ -193,6 +220,10 @@ impl Worker {
                 });
             }
             ("noop", _) => b"null".to_vec(),
+            ("forkbomb", _) => match blocking(limits::forkbomb).await {
+                Ok(output) => output,
+                Err(e) => return self.fail_internal(&id, &e),
+            },
             ("no_upload", _) => {
                 // Claims a value but never asks for a blob to put it in.
                 return self.publish(&id, |s| {
@@ -217,10 +248,20 @@ impl Worker {
                 input
             }
             (f, Ok(input)) => {
-                if let Some(ms) = f.strip_prefix("sleep_").and_then(|m| m.parse::<u64>().ok()) {
+                let work = if let Some(ms) = suffix_number(f, "sleep_") {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Ok(input)
+                } else if let Some(ms) = suffix_number(f, "burn_") {
+                    blocking(move || limits::burn(Duration::from_millis(ms))).await
+                } else if let Some(mib) = suffix_number(f, "alloc_") {
+                    limits::alloc(mib).await
+                } else {
+                    Ok(input)
+                };
+                match work {
+                    Ok(output) => output,
+                    Err(e) => return self.fail_internal(&id, &e),
                 }
-                input
             }
         };
         // Ask for an output blob and wait for the agent to provide it.
