@@ -1,0 +1,650 @@
+//! Linux cgroups for workers, v2 (unified) and v1 (one hierarchy per
+//! controller, some co-mounted): which one the host has, where Steward's
+//! parent cgroup goes, creating one cgroup per worker with its limits,
+//! reading its usage and OOM counter, killing what is in it, removing it.
+//!
+//! A relative `--cgroup-parent` is placed under Steward's own cgroup (the
+//! delegation model of systemd's `Delegate=yes` and of containers with a
+//! cgroup namespace); an absolute one under the hierarchy's root.
+
+pub mod files;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::{Limits, WorkerUsage};
+
+/// CFS period used for every worker's CPU quota (100 ms, as Docker and kubelet use).
+const CPU_PERIOD_US: u64 = 100_000;
+/// The kernel's smallest quota.
+const MIN_QUOTA_US: u64 = 1_000;
+/// Controllers used, in the order limits are written.
+const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
+/// Where Steward moves itself on cgroup v2 when its own cgroup must hand
+/// its controllers down (a cgroup with children may hold no processes).
+const AGENT_LEAF: &str = "steward-agent";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: io::Error },
+    #[error("worker cgroup {0} already exists and still has processes")]
+    Busy(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
+    move |error| CgroupError::Io {
+        path: path.to_path_buf(),
+        error,
+    }
+}
+
+/// One hierarchy's parent directory for workers and the controllers used there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tree {
+    controllers: Vec<&'static str>,
+    parent: PathBuf,
+    /// v2: the existing cgroup that hands controllers down to `parent`
+    /// (Steward's own, or the hierarchy root for an absolute parent).
+    top: PathBuf,
+}
+
+/// Whether workers can be confined here, decided once at start.
+#[derive(Debug, Clone)]
+pub enum CgroupSetup {
+    Enabled(std::sync::Arc<Cgroups>),
+    /// Limits are not enforced; the text says why.
+    Unavailable(String),
+}
+
+/// Steward's worker cgroups on this host.
+#[derive(Debug)]
+pub struct Cgroups {
+    version: CgroupVersion,
+    trees: Vec<Tree>,
+    /// Controllers wanted but absent, said in `/state/host`.
+    missing: Vec<&'static str>,
+    swap_off: bool,
+}
+
+/// Where the kernel tells a process about its cgroups.
+pub struct Sources {
+    pub mountinfo: String,
+    pub self_cgroup: String,
+}
+
+impl Sources {
+    pub fn of_this_process() -> io::Result<Sources> {
+        Ok(Sources {
+            mountinfo: fs::read_to_string("/proc/self/mountinfo")?,
+            self_cgroup: fs::read_to_string("/proc/self/cgroup")?,
+        })
+    }
+}
+
+/// Joins a cgroup path from `/proc/self/cgroup` (relative to the
+/// hierarchy root) onto the mount of `root`.
+fn dir_in_mount(m: &files::CgroupMount, path: &str) -> Option<PathBuf> {
+    let rel = if m.root == "/" {
+        path
+    } else {
+        path.strip_prefix(m.root.as_str())?
+    };
+    let rel = rel.trim_start_matches('/');
+    Some(if rel.is_empty() {
+        m.mount_point.clone()
+    } else {
+        m.mount_point.join(rel)
+    })
+}
+
+/// The parent directory for workers in the hierarchy mounted at `m`.
+fn parent_dir(m: &files::CgroupMount, own: &str, parent: &str) -> Option<PathBuf> {
+    if parent.starts_with('/') {
+        let rel = parent.trim_start_matches('/');
+        return Some(m.mount_point.join(rel));
+    }
+    Some(dir_in_mount(m, own)?.join(parent))
+}
+
+/// Checks a `--cgroup-parent`: path components of `[A-Za-z0-9._-]`, no `..`.
+pub fn check_parent(parent: &str) -> Result<(), String> {
+    let ok = |c: &str| {
+        !c.is_empty()
+            && c != "."
+            && c != ".."
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    let rel = parent.strip_prefix('/').unwrap_or(parent);
+    if rel.is_empty() || !rel.split('/').all(ok) {
+        return Err(format!(
+            "cgroup parent {parent:?} must be path components of [A-Za-z0-9._-] (no '..')"
+        ));
+    }
+    Ok(())
+}
+
+/// Decides the version and the parent directories from what the kernel
+/// says; `controllers_of` reads a v2 `cgroup.controllers` file.
+fn plan(
+    sources: &Sources,
+    parent: &str,
+    controllers_of: &dyn Fn(&Path) -> Option<String>,
+) -> Result<(CgroupVersion, Vec<Tree>, Vec<&'static str>), String> {
+    let mounts = files::parse_mountinfo(&sources.mountinfo);
+    // v2 when the unified hierarchy carries the memory controller.
+    if let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") {
+        let own = files::own_path(&sources.self_cgroup, None).unwrap_or_else(|| "/".into());
+        let top = if parent.starts_with('/') {
+            Some(m.mount_point.clone())
+        } else {
+            dir_in_mount(m, &own)
+        }
+        .ok_or_else(|| format!("own cgroup {own} is outside the mounted hierarchy"))?;
+        let available = controllers_of(&top).unwrap_or_default();
+        let has = |c: &str| available.split_whitespace().any(|a| a == c);
+        if has("memory") {
+            let used: Vec<&'static str> = ["cpu", "memory", "pids"]
+                .into_iter()
+                .filter(|c| has(c))
+                .collect();
+            let missing = ["cpu", "pids"].into_iter().filter(|c| !has(c)).collect();
+            let dir = parent_dir(m, &own, parent)
+                .ok_or_else(|| format!("own cgroup {own} is outside the mounted hierarchy"))?;
+            return Ok((
+                CgroupVersion::V2,
+                vec![Tree {
+                    controllers: used,
+                    parent: dir,
+                    top,
+                }],
+                missing,
+            ));
+        }
+    }
+    let mut trees: Vec<Tree> = Vec::new();
+    let mut missing = Vec::new();
+    for c in CONTROLLERS {
+        let found = mounts
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.controllers.iter().any(|x| x == c))
+            .and_then(|m| {
+                let own = files::own_path(&sources.self_cgroup, Some(c))?;
+                Some((m.mount_point.clone(), parent_dir(m, &own, parent)?))
+            });
+        match found {
+            Some((_, dir)) => match trees.iter_mut().find(|t| t.parent == dir) {
+                Some(t) => t.controllers.push(c),
+                None => trees.push(Tree {
+                    controllers: vec![c],
+                    top: dir.clone(),
+                    parent: dir,
+                }),
+            },
+            None => missing.push(c),
+        }
+    }
+    if missing.contains(&"memory") {
+        return Err("no cgroup hierarchy with the memory controller is mounted".into());
+    }
+    Ok((CgroupVersion::V1, trees, missing))
+}
+
+impl Cgroups {
+    /// Finds the host's cgroups and prepares Steward's parent cgroup(s).
+    /// `Unavailable` says why limits cannot be enforced.
+    pub fn detect(parent: &str) -> CgroupSetup {
+        let sources = match Sources::of_this_process() {
+            Ok(s) => s,
+            Err(e) => return CgroupSetup::Unavailable(format!("reading /proc/self: {e}")),
+        };
+        Self::detect_from(&sources, parent)
+    }
+
+    pub fn detect_from(sources: &Sources, parent: &str) -> CgroupSetup {
+        if let Err(e) = check_parent(parent) {
+            return CgroupSetup::Unavailable(e);
+        }
+        let read = |p: &Path| fs::read_to_string(p.join("cgroup.controllers")).ok();
+        let (version, trees, missing) = match plan(sources, parent, &read) {
+            Ok(p) => p,
+            Err(e) => return CgroupSetup::Unavailable(e),
+        };
+        let mut cg = Cgroups {
+            version,
+            trees,
+            missing,
+            swap_off: false,
+        };
+        match cg.prepare(parent.starts_with('/')) {
+            Ok(()) => CgroupSetup::Enabled(std::sync::Arc::new(cg)),
+            Err(e) => CgroupSetup::Unavailable(format!(
+                "cannot prepare Steward's cgroup ({e}); run as root, or give Steward a delegated cgroup (systemd Delegate=yes)"
+            )),
+        }
+    }
+
+    /// Creates the parent directories and, on v2, hands the controllers
+    /// down to them.
+    fn prepare(&mut self, absolute: bool) -> Result<(), CgroupError> {
+        for t in &self.trees {
+            fs::create_dir_all(&t.parent).map_err(io_err(&t.parent))?;
+        }
+        if self.version == CgroupVersion::V2
+            && let Some(t) = self.trees.first().cloned()
+        {
+            enable_down_to(&t, absolute)?;
+        }
+        let swap_file = match self.version {
+            CgroupVersion::V2 => "memory.swap.max",
+            CgroupVersion::V1 => "memory.memsw.limit_in_bytes",
+        };
+        self.swap_off = no_swap()
+            || self
+                .trees
+                .iter()
+                .any(|t| t.controllers.contains(&"memory") && t.parent.join(swap_file).exists());
+        Ok(())
+    }
+
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    pub fn parents(&self) -> Vec<PathBuf> {
+        self.trees.iter().map(|t| t.parent.clone()).collect()
+    }
+
+    pub fn enforces(&self, controller: &str) -> bool {
+        self.trees
+            .iter()
+            .any(|t| t.controllers.contains(&controller))
+    }
+
+    pub fn swap_off(&self) -> bool {
+        self.swap_off
+    }
+
+    /// Controllers wanted but missing on this host.
+    pub fn missing(&self) -> &[&'static str] {
+        &self.missing
+    }
+
+    /// "cgroup v1 (cpu, cpuacct, memory, pids) under /sys/fs/cgroup/memory/steward, …"
+    pub fn describe(&self) -> String {
+        let mut used: Vec<&str> = self
+            .trees
+            .iter()
+            .flat_map(|t| t.controllers.clone())
+            .collect();
+        used.sort_unstable();
+        let parents: Vec<String> = self
+            .parents()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        format!(
+            "cgroup {} ({}) under {}",
+            self.version.as_str(),
+            used.join(", "),
+            parents.join(", ")
+        )
+    }
+
+    /// Creates the cgroup of worker `name` (already unique) with `limits`.
+    /// A leftover of the same name is emptied and reused.
+    pub fn create(&self, name: &str, limits: &Limits) -> Result<WorkerCgroup, CgroupError> {
+        let cg = WorkerCgroup {
+            version: self.version,
+            dirs: self
+                .trees
+                .iter()
+                .map(|t| (t.controllers.clone(), t.parent.join(name)))
+                .collect(),
+            limits: *limits,
+        };
+        for (_, dir) in &cg.dirs {
+            match fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    if !cg.empty_out(Duration::from_secs(2)) {
+                        return Err(CgroupError::Busy(dir.clone()));
+                    }
+                }
+                Err(e) => return Err(io_err(dir)(e)),
+            }
+        }
+        if let Err(e) = cg.apply_limits() {
+            cg.remove();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Kills and removes every worker cgroup under the parents (what a
+    /// SIGKILLed Steward left); returns (name, processes killed) for each.
+    pub fn reap_leftovers(&self) -> Vec<(String, usize)> {
+        let mut names: Vec<String> = Vec::new();
+        for t in &self.trees {
+            for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.path().is_dir() && name != AGENT_LEAF && !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        names
+            .into_iter()
+            .map(|name| {
+                let cg = WorkerCgroup {
+                    version: self.version,
+                    dirs: self
+                        .trees
+                        .iter()
+                        .map(|t| (t.controllers.clone(), t.parent.join(&name)))
+                        .filter(|(_, d)| d.is_dir())
+                        .collect(),
+                    limits: Limits {
+                        cpu_ms_per_sec: 0,
+                        memory_bytes: 0,
+                        pids_max: 0,
+                    },
+                };
+                let killed = cg.procs().len();
+                cg.empty_out(Duration::from_secs(5));
+                cg.remove();
+                (name, killed)
+            })
+            .collect()
+    }
+
+    /// Removes the parent directories if empty (at a clean stop).
+    pub fn remove_parents(&self) {
+        for t in &self.trees {
+            let _ = fs::remove_dir(&t.parent);
+        }
+    }
+}
+
+/// Whether the host has no swap configured (so none can be used).
+fn no_swap() -> bool {
+    fs::read_to_string("/proc/swaps").is_ok_and(|s| s.lines().count() <= 1)
+}
+
+/// On v2, enables the used controllers in every cgroup from the top
+/// (Steward's own, or the hierarchy root for an absolute parent) down to
+/// the parent, so that each worker cgroup gets them.
+fn enable_down_to(t: &Tree, absolute: bool) -> Result<(), CgroupError> {
+    let enable: String = t
+        .controllers
+        .iter()
+        .map(|c| format!("+{c}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut chain: Vec<&Path> = t
+        .parent
+        .ancestors()
+        .take_while(|d| d.starts_with(&t.top))
+        .collect();
+    chain.reverse();
+    for dir in chain {
+        let file = dir.join("cgroup.subtree_control");
+        match fs::write(&file, &enable) {
+            Ok(()) => {}
+            // A cgroup with processes cannot hand controllers down (v2's
+            // no-internal-processes rule): move them into a leaf first.
+            Err(e) if dir == t.top && !absolute && e.raw_os_error() == Some(libc::EBUSY) => {
+                move_processes_to_leaf(dir)?;
+                fs::write(&file, &enable).map_err(io_err(&file))?;
+            }
+            Err(e) => return Err(io_err(&file)(e)),
+        }
+    }
+    Ok(())
+}
+
+fn move_processes_to_leaf(dir: &Path) -> Result<(), CgroupError> {
+    let leaf = dir.join(AGENT_LEAF);
+    match fs::create_dir(&leaf) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io_err(&leaf)(e)),
+    }
+    let procs = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&procs).map_err(io_err(&procs))?;
+    let target = leaf.join("cgroup.procs");
+    for pid in files::pids(&text) {
+        // A process that exited meanwhile is fine (ESRCH).
+        if let Err(e) = fs::write(&target, pid.to_string())
+            && e.raw_os_error() != Some(libc::ESRCH)
+        {
+            return Err(io_err(&target)(e));
+        }
+    }
+    tracing::info!(leaf = %leaf.display(), "moved Steward into a leaf cgroup so that its own cgroup can hand controllers to workers");
+    Ok(())
+}
+
+/// One worker's cgroup (a directory per v1 hierarchy, one on v2).
+#[derive(Debug)]
+pub struct WorkerCgroup {
+    version: CgroupVersion,
+    dirs: Vec<(Vec<&'static str>, PathBuf)>,
+    limits: Limits,
+}
+
+impl WorkerCgroup {
+    fn dir_of(&self, controller: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(cs, _)| cs.contains(&controller))
+            .map(|(_, d)| d.as_path())
+    }
+
+    fn read(&self, controller: &str, file: &str) -> Option<String> {
+        fs::read_to_string(self.dir_of(controller)?.join(file)).ok()
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The `cgroup.procs` files a new worker writes its pid to before exec.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .map(|(_, d)| d.join("cgroup.procs"))
+            .collect()
+    }
+
+    fn write(
+        &self,
+        controller: &str,
+        file: &str,
+        value: &str,
+        required: bool,
+    ) -> Result<(), CgroupError> {
+        let Some(dir) = self.dir_of(controller) else {
+            return Ok(());
+        };
+        let path = dir.join(file);
+        if !required && !path.exists() {
+            return Ok(());
+        }
+        fs::write(&path, value).map_err(io_err(&path))
+    }
+
+    fn apply_limits(&self) -> Result<(), CgroupError> {
+        let l = &self.limits;
+        let quota = (u64::from(l.cpu_ms_per_sec) * CPU_PERIOD_US / 1000).max(MIN_QUOTA_US);
+        let mem = l.memory_bytes.to_string();
+        let pids = l.pids_max.to_string();
+        match self.version {
+            CgroupVersion::V2 => {
+                self.write("cpu", "cpu.max", &format!("{quota} {CPU_PERIOD_US}"), true)?;
+                self.write("memory", "memory.max", &mem, true)?;
+                self.write("memory", "memory.swap.max", "0", false)?;
+                // The whole worker goes at once on OOM, not a random thread of it.
+                self.write("memory", "memory.oom.group", "1", false)?;
+                self.write("pids", "pids.max", &pids, true)?;
+            }
+            CgroupVersion::V1 => {
+                self.write("cpu", "cpu.cfs_period_us", &CPU_PERIOD_US.to_string(), true)?;
+                self.write("cpu", "cpu.cfs_quota_us", &quota.to_string(), true)?;
+                self.write("memory", "memory.limit_in_bytes", &mem, true)?;
+                // memory+swap equal to memory: no swap. Where swap
+                // accounting is off, discourage swapping instead.
+                if self
+                    .write("memory", "memory.memsw.limit_in_bytes", &mem, false)
+                    .is_err()
+                {
+                    self.write("memory", "memory.swappiness", "0", false)?;
+                }
+                self.write("pids", "pids.max", &pids, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// OOM kills inside this cgroup so far.
+    pub fn oom_kills(&self) -> Option<u64> {
+        match self.version {
+            CgroupVersion::V2 => files::keyed(&self.read("memory", "memory.events")?, "oom_kill"),
+            CgroupVersion::V1 => {
+                files::keyed(&self.read("memory", "memory.oom_control")?, "oom_kill")
+            }
+        }
+    }
+
+    /// Usage now; `None` once the cgroup is gone.
+    pub fn usage(&self) -> Option<WorkerUsage> {
+        let num = |c: &str, f: &str| self.read(c, f).as_deref().and_then(files::single);
+        let (cpu_usec, current, peak) = match self.version {
+            CgroupVersion::V2 => (
+                self.read("cpu", "cpu.stat")
+                    .as_deref()
+                    .and_then(|s| files::keyed(s, "usage_usec"))
+                    .unwrap_or(0),
+                num("memory", "memory.current")?,
+                num("memory", "memory.peak"),
+            ),
+            CgroupVersion::V1 => (
+                num("cpuacct", "cpuacct.usage").map_or(0, |ns| ns / 1000),
+                num("memory", "memory.usage_in_bytes")?,
+                num("memory", "memory.max_usage_in_bytes"),
+            ),
+        };
+        Some(WorkerUsage {
+            cpu_usec,
+            memory_current_bytes: current,
+            memory_peak_bytes: peak,
+            pids_current: num("pids", "pids.current"),
+            oom_kills: self.oom_kills().unwrap_or(0),
+        })
+    }
+
+    /// Every process in the cgroup (union over hierarchies).
+    pub fn procs(&self) -> Vec<i32> {
+        let mut all: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter_map(|(_, d)| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|t| files::pids(&t))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
+    /// SIGKILLs everything in the cgroup (`cgroup.kill` where the kernel has it).
+    pub fn kill_all(&self) {
+        if self.version == CgroupVersion::V2
+            && let Some((_, d)) = self.dirs.first()
+            && fs::write(d.join("cgroup.kill"), "1").is_ok()
+        {
+            return;
+        }
+        for pid in self.procs() {
+            // SAFETY-free: a plain kill(2) through nix.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// Kills until the cgroup holds no process (forks racing the kill are
+    /// caught by the next round; the pids limit bounds them); `false` if
+    /// processes remain after `within`.
+    pub fn empty_out(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if self.procs().is_empty() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.kill_all();
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Removes the cgroup's directories (they must be empty of processes).
+    /// Returns whether all are gone.
+    pub fn remove(&self) -> bool {
+        let mut all = true;
+        for (_, d) in &self.dirs {
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => all = false,
+            }
+        }
+        all
+    }
+
+    /// Empties and removes the cgroup, retrying while the kernel finishes
+    /// tearing the last processes down.
+    pub fn destroy(&self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            self.empty_out(Duration::from_secs(1));
+            if self.remove() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(dirs = ?self.dirs, "worker cgroup could not be removed");
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,153 @@
+//! The worker-driver seam: starting, confining, observing and stopping one
+//! function executor worker. The agent asks a [`WorkerDriver`] for a worker
+//! from a [`WorkerSpec`] and gets back a [`Worker`] it owns; the driver
+//! decides what a worker *is*. One driver exists today, [`ProcessDriver`]: a
+//! process in its own process group and, where the host allows it, in its
+//! own cgroup (v2 or v1) with CPU, memory and pids limits applied before its
+//! first instruction. Containers and sandboxes are later drivers.
+//!
+//! Also here: cgroup detection and file formats ([`cgroup`]), exact OOM
+//! verdicts from the cgroup's own counters, per-worker usage, and cleaning up
+//! what a SIGKILLed agent left behind.
+//!
+//! Must not know about: gRPC, protobuf, the server, allocations, admission
+//! (the agent decides what a worker may have; the driver enforces it).
+
+pub mod cgroup;
+mod leftovers;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+
+pub use cgroup::{CgroupSetup, CgroupVersion, Cgroups};
+pub use leftovers::Leftover;
+pub use process::{ProcessDriver, ProcessDriverConfig, describe_status};
+
+/// Resource limits a worker runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    /// CPU time per second of wall time, in ms (1000 = one core).
+    pub cpu_ms_per_sec: u32,
+    pub memory_bytes: u64,
+    /// Processes and threads the worker's tree may have at once.
+    pub pids_max: u64,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The function executor id (validated by the agent: `[A-Za-z0-9._-]`, at most 256 bytes).
+    pub id: String,
+    pub program: PathBuf,
+    /// Arguments; the driver appends `--address <host:port>` of its choosing.
+    pub args: Vec<String>,
+    /// Variables set in the worker's environment.
+    pub env: Vec<(String, String)>,
+    /// Variables of the agent's environment the worker must not inherit,
+    /// by prefix (the agent's cloud credentials).
+    pub env_remove_prefixes: Vec<String>,
+    pub log_path: PathBuf,
+    pub limits: Limits,
+}
+
+/// Live resource use of one worker, read from its cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerUsage {
+    /// CPU time used since the worker started, in µs.
+    pub cpu_usec: u64,
+    pub memory_current_bytes: u64,
+    /// Highest memory use seen, where the kernel tracks it.
+    pub memory_peak_bytes: Option<u64>,
+    pub pids_current: Option<u64>,
+    /// OOM kills inside the worker's cgroup so far.
+    pub oom_kills: u64,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// "exited with code 1", "killed by signal 9 (SIGKILL)".
+    pub description: String,
+    /// Set when the kernel OOM-killed inside the worker's cgroup: says so
+    /// with the limit and the counter, for reports and events.
+    pub oom: Option<String>,
+}
+
+/// Observes a worker; shareable with whoever shows or meters it.
+pub trait WorkerMonitor: Send + Sync {
+    /// Current usage; `None` where the worker has no cgroup (limits not
+    /// enforced) or it is gone.
+    fn usage(&self) -> Option<WorkerUsage>;
+    /// The limits enforced on the worker; `None` where none are.
+    fn limits(&self) -> Option<Limits>;
+}
+
+/// A started worker. Dropping it kills the worker and everything it started.
+pub trait Worker: Send + Sync {
+    fn pid(&self) -> u32;
+    /// `host:port` where it serves the function executor API.
+    fn address(&self) -> &str;
+    fn log_path(&self) -> &Path;
+    fn monitor(&self) -> Arc<dyn WorkerMonitor>;
+    /// The exit, if the worker has already exited (does not block).
+    fn try_exit(&mut self) -> Option<Exit>;
+    /// Resolves when the worker exits.
+    fn exited(&mut self) -> BoxFuture<'_, Exit>;
+    /// SIGTERM, then SIGKILL after `grace` (at once when zero), to the
+    /// worker and everything it started; resolves once it is gone and its
+    /// cgroup removed. `None` if it could not be waited for.
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, Option<Exit>>;
+}
+
+/// Starts workers and cleans up after them.
+pub trait WorkerDriver: Send + Sync + 'static {
+    /// A short name for logs and `/state/host` ("process").
+    fn name(&self) -> &'static str;
+    /// Starts a worker. Fast (a fork and exec): callable from async code.
+    fn start(&self, spec: WorkerSpec) -> Result<Box<dyn Worker>, DriverError>;
+    /// Kills and removes what workers of a previous run left behind (after
+    /// a SIGKILLed agent); returns what was found.
+    fn reap_leftovers(&self) -> Vec<Leftover>;
+    /// What is enforced on workers and, where nothing is, why.
+    fn enforcement(&self) -> Enforcement;
+    /// Removes the driver's own parent cgroup once the last worker is gone.
+    fn shutdown(&self);
+}
+
+/// Which limits the driver enforces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enforcement {
+    /// "v1", "v2", or `None` without cgroups.
+    pub cgroup_version: Option<&'static str>,
+    /// Where worker cgroups are created (one path per v1 hierarchy).
+    pub cgroup_parents: Vec<PathBuf>,
+    pub cpu: bool,
+    pub memory: bool,
+    pub swap_off: bool,
+    pub pids: bool,
+    /// Set when limits are not enforced (or only partly): why.
+    pub not_enforced_because: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("picking a port for the worker: {0}")]
+    Port(std::io::Error),
+    #[error("opening worker log {path}: {error}")]
+    Log {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("creating the worker's cgroup: {0}")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("starting {program}: {error}")]
+    Spawn {
+        program: PathBuf,
+        error: std::io::Error,
+    },
+}

@@ -1,0 +1,556 @@
+//! The process driver: each worker is a `function-executor` process in its
+//! own process group (killing the group also kills what user code forked)
+//! and, where the host allows, its own cgroup. The child writes its pid to
+//! the cgroup's `cgroup.procs` between fork and exec, so the program's
+//! first instruction already runs confined. `PR_SET_PDEATHSIG(SIGKILL)`
+//! makes the kernel kill the worker if Steward dies, even by SIGKILL.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use nix::sys::signal::Signal;
+use tokio::process::{Child, Command};
+
+use crate::cgroup::{CgroupSetup, WorkerCgroup};
+use crate::leftovers::{self, Leftover, signal_group};
+use crate::{
+    DriverError, Enforcement, Exit, Limits, Worker, WorkerDriver, WorkerMonitor, WorkerSpec,
+    WorkerUsage,
+};
+
+pub struct ProcessDriverConfig {
+    /// Where live workers are recorded for cleanup after a crash.
+    pub records_dir: PathBuf,
+    pub cgroups: CgroupSetup,
+}
+
+/// Workers as processes (see the module docs).
+pub struct ProcessDriver {
+    records_dir: PathBuf,
+    cgroups: CgroupSetup,
+}
+
+impl ProcessDriver {
+    pub fn new(config: ProcessDriverConfig) -> ProcessDriver {
+        ProcessDriver {
+            records_dir: config.records_dir,
+            cgroups: config.cgroups,
+        }
+    }
+}
+
+/// The cgroup directory name of worker `id`: `fe-<id>`, shortened with a
+/// hash where the id would pass the kernel's 255-byte name limit.
+fn cgroup_name(id: &str) -> String {
+    if id.len() <= 200 {
+        return format!("fe-{id}");
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let head: String = id.chars().take(180).collect();
+    format!("fe-{head}-{h:016x}")
+}
+
+impl WorkerDriver for ProcessDriver {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn start(&self, spec: WorkerSpec) -> Result<Box<dyn Worker>, DriverError> {
+        let port = lease_port(free_port).map_err(DriverError::Port)?;
+        let address = format!("127.0.0.1:{}", port.0);
+        let log_err = |error| DriverError::Log {
+            path: spec.log_path.clone(),
+            error,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log_path)
+            .map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
+        let cgroup = match &self.cgroups {
+            CgroupSetup::Enabled(c) => {
+                Some(Arc::new(c.create(&cgroup_name(&spec.id), &spec.limits)?))
+            }
+            CgroupSetup::Unavailable(_) => None,
+        };
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .arg("--address")
+            .arg(&address)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(true);
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if spec
+                .env_remove_prefixes
+                .iter()
+                .any(|p| k.starts_with(p.as_str()))
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        let spawned = (|| {
+            if let Some(cg) = &cgroup {
+                confine(&mut cmd, cg)?;
+            }
+            set_parent_death_signal(&mut cmd);
+            spawn_from_lasting_thread(cmd)
+        })();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(error) => {
+                if let Some(cg) = &cgroup {
+                    cg.destroy();
+                }
+                return Err(DriverError::Spawn {
+                    program: spec.program.clone(),
+                    error,
+                });
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        leftovers::record(&self.records_dir, &spec.id, pid);
+        Ok(Box::new(ProcessWorker {
+            child,
+            pid,
+            address,
+            log_path: spec.log_path,
+            _port: port,
+            monitor: Arc::new(CgroupMonitor(cgroup)),
+            records_dir: self.records_dir.clone(),
+            id: spec.id,
+            exit: None,
+            cleaned: false,
+        }))
+    }
+
+    fn reap_leftovers(&self) -> Vec<Leftover> {
+        // Cgroups first: they also hold what left the worker's process group.
+        let mut found = Vec::new();
+        if let CgroupSetup::Enabled(c) = &self.cgroups {
+            found.extend(
+                c.reap_leftovers()
+                    .into_iter()
+                    .map(|(worker, killed)| Leftover {
+                        worker,
+                        kind: "cgroup",
+                        processes_killed: killed,
+                    }),
+            );
+        }
+        found.extend(leftovers::reap_process_groups(&self.records_dir));
+        found
+    }
+
+    fn enforcement(&self) -> Enforcement {
+        match &self.cgroups {
+            CgroupSetup::Enabled(c) => Enforcement {
+                cgroup_version: Some(c.version().as_str()),
+                cgroup_parents: c.parents(),
+                cpu: c.enforces("cpu"),
+                memory: c.enforces("memory"),
+                swap_off: c.swap_off(),
+                pids: c.enforces("pids"),
+                not_enforced_because: (!c.missing().is_empty())
+                    .then(|| format!("no cgroup controller for: {}", c.missing().join(", "))),
+            },
+            CgroupSetup::Unavailable(why) => Enforcement {
+                cgroup_version: None,
+                cgroup_parents: Vec::new(),
+                cpu: false,
+                memory: false,
+                swap_off: false,
+                pids: false,
+                not_enforced_because: Some(why.clone()),
+            },
+        }
+    }
+
+    fn shutdown(&self) {
+        if let CgroupSetup::Enabled(c) = &self.cgroups {
+            // Every worker is gone by now; anything left under our parent
+            // is a straggler of ours.
+            c.reap_leftovers();
+            c.remove_parents();
+        }
+    }
+}
+
+/// Usage and limits of a worker with a cgroup (or nothing without one).
+struct CgroupMonitor(Option<Arc<WorkerCgroup>>);
+
+impl WorkerMonitor for CgroupMonitor {
+    fn usage(&self) -> Option<WorkerUsage> {
+        self.0.as_ref()?.usage()
+    }
+    fn limits(&self) -> Option<Limits> {
+        Some(self.0.as_ref()?.limits())
+    }
+}
+
+struct ProcessWorker {
+    child: Child,
+    pid: u32,
+    address: String,
+    log_path: PathBuf,
+    /// The worker's port, kept from every other worker while this one lives.
+    _port: PortLease,
+    monitor: Arc<CgroupMonitor>,
+    records_dir: PathBuf,
+    id: String,
+    exit: Option<Exit>,
+    cleaned: bool,
+}
+
+impl ProcessWorker {
+    fn cgroup(&self) -> Option<Arc<WorkerCgroup>> {
+        self.monitor.0.clone()
+    }
+
+    /// The exit as reported: an OOM kill counted by the worker's cgroup makes it OOM.
+    fn exit_of(&self, status: &ExitStatus) -> Exit {
+        let oom = self.cgroup().and_then(|cg| {
+            let kills = cg.oom_kills().filter(|n| *n > 0)?;
+            Some(format!(
+                "OOM-killed: the worker's cgroup reached its memory limit of {} bytes (oom_kill count {kills})",
+                cg.limits().memory_bytes
+            ))
+        });
+        Exit {
+            description: describe_status(status),
+            oom,
+        }
+    }
+
+    /// Kills what is left of the worker (its group, its cgroup) and removes
+    /// the cgroup, off the async threads.
+    fn cleanup(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        if std::mem::replace(&mut self.cleaned, true) {
+            return None;
+        }
+        signal_group(self.pid, Signal::SIGKILL);
+        leftovers::forget(&self.records_dir, &self.id);
+        let cg = self.cgroup()?;
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => Some(rt.spawn_blocking(move || {
+                cg.destroy();
+            })),
+            Err(_) => {
+                cg.destroy();
+                None
+            }
+        }
+    }
+
+    async fn finish(&mut self, status: ExitStatus) -> Exit {
+        let exit = self.exit_of(&status);
+        self.exit = Some(exit.clone());
+        if let Some(h) = self.cleanup() {
+            let _ = h.await;
+        }
+        exit
+    }
+}
+
+impl Worker for ProcessWorker {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    fn monitor(&self) -> Arc<dyn WorkerMonitor> {
+        self.monitor.clone()
+    }
+
+    fn try_exit(&mut self) -> Option<Exit> {
+        if let Some(e) = &self.exit {
+            return Some(e.clone());
+        }
+        let status = self.child.try_wait().ok()??;
+        let exit = self.exit_of(&status);
+        self.exit = Some(exit.clone());
+        self.cleanup();
+        Some(exit)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Exit> {
+        async move {
+            if let Some(e) = &self.exit {
+                return e.clone();
+            }
+            match self.child.wait().await {
+                Ok(status) => self.finish(status).await,
+                Err(e) => Exit {
+                    description: format!("could not be waited for: {e}"),
+                    oom: None,
+                },
+            }
+        }
+        .boxed()
+    }
+
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, Option<Exit>> {
+        async move {
+            if let Some(e) = self.try_exit() {
+                if let Some(h) = self.cleanup() {
+                    let _ = h.await;
+                }
+                return Some(e);
+            }
+            if !grace.is_zero() {
+                signal_group(self.pid, Signal::SIGTERM);
+                if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
+                    return Some(self.finish(status).await);
+                }
+            }
+            signal_group(self.pid, Signal::SIGKILL);
+            if let Some(cg) = self.cgroup() {
+                cg.kill_all();
+            }
+            let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .ok()
+                .and_then(Result::ok)?;
+            Some(self.finish(status).await)
+        }
+        .boxed()
+    }
+}
+
+impl Drop for ProcessWorker {
+    fn drop(&mut self) {
+        // A worker dropped without being stopped (a startup abandoned, a
+        // controller that panicked): nothing of it may stay.
+        self.cleanup();
+    }
+}
+
+/// Describes how a process exited, for logs and reasons.
+pub fn describe_status(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!(
+            "killed by signal {sig} ({})",
+            Signal::try_from(sig)
+                .map(|s| s.as_str())
+                .unwrap_or("unknown")
+        ),
+        _ => "exited".to_string(),
+    }
+}
+
+/// Ports handed to live workers. The worker binds its port with
+/// SO_REUSEPORT (grpc-python does), so two workers given the same port
+/// would both bind it and the agent could talk to the wrong one: a port is
+/// never handed out twice while its worker lives.
+static LEASED_PORTS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// A port leased to one worker until dropped.
+#[derive(Debug)]
+struct PortLease(u16);
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        if let Ok(mut leased) = LEASED_PORTS.lock() {
+            leased.remove(&self.0);
+        }
+    }
+}
+
+/// Leases a port from `pick` that no live worker holds (a few tries).
+fn lease_port(mut pick: impl FnMut() -> std::io::Result<u16>) -> std::io::Result<PortLease> {
+    for _ in 0..32 {
+        let port = pick()?;
+        let mut leased = LEASED_PORTS
+            .lock()
+            .map_err(|_| std::io::Error::other("port lease table poisoned"))?;
+        if leased.insert(port) {
+            return Ok(PortLease(port));
+        }
+    }
+    Err(std::io::Error::other(
+        "no free port that no live worker holds after 32 tries",
+    ))
+}
+
+/// A port free right now (binding port 0; the worker binds it a moment later).
+fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+type SpawnJob = (
+    Command,
+    tokio::runtime::Handle,
+    std::sync::mpsc::SyncSender<std::io::Result<Child>>,
+);
+
+/// Forks `cmd` from a thread that lives as long as the agent. The kernel
+/// sends the parent-death signal when the *thread* that forked a child
+/// exits, not the process: a worker forked from a pooled thread that later
+/// retires would be killed with it.
+fn spawn_from_lasting_thread(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        let started = std::thread::Builder::new()
+            .name("steward-spawner".into())
+            .spawn(move || {
+                for (mut cmd, runtime, reply) in rx {
+                    // Registers the child with the caller's runtime.
+                    let _entered = runtime.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the worker spawner thread");
+        }
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
+    let gone = || std::io::Error::other("the worker spawner thread is gone");
+    let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    spawner
+        .lock()
+        .map_err(|_| gone())?
+        .send((cmd, runtime, reply_tx))
+        .map_err(|_| gone())?;
+    // A fork and exec: milliseconds, so waiting here is fine.
+    reply_rx.recv().map_err(|_| gone())?
+}
+
+/// Writes `pid` in decimal to `fd` without allocating (between fork and exec).
+fn write_pid(fd: RawFd, pid: libc::pid_t) -> bool {
+    let mut buf = [0u8; 24];
+    let mut n = pid.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let digits = &buf[i..];
+    #[allow(unsafe_code)]
+    // SAFETY: `digits` is a live buffer of `digits.len()` bytes.
+    let written = unsafe { libc::write(fd, digits.as_ptr().cast(), digits.len()) };
+    written == digits.len() as isize
+}
+
+/// Puts the child into the worker's cgroup before it execs: the files are
+/// opened here, written by the child (async-signal-safe calls only), and
+/// closed in the parent when `cmd` is dropped (close-on-exec in the child).
+fn confine(cmd: &mut Command, cg: &WorkerCgroup) -> std::io::Result<()> {
+    let files = cg
+        .procs_files()
+        .iter()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        })
+        .collect::<std::io::Result<Vec<std::fs::File>>>()?;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls async-signal-safe functions (getpid, write).
+    unsafe {
+        cmd.pre_exec(move || {
+            let pid = libc::getpid();
+            for f in &files {
+                if !write_pid(f.as_raw_fd(), pid) {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_never_leased_to_two_live_workers() {
+        let first = lease_port(|| Ok(40_001)).expect("lease");
+        // The picker offers the leased port again, then another one.
+        let mut offers = [40_001u16, 40_002].into_iter();
+        let second = lease_port(|| Ok(offers.next().unwrap_or(40_003))).expect("lease");
+        assert_eq!((first.0, second.0), (40_001, 40_002));
+        assert!(
+            lease_port(|| Ok(40_001)).is_err(),
+            "only the taken port on offer"
+        );
+        drop(first);
+        let again = lease_port(|| Ok(40_001)).expect("free once its worker is gone");
+        assert_eq!(again.0, 40_001);
+    }
+
+    #[test]
+    fn cgroup_names_fit_the_kernel_limit_and_stay_distinct() {
+        assert_eq!(cgroup_name("abc"), "fe-abc");
+        let long_a = "a".repeat(256);
+        let mut long_b = "a".repeat(255);
+        long_b.push('b');
+        let (a, b) = (cgroup_name(&long_a), cgroup_name(&long_b));
+        assert!(a.len() <= 255 && b.len() <= 255);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn pids_are_written_in_decimal() {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        for pid in [1, 42, 4_194_304] {
+            assert!(write_pid(w.as_raw_fd(), pid));
+            let mut buf = [0u8; 32];
+            let n = nix::unistd::read(&r, &mut buf).expect("read");
+            assert_eq!(&buf[..n], pid.to_string().as_bytes());
+        }
+    }
+}

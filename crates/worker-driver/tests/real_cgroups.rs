@@ -1,0 +1,152 @@
+//! The process driver on this machine's real cgroups (v1 or v2, whichever
+//! it has). Without cgroup access (not root, no delegation) each test says
+//! so and checks that the driver still starts workers, unconfined.
+
+use std::path::Path;
+use std::time::Duration;
+
+use steward_worker_driver::{
+    CgroupSetup, Cgroups, Limits, ProcessDriver, ProcessDriverConfig, WorkerDriver, WorkerSpec,
+};
+
+fn spec(dir: &Path, id: &str, script: &str, limits: Limits) -> WorkerSpec {
+    WorkerSpec {
+        id: id.into(),
+        program: "/bin/sh".into(),
+        // The driver appends `--address <addr>`: it becomes $0 and $1.
+        args: vec!["-c".into(), script.into()],
+        env: Vec::new(),
+        env_remove_prefixes: vec!["AWS_".into()],
+        log_path: dir.join(format!("{id}.log")),
+        limits,
+    }
+}
+
+/// A driver with a parent cgroup of its own (tests run side by side).
+fn driver(dir: &Path, test: &str) -> (ProcessDriver, Option<String>) {
+    let parent = format!("steward-driver-test-{}-{test}", std::process::id());
+    let setup = Cgroups::detect(&parent);
+    let why = match &setup {
+        CgroupSetup::Unavailable(why) => Some(why.clone()),
+        CgroupSetup::Enabled(_) => None,
+    };
+    let d = ProcessDriver::new(ProcessDriverConfig {
+        records_dir: dir.join("workers"),
+        cgroups: setup,
+    });
+    (d, why)
+}
+
+const LIMITS: Limits = Limits {
+    cpu_ms_per_sec: 500,
+    memory_bytes: 64 << 20,
+    pids_max: 32,
+};
+
+#[tokio::test]
+async fn a_worker_is_confined_from_its_first_instruction_and_its_cgroup_goes_with_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (driver, unavailable) = driver(tmp.path(), "confined");
+    // The script reads its own cgroup membership as its first act.
+    let mut w = driver
+        .start(spec(
+            tmp.path(),
+            "confined",
+            "cat /proc/self/cgroup; exec sleep 30",
+            LIMITS,
+        ))
+        .expect("start");
+    if let Some(why) = unavailable {
+        eprintln!("cgroups unavailable here ({why}); checked unconfined start only");
+        w.stop(Duration::ZERO).await;
+        return;
+    }
+    let enforcement = driver.enforcement();
+    assert!(enforcement.memory, "{enforcement:?}");
+    let log = tmp.path().join("confined.log");
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("fe-confined") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(text.contains("/fe-confined"), "first output: {text}");
+    let limits = w.monitor().limits().expect("limits enforced");
+    assert_eq!(limits, LIMITS);
+    let usage = w.monitor().usage().expect("usage");
+    assert!(usage.memory_current_bytes > 0, "{usage:?}");
+    let parents = enforcement.cgroup_parents.clone();
+    assert!(parents.iter().all(|p| p.join("fe-confined").is_dir()));
+    let exit = w.stop(Duration::from_secs(1)).await.expect("stopped");
+    assert_eq!(exit.oom, None);
+    assert!(
+        parents.iter().all(|p| !p.join("fe-confined").exists()),
+        "worker cgroup removed after stop"
+    );
+    driver.shutdown();
+    assert!(
+        parents.iter().all(|p| !p.exists()),
+        "parent removed at shutdown"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_past_its_memory_limit_is_reported_oom_by_its_cgroup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (driver, unavailable) = driver(tmp.path(), "oom");
+    if let Some(why) = unavailable {
+        eprintln!("cgroups unavailable here ({why}); nothing to check");
+        return;
+    }
+    // `tail` buffers the one endless line of /dev/zero in memory.
+    let mut w = driver
+        .start(spec(tmp.path(), "hog", "exec tail /dev/zero", LIMITS))
+        .expect("start");
+    let exit = tokio::time::timeout(Duration::from_secs(60), w.exited())
+        .await
+        .expect("the kernel stops it");
+    let oom = exit.oom.expect("reported as OOM");
+    assert!(oom.contains(&(64u64 << 20).to_string()), "{oom}");
+    driver.shutdown();
+}
+
+#[tokio::test]
+async fn leftovers_of_a_vanished_agent_are_killed_and_removed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (driver, unavailable) = driver(tmp.path(), "leftovers");
+    if let Some(why) = unavailable {
+        eprintln!("cgroups unavailable here ({why}); nothing to check");
+        return;
+    }
+    let w = driver
+        .start(spec(tmp.path(), "orphan", "exec sleep 30", LIMITS))
+        .expect("start");
+    let pid = w.pid();
+    // The agent vanishes without cleaning up: forget the worker.
+    std::mem::forget(w);
+    let found = driver.reap_leftovers();
+    assert!(
+        found
+            .iter()
+            .any(|l| l.kind == "cgroup" && l.worker == "fe-orphan" && l.processes_killed == 1),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|l| l.kind == "process group" && l.worker == "orphan")
+    );
+    // Killed (a zombie until reaped, as the forgotten handle never waits).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(state.is_empty() || state.contains(") Z"), "{state}");
+    driver.shutdown();
+    assert!(
+        driver
+            .enforcement()
+            .cgroup_parents
+            .iter()
+            .all(|p| !p.exists())
+    );
+}
