@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use steward_host_resources as hr;
 use steward_reconciler::{Agent, AgentConfig, GpuPool, Metrics, pb};
+use steward_worker_driver as wd;
 
 const VERSION: &str = env!("STEWARD_VERSION");
 const REVISION: &str = env!("STEWARD_GIT_REVISION");
@@ -90,6 +91,38 @@ struct AgentArgs {
     /// GPUs kept back from workers (the lowest indices).
     #[arg(long, default_value_t = 0)]
     reserved_gpus: u32,
+    /// Logical CPUs to report and admit against instead of the probed count
+    /// (a declared capacity, as Nomad's `cpu_total_compute`).
+    #[arg(long)]
+    total_cpus: Option<u32>,
+    /// Memory in bytes to report and admit against instead of the probed total.
+    #[arg(long)]
+    total_memory_bytes: Option<u64>,
+    /// Parent cgroup of the workers' cgroups: relative to Steward's own
+    /// cgroup (systemd `Delegate=yes`, containers), or absolute from the
+    /// hierarchy root.
+    #[arg(long, default_value = "steward")]
+    cgroup_parent: String,
+    /// Do not put workers in cgroups (their limits are then not enforced).
+    #[arg(long)]
+    no_cgroups: bool,
+    /// CPUs (may be fractional) for a worker whose description sets none.
+    #[arg(long, default_value_t = 1.0)]
+    default_worker_cpus: f64,
+    /// Memory for a worker whose description sets none.
+    #[arg(long, default_value_t = 128 << 20)]
+    default_worker_memory_bytes: u64,
+    /// Processes and threads one worker may have at once (its cgroup's pids.max).
+    #[arg(long, default_value_t = 4096)]
+    worker_pids_max: u64,
+    /// Stop idle workers while the host's available memory is below this
+    /// many bytes (0: never, on this signal).
+    #[arg(long, default_value_t = 100 << 20)]
+    eviction_memory_available: u64,
+    /// Stop idle workers while memory pressure (PSI `some avg10`, percent)
+    /// is above this, where the kernel has PSI (0: never, on this signal).
+    #[arg(long, default_value_t = 50.0)]
+    eviction_memory_pressure: f64,
     /// `nvidia-smi` to use when NVML cannot be loaded.
     #[arg(long, default_value = "nvidia-smi")]
     nvidia_smi: PathBuf,
@@ -491,6 +524,68 @@ impl GpuPool for GpuPoolAdapter {
     }
 }
 
+/// The host's memory for pressure eviction.
+struct HostMemory;
+
+impl steward_reconciler::MemorySource for HostMemory {
+    fn sample(&self) -> Option<steward_reconciler::MemorySample> {
+        let h = hr::memory_headroom()?;
+        Some(steward_reconciler::MemorySample {
+            available_bytes: h.available_bytes,
+            psi_some_avg10: h.psi_some_avg10,
+        })
+    }
+}
+
+fn worker_defaults(args: &AgentArgs) -> Result<steward_reconciler::WorkerDefaults> {
+    let cpus = args.default_worker_cpus;
+    if !(cpus.is_finite() && (0.001..=4096.0).contains(&cpus)) {
+        bail!("--default-worker-cpus {cpus}: give a number of CPUs between 0.001 and 4096");
+    }
+    if args.default_worker_memory_bytes < (8 << 20) {
+        bail!(
+            "--default-worker-memory-bytes {}: at least 8 MiB is needed to start a worker",
+            args.default_worker_memory_bytes
+        );
+    }
+    if args.worker_pids_max < 16 {
+        bail!(
+            "--worker-pids-max {}: a worker needs at least 16",
+            args.worker_pids_max
+        );
+    }
+    Ok(steward_reconciler::WorkerDefaults {
+        cpu_ms_per_sec: (cpus * 1000.0).round() as u32,
+        memory_bytes: args.default_worker_memory_bytes,
+        pids_max: args.worker_pids_max,
+    })
+}
+
+/// The process driver, confining workers in cgroups where the host allows;
+/// says once whether limits are enforced and, if not, why.
+fn worker_driver(args: &AgentArgs, data_dir: &std::path::Path) -> wd::ProcessDriver {
+    let cgroups = if args.no_cgroups {
+        wd::CgroupSetup::Unavailable("--no-cgroups was given".into())
+    } else {
+        wd::Cgroups::detect(&args.cgroup_parent)
+    };
+    match &cgroups {
+        wd::CgroupSetup::Enabled(c) => {
+            tracing::info!(cgroups = %c.describe(), "worker limits are enforced");
+            if !c.missing().is_empty() {
+                tracing::warn!(missing = ?c.missing(), "some cgroup controllers are missing: those limits are not enforced");
+            }
+        }
+        wd::CgroupSetup::Unavailable(why) => {
+            tracing::warn!(reason = %why, "worker limits are NOT enforced: workers run without cgroups");
+        }
+    }
+    wd::ProcessDriver::new(wd::ProcessDriverConfig {
+        records_dir: data_dir.join("workers"),
+        cgroups,
+    })
+}
+
 async fn run_agent(args: AgentArgs) -> Result<()> {
     if let Some(p) = &args.config_path {
         bail!(
@@ -506,7 +601,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let allowed_functions = parse_allowlist(&args.functions)?;
 
     // Host resources.
-    let capacity = hr::probe_capacity(&data_dir).context("probing host capacity")?;
+    let mut capacity = hr::probe_capacity(&data_dir).context("probing host capacity")?;
+    if let Some(cpus) = args.total_cpus {
+        capacity.cpu_count = cpus;
+    }
+    if let Some(bytes) = args.total_memory_bytes {
+        capacity.memory_bytes = bytes;
+    }
     let reserved = hr::Reserved {
         cpu_count: args.reserved_cpus,
         memory_bytes: args.reserved_memory_bytes,
@@ -589,6 +690,15 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         Duration::from_millis(args.function_executor_health_check_interval_ms.max(10));
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));
     config.gpu_pool = Arc::new(GpuPoolAdapter(allocator.clone()));
+    config.worker_defaults = worker_defaults(&args)?;
+    config.driver = Arc::new(worker_driver(&args, &config.data_dir));
+    config.eviction = steward_reconciler::Eviction {
+        source: Some(Arc::new(HostMemory)),
+        memory_available_bytes: args.eviction_memory_available,
+        psi_some_avg10: (args.eviction_memory_pressure > 0.0)
+            .then_some(args.eviction_memory_pressure),
+        interval: Duration::from_secs(1),
+    };
 
     let host = Arc::new(host::HostView::new(
         capacity,

@@ -49,6 +49,7 @@ impl StateSource for AgentStateSource {
     fn metrics(&self) -> String {
         // Keep the `healthy` gauge current on every scrape.
         let _ = self.health();
+        self.handle.refresh_worker_metrics();
         self.handle.metrics().encode()
     }
 
@@ -95,7 +96,13 @@ impl StateSource for AgentStateSource {
                     "pending_results": s.pending_results,
                 })))
             }
-            ("host", _) => Some(Document::Json(self.host.document())),
+            ("host", _) => {
+                let mut doc = self.host.document();
+                if let Some(o) = doc.as_object_mut() {
+                    o.insert("workers".into(), self.handle.workers_document());
+                }
+                Some(Document::Json(doc))
+            }
             ("events", _) => Some(Document::Json(
                 serde_json::json!({"events": self.handle.events()}),
             )),

@@ -74,7 +74,7 @@ async fn workers_get_distinct_gpus_and_a_third_is_refused() -> Result<()> {
     let (_, events) = steward.get_json("/state/events").await?;
     let text = events.to_string();
     assert!(
-        text.contains("asks for 1 GPU(s) but only 0 of 2 are free"),
+        text.contains("asks for 1 GPU(s); admitted workers hold 2 of 2 allocatable (0 free)"),
         "{text}"
     );
 

@@ -347,6 +347,32 @@ pub struct AgentProc {
     pub child: Child,
     pub monitoring_url: Option<String>,
     pub data_dir: tempfile::TempDir,
+    /// Steward's parent cgroup, removed (with any worker cgroup left) on drop.
+    pub cgroup_parent: Option<String>,
+}
+
+/// The parent cgroup of a test's Steward: its own (tests run side by side,
+/// and each Steward reaps what is under its parent at start), named after
+/// the data directory so that a restart on the same directory finds it.
+pub fn cgroup_parent_for(data_dir: &Path) -> String {
+    let name = data_dir
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        })
+        .unwrap_or_default();
+    format!("steward-test-{name}")
+}
+
+/// Removes a test Steward's parent cgroup and whatever is left under it.
+pub fn remove_cgroup_parent(parent: &str) {
+    if let steward_worker_driver::CgroupSetup::Enabled(c) =
+        steward_worker_driver::Cgroups::detect(parent)
+    {
+        c.reap_leftovers();
+        c.remove_parents();
+    }
 }
 
 impl AgentProc {
@@ -381,6 +407,8 @@ impl AgentProc {
     pub fn into_data_dir(mut self) -> Result<tempfile::TempDir> {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // What the killed agent left is for the next one to clean up.
+        self.cgroup_parent = None;
         Ok(std::mem::replace(&mut self.data_dir, tempfile::tempdir()?))
     }
 
@@ -394,6 +422,25 @@ impl AgentProc {
         data_dir: tempfile::TempDir,
     ) -> Result<AgentProc> {
         let log = std::fs::File::create(data_dir.path().join("steward.log"))?;
+        let has = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
+        let mut defaults: Vec<String> = Vec::new();
+        let cgroup_parent = if has("--cgroup-parent") || has("--no-cgroups") {
+            None
+        } else {
+            let p = cgroup_parent_for(data_dir.path());
+            defaults.extend(["--cgroup-parent".into(), p.clone()]);
+            Some(p)
+        };
+        // The dev control plane places workers without looking at the
+        // host's resources (the real server would spread them over hosts):
+        // tests declare a host big enough for the one-CPU, 1 GiB workers of
+        // their apps on this two-core machine, unless they test admission.
+        if !has("--total-cpus") {
+            defaults.extend(["--total-cpus".into(), "64".into()]);
+        }
+        if !has("--total-memory-bytes") {
+            defaults.extend(["--total-memory-bytes".into(), (64u64 << 30).to_string()]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
             .args([
                 "--grpc-server-addr",
@@ -407,6 +454,7 @@ impl AgentProc {
             .arg(data_dir.path())
             .arg("--blob-root")
             .arg(blob_root)
+            .args(&defaults)
             .args(extra)
             .env("PATH", path)
             .env("RUST_LOG", "info")
@@ -426,6 +474,7 @@ impl AgentProc {
             child,
             monitoring_url,
             data_dir,
+            cgroup_parent,
         })
     }
 
@@ -457,6 +506,7 @@ impl AgentProc {
             child,
             monitoring_url: Some(format!("http://127.0.0.1:{port}")),
             data_dir,
+            cgroup_parent: None,
         })
     }
 
@@ -565,6 +615,9 @@ impl Drop for AgentProc {
         );
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(p) = self.cgroup_parent.take() {
+            remove_cgroup_parent(&p);
+        }
     }
 }
 

@@ -4,11 +4,13 @@
 //! whole GPUs to workers.
 //!
 //! Entry points: [`probe_capacity`], [`detect_gpus`], [`GpuAllocator`],
-//! [`UsageSampler`], [`descendants`] (the process tree).
+//! [`UsageSampler`], [`descendants`] (the process tree), [`memory_headroom`]
+//! (available memory and PSI, for pressure eviction).
 //! Must not know about: gRPC, protobuf, HTTP, workers or allocations.
 
 mod capacity;
 mod gpu;
+mod memory;
 mod procs;
 mod usage;
 
@@ -18,5 +20,6 @@ pub use gpu::{
     NvidiaSmiProbe, NvmlAnswers, NvmlProbe, detect_gpus, detect_gpus_with_source, gpu_from_nvml,
     parse_nvidia_smi_csv,
 };
+pub use memory::{MemoryHeadroom, memory_headroom, parse_mem_available, parse_psi_some_avg10};
 pub use procs::descendants;
 pub use usage::{GpuUsage, HostUsage, UsageSampler};

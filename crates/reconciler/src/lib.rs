@@ -11,16 +11,20 @@
 //! given [`pb::HostResources`] and a [`GpuPool`]), how blobs are stored
 //! beyond the `steward-blob-store` API.
 
+mod admission;
 mod desired;
 mod events;
 mod fe;
 mod metrics;
+mod pressure;
 mod reconcile;
 mod report;
 mod state;
 mod stream;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(any(test, feature = "testing"))]
+mod testing_support;
 mod validate;
 mod watches;
 
@@ -29,9 +33,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use admission::{Claim, WorkerDefaults};
 pub use desired::Desired;
 pub use events::{Event, EventLog};
 pub use metrics::Metrics;
+pub use pressure::{Eviction, MemorySample, MemorySource};
 pub use report::state_hash;
 pub use state::{AgentHandle, Snapshot};
 pub use steward_proto::executor_api_pb as pb;
@@ -113,6 +119,12 @@ pub struct AgentConfig {
     /// Size bound of the application code cache in the data directory.
     pub code_cache_max_bytes: u64,
     pub gpu_pool: Arc<dyn GpuPool>,
+    /// Starts, confines and stops workers.
+    pub driver: Arc<dyn steward_worker_driver::WorkerDriver>,
+    /// What a worker gets where its description is silent, and its pids limit.
+    pub worker_defaults: WorkerDefaults,
+    /// Stopping idle workers under host memory pressure.
+    pub eviction: Eviction,
 }
 
 impl AgentConfig {
@@ -135,7 +147,6 @@ impl AgentConfig {
             function_executor_resources: pb::HostResources::default(),
             function_executor_bin: PathBuf::from("function-executor"),
             function_executor_args: Vec::new(),
-            data_dir,
             report_interval: Duration::from_secs(5),
             report_backoff_max: Duration::from_secs(300),
             health_check_interval: Duration::from_secs(5),
@@ -150,6 +161,17 @@ impl AgentConfig {
             blob_store,
             code_cache_max_bytes: 10 << 30,
             gpu_pool: Arc::new(NoGpus),
+            driver: Arc::new(steward_worker_driver::ProcessDriver::new(
+                steward_worker_driver::ProcessDriverConfig {
+                    records_dir: data_dir.join("workers"),
+                    cgroups: steward_worker_driver::CgroupSetup::Unavailable(
+                        "cgroups were not configured".into(),
+                    ),
+                },
+            )),
+            worker_defaults: WorkerDefaults::default(),
+            eviction: Eviction::default(),
+            data_dir,
         }
     }
 }
@@ -192,16 +214,22 @@ impl Agent {
                 },
             )?;
         let shared = state::Shared::new(config, metrics, code_cache, channel.clone());
-        for (fe_id, killed) in fe::reap_leftovers(&shared.config.data_dir.join("workers")) {
+        for l in shared.config.driver.reap_leftovers() {
             shared.event(
                 "leftover_cleaned",
-                &fe_id,
-                format!("a previous run left worker {fe_id} behind; killed {killed} leftover process(es)"),
+                &l.worker,
+                format!(
+                    "a previous run left worker {} behind ({}); killed {} leftover process(es)",
+                    l.worker, l.kind, l.processes_killed
+                ),
             );
         }
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(fe::probe_python(shared.clone()));
+        if let Some(source) = shared.config.eviction.source.clone() {
+            tasks.spawn(pressure::run_loop(shared.clone(), source, cancel.clone()));
+        }
         let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
         tasks.spawn(report::run_loop(
             shared.clone(),
@@ -237,6 +265,7 @@ impl Agent {
         while self.tasks.join_next().await.is_some() {}
         let shared = self.handle.shared();
         fe::shutdown_all(shared).await;
+        shared.config.driver.shutdown();
         report::send_final(shared, report_timeout).await;
     }
 }

@@ -63,6 +63,15 @@ pub struct Metrics {
     /// an allocation (or the slot it waited for) until the worker is asked
     /// to run it.
     pub cycle_desired_to_running: Histogram,
+    pub admission_refusals: Family<Labels, Counter>,
+    pub fe_evictions: Counter,
+    pub worker_oom_kills: Counter,
+    /// Resources held by admitted workers, by resource.
+    pub admitted: Family<Labels, Gauge>,
+    /// Sums over live workers, read from their cgroups at each scrape.
+    pub workers_memory_bytes: Gauge,
+    pub workers_cpu_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub workers_pids: Gauge,
     extra: parking_lot::Mutex<Vec<ExtraWriter>>,
 }
 
@@ -114,6 +123,41 @@ impl Metrics {
         Metrics {
             cycle_result_to_wire,
             cycle_desired_to_running,
+            admission_refusals: reg!(
+                "worker_admission_refusals",
+                "Workers refused because they did not fit next to those admitted, by the first resource short",
+                Family::default()
+            ),
+            fe_evictions: reg!(
+                "function_executor_evictions",
+                "Idle workers stopped under host memory pressure",
+                Counter::default()
+            ),
+            worker_oom_kills: reg!(
+                "worker_oom_kills",
+                "Workers the kernel OOM-killed at their cgroup memory limit",
+                Counter::default()
+            ),
+            admitted: reg!(
+                "worker_admitted",
+                "Resources held by admitted workers (cpu_ms_per_sec, memory_bytes, disk_bytes, gpus)",
+                Family::default()
+            ),
+            workers_memory_bytes: reg!(
+                "workers_memory_bytes",
+                "Memory in use by all live workers, from their cgroups",
+                Gauge::default()
+            ),
+            workers_cpu_seconds: reg!(
+                "workers_cpu_seconds",
+                "CPU time used so far by the live workers, from their cgroups",
+                Gauge::<f64, std::sync::atomic::AtomicU64>::default()
+            ),
+            workers_pids: reg!(
+                "workers_pids",
+                "Processes and threads of all live workers, from their cgroups",
+                Gauge::default()
+            ),
             state_reports: reg!(
                 "state_reports",
                 "State report RPCs sent",
@@ -316,6 +360,12 @@ impl Metrics {
         };
         self.request_state_operations
             .get_or_create(&vec![("operation", op), ("status", status)])
+            .inc();
+    }
+
+    pub(crate) fn admission_refused(&self, resource: &'static str) {
+        self.admission_refusals
+            .get_or_create(&vec![("resource", resource)])
             .inc();
     }
 

@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission;
 use crate::desired::Desired;
 use crate::fe::{self, FeCommand};
 use crate::pb;
@@ -76,6 +77,34 @@ fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
             .zip(new_allocations)
             .map(|(a, new)| new.then(|| allocation_verdict(shared, a)))
             .collect(),
+    }
+}
+
+/// The entry of a new worker and, where it does not fit next to the
+/// workers already admitted, why (its controller then fails its startup
+/// with that message).
+fn admit(
+    shared: &Shared,
+    fes: &std::collections::BTreeMap<String, FeEntry>,
+    d: &pb::FunctionExecutorDescription,
+) -> (FeEntry, Option<admission::Refusal>) {
+    let defaults = &shared.config.worker_defaults;
+    let eff = admission::effective(d, defaults);
+    let held = fes
+        .values()
+        .filter(|f| f.holds_resources())
+        .filter_map(|f| f.claim)
+        .fold(admission::Claim::default(), admission::Claim::plus);
+    let allocatable = admission::allocatable(&shared.config.function_executor_resources);
+    let verdict = admission::admit(&eff.claim, &held, &allocatable);
+    let mut entry = FeEntry::new(d.clone(), "pending: accepted from desired state");
+    entry.defaulted = eff.defaulted;
+    match verdict {
+        Ok(()) => {
+            entry.claim = Some(eff.claim);
+            (entry, None)
+        }
+        Err(r) => (entry, Some(r)),
     }
 }
 
@@ -174,23 +203,17 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
                 .unwrap_or_else(|| fe_verdict(shared, d));
             match verdict {
                 Ok(()) => {
-                    let tx = fe::spawn(shared.clone(), (**d).clone());
+                    let (entry, refusal) = admit(shared, &st.fes, d);
+                    if let Some(r) = &refusal {
+                        shared.metrics.admission_refused(r.resource);
+                    }
+                    let tx = fe::spawn(shared.clone(), (**d).clone(), refusal.map(|r| r.message));
                     fes_changed = true;
                     st.fes.insert(
                         id.to_string(),
                         FeEntry {
-                            description: (**d).clone(),
-                            description_bytes: prost::Message::encode_to_vec(&**d).into(),
-                            status: pb::FunctionExecutorStatus::Pending,
-                            termination_reason: None,
-                            blamed: Vec::new(),
                             tx: Some(tx),
-                            removing: false,
-                            pid: None,
-                            gpus: Vec::new(),
-                            timeline: vec![TimelineEntry::now(
-                                "pending: accepted from desired state",
-                            )],
+                            ..entry
                         },
                     );
                 }
@@ -204,23 +227,13 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
                     if !id.is_empty() {
                         // Report it terminated so the server stops waiting for it.
                         fes_changed = true;
-                        st.fes.insert(
-                            id.to_string(),
-                            FeEntry {
-                                description: (**d).clone(),
-                                description_bytes: prost::Message::encode_to_vec(&**d).into(),
-                                status: pb::FunctionExecutorStatus::Terminated,
-                                termination_reason: Some(
-                                    pb::FunctionExecutorTerminationReason::StartupFailedInternalError,
-                                ),
-                                blamed: Vec::new(),
-                                tx: None,
-                                removing: false,
-                                pid: None,
-                                gpus: Vec::new(),
-                                timeline: vec![TimelineEntry::now(format!("rejected: {}", rej.message))],
-                            },
-                        );
+                        let mut entry =
+                            FeEntry::new((**d).clone(), &format!("rejected: {}", rej.message));
+                        entry.status = pb::FunctionExecutorStatus::Terminated;
+                        entry.termination_reason =
+                            Some(pb::FunctionExecutorTerminationReason::StartupFailedInternalError);
+                        entry.termination_message = Some(rej.message.clone());
+                        st.fes.insert(id.to_string(), entry);
                     }
                 }
             }

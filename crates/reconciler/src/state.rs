@@ -30,6 +30,57 @@ pub(crate) struct FeEntry {
     pub pid: Option<u32>,
     pub gpus: Vec<String>,
     pub timeline: Vec<TimelineEntry>,
+    /// What the worker holds while it lives (defaults applied); `None` for
+    /// one refused at admission or rejected.
+    pub claim: Option<crate::admission::Claim>,
+    /// Resources the description left unset, given the agent's defaults.
+    pub defaulted: Vec<&'static str>,
+    /// The live worker's usage and limits.
+    pub monitor: Option<Arc<dyn steward_worker_driver::WorkerMonitor>>,
+    /// Usage read just before the worker was stopped.
+    pub last_usage: Option<steward_worker_driver::WorkerUsage>,
+    /// Why it was terminated, in words (OOM with the limit, eviction, admission).
+    pub termination_message: Option<String>,
+    /// When an allocation last finished on it (or it became ready): eviction
+    /// takes the least recently used idle worker first.
+    pub last_used: Instant,
+}
+
+impl FeEntry {
+    /// A new entry for `description`, pending.
+    pub fn new(description: pb::FunctionExecutorDescription, what: &str) -> FeEntry {
+        FeEntry {
+            description_bytes: prost::Message::encode_to_vec(&description).into(),
+            description,
+            status: pb::FunctionExecutorStatus::Pending,
+            termination_reason: None,
+            blamed: Vec::new(),
+            tx: None,
+            removing: false,
+            pid: None,
+            gpus: Vec::new(),
+            timeline: vec![TimelineEntry::now(what)],
+            claim: None,
+            defaulted: Vec::new(),
+            monitor: None,
+            last_usage: None,
+            termination_message: None,
+            last_used: Instant::now(),
+        }
+    }
+
+    /// Holds resources: admitted and not terminated.
+    pub fn holds_resources(&self) -> bool {
+        self.claim.is_some() && self.status != pb::FunctionExecutorStatus::Terminated
+    }
+
+    /// Usage now for a live worker, else the last one read.
+    pub fn usage(&self) -> Option<steward_worker_driver::WorkerUsage> {
+        self.monitor
+            .as_ref()
+            .and_then(|m| m.usage())
+            .or(self.last_usage)
+    }
 }
 
 /// One allocation the agent has accepted and not yet forgotten.
@@ -252,6 +303,15 @@ pub struct FeView {
     pub cpu_ms_per_sec: Option<u32>,
     pub memory_bytes: Option<u64>,
     pub max_concurrency: Option<u32>,
+    /// What it holds on this host (defaults applied), `None` if refused.
+    pub resources: Option<crate::admission::Claim>,
+    /// Resources given the agent's defaults because the description left them unset.
+    pub defaulted: Vec<&'static str>,
+    /// Limits enforced on it (its cgroup), `None` where none are.
+    pub limits: Option<steward_worker_driver::Limits>,
+    /// Usage read from its cgroup (now, or just before it stopped).
+    pub usage: Option<steward_worker_driver::WorkerUsage>,
+    pub termination_message: Option<String>,
     pub timeline: Vec<TimelineEntry>,
 }
 
@@ -413,6 +473,11 @@ impl AgentHandle {
                         cpu_ms_per_sec: res.and_then(|r| r.cpu_ms_per_sec),
                         memory_bytes: res.and_then(|r| r.memory_bytes),
                         max_concurrency: fe.description.max_concurrency,
+                        resources: fe.claim,
+                        defaulted: fe.defaulted.clone(),
+                        limits: fe.monitor.as_ref().and_then(|m| m.limits()),
+                        usage: fe.usage(),
+                        termination_message: fe.termination_message.clone(),
                         timeline: fe.timeline.clone(),
                     }
                 })
@@ -430,6 +495,81 @@ impl AgentHandle {
                 })
                 .collect(),
         }
+    }
+
+    /// Brings the admitted-resource and worker-usage gauges up to date
+    /// (read from the workers' cgroups; called before each scrape).
+    pub fn refresh_worker_metrics(&self) {
+        let (held, monitors) = {
+            let st = self.shared.state.lock();
+            let held = st
+                .fes
+                .values()
+                .filter(|f| f.holds_resources())
+                .filter_map(|f| f.claim)
+                .fold(
+                    crate::admission::Claim::default(),
+                    crate::admission::Claim::plus,
+                );
+            let monitors: Vec<_> = st.fes.values().filter_map(|f| f.monitor.clone()).collect();
+            (held, monitors)
+        };
+        let m = &self.shared.metrics;
+        for (name, v) in [
+            ("cpu_ms_per_sec", held.cpu_ms_per_sec),
+            ("memory_bytes", held.memory_bytes),
+            ("disk_bytes", held.disk_bytes),
+            ("gpus", held.gpus),
+        ] {
+            m.admitted
+                .get_or_create(&vec![("resource", name)])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        let (mut mem, mut cpu_us, mut pids) = (0u64, 0u64, 0u64);
+        for u in monitors.iter().filter_map(|m| m.usage()) {
+            mem = mem.saturating_add(u.memory_current_bytes);
+            cpu_us = cpu_us.saturating_add(u.cpu_usec);
+            pids = pids.saturating_add(u.pids_current.unwrap_or(0));
+        }
+        m.workers_memory_bytes
+            .set(i64::try_from(mem).unwrap_or(i64::MAX));
+        m.workers_cpu_seconds.set(cpu_us as f64 / 1e6);
+        m.workers_pids.set(i64::try_from(pids).unwrap_or(i64::MAX));
+    }
+
+    /// How workers are confined and admitted, for `/state/host`: the
+    /// driver and what it enforces (and why not), the defaults, the
+    /// eviction thresholds, and admitted against allocatable resources.
+    pub fn workers_document(&self) -> serde_json::Value {
+        let c = &self.shared.config;
+        let held = self
+            .shared
+            .state
+            .lock()
+            .fes
+            .values()
+            .filter(|f| f.holds_resources())
+            .filter_map(|f| f.claim)
+            .fold(
+                crate::admission::Claim::default(),
+                crate::admission::Claim::plus,
+            );
+        serde_json::json!({
+            "driver": c.driver.name(),
+            "limits": c.driver.enforcement(),
+            "defaults": {
+                "cpu_ms_per_sec": c.worker_defaults.cpu_ms_per_sec,
+                "memory_bytes": c.worker_defaults.memory_bytes,
+                "pids_max": c.worker_defaults.pids_max,
+            },
+            "eviction": {
+                "enabled": c.eviction.source.is_some(),
+                "memory_available_bytes": c.eviction.memory_available_bytes,
+                "psi_some_avg10_percent": c.eviction.psi_some_avg10,
+            },
+            "admitted": held,
+            "allocatable": crate::admission::allocatable(&c.function_executor_resources),
+        })
     }
 
     /// OpenMetrics text of the agent's metrics.

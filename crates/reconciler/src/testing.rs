@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::fe::FeCommand;
 use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry};
-use crate::{AgentConfig, AgentHandle, Metrics, pb};
+use crate::{AgentHandle, pb};
 
 /// A populated agent state and the desired state that matches it.
 pub struct Synthetic {
@@ -108,33 +108,7 @@ impl Synthetic {
     /// `fes` running workers, `allocs` running allocations spread over them,
     /// and `results` buffered results.
     pub fn new(fes: usize, allocs: usize, results: usize) -> Synthetic {
-        let blob_store = steward_blob_store::BlobStore::new(Default::default());
-        let config = AgentConfig::new(
-            "bench".into(),
-            "127.0.0.1:1".into(),
-            std::env::temp_dir(),
-            blob_store,
-        );
-        let metrics = Arc::new(Metrics::new("bench", "bench", "bench"));
-        let cache_dir =
-            std::env::temp_dir().join(format!("steward-bench-cache-{}", std::process::id()));
-        let cache = steward_blob_store::CodeCache::open(&cache_dir, 1 << 20)
-            .expect("bench code cache in temp dir");
-        // A lazy channel spawns its worker on a runtime; the synthetic
-        // state never calls the server, so any runtime will do.
-        static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
-        let _entered = tokio::runtime::Handle::try_current().is_err().then(|| {
-            RUNTIME
-                .get_or_init(|| {
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a tokio runtime")
-                })
-                .enter()
-        });
-        let server = crate::report::channel(&config.server_addr).expect("a valid address");
-        let shared = Shared::new(config, metrics, cache, server);
+        let shared = crate::testing_support::shared();
         let mut receivers = Vec::new();
         let desired = pb::DesiredExecutorState {
             function_executors: (0..fes).map(description).collect(),
@@ -150,19 +124,10 @@ impl Synthetic {
                 st.fes.insert(
                     d.id.clone().unwrap_or_default(),
                     FeEntry {
-                        description: d.clone(),
-                        description_bytes: prost::Message::encode_to_vec(d).into(),
                         status: pb::FunctionExecutorStatus::Running,
-                        termination_reason: None,
-                        blamed: Vec::new(),
                         tx: Some(tx),
-                        removing: false,
                         pid: Some(1),
-                        gpus: Vec::new(),
-                        timeline: vec![
-                            TimelineEntry::now("pending"),
-                            TimelineEntry::now("RUNNING"),
-                        ],
+                        ..FeEntry::new(d.clone(), "RUNNING")
                     },
                 );
             }

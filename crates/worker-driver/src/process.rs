@@ -44,18 +44,22 @@ impl ProcessDriver {
     }
 }
 
-/// The cgroup directory name of worker `id`: `fe-<id>`, shortened with a
-/// hash where the id would pass the kernel's 255-byte name limit.
+/// The cgroup directory name of one start of worker `id`: `fe-<id>.<n>`,
+/// unique per start (a worker recreated under the same id never meets the
+/// removal of its predecessor's cgroup), shortened with a hash where the id
+/// would pass the kernel's 255-byte name limit.
 fn cgroup_name(id: &str) -> String {
+    static STARTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if id.len() <= 200 {
-        return format!("fe-{id}");
+        return format!("fe-{id}.{}-{n}", std::process::id());
     }
     let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
     for b in id.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     let head: String = id.chars().take(180).collect();
-    format!("fe-{head}-{h:016x}")
+    format!("fe-{head}-{h:016x}.{}-{n}", std::process::id())
 }
 
 impl WorkerDriver for ProcessDriver {
@@ -534,7 +538,8 @@ mod tests {
 
     #[test]
     fn cgroup_names_fit_the_kernel_limit_and_stay_distinct() {
-        assert_eq!(cgroup_name("abc"), "fe-abc");
+        assert!(cgroup_name("abc").starts_with("fe-abc."));
+        assert_ne!(cgroup_name("abc"), cgroup_name("abc"), "unique per start");
         let long_a = "a".repeat(256);
         let mut long_b = "a".repeat(255);
         long_b.push('b');

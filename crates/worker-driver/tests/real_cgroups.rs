@@ -67,22 +67,30 @@ async fn a_worker_is_confined_from_its_first_instruction_and_its_cgroup_goes_wit
     let mut text = String::new();
     for _ in 0..500 {
         text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("fe-confined") {
+        if text.contains("fe-confined.") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(text.contains("/fe-confined"), "first output: {text}");
+    assert!(text.contains("/fe-confined."), "first output: {text}");
     let limits = w.monitor().limits().expect("limits enforced");
     assert_eq!(limits, LIMITS);
     let usage = w.monitor().usage().expect("usage");
     assert!(usage.memory_current_bytes > 0, "{usage:?}");
     let parents = enforcement.cgroup_parents.clone();
-    assert!(parents.iter().all(|p| p.join("fe-confined").is_dir()));
+    let dirs = |p: &std::path::PathBuf| {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("fe-confined."))
+            .count()
+    };
+    assert!(parents.iter().all(|p| dirs(p) == 1));
     let exit = w.stop(Duration::from_secs(1)).await.expect("stopped");
     assert_eq!(exit.oom, None);
     assert!(
-        parents.iter().all(|p| !p.join("fe-confined").exists()),
+        parents.iter().all(|p| dirs(p) == 0),
         "worker cgroup removed after stop"
     );
     driver.shutdown();
@@ -128,9 +136,9 @@ async fn leftovers_of_a_vanished_agent_are_killed_and_removed() {
     std::mem::forget(w);
     let found = driver.reap_leftovers();
     assert!(
-        found
-            .iter()
-            .any(|l| l.kind == "cgroup" && l.worker == "fe-orphan" && l.processes_killed == 1),
+        found.iter().any(|l| l.kind == "cgroup"
+            && l.worker.starts_with("fe-orphan.")
+            && l.processes_killed == 1),
         "{found:?}"
     );
     assert!(

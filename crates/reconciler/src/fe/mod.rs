@@ -8,27 +8,25 @@ mod allocation;
 mod calls;
 mod conn;
 mod plan;
-mod process;
+mod python;
 mod request_state;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use steward_worker_driver::{Exit, Worker, WorkerSpec};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use allocation::AllocOutcome;
 pub(crate) use allocation::failed_result;
-use process::FeProcess;
-pub(crate) use process::reap_leftovers;
 
 /// Learns the workers' Python version before any worker runs (so the first
 /// reports already carry it); a worker's `get_info` confirms it later.
 pub(crate) async fn probe_python(shared: Arc<Shared>) {
-    let Some(v) = process::probe_python_version(&shared.config.function_executor_bin).await else {
+    let Some(v) = python::probe_python_version(&shared.config.function_executor_bin).await else {
         return;
     };
     let set = {
@@ -54,16 +52,20 @@ pub(crate) enum FeCommand {
     Run(Box<pb::Allocation>, Instant),
     Cancel(String),
     Shutdown,
+    /// Stop if idle (host memory pressure); the text says why.
+    Evict(String),
 }
 
 /// Starts a controller for `desc` and returns its command channel.
+/// `refusal`: why admission refused it (its startup then fails with that).
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     desc: pb::FunctionExecutorDescription,
+    refusal: Option<String>,
 ) -> mpsc::UnboundedSender<FeCommand> {
     let (tx, rx) = mpsc::unbounded_channel();
     let id = desc.id.clone().unwrap_or_default();
-    let controller = tokio::spawn(Controller::new(shared.clone(), desc).run(rx));
+    let controller = tokio::spawn(Controller::new(shared.clone(), desc, refusal).run(rx));
     // A controller that panics must not take its allocations with it.
     tokio::spawn(async move {
         if let Err(e) = controller.await
@@ -106,7 +108,7 @@ fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
         ));
     }
     shared.config.gpu_pool.release(fe_id);
-    process::forget(&shared.config.data_dir.join("workers"), fe_id);
+    // The worker went with the controller: dropping it killed it and its cgroup.
     shared.state.lock().fes.remove(fe_id);
     shared.report_now.notify_one();
     shared.reconcile_now.notify_one();
@@ -136,7 +138,7 @@ pub(crate) async fn shutdown_all(shared: &Arc<Shared>) {
 }
 
 struct Live {
-    process: FeProcess,
+    worker: Box<dyn Worker>,
     client: conn::WorkerClient,
 }
 
@@ -169,10 +171,16 @@ struct Controller {
     /// Why the worker never started, for allocations that reach it after
     /// the startup failed (they race the failure; the reason is the same).
     startup_failure: Option<pb::AllocationFailureReason>,
+    /// Why admission refused this worker, if it did.
+    refusal: Option<String>,
 }
 
 impl Controller {
-    fn new(shared: Arc<Shared>, desc: pb::FunctionExecutorDescription) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        desc: pb::FunctionExecutorDescription,
+        refusal: Option<String>,
+    ) -> Self {
         Controller {
             shared,
             id: desc.id.clone().unwrap_or_default(),
@@ -183,6 +191,7 @@ impl Controller {
             live: None,
             terminated: false,
             startup_failure: None,
+            refusal,
         }
     }
 
@@ -213,8 +222,12 @@ impl Controller {
         self.shared.metrics.fe_creations.inc();
         let started = Instant::now();
         // Phase 1: start the worker, queueing allocations meanwhile.
-        let startup = start(self.shared.clone(), self.desc.clone());
-        tokio::pin!(startup);
+        // Boxed so that a shutdown can drop it (and the worker in it) early.
+        let mut startup = Box::pin(start(
+            self.shared.clone(),
+            self.desc.clone(),
+            self.refusal.take(),
+        ));
         let shutdown_requested = loop {
             tokio::select! {
                 // Commands first: an allocation that arrived with the worker
@@ -223,24 +236,28 @@ impl Controller {
                 cmd = rx.recv() => match cmd {
                     Some(FeCommand::Run(a, _)) => self.queue.push_back(Queued { alloc: *a, ready: None }),
                     Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
+                    Some(FeCommand::Evict(_)) => {} // Not idle: it is starting.
                     Some(FeCommand::Shutdown) | None => break true,
                 },
                 r = &mut startup => {
                     match r {
                         Ok(live) => {
                             self.shared.metrics.fe_startup_latency.observe(started.elapsed().as_secs_f64());
-                            self.set_status(pb::FunctionExecutorStatus::Running, None, Vec::new(), Some(live.process.pid));
+                            self.set_status(pb::FunctionExecutorStatus::Running, None, Vec::new(), Some(live.worker.pid()));
                             self.shared.event("function_executor_running", &self.id, format!(
                                 "worker pid {} on {} initialized in {} ms (log: {})",
-                                live.process.pid, live.process.address, started.elapsed().as_millis(), live.process.log_path.display()
+                                live.worker.pid(), live.worker.address(), started.elapsed().as_millis(), live.worker.log_path().display()
                             ));
+                            self.touch();
                             self.live = Some(live);
                         }
                         Err((reason, message)) => {
-                            self.shared.event("function_executor_startup_failed", &self.id, message);
+                            self.shared.event("function_executor_startup_failed", &self.id, message.clone());
+                            self.set_termination_message(message);
                             let startup_reason = match reason {
                                 Reason::StartupFailedFunctionError => pb::AllocationFailureReason::StartupFailedFunctionError,
                                 Reason::StartupFailedFunctionTimeout => pb::AllocationFailureReason::StartupFailedFunctionTimeout,
+                                Reason::Oom => pb::AllocationFailureReason::Oom,
                                 _ => pb::AllocationFailureReason::StartupFailedInternalError,
                             };
                             self.startup_failure = Some(startup_reason);
@@ -256,18 +273,9 @@ impl Controller {
             }
         };
         if shutdown_requested {
-            // A half-started worker is killed with its whole group here; the
-            // pinned startup future (and its child handle) goes at return.
-            let pid = self
-                .shared
-                .state
-                .lock()
-                .fes
-                .get(&self.id)
-                .and_then(|f| f.pid);
-            if let Some(pid) = pid {
-                process::signal_group(pid, Signal::SIGKILL);
-            }
+            // A half-started worker goes with the startup future: dropping
+            // it kills the worker, its group and its cgroup.
+            drop(startup);
             self.shared.config.gpu_pool.release(&self.id);
             for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
                 self.shared.push_result(failed_result(
@@ -306,6 +314,7 @@ impl Controller {
                             self.cancel_queued(&id);
                         }
                     }
+                    Some(FeCommand::Evict(why)) => self.evict(why).await,
                     Some(FeCommand::Shutdown) | None => break,
                 },
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
@@ -313,12 +322,9 @@ impl Controller {
                         self.finish_allocation(id, outcome).await;
                     }
                 }
-                status = async { self.live.as_mut().map(|l| l.process.child.wait()) .expect("guarded by alive").await }, if alive => {
-                    let how = match &status { Ok(s) => process::describe_exit(s), Err(e) => format!("wait failed: {e}") };
-                    let oom = status.as_ref().is_ok_and(process::killed_by_sigkill)
-                        && self.live.as_ref().is_some_and(|l| l.process.oom_killed_since_start());
-                    let reason = if oom { Reason::Oom } else { Reason::Unhealthy };
-                    self.shared.event("function_executor_exited", &self.id, format!("worker {how}"));
+                exit = async { self.live.as_mut().map(|l| l.worker.exited()).expect("guarded by alive").await }, if alive => {
+                    self.shared.event("function_executor_exited", &self.id, format!("worker {}", exit.description));
+                    let reason = self.note_oom(&exit).unwrap_or(Reason::Unhealthy);
                     let blamed = self.running.keys().cloned().collect();
                     self.kill(reason, blamed, None).await;
                 }
@@ -337,7 +343,8 @@ impl Controller {
         self.collect_finished();
         self.tasks.abort_all();
         if let Some(mut live) = self.live.take() {
-            live.process
+            self.keep_last_usage();
+            live.worker
                 .stop(self.shared.config.function_executor_stop_grace)
                 .await;
         }
@@ -361,7 +368,6 @@ impl Controller {
 
     /// Forgets this worker and lets the reconciler recreate the id if wanted.
     async fn finish(&mut self) {
-        process::forget(&self.shared.config.data_dir.join("workers"), &self.id);
         self.shared.state.lock().fes.remove(&self.id);
         self.shared
             .event("function_executor_removed", &self.id, "controller stopped");
@@ -393,6 +399,71 @@ impl Controller {
             }
         }
         self.shared.report_now.notify_one();
+    }
+
+    /// Marks the worker as used now (eviction takes the least recently used).
+    fn touch(&self) {
+        if let Some(fe) = self.shared.state.lock().fes.get_mut(&self.id) {
+            fe.last_used = Instant::now();
+        }
+    }
+
+    fn set_termination_message(&self, message: String) {
+        if let Some(fe) = self.shared.state.lock().fes.get_mut(&self.id) {
+            fe.termination_message = Some(message);
+        }
+    }
+
+    /// Keeps the worker's usage as last read, before its cgroup goes.
+    fn keep_last_usage(&self) {
+        let mut st = self.shared.state.lock();
+        if let Some(fe) = st.fes.get_mut(&self.id)
+            && let Some(m) = fe.monitor.take()
+        {
+            fe.last_usage = m.usage().or(fe.last_usage);
+        }
+    }
+
+    /// For an exit the kernel's OOM killer caused: says so (event, message,
+    /// metric) and returns the OOM reason.
+    fn note_oom(&self, exit: &Exit) -> Option<Reason> {
+        let oom = exit.oom.as_ref()?;
+        self.shared.metrics.worker_oom_kills.inc();
+        self.shared
+            .event("function_executor_oom", &self.id, oom.clone());
+        self.set_termination_message(oom.clone());
+        Some(Reason::Oom)
+    }
+
+    /// Stops an idle worker under memory pressure; a busy one stays (the
+    /// eviction loop looks again).
+    async fn evict(&mut self, why: String) {
+        if !self.running.is_empty() || !self.queue.is_empty() || self.terminated {
+            return;
+        }
+        let Some(mut live) = self.live.take() else {
+            return;
+        };
+        let freed = live
+            .worker
+            .monitor()
+            .usage()
+            .map(|u| u.memory_current_bytes);
+        self.keep_last_usage();
+        live.worker
+            .stop(self.shared.config.function_executor_stop_grace)
+            .await;
+        let freed = match freed {
+            Some(b) => format!("freed {b} bytes of memory (its cgroup's use)"),
+            None => "freed its memory (not measured: no cgroup)".to_string(),
+        };
+        let message = format!("evicted while idle: {why}; {freed}");
+        self.shared.metrics.fe_evictions.inc();
+        self.shared
+            .event("function_executor_evicted", &self.id, message.clone());
+        self.set_termination_message(message);
+        self.mark_terminated(Reason::Unhealthy, Vec::new());
+        self.note("worker process stopped (evicted)".into());
     }
 
     fn mark_terminated(&mut self, reason: Reason, blamed: Vec<String>) {
@@ -507,14 +578,26 @@ impl Controller {
         }
     }
 
-    async fn finish_allocation(&mut self, id: String, outcome: AllocOutcome) {
+    async fn finish_allocation(&mut self, id: String, mut outcome: AllocOutcome) {
         if self.running.remove(&id).is_none() {
             return; // Already accounted for by a kill.
         }
         self.shared.metrics.allocations_running.dec();
+        self.touch();
         let failed = outcome.result.outcome_code != Some(pb::AllocationOutcomeCode::Success as i32);
+        // A worker lost under a running allocation may have been OOM-killed:
+        // then the allocation and the worker are OOM, not a function error.
+        let mut oom = None;
+        if outcome.kill_fe.is_some()
+            && let Some(exit) = self.exit_soon().await
+        {
+            oom = self.note_oom(&exit);
+            if oom.is_some() {
+                outcome.result.failure_reason = Some(pb::AllocationFailureReason::Oom as i32);
+            }
+        }
         self.shared.push_result(outcome.result);
-        if let Some(reason) = outcome.kill_fe {
+        if let Some(reason) = oom.or(outcome.kill_fe) {
             self.kill(reason, vec![id], None).await;
         } else if failed && self.live.is_some() && self.shared.config.health_checks_enabled {
             // A failure may mean a broken worker: check once right away.
@@ -564,32 +647,48 @@ impl Controller {
         verdict
     }
 
+    /// The worker's exit if it has exited or does within a moment (a failed
+    /// RPC can be how a dying worker is first noticed).
+    async fn exit_soon(&mut self) -> Option<Exit> {
+        let live = self.live.as_mut()?;
+        if let Some(exit) = live.worker.try_exit() {
+            return Some(exit);
+        }
+        tokio::time::timeout(Duration::from_millis(50), live.worker.exited())
+            .await
+            .ok()
+    }
+
     /// Kills the worker and reports it terminated with `reason`, blaming
     /// `blamed`. Allocations running on it fail; `cancelled` (if any) is
     /// reported as cancelled, the others as function errors.
     async fn kill(&mut self, reason: Reason, blamed: Vec<String>, cancelled: Option<&str>) {
         self.collect_finished();
-        if let Some(mut live) = self.live.take() {
+        let mut reason = reason;
+        if let Some(live) = self.live.as_mut() {
             // A failed RPC can be how a dead worker is first noticed: say so.
             // (It may still be closing down: give it a moment when unhealthy.)
-            let exited = match live.process.child.try_wait() {
-                Ok(Some(status)) => Some(status),
-                _ if reason == Reason::Unhealthy => {
-                    tokio::time::timeout(Duration::from_millis(50), live.process.child.wait())
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                }
-                _ => None,
+            let exited = match live.worker.try_exit() {
+                Some(exit) => Some(exit),
+                None if reason == Reason::Unhealthy => self.exit_soon().await,
+                None => None,
             };
-            if let Some(status) = exited {
+            if let Some(exit) = exited {
                 self.shared.event(
                     "function_executor_exited",
                     &self.id,
-                    format!("worker {}", process::describe_exit(&status)),
+                    format!("worker {}", exit.description),
                 );
+                if reason == Reason::Unhealthy
+                    && let Some(oom) = self.note_oom(&exit)
+                {
+                    reason = oom;
+                }
             }
-            live.process.stop(Duration::ZERO).await;
+        }
+        if let Some(mut live) = self.live.take() {
+            self.keep_last_usage();
+            live.worker.stop(Duration::ZERO).await;
         }
         for (id, r) in std::mem::take(&mut self.running) {
             r.task.abort();
@@ -704,9 +803,13 @@ fn note_python_version(shared: &Shared, info: &fe_pb::InfoResponse) {
 async fn start(
     shared: Arc<Shared>,
     desc: pb::FunctionExecutorDescription,
+    refusal: Option<String>,
 ) -> Result<Live, (Reason, String)> {
     let id = desc.id.clone().unwrap_or_default();
     let internal = |m: String| (Reason::StartupFailedInternalError, m);
+    if let Some(why) = refusal {
+        return Err(internal(format!("admission refused this worker: {why}")));
+    }
     let gpu_count = desc
         .resources
         .as_ref()
@@ -735,16 +838,22 @@ async fn start(
         .get_or_create(&vec![("source", label)])
         .inc();
     let code = code.to_vec();
-    let mut process = process::spawn(&shared.config, &id, &gpus).map_err(internal)?;
-    process::record(&shared.config.data_dir.join("workers"), &id, process.pid);
+    let spec = worker_spec(&shared, &desc, &id, &gpus);
+    let mut process = shared
+        .config
+        .driver
+        .start(spec)
+        .map_err(|e| internal(e.to_string()))?;
     {
         let mut st = shared.state.lock();
         if let Some(fe) = st.fes.get_mut(&id) {
-            fe.pid = Some(process.pid);
+            fe.pid = Some(process.pid());
             fe.gpus = gpus.clone();
+            fe.monitor = Some(process.monitor());
             fe.timeline.push(TimelineEntry::now(format!(
                 "spawned pid {} on {}",
-                process.pid, process.address
+                process.pid(),
+                process.address()
             )));
         }
     }
@@ -752,14 +861,23 @@ async fn start(
     let deadline = Instant::now() + shared.config.function_executor_connect_timeout;
     let mut retry = Duration::from_millis(2);
     let channel = loop {
-        if let Ok(Some(status)) = process.child.try_wait() {
-            return Err(internal(format!(
-                "worker {} before accepting connections (log: {})",
-                process::describe_exit(&status),
-                process.log_path.display()
-            )));
+        if let Some(exit) = process.try_exit() {
+            let reason = match exit.oom {
+                Some(_) => Reason::Oom,
+                None => Reason::StartupFailedInternalError,
+            };
+            return Err((
+                reason,
+                format!(
+                    "worker {} before accepting connections{} (log: {})",
+                    exit.description,
+                    exit.oom.map(|o| format!(": {o}")).unwrap_or_default(),
+                    process.log_path().display()
+                ),
+            ));
         }
-        let attempt = tokio::time::timeout(Duration::from_secs(2), conn::connect(&process.address));
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(2), conn::connect(process.address()));
         match attempt
             .await
             .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
@@ -769,7 +887,7 @@ async fn start(
                 process.stop(Duration::ZERO).await;
                 return Err(internal(format!(
                     "worker did not accept connections on {}: {e}",
-                    process.address
+                    process.address()
                 )));
             }
             Err(_) => {
@@ -881,7 +999,7 @@ async fn start(
                         "initialize answered {:?} ({:?}); see {}",
                         r.outcome_code(),
                         r.failure_reason(),
-                        process.log_path.display()
+                        process.log_path().display()
                     ),
                 ))
             }
@@ -891,5 +1009,41 @@ async fn start(
         process.stop(Duration::ZERO).await;
         return Err(f);
     }
-    Ok(Live { process, client })
+    Ok(Live {
+        worker: process,
+        client,
+    })
+}
+
+/// What the driver starts for worker `id`: the worker program with the
+/// reference's arguments, its GPUs, and limits from its admitted claim.
+fn worker_spec(
+    shared: &Shared,
+    desc: &pb::FunctionExecutorDescription,
+    id: &str,
+    gpus: &[String],
+) -> WorkerSpec {
+    let config = &shared.config;
+    let claim = crate::admission::effective(desc, &config.worker_defaults).claim;
+    let mut args = vec![
+        format!("--executor-id={}", config.executor_id),
+        format!("--function-executor-id={id}"),
+    ];
+    args.extend(config.function_executor_args.iter().cloned());
+    let mut env = Vec::new();
+    if !gpus.is_empty() {
+        let visible = gpus.join(",");
+        env.push(("CUDA_VISIBLE_DEVICES".to_string(), visible.clone()));
+        env.push(("NVIDIA_VISIBLE_DEVICES".to_string(), visible));
+    }
+    WorkerSpec {
+        id: id.to_string(),
+        program: config.function_executor_bin.clone(),
+        args,
+        env,
+        // Workers get presigned URLs, never the agent's cloud credentials.
+        env_remove_prefixes: vec!["AWS_".to_string()],
+        log_path: config.data_dir.join("logs").join(format!("fe-{id}.log")),
+        limits: crate::admission::limits(&claim, &config.worker_defaults),
+    }
 }

@@ -1,0 +1,280 @@
+//! Pressure eviction, kubelet style: when the host's available memory falls
+//! below a threshold (or, where the kernel has PSI, memory pressure rises
+//! above one), idle workers (no allocation queued or running) are stopped,
+//! least recently used first, one at a time, each reported terminated with
+//! the reason and an event that names what was freed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::fe::FeCommand;
+use crate::pb;
+use crate::state::{AllocPhase, Shared, State};
+
+/// The host's memory at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemorySample {
+    pub available_bytes: u64,
+    /// PSI `some avg10` of `/proc/pressure/memory` (percent), where the kernel has it.
+    pub psi_some_avg10: Option<f64>,
+}
+
+/// Where memory samples come from (the host, or a fake in tests).
+pub trait MemorySource: Send + Sync + 'static {
+    fn sample(&self) -> Option<MemorySample>;
+}
+
+/// When to evict.
+#[derive(Clone)]
+pub struct Eviction {
+    /// `None`: no eviction.
+    pub source: Option<Arc<dyn MemorySource>>,
+    /// Evict while available memory is below this.
+    pub memory_available_bytes: u64,
+    /// Evict while PSI memory `some avg10` is above this percentage.
+    pub psi_some_avg10: Option<f64>,
+    pub interval: Duration,
+}
+
+impl Default for Eviction {
+    fn default() -> Self {
+        Eviction {
+            source: None,
+            memory_available_bytes: 100 << 20,
+            psi_some_avg10: Some(50.0),
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Eviction {
+    /// Why `s` is memory pressure, or `None` if it is not.
+    pub fn pressure(&self, s: &MemorySample) -> Option<String> {
+        if s.available_bytes < self.memory_available_bytes {
+            return Some(format!(
+                "host memory available {} bytes is below the eviction threshold of {} bytes",
+                s.available_bytes, self.memory_available_bytes
+            ));
+        }
+        match (s.psi_some_avg10, self.psi_some_avg10) {
+            (Some(p), Some(limit)) if p > limit => Some(format!(
+                "memory pressure (PSI some avg10) {p:.1}% is above the eviction threshold of {limit:.1}%"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The idle workers that may be evicted, least recently used first.
+pub(crate) fn candidates(st: &State) -> Vec<String> {
+    let mut idle: Vec<(Instant, &String)> = st
+        .fes
+        .iter()
+        .filter(|(_, f)| {
+            f.status == pb::FunctionExecutorStatus::Running && f.tx.is_some() && !f.removing
+        })
+        .filter(|(id, _)| {
+            !st.allocations
+                .values()
+                .any(|a| &a.fe_id == *id && a.phase != AllocPhase::Finished)
+        })
+        .map(|(id, f)| (f.last_used, id))
+        .collect();
+    idle.sort();
+    idle.into_iter().map(|(_, id)| id.clone()).collect()
+}
+
+/// What one look at the host's memory did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    Calm,
+    /// This worker was asked to go.
+    Evicting(String),
+    /// Pressure, but no worker is idle (said as an event).
+    NothingIdle,
+}
+
+/// One look at the host's memory: asks the least recently used idle worker
+/// to go if there is pressure.
+pub(crate) fn step(shared: &Shared, source: &dyn MemorySource) -> Step {
+    let Some(why) = source
+        .sample()
+        .and_then(|s| shared.config.eviction.pressure(&s))
+    else {
+        return Step::Calm;
+    };
+    let st = shared.state.lock();
+    let victim = candidates(&st)
+        .into_iter()
+        .find_map(|id| Some((st.fes.get(&id)?.tx.clone()?, id)));
+    drop(st);
+    match victim {
+        Some((tx, id)) if tx.send(FeCommand::Evict(why.clone())).is_ok() => Step::Evicting(id),
+        _ => {
+            shared.event(
+                "memory_pressure",
+                &shared.config.executor_id,
+                format!("{why}; no idle worker to evict"),
+            );
+            Step::NothingIdle
+        }
+    }
+}
+
+pub(crate) async fn run_loop(
+    shared: Arc<Shared>,
+    source: Arc<dyn MemorySource>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(shared.config.eviction.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // One eviction at a time: the next waits until this one's worker is gone.
+    let mut in_flight: Option<(String, Instant)> = None;
+    let mut quiet_until = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some((id, since)) = &in_flight {
+            let gone = shared
+                .state
+                .lock()
+                .fes
+                .get(id)
+                .is_none_or(|f| f.status == pb::FunctionExecutorStatus::Terminated);
+            if !gone && since.elapsed() < Duration::from_secs(30) {
+                continue;
+            }
+            in_flight = None;
+        }
+        if Instant::now() < quiet_until {
+            continue;
+        }
+        match step(&shared, source.as_ref()) {
+            Step::Evicting(id) => in_flight = Some((id, Instant::now())),
+            // Said at most once per 30 s while nothing can be evicted.
+            Step::NothingIdle => quiet_until = Instant::now() + Duration::from_secs(30),
+            Step::Calm => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AllocEntry, FeEntry};
+    use parking_lot::Mutex;
+
+    struct FakeMemory(Mutex<MemorySample>);
+    impl MemorySource for FakeMemory {
+        fn sample(&self) -> Option<MemorySample> {
+            Some(*self.0.lock())
+        }
+    }
+
+    fn shared() -> Arc<Shared> {
+        crate::testing_support::shared()
+    }
+
+    #[test]
+    fn thresholds() {
+        let e = Eviction::default();
+        let calm = MemorySample {
+            available_bytes: 1 << 30,
+            psi_some_avg10: Some(0.5),
+        };
+        assert_eq!(e.pressure(&calm), None);
+        let low = MemorySample {
+            available_bytes: 50 << 20,
+            ..calm
+        };
+        assert!(
+            e.pressure(&low)
+                .is_some_and(|w| w.contains("52428800 bytes"))
+        );
+        let stalled = MemorySample {
+            psi_some_avg10: Some(71.25),
+            ..calm
+        };
+        assert!(e.pressure(&stalled).is_some_and(|w| w.contains("71.2%")));
+        let no_psi = Eviction {
+            psi_some_avg10: None,
+            ..Eviction::default()
+        };
+        assert_eq!(no_psi.pressure(&stalled), None);
+    }
+
+    #[tokio::test]
+    async fn evicts_idle_workers_least_recently_used_first() {
+        let shared = shared();
+        let base = Instant::now();
+        let mut rxs = std::collections::HashMap::new();
+        {
+            let mut st = shared.state.lock();
+            // "busy" was used longest ago but runs an allocation; "starting"
+            // is not running yet; "old" and "new" are idle.
+            for (id, age_s, status) in [
+                ("busy", 300, pb::FunctionExecutorStatus::Running),
+                ("new", 10, pb::FunctionExecutorStatus::Running),
+                ("old", 200, pb::FunctionExecutorStatus::Running),
+                ("starting", 400, pb::FunctionExecutorStatus::Pending),
+            ] {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                rxs.insert(id, rx);
+                let mut e = FeEntry::new(pb::FunctionExecutorDescription::default(), "test");
+                e.status = status;
+                e.tx = Some(tx);
+                e.last_used = base - Duration::from_secs(age_s);
+                st.fes.insert(id.into(), e);
+            }
+            st.allocations.insert(
+                "a1".into(),
+                AllocEntry {
+                    fe_id: "busy".into(),
+                    function: "f".into(),
+                    phase: AllocPhase::Running,
+                    timeline: Vec::new(),
+                },
+            );
+        }
+        let memory = FakeMemory(Mutex::new(MemorySample {
+            available_bytes: 8 << 30,
+            psi_some_avg10: None,
+        }));
+        assert_eq!(
+            step(&shared, &memory),
+            Step::Calm,
+            "no pressure, no eviction"
+        );
+        memory.0.lock().available_bytes = 10 << 20;
+        assert_eq!(step(&shared, &memory), Step::Evicting("old".into()));
+        match rxs.get_mut("old").and_then(|r| r.try_recv().ok()) {
+            Some(FeCommand::Evict(why)) => assert!(why.contains("10485760"), "{why}"),
+            _ => panic!("old was not asked to go"),
+        }
+        // Once "old" is terminated, "new" is next; "busy" never while it runs.
+        if let Some(f) = shared.state.lock().fes.get_mut("old") {
+            f.status = pb::FunctionExecutorStatus::Terminated;
+        }
+        assert_eq!(step(&shared, &memory), Step::Evicting("new".into()));
+        if let Some(f) = shared.state.lock().fes.get_mut("new") {
+            f.status = pb::FunctionExecutorStatus::Terminated;
+        }
+        assert_eq!(step(&shared, &memory), Step::NothingIdle);
+        let events = shared.events.recent();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == "memory_pressure" && e.message.contains("no idle worker")),
+            "{events:?}"
+        );
+        assert!(rxs.get_mut("busy").is_some_and(|r| r.try_recv().is_err()));
+        assert!(
+            rxs.get_mut("starting")
+                .is_some_and(|r| r.try_recv().is_err())
+        );
+    }
+}
