@@ -524,6 +524,15 @@ impl GpuPool for GpuPoolAdapter {
     }
 }
 
+/// Removes the worker driver's parent cgroup when dropped.
+struct DriverShutdown(Arc<dyn wd::WorkerDriver>);
+
+impl Drop for DriverShutdown {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
 /// The host's memory for pressure eviction.
 struct HostMemory;
 
@@ -691,7 +700,11 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));
     config.gpu_pool = Arc::new(GpuPoolAdapter(allocator.clone()));
     config.worker_defaults = worker_defaults(&args)?;
-    config.driver = Arc::new(worker_driver(&args, &config.data_dir));
+    let driver: Arc<dyn wd::WorkerDriver> = Arc::new(worker_driver(&args, &config.data_dir));
+    config.driver = driver.clone();
+    // Steward's parent cgroup goes however this function returns (a taken
+    // port, a bad address): nothing of it outlives the process.
+    let _parent_cgroup = DriverShutdown(driver);
     config.eviction = steward_reconciler::Eviction {
         source: Some(Arc::new(HostMemory)),
         memory_available_bytes: args.eviction_memory_available,

@@ -361,3 +361,44 @@ async fn workers_that_do_not_fit_are_refused_with_the_numbers() -> Result<()> {
     plane.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_workers_are_evicted_under_memory_pressure_busy_ones_finish() -> Result<()> {
+    // A threshold no host meets: the host is always under pressure.
+    let (plane, steward) = fake_setup(
+        FunctionOptions::default(),
+        &["--eviction-memory-available", &(1u64 << 50).to_string()],
+    )
+    .await?;
+    // A busy worker is never evicted: its allocation runs to the end.
+    let out = plane.invoke_app("fake", "sleep_1500", json!("x")).await?;
+    assert_eq!(out.status, "success", "{out:?}");
+    // Once idle, it goes, reported with the reason.
+    let t = plane.wait_termination("sleep_1500").await?;
+    assert_eq!(t["reason"], "UNHEALTHY", "{t}");
+    let (_, events) = steward
+        .wait_json("/state/events", Duration::from_secs(30), |_, v| {
+            v.to_string().contains("function_executor_evicted")
+        })
+        .await?;
+    let evicted = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["kind"] == "function_executor_evicted")
+        .cloned()
+        .context("eviction event")?;
+    let message = evicted["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("below the eviction threshold"),
+        "{message}"
+    );
+    assert!(message.contains("freed"), "names what was freed: {message}");
+    let metrics = steward.metrics().await?;
+    assert!(
+        support::metric(&metrics, "steward_function_executor_evictions_total")
+            .is_some_and(|n| n >= 1.0)
+    );
+    plane.stop().await;
+    Ok(())
+}

@@ -97,8 +97,9 @@ pub(crate) enum Step {
 }
 
 /// One look at the host's memory: asks the least recently used idle worker
-/// to go if there is pressure.
-pub(crate) fn step(shared: &Shared, source: &dyn MemorySource) -> Step {
+/// to go if there is pressure. `say_idle` makes a pressure with nothing to
+/// evict an event (the loop says it at most every 30 s).
+pub(crate) fn step(shared: &Shared, source: &dyn MemorySource, say_idle: bool) -> Step {
     let Some(why) = source
         .sample()
         .and_then(|s| shared.config.eviction.pressure(&s))
@@ -113,11 +114,13 @@ pub(crate) fn step(shared: &Shared, source: &dyn MemorySource) -> Step {
     match victim {
         Some((tx, id)) if tx.send(FeCommand::Evict(why.clone())).is_ok() => Step::Evicting(id),
         _ => {
-            shared.event(
-                "memory_pressure",
-                &shared.config.executor_id,
-                format!("{why}; no idle worker to evict"),
-            );
+            if say_idle {
+                shared.event(
+                    "memory_pressure",
+                    &shared.config.executor_id,
+                    format!("{why}; no idle worker to evict"),
+                );
+            }
             Step::NothingIdle
         }
     }
@@ -132,7 +135,7 @@ pub(crate) async fn run_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // One eviction at a time: the next waits until this one's worker is gone.
     let mut in_flight: Option<(String, Instant)> = None;
-    let mut quiet_until = Instant::now();
+    let mut said_at: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -150,14 +153,11 @@ pub(crate) async fn run_loop(
             }
             in_flight = None;
         }
-        if Instant::now() < quiet_until {
-            continue;
-        }
-        match step(&shared, source.as_ref()) {
+        let say_idle = said_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(30));
+        match step(&shared, source.as_ref(), say_idle) {
             Step::Evicting(id) => in_flight = Some((id, Instant::now())),
-            // Said at most once per 30 s while nothing can be evicted.
-            Step::NothingIdle => quiet_until = Instant::now() + Duration::from_secs(30),
-            Step::Calm => {}
+            Step::NothingIdle if say_idle => said_at = Some(Instant::now()),
+            Step::NothingIdle | Step::Calm => {}
         }
     }
 }
@@ -245,12 +245,12 @@ mod tests {
             psi_some_avg10: None,
         }));
         assert_eq!(
-            step(&shared, &memory),
+            step(&shared, &memory, true),
             Step::Calm,
             "no pressure, no eviction"
         );
         memory.0.lock().available_bytes = 10 << 20;
-        assert_eq!(step(&shared, &memory), Step::Evicting("old".into()));
+        assert_eq!(step(&shared, &memory, true), Step::Evicting("old".into()));
         match rxs.get_mut("old").and_then(|r| r.try_recv().ok()) {
             Some(FeCommand::Evict(why)) => assert!(why.contains("10485760"), "{why}"),
             _ => panic!("old was not asked to go"),
@@ -259,11 +259,11 @@ mod tests {
         if let Some(f) = shared.state.lock().fes.get_mut("old") {
             f.status = pb::FunctionExecutorStatus::Terminated;
         }
-        assert_eq!(step(&shared, &memory), Step::Evicting("new".into()));
+        assert_eq!(step(&shared, &memory, true), Step::Evicting("new".into()));
         if let Some(f) = shared.state.lock().fes.get_mut("new") {
             f.status = pb::FunctionExecutorStatus::Terminated;
         }
-        assert_eq!(step(&shared, &memory), Step::NothingIdle);
+        assert_eq!(step(&shared, &memory, true), Step::NothingIdle);
         let events = shared.events.recent();
         assert!(
             events
