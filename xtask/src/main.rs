@@ -452,6 +452,12 @@ fn demo(once: bool) -> Result<()> {
             .arg(work.join("agent"))
             .arg("--blob-root")
             .arg(work.join("blobs"))
+            // The dev control plane places every function's worker here
+            // without looking at resources (the real server spreads them
+            // over hosts): declare room for the demo's one-CPU workers.
+            .args(["--total-cpus", "64", "--total-memory-bytes"])
+            .arg((64u64 << 30).to_string())
+            .args(["--cgroup-parent", "steward-demo"])
             .env("PATH", &path)
             .env(
                 "RUST_LOG",

@@ -213,6 +213,8 @@ struct AgentProc {
     child: Child,
     monitoring: String,
     _data: tempfile::TempDir,
+    /// Steward's parent cgroup, removed with anything left under it.
+    cgroup_parent: Option<String>,
 }
 
 impl Drop for AgentProc {
@@ -233,6 +235,13 @@ impl Drop for AgentProc {
         let _ = killpg(agent, Signal::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(parent) = self.cgroup_parent.take()
+            && let steward_worker_driver::CgroupSetup::Enabled(c) =
+                steward_worker_driver::Cgroups::detect(&parent)
+        {
+            c.reap_leftovers();
+            c.remove_parents();
+        }
     }
 }
 
@@ -245,14 +254,25 @@ impl AgentProc {
         Self::start_wrapped(env, agent, plane, worker, &env.wrapper)
     }
 
-    /// Starts the agent under `wrapper` (a program and its arguments, such
-    /// as valgrind) when it is not empty.
     fn start_wrapped(
         env: &Env,
         agent: Agent,
         plane: &Plane,
         worker: Worker,
         wrapper: &[String],
+    ) -> Result<AgentProc> {
+        Self::start_full(env, agent, plane, worker, wrapper, &[])
+    }
+
+    /// Starts the agent under `wrapper` (a program and its arguments, such
+    /// as valgrind) when it is not empty; `extra` goes to Steward only.
+    fn start_full(
+        env: &Env,
+        agent: Agent,
+        plane: &Plane,
+        worker: Worker,
+        wrapper: &[String],
+        extra: &[&str],
     ) -> Result<AgentProc> {
         use std::os::unix::process::CommandExt;
         let data = tempfile::tempdir()?;
@@ -290,6 +310,13 @@ impl AgentProc {
                 .arg(data.path())
                 .arg("--blob-root")
                 .arg(&plane.blob_dir)
+                // The dev control plane places workers without looking at
+                // resources: declare a host that admits the scenarios'
+                // hundreds of one-CPU workers (limits stay per worker).
+                .args(["--total-cpus", "100000"])
+                .args(["--total-memory-bytes", &(1u64 << 50).to_string()])
+                .args(["--cgroup-parent", &format!("steward-bench-{port}")])
+                .args(extra)
                 .env("RUST_LOG", "warn");
                 if worker == Worker::Fake {
                     c.arg("--function-executor-bin").arg(&env.fake_worker);
@@ -323,6 +350,7 @@ impl AgentProc {
             child,
             monitoring: format!("http://127.0.0.1:{port}"),
             _data: data,
+            cgroup_parent: (agent == Agent::Steward).then(|| format!("steward-bench-{port}")),
         })
     }
 
@@ -487,6 +515,62 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Startup, cold start and warm sequential latency with one kind of worker.
+/// Worker cold start with and without cgroups (Steward only): a fresh
+/// agent and plane per sample, alternating, the control plane's placement
+/// → RUNNING time for the first worker.
+async fn cgroups(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
+    for round in 0..rounds {
+        let order: [(bool, &str); 2] = if round % 2 == 0 {
+            [(true, "with"), (false, "without")]
+        } else {
+            [(false, "without"), (true, "with")]
+        };
+        for (on, label) in order {
+            for worker in [Worker::Real, Worker::Fake] {
+                let plane = Plane::start().await?;
+                let (dir, app, function, input, wlabel) = match worker {
+                    Worker::Real => (
+                        "examples/hello",
+                        "hello",
+                        "greet",
+                        json!("bench"),
+                        "real worker",
+                    ),
+                    Worker::Fake => ("examples/fake", "fake", "noop", json!("x"), "fake worker"),
+                };
+                plane
+                    .deploy(env, dir, app, &FunctionOptions::default())
+                    .await?;
+                let extra: &[&str] = if on { &[] } else { &["--no-cgroups"] };
+                let proc = AgentProc::start_full(
+                    env,
+                    Agent::Steward,
+                    &plane,
+                    worker,
+                    &env.wrapper,
+                    extra,
+                )?;
+                proc.wait_startup().await?;
+                plane.wait_executor().await?;
+                plane.invoke(app, function, input).await?;
+                if let Some(c) = plane.stats().await?["cold_starts_ms"]
+                    .get(0)
+                    .and_then(Value::as_f64)
+                {
+                    t.add(
+                        &format!("11. cold start {label} cgroups: new worker → RUNNING reported ({wlabel})"),
+                        "ms",
+                        Agent::Steward,
+                        c,
+                    );
+                }
+                drop(proc);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn latency(env: &Env, agent: Agent, worker: Worker, n: usize, t: &mut Table) -> Result<()> {
     let plane = Plane::start().await?;
     let (dir, app, function, input, label) = match worker {
@@ -1119,6 +1203,7 @@ enum Scenario {
     Scale,
     Concurrent,
     Callgrind,
+    Cgroups,
 }
 
 /// Runs each scenario against Steward and the reference executor, alternating
@@ -1277,6 +1362,19 @@ async fn run(cli: Cli) -> Result<()> {
                     &e.to_string(),
                 );
             }
+        }
+    }
+    // Cold start with and without cgroups (Steward only).
+    if cli.only == Some(Scenario::Cgroups)
+        || (cli.only.is_none() && AgentChoice::admits(cli.agent, Agent::Steward))
+    {
+        eprintln!("cgroups: Steward cold start with and without");
+        if let Err(e) = cgroups(&env, rounds.max(3), &mut t).await {
+            t.fail(
+                "11. cold start with and without cgroups",
+                Agent::Steward,
+                &e.to_string(),
+            );
         }
     }
     // Callgrind once (Steward only): instruction counts repeat exactly.

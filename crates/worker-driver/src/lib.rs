@@ -108,8 +108,9 @@ pub trait Worker: Send + Sync {
 pub trait WorkerDriver: Send + Sync + 'static {
     /// A short name for logs and `/state/host` ("process").
     fn name(&self) -> &'static str;
-    /// Starts a worker. Fast (a fork and exec): callable from async code.
-    fn start(&self, spec: WorkerSpec) -> Result<Box<dyn Worker>, DriverError>;
+    /// Starts a worker. The blocking parts (creating its cgroup, fork,
+    /// moving it into the cgroup, exec) run off the caller's runtime.
+    fn start(&self, spec: WorkerSpec) -> BoxFuture<'static, Result<Box<dyn Worker>, DriverError>>;
     /// Kills and removes what workers of a previous run left behind (after
     /// a SIGKILLed agent); returns what was found.
     fn reap_leftovers(&self) -> Vec<Leftover>;

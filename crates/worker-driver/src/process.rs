@@ -67,78 +67,46 @@ impl WorkerDriver for ProcessDriver {
         "process"
     }
 
-    fn start(&self, spec: WorkerSpec) -> Result<Box<dyn Worker>, DriverError> {
-        let port = lease_port(free_port).map_err(DriverError::Port)?;
-        let address = format!("127.0.0.1:{}", port.0);
-        let log_err = |error| DriverError::Log {
-            path: spec.log_path.clone(),
-            error,
-        };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log_path)
-            .map_err(log_err)?;
-        let log2 = log.try_clone().map_err(log_err)?;
-        let cgroup = match &self.cgroups {
-            CgroupSetup::Enabled(c) => {
-                Some(Arc::new(c.create(&cgroup_name(&spec.id), &spec.limits)?))
-            }
-            CgroupSetup::Unavailable(_) => None,
-        };
-        let mut cmd = Command::new(&spec.program);
-        cmd.args(&spec.args)
-            .arg("--address")
-            .arg(&address)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .process_group(0)
-            .kill_on_drop(true);
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if spec
-                .env_remove_prefixes
-                .iter()
-                .any(|p| k.starts_with(p.as_str()))
-            {
-                cmd.env_remove(&key);
-            }
-        }
-        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-        let spawned = (|| {
-            if let Some(cg) = &cgroup {
-                confine(&mut cmd, cg)?;
-            }
-            set_parent_death_signal(&mut cmd);
-            spawn_from_lasting_thread(cmd)
-        })();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(error) => {
-                if let Some(cg) = &cgroup {
-                    cg.destroy();
-                }
-                return Err(DriverError::Spawn {
-                    program: spec.program.clone(),
+    fn start(&self, spec: WorkerSpec) -> BoxFuture<'static, Result<Box<dyn Worker>, DriverError>> {
+        let cgroups = self.cgroups.clone();
+        let records_dir = self.records_dir.clone();
+        async move {
+            let port = lease_port(free_port).map_err(DriverError::Port)?;
+            let address = format!("127.0.0.1:{}", port.0);
+            let runtime = tokio::runtime::Handle::current();
+            // Everything that may block goes to the spawner thread: moving
+            // a process into a cgroup waits for an RCU grace period in the
+            // kernel (about 15 ms on cgroup v1), which the agent's runtime
+            // thread must never sit through.
+            let (child, cgroup, spec) = {
+                let address = address.clone();
+                on_spawner_thread(move || {
+                    let _entered = runtime.enter();
+                    spawn_confined(&spec, &cgroups, &address).map(|(c, g)| (c, g, spec))
+                })
+                .await
+                .map_err(|error| DriverError::Spawn {
+                    program: PathBuf::new(),
                     error,
-                });
-            }
-        };
-        let pid = child.id().unwrap_or(0);
-        leftovers::record(&self.records_dir, &spec.id, pid);
-        Ok(Box::new(ProcessWorker {
-            child,
-            pid,
-            address,
-            log_path: spec.log_path,
-            _port: port,
-            monitor: Arc::new(CgroupMonitor(cgroup)),
-            records_dir: self.records_dir.clone(),
-            id: spec.id,
-            exit: None,
-            cleaned: false,
-        }))
+                })??
+            };
+            let pid = child.id().unwrap_or(0);
+            leftovers::record(&records_dir, &spec.id, pid);
+            let worker: Box<dyn Worker> = Box::new(ProcessWorker {
+                child,
+                pid,
+                address,
+                log_path: spec.log_path,
+                _port: port,
+                monitor: Arc::new(CgroupMonitor(cgroup)),
+                records_dir,
+                id: spec.id,
+                exit: None,
+                cleaned: false,
+            });
+            Ok(worker)
+        }
+        .boxed()
     }
 
     fn reap_leftovers(&self) -> Vec<Leftover> {
@@ -189,6 +157,68 @@ impl WorkerDriver for ProcessDriver {
             // is a straggler of ours.
             c.reap_leftovers();
             c.remove_parents();
+        }
+    }
+}
+
+/// Creates the worker's cgroup and forks the worker into it (on the
+/// spawner thread); the cgroup is removed again if the spawn fails.
+fn spawn_confined(
+    spec: &WorkerSpec,
+    cgroups: &CgroupSetup,
+    address: &str,
+) -> Result<(Child, Option<Arc<WorkerCgroup>>), DriverError> {
+    let log_err = |error| DriverError::Log {
+        path: spec.log_path.clone(),
+        error,
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log_path)
+        .map_err(log_err)?;
+    let log2 = log.try_clone().map_err(log_err)?;
+    let cgroup = match cgroups {
+        CgroupSetup::Enabled(c) => Some(Arc::new(c.create(&cgroup_name(&spec.id), &spec.limits)?)),
+        CgroupSetup::Unavailable(_) => None,
+    };
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .arg("--address")
+        .arg(address)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0)
+        .kill_on_drop(true);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if spec
+            .env_remove_prefixes
+            .iter()
+            .any(|p| k.starts_with(p.as_str()))
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    let spawned = (|| {
+        if let Some(cg) = &cgroup {
+            confine(&mut cmd, cg)?;
+        }
+        set_parent_death_signal(&mut cmd);
+        cmd.spawn()
+    })();
+    match spawned {
+        Ok(child) => Ok((child, cgroup)),
+        Err(error) => {
+            if let Some(cg) = &cgroup {
+                cg.destroy();
+            }
+            Err(DriverError::Spawn {
+                program: spec.program.clone(),
+                error,
+            })
         }
     }
 }
@@ -405,45 +435,59 @@ fn free_port() -> std::io::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-type SpawnJob = (
-    Command,
-    tokio::runtime::Handle,
-    std::sync::mpsc::SyncSender<std::io::Result<Child>>,
-);
+type SpawnJob = Box<dyn FnOnce() + Send>;
 
-/// Forks `cmd` from a thread that lives as long as the agent. The kernel
-/// sends the parent-death signal when the *thread* that forked a child
-/// exits, not the process: a worker forked from a pooled thread that later
-/// retires would be killed with it.
-fn spawn_from_lasting_thread(cmd: Command) -> std::io::Result<Child> {
+/// Threads that fork workers: several, so that workers started together
+/// share the kernel's wait for moving them into their cgroups.
+const SPAWNER_THREADS: usize = 4;
+
+/// Runs `job` on one of a few threads that live as long as the agent and
+/// fork every worker. The kernel sends the parent-death signal when the
+/// *thread* that forked a child exits, not the process: a worker forked
+/// from a pooled thread that later retires would be killed with it. The
+/// caller awaits the result without blocking its runtime.
+async fn on_spawner_thread<T: Send + 'static>(
+    job: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
     static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
         std::sync::OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
-        let started = std::thread::Builder::new()
-            .name("steward-spawner".into())
-            .spawn(move || {
-                for (mut cmd, runtime, reply) in rx {
-                    // Registers the child with the caller's runtime.
-                    let _entered = runtime.enter();
-                    let _ = reply.send(cmd.spawn());
-                }
-            });
-        if let Err(e) = started {
-            tracing::error!(error = %e, "cannot start the worker spawner thread");
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..SPAWNER_THREADS {
+            let rx = rx.clone();
+            let started = std::thread::Builder::new()
+                .name(format!("steward-spawner-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while taking a job.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(e) = started {
+                tracing::error!(error = %e, "cannot start a worker spawner thread");
+            }
         }
         std::sync::Mutex::new(tx)
     });
-    let (reply_tx, reply_rx) = std::sync::mpsc::sync_channel(1);
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     let gone = || std::io::Error::other("the worker spawner thread is gone");
-    let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    let job: SpawnJob = Box::new(move || {
+        let _ = reply_tx.send(job());
+    });
     spawner
         .lock()
         .map_err(|_| gone())?
-        .send((cmd, runtime, reply_tx))
+        .send(job)
         .map_err(|_| gone())?;
-    // A fork and exec: milliseconds, so waiting here is fine.
-    reply_rx.recv().map_err(|_| gone())?
+    reply_rx.await.map_err(|_| gone())
 }
 
 /// Writes `pid` in decimal to `fd` without allocating (between fork and exec).

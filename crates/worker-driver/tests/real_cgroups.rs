@@ -55,6 +55,7 @@ async fn a_worker_is_confined_from_its_first_instruction_and_its_cgroup_goes_wit
             "cat /proc/self/cgroup; exec sleep 30",
             LIMITS,
         ))
+        .await
         .expect("start");
     if let Some(why) = unavailable {
         eprintln!("cgroups unavailable here ({why}); checked unconfined start only");
@@ -111,6 +112,7 @@ async fn a_worker_past_its_memory_limit_is_reported_oom_by_its_cgroup() {
     // `tail` buffers the one endless line of /dev/zero in memory.
     let mut w = driver
         .start(spec(tmp.path(), "hog", "exec tail /dev/zero", LIMITS))
+        .await
         .expect("start");
     let exit = tokio::time::timeout(Duration::from_secs(60), w.exited())
         .await
@@ -130,6 +132,7 @@ async fn leftovers_of_a_vanished_agent_are_killed_and_removed() {
     }
     let w = driver
         .start(spec(tmp.path(), "orphan", "exec sleep 30", LIMITS))
+        .await
         .expect("start");
     let pid = w.pid();
     // The agent vanishes without cleaning up: forget the worker.

@@ -588,7 +588,7 @@ impl Controller {
         // A worker lost under a running allocation may have been OOM-killed:
         // then the allocation and the worker are OOM, not a function error.
         let mut oom = None;
-        if outcome.kill_fe.is_some()
+        if outcome.kill_fe == Some(Reason::Unhealthy)
             && let Some(exit) = self.exit_soon().await
         {
             oom = self.note_oom(&exit);
@@ -843,6 +843,7 @@ async fn start(
         .config
         .driver
         .start(spec)
+        .await
         .map_err(|e| internal(e.to_string()))?;
     {
         let mut st = shared.state.lock();
