@@ -98,6 +98,10 @@ struct AgentArgs {
     /// Memory in bytes to report and admit against instead of the probed total.
     #[arg(long)]
     total_memory_bytes: Option<u64>,
+    /// Disk in bytes to report and admit against instead of the data
+    /// directory's volume size.
+    #[arg(long)]
+    total_disk_bytes: Option<u64>,
     /// Parent cgroup of the workers' cgroups: relative to Steward's own
     /// cgroup (systemd `Delegate=yes`, containers), or absolute from the
     /// hierarchy root.
@@ -616,6 +620,9 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     }
     if let Some(bytes) = args.total_memory_bytes {
         capacity.memory_bytes = bytes;
+    }
+    if let Some(bytes) = args.total_disk_bytes {
+        capacity.disk_bytes = bytes;
     }
     let reserved = hr::Reserved {
         cpu_count: args.reserved_cpus,

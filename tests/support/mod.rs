@@ -433,13 +433,17 @@ impl AgentProc {
         };
         // The dev control plane places workers without looking at the
         // host's resources (the real server would spread them over hosts):
-        // tests declare a host big enough for the one-CPU, 1 GiB workers of
-        // their apps on this two-core machine, unless they test admission.
+        // tests declare a host big enough for the one-CPU, 1 GiB, 2 GiB-disk
+        // workers of their apps on this two-core machine, unless they test
+        // admission.
         if !has("--total-cpus") {
             defaults.extend(["--total-cpus".into(), "64".into()]);
         }
         if !has("--total-memory-bytes") {
             defaults.extend(["--total-memory-bytes".into(), (64u64 << 30).to_string()]);
+        }
+        if !has("--total-disk-bytes") {
+            defaults.extend(["--total-disk-bytes".into(), (1u64 << 40).to_string()]);
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
             .args([

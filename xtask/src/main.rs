@@ -457,6 +457,8 @@ fn demo(once: bool) -> Result<()> {
             // over hosts): declare room for the demo's one-CPU workers.
             .args(["--total-cpus", "64", "--total-memory-bytes"])
             .arg((64u64 << 30).to_string())
+            .arg("--total-disk-bytes")
+            .arg((1u64 << 40).to_string())
             .args(["--cgroup-parent", "steward-demo"])
             .env("PATH", &path)
             .env(

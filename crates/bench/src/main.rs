@@ -315,6 +315,7 @@ impl AgentProc {
                 // hundreds of one-CPU workers (limits stay per worker).
                 .args(["--total-cpus", "100000"])
                 .args(["--total-memory-bytes", &(1u64 << 50).to_string()])
+                .args(["--total-disk-bytes", &(1u64 << 50).to_string()])
                 .args(["--cgroup-parent", &format!("steward-bench-{port}")])
                 .args(extra)
                 .env("RUST_LOG", "warn");
