@@ -325,6 +325,16 @@ async fn workers_that_do_not_fit_are_refused_with_the_numbers() -> Result<()> {
             .all(|f| f["resources"]["memory_bytes"] == forty_percent)
     );
     let (_, host) = steward.get_json("/state/host").await?;
+    // Without cgroups (here by flag) Steward says limits are not enforced, and why.
+    assert_eq!(
+        host["workers"]["limits"]["cgroup_version"],
+        Value::Null,
+        "{host}"
+    );
+    assert_eq!(
+        host["workers"]["limits"]["not_enforced_because"], "--no-cgroups was given",
+        "{host}"
+    );
     let admitted = host["workers"]["admitted"]["memory_bytes"]
         .as_u64()
         .unwrap_or(u64::MAX);
