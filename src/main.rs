@@ -537,14 +537,19 @@ impl Drop for DriverShutdown {
     }
 }
 
-/// The host's memory for pressure eviction.
+/// The host's memory for pressure eviction: `MemAvailable`, or what is
+/// left under Steward's own cgroup limit if that is less.
 struct HostMemory;
 
 impl steward_reconciler::MemorySource for HostMemory {
     fn sample(&self) -> Option<steward_reconciler::MemorySample> {
         let h = hr::memory_headroom()?;
+        // Inside a container, its own memory limit runs out first.
+        let own = wd::cgroup::Sources::of_this_process()
+            .ok()
+            .and_then(|s| wd::cgroup::own_memory_headroom(&s));
         Some(steward_reconciler::MemorySample {
-            available_bytes: h.available_bytes,
+            available_bytes: own.map_or(h.available_bytes, |o| o.min(h.available_bytes)),
             psi_some_avg10: h.psi_some_avg10,
         })
     }

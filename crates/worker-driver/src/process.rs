@@ -80,10 +80,25 @@ impl WorkerDriver for ProcessDriver {
             // thread must never sit through.
             let (child, cgroup, spec) = {
                 let address = address.clone();
-                on_spawner_thread(move || {
-                    let _entered = runtime.enter();
-                    spawn_confined(&spec, &cgroups, &address).map(|(c, g)| (c, g, spec))
-                })
+                on_spawner_thread(
+                    move || {
+                        let _entered = runtime.enter();
+                        spawn_confined(&spec, &cgroups, &address).map(|(c, g)| (c, g, spec))
+                    },
+                    // The start was abandoned (its worker removed, or the
+                    // agent stopping) while the spawn ran: nothing stays.
+                    |started| {
+                        if let Ok((mut child, cgroup, _)) = started {
+                            if let Some(pid) = child.id() {
+                                signal_group(pid, Signal::SIGKILL);
+                            }
+                            let _ = child.start_kill();
+                            if let Some(cg) = cgroup {
+                                cg.destroy();
+                            }
+                        }
+                    },
+                )
                 .await
                 .map_err(|error| DriverError::Spawn {
                     program: PathBuf::new(),
@@ -103,6 +118,7 @@ impl WorkerDriver for ProcessDriver {
                 id: spec.id,
                 exit: None,
                 cleaned: false,
+                removal: None,
             });
             Ok(worker)
         }
@@ -152,6 +168,7 @@ impl WorkerDriver for ProcessDriver {
     }
 
     fn shutdown(&self) {
+        wait_for_spawns(Duration::from_secs(10));
         if let CgroupSetup::Enabled(c) = &self.cgroups {
             // Every worker is gone by now; anything left under our parent
             // is a straggler of ours.
@@ -247,6 +264,8 @@ struct ProcessWorker {
     id: String,
     exit: Option<Exit>,
     cleaned: bool,
+    /// The removal of the cgroup, once started, for `stop`/`exited` to await.
+    removal: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProcessWorker {
@@ -271,30 +290,39 @@ impl ProcessWorker {
 
     /// Kills what is left of the worker (its group, its cgroup) and removes
     /// the cgroup, off the async threads.
-    fn cleanup(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+    fn cleanup(&mut self) {
         if std::mem::replace(&mut self.cleaned, true) {
-            return None;
+            return;
         }
         signal_group(self.pid, Signal::SIGKILL);
         leftovers::forget(&self.records_dir, &self.id);
-        let cg = self.cgroup()?;
+        let Some(cg) = self.cgroup() else {
+            return;
+        };
         match tokio::runtime::Handle::try_current() {
-            Ok(rt) => Some(rt.spawn_blocking(move || {
-                cg.destroy();
-            })),
+            Ok(rt) => {
+                self.removal = Some(rt.spawn_blocking(move || {
+                    cg.destroy();
+                }));
+            }
             Err(_) => {
                 cg.destroy();
-                None
             }
+        }
+    }
+
+    /// Cleans up and waits until the cgroup is gone.
+    async fn cleaned_up(&mut self) {
+        self.cleanup();
+        if let Some(h) = self.removal.take() {
+            let _ = h.await;
         }
     }
 
     async fn finish(&mut self, status: ExitStatus) -> Exit {
         let exit = self.exit_of(&status);
         self.exit = Some(exit.clone());
-        if let Some(h) = self.cleanup() {
-            let _ = h.await;
-        }
+        self.cleaned_up().await;
         exit
     }
 }
@@ -329,8 +357,9 @@ impl Worker for ProcessWorker {
 
     fn exited(&mut self) -> BoxFuture<'_, Exit> {
         async move {
-            if let Some(e) = &self.exit {
-                return e.clone();
+            if let Some(e) = self.exit.clone() {
+                self.cleaned_up().await;
+                return e;
             }
             match self.child.wait().await {
                 Ok(status) => self.finish(status).await,
@@ -346,9 +375,7 @@ impl Worker for ProcessWorker {
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, Option<Exit>> {
         async move {
             if let Some(e) = self.try_exit() {
-                if let Some(h) = self.cleanup() {
-                    let _ = h.await;
-                }
+                self.cleaned_up().await;
                 return Some(e);
             }
             if !grace.is_zero() {
@@ -448,6 +475,7 @@ const SPAWNER_THREADS: usize = 4;
 /// caller awaits the result without blocking its runtime.
 async fn on_spawner_thread<T: Send + 'static>(
     job: impl FnOnce() -> T + Send + 'static,
+    undo: impl FnOnce(T) + Send + 'static,
 ) -> std::io::Result<T> {
     static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
         std::sync::OnceLock::new();
@@ -465,9 +493,11 @@ async fn on_spawner_thread<T: Send + 'static>(
                             Ok(rx) => rx.recv(),
                             Err(_) => return,
                         };
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return,
+                        let Ok(job) = job else { return };
+                        // This thread must never end while its workers
+                        // live (their parent-death signal follows it).
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            tracing::error!("a worker spawn panicked; the spawner thread goes on");
                         }
                     }
                 });
@@ -477,10 +507,17 @@ async fn on_spawner_thread<T: Send + 'static>(
         }
         std::sync::Mutex::new(tx)
     });
-    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel::<T>();
     let gone = || std::io::Error::other("the worker spawner thread is gone");
+    let in_flight = InFlight::enter();
     let job: SpawnJob = Box::new(move || {
-        let _ = reply_tx.send(job());
+        let _in_flight = in_flight;
+        if reply_tx.is_closed() {
+            return; // Abandoned before it started.
+        }
+        if let Err(value) = reply_tx.send(job()) {
+            undo(value);
+        }
     });
     spawner
         .lock()
@@ -488,6 +525,36 @@ async fn on_spawner_thread<T: Send + 'static>(
         .send(job)
         .map_err(|_| gone())?;
     reply_rx.await.map_err(|_| gone())
+}
+
+/// Spawns queued or running on the spawner threads.
+static SPAWNS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Counts one spawn in flight until dropped.
+struct InFlight;
+
+impl InFlight {
+    fn enter() -> InFlight {
+        SPAWNS_IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        SPAWNS_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Waits (bounded) until no spawn is queued or running, so that a stop
+/// cleans up after the last one.
+fn wait_for_spawns(limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while SPAWNS_IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire) > 0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Writes `pid` in decimal to `fd` without allocating (between fork and exec).

@@ -161,3 +161,40 @@ async fn leftovers_of_a_vanished_agent_are_killed_and_removed() {
             .all(|p| !p.exists())
     );
 }
+
+#[tokio::test]
+async fn an_abandoned_start_leaves_no_process_and_no_cgroup() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (driver, _) = driver(tmp.path(), "abandoned");
+    let parents = driver.enforcement().cgroup_parents;
+    for i in 0..5 {
+        // A start dropped while its spawn is queued or running (a worker
+        // removed while starting, an agent stopping).
+        let mut start = driver.start(spec(
+            tmp.path(),
+            &format!("abandoned{i}"),
+            "exec sleep 31.7",
+            LIMITS,
+        ));
+        let _ = futures::poll!(&mut start);
+        drop(start);
+    }
+    // Shutdown waits for spawns in flight, then cleans up under the parent.
+    driver.shutdown();
+    assert!(parents.iter().all(|p| !p.exists()), "{parents:?}");
+    let sleepers: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            cmd.windows(4).any(|w| w == b"31.7") && !stat.contains(") Z")
+        })
+        .collect();
+    assert!(
+        sleepers.is_empty(),
+        "workers of abandoned starts live: {sleepers:?}"
+    );
+}

@@ -435,10 +435,34 @@ impl Controller {
         Some(Reason::Oom)
     }
 
+    /// An OOM kill inside a live worker's cgroup, as an exit-like verdict.
+    fn oom_inside(&self) -> Option<Exit> {
+        let monitor = self.live.as_ref()?.worker.monitor();
+        let kills = monitor.usage()?.oom_kills;
+        let limit = monitor.limits()?.memory_bytes;
+        (kills > 0).then(|| Exit {
+            description: "alive, but a process of it was OOM-killed".into(),
+            oom: Some(format!(
+                "OOM-killed: a process of the worker reached its cgroup memory limit of {limit} bytes (oom_kill count {kills})"
+            )),
+        })
+    }
+
     /// Stops an idle worker under memory pressure; a busy one stays (the
     /// eviction loop looks again).
     async fn evict(&mut self, why: String) {
         if !self.running.is_empty() || !self.queue.is_empty() || self.terminated {
+            return;
+        }
+        // An allocation the reconciler already accepted for this worker
+        // may still be on its way here: then it is not idle.
+        let busy = {
+            let st = self.shared.state.lock();
+            st.allocations
+                .values()
+                .any(|a| a.fe_id == self.id && a.phase != AllocPhase::Finished)
+        };
+        if busy {
             return;
         }
         let Some(mut live) = self.live.take() else {
@@ -450,9 +474,9 @@ impl Controller {
             .usage()
             .map(|u| u.memory_current_bytes);
         self.keep_last_usage();
-        live.worker
-            .stop(self.shared.config.function_executor_stop_grace)
-            .await;
+        // Idle: nothing to finish, so no grace (which would also leave a
+        // window for new allocations to be routed to a worker going away).
+        live.worker.stop(Duration::ZERO).await;
         let freed = match freed {
             Some(b) => format!("freed {b} bytes of memory (its cgroup's use)"),
             None => "freed its memory (not measured: no cgroup)".to_string(),
@@ -588,10 +612,14 @@ impl Controller {
         // A worker lost under a running allocation may have been OOM-killed:
         // then the allocation and the worker are OOM, not a function error.
         let mut oom = None;
-        if outcome.kill_fe == Some(Reason::Unhealthy)
-            && let Some(exit) = self.exit_soon().await
-        {
-            oom = self.note_oom(&exit);
+        if outcome.kill_fe == Some(Reason::Unhealthy) {
+            let exit = match self.exit_soon().await {
+                Some(exit) => Some(exit),
+                // Alive, but one of its processes was OOM-killed (cgroup v1
+                // kills one process, not the whole worker).
+                None => self.oom_inside(),
+            };
+            oom = exit.and_then(|e| self.note_oom(&e));
             if oom.is_some() {
                 outcome.result.failure_reason = Some(pb::AllocationFailureReason::Oom as i32);
             }
@@ -654,9 +682,12 @@ impl Controller {
         if let Some(exit) = live.worker.try_exit() {
             return Some(exit);
         }
-        tokio::time::timeout(Duration::from_millis(50), live.worker.exited())
+        // (The wait also covers removing its cgroup: an exit seen in time
+        // but not yet cleaned up still counts.)
+        let waited = tokio::time::timeout(Duration::from_millis(50), live.worker.exited())
             .await
-            .ok()
+            .ok();
+        waited.or_else(|| live.worker.try_exit())
     }
 
     /// Kills the worker and reports it terminated with `reason`, blaming
@@ -688,8 +719,17 @@ impl Controller {
         }
         if let Some(mut live) = self.live.take() {
             self.keep_last_usage();
-            live.worker.stop(Duration::ZERO).await;
+            let exit = live.worker.stop(Duration::ZERO).await;
+            // An OOM kill of one of its processes (the worker itself alive,
+            // as cgroup v1 kills one process) is still the worker's OOM.
+            if reason == Reason::Unhealthy
+                && let Some(oom) = exit.as_ref().and_then(|e| self.note_oom(e))
+            {
+                reason = oom;
+            }
         }
+        // (Tasks that ended while the worker was being stopped ended
+        // because it was: they are reported below as the kill decides.)
         for (id, r) in std::mem::take(&mut self.running) {
             r.task.abort();
             self.shared.metrics.allocations_running.dec();

@@ -155,6 +155,13 @@ fn plan(
     // v2 when the unified hierarchy carries the memory controller.
     if let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") {
         let own = files::own_path(&sources.self_cgroup, None).unwrap_or_else(|| "/".into());
+        // A Steward started from the leaf a previous one moved into hands
+        // controllers down from the same cgroup, not from a nested one.
+        let own = match own.strip_suffix(&format!("/{AGENT_LEAF}")) {
+            Some("") => "/".to_string(),
+            Some(up) => up.to_string(),
+            None => own,
+        };
         let top = if parent.starts_with('/') {
             Some(m.mount_point.clone())
         } else {
@@ -324,14 +331,17 @@ impl Cgroups {
             limits: *limits,
         };
         for (_, dir) in &cg.dirs {
-            match fs::create_dir(dir) {
-                Ok(()) => {}
+            let failed = match fs::create_dir(dir) {
+                Ok(()) => None,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    if !cg.empty_out(Duration::from_secs(2)) {
-                        return Err(CgroupError::Busy(dir.clone()));
-                    }
+                    (!cg.empty_out(Duration::from_secs(2))).then(|| CgroupError::Busy(dir.clone()))
                 }
-                Err(e) => return Err(io_err(dir)(e)),
+                Err(e) => Some(io_err(dir)(e)),
+            };
+            if let Some(e) = failed {
+                // Nothing half-made stays in the other hierarchies.
+                cg.remove();
+                return Err(e);
             }
         }
         if let Err(e) = cg.apply_limits() {
@@ -348,7 +358,11 @@ impl Cgroups {
         for t in &self.trees {
             for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if e.path().is_dir() && name != AGENT_LEAF && !names.contains(&name) {
+                if e.path().is_dir()
+                    && name != AGENT_LEAF
+                    && !names.contains(&name)
+                    && !of_another_live_steward(&name)
+                {
                     names.push(name);
                 }
             }
@@ -384,6 +398,49 @@ impl Cgroups {
             let _ = fs::remove_dir(&t.parent);
         }
     }
+}
+
+/// Memory left under the limit of Steward's own cgroup (workers under a
+/// relative parent count against it), `None` without a limit. Inside a
+/// container this is what runs out first, not the host's memory.
+pub fn own_memory_headroom(sources: &Sources) -> Option<u64> {
+    let mounts = files::parse_mountinfo(&sources.mountinfo);
+    let read = |p: PathBuf| fs::read_to_string(p).ok();
+    let (limit, usage) = if let Some(m) = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.controllers.iter().any(|c| c == "memory"))
+    {
+        let dir = dir_in_mount(m, &files::own_path(&sources.self_cgroup, Some("memory"))?)?;
+        (
+            read(dir.join("memory.limit_in_bytes"))?,
+            read(dir.join("memory.usage_in_bytes"))?,
+        )
+    } else {
+        let m = mounts.iter().find(|m| m.fstype == "cgroup2")?;
+        let dir = dir_in_mount(m, &files::own_path(&sources.self_cgroup, None)?)?;
+        (
+            read(dir.join("memory.max"))?,
+            read(dir.join("memory.current"))?,
+        )
+    };
+    // v1 spells "no limit" as a number near i64::MAX; v2 as "max".
+    let limit = files::single(&limit).filter(|l| *l < 1 << 60)?;
+    Some(limit.saturating_sub(files::single(&usage)?))
+}
+
+/// Whether worker cgroup `name` (`fe-<id>.<pid>-<n>`) was made by another
+/// Steward that still runs (one sharing this parent): its workers are not
+/// leftovers.
+fn of_another_live_steward(name: &str) -> bool {
+    let Some(pid) = name
+        .rsplit_once('.')
+        .and_then(|(_, tail)| tail.split_once('-'))
+        .and_then(|(pid, _)| pid.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    pid != std::process::id()
+        && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "steward")
 }
 
 /// Whether the host has no swap configured (so none can be used).
@@ -423,17 +480,32 @@ fn enable_down_to(t: &Tree, absolute: bool) -> Result<(), CgroupError> {
     Ok(())
 }
 
+/// Moves Steward (and the init that forked it, when Steward runs as a
+/// container's PID 1) into a leaf of its own cgroup. Processes that are not
+/// Steward's mean the cgroup is not delegated to it (an SSH session, a
+/// shared scope): then nothing is moved and limits are not enforced.
 fn move_processes_to_leaf(dir: &Path) -> Result<(), CgroupError> {
+    let procs = dir.join("cgroup.procs");
+    let text = fs::read_to_string(&procs).map_err(io_err(&procs))?;
+    let me = std::process::id() as i32;
+    let parent = nix::unistd::getppid().as_raw();
+    let pids = files::pids(&text);
+    if let Some(other) = pids.iter().find(|p| **p != me && **p != parent) {
+        return Err(CgroupError::Io {
+            path: procs,
+            error: io::Error::other(format!(
+                "this cgroup also holds process {other}, not Steward's: it is not delegated to Steward"
+            )),
+        });
+    }
     let leaf = dir.join(AGENT_LEAF);
     match fs::create_dir(&leaf) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io_err(&leaf)(e)),
     }
-    let procs = dir.join("cgroup.procs");
-    let text = fs::read_to_string(&procs).map_err(io_err(&procs))?;
     let target = leaf.join("cgroup.procs");
-    for pid in files::pids(&text) {
+    for pid in pids {
         // A process that exited meanwhile is fine (ESRCH).
         if let Err(e) = fs::write(&target, pid.to_string())
             && e.raw_os_error() != Some(libc::ESRCH)

@@ -225,3 +225,46 @@ fn no_usable_hierarchy_or_a_bad_parent_is_a_reason_not_a_panic() {
         CgroupSetup::Enabled(_) => panic!("the parent cannot exist"),
     }
 }
+
+#[test]
+fn a_steward_started_from_the_agent_leaf_uses_the_cgroup_above_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("cg");
+    let own = mnt.join("system.slice/steward.service");
+    fs::create_dir_all(own.join(AGENT_LEAF)).expect("mkdir");
+    fs::write(own.join("cgroup.controllers"), "cpu memory pids\n").expect("write");
+    let sources = Sources {
+        mountinfo: format!("35 24 0:30 / {} rw - cgroup2 cgroup2 rw\n", mnt.display()),
+        self_cgroup: format!("0::/system.slice/steward.service/{AGENT_LEAF}\n"),
+    };
+    let cg = enabled(Cgroups::detect_from(&sources, "steward"));
+    assert_eq!(cg.parents(), vec![own.join("steward")]);
+}
+
+#[test]
+fn own_memory_headroom_under_a_limit() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mnt = tmp.path().join("cg");
+    let own = mnt.join("kubepods/pod1");
+    fs::create_dir_all(&own).expect("mkdir");
+    fs::write(own.join("memory.max"), "1073741824\n").expect("write");
+    fs::write(own.join("memory.current"), "268435456\n").expect("write");
+    let mut sources = Sources {
+        mountinfo: format!("35 24 0:30 / {} rw - cgroup2 cgroup2 rw\n", mnt.display()),
+        self_cgroup: "0::/kubepods/pod1\n".into(),
+    };
+    assert_eq!(own_memory_headroom(&sources), Some(805_306_368));
+    fs::write(own.join("memory.max"), "max\n").expect("write");
+    assert_eq!(own_memory_headroom(&sources), None, "no limit");
+    // v1 spells no limit as a huge number.
+    sources.mountinfo = format!(
+        "35 24 0:30 / {} rw - cgroup cgroup rw,memory\n",
+        mnt.display()
+    );
+    sources.self_cgroup = "4:memory:/kubepods/pod1\n".into();
+    fs::write(own.join("memory.limit_in_bytes"), "9223372036854771712\n").expect("write");
+    fs::write(own.join("memory.usage_in_bytes"), "4096\n").expect("write");
+    assert_eq!(own_memory_headroom(&sources), None);
+    fs::write(own.join("memory.limit_in_bytes"), "8192\n").expect("write");
+    assert_eq!(own_memory_headroom(&sources), Some(4096));
+}
