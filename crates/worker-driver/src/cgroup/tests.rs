@@ -241,14 +241,26 @@ fn a_steward_started_from_the_agent_leaf_uses_the_cgroup_above_it() {
     assert_eq!(cg.parents(), vec![own.join("steward")]);
 }
 
+/// Files of a cgroup directory, written as the kernel would show them.
+fn lay_out(dir: &Path, files: &[(&str, &str)]) {
+    fs::create_dir_all(dir).expect("mkdir");
+    for (name, text) in files {
+        fs::write(dir.join(name), text).expect("write");
+    }
+}
+
 #[test]
 fn own_memory_headroom_under_a_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mnt = tmp.path().join("cg");
     let own = mnt.join("kubepods/pod1");
-    fs::create_dir_all(&own).expect("mkdir");
-    fs::write(own.join("memory.max"), "1073741824\n").expect("write");
-    fs::write(own.join("memory.current"), "268435456\n").expect("write");
+    lay_out(
+        &own,
+        &[
+            ("memory.max", "1073741824\n"),
+            ("memory.current", "268435456\n"),
+        ],
+    );
     let mut sources = Sources {
         mountinfo: format!("35 24 0:30 / {} rw - cgroup2 cgroup2 rw\n", mnt.display()),
         self_cgroup: "0::/kubepods/pod1\n".into(),
