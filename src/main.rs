@@ -5,6 +5,7 @@
 
 mod host;
 mod init;
+mod operator;
 mod state_source;
 
 use std::collections::BTreeMap;
@@ -41,7 +42,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// The development control plane and its client commands.
-    Devserver(DevserverArgs),
+    Devserver(Box<DevserverArgs>),
+    /// One screen about a running agent: mode, connection, workers, allocations, limits, last errors.
+    Status(operator::AgentClientArgs),
+    /// Pause a running agent: running allocations finish, nothing new starts (reported DRAINED).
+    Pause(operator::AgentClientArgs),
+    /// Return a paused, draining or disabled agent to active.
+    Unpause(operator::AgentClientArgs),
+    /// Pause, then stop every worker once the last allocation finishes (then disabled).
+    Drain(operator::AgentClientArgs),
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +116,10 @@ struct AgentArgs {
     /// hierarchy root.
     #[arg(long, default_value = "steward")]
     cgroup_parent: String,
+    /// File holding the bearer token of the `/admin/*` routes (pause,
+    /// unpause, drain); without it those routes do not exist.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
     /// Do not put workers in cgroups (their limits are then not enforced).
     #[arg(long)]
     no_cgroups: bool,
@@ -299,6 +312,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let threads = match cli.command {
         Some(Command::Devserver(_)) => 0,
+        Some(_) => 1,
         None => usize::from(cli.agent.runtime_threads),
     };
     runtime(threads)?.block_on(async_main(cli))
@@ -329,8 +343,12 @@ async fn async_main(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Devserver(args)) => {
             init_logging(0);
-            devserver(args).await
+            devserver(*args).await
         }
+        Some(Command::Status(args)) => operator::status(&args).await,
+        Some(Command::Pause(args)) => operator::action(&args, "pause").await,
+        Some(Command::Unpause(args)) => operator::action(&args, "unpause").await,
+        Some(Command::Drain(args)) => operator::action(&args, "drain").await,
         None => {
             init_logging(cli.agent.verbose);
             run_agent(cli.agent).await
@@ -611,6 +629,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             p.display()
         );
     }
+    let admin_token = match &args.admin_token_file {
+        Some(path) => Some(
+            steward_monitoring::AdminToken::new(&operator::read_token(path)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let data_dir = expand_home(&args.executor_cache_path);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
@@ -766,6 +791,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let monitoring = tokio::spawn(steward_monitoring::serve(
         listener,
         source,
+        admin_token,
         stop.clone().cancelled_owned(),
     ));
     shutdown_signal().await;

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use steward_monitoring::{Document, Format, ProbeResult, StateSource};
-use steward_reconciler::AgentHandle;
+use steward_monitoring::{AdminAnswer, Document, Format, ProbeResult, StateSource};
+use steward_reconciler::{AgentHandle, ModeCommand};
 
 pub struct AgentStateSource {
     pub host: std::sync::Arc<crate::host::HostView>,
@@ -100,6 +100,7 @@ impl StateSource for AgentStateSource {
                 let mut doc = self.host.document();
                 if let Some(o) = doc.as_object_mut() {
                     o.insert("workers".into(), self.handle.workers_document());
+                    o.insert("mode".into(), serde_json::json!(self.handle.mode()));
                 }
                 Some(Document::Json(doc))
             }
@@ -108,5 +109,41 @@ impl StateSource for AgentStateSource {
             )),
             _ => None,
         }
+    }
+
+    fn admin(&self, action: &str) -> Option<AdminAnswer> {
+        let subject = "admin";
+        if action == "mode" {
+            return Some(AdminAnswer {
+                ok: true,
+                body: serde_json::json!({"mode": self.handle.mode()}),
+            });
+        }
+        let Some(cmd) = ModeCommand::parse(action) else {
+            self.handle.event(
+                "admin_request",
+                subject,
+                format!("{action}: unknown action (404)"),
+            );
+            return None;
+        };
+        let (from, to) = self.handle.command(cmd);
+        self.handle.event(
+            "admin_request",
+            subject,
+            format!("{action}: ok, {} → {}", from.as_str(), to.as_str()),
+        );
+        Some(AdminAnswer {
+            ok: true,
+            body: serde_json::json!({"action": action, "from": from, "mode": to}),
+        })
+    }
+
+    fn admin_refused(&self, action: &str, status: u16) {
+        self.handle.event(
+            "admin_request",
+            "admin",
+            format!("{action}: refused with HTTP {status}"),
+        );
     }
 }

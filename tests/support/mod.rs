@@ -265,6 +265,14 @@ impl Plane {
         Ok(reqwest::get(url).await?.json().await?)
     }
 
+    /// The plane's counters (`GET /v1/stats`).
+    pub async fn stats(&self) -> Result<serde_json::Value> {
+        Ok(reqwest::get(format!("{}/v1/stats", self.url))
+            .await?
+            .json()
+            .await?)
+    }
+
     /// Every result and worker termination the executors reported.
     pub async fn log(&self) -> Result<serde_json::Value> {
         Ok(reqwest::get(format!("{}/v1/log", self.url))

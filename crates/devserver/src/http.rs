@@ -27,8 +27,10 @@
 //!   places every runnable run at once (from then on), so allocations queue
 //!   at the agent; "capacity" is the real server's rule. Absent fields stay
 //!   as they are. Answers the faults now in force, e.g.
-//!   `{"call_function": "ok", "placement": "capacity"}`; an unknown field or
-//!   value is a 400.
+//!   `{"call_function": "ok", "placement": "capacity", "place_on_drained": false}`; an unknown field or
+//!   value is a 400. `{"place_on_drained": true}` keeps placing allocations
+//!   on the workers of an executor that reports DRAINED (by default, as the
+//!   real server, it gets none).
 
 use std::sync::Arc;
 use std::time::Duration;

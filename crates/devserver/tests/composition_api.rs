@@ -154,7 +154,7 @@ async fn call_function_faults_and_runs_over_the_wire() {
         post_faults(&http, &url, r#"{"call_function": "refuse"}"#).await,
         (
             200,
-            serde_json::json!({"call_function": "refuse", "placement": "capacity"})
+            serde_json::json!({"call_function": "refuse", "placement": "capacity", "place_on_drained": false})
         )
     );
     let err = grpc
@@ -192,7 +192,7 @@ async fn call_function_faults_and_runs_over_the_wire() {
         post_faults(&http, &url, r#"{"call_function": "ok"}"#)
             .await
             .1,
-        serde_json::json!({"call_function": "ok", "placement": "capacity"})
+        serde_json::json!({"call_function": "ok", "placement": "capacity", "place_on_drained": false})
     );
     grpc.call_function(call(&rid, true)).await.expect("ok");
     let (_, listed) = runs(&http, &url, &rid).await;
@@ -225,7 +225,7 @@ async fn call_function_faults_and_runs_over_the_wire() {
         .expect("json");
     assert_eq!(
         faults,
-        serde_json::json!({"call_function": "ok", "placement": "capacity"})
+        serde_json::json!({"call_function": "ok", "placement": "capacity", "place_on_drained": false})
     );
     server.stop().await;
 }

@@ -1,6 +1,8 @@
 //! The agent's HTTP face: Kubernetes probes (`/monitoring/startup`,
-//! `/monitoring/health`), Prometheus metrics (`/monitoring/metrics`) and
-//! read-only state documents (`/state/*`).
+//! `/monitoring/health`), Prometheus metrics (`/monitoring/metrics`),
+//! read-only state documents (`/state/*`) and, only when an admin token is
+//! configured, the operator's `/admin/*` actions behind a bearer token
+//! (401 without one, 403 with a wrong one, compared in constant time).
 //!
 //! The server only routes and formats; what the answers say comes from a
 //! [`StateSource`] the binary wires in.
@@ -56,6 +58,48 @@ pub trait StateSource: Send + Sync + 'static {
     fn document_names(&self) -> Vec<&'static str>;
     /// `/state/{name}`; `None` when `name` is unknown.
     fn document(&self, name: &str, format: Format) -> Option<Document>;
+    /// An authenticated `/admin/{action}` call; `None` when `action` is unknown.
+    fn admin(&self, _action: &str) -> Option<AdminAnswer> {
+        None
+    }
+    /// An `/admin/{action}` call refused before it reached [`StateSource::admin`]
+    /// (`status` 401 or 403), for the agent to record.
+    fn admin_refused(&self, _action: &str, _status: u16) {}
+}
+
+/// What an admin action answers.
+#[derive(Debug, Clone)]
+pub struct AdminAnswer {
+    /// false: the request was understood but refused (409).
+    pub ok: bool,
+    pub body: serde_json::Value,
+}
+
+/// The bearer token `/admin/*` requires.
+#[derive(Clone)]
+pub struct AdminToken(Arc<Vec<u8>>);
+
+impl AdminToken {
+    /// A token of at least 16 bytes (surrounding whitespace is not part of it).
+    pub fn new(token: &str) -> Result<AdminToken, String> {
+        let t = token.trim();
+        if t.len() < 16 {
+            return Err("the admin token must be at least 16 characters".into());
+        }
+        Ok(AdminToken(Arc::new(t.as_bytes().to_vec())))
+    }
+
+    /// Constant-time comparison (for equal lengths; the length is not secret).
+    fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        presented.ct_eq(self.0.as_slice()).into()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,9 +129,10 @@ pub async fn bind(addr: &str) -> Result<TcpListener, MonitoringError> {
 pub async fn serve(
     listener: TcpListener,
     source: Arc<dyn StateSource>,
+    admin: Option<AdminToken>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), MonitoringError> {
-    axum::serve(listener, router(source))
+    axum::serve(listener, router_with_admin(source, admin))
         .with_graceful_shutdown(shutdown)
         .await
         .map_err(MonitoringError::Serve)
@@ -100,17 +145,73 @@ pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
 
 type Src = Arc<dyn StateSource>;
 
-/// The routes, for embedding or testing.
+/// The routes, for embedding or testing (no admin routes).
 pub fn router(source: Src) -> Router {
-    Router::new()
+    router_with_admin(source, None)
+}
+
+/// The routes; `/admin/*` exists only with a token.
+pub fn router_with_admin(source: Src, admin: Option<AdminToken>) -> Router {
+    let mut r = Router::new()
         .route("/monitoring/startup", get(startup))
         .route("/monitoring/health", get(health))
         .route("/monitoring/metrics", get(metrics))
         .route("/state", get(state_index))
-        .route("/state/{name}", get(state_document))
-        .fallback(not_found)
+        .route("/state/{name}", get(state_document));
+    if let Some(token) = admin {
+        let token = Arc::new(token);
+        r = r.route(
+            "/admin/{action}",
+            axum::routing::post({
+                let token = token.clone();
+                move |state, path, headers| admin_call(state, path, headers, token)
+            })
+            .get(move |state, path, headers| admin_call(state, path, headers, token)),
+        );
+    }
+    r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(source)
+}
+
+async fn admin_call(
+    State(src): State<Src>,
+    Path(action): Path<String>,
+    headers: axum::http::HeaderMap,
+    token: Arc<AdminToken>,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let denied = match presented {
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            "an admin token is required (Authorization: Bearer …)",
+        )),
+        Some(t) if !token.matches(t.as_bytes()) => {
+            Some((StatusCode::FORBIDDEN, "wrong admin token"))
+        }
+        Some(_) => None,
+    };
+    if let Some((code, why)) = denied {
+        src.admin_refused(&action, code.as_u16());
+        let mut resp = json(code, serde_json::json!({"error": why}));
+        if code == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        return resp;
+    }
+    match src.admin(&action) {
+        Some(AdminAnswer { ok: true, body }) => json(StatusCode::OK, body),
+        Some(AdminAnswer { ok: false, body }) => json(StatusCode::CONFLICT, body),
+        None => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no admin action {action:?}")}),
+        ),
+    }
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response {

@@ -16,6 +16,7 @@ mod desired;
 mod events;
 mod fe;
 mod metrics;
+mod mode;
 mod pressure;
 mod reconcile;
 mod report;
@@ -37,6 +38,7 @@ pub use admission::{Claim, WorkerDefaults};
 pub use desired::Desired;
 pub use events::{Event, EventLog};
 pub use metrics::Metrics;
+pub use mode::{HostMode, ModeCommand};
 pub use pressure::{Eviction, MemorySample, MemorySource};
 pub use report::state_hash;
 pub use state::{AgentHandle, Snapshot};
@@ -227,6 +229,8 @@ impl Agent {
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(fe::probe_python(shared.clone()));
+        mode::observe(&shared, mode::HostMode::Active);
+        tasks.spawn(mode::run_loop(shared.clone(), cancel.clone()));
         if let Some(source) = shared.config.eviction.source.clone() {
             tasks.spawn(pressure::run_loop(shared.clone(), source, cancel.clone()));
         }

@@ -64,6 +64,8 @@ pub struct Metrics {
     /// to run it.
     pub cycle_desired_to_running: Histogram,
     pub admission_refusals: Family<Labels, Counter>,
+    /// One-hot: the operator mode the host is in.
+    pub host_mode: Family<Labels, Gauge>,
     pub fe_evictions: Counter,
     pub worker_oom_kills: Counter,
     /// Resources held by admitted workers, by resource.
@@ -123,6 +125,11 @@ impl Metrics {
         Metrics {
             cycle_result_to_wire,
             cycle_desired_to_running,
+            host_mode: reg!(
+                "host_mode",
+                "The operator mode the host is in (1 for the current one): active, paused, draining, disabled",
+                Family::default()
+            ),
             admission_refusals: reg!(
                 "worker_admission_refusals",
                 "Workers refused because they did not fit next to those admitted, by the first resource short",

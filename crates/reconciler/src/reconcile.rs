@@ -203,7 +203,16 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
                 .unwrap_or_else(|| fe_verdict(shared, d));
             match verdict {
                 Ok(()) => {
-                    let (entry, refusal) = admit(shared, &st.fes, d);
+                    let (entry, mut refusal) = admit(shared, &st.fes, d);
+                    if st.mode != crate::mode::HostMode::Active {
+                        refusal = Some(admission::Refusal {
+                            resource: "host_mode",
+                            message: format!(
+                                "the host is {} by its operator: no new worker starts",
+                                st.mode.as_str()
+                            ),
+                        });
+                    }
                     if let Some(r) = &refusal {
                         shared.metrics.admission_refused(r.resource);
                     }
@@ -280,6 +289,20 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
                         pb::AllocationFailureReason::InternalError,
                     )
                 });
+            let mode = st.mode;
+            let verdict = verdict.and_then(|()| {
+                if mode == crate::mode::HostMode::Active {
+                    return Ok(());
+                }
+                Err((
+                    "host_not_active",
+                    format!(
+                        "the host is {} by its operator: it accepts no new allocation",
+                        mode.as_str()
+                    ),
+                    pb::AllocationFailureReason::FunctionExecutorTerminated,
+                ))
+            });
             let verdict = verdict.and_then(|()| match st.fes.get(&fe_id) {
                 Some(fe) if !fe.removing && fe.tx.is_some() => Ok(()),
                 Some(_) => Err((

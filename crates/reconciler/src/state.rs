@@ -152,6 +152,8 @@ pub(crate) struct State {
     pub results: VecDeque<PendingResult>,
     pub server_clock: u64,
     pub status: pb::ExecutorStatus,
+    /// What the operator has put the host in.
+    pub mode: crate::mode::HostMode,
     pub last_desired: Option<(Arc<crate::Desired>, SystemTime)>,
     pub last_report: Option<(crate::report::Report, SystemTime)>,
     /// The last reported state's hash, reused while the state is unchanged.
@@ -211,6 +213,7 @@ impl Shared {
                 results: VecDeque::new(),
                 server_clock: 0,
                 status: pb::ExecutorStatus::Running,
+                mode: crate::mode::HostMode::Active,
                 last_desired: None,
                 last_report: None,
                 hash_cache: Default::default(),
@@ -570,6 +573,25 @@ impl AgentHandle {
             "admitted": held,
             "allocatable": crate::admission::allocatable(&c.function_executor_resources),
         })
+    }
+
+    /// The host's operator mode.
+    pub fn mode(&self) -> crate::mode::HostMode {
+        self.shared.state.lock().mode
+    }
+
+    /// Applies an operator's command (pause, unpause, drain); returns the
+    /// modes before and after.
+    pub fn command(
+        &self,
+        cmd: crate::mode::ModeCommand,
+    ) -> (crate::mode::HostMode, crate::mode::HostMode) {
+        crate::mode::command(&self.shared, cmd)
+    }
+
+    /// Records an event (for the binary: admin calls and their outcome).
+    pub fn event(&self, kind: &'static str, subject: &str, message: impl Into<String>) {
+        self.shared.event(kind, subject, message);
     }
 
     /// OpenMetrics text of the agent's metrics.

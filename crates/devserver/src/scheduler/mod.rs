@@ -127,6 +127,11 @@ pub enum PlacementMode {
 pub struct Faults {
     pub call_function: CallFunctionFault,
     pub placement: PlacementMode,
+    /// Keep placing allocations on workers of an executor that reports
+    /// DRAINED (a server racing the agent's pause): for tests of the
+    /// agent's own refusal.
+    #[serde(default)]
+    pub place_on_drained: bool,
 }
 
 /// A change to the injected faults; absent fields stay as they are.
@@ -135,6 +140,7 @@ pub struct Faults {
 pub struct FaultsUpdate {
     pub call_function: Option<CallFunctionFault>,
     pub placement: Option<PlacementMode>,
+    pub place_on_drained: Option<bool>,
 }
 
 struct Executor {
@@ -983,6 +989,10 @@ impl Scheduler {
         if let Some(p) = update.placement {
             tracing::info!(mode = ?p, "placement mode");
             inner.faults.placement = p;
+        }
+        if let Some(d) = update.place_on_drained {
+            tracing::info!(place_on_drained = d, "placement on drained executors");
+            inner.faults.place_on_drained = d;
         }
         if let Some(f) = update.call_function {
             tracing::info!(mode = ?f, "call_function fault injection");

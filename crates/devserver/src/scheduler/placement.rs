@@ -197,17 +197,28 @@ impl Inner {
         }
     }
 
-    /// The executor of function executor `fe_id` when it holds fewer
-    /// allocations in the desired state than its capacity (forgetting the
-    /// runs that left it: finished, cancelled, withdrawn).
+    /// The executor of function executor `fe_id` when it is running and
+    /// the worker holds fewer allocations in the desired state than its
+    /// capacity (forgetting the runs that left it: finished, cancelled,
+    /// withdrawn).
     fn has_free_slot(&mut self, fe_id: &str) -> Option<String> {
         let Inner {
             fes,
             requests,
             faults,
+            executors,
             ..
         } = self;
         let fe = fes.get_mut(fe_id)?;
+        // An executor that reports itself DRAINED (paused by its operator)
+        // gets no new allocation, as the real server does.
+        if !faults.place_on_drained
+            && executors
+                .get(&fe.executor_id)
+                .is_none_or(|e| e.state.status() != pb::ExecutorStatus::Running)
+        {
+            return None;
+        }
         fe.placed
             .retain(|(rid, run_id)| placed_on(requests, rid, run_id, fe_id));
         let unlimited = faults.placement == super::PlacementMode::Unlimited;

@@ -1,0 +1,176 @@
+//! The operator's side: `steward status`, `steward pause|unpause|drain`,
+//! talking to a running agent's monitoring server (`/state/*` for status,
+//! `/admin/*` with the bearer token from `--admin-token-file` for actions).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub struct AgentClientArgs {
+    /// The agent's monitoring address.
+    #[arg(long, default_value = "http://localhost:7000")]
+    pub agent_url: String,
+    /// File holding the admin token (the agent's `--admin-token-file`).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Reads an admin token file: whitespace around it is not part of it.
+pub fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading admin token file {}", path.display()))?;
+    Ok(text.trim().to_string())
+}
+
+/// `steward pause|unpause|drain`: prints the agent's answer.
+pub async fn action(args: &AgentClientArgs, action: &str) -> Result<()> {
+    let path = args
+        .admin_token_file
+        .as_deref()
+        .context("--admin-token-file is required for admin actions")?;
+    let token = read_token(path)?;
+    let url = format!("{}/admin/{action}", args.agent_url.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let code = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !code.is_success() {
+        bail!("{action} refused: HTTP {code}: {body}");
+    }
+    println!(
+        "{action}: {} → {}",
+        body["from"].as_str().unwrap_or("?"),
+        body["mode"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+async fn get(base: &str, path: &str) -> Result<Value> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let resp = reqwest::get(&url)
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    Ok(resp.json().await.unwrap_or(Value::Null))
+}
+
+/// `steward status`: one screen about a running agent.
+pub async fn status(args: &AgentClientArgs) -> Result<()> {
+    let base = args.agent_url.as_str();
+    let (health, host, fes, allocs, events) = tokio::try_join!(
+        get(base, "/monitoring/health"),
+        get(base, "/state/host"),
+        get(base, "/state/function-executors"),
+        get(base, "/state/allocations"),
+        get(base, "/state/events"),
+    )?;
+    print!("{}", render(&health, &host, &fes, &allocs, &events));
+    Ok(())
+}
+
+fn count_by(items: &Value, key: &str) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for i in items.as_array().into_iter().flatten() {
+        *counts
+            .entry(i[key].as_str().unwrap_or("?").to_lowercase())
+            .or_default() += 1;
+    }
+    if counts.is_empty() {
+        return "none".into();
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The status screen from the agent's documents.
+pub fn render(health: &Value, host: &Value, fes: &Value, allocs: &Value, events: &Value) -> String {
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<12} {v}\n"));
+    line(
+        &mut out,
+        "mode",
+        host["mode"].as_str().unwrap_or("?").to_string(),
+    );
+    line(
+        &mut out,
+        "health",
+        format!(
+            "{} ({})",
+            health["status"].as_str().unwrap_or("?"),
+            health["message"].as_str().unwrap_or("")
+        ),
+    );
+    line(
+        &mut out,
+        "workers",
+        count_by(&fes["function_executors"], "status"),
+    );
+    line(
+        &mut out,
+        "allocations",
+        count_by(&allocs["allocations"], "phase"),
+    );
+    line(
+        &mut out,
+        "results",
+        format!(
+            "{} waiting for the server",
+            allocs["pending_results"].as_u64().unwrap_or(0)
+        ),
+    );
+    let w = &host["workers"];
+    line(
+        &mut out,
+        "admitted",
+        format!(
+            "{} of {} CPU ms/s, {} of {} memory bytes",
+            w["admitted"]["cpu_ms_per_sec"],
+            w["allocatable"]["cpu_ms_per_sec"],
+            w["admitted"]["memory_bytes"],
+            w["allocatable"]["memory_bytes"]
+        ),
+    );
+    let limits = match w["limits"]["cgroup_version"].as_str() {
+        Some(v) => format!("enforced (cgroup {v})"),
+        None => format!(
+            "NOT enforced: {}",
+            w["limits"]["not_enforced_because"].as_str().unwrap_or("?")
+        ),
+    };
+    line(&mut out, "limits", limits);
+    let bad: Vec<&Value> = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            let k = e["kind"].as_str().unwrap_or("");
+            k.contains("fail")
+                || k.contains("rejected")
+                || k.contains("oom")
+                || k.contains("evicted")
+                || k.contains("error")
+        })
+        .collect();
+    out.push_str("last errors:\n");
+    if bad.is_empty() {
+        out.push_str("  none\n");
+    }
+    for e in bad.iter().rev().take(5) {
+        out.push_str(&format!(
+            "  {} {}: {}\n",
+            e["kind"].as_str().unwrap_or("?"),
+            e["subject"].as_str().unwrap_or(""),
+            e["message"].as_str().unwrap_or("")
+        ));
+    }
+    out
+}

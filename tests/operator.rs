@@ -1,0 +1,262 @@
+//! Operator control: the admin API (absent without a token file, 401
+//! without a token, 403 with a wrong one), pause/unpause (reported DRAINED,
+//! no new allocation accepted, resumed on unpause) and drain (nothing lost:
+//! the running allocation's result is reported, then workers stop, then the
+//! host is disabled), through the real HTTP client and the `steward` CLI.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use steward_devserver::{FunctionOptions, client};
+use support::{AgentProc, Plane};
+
+const TOKEN: &str = "op-token-0123456789abcdef";
+
+fn token_file(dir: &Path) -> Result<String> {
+    let path = dir.join("admin-token");
+    std::fs::write(&path, format!("{TOKEN}\n"))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+async fn setup(token: Option<&str>) -> Result<(Plane, AgentProc)> {
+    let plane = Plane::start().await?;
+    plane.deploy_fake(FunctionOptions::default()).await?;
+    let bin = support::fake_worker();
+    let mut args = vec!["--function-executor-bin", bin.to_str().unwrap_or_default()];
+    if let Some(t) = token {
+        args.extend(["--admin-token-file", t]);
+    }
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
+    plane.wait_executors(1).await?;
+    Ok((plane, steward))
+}
+
+async fn admin(steward: &AgentProc, action: &str, token: Option<&str>) -> Result<(u16, Value)> {
+    let url = format!(
+        "{}/admin/{action}",
+        steward
+            .monitoring_url
+            .as_deref()
+            .context("monitoring url")?
+    );
+    let mut req = reqwest::Client::new().post(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.json().await.unwrap_or(Value::Null)))
+}
+
+/// Runs the `steward` CLI against `steward`; returns its stdout.
+fn cli(steward: &AgentProc, args: &[&str], token_file: &str) -> Result<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(args)
+        .args([
+            "--agent-url",
+            steward.monitoring_url.as_deref().unwrap_or_default(),
+        ])
+        .args(["--admin-token-file", token_file])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "steward {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn executor_status(plane: &Plane) -> Result<String> {
+    let v = client::executors(&plane.url).await?;
+    Ok(v[0]["status"].as_str().unwrap_or_default().to_string())
+}
+
+async fn wait_executor_status(plane: &Plane, want: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while executor_status(plane).await? != want {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the server never saw {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_need_the_token_and_exist_only_with_one() -> Result<()> {
+    let (plane, steward) = setup(None).await?;
+    assert_eq!(
+        admin(&steward, "pause", Some(TOKEN)).await?.0,
+        404,
+        "no token file: no route"
+    );
+    drop(steward);
+    let dir = tempfile::tempdir()?;
+    let file = token_file(dir.path())?;
+    let steward = AgentProc::steward(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &[
+            "--admin-token-file",
+            &file,
+            "--function-executor-bin",
+            support::fake_worker().to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert_eq!(admin(&steward, "pause", None).await?.0, 401);
+    assert_eq!(
+        admin(&steward, "pause", Some("op-token-0123456789abcdeX"))
+            .await?
+            .0,
+        403
+    );
+    let (_, host) = steward.get_json("/state/host").await?;
+    assert_eq!(host["mode"], "active", "refused calls change nothing");
+    let (code, body) = admin(&steward, "pause", Some(TOKEN)).await?;
+    assert_eq!(
+        (code, &body["from"], &body["mode"]),
+        (200, &json!("active"), &json!("paused"))
+    );
+    assert_eq!(admin(&steward, "explode", Some(TOKEN)).await?.0, 404);
+    let (_, events) = steward.get_json("/state/events").await?;
+    let admin_events: Vec<String> = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "admin_request")
+        .filter_map(|e| e["message"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        admin_events,
+        vec![
+            "pause: refused with HTTP 401",
+            "pause: refused with HTTP 403",
+            "pause: ok, active → paused",
+            "explode: unknown action (404)",
+        ]
+    );
+    // Read-only routes stay open.
+    assert_eq!(steward.get_json("/state/host").await?.0, 200);
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_host_is_drained_to_the_server_accepts_nothing_new_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = token_file(dir.path())?;
+    let (plane, steward) = setup(Some(&file)).await?;
+    let out = plane.invoke_app("fake", "echo", json!("warm")).await?;
+    assert_eq!(out.status, "success", "{out:?}");
+
+    let said = cli(&steward, &["pause"], &file)?;
+    assert!(said.contains("active → paused"), "{said}");
+    wait_executor_status(&plane, "EXECUTOR_STATUS_DRAINED").await?;
+    let metrics = steward.metrics().await?;
+    assert_eq!(
+        support::metric(&metrics, "steward_host_mode{mode=\"paused\"}"),
+        Some(1.0)
+    );
+
+    // A server that places anyway (racing the pause) is refused by the agent.
+    plane.set_faults(json!({"place_on_drained": true})).await?;
+    let raced = plane.start_request("fake", "echo", json!("raced")).await?;
+    let out = plane.outcome(&raced).await?;
+    assert_eq!(
+        out.failure_reason.as_deref(),
+        Some("FUNCTION_EXECUTOR_TERMINATED"),
+        "{out:?}"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert!(
+        events.to_string().contains("it accepts no new allocation"),
+        "{events}"
+    );
+    plane.set_faults(json!({"place_on_drained": false})).await?;
+
+    // The server places nothing here while DRAINED: the run waits.
+    let waiting = plane.start_request("fake", "echo", json!("later")).await?;
+    let stats = plane.stats().await?;
+    assert_eq!(stats["runs_pending"], 1, "{stats}");
+
+    let status = cli(&steward, &["status"], &file)?;
+    assert!(status.contains("paused"), "{status}");
+    let said = cli(&steward, &["unpause"], &file)?;
+    assert!(said.contains("paused → active"), "{said}");
+    wait_executor_status(&plane, "EXECUTOR_STATUS_RUNNING").await?;
+    let out = plane.outcome(&waiting).await?;
+    assert_eq!(
+        out.status, "success",
+        "the waiting run ran once resumed: {out:?}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_during_a_running_allocation_loses_nothing_then_disables() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = token_file(dir.path())?;
+    let (plane, steward) = setup(Some(&file)).await?;
+    let running = plane
+        .start_request("fake", "sleep_1500", json!("x"))
+        .await?;
+    steward
+        .wait_json("/state/allocations", Duration::from_secs(30), |_, v| {
+            v["allocations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| a["phase"] == "running")
+        })
+        .await?;
+    let (code, body) = admin(&steward, "drain", Some(TOKEN)).await?;
+    assert_eq!((code, &body["mode"]), (200, &json!("draining")));
+    // The running allocation finishes and its result reaches the server.
+    let out = plane.outcome(&running).await?;
+    assert_eq!(out.status, "success", "{out:?}");
+    // Then every worker stops and the host is disabled.
+    let (_, host) = steward
+        .wait_json("/state/host", Duration::from_secs(30), |_, v| {
+            v["mode"] == "disabled"
+        })
+        .await?;
+    assert_eq!(host["mode"], "disabled");
+    let (_, fes) = steward.get_json("/state/function-executors").await?;
+    let live: Vec<&Value> = fes["function_executors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|f| f["status"] != "TERMINATED")
+        .collect();
+    assert!(live.is_empty(), "workers left after the drain: {live:?}");
+    let (_, events) = steward.get_json("/state/events").await?;
+    let modes: Vec<&str> = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "host_mode")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert_eq!(
+        modes,
+        vec![
+            "active → draining (operator)",
+            "draining → disabled (drain finished)"
+        ]
+    );
+    assert_eq!(executor_status(&plane).await?, "EXECUTOR_STATUS_DRAINED");
+    // Resumed, it runs work again.
+    assert_eq!(admin(&steward, "unpause", Some(TOKEN)).await?.0, 200);
+    wait_executor_status(&plane, "EXECUTOR_STATUS_RUNNING").await?;
+    let out = plane.invoke_app("fake", "echo", json!("again")).await?;
+    assert_eq!(out.status, "success", "{out:?}");
+    plane.stop().await;
+    Ok(())
+}
