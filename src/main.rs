@@ -3,6 +3,7 @@
 //! reconciler, the monitoring server, signal handling; plus the
 //! `steward devserver` dev control plane commands.
 
+mod config_file;
 mod host;
 mod init;
 mod operator;
@@ -73,7 +74,8 @@ struct AgentArgs {
     executor_cache_path: String,
     #[arg(long)]
     catalog_entry_name: Option<String>,
-    /// TLS configuration YAML of the reference executor (not supported yet: refused).
+    /// The reference executor's YAML config: `use_tls` and `tls_config`
+    /// (`ca_bundle_path`, `cert_path`, `key_path`) for TLS or mutual TLS to the server.
     #[arg(long)]
     config_path: Option<PathBuf>,
     /// More logging (-v debug, -vv trace).
@@ -225,6 +227,15 @@ struct DevserverArgs {
     /// HTTP listen address (deploy, invoke, results).
     #[arg(long, default_value = "127.0.0.1:8900")]
     http_addr: String,
+    /// Serve the executor API over TLS with this certificate (PEM)...
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// ...and this key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// Root of the file:// blob store.
     #[arg(long, default_value = "~/.steward/devserver")]
     blob_dir: String,
@@ -356,11 +367,27 @@ async fn async_main(cli: Cli) -> Result<()> {
     }
 }
 
+/// The dev control plane's TLS from `--tls-cert`, `--tls-key` and `--tls-client-ca`.
+fn devserver_tls(args: &DevserverArgs) -> Result<Option<steward_devserver::ServerTls>> {
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    match (&args.tls_cert, &args.tls_key) {
+        (None, None) if args.tls_client_ca.is_none() => Ok(None),
+        (Some(cert), Some(key)) => Ok(Some(steward_devserver::ServerTls {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.tls_client_ca.as_ref().map(read).transpose()?,
+        })),
+        _ => bail!("TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"),
+    }
+}
+
 async fn devserver(args: DevserverArgs) -> Result<()> {
     use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, client};
     match args.command {
         None => {
+            let tls = devserver_tls(&args)?;
             let server = DevServer::start(DevServerConfig {
+                tls,
                 grpc_addr: args.grpc_addr,
                 http_addr: args.http_addr,
                 blob_dir: expand_home(&args.blob_dir),
@@ -623,12 +650,10 @@ fn worker_driver(args: &AgentArgs, data_dir: &std::path::Path) -> wd::ProcessDri
 }
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
-    if let Some(p) = &args.config_path {
-        bail!(
-            "--config-path {} (TLS to the server) is not supported by this version of steward",
-            p.display()
-        );
-    }
+    let server_tls = match &args.config_path {
+        Some(p) => config_file::server_tls(p)?,
+        None => None,
+    };
     let admin_token = match &args.admin_token_file {
         Some(path) => Some(
             steward_monitoring::AdminToken::new(&operator::read_token(path)?)
@@ -718,6 +743,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         blob_store,
     );
     config.hostname = hostname();
+    config.server_tls = server_tls;
     config.version = VERSION.to_string();
     config.labels = labels;
     config.allowed_functions = allowed_functions;

@@ -104,7 +104,17 @@ impl Plane {
 
     /// Starts on a given gRPC address (to restart a server in place).
     pub async fn start_on(grpc_addr: &str, blob_dir: tempfile::TempDir) -> Result<Plane> {
+        Self::start_tls(grpc_addr, blob_dir, None).await
+    }
+
+    /// A plane serving the executor API over TLS (mutual with a client CA).
+    pub async fn start_tls(
+        grpc_addr: &str,
+        blob_dir: tempfile::TempDir,
+        tls: Option<steward_devserver::ServerTls>,
+    ) -> Result<Plane> {
         let server = DevServer::start(DevServerConfig {
+            tls,
             grpc_addr: grpc_addr.into(),
             http_addr: "127.0.0.1:0".into(),
             blob_dir: blob_dir.path().to_path_buf(),
@@ -119,6 +129,7 @@ impl Plane {
     pub async fn start_s3(s3_base: &str, s3: steward_blob_store::S3Config) -> Result<Plane> {
         let blob_dir = tempfile::tempdir()?;
         let server = DevServer::start(DevServerConfig {
+            tls: None,
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
             blob_dir: blob_dir.path().to_path_buf(),
@@ -492,6 +503,11 @@ impl AgentProc {
 
     /// Starts the reference Python executor (`indexify-cli executor`).
     pub fn reference(grpc: &str) -> Result<AgentProc> {
+        Self::reference_with_args(grpc, &[])
+    }
+
+    /// The reference executor with `extra` arguments (`--config-path`, …).
+    pub fn reference_with_args(grpc: &str, extra: &[&str]) -> Result<AgentProc> {
         let data_dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -508,6 +524,7 @@ impl AgentProc {
             .arg(port.to_string())
             .arg("--executor-cache-path")
             .arg(data_dir.path())
+            .args(extra)
             .env("PATH", path_with_venv())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

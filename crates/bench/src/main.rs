@@ -54,6 +54,7 @@ impl Plane {
     async fn start() -> Result<Plane> {
         let blobs = tempfile::tempdir()?;
         let server = DevServer::start(DevServerConfig {
+            tls: None,
             grpc_addr: "127.0.0.1:0".into(),
             http_addr: "127.0.0.1:0".into(),
             blob_dir: blobs.path().to_path_buf(),
@@ -82,6 +83,7 @@ impl Plane {
         }
         tokio::time::sleep(down_for).await;
         let server = DevServer::start(DevServerConfig {
+            tls: None,
             grpc_addr: self.grpc.clone(),
             http_addr: "127.0.0.1:0".into(),
             blob_dir: self.blob_dir.clone(),

@@ -75,6 +75,7 @@ impl ExecutorApi for Api {
 pub(crate) async fn serve(
     listener: TcpListener,
     sched: Arc<Scheduler>,
+    tls: Option<crate::ServerTls>,
     cancel: CancellationToken,
 ) -> Result<(), DevServerError> {
     let svc = ExecutorApiServer::new(Api {
@@ -83,7 +84,19 @@ pub(crate) async fn serve(
     })
     .max_decoding_message_size(usize::MAX)
     .max_encoding_message_size(usize::MAX);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let mut c =
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            c = c.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(c)
+            .map_err(|e| DevServerError::Serve(format!("gRPC TLS: {e}")))?;
+    }
+    builder
         .add_service(svc)
         // TCP_NODELAY: without it small stream messages wait on delayed ACKs (~40 ms).
         .serve_with_incoming_shutdown(

@@ -147,6 +147,18 @@ pub struct DevServerConfig {
     /// Keep blobs under this `s3://bucket/prefix` instead of `blob_dir`.
     pub s3_base: Option<String>,
     pub s3: steward_blob_store::S3Config,
+    /// Serve the executor API over TLS (and require client certificates
+    /// signed by `client_ca_pem`, for mutual TLS).
+    pub tls: Option<ServerTls>,
+}
+
+/// The gRPC server's certificate and key (PEM), and the CA its clients'
+/// certificates must chain to (mutual TLS), if any.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 /// A running dev control plane.
@@ -186,7 +198,12 @@ impl DevServer {
             .map_err(|e| DevServerError::Serve(e.to_string()))?;
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(grpc::serve(grpc_listener, sched.clone(), cancel.clone()));
+        tasks.spawn(grpc::serve(
+            grpc_listener,
+            sched.clone(),
+            config.tls.clone(),
+            cancel.clone(),
+        ));
         tasks.spawn(http::serve(http_listener, sched.clone(), cancel.clone()));
         tasks.spawn(scheduler::expire_executors(sched, cancel.clone()));
         tracing::info!(%grpc_addr, %http_addr, "dev control plane listening");

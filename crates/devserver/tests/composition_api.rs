@@ -14,6 +14,7 @@ type Client = ExecutorApiClient<tonic::transport::Channel>;
 
 async fn start(dir: &std::path::Path) -> DevServer {
     DevServer::start(DevServerConfig {
+        tls: None,
         grpc_addr: "127.0.0.1:0".into(),
         http_addr: "127.0.0.1:0".into(),
         blob_dir: dir.join("blobs"),

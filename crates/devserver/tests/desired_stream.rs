@@ -33,6 +33,7 @@ async fn stats(http: &reqwest::Client, url: &str) -> serde_json::Value {
 async fn stream_sends_full_states_and_stats_count_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = DevServer::start(DevServerConfig {
+        tls: None,
         grpc_addr: "127.0.0.1:0".into(),
         http_addr: "127.0.0.1:0".into(),
         blob_dir: dir.path().join("blobs"),

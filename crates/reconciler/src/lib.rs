@@ -75,6 +75,42 @@ impl GpuPool for NoGpus {
     fn release(&self, _owner: &str) {}
 }
 
+/// TLS to the server, as the reference executor's `use_tls` / `tls_config`:
+/// the server's CA (the platform's roots without one) and, for mutual
+/// TLS, this host's certificate and key (PEM).
+#[derive(Clone, Default)]
+pub struct ServerTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub cert_pem: Option<Vec<u8>>,
+    pub key_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    // Never prints key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.cert_pem.is_some())
+            .field("client_key", &self.key_pem.is_some())
+            .finish()
+    }
+}
+
+impl ServerTls {
+    fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut c = ClientTlsConfig::new();
+        c = match &self.ca_pem {
+            Some(ca) => c.ca_certificate(Certificate::from_pem(ca)),
+            None => c.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&self.cert_pem, &self.key_pem) {
+            c = c.identity(Identity::from_pem(cert, key));
+        }
+        c
+    }
+}
+
 /// Everything the agent needs to know about itself and its environment.
 #[derive(Clone)]
 pub struct AgentConfig {
@@ -84,6 +120,8 @@ pub struct AgentConfig {
     pub version: String,
     /// `host:port` or a full `http(s)://` URL of the server's gRPC endpoint.
     pub server_addr: String,
+    /// TLS (and mutual TLS) to the server; plain HTTP/2 when `None`.
+    pub server_tls: Option<ServerTls>,
     pub labels: BTreeMap<String, String>,
     pub allowed_functions: Vec<pb::AllowedFunction>,
     pub catalog_entry_name: Option<String>,
@@ -142,6 +180,7 @@ impl AgentConfig {
             hostname: "localhost".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             server_addr,
+            server_tls: None,
             labels: BTreeMap::new(),
             allowed_functions: Vec::new(),
             catalog_entry_name: None,
@@ -206,7 +245,7 @@ impl Agent {
                 source,
             })?;
         }
-        let channel = report::channel(&config.server_addr)?;
+        let channel = report::channel(&config.server_addr, config.server_tls.as_ref())?;
         let code_dir = config.data_dir.join("code");
         let code_cache =
             steward_blob_store::CodeCache::open(&code_dir, config.code_cache_max_bytes).map_err(

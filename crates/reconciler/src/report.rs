@@ -72,16 +72,25 @@ fn classify(status: &tonic::Status) -> Failure {
 }
 
 /// A lazily connecting channel to the server.
-pub(crate) fn channel(addr: &str) -> Result<Channel, AgentError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(url).map_err(|e| AgentError::ServerAddr {
+pub(crate) fn channel(addr: &str, tls: Option<&crate::ServerTls>) -> Result<Channel, AgentError> {
+    let bad = |reason: String| AgentError::ServerAddr {
         addr: addr.to_string(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let url = match (addr.split_once("://"), tls) {
+        (None, None) => format!("http://{addr}"),
+        (None, Some(_)) => format!("https://{addr}"),
+        (Some(("http", _)), Some(_)) => {
+            return Err(bad("TLS is configured but the address says http://".into()));
+        }
+        (Some(_), _) => addr.to_string(),
+    };
+    let mut endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config())
+            .map_err(|e| bad(format!("TLS: {e}")))?;
+    }
     Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -89,6 +98,22 @@ pub(crate) fn channel(addr: &str) -> Result<Channel, AgentError> {
         .keep_alive_while_idle(true)
         .tcp_nodelay(true)
         .connect_lazy())
+}
+
+/// A status with the chain of errors under it (a TLS failure is several
+/// levels down a "transport error").
+pub(crate) fn describe_status(status: &tonic::Status) -> String {
+    let mut out = format!("{}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
 }
 
 /// A client of the server with the configured message size limit both
@@ -365,10 +390,7 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
             .observe(started.elapsed().as_secs_f64());
         let error = match outcome {
             Ok(Ok(_)) => None,
-            Ok(Err(status)) => Some((
-                classify(&status),
-                format!("{}: {}", status.code(), status.message()),
-            )),
+            Ok(Err(status)) => Some((classify(&status), describe_status(&status))),
             // A server that takes the call and never answers is not one
             // that refused it: no long backoff either.
             Err(_) => Some((
@@ -472,7 +494,10 @@ fn note_failure(shared: &Shared, error: &str) {
 /// once, carrying any results still buffered.
 pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
     shared.state.lock().status = pb::ExecutorStatus::Stopped;
-    let Ok(channel) = channel(&shared.config.server_addr) else {
+    let Ok(channel) = channel(
+        &shared.config.server_addr,
+        shared.config.server_tls.as_ref(),
+    ) else {
         return;
     };
     let mut client = report_client(channel, shared.config.max_server_message_bytes);

@@ -32,6 +32,6 @@ pub(crate) fn shared() -> Arc<Shared> {
             })
             .enter()
     });
-    let server = crate::report::channel(&config.server_addr).expect("a valid address");
+    let server = crate::report::channel(&config.server_addr, None).expect("a valid address");
     Shared::new(config, metrics, cache, server)
 }
