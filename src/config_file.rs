@@ -90,6 +90,68 @@ fn parse(text: &str) -> Result<Option<ServerTls>> {
     }))
 }
 
+/// The log filter last applied at runtime (for `GET /admin/config`).
+static LOG_LEVEL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// The settings an operator can change, with the log filter, as JSON.
+pub fn settings_document(handle: &steward_reconciler::AgentHandle) -> serde_json::Value {
+    let mut v = serde_json::to_value(handle.settings()).unwrap_or_default();
+    let level = LOG_LEVEL.lock().ok().and_then(|l| l.clone());
+    if let Some(o) = v.as_object_mut() {
+        o.insert("log_level".into(), serde_json::json!(level));
+    }
+    v
+}
+
+/// Applies a change of settings (`PATCH /admin/config`, or the `steward:`
+/// section of the config file on SIGHUP) as a whole: every field is
+/// checked before anything changes; an error names the field.
+pub fn apply_settings(
+    handle: &steward_reconciler::AgentHandle,
+    change: serde_json::Value,
+    by: &str,
+) -> Result<serde_json::Value, String> {
+    let serde_json::Value::Object(mut fields) = change else {
+        return Err("the change must be a JSON object".into());
+    };
+    let level = match fields.remove("log_level") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(l)) => Some(
+            crate::parse_log_level(&l)
+                .map(|f| (l, f))
+                .map_err(|e| format!("log_level: {e}"))?,
+        ),
+        Some(_) => return Err("log_level: a string such as \"info\" or \"debug,h2=warn\"".into()),
+    };
+    let patch: steward_reconciler::SettingsPatch =
+        serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())?;
+    // Nothing is applied until everything is valid: the settings check
+    // themselves as a whole, and the log filter is already parsed.
+    handle
+        .update_settings(&patch, by)
+        .map_err(|e| e.to_string())?;
+    if let Some((text, filter)) = level {
+        crate::set_log_filter(filter)?;
+        if let Ok(mut l) = LOG_LEVEL.lock() {
+            *l = Some(text);
+        }
+    }
+    Ok(settings_document(handle))
+}
+
+/// The `steward:` section of the config file (Steward's own settings), as JSON.
+pub fn steward_section(path: &Path) -> Result<Option<serde_json::Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).context("not YAML")?;
+    let Some(section) = doc.get("steward") else {
+        return Ok(None);
+    };
+    Ok(Some(
+        serde_json::to_value(section).context("steward: section")?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,8 @@ enum Command {
     Unpause(operator::AgentClientArgs),
     /// Pause, then stop every worker once the last allocation finishes (then disabled).
     Drain(operator::AgentClientArgs),
+    /// Show (`get`) or change (`set KEY=VALUE...`) a running agent's labels, eviction thresholds, log level.
+    Config(operator::ConfigArgs),
 }
 
 #[derive(Args, Debug)]
@@ -62,8 +64,13 @@ struct AgentArgs {
     /// Allowed function, `namespace:application:function[:version]`; repeatable. None means any.
     #[arg(short = 'f', long = "function")]
     functions: Vec<String>,
-    /// Executor label `key=value`; repeatable.
-    #[arg(short = 'l', long = "label")]
+    /// Executor label `key=value`; repeatable (or `STEWARD_LABELS`, comma-separated).
+    #[arg(
+        short = 'l',
+        long = "label",
+        env = "STEWARD_LABELS",
+        value_delimiter = ','
+    )]
     labels: Vec<String>,
     #[arg(long, default_value = "localhost")]
     monitoring_server_host: String,
@@ -136,12 +143,16 @@ struct AgentArgs {
     worker_pids_max: u64,
     /// Stop idle workers while the host's available memory is below this
     /// many bytes (0: never, on this signal).
-    #[arg(long, default_value_t = 100 << 20)]
+    #[arg(long, default_value_t = 100 << 20, env = "STEWARD_EVICTION_MEMORY_AVAILABLE")]
     eviction_memory_available: u64,
     /// Stop idle workers while memory pressure (PSI `some avg10`, percent)
     /// is above this, where the kernel has PSI (0: never, on this signal).
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, env = "STEWARD_EVICTION_MEMORY_PRESSURE")]
     eviction_memory_pressure: f64,
+    /// Settings given by flag or environment, which the config file does
+    /// not override (precedence: flags > environment > file > defaults).
+    #[arg(skip)]
+    explicit: Vec<&'static str>,
     /// `nvidia-smi` to use when NVML cannot be loaded.
     #[arg(long, default_value = "nvidia-smi")]
     nvidia_smi: PathBuf,
@@ -309,18 +320,64 @@ fn init_logging(verbose: u8) {
         tracing_subscriber::EnvFilter::new(format!("{default},h2=warn,hyper=warn,tower=warn"))
     });
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = LOG_FILTER.set(handle);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(ansi)
+                .with_writer(std::io::stderr),
+        )
         .init();
+}
+
+/// The log filter, changeable at runtime (`/admin/config` `log_level`).
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+/// Parses a log filter (`info`, `debug,h2=warn`, …) without applying it.
+pub fn parse_log_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    if level.len() > 1024 {
+        return Err("a log filter is at most 1024 characters".into());
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())
+}
+
+/// Applies a parsed log filter.
+pub fn set_log_filter(filter: tracing_subscriber::EnvFilter) -> Result<(), String> {
+    LOG_FILTER
+        .get()
+        .ok_or_else(|| "logging is not reloadable".to_string())?
+        .reload(filter)
+        .map_err(|e| e.to_string())
 }
 
 fn main() -> Result<()> {
     if let Some(code) = init::supervise_if_pid1()? {
         std::process::exit(code);
     }
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    cli.agent.explicit = [
+        "labels",
+        "eviction_memory_available",
+        "eviction_memory_pressure",
+    ]
+    .into_iter()
+    .filter(|id| {
+        matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    })
+    .collect();
     let threads = match cli.command {
         Some(Command::Devserver(_)) => 0,
         Some(_) => 1,
@@ -360,6 +417,7 @@ async fn async_main(cli: Cli) -> Result<()> {
         Some(Command::Pause(args)) => operator::action(&args, "pause").await,
         Some(Command::Unpause(args)) => operator::action(&args, "unpause").await,
         Some(Command::Drain(args)) => operator::action(&args, "drain").await,
+        Some(Command::Config(args)) => operator::config(&args).await,
         None => {
             init_logging(cli.agent.verbose);
             run_agent(cli.agent).await
@@ -570,6 +628,75 @@ impl GpuPool for GpuPoolAdapter {
     }
     fn release(&self, owner: &str) {
         self.0.release(owner);
+    }
+}
+
+/// Applies the `steward:` section of the config file; a bad file or value
+/// changes nothing and is said (event and log).
+fn reload_settings(
+    handle: &steward_reconciler::AgentHandle,
+    path: &Path,
+    flags: &FlagSettings,
+    by: &str,
+) {
+    let outcome = config_file::steward_section(path)
+        .map_err(|e| format!("{e:#}"))
+        .and_then(|section| match section {
+            Some(v) => config_file::apply_settings(handle, flags.over(v), by).map(|_| ()),
+            None => Ok(()),
+        });
+    if let Err(e) = outcome {
+        tracing::warn!(file = %path.display(), error = %e, "config file not applied");
+        handle.event(
+            "config_reload_failed",
+            &path.display().to_string(),
+            format!("nothing changed: {e}"),
+        );
+    }
+}
+
+/// Settings given by flag or environment: they win over the file's.
+struct FlagSettings {
+    explicit: Vec<&'static str>,
+    labels: BTreeMap<String, String>,
+}
+
+impl FlagSettings {
+    /// The file's `steward:` section with what flags set laid over it.
+    fn over(&self, mut section: serde_json::Value) -> serde_json::Value {
+        let Some(o) = section.as_object_mut() else {
+            return section;
+        };
+        for id in &self.explicit {
+            if *id == "labels" {
+                let mut labels = o
+                    .get("labels")
+                    .and_then(|l| l.as_object())
+                    .cloned()
+                    .unwrap_or_default();
+                for (k, v) in &self.labels {
+                    labels.insert(k.clone(), serde_json::json!(v));
+                }
+                o.insert("labels".into(), serde_json::Value::Object(labels));
+            } else {
+                o.remove(*id);
+            }
+        }
+        section
+    }
+}
+
+async fn reload_on_sighup(
+    handle: steward_reconciler::AgentHandle,
+    path: PathBuf,
+    flags: FlagSettings,
+) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(file = %path.display(), "SIGHUP: reloading settings");
+        reload_settings(&handle, &path, &flags, "SIGHUP reload");
     }
 }
 
@@ -794,6 +921,16 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         .context("monitoring listener address")?;
 
     let agent = Agent::start(config, metrics)?;
+    if let Some(path) = args.config_path.clone() {
+        // Steward's own settings in the file apply now and at every SIGHUP,
+        // checked as the admin API checks them.
+        let flags = FlagSettings {
+            explicit: args.explicit.clone(),
+            labels: parse_labels(&args.labels)?,
+        };
+        reload_settings(&agent.handle(), &path, &flags, "config file");
+        tokio::spawn(reload_on_sighup(agent.handle(), path, flags));
+    }
     // One machine-readable line on stdout, for scripts and tests.
     println!(
         "{}",

@@ -174,3 +174,143 @@ pub fn render(health: &Value, host: &Value, fes: &Value, allocs: &Value, events:
     }
     out
 }
+
+/// `steward config get` / `steward config set KEY=VALUE...`.
+#[derive(Args, Debug)]
+pub struct ConfigArgs {
+    /// `get`, or `set` followed by `KEY=VALUE` pairs: `labels.NAME=VALUE`
+    /// (an empty value removes the label), `eviction_memory_available=BYTES`,
+    /// `eviction_memory_pressure=PERCENT`, `log_level=FILTER`.
+    #[arg(num_args = 1..)]
+    pub words: Vec<String>,
+    #[command(flatten)]
+    pub client: AgentClientArgs,
+}
+
+fn token_of(args: &AgentClientArgs) -> Result<String> {
+    read_token(
+        args.admin_token_file
+            .as_deref()
+            .context("--admin-token-file is required for admin actions")?,
+    )
+}
+
+/// Turns `KEY=VALUE` pairs into a settings change, starting from `current`.
+pub fn change_from(current: &Value, pairs: &[String]) -> Result<Value> {
+    let mut change = serde_json::Map::new();
+    let mut labels = current["labels"].as_object().cloned().unwrap_or_default();
+    let mut labels_touched = false;
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .with_context(|| format!("{pair:?} is not KEY=VALUE"))?;
+        match k {
+            "eviction_memory_available" => {
+                change.insert(
+                    k.into(),
+                    Value::from(v.parse::<u64>().with_context(|| format!("{k}: bytes"))?),
+                );
+            }
+            "eviction_memory_pressure" => {
+                change.insert(
+                    k.into(),
+                    Value::from(
+                        v.parse::<f64>()
+                            .with_context(|| format!("{k}: a percentage"))?,
+                    ),
+                );
+            }
+            "log_level" => {
+                change.insert(k.into(), Value::from(v));
+            }
+            _ => {
+                let name = k
+                    .strip_prefix("labels.")
+                    .with_context(|| format!("unknown setting {k:?}"))?;
+                labels_touched = true;
+                if v.is_empty() {
+                    labels.remove(name);
+                } else {
+                    labels.insert(name.into(), Value::from(v));
+                }
+            }
+        }
+    }
+    if labels_touched {
+        change.insert("labels".into(), Value::Object(labels));
+    }
+    Ok(Value::Object(change))
+}
+
+pub async fn config(args: &ConfigArgs) -> Result<()> {
+    let token = token_of(&args.client)?;
+    let url = format!(
+        "{}/admin/config",
+        args.client.agent_url.trim_end_matches('/')
+    );
+    let http = reqwest::Client::new();
+    let current: Value = http
+        .get(&url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .json()
+        .await?;
+    let (verb, pairs) = args
+        .words
+        .split_first()
+        .context("config get | config set KEY=VALUE...")?;
+    let shown = match verb.as_str() {
+        "get" => current,
+        "set" if !pairs.is_empty() => {
+            let resp = http
+                .patch(&url)
+                .bearer_auth(&token)
+                .json(&change_from(&current, pairs)?)
+                .send()
+                .await
+                .with_context(|| format!("PATCH {url}"))?;
+            let code = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            if !code.is_success() {
+                bail!(
+                    "refused: HTTP {code}: {}",
+                    body["error"].as_str().unwrap_or("")
+                );
+            }
+            body
+        }
+        _ => bail!("config get | config set KEY=VALUE..."),
+    };
+    println!("{}", serde_json::to_string_pretty(&shown)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn set_pairs_become_one_change() {
+        let current =
+            json!({"labels": {"rack": "r1", "zone": "a"}, "eviction_memory_available": 1});
+        let change = change_from(
+            &current,
+            &[
+                "labels.rack=r2".into(),
+                "labels.zone=".into(),
+                "eviction_memory_pressure=20".into(),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(
+            change,
+            json!({"labels": {"rack": "r2"}, "eviction_memory_pressure": 20.0})
+        );
+        assert!(change_from(&current, &["nope=1".into()]).is_err());
+        assert!(change_from(&current, &["eviction_memory_available=lots".into()]).is_err());
+        assert!(change_from(&current, &["labels".into()]).is_err());
+    }
+}

@@ -111,13 +111,41 @@ impl StateSource for AgentStateSource {
         }
     }
 
-    fn admin(&self, action: &str) -> Option<AdminAnswer> {
+    fn admin(&self, action: &str, method: &str, body: &[u8]) -> Option<AdminAnswer> {
         let subject = "admin";
-        if action == "mode" {
-            return Some(AdminAnswer {
-                ok: true,
-                body: serde_json::json!({"mode": self.handle.mode()}),
-            });
+        let ok = |body| Some(AdminAnswer { code: 200, body });
+        match (action, method) {
+            ("mode", _) => return ok(serde_json::json!({"mode": self.handle.mode()})),
+            ("config", "GET") => return ok(crate::config_file::settings_document(&self.handle)),
+            ("config", "PATCH") => {
+                let change = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"));
+                let outcome = change
+                    .and_then(|c| crate::config_file::apply_settings(&self.handle, c, "admin API"));
+                let (code, body, said) = match outcome {
+                    Ok(doc) => (200, doc, "ok".to_string()),
+                    Err(e) => (
+                        400,
+                        serde_json::json!({"error": e}),
+                        format!("refused: {e}"),
+                    ),
+                };
+                self.handle
+                    .event("admin_request", subject, format!("config: {said}"));
+                return Some(AdminAnswer { code, body });
+            }
+            ("config", _) => {
+                return Some(AdminAnswer {
+                    code: 405,
+                    body: serde_json::json!({"error": "GET or PATCH /admin/config"}),
+                });
+            }
+            (_, "POST") => {}
+            _ => {
+                return Some(AdminAnswer {
+                    code: 405,
+                    body: serde_json::json!({"error": format!("POST /admin/{action}")}),
+                });
+            }
         }
         let Some(cmd) = ModeCommand::parse(action) else {
             self.handle.event(
@@ -133,10 +161,7 @@ impl StateSource for AgentStateSource {
             subject,
             format!("{action}: ok, {} → {}", from.as_str(), to.as_str()),
         );
-        Some(AdminAnswer {
-            ok: true,
-            body: serde_json::json!({"action": action, "from": from, "mode": to}),
-        })
+        ok(serde_json::json!({"action": action, "from": from, "mode": to}))
     }
 
     fn admin_refused(&self, action: &str, status: u16) {

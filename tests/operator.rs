@@ -260,3 +260,146 @@ async fn drain_during_a_running_allocation_loses_nothing_then_disables() -> Resu
     plane.stop().await;
     Ok(())
 }
+
+async fn patch_config(steward: &AgentProc, change: Value) -> Result<(u16, Value)> {
+    let url = format!(
+        "{}/admin/config",
+        steward
+            .monitoring_url
+            .as_deref()
+            .context("monitoring url")?
+    );
+    let resp = reqwest::Client::new()
+        .patch(url)
+        .bearer_auth(TOKEN)
+        .json(&change)
+        .send()
+        .await?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.json().await.unwrap_or(Value::Null)))
+}
+
+/// Waits until the server sees label `key` = `value` on the executor.
+async fn wait_label(plane: &Plane, key: &str, value: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = client::executors(&plane.url).await?;
+        if v[0]["labels"][key] == value {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the server never saw {key}={value}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_change_at_runtime_as_a_whole_and_reload_on_sighup() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = token_file(dir.path())?;
+    let config = dir.path().join("steward.yaml");
+    let write = |rack: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "use_tls: false\nsteward:\n  eviction_memory_available: 999\n  labels:\n    rack: {rack}\n    zone: file\n"
+            ),
+        )
+    };
+    write("r1")?;
+    let plane = Plane::start().await?;
+    // Precedence: flags > environment > file > defaults.
+    let steward = AgentProc::steward_with_env(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &[
+            "--admin-token-file",
+            &file,
+            "--config-path",
+            &config.to_string_lossy(),
+            "-l",
+            "zone=flag",
+        ],
+        &support::path_with_venv(),
+        &[("STEWARD_EVICTION_MEMORY_AVAILABLE", "12345")],
+    )?;
+    plane.wait_executors(1).await?;
+    wait_label(&plane, "rack", "r1").await?;
+    wait_label(&plane, "zone", "flag").await?;
+
+    // An invalid change changes nothing and names the field.
+    let (code, body) = patch_config(
+        &steward,
+        json!({"labels": {"rack": "r9", "os": "x"}, "eviction_memory_available": 5}),
+    )
+    .await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("labels.os")),
+        "{body}"
+    );
+    let (code, body) = patch_config(&steward, json!({"lables": {}})).await?;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"].as_str().is_some_and(|e| e.contains("lables")),
+        "{body}"
+    );
+    let (code, body) = patch_config(&steward, json!({"log_level": "no such=level=x"})).await?;
+    assert_eq!(code, 400, "{body}");
+    let url = format!(
+        "{}/admin/config",
+        steward.monitoring_url.as_deref().unwrap_or_default()
+    );
+    let now: Value = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        now["labels"],
+        json!({"rack": "r1", "zone": "flag"}),
+        "{now}"
+    );
+    assert_eq!(
+        now["eviction_memory_available"], 12345,
+        "the environment beats the file: {now}"
+    );
+
+    // A valid one applies and the server hears it at once.
+    let (code, body) = patch_config(
+        &steward,
+        json!({"labels": {"rack": "r2"}, "log_level": "debug"}),
+    )
+    .await?;
+    assert_eq!((code, &body["log_level"]), (200, &json!("debug")), "{body}");
+    wait_label(&plane, "rack", "r2").await?;
+    // The same through the CLI.
+    let shown = cli(&steward, &["config", "set", "labels.rack=r2b"], &file)?;
+    assert!(shown.contains("r2b"), "{shown}");
+    wait_label(&plane, "rack", "r2b").await?;
+    let shown = cli(&steward, &["config", "get"], &file)?;
+    assert!(shown.contains("\"log_level\": \"debug\""), "{shown}");
+
+    // SIGHUP reloads the file with the same checks.
+    write("r3")?;
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_label(&plane, "rack", "r3").await?;
+    std::fs::write(&config, "steward:\n  labels:\n    \"bad key\": x\n")?;
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    let (_, events) = steward
+        .wait_json("/state/events", Duration::from_secs(30), |_, v| {
+            v.to_string().contains("config_reload_failed")
+        })
+        .await?;
+    assert!(events.to_string().contains("labels.bad key"), "{events}");
+    let v = client::executors(&plane.url).await?;
+    assert_eq!(v[0]["labels"]["rack"], "r3", "a bad file changes nothing");
+    plane.stop().await;
+    Ok(())
+}

@@ -58,8 +58,9 @@ pub trait StateSource: Send + Sync + 'static {
     fn document_names(&self) -> Vec<&'static str>;
     /// `/state/{name}`; `None` when `name` is unknown.
     fn document(&self, name: &str, format: Format) -> Option<Document>;
-    /// An authenticated `/admin/{action}` call; `None` when `action` is unknown.
-    fn admin(&self, _action: &str) -> Option<AdminAnswer> {
+    /// An authenticated `/admin/{action}` call (`method` GET, POST or
+    /// PATCH, with its body); `None` when `action` is unknown.
+    fn admin(&self, _action: &str, _method: &str, _body: &[u8]) -> Option<AdminAnswer> {
         None
     }
     /// An `/admin/{action}` call refused before it reached [`StateSource::admin`]
@@ -70,10 +71,13 @@ pub trait StateSource: Send + Sync + 'static {
 /// What an admin action answers.
 #[derive(Debug, Clone)]
 pub struct AdminAnswer {
-    /// false: the request was understood but refused (409).
-    pub ok: bool,
+    /// The HTTP status: 200, or 400 for a change refused as invalid.
+    pub code: u16,
     pub body: serde_json::Value,
 }
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 << 10;
 
 /// The bearer token `/admin/*` requires.
 #[derive(Clone)]
@@ -162,11 +166,9 @@ pub fn router_with_admin(source: Src, admin: Option<AdminToken>) -> Router {
         let token = Arc::new(token);
         r = r.route(
             "/admin/{action}",
-            axum::routing::post({
-                let token = token.clone();
-                move |state, path, headers| admin_call(state, path, headers, token)
-            })
-            .get(move |state, path, headers| admin_call(state, path, headers, token)),
+            axum::routing::any(move |state, path, method, headers, body| {
+                admin_call(state, path, method, headers, body, token)
+            }),
         );
     }
     r.fallback(not_found)
@@ -177,9 +179,17 @@ pub fn router_with_admin(source: Src, admin: Option<AdminToken>) -> Router {
 async fn admin_call(
     State(src): State<Src>,
     Path(action): Path<String>,
+    method: axum::http::Method,
     headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
     token: Arc<AdminToken>,
 ) -> Response {
+    if !matches!(method.as_str(), "GET" | "POST" | "PATCH") {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({"error": format!("{method} is not allowed on /admin/{action}")}),
+        );
+    }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -204,9 +214,17 @@ async fn admin_call(
         }
         return resp;
     }
-    match src.admin(&action) {
-        Some(AdminAnswer { ok: true, body }) => json(StatusCode::OK, body),
-        Some(AdminAnswer { ok: false, body }) => json(StatusCode::CONFLICT, body),
+    if body.len() > MAX_ADMIN_BODY {
+        return json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            serde_json::json!({"error": format!("an admin request body is at most {MAX_ADMIN_BODY} bytes")}),
+        );
+    }
+    match src.admin(&action, method.as_str(), &body) {
+        Some(AdminAnswer { code, body }) => json(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            body,
+        ),
         None => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no admin action {action:?}")}),

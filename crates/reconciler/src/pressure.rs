@@ -100,10 +100,16 @@ pub(crate) enum Step {
 /// to go if there is pressure. `say_idle` makes a pressure with nothing to
 /// evict an event (the loop says it at most every 30 s).
 pub(crate) fn step(shared: &Shared, source: &dyn MemorySource, say_idle: bool) -> Step {
-    let Some(why) = source
-        .sample()
-        .and_then(|s| shared.config.eviction.pressure(&s))
-    else {
+    let thresholds = {
+        let st = shared.state.lock();
+        Eviction {
+            source: None,
+            memory_available_bytes: st.settings.eviction_memory_available,
+            psi_some_avg10: st.settings.eviction_memory_pressure,
+            interval: shared.config.eviction.interval,
+        }
+    };
+    let Some(why) = source.sample().and_then(|s| thresholds.pressure(&s)) else {
         return Step::Calm;
     };
     let st = shared.state.lock();

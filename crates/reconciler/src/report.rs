@@ -207,7 +207,7 @@ impl HashCache {
 /// the worker states in prost's order, then the worker states.
 fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
     let c = &shared.config;
-    let mut labels = c.labels.clone();
+    let mut labels = st.settings.labels.clone();
     labels.insert("os".into(), std::env::consts::OS.into());
     labels.insert("architecture".into(), std::env::consts::ARCH.into());
     if let Some((major, minor)) = &st.python_version {

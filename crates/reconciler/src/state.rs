@@ -154,6 +154,8 @@ pub(crate) struct State {
     pub status: pb::ExecutorStatus,
     /// What the operator has put the host in.
     pub mode: crate::mode::HostMode,
+    /// Labels and eviction thresholds, changeable at runtime.
+    pub settings: crate::settings::Settings,
     pub last_desired: Option<(Arc<crate::Desired>, SystemTime)>,
     pub last_report: Option<(crate::report::Report, SystemTime)>,
     /// The last reported state's hash, reused while the state is unchanged.
@@ -200,6 +202,11 @@ impl Shared {
         code_cache: steward_blob_store::CodeCache,
         server: tonic::transport::Channel,
     ) -> Arc<Shared> {
+        let settings = crate::settings::Settings {
+            labels: config.labels.clone(),
+            eviction_memory_available: config.eviction.memory_available_bytes,
+            eviction_memory_pressure: config.eviction.psi_some_avg10,
+        };
         Arc::new(Shared {
             config,
             server,
@@ -214,6 +221,7 @@ impl Shared {
                 server_clock: 0,
                 status: pb::ExecutorStatus::Running,
                 mode: crate::mode::HostMode::Active,
+                settings,
                 last_desired: None,
                 last_report: None,
                 hash_cache: Default::default(),
@@ -573,6 +581,36 @@ impl AgentHandle {
             "admitted": held,
             "allocatable": crate::admission::allocatable(&c.function_executor_resources),
         })
+    }
+
+    /// The runtime-changeable settings now.
+    pub fn settings(&self) -> crate::settings::Settings {
+        self.shared.state.lock().settings.clone()
+    }
+
+    /// Applies a settings change as a whole, or nothing; a change is an
+    /// event and reaches the server with the next report, sent at once.
+    pub fn update_settings(
+        &self,
+        patch: &crate::settings::SettingsPatch,
+        by: &str,
+    ) -> Result<crate::settings::Settings, crate::settings::SettingsError> {
+        let (next, changed) = {
+            let mut st = self.shared.state.lock();
+            let next = st.settings.patched(patch)?;
+            let changed = next.changed_from(&st.settings);
+            st.settings = next.clone();
+            (next, changed)
+        };
+        if !changed.is_empty() {
+            self.shared.event(
+                "settings_changed",
+                &self.shared.config.executor_id,
+                format!("{} ({by})", changed.join(", ")),
+            );
+            self.shared.report_now.notify_one();
+        }
+        Ok(next)
     }
 
     /// The host's operator mode.

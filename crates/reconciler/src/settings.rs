@@ -1,0 +1,178 @@
+//! What an operator may change while the agent runs: the executor's labels
+//! and the eviction thresholds. A change is validated as a whole (an
+//! invalid one changes nothing and names the field) and reported to the
+//! server at once (the labels are part of the state hash).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Labels the agent sets itself; an operator's may not override them.
+const RESERVED_LABELS: [&str; 4] = [
+    "os",
+    "architecture",
+    "python_major_version",
+    "python_minor_version",
+];
+const MAX_LABELS: usize = 64;
+
+/// The runtime-changeable settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Settings {
+    pub labels: BTreeMap<String, String>,
+    /// Evict idle workers while available memory is below this (0: never).
+    pub eviction_memory_available: u64,
+    /// Evict idle workers while PSI memory `some avg10` is above this percentage.
+    pub eviction_memory_pressure: Option<f64>,
+}
+
+/// A change; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    pub labels: Option<BTreeMap<String, String>>,
+    pub eviction_memory_available: Option<u64>,
+    /// 0 turns the PSI signal off.
+    pub eviction_memory_pressure: Option<f64>,
+}
+
+/// Why a change was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SettingsError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: impl Into<String>, reason: impl Into<String>) -> SettingsError {
+    SettingsError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), SettingsError> {
+    if labels.len() > MAX_LABELS {
+        return Err(bad("labels", format!("at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in labels {
+        let field = format!("labels.{k}");
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
+        if !key_ok {
+            return Err(bad(field, "a key is 1 to 63 characters of [A-Za-z0-9._/-]"));
+        }
+        if RESERVED_LABELS.contains(&k.as_str()) {
+            return Err(bad(field, "set by the agent itself"));
+        }
+        if v.len() > 256 || v.chars().any(char::is_control) {
+            return Err(bad(
+                field,
+                "a value is at most 256 characters, none a control character",
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// These settings with `patch` applied, or why not (nothing changes).
+    pub fn patched(&self, patch: &SettingsPatch) -> Result<Settings, SettingsError> {
+        let mut next = self.clone();
+        if let Some(labels) = &patch.labels {
+            check_labels(labels)?;
+            next.labels = labels.clone();
+        }
+        if let Some(bytes) = patch.eviction_memory_available {
+            next.eviction_memory_available = bytes;
+        }
+        if let Some(p) = patch.eviction_memory_pressure {
+            if !(p.is_finite() && (0.0..=100.0).contains(&p)) {
+                return Err(bad(
+                    "eviction_memory_pressure",
+                    "a percentage from 0 to 100",
+                ));
+            }
+            next.eviction_memory_pressure = (p > 0.0).then_some(p);
+        }
+        Ok(next)
+    }
+
+    /// The names of the fields that differ from `other`.
+    pub fn changed_from(&self, other: &Settings) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.labels != other.labels {
+            out.push("labels");
+        }
+        if self.eviction_memory_available != other.eviction_memory_available {
+            out.push("eviction_memory_available");
+        }
+        if self.eviction_memory_pressure != other.eviction_memory_pressure {
+            out.push("eviction_memory_pressure");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Settings {
+        Settings {
+            labels: BTreeMap::from([("zone".into(), "a".into())]),
+            eviction_memory_available: 100,
+            eviction_memory_pressure: Some(50.0),
+        }
+    }
+
+    #[test]
+    fn a_valid_patch_applies_and_an_invalid_one_changes_nothing() {
+        let s = base();
+        let p = SettingsPatch {
+            labels: Some(BTreeMap::from([("zone".into(), "b".into())])),
+            eviction_memory_pressure: Some(0.0),
+            ..SettingsPatch::default()
+        };
+        let next = s.patched(&p).expect("valid");
+        assert_eq!(next.labels["zone"], "b");
+        assert_eq!(next.eviction_memory_pressure, None, "0 turns PSI off");
+        assert_eq!(
+            next.changed_from(&s),
+            vec!["labels", "eviction_memory_pressure"]
+        );
+        for (patch, field) in [
+            (
+                SettingsPatch {
+                    labels: Some(BTreeMap::from([("os".into(), "x".into())])),
+                    eviction_memory_available: Some(1),
+                    ..SettingsPatch::default()
+                },
+                "labels.os",
+            ),
+            (
+                SettingsPatch {
+                    labels: Some(BTreeMap::from([("bad key".into(), "x".into())])),
+                    ..SettingsPatch::default()
+                },
+                "labels.bad key",
+            ),
+            (
+                SettingsPatch {
+                    eviction_memory_pressure: Some(150.0),
+                    ..SettingsPatch::default()
+                },
+                "eviction_memory_pressure",
+            ),
+        ] {
+            assert_eq!(
+                s.patched(&patch).map_err(|e| e.field),
+                Err(field.to_string())
+            );
+        }
+        let unknown: Result<SettingsPatch, _> = serde_json::from_str(r#"{"lables": {}}"#);
+        assert!(unknown.is_err_and(|e| e.to_string().contains("lables")));
+    }
+}
