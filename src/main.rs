@@ -367,6 +367,7 @@ fn main() -> Result<()> {
     };
     cli.agent.explicit = [
         "labels",
+        "functions",
         "eviction_memory_available",
         "eviction_memory_pressure",
     ]
@@ -557,16 +558,8 @@ fn parse_allowlist(functions: &[String]) -> Result<Vec<pb::AllowedFunction>> {
     functions
         .iter()
         .map(|f| {
-            let parts: Vec<&str> = f.split(':').collect();
-            if !(3..=4).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-                bail!("function {f:?} is not namespace:application:function[:version]");
-            }
-            Ok(pb::AllowedFunction {
-                namespace: Some(parts[0].into()),
-                application_name: Some(parts[1].into()),
-                function_name: Some(parts[2].into()),
-                application_version: parts.get(3).map(|v| v.to_string()),
-            })
+            steward_reconciler::parse_allowed_function(f)
+                .map_err(|e| anyhow::anyhow!("function {e}"))
         })
         .collect()
 }
@@ -678,6 +671,8 @@ impl FlagSettings {
                     labels.insert(k.clone(), serde_json::json!(v));
                 }
                 o.insert("labels".into(), serde_json::Value::Object(labels));
+            } else if *id == "functions" {
+                o.remove("allowed_functions");
             } else {
                 o.remove(*id);
             }

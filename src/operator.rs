@@ -179,7 +179,8 @@ pub fn render(health: &Value, host: &Value, fes: &Value, allocs: &Value, events:
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
     /// `get`, or `set` followed by `KEY=VALUE` pairs: `labels.NAME=VALUE`
-    /// (an empty value removes the label), `eviction_memory_available=BYTES`,
+    /// (an empty value removes the label), `allowed_functions=ns:app:fn,...`
+    /// (empty: any), `eviction_memory_available=BYTES`,
     /// `eviction_memory_pressure=PERCENT`, `log_level=FILTER`.
     #[arg(num_args = 1..)]
     pub words: Vec<String>,
@@ -222,6 +223,14 @@ pub fn change_from(current: &Value, pairs: &[String]) -> Result<Value> {
             }
             "log_level" => {
                 change.insert(k.into(), Value::from(v));
+            }
+            "allowed_functions" => {
+                let list: Vec<Value> = v
+                    .split(',')
+                    .filter(|f| !f.is_empty())
+                    .map(Value::from)
+                    .collect();
+                change.insert(k.into(), Value::Array(list));
             }
             _ => {
                 let name = k
@@ -302,12 +311,17 @@ mod tests {
                 "labels.rack=r2".into(),
                 "labels.zone=".into(),
                 "eviction_memory_pressure=20".into(),
+                "allowed_functions=a:b:c,d:e:f:2".into(),
             ],
         )
         .expect("valid");
         assert_eq!(
             change,
-            json!({"labels": {"rack": "r2"}, "eviction_memory_pressure": 20.0})
+            json!({
+                "labels": {"rack": "r2"},
+                "eviction_memory_pressure": 20.0,
+                "allowed_functions": ["a:b:c", "d:e:f:2"],
+            })
         );
         assert!(change_from(&current, &["nope=1".into()]).is_err());
         assert!(change_from(&current, &["eviction_memory_available=lots".into()]).is_err());

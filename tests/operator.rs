@@ -386,6 +386,19 @@ async fn settings_change_at_runtime_as_a_whole_and_reload_on_sighup() -> Result<
     let shown = cli(&steward, &["config", "get"], &file)?;
     assert!(shown.contains("\"log_level\": \"debug\""), "{shown}");
 
+    // The allowlist too: the next report carries it.
+    let (code, body) = patch_config(
+        &steward,
+        json!({"allowed_functions": ["default:fake:echo"]}),
+    )
+    .await?;
+    assert_eq!(code, 200, "{body}");
+    steward
+        .wait_json("/state/reported", Duration::from_secs(30), |_, v| {
+            v.to_string().contains(r#""function_name":"echo""#)
+        })
+        .await?;
+
     // SIGHUP reloads the file with the same checks.
     write("r3")?;
     steward.signal(nix::sys::signal::Signal::SIGHUP);

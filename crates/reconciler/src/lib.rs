@@ -42,7 +42,7 @@ pub use metrics::Metrics;
 pub use mode::{HostMode, ModeCommand};
 pub use pressure::{Eviction, MemorySample, MemorySource};
 pub use report::state_hash;
-pub use settings::{Settings, SettingsError, SettingsPatch};
+pub use settings::{Settings, SettingsError, SettingsPatch, parse_allowed_function};
 pub use state::{AgentHandle, Snapshot};
 pub use steward_proto::executor_api_pb as pb;
 pub use steward_proto::function_executor_service as fe_pb;

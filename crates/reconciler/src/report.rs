@@ -221,7 +221,7 @@ fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
         status: Some(st.status as i32),
         total_resources: Some(c.total_resources),
         total_function_executor_resources: Some(c.function_executor_resources),
-        allowed_functions: c.allowed_functions.clone(),
+        allowed_functions: st.settings.allowed_pb(),
         function_executor_states: Vec::new(),
         labels,
         state_hash: None,

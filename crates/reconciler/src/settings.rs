@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pb;
+
 /// Labels the agent sets itself; an operator's may not override them.
 const RESERVED_LABELS: [&str; 4] = [
     "os",
@@ -15,11 +17,15 @@ const RESERVED_LABELS: [&str; 4] = [
     "python_minor_version",
 ];
 const MAX_LABELS: usize = 64;
+const MAX_ALLOWED_FUNCTIONS: usize = 1000;
 
 /// The runtime-changeable settings.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
     pub labels: BTreeMap<String, String>,
+    /// Functions this host runs, `namespace:application:function[:version]`
+    /// (reported to the server, which places only these here); empty: any.
+    pub allowed_functions: Vec<String>,
     /// Evict idle workers while available memory is below this (0: never).
     pub eviction_memory_available: u64,
     /// Evict idle workers while PSI memory `some avg10` is above this percentage.
@@ -31,6 +37,7 @@ pub struct Settings {
 #[serde(deny_unknown_fields)]
 pub struct SettingsPatch {
     pub labels: Option<BTreeMap<String, String>>,
+    pub allowed_functions: Option<Vec<String>>,
     pub eviction_memory_available: Option<u64>,
     /// 0 turns the PSI signal off.
     pub eviction_memory_pressure: Option<f64>,
@@ -77,10 +84,61 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), SettingsError> 
     Ok(())
 }
 
+/// `namespace:application:function[:version]` as the server's message.
+pub fn parse_allowed_function(f: &str) -> Result<pb::AllowedFunction, String> {
+    let parts: Vec<&str> = f.split(':').collect();
+    if f.len() > 512 || !(3..=4).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!(
+            "{f:?} is not namespace:application:function[:version]"
+        ));
+    }
+    Ok(pb::AllowedFunction {
+        namespace: Some(parts[0].into()),
+        application_name: Some(parts[1].into()),
+        function_name: Some(parts[2].into()),
+        application_version: parts.get(3).map(|v| v.to_string()),
+    })
+}
+
+/// The operator's form of an allowed function.
+pub fn allowed_function_text(f: &pb::AllowedFunction) -> String {
+    let mut text = format!(
+        "{}:{}:{}",
+        f.namespace.as_deref().unwrap_or(""),
+        f.application_name.as_deref().unwrap_or(""),
+        f.function_name.as_deref().unwrap_or("")
+    );
+    if let Some(v) = &f.application_version {
+        text.push(':');
+        text.push_str(v);
+    }
+    text
+}
+
 impl Settings {
+    /// The allowlist as the server's messages (checked when set).
+    pub fn allowed_pb(&self) -> Vec<pb::AllowedFunction> {
+        self.allowed_functions
+            .iter()
+            .filter_map(|f| parse_allowed_function(f).ok())
+            .collect()
+    }
+
     /// These settings with `patch` applied, or why not (nothing changes).
     pub fn patched(&self, patch: &SettingsPatch) -> Result<Settings, SettingsError> {
         let mut next = self.clone();
+        if let Some(list) = &patch.allowed_functions {
+            if list.len() > MAX_ALLOWED_FUNCTIONS {
+                return Err(bad(
+                    "allowed_functions",
+                    format!("at most {MAX_ALLOWED_FUNCTIONS}"),
+                ));
+            }
+            for (i, f) in list.iter().enumerate() {
+                parse_allowed_function(f).map_err(|e| bad(format!("allowed_functions[{i}]"), e))?;
+            }
+            next.allowed_functions = list.clone();
+        }
         if let Some(labels) = &patch.labels {
             check_labels(labels)?;
             next.labels = labels.clone();
@@ -106,6 +164,9 @@ impl Settings {
         if self.labels != other.labels {
             out.push("labels");
         }
+        if self.allowed_functions != other.allowed_functions {
+            out.push("allowed_functions");
+        }
         if self.eviction_memory_available != other.eviction_memory_available {
             out.push("eviction_memory_available");
         }
@@ -123,6 +184,7 @@ mod tests {
     fn base() -> Settings {
         Settings {
             labels: BTreeMap::from([("zone".into(), "a".into())]),
+            allowed_functions: Vec::new(),
             eviction_memory_available: 100,
             eviction_memory_pressure: Some(50.0),
         }
@@ -166,6 +228,13 @@ mod tests {
                 },
                 "eviction_memory_pressure",
             ),
+            (
+                SettingsPatch {
+                    allowed_functions: Some(vec!["ns:app:f".into(), "ns::f".into()]),
+                    ..SettingsPatch::default()
+                },
+                "allowed_functions[1]",
+            ),
         ] {
             assert_eq!(
                 s.patched(&patch).map_err(|e| e.field),
@@ -175,4 +244,15 @@ mod tests {
         let unknown: Result<SettingsPatch, _> = serde_json::from_str(r#"{"lables": {}}"#);
         assert!(unknown.is_err_and(|e| e.to_string().contains("lables")));
     }
+}
+
+#[test]
+fn allowed_functions_round_trip() {
+    let f = parse_allowed_function("ns:app:fn:3").expect("valid");
+    assert_eq!(allowed_function_text(&f), "ns:app:fn:3");
+    assert_eq!(
+        parse_allowed_function("ns:app:fn").map(|f| f.application_version),
+        Ok(None)
+    );
+    assert!(parse_allowed_function("ns:app").is_err());
 }

@@ -204,6 +204,11 @@ impl Shared {
     ) -> Arc<Shared> {
         let settings = crate::settings::Settings {
             labels: config.labels.clone(),
+            allowed_functions: config
+                .allowed_functions
+                .iter()
+                .map(crate::settings::allowed_function_text)
+                .collect(),
             eviction_memory_available: config.eviction.memory_available_bytes,
             eviction_memory_pressure: config.eviction.psi_some_avg10,
         };
