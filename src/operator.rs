@@ -180,7 +180,8 @@ pub fn render(health: &Value, host: &Value, fes: &Value, allocs: &Value, events:
 pub struct ConfigArgs {
     /// `get`, or `set` followed by `KEY=VALUE` pairs: `labels.NAME=VALUE`
     /// (an empty value removes the label), `allowed_functions=ns:app:fn,...`
-    /// (empty: any), `eviction_memory_available=BYTES`,
+    /// (empty: any), `reserved.cpus|memory_bytes|disk_bytes=N`,
+    /// `eviction_memory_available=BYTES`,
     /// `eviction_memory_pressure=PERCENT`, `log_level=FILTER`.
     #[arg(num_args = 1..)]
     pub words: Vec<String>,
@@ -223,6 +224,16 @@ pub fn change_from(current: &Value, pairs: &[String]) -> Result<Value> {
             }
             "log_level" => {
                 change.insert(k.into(), Value::from(v));
+            }
+            "reserved.cpus" | "reserved.memory_bytes" | "reserved.disk_bytes" => {
+                let n: u64 = v.parse().with_context(|| format!("{k}: a number"))?;
+                let field = k.trim_start_matches("reserved.");
+                let reserved = change
+                    .entry("reserved")
+                    .or_insert_with(|| Value::Object(serde_json::Map::new()));
+                if let Some(r) = reserved.as_object_mut() {
+                    r.insert(field.into(), Value::from(n));
+                }
             }
             "allowed_functions" => {
                 let list: Vec<Value> = v

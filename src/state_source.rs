@@ -99,7 +99,24 @@ impl StateSource for AgentStateSource {
             ("host", _) => {
                 let mut doc = self.host.document();
                 if let Some(o) = doc.as_object_mut() {
-                    o.insert("workers".into(), self.handle.workers_document());
+                    let workers = self.handle.workers_document();
+                    // Reserved CPU, memory and disk can change at runtime.
+                    let r = self.handle.settings().reserved;
+                    if let Some(res) = o.get_mut("reserved").and_then(|v| v.as_object_mut()) {
+                        res.insert("cpu_count".into(), r.cpus.into());
+                        res.insert("memory_bytes".into(), r.memory_bytes.into());
+                        res.insert("disk_bytes".into(), r.disk_bytes.into());
+                    }
+                    if let Some(a) = o.get_mut("allocatable").and_then(|v| v.as_object_mut()) {
+                        let now = &workers["allocatable"];
+                        a.insert(
+                            "cpu_count".into(),
+                            (now["cpu_ms_per_sec"].as_u64().unwrap_or(0) / 1000).into(),
+                        );
+                        a.insert("memory_bytes".into(), now["memory_bytes"].clone());
+                        a.insert("disk_bytes".into(), now["disk_bytes"].clone());
+                    }
+                    o.insert("workers".into(), workers);
                     o.insert("mode".into(), serde_json::json!(self.handle.mode()));
                 }
                 Some(Document::Json(doc))

@@ -399,6 +399,29 @@ async fn settings_change_at_runtime_as_a_whole_and_reload_on_sighup() -> Result<
         })
         .await?;
 
+    // Reserved resources: what the server is told workers may hold shrinks
+    // at once; reserving more than the host has is refused.
+    let shown = cli(
+        &steward,
+        &["config", "set", "reserved.memory_bytes=1073741824"],
+        &file,
+    )?;
+    assert!(shown.contains("1073741824"), "{shown}");
+    let allocatable = (64u64 << 30) - (1 << 30);
+    steward
+        .wait_json("/state/reported", Duration::from_secs(30), |_, v| {
+            v.to_string().contains(&allocatable.to_string())
+        })
+        .await?;
+    let (code, body) = patch_config(&steward, json!({"reserved": {"cpus": 1000}})).await?;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("reserved.cpus")),
+        "{body}"
+    );
+
     // SIGHUP reloads the file with the same checks.
     write("r3")?;
     steward.signal(nix::sys::signal::Signal::SIGHUP);

@@ -31,14 +31,13 @@ struct Verdicts {
     allocations: Vec<Option<Result<(), Rejection>>>,
 }
 
-fn fe_verdict(shared: &Shared, d: &pb::FunctionExecutorDescription) -> Result<(), Rejection> {
-    validate_function_executor(d).and_then(|()| {
-        admit_function_executor(
-            d,
-            &shared.config.function_executor_resources,
-            &shared.config.blob_store,
-        )
-    })
+fn fe_verdict(
+    shared: &Shared,
+    allocatable: &pb::HostResources,
+    d: &pb::FunctionExecutorDescription,
+) -> Result<(), Rejection> {
+    validate_function_executor(d)
+        .and_then(|()| admit_function_executor(d, allocatable, &shared.config.blob_store))
 }
 
 fn allocation_verdict(shared: &Shared, a: &pb::Allocation) -> Result<(), Rejection> {
@@ -46,9 +45,10 @@ fn allocation_verdict(shared: &Shared, a: &pb::Allocation) -> Result<(), Rejecti
 }
 
 fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
-    let (new_fes, new_allocations): (Vec<bool>, Vec<bool>) = {
+    let (allocatable, new_fes, new_allocations): (pb::HostResources, Vec<bool>, Vec<bool>) = {
         let st = shared.state.lock();
         (
+            crate::state::allocatable_in(&shared.config, &st),
             desired
                 .function_executors
                 .iter()
@@ -69,7 +69,7 @@ fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
             .function_executors
             .iter()
             .zip(new_fes)
-            .map(|(d, new)| new.then(|| fe_verdict(shared, d)))
+            .map(|(d, new)| new.then(|| fe_verdict(shared, &allocatable, d)))
             .collect(),
         allocations: desired
             .allocations
@@ -86,6 +86,7 @@ fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
 fn admit(
     shared: &Shared,
     fes: &std::collections::BTreeMap<String, FeEntry>,
+    allocatable: &pb::HostResources,
     d: &pb::FunctionExecutorDescription,
 ) -> (FeEntry, Option<admission::Refusal>) {
     let defaults = &shared.config.worker_defaults;
@@ -95,7 +96,7 @@ fn admit(
         .filter(|f| f.holds_resources())
         .filter_map(|f| f.claim)
         .fold(admission::Claim::default(), admission::Claim::plus);
-    let allocatable = admission::allocatable(&shared.config.function_executor_resources);
+    let allocatable = admission::allocatable(allocatable);
     let verdict = admission::admit(&eff.claim, &held, &allocatable);
     let mut entry = FeEntry::new(d.clone(), "pending: accepted from desired state");
     entry.defaulted = eff.defaulted;
@@ -188,6 +189,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
             .set(desired.allocations.len() as i64);
 
         // 1. Function executors.
+        let allocatable = crate::state::allocatable_in(&shared.config, &st);
         let mut wanted: HashSet<&str> = HashSet::new();
         for (i, d) in desired.function_executors.iter().enumerate() {
             let id = d.id.as_deref().unwrap_or("");
@@ -200,10 +202,10 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
             // Gone since the precheck (its controller ended): checked here.
             let verdict = verdicts.fes[i]
                 .take()
-                .unwrap_or_else(|| fe_verdict(shared, d));
+                .unwrap_or_else(|| fe_verdict(shared, &allocatable, d));
             match verdict {
                 Ok(()) => {
-                    let (entry, mut refusal) = admit(shared, &st.fes, d);
+                    let (entry, mut refusal) = admit(shared, &st.fes, &allocatable, d);
                     if st.mode != crate::mode::HostMode::Active {
                         refusal = Some(admission::Refusal {
                             resource: "host_mode",

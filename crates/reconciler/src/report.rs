@@ -220,7 +220,7 @@ fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
         version: Some(c.version.clone()),
         status: Some(st.status as i32),
         total_resources: Some(c.total_resources),
-        total_function_executor_resources: Some(c.function_executor_resources),
+        total_function_executor_resources: Some(crate::state::allocatable_in(c, st)),
         allowed_functions: st.settings.allowed_pb(),
         function_executor_states: Vec::new(),
         labels,

@@ -26,10 +26,30 @@ pub struct Settings {
     /// Functions this host runs, `namespace:application:function[:version]`
     /// (reported to the server, which places only these here); empty: any.
     pub allowed_functions: Vec<String>,
+    /// What workers never get (GPUs are reserved by flag only: they are
+    /// pinned by index at start).
+    pub reserved: Reserved,
     /// Evict idle workers while available memory is below this (0: never).
     pub eviction_memory_available: u64,
     /// Evict idle workers while PSI memory `some avg10` is above this percentage.
     pub eviction_memory_pressure: Option<f64>,
+}
+
+/// CPU, memory and disk kept back from workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Reserved {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// A change of [`Reserved`]; absent fields stay.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservedPatch {
+    pub cpus: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub disk_bytes: Option<u64>,
 }
 
 /// A change; absent fields stay as they are.
@@ -38,6 +58,7 @@ pub struct Settings {
 pub struct SettingsPatch {
     pub labels: Option<BTreeMap<String, String>>,
     pub allowed_functions: Option<Vec<String>>,
+    pub reserved: Option<ReservedPatch>,
     pub eviction_memory_available: Option<u64>,
     /// 0 turns the PSI signal off.
     pub eviction_memory_pressure: Option<f64>,
@@ -124,9 +145,73 @@ impl Settings {
             .collect()
     }
 
-    /// These settings with `patch` applied, or why not (nothing changes).
-    pub fn patched(&self, patch: &SettingsPatch) -> Result<Settings, SettingsError> {
+    /// What workers may hold: `total` less what is reserved; the GPUs are
+    /// `gpu` (fixed at start).
+    pub fn allocatable(
+        &self,
+        total: &pb::HostResources,
+        gpu: Option<pb::GpuResources>,
+    ) -> pb::HostResources {
+        pb::HostResources {
+            cpu_count: Some(
+                total
+                    .cpu_count
+                    .unwrap_or(0)
+                    .saturating_sub(self.reserved.cpus),
+            ),
+            memory_bytes: Some(
+                total
+                    .memory_bytes
+                    .unwrap_or(0)
+                    .saturating_sub(self.reserved.memory_bytes),
+            ),
+            disk_bytes: Some(
+                total
+                    .disk_bytes
+                    .unwrap_or(0)
+                    .saturating_sub(self.reserved.disk_bytes),
+            ),
+            gpu,
+        }
+    }
+
+    /// These settings with `patch` applied, or why not (nothing changes);
+    /// `total` bounds what may be reserved.
+    pub fn patched(
+        &self,
+        patch: &SettingsPatch,
+        total: &pb::HostResources,
+    ) -> Result<Settings, SettingsError> {
         let mut next = self.clone();
+        if let Some(r) = &patch.reserved {
+            let checks: [(&str, Option<u64>, u64); 3] = [
+                (
+                    "reserved.cpus",
+                    r.cpus.map(u64::from),
+                    u64::from(total.cpu_count.unwrap_or(0)),
+                ),
+                (
+                    "reserved.memory_bytes",
+                    r.memory_bytes,
+                    total.memory_bytes.unwrap_or(0),
+                ),
+                (
+                    "reserved.disk_bytes",
+                    r.disk_bytes,
+                    total.disk_bytes.unwrap_or(0),
+                ),
+            ];
+            for (field, want, have) in checks {
+                if want.is_some_and(|w| w > have) {
+                    return Err(bad(field, format!("more than the host has ({have})")));
+                }
+            }
+            next.reserved = Reserved {
+                cpus: r.cpus.unwrap_or(self.reserved.cpus),
+                memory_bytes: r.memory_bytes.unwrap_or(self.reserved.memory_bytes),
+                disk_bytes: r.disk_bytes.unwrap_or(self.reserved.disk_bytes),
+            };
+        }
         if let Some(list) = &patch.allowed_functions {
             if list.len() > MAX_ALLOWED_FUNCTIONS {
                 return Err(bad(
@@ -167,6 +252,9 @@ impl Settings {
         if self.allowed_functions != other.allowed_functions {
             out.push("allowed_functions");
         }
+        if self.reserved != other.reserved {
+            out.push("reserved");
+        }
         if self.eviction_memory_available != other.eviction_memory_available {
             out.push("eviction_memory_available");
         }
@@ -181,10 +269,50 @@ impl Settings {
 mod tests {
     use super::*;
 
+    fn total() -> pb::HostResources {
+        pb::HostResources {
+            cpu_count: Some(8),
+            memory_bytes: Some(1000),
+            disk_bytes: Some(1000),
+            gpu: None,
+        }
+    }
+
+    #[test]
+    fn reserving_changes_allocatable_within_what_the_host_has() {
+        let s = base();
+        let p = SettingsPatch {
+            reserved: Some(ReservedPatch {
+                cpus: Some(2),
+                memory_bytes: Some(100),
+                disk_bytes: None,
+            }),
+            ..SettingsPatch::default()
+        };
+        let next = s.patched(&p, &total()).expect("valid");
+        let a = next.allocatable(&total(), None);
+        assert_eq!(
+            (a.cpu_count, a.memory_bytes, a.disk_bytes),
+            (Some(6), Some(900), Some(1000))
+        );
+        let too_much = SettingsPatch {
+            reserved: Some(ReservedPatch {
+                cpus: Some(9),
+                ..ReservedPatch::default()
+            }),
+            ..SettingsPatch::default()
+        };
+        assert_eq!(
+            s.patched(&too_much, &total()).map_err(|e| e.field),
+            Err("reserved.cpus".to_string())
+        );
+    }
+
     fn base() -> Settings {
         Settings {
             labels: BTreeMap::from([("zone".into(), "a".into())]),
             allowed_functions: Vec::new(),
+            reserved: Reserved::default(),
             eviction_memory_available: 100,
             eviction_memory_pressure: Some(50.0),
         }
@@ -198,7 +326,7 @@ mod tests {
             eviction_memory_pressure: Some(0.0),
             ..SettingsPatch::default()
         };
-        let next = s.patched(&p).expect("valid");
+        let next = s.patched(&p, &total()).expect("valid");
         assert_eq!(next.labels["zone"], "b");
         assert_eq!(next.eviction_memory_pressure, None, "0 turns PSI off");
         assert_eq!(
@@ -237,7 +365,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                s.patched(&patch).map_err(|e| e.field),
+                s.patched(&patch, &total()).map_err(|e| e.field),
                 Err(field.to_string())
             );
         }

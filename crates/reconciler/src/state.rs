@@ -196,6 +196,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// What workers may hold now (the reserved part can change at runtime).
+    pub fn allocatable(&self) -> pb::HostResources {
+        let st = self.state.lock();
+        allocatable_in(&self.config, &st)
+    }
+
     pub fn new(
         config: AgentConfig,
         metrics: Arc<Metrics>,
@@ -209,6 +215,23 @@ impl Shared {
                 .iter()
                 .map(crate::settings::allowed_function_text)
                 .collect(),
+            reserved: crate::settings::Reserved {
+                cpus: config
+                    .total_resources
+                    .cpu_count
+                    .unwrap_or(0)
+                    .saturating_sub(config.function_executor_resources.cpu_count.unwrap_or(0)),
+                memory_bytes: config
+                    .total_resources
+                    .memory_bytes
+                    .unwrap_or(0)
+                    .saturating_sub(config.function_executor_resources.memory_bytes.unwrap_or(0)),
+                disk_bytes: config
+                    .total_resources
+                    .disk_bytes
+                    .unwrap_or(0)
+                    .saturating_sub(config.function_executor_resources.disk_bytes.unwrap_or(0)),
+            },
             eviction_memory_available: config.eviction.memory_available_bytes,
             eviction_memory_pressure: config.eviction.psi_some_avg10,
         };
@@ -584,7 +607,7 @@ impl AgentHandle {
                 "psi_some_avg10_percent": c.eviction.psi_some_avg10,
             },
             "admitted": held,
-            "allocatable": crate::admission::allocatable(&c.function_executor_resources),
+            "allocatable": crate::admission::allocatable(&self.shared.allocatable()),
         })
     }
 
@@ -602,7 +625,9 @@ impl AgentHandle {
     ) -> Result<crate::settings::Settings, crate::settings::SettingsError> {
         let (next, changed) = {
             let mut st = self.shared.state.lock();
-            let next = st.settings.patched(patch)?;
+            let next = st
+                .settings
+                .patched(patch, &self.shared.config.total_resources)?;
             let changed = next.changed_from(&st.settings);
             st.settings = next.clone();
             (next, changed)
@@ -641,4 +666,12 @@ impl AgentHandle {
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
+}
+
+/// What workers may hold, for a caller that holds the state lock.
+pub(crate) fn allocatable_in(config: &AgentConfig, st: &State) -> pb::HostResources {
+    st.settings.allocatable(
+        &config.total_resources,
+        config.function_executor_resources.gpu,
+    )
 }
