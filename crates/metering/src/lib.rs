@@ -1,0 +1,19 @@
+//! Metering: what each allocation and each worker used, as records in a
+//! crash-safe, append-only usage ledger in the data directory.
+//!
+//! The ledger (`ledger.rs`) writes each record as one checksummed frame
+//! and fsyncs it before `append` returns, so a record the caller was told
+//! is written survives a crash. Opening a ledger recovers it: a torn or
+//! corrupt tail is cut off at the last whole frame, and the ids already
+//! recorded are known, so appending the same allocation again after a
+//! restart is a no-op, never a second count. Segments rotate by size and
+//! the oldest go when the total passes its bound.
+//!
+//! Must not know about: gRPC, protobuf, workers, cgroups (usage arrives
+//! as numbers), HTTP.
+
+mod ledger;
+mod record;
+
+pub use ledger::{Ledger, LedgerConfig, LedgerError, Recovery};
+pub use record::{RecordKind, UsageRecord, decode_frame, encode_frame};
