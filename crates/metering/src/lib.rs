@@ -9,16 +9,19 @@
 //! restart is a no-op, never a second count. Segments rotate by size and
 //! the oldest go when the total passes its bound.
 //!
-//! The price card (`price.rs`) turns a record into a cost in integer
+//! The meter (`meter.rs`) shares a worker's sampled usage among the
+//! allocations running on it (equally) and its idle time. The price card (`price.rs`) turns a record into a cost in integer
 //! minor units.
 //!
 //! Must not know about: gRPC, protobuf, workers, cgroups (usage arrives
 //! as numbers), HTTP.
 
 mod ledger;
+mod meter;
 mod price;
 mod record;
 
 pub use ledger::{Ledger, LedgerConfig, LedgerError, Recovery};
+pub use meter::{Accrued, Meter, Sample};
 pub use price::{PriceCard, PriceCardError};
 pub use record::{RecordKind, UsageRecord, decode_frame, encode_frame};

@@ -1,0 +1,205 @@
+//! Turning a worker's sampled usage into usage per allocation and per idle
+//! stretch of the worker.
+//!
+//! The rule for concurrent allocations: between two samples of a worker,
+//! the CPU time it used, the integral of its memory and its GPU time are
+//! split equally among the allocations running on it for the whole
+//! interval; a worker with none running puts them on its idle segment.
+//! Each allocation's wall time is its own. An allocation that starts or
+//! ends between samples joins or leaves at the next sample (the sampler
+//! samples at each start and end, so the error is one interval at most).
+
+use std::collections::{BTreeMap, HashMap};
+
+/// One reading of a worker's cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub at_ms: u64,
+    /// Cumulative CPU time of the worker, µs.
+    pub cpu_usec: u64,
+    pub memory_bytes: u64,
+}
+
+/// Usage accumulated for one allocation or idle segment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accrued {
+    pub started_ms: u64,
+    pub cpu_core_us: u64,
+    /// Memory integral in MB·ms (MB = 10^6 bytes).
+    pub memory_mb_ms: u64,
+    pub peak_memory_bytes: u64,
+    /// GPU time by model, ms.
+    pub gpu_ms: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default)]
+struct WorkerMeter {
+    gpu_models: Vec<String>,
+    last: Option<Sample>,
+    running: BTreeMap<String, Accrued>,
+    idle: Accrued,
+}
+
+/// The usage of every live worker and its allocations.
+#[derive(Debug, Default)]
+pub struct Meter {
+    workers: HashMap<String, WorkerMeter>,
+}
+
+fn share(total: u128, parts: u128) -> u64 {
+    u64::try_from(total / parts.max(1)).unwrap_or(u64::MAX)
+}
+
+impl WorkerMeter {
+    fn apply(&mut self, s: Sample) {
+        let Some(prev) = self.last.replace(s) else {
+            return;
+        };
+        let dt = u128::from(s.at_ms.saturating_sub(prev.at_ms));
+        let dcpu = u128::from(s.cpu_usec.saturating_sub(prev.cpu_usec));
+        // Trapezoid: the mean of the two readings over the interval.
+        let mem_mb_ms =
+            (u128::from(prev.memory_bytes) + u128::from(s.memory_bytes)) * dt / 2 / 1_000_000;
+        let k = self.running.len() as u128;
+        let models = self.gpu_models.clone();
+        let give = |a: &mut Accrued, parts: u128| {
+            a.cpu_core_us = a.cpu_core_us.saturating_add(share(dcpu, parts));
+            a.memory_mb_ms = a.memory_mb_ms.saturating_add(share(mem_mb_ms, parts));
+            a.peak_memory_bytes = a.peak_memory_bytes.max(s.memory_bytes);
+            for m in &models {
+                let e = a.gpu_ms.entry(m.clone()).or_default();
+                *e = e.saturating_add(share(dt, parts));
+            }
+        };
+        if k == 0 {
+            give(&mut self.idle, 1);
+        } else {
+            for a in self.running.values_mut() {
+                give(a, k);
+            }
+        }
+    }
+}
+
+impl Meter {
+    /// A worker started at `first` (its first reading), holding GPUs of these models.
+    pub fn worker_started(&mut self, fe_id: &str, gpu_models: Vec<String>, first: Sample) {
+        self.workers.insert(
+            fe_id.to_string(),
+            WorkerMeter {
+                gpu_models,
+                last: Some(first),
+                running: BTreeMap::new(),
+                idle: Accrued {
+                    started_ms: first.at_ms,
+                    ..Accrued::default()
+                },
+            },
+        );
+    }
+
+    /// A reading of the worker: the interval since the last is shared out.
+    pub fn sample(&mut self, fe_id: &str, s: Sample) {
+        if let Some(w) = self.workers.get_mut(fe_id) {
+            w.apply(s);
+        }
+    }
+
+    /// An allocation starts on the worker (after the reading `at`).
+    pub fn allocation_started(&mut self, fe_id: &str, alloc_id: &str, at: Sample) {
+        let Some(w) = self.workers.get_mut(fe_id) else {
+            return;
+        };
+        w.apply(at);
+        w.running.insert(
+            alloc_id.to_string(),
+            Accrued {
+                started_ms: at.at_ms,
+                ..Accrued::default()
+            },
+        );
+    }
+
+    /// An allocation ended (at the reading `at`): what it used.
+    pub fn allocation_finished(
+        &mut self,
+        fe_id: &str,
+        alloc_id: &str,
+        at: Sample,
+    ) -> Option<Accrued> {
+        let w = self.workers.get_mut(fe_id)?;
+        w.apply(at);
+        w.running.remove(alloc_id)
+    }
+
+    /// The worker ended: its idle segment (allocations still running get
+    /// nothing more; their ends are reported by whoever fails them).
+    pub fn worker_stopped(&mut self, fe_id: &str, last: Option<Sample>) -> Option<Accrued> {
+        let mut w = self.workers.remove(fe_id)?;
+        if let Some(s) = last {
+            w.apply(s);
+        }
+        Some(w.idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(at_ms: u64, cpu_usec: u64, memory_bytes: u64) -> Sample {
+        Sample {
+            at_ms,
+            cpu_usec,
+            memory_bytes,
+        }
+    }
+
+    #[test]
+    fn concurrent_allocations_split_the_worker_equally_and_idle_time_is_apart() {
+        let mut m = Meter::default();
+        m.worker_started("w", vec!["H100".into()], s(0, 0, 100_000_000));
+        // Idle for 1 s using 0.1 core-s.
+        m.allocation_started("w", "a", s(1_000, 100_000, 100_000_000));
+        // a alone for 1 s: 1 core-s, 200 MB average.
+        m.allocation_started("w", "b", s(2_000, 1_100_000, 300_000_000));
+        // a and b together for 2 s: 2 core-s shared.
+        let a = m
+            .allocation_finished("w", "a", s(4_000, 3_100_000, 300_000_000))
+            .expect("a");
+        let b = m
+            .allocation_finished("w", "b", s(5_000, 3_600_000, 100_000_000))
+            .expect("b");
+        let idle = m
+            .worker_stopped("w", Some(s(6_000, 3_700_000, 100_000_000)))
+            .expect("idle");
+        assert_eq!(a.cpu_core_us, 1_000_000 + 1_000_000);
+        assert_eq!(b.cpu_core_us, 1_000_000 + 500_000);
+        assert_eq!(idle.cpu_core_us, 100_000 + 100_000);
+        // Memory: a gets 200 MB·1 s + half of 300 MB·2 s.
+        assert_eq!(a.memory_mb_ms, 200_000 + 300_000);
+        assert_eq!(b.memory_mb_ms, 300_000 + 200_000);
+        assert_eq!(a.gpu_ms["H100"], 1_000 + 1_000);
+        assert_eq!(b.gpu_ms["H100"], 1_000 + 1_000);
+        assert_eq!(idle.gpu_ms["H100"], 2_000);
+        assert_eq!(
+            (a.peak_memory_bytes, b.peak_memory_bytes),
+            (300_000_000, 300_000_000)
+        );
+        // Nothing is lost or made up: the parts add up to the whole.
+        assert_eq!(a.cpu_core_us + b.cpu_core_us + idle.cpu_core_us, 3_700_000);
+    }
+
+    #[test]
+    fn counters_going_backwards_or_unknown_workers_do_not_panic() {
+        let mut m = Meter::default();
+        m.sample("nobody", s(1, 1, 1));
+        assert!(m.allocation_finished("nobody", "x", s(1, 1, 1)).is_none());
+        m.worker_started("w", Vec::new(), s(10, 500, 1));
+        m.allocation_started("w", "a", s(5, 100, u64::MAX));
+        let a = m
+            .allocation_finished("w", "a", s(20, u64::MAX, u64::MAX))
+            .expect("a");
+        assert!(a.cpu_core_us > 0);
+    }
+}
