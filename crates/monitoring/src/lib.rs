@@ -258,8 +258,21 @@ async fn health(State(src): State<Src>) -> Response {
     probe(src.health(), &[("checker", "StewardHealthChecker")])
 }
 
+/// Runs `f` on the blocking pool: rendering metrics and documents reads
+/// the agent's state and its workers' cgroup files, which must not hold up
+/// the agent's runtime thread (one thread by default) while it works.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
+}
+
 async fn metrics(State(src): State<Src>) -> Response {
-    let mut resp = src.metrics().into_response();
+    let Some(text) = off_runtime(move || src.metrics()).await else {
+        return json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": "rendering the metrics failed"}),
+        );
+    };
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(OPENMETRICS_CONTENT_TYPE),
@@ -296,7 +309,13 @@ async fn state_document(
             );
         }
     };
-    match src.document(&name, format) {
+    let doc = {
+        let (src, name) = (src.clone(), name.clone());
+        off_runtime(move || src.document(&name, format))
+            .await
+            .flatten()
+    };
+    match doc {
         Some(Document::Json(v)) => json(StatusCode::OK, v),
         Some(Document::Text(t)) => t.into_response(),
         None => json(
