@@ -8,6 +8,7 @@ mod host;
 mod init;
 mod operator;
 mod state_source;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,8 @@ enum Command {
     Drain(operator::AgentClientArgs),
     /// Show (`get`) or change (`set KEY=VALUE...`) a running agent's labels, eviction thresholds, log level.
     Config(operator::ConfigArgs),
+    /// The usage ledger: `usage export --since --until --format csv|jsonl`.
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Args, Debug)]
@@ -419,6 +422,7 @@ async fn async_main(cli: Cli) -> Result<()> {
         Some(Command::Unpause(args)) => operator::action(&args, "unpause").await,
         Some(Command::Drain(args)) => operator::action(&args, "drain").await,
         Some(Command::Config(args)) => operator::config(&args).await,
+        Some(Command::Usage(args)) => usage::run(args),
         None => {
             init_logging(cli.agent.verbose);
             run_agent(cli.agent).await

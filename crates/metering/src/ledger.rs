@@ -106,6 +106,38 @@ fn scan(bytes: &[u8]) -> (Vec<UsageRecord>, usize, u64) {
     (records, end, skipped)
 }
 
+/// Every intact record in the ledger at `dir`, oldest first (each id once),
+/// read without changing anything: safe while an agent appends (a frame
+/// being written is simply not intact yet).
+pub fn read_records(dir: &Path) -> Result<Vec<UsageRecord>, LedgerError> {
+    let mut seqs: Vec<u64> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .filter_map(|e| segment_seq(&e.file_name().to_string_lossy()))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    seqs.sort_unstable();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for seq in seqs {
+        let path = segment_path(dir, seq);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            // Rotated away meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&path)(e)),
+        };
+        for r in scan(&bytes).0 {
+            if seen.insert(r.id.clone()) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Ledger {
     /// Opens (or creates) the ledger and recovers it.
     pub fn open(config: LedgerConfig) -> Result<(Ledger, Recovery), LedgerError> {

@@ -21,7 +21,7 @@ mod meter;
 mod price;
 mod record;
 
-pub use ledger::{Ledger, LedgerConfig, LedgerError, Recovery};
+pub use ledger::{Ledger, LedgerConfig, LedgerError, Recovery, read_records};
 pub use meter::{Accrued, Meter, Sample};
 pub use price::{PriceCard, PriceCardError};
 pub use record::{RecordKind, UsageRecord, decode_frame, encode_frame};
