@@ -14,18 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use steward_devserver::FunctionOptions;
-use support::{AgentProc, Plane};
-
-async fn fake_setup(options: FunctionOptions, extra: &[&str]) -> Result<(Plane, AgentProc)> {
-    let plane = Plane::start().await?;
-    plane.deploy_fake(options).await?;
-    let bin = support::fake_worker();
-    let mut args = vec!["--function-executor-bin", bin.to_str().unwrap_or_default()];
-    args.extend_from_slice(extra);
-    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
-    plane.wait_executors(1).await?;
-    Ok((plane, steward))
-}
+use support::{AgentProc, Plane, fake_setup};
 
 /// The parent cgroup directories Steward reports, or `None` (with the
 /// reason printed) where it runs without cgroups.

@@ -12,20 +12,9 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 use steward_devserver::FunctionOptions;
-use support::{AgentProc, Plane, alive};
+use support::{AgentProc, Plane, alive, fake_setup};
 
 const FAST_HEALTH: [&str; 2] = ["--function-executor-health-check-interval-ms", "200"];
-
-async fn fake_setup(options: FunctionOptions, extra: &[&str]) -> Result<(Plane, AgentProc)> {
-    let plane = Plane::start().await?;
-    plane.deploy_fake(options).await?;
-    let bin = support::fake_worker();
-    let mut args = vec!["--function-executor-bin", bin.to_str().unwrap_or_default()];
-    args.extend_from_slice(extra);
-    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
-    plane.wait_executors(1).await?;
-    Ok((plane, steward))
-}
 
 /// Worker pids Steward knows about right now.
 async fn worker_pids(steward: &AgentProc) -> Result<Vec<u32>> {

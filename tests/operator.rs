@@ -24,16 +24,10 @@ fn token_file(dir: &Path) -> Result<String> {
 }
 
 async fn setup(token: Option<&str>) -> Result<(Plane, AgentProc)> {
-    let plane = Plane::start().await?;
-    plane.deploy_fake(FunctionOptions::default()).await?;
-    let bin = support::fake_worker();
-    let mut args = vec!["--function-executor-bin", bin.to_str().unwrap_or_default()];
-    if let Some(t) = token {
-        args.extend(["--admin-token-file", t]);
-    }
-    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
-    plane.wait_executors(1).await?;
-    Ok((plane, steward))
+    let extra: Vec<&str> = token
+        .map(|t| vec!["--admin-token-file", t])
+        .unwrap_or_default();
+    support::fake_setup(FunctionOptions::default(), &extra).await
 }
 
 async fn admin(steward: &AgentProc, action: &str, token: Option<&str>) -> Result<(u16, Value)> {

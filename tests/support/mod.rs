@@ -361,6 +361,19 @@ impl Plane {
     }
 }
 
+/// A plane with `examples/fake` deployed and a registered Steward running
+/// the fake worker, with `extra` arguments.
+pub async fn fake_setup(options: FunctionOptions, extra: &[&str]) -> Result<(Plane, AgentProc)> {
+    let plane = Plane::start().await?;
+    plane.deploy_fake(options).await?;
+    let bin = fake_worker();
+    let mut args = vec!["--function-executor-bin", bin.to_str().unwrap_or_default()];
+    args.extend_from_slice(extra);
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
+    plane.wait_executors(1).await?;
+    Ok((plane, steward))
+}
+
 /// An agent process (Steward or the reference executor), killed on drop.
 pub struct AgentProc {
     pub child: Child,

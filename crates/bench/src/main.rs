@@ -531,16 +531,7 @@ async fn cgroups(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
         for (on, label) in order {
             for worker in [Worker::Real, Worker::Fake] {
                 let plane = Plane::start().await?;
-                let (dir, app, function, input, wlabel) = match worker {
-                    Worker::Real => (
-                        "examples/hello",
-                        "hello",
-                        "greet",
-                        json!("bench"),
-                        "real worker",
-                    ),
-                    Worker::Fake => ("examples/fake", "fake", "noop", json!("x"), "fake worker"),
-                };
+                let (dir, app, function, input, wlabel) = worker.hello_app();
                 plane
                     .deploy(env, dir, app, &FunctionOptions::default())
                     .await?;
@@ -574,18 +565,33 @@ async fn cgroups(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+impl Worker {
+    /// The app, function and input a scenario runs on this worker, and its label.
+    fn hello_app(
+        self,
+    ) -> (
+        &'static str,
+        &'static str,
+        &'static str,
+        Value,
+        &'static str,
+    ) {
+        match self {
+            Worker::Real => (
+                "examples/hello",
+                "hello",
+                "greet",
+                json!("bench"),
+                "real worker",
+            ),
+            Worker::Fake => ("examples/fake", "fake", "noop", json!("x"), "fake worker"),
+        }
+    }
+}
+
 async fn latency(env: &Env, agent: Agent, worker: Worker, n: usize, t: &mut Table) -> Result<()> {
     let plane = Plane::start().await?;
-    let (dir, app, function, input, label) = match worker {
-        Worker::Real => (
-            "examples/hello",
-            "hello",
-            "greet",
-            json!("bench"),
-            "real worker",
-        ),
-        Worker::Fake => ("examples/fake", "fake", "noop", json!("x"), "fake worker"),
-    };
+    let (dir, app, function, input, label) = worker.hello_app();
     plane
         .deploy(env, dir, app, &FunctionOptions::default())
         .await?;

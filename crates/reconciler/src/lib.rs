@@ -4,12 +4,17 @@
 //! change), applies each desired state it streams back (function executors
 //! first, then allocations), runs one controller per function executor
 //! (spawn, initialize, health-check, run allocations, terminate), and keeps
-//! every allocation result until a report carrying it has succeeded.
+//! every allocation result until a report carrying it has succeeded. It
+//! also admits workers against the allocatable resources, evicts idle ones
+//! under memory pressure, and keeps the operator's mode and runtime
+//! settings.
 //!
 //! Entry points: [`Agent::start`], [`AgentConfig`], [`AgentHandle`].
-//! Must not know about: HTTP serving, how host capacity is measured (it is
-//! given [`pb::HostResources`] and a [`GpuPool`]), how blobs are stored
-//! beyond the `steward-blob-store` API.
+//! Must not know about: HTTP serving, how host capacity and memory are
+//! measured (it is given [`pb::HostResources`], a [`GpuPool`] and a
+//! [`MemorySource`]), how workers are started and confined (a
+//! `steward-worker-driver` `WorkerDriver`), how blobs are stored beyond the
+//! `steward-blob-store` API.
 
 mod admission;
 mod desired;

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fe::FeCommand;
 use crate::pb;
-use crate::state::{AllocPhase, Shared, State};
+use crate::state::{Shared, State};
 
 /// The host's memory at one moment.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,11 +75,7 @@ pub(crate) fn candidates(st: &State) -> Vec<String> {
         .filter(|(_, f)| {
             f.status == pb::FunctionExecutorStatus::Running && f.tx.is_some() && !f.removing
         })
-        .filter(|(id, _)| {
-            !st.allocations
-                .values()
-                .any(|a| &a.fe_id == *id && a.phase != AllocPhase::Finished)
-        })
+        .filter(|(id, _)| !st.busy(id))
         .map(|(id, f)| (f.last_used, id))
         .collect();
     idle.sort();
@@ -171,7 +167,7 @@ pub(crate) async fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocEntry, FeEntry};
+    use crate::state::{AllocEntry, AllocPhase, FeEntry};
     use parking_lot::Mutex;
 
     struct FakeMemory(Mutex<MemorySample>);

@@ -81,21 +81,16 @@ fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
 }
 
 /// The entry of a new worker and, where it does not fit next to the
-/// workers already admitted, why (its controller then fails its startup
+/// workers already admitted (holding `held`), why (its controller then fails its startup
 /// with that message).
 fn admit(
     shared: &Shared,
-    fes: &std::collections::BTreeMap<String, FeEntry>,
+    held: admission::Claim,
     allocatable: &pb::HostResources,
     d: &pb::FunctionExecutorDescription,
 ) -> (FeEntry, Option<admission::Refusal>) {
     let defaults = &shared.config.worker_defaults;
     let eff = admission::effective(d, defaults);
-    let held = fes
-        .values()
-        .filter(|f| f.holds_resources())
-        .filter_map(|f| f.claim)
-        .fold(admission::Claim::default(), admission::Claim::plus);
     let allocatable = admission::allocatable(allocatable);
     let verdict = admission::admit(&eff.claim, &held, &allocatable);
     let mut entry = FeEntry::new(d.clone(), "pending: accepted from desired state");
@@ -205,7 +200,7 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
                 .unwrap_or_else(|| fe_verdict(shared, &allocatable, d));
             match verdict {
                 Ok(()) => {
-                    let (entry, mut refusal) = admit(shared, &st.fes, &allocatable, d);
+                    let (entry, mut refusal) = admit(shared, st.admitted(), &allocatable, d);
                     if st.mode != crate::mode::HostMode::Active {
                         refusal = Some(admission::Refusal {
                             resource: "host_mode",

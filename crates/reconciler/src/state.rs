@@ -541,15 +541,7 @@ impl AgentHandle {
     pub fn refresh_worker_metrics(&self) {
         let (held, monitors) = {
             let st = self.shared.state.lock();
-            let held = st
-                .fes
-                .values()
-                .filter(|f| f.holds_resources())
-                .filter_map(|f| f.claim)
-                .fold(
-                    crate::admission::Claim::default(),
-                    crate::admission::Claim::plus,
-                );
+            let held = st.admitted();
             let monitors: Vec<_> = st.fes.values().filter_map(|f| f.monitor.clone()).collect();
             (held, monitors)
         };
@@ -581,18 +573,7 @@ impl AgentHandle {
     /// eviction thresholds, and admitted against allocatable resources.
     pub fn workers_document(&self) -> serde_json::Value {
         let c = &self.shared.config;
-        let held = self
-            .shared
-            .state
-            .lock()
-            .fes
-            .values()
-            .filter(|f| f.holds_resources())
-            .filter_map(|f| f.claim)
-            .fold(
-                crate::admission::Claim::default(),
-                crate::admission::Claim::plus,
-            );
+        let held = self.shared.state.lock().admitted();
         serde_json::json!({
             "driver": c.driver.name(),
             "limits": c.driver.enforcement(),
@@ -674,4 +655,25 @@ pub(crate) fn allocatable_in(config: &AgentConfig, st: &State) -> pb::HostResour
         &config.total_resources,
         config.function_executor_resources.gpu,
     )
+}
+
+impl State {
+    /// What the admitted, not-terminated workers hold together.
+    pub(crate) fn admitted(&self) -> crate::admission::Claim {
+        self.fes
+            .values()
+            .filter(|f| f.holds_resources())
+            .filter_map(|f| f.claim)
+            .fold(
+                crate::admission::Claim::default(),
+                crate::admission::Claim::plus,
+            )
+    }
+
+    /// Whether worker `fe_id` has an allocation queued or running.
+    pub(crate) fn busy(&self, fe_id: &str) -> bool {
+        self.allocations
+            .values()
+            .any(|a| a.fe_id == fe_id && a.phase != AllocPhase::Finished)
+    }
 }

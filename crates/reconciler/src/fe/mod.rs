@@ -456,12 +456,7 @@ impl Controller {
         }
         // An allocation the reconciler already accepted for this worker
         // may still be on its way here: then it is not idle.
-        let busy = {
-            let st = self.shared.state.lock();
-            st.allocations
-                .values()
-                .any(|a| a.fe_id == self.id && a.phase != AllocPhase::Finished)
-        };
+        let busy = self.shared.state.lock().busy(&self.id);
         if busy {
             return;
         }
