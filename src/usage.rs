@@ -165,6 +165,8 @@ mod tests {
             peak_memory_bytes: 1,
             gpu_ms: vec![("H100".into(), i)],
             cost_minor: Some(i as i64),
+            outcome: "success".into(),
+            ran: true,
         }
     }
 

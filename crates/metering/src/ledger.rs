@@ -1,7 +1,7 @@
 //! The usage ledger: segment files `usage-<seq>.log` of frames (see
 //! `record.rs`) in one directory.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,7 +21,7 @@ impl LedgerConfig {
     pub fn new(dir: PathBuf) -> LedgerConfig {
         LedgerConfig {
             dir,
-            segment_bytes: 64 << 20,
+            segment_bytes: 16 << 20,
             max_total_bytes: 1 << 30,
         }
     }
@@ -54,12 +54,63 @@ pub struct Recovery {
     pub skipped_bytes: u64,
 }
 
+/// How many of the newest record ids the ledger remembers to refuse a
+/// second record for the same id (an allocation recorded just before a
+/// crash and finished again after it). Bounded, so a year of records does
+/// not live in memory.
+pub const ID_WINDOW: usize = 1 << 16;
+
+/// The newest ids, oldest first, with a set for lookups.
+#[derive(Default)]
+struct IdWindow {
+    order: VecDeque<String>,
+    set: HashSet<String>,
+}
+
+impl IdWindow {
+    fn contains(&self, id: &str) -> bool {
+        self.set.contains(id)
+    }
+    /// `false` when already present.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() >= ID_WINDOW
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(id.to_string());
+        self.set.insert(id.to_string());
+        true
+    }
+}
+
+/// A place in the ledger: a segment and a byte offset in it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
 pub struct Ledger {
     config: LedgerConfig,
     /// (sequence, length) of every segment, oldest first; the last is open.
     segments: Vec<(u64, u64)>,
     current: File,
-    ids: HashSet<String>,
+    ids: IdWindow,
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -74,54 +125,62 @@ fn segment_seq(name: &str) -> Option<u64> {
 }
 
 /// The intact frames of `bytes`, resynchronizing on the next frame start
-/// after damage: (records, where the last intact frame ends, bytes skipped).
+/// after damage: (records, where the last intact frame ends, bytes skipped
+/// between intact frames).
 fn scan(bytes: &[u8]) -> (Vec<UsageRecord>, usize, u64) {
     let mut records = Vec::new();
-    let mut at = 0;
-    let mut end = 0;
-    let mut skipped = 0u64;
-    while at < bytes.len() {
-        if let Some((record, len)) = decode_frame(&bytes[at..]) {
-            records.push(record);
-            at += len;
-            end = at;
-            continue;
-        }
-        // Damage: look for the next frame start.
-        let next = bytes[at + 1..]
-            .windows(MAGIC.len())
-            .position(|w| w == MAGIC)
-            .map(|p| at + 1 + p);
-        match next {
-            Some(n) => {
-                skipped += (n - at) as u64;
-                at = n;
-            }
-            None => break,
-        }
+    let (mut end, mut skipped) = (0usize, 0u64);
+    for (r, start, stop) in scan_with_ends(bytes) {
+        skipped += (start - end) as u64;
+        end = stop;
+        records.push(r);
     }
-    // Damage between intact frames was skipped; what follows the last one
-    // is the torn tail.
-    let skipped = skipped.saturating_sub((bytes.len().saturating_sub(end)) as u64);
     (records, end, skipped)
 }
 
-/// Every intact record in the ledger at `dir`, oldest first (each id once),
-/// read without changing anything: safe while an agent appends (a frame
-/// being written is simply not intact yet).
-pub fn read_records(dir: &Path) -> Result<Vec<UsageRecord>, LedgerError> {
+/// The intact frames of `bytes` with where each starts and ends; damage
+/// is skipped up to the next frame start.
+fn scan_with_ends(bytes: &[u8]) -> Vec<(UsageRecord, usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        if let Some((record, len)) = decode_frame(&bytes[at..]) {
+            out.push((record, at, at + len));
+            at += len;
+            continue;
+        }
+        match bytes[at + 1..]
+            .windows(MAGIC.len())
+            .position(|w| w == MAGIC)
+        {
+            Some(p) => at += 1 + p,
+            None => break,
+        }
+    }
+    out
+}
+
+/// Calls `f` with every intact record in the ledger at `dir` from `from`
+/// on (the whole ledger with `None`), oldest first, with the position
+/// after it; one segment is in memory at a time. It only reads: safe while
+/// an agent appends (a frame being written is simply not intact yet). The
+/// writer never writes an id twice, so nothing is counted twice here.
+pub fn for_each_record(
+    dir: &Path,
+    from: Option<Position>,
+    mut f: impl FnMut(UsageRecord, Position),
+) -> Result<(), LedgerError> {
     let mut seqs: Vec<u64> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .flatten()
             .filter_map(|e| segment_seq(&e.file_name().to_string_lossy()))
             .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(dir)(e)),
     };
     seqs.sort_unstable();
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    for seq in seqs {
+    let from = from.unwrap_or_default();
+    for seq in seqs.into_iter().filter(|s| *s >= from.segment) {
         let path = segment_path(dir, seq);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -129,12 +188,31 @@ pub fn read_records(dir: &Path) -> Result<Vec<UsageRecord>, LedgerError> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io(&path)(e)),
         };
-        for r in scan(&bytes).0 {
-            if seen.insert(r.id.clone()) {
-                out.push(r);
-            }
+        let skip = if seq == from.segment {
+            usize::try_from(from.offset)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len())
+        } else {
+            0
+        };
+        for (r, _, end) in scan_with_ends(&bytes[skip..]) {
+            let offset = (skip + end) as u64;
+            f(
+                r,
+                Position {
+                    segment: seq,
+                    offset,
+                },
+            );
         }
     }
+    Ok(())
+}
+
+/// Every intact record in the ledger at `dir`, oldest first.
+pub fn read_records(dir: &Path) -> Result<Vec<UsageRecord>, LedgerError> {
+    let mut out = Vec::new();
+    for_each_record(dir, None, |r, _| out.push(r))?;
     Ok(out)
 }
 
@@ -150,7 +228,7 @@ impl Ledger {
             .collect();
         seqs.sort_unstable();
         let mut recovery = Recovery::default();
-        let mut ids = HashSet::new();
+        let mut ids = IdWindow::default();
         let mut segments = Vec::new();
         let newest = seqs.last().copied();
         for seq in seqs {
@@ -159,7 +237,7 @@ impl Ledger {
             let (records, end, skipped) = scan(&bytes);
             recovery.skipped_bytes += skipped;
             for r in records {
-                if ids.insert(r.id.clone()) {
+                if ids.insert(&r.id) {
                     recovery.records += 1;
                 }
             }
@@ -207,24 +285,55 @@ impl Ledger {
     /// Appends `record` and fsyncs it; `false` (and nothing written) when
     /// its id is already recorded.
     pub fn append(&mut self, record: &UsageRecord) -> Result<bool, LedgerError> {
-        if self.ids.contains(&record.id) {
-            return Ok(false);
+        Ok(self.append_batch(std::slice::from_ref(record))? == 1)
+    }
+
+    /// Appends the records whose ids are not yet recorded, then fsyncs
+    /// once (a group commit): every one is durable when this returns `Ok`.
+    /// Returns how many were written.
+    pub fn append_batch(&mut self, records: &[UsageRecord]) -> Result<usize, LedgerError> {
+        let mut written = 0;
+        for record in records {
+            if self.ids.contains(&record.id) {
+                continue;
+            }
+            let frame = encode_frame(record);
+            let (seq, len) = self.segments[self.segments.len() - 1];
+            if len > 0 && len + frame.len() as u64 > self.config.segment_bytes {
+                self.sync()?;
+                self.rotate(seq + 1)?;
+            }
+            let path = self.current_path();
+            self.current.write_all(&frame).map_err(io(&path))?;
+            if let Some(last) = self.segments.last_mut() {
+                last.1 += frame.len() as u64;
+            }
+            self.ids.insert(&record.id);
+            written += 1;
         }
-        let frame = encode_frame(record);
-        let (seq, len) = self.segments[self.segments.len() - 1];
-        if len > 0 && len + frame.len() as u64 > self.config.segment_bytes {
-            self.rotate(seq + 1)?;
+        if written > 0 {
+            self.sync()?;
+            self.enforce_bound();
         }
-        let (seq, _) = self.segments[self.segments.len() - 1];
-        let path = segment_path(&self.config.dir, seq);
-        self.current.write_all(&frame).map_err(io(&path))?;
-        self.current.sync_data().map_err(io(&path))?;
-        if let Some(last) = self.segments.last_mut() {
-            last.1 += frame.len() as u64;
-        }
-        self.ids.insert(record.id.clone());
-        self.enforce_bound();
-        Ok(true)
+        Ok(written)
+    }
+
+    fn current_path(&self) -> PathBuf {
+        segment_path(&self.config.dir, self.segments[self.segments.len() - 1].0)
+    }
+
+    fn sync(&self) -> Result<(), LedgerError> {
+        self.current.sync_data().map_err(io(&self.current_path()))
+    }
+
+    /// Where the next record will be written.
+    pub fn position(&self) -> Position {
+        let (segment, offset) = self.segments[self.segments.len() - 1];
+        Position { segment, offset }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.config.dir
     }
 
     fn rotate(&mut self, seq: u64) -> Result<(), LedgerError> {
@@ -255,20 +364,9 @@ impl Ledger {
         }
     }
 
-    /// Every record, oldest first (each id once).
+    /// Every record, oldest first.
     pub fn records(&self) -> Result<Vec<UsageRecord>, LedgerError> {
-        let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        for (seq, _) in &self.segments {
-            let path = segment_path(&self.config.dir, *seq);
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
-            for r in scan(&bytes).0 {
-                if seen.insert(r.id.clone()) {
-                    out.push(r);
-                }
-            }
-        }
-        Ok(out)
+        read_records(&self.config.dir)
     }
 }
 

@@ -16,12 +16,23 @@
 //! Must not know about: gRPC, protobuf, workers, cgroups (usage arrives
 //! as numbers), HTTP.
 
+mod activity;
 mod ledger;
 mod meter;
 mod price;
 mod record;
+mod recorder;
+mod summary;
 
-pub use ledger::{Ledger, LedgerConfig, LedgerError, Recovery, read_records};
+pub use activity::{DAYS as ACTIVITY_DAYS, Day};
+pub use ledger::{
+    ID_WINDOW, Ledger, LedgerConfig, LedgerError, Position, Recovery, for_each_record, read_records,
+};
 pub use meter::{Accrued, Meter, Sample};
 pub use price::{PriceCard, PriceCardError};
 pub use record::{RecordKind, UsageRecord, decode_frame, encode_frame};
+pub use recorder::{
+    FinishedAllocation, Probe, Reading, Recorder, RecorderConfig, RecorderStatus, Release,
+    WorkerInfo,
+};
+pub use summary::{GroupBy, Summary, Totals, in_range, summarize};

@@ -40,10 +40,17 @@ struct WorkerMeter {
     idle: Accrued,
 }
 
+/// At most this many allocations of stopped workers wait for their ends.
+const MAX_ORPHANS: usize = 4096;
+
 /// The usage of every live worker and its allocations.
 #[derive(Debug, Default)]
 pub struct Meter {
     workers: HashMap<String, WorkerMeter>,
+    /// Allocations still running when their worker stopped: what they used
+    /// until then, for their end (reported after the worker is gone).
+    orphans: HashMap<String, Accrued>,
+    orphan_order: std::collections::VecDeque<String>,
 }
 
 fn share(total: u128, parts: u128) -> u64 {
@@ -120,26 +127,70 @@ impl Meter {
         );
     }
 
-    /// An allocation ended (at the reading `at`): what it used.
+    /// An allocation ended (at the reading `at`, if its worker could still
+    /// be read): what it used.
     pub fn allocation_finished(
         &mut self,
         fe_id: &str,
         alloc_id: &str,
-        at: Sample,
+        at: Option<Sample>,
     ) -> Option<Accrued> {
+        if let Some(a) = self.orphans.remove(alloc_id) {
+            self.orphan_order.retain(|o| o != alloc_id);
+            return Some(a);
+        }
         let w = self.workers.get_mut(fe_id)?;
-        w.apply(at);
+        if let Some(at) = at {
+            w.apply(at);
+        }
         w.running.remove(alloc_id)
     }
 
-    /// The worker ended: its idle segment (allocations still running get
-    /// nothing more; their ends are reported by whoever fails them).
+    /// Whether the worker is metered.
+    pub fn knows(&self, fe_id: &str) -> bool {
+        self.workers.contains_key(fe_id)
+    }
+
+    /// Closes the worker's idle segment at the reading `at` and opens the
+    /// next one: the closed one, for a record (long-lived workers are
+    /// recorded in pieces, so a crash loses at most one piece).
+    pub fn cut_idle(&mut self, fe_id: &str, at: Sample) -> Option<Accrued> {
+        let w = self.workers.get_mut(fe_id)?;
+        w.apply(at);
+        let next = Accrued {
+            started_ms: at.at_ms,
+            ..Accrued::default()
+        };
+        Some(std::mem::replace(&mut w.idle, next))
+    }
+
+    /// When the worker's open idle segment started.
+    pub fn idle_since(&self, fe_id: &str) -> Option<u64> {
+        Some(self.workers.get(fe_id)?.idle.started_ms)
+    }
+
+    /// The worker ended: its idle segment. Allocations still running keep
+    /// what they used so far until their ends are reported.
     pub fn worker_stopped(&mut self, fe_id: &str, last: Option<Sample>) -> Option<Accrued> {
         let mut w = self.workers.remove(fe_id)?;
         if let Some(s) = last {
             w.apply(s);
         }
+        for (id, a) in std::mem::take(&mut w.running) {
+            if self.orphan_order.len() >= MAX_ORPHANS
+                && let Some(old) = self.orphan_order.pop_front()
+            {
+                self.orphans.remove(&old);
+            }
+            self.orphan_order.push_back(id.clone());
+            self.orphans.insert(id, a);
+        }
         Some(w.idle)
+    }
+
+    /// The workers metered now.
+    pub fn workers(&self) -> impl Iterator<Item = &str> {
+        self.workers.keys().map(String::as_str)
     }
 }
 
@@ -165,10 +216,10 @@ mod tests {
         m.allocation_started("w", "b", s(2_000, 1_100_000, 300_000_000));
         // a and b together for 2 s: 2 core-s shared.
         let a = m
-            .allocation_finished("w", "a", s(4_000, 3_100_000, 300_000_000))
+            .allocation_finished("w", "a", Some(s(4_000, 3_100_000, 300_000_000)))
             .expect("a");
         let b = m
-            .allocation_finished("w", "b", s(5_000, 3_600_000, 100_000_000))
+            .allocation_finished("w", "b", Some(s(5_000, 3_600_000, 100_000_000)))
             .expect("b");
         let idle = m
             .worker_stopped("w", Some(s(6_000, 3_700_000, 100_000_000)))
@@ -194,12 +245,36 @@ mod tests {
     fn counters_going_backwards_or_unknown_workers_do_not_panic() {
         let mut m = Meter::default();
         m.sample("nobody", s(1, 1, 1));
-        assert!(m.allocation_finished("nobody", "x", s(1, 1, 1)).is_none());
+        assert!(
+            m.allocation_finished("nobody", "x", Some(s(1, 1, 1)))
+                .is_none()
+        );
         m.worker_started("w", Vec::new(), s(10, 500, 1));
         m.allocation_started("w", "a", s(5, 100, u64::MAX));
         let a = m
-            .allocation_finished("w", "a", s(20, u64::MAX, u64::MAX))
+            .allocation_finished("w", "a", Some(s(20, u64::MAX, u64::MAX)))
             .expect("a");
         assert!(a.cpu_core_us > 0);
+    }
+
+    #[test]
+    fn an_allocation_ended_after_its_worker_keeps_what_it_used() {
+        let mut m = Meter::default();
+        m.worker_started("w", Vec::new(), s(0, 0, 0));
+        m.allocation_started("w", "a", s(0, 0, 0));
+        m.worker_stopped("w", Some(s(1_000, 700_000, 0)));
+        let a = m.allocation_finished("w", "a", None).expect("orphan");
+        assert_eq!(a.cpu_core_us, 700_000);
+        assert!(m.allocation_finished("w", "a", None).is_none(), "once");
+    }
+
+    #[test]
+    fn idle_segments_are_cut_without_losing_time() {
+        let mut m = Meter::default();
+        m.worker_started("w", Vec::new(), s(0, 0, 0));
+        let first = m.cut_idle("w", s(1_000, 10, 0)).expect("cut");
+        let second = m.worker_stopped("w", Some(s(2_500, 25, 0))).expect("rest");
+        assert_eq!((first.started_ms, first.cpu_core_us), (0, 10));
+        assert_eq!((second.started_ms, second.cpu_core_us), (1_000, 15));
     }
 }

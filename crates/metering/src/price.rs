@@ -75,7 +75,7 @@ impl PriceCard {
     /// What `r` costs, in 10^-scale currency units (saturating).
     pub fn cost(&self, r: &UsageRecord) -> i64 {
         let mut total: u128 = 0;
-        if r.kind == RecordKind::Allocation {
+        if r.kind == RecordKind::Allocation && r.ran {
             total += u128::from(self.per_task);
         }
         total += term(self.per_cpu_core_second, r.cpu_core_us, 1_000_000);
@@ -124,6 +124,8 @@ GPU_MODEL_NVIDIA_H100_80GB = 1000
                 ("unpriced".into(), 9_000),
             ],
             cost_minor: None,
+            outcome: "success".into(),
+            ran: true,
         }
     }
 

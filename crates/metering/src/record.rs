@@ -42,6 +42,14 @@ pub struct UsageRecord {
     pub gpu_ms: Vec<(String, u64)>,
     /// Cost in the price card's minor units (`None` without a price card).
     pub cost_minor: Option<i64>,
+    /// How an allocation ended: "success", or "failure:<reason>" (empty
+    /// for a worker segment).
+    #[serde(default)]
+    pub outcome: String,
+    /// Whether the allocation ran on a worker (one failed before it
+    /// started used nothing and is not charged the task price).
+    #[serde(default)]
+    pub ran: bool,
 }
 
 impl UsageRecord {

@@ -16,6 +16,7 @@
 pub mod cgroup;
 mod leftovers;
 mod process;
+mod procfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -78,11 +79,27 @@ pub struct Exit {
     pub oom: Option<String>,
 }
 
+/// CPU time and memory of a worker at one moment: what metering samples
+/// (two reads, cheaper than a whole [`WorkerUsage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reading {
+    /// CPU time used since the worker started, in µs.
+    pub cpu_usec: u64,
+    pub memory_bytes: u64,
+}
+
 /// Observes a worker; shareable with whoever shows or meters it.
 pub trait WorkerMonitor: Send + Sync {
-    /// Current usage; `None` where the worker has no cgroup (limits not
-    /// enforced) or it is gone.
+    /// Current usage, from the worker's cgroup or, without one, from
+    /// `/proc` (the worker's main process only); `None` once it is gone.
     fn usage(&self) -> Option<WorkerUsage>;
+    /// CPU time and memory now; `None` once the worker is gone.
+    fn reading(&self) -> Option<Reading> {
+        self.usage().map(|u| Reading {
+            cpu_usec: u.cpu_usec,
+            memory_bytes: u.memory_current_bytes,
+        })
+    }
     /// The limits enforced on the worker; `None` where none are.
     fn limits(&self) -> Option<Limits>;
 }

@@ -19,8 +19,8 @@ use tokio::process::{Child, Command};
 use crate::cgroup::{CgroupSetup, WorkerCgroup};
 use crate::leftovers::{self, Leftover, signal_group};
 use crate::{
-    DriverError, Enforcement, Exit, Limits, Worker, WorkerDriver, WorkerMonitor, WorkerSpec,
-    WorkerUsage,
+    DriverError, Enforcement, Exit, Limits, Reading, Worker, WorkerDriver, WorkerMonitor,
+    WorkerSpec, WorkerUsage,
 };
 
 pub struct ProcessDriverConfig {
@@ -113,7 +113,7 @@ impl WorkerDriver for ProcessDriver {
                 address,
                 log_path: spec.log_path,
                 _port: port,
-                monitor: Arc::new(CgroupMonitor(cgroup)),
+                monitor: Arc::new(CgroupMonitor { cgroup, pid }),
                 records_dir,
                 id: spec.id,
                 exit: None,
@@ -240,15 +240,35 @@ fn spawn_confined(
     }
 }
 
-/// Usage and limits of a worker with a cgroup (or nothing without one).
-struct CgroupMonitor(Option<Arc<WorkerCgroup>>);
+/// Usage and limits of a worker from its cgroup, or, without one, usage
+/// of its main process from `/proc` (no limits).
+struct CgroupMonitor {
+    cgroup: Option<Arc<WorkerCgroup>>,
+    pid: u32,
+}
 
 impl WorkerMonitor for CgroupMonitor {
     fn usage(&self) -> Option<WorkerUsage> {
-        self.0.as_ref()?.usage()
+        match &self.cgroup {
+            Some(cg) => cg.usage(),
+            None => {
+                let r = crate::procfs::reading(self.pid)?;
+                Some(WorkerUsage {
+                    cpu_usec: r.cpu_usec,
+                    memory_current_bytes: r.memory_bytes,
+                    ..WorkerUsage::default()
+                })
+            }
+        }
+    }
+    fn reading(&self) -> Option<Reading> {
+        match &self.cgroup {
+            Some(cg) => cg.reading(),
+            None => crate::procfs::reading(self.pid),
+        }
     }
     fn limits(&self) -> Option<Limits> {
-        Some(self.0.as_ref()?.limits())
+        Some(self.cgroup.as_ref()?.limits())
     }
 }
 
@@ -270,7 +290,7 @@ struct ProcessWorker {
 
 impl ProcessWorker {
     fn cgroup(&self) -> Option<Arc<WorkerCgroup>> {
-        self.monitor.0.clone()
+        self.monitor.cgroup.clone()
     }
 
     /// The exit as reported: an OOM kill counted by the worker's cgroup makes it OOM.

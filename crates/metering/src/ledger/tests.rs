@@ -22,6 +22,8 @@ fn record(i: u64) -> UsageRecord {
         peak_memory_bytes: 1 << 20,
         gpu_ms: vec![("H100".into(), i)],
         cost_minor: Some(i as i64),
+        outcome: "success".into(),
+        ran: true,
     }
 }
 

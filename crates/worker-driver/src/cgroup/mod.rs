@@ -635,6 +635,28 @@ impl WorkerCgroup {
         })
     }
 
+    /// CPU time and memory only (two reads), for metering.
+    pub fn reading(&self) -> Option<crate::Reading> {
+        let num = |c: &str, f: &str| self.read(c, f).as_deref().and_then(files::single);
+        let (cpu_usec, memory_bytes) = match self.version {
+            CgroupVersion::V2 => (
+                self.read("cpu", "cpu.stat")
+                    .as_deref()
+                    .and_then(|s| files::keyed(s, "usage_usec"))
+                    .unwrap_or(0),
+                num("memory", "memory.current")?,
+            ),
+            CgroupVersion::V1 => (
+                num("cpuacct", "cpuacct.usage").map_or(0, |ns| ns / 1000),
+                num("memory", "memory.usage_in_bytes")?,
+            ),
+        };
+        Some(crate::Reading {
+            cpu_usec,
+            memory_bytes,
+        })
+    }
+
     /// Every process in the cgroup (union over hierarchies).
     pub fn procs(&self) -> Vec<i32> {
         let mut all: Vec<i32> = self
