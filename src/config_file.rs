@@ -93,12 +93,20 @@ fn parse(text: &str) -> Result<Option<ServerTls>> {
 /// The log filter last applied at runtime (for `GET /admin/config`).
 static LOG_LEVEL: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
-/// The settings an operator can change, with the log filter, as JSON.
-pub fn settings_document(handle: &steward_reconciler::AgentHandle) -> serde_json::Value {
+/// The settings an operator can change, with the log filter and the price
+/// card, as JSON.
+pub fn settings_document(
+    handle: &steward_reconciler::AgentHandle,
+    metering: Option<&steward_metering::Recorder>,
+) -> serde_json::Value {
     let mut v = serde_json::to_value(handle.settings()).unwrap_or_default();
     let level = LOG_LEVEL.lock().ok().and_then(|l| l.clone());
     if let Some(o) = v.as_object_mut() {
         o.insert("log_level".into(), serde_json::json!(level));
+        o.insert(
+            "price_card".into(),
+            serde_json::json!(metering.and_then(|m| m.price_card())),
+        );
     }
     v
 }
@@ -108,12 +116,20 @@ pub fn settings_document(handle: &steward_reconciler::AgentHandle) -> serde_json
 /// checked before anything changes; an error names the field.
 pub fn apply_settings(
     handle: &steward_reconciler::AgentHandle,
+    metering: Option<&steward_metering::Recorder>,
     change: serde_json::Value,
     by: &str,
 ) -> Result<serde_json::Value, String> {
     let serde_json::Value::Object(mut fields) = change else {
         return Err("the change must be a JSON object".into());
     };
+    let card = match fields.remove("price_card") {
+        None => None,
+        Some(v) => Some(crate::metering::parse_price_card(&v)?),
+    };
+    if card.is_some() && metering.is_none() {
+        return Err("price_card: metering is off (--no-metering)".into());
+    }
     let level = match fields.remove("log_level") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(l)) => Some(
@@ -136,7 +152,20 @@ pub fn apply_settings(
             *l = Some(text);
         }
     }
-    Ok(settings_document(handle))
+    if let (Some(card), Some(m)) = (card, metering)
+        && m.price_card() != card
+    {
+        let said = match &card {
+            Some(c) => format!(
+                "price card now in force: {} (scale {})",
+                c.currency, c.scale
+            ),
+            None => "price card removed: records are no longer priced".into(),
+        };
+        m.set_price_card(card);
+        handle.event("price_card", by, said);
+    }
+    Ok(settings_document(handle, metering))
 }
 
 /// The `steward:` section of the config file (Steward's own settings), as JSON.

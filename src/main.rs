@@ -6,6 +6,7 @@
 mod config_file;
 mod host;
 mod init;
+mod metering;
 mod operator;
 mod state_source;
 mod usage;
@@ -135,6 +136,26 @@ struct AgentArgs {
     /// Do not put workers in cgroups (their limits are then not enforced).
     #[arg(long)]
     no_cgroups: bool,
+    /// Do not meter usage (no usage ledger; results are reported without
+    /// waiting for their usage records).
+    #[arg(long)]
+    no_metering: bool,
+    /// Bound of the usage ledger (`<data dir>/usage`): the oldest segments
+    /// go past it.
+    #[arg(long, default_value_t = 1 << 30)]
+    usage_ledger_max_bytes: u64,
+    /// A live worker's idle time is recorded in pieces at most this long.
+    #[arg(long, default_value_t = 900)]
+    usage_idle_segment_s: u64,
+    /// How often metering samples every worker's CPU and memory (100 to
+    /// 60000). Allocation starts and ends are read as they happen; the
+    /// memory integral between samples is a trapezoid.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    usage_sample_interval_ms: u64,
+    /// Fault injection for tests: wait this long before each ledger write
+    /// (a slow disk).
+    #[arg(long, default_value_t = 0, hide = true)]
+    usage_commit_delay_ms: u64,
     /// CPUs (may be fractional) for a worker whose description sets none.
     #[arg(long, default_value_t = 1.0)]
     default_worker_cpus: f64,
@@ -632,6 +653,7 @@ impl GpuPool for GpuPoolAdapter {
 /// changes nothing and is said (event and log).
 fn reload_settings(
     handle: &steward_reconciler::AgentHandle,
+    metering: Option<&steward_metering::Recorder>,
     path: &Path,
     flags: &FlagSettings,
     by: &str,
@@ -639,7 +661,7 @@ fn reload_settings(
     let outcome = config_file::steward_section(path)
         .map_err(|e| format!("{e:#}"))
         .and_then(|section| match section {
-            Some(v) => config_file::apply_settings(handle, flags.over(v), by).map(|_| ()),
+            Some(v) => config_file::apply_settings(handle, metering, flags.over(v), by).map(|_| ()),
             None => Ok(()),
         });
     if let Err(e) = outcome {
@@ -687,6 +709,7 @@ impl FlagSettings {
 
 async fn reload_on_sighup(
     handle: steward_reconciler::AgentHandle,
+    metering: Option<Arc<steward_metering::Recorder>>,
     path: PathBuf,
     flags: FlagSettings,
 ) {
@@ -695,7 +718,7 @@ async fn reload_on_sighup(
     };
     while hup.recv().await.is_some() {
         tracing::info!(file = %path.display(), "SIGHUP: reloading settings");
-        reload_settings(&handle, &path, &flags, "SIGHUP reload");
+        reload_settings(&handle, metering.as_deref(), &path, &flags, "SIGHUP reload");
     }
 }
 
@@ -909,6 +932,10 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         allocator,
     ));
     host.register_metrics(metrics.registry_mut());
+    let recorder = start_metering(&args, &config.data_dir, &mut metrics)?;
+    config.metering = recorder
+        .clone()
+        .map(|r| Arc::new(metering::RecorderMetering(r)) as Arc<dyn steward_reconciler::Metering>);
     let metrics = Arc::new(metrics);
     let monitoring_addr = format!(
         "{}:{}",
@@ -920,6 +947,18 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         .context("monitoring listener address")?;
 
     let agent = Agent::start(config, metrics)?;
+    if let Some(st) = recorder.as_ref().map(|r| r.status())
+        && (st.truncated_bytes > 0 || st.skipped_bytes > 0)
+    {
+        agent.handle().event(
+            "usage_ledger_recovered",
+            &st.ledger_dir,
+            format!(
+                "{} records kept; cut a torn tail of {} bytes; skipped {} damaged bytes",
+                st.recovered_records, st.truncated_bytes, st.skipped_bytes
+            ),
+        );
+    }
     if let Some(path) = args.config_path.clone() {
         // Steward's own settings in the file apply now and at every SIGHUP,
         // checked as the admin API checks them.
@@ -927,8 +966,19 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             explicit: args.explicit.clone(),
             labels: parse_labels(&args.labels)?,
         };
-        reload_settings(&agent.handle(), &path, &flags, "config file");
-        tokio::spawn(reload_on_sighup(agent.handle(), path, flags));
+        reload_settings(
+            &agent.handle(),
+            recorder.as_deref(),
+            &path,
+            &flags,
+            "config file",
+        );
+        tokio::spawn(reload_on_sighup(
+            agent.handle(),
+            recorder.clone(),
+            path,
+            flags,
+        ));
     }
     // One machine-readable line on stdout, for scripts and tests.
     println!(
@@ -948,6 +998,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         handle: agent.handle(),
         report_grace: Duration::from_secs(args.health_report_grace_s),
         reconcile_watchdog: Duration::from_secs(60),
+        metering: recorder.clone(),
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let monitoring = tokio::spawn(steward_monitoring::serve(
@@ -958,10 +1009,41 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     ));
     shutdown_signal().await;
     agent.shutdown(Duration::from_secs(5)).await;
+    if let Some(r) = recorder {
+        // Live workers' idle time and the activity file, then the thread ends.
+        let _ = tokio::task::spawn_blocking(move || r.stop(Duration::from_secs(5))).await;
+    }
     stop.cancel();
     let _ = monitoring.await;
     tracing::info!("steward stopped");
     Ok(())
+}
+
+/// The usage recorder over `<data dir>/usage`, unless `--no-metering`.
+fn start_metering(
+    args: &AgentArgs,
+    data_dir: &Path,
+    metrics: &mut Metrics,
+) -> Result<Option<Arc<steward_metering::Recorder>>> {
+    if args.no_metering {
+        tracing::warn!("--no-metering: usage is not recorded");
+        return Ok(None);
+    }
+    let mut config = steward_metering::RecorderConfig::new(data_dir);
+    config.ledger.max_total_bytes = args.usage_ledger_max_bytes.max(1 << 20);
+    config.idle_segment_max = Duration::from_secs(args.usage_idle_segment_s.max(1));
+    config.sample_interval = Duration::from_millis(args.usage_sample_interval_ms);
+    config.commit_delay = Duration::from_millis(args.usage_commit_delay_ms.min(10_000));
+    let (recorder, recovery) = steward_metering::Recorder::start(config, metrics.registry_mut())
+        .context("opening the usage ledger")?;
+    tracing::info!(
+        records = recovery.records,
+        segments = recovery.segments,
+        truncated_bytes = recovery.truncated_bytes,
+        skipped_bytes = recovery.skipped_bytes,
+        "usage ledger recovered"
+    );
+    Ok(Some(Arc::new(recorder)))
 }
 
 fn hostname() -> String {

@@ -11,6 +11,7 @@ pub struct AgentStateSource {
     pub handle: AgentHandle,
     pub report_grace: Duration,
     pub reconcile_watchdog: Duration,
+    pub metering: Option<std::sync::Arc<steward_metering::Recorder>>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -29,6 +30,69 @@ fn timestamped<T: serde::Serialize>(
             serde_json::json!({"status": "ok", "at_unix_ms": unix_ms(at), what: doc})
         }
         None => serde_json::json!({"status": "none yet", "message": none}),
+    }
+}
+
+impl AgentStateSource {
+    /// `/state/usage?since=&until=&group_by=`: ledger totals over a time
+    /// range (by when records ended, as `steward usage export` filters).
+    fn usage(
+        &self,
+        query: &std::collections::BTreeMap<String, String>,
+    ) -> Result<serde_json::Value, String> {
+        if let Some(k) = query
+            .keys()
+            .find(|k| !matches!(k.as_str(), "since" | "until" | "group_by"))
+        {
+            return Err(format!("unknown parameter {k:?}: since, until, group_by"));
+        }
+        let time = |k: &str| {
+            query
+                .get(k)
+                .map(|v| crate::usage::parse_time(v).map_err(|e| format!("{k}: {e:#}")))
+                .transpose()
+        };
+        let (since, until) = (time("since")?, time("until")?);
+        let group_by = match query.get("group_by") {
+            None => None,
+            Some(g) => Some(steward_metering::GroupBy::parse(g).ok_or_else(|| {
+                format!("group_by {g:?}: function, application, namespace or day")
+            })?),
+        };
+        let Some(m) = &self.metering else {
+            return Ok(
+                serde_json::json!({"status": "off", "message": "metering is off (--no-metering)"}),
+            );
+        };
+        let status = m.status();
+        let summary = steward_metering::summarize(
+            std::path::Path::new(&status.ledger_dir),
+            since,
+            until,
+            group_by,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "status": "ok",
+            "group_by": query.get("group_by"),
+            "price_card": m.price_card(),
+            "summary": summary,
+            "ledger": status,
+        }))
+    }
+
+    /// `/state/activity`: tasks and usage per UTC day, the last 366 days.
+    fn activity(&self) -> serde_json::Value {
+        match &self.metering {
+            Some(m) => serde_json::json!({
+                "status": "ok",
+                "days_kept": steward_metering::ACTIVITY_DAYS,
+                "days": m.activity(),
+            }),
+            None => {
+                serde_json::json!({"status": "off", "message": "metering is off (--no-metering)"})
+            }
+        }
     }
 }
 
@@ -60,7 +124,22 @@ impl StateSource for AgentStateSource {
             "function-executors",
             "allocations",
             "events",
+            "usage",
+            "activity",
         ]
+    }
+
+    fn document_with_query(
+        &self,
+        name: &str,
+        format: Format,
+        query: &std::collections::BTreeMap<String, String>,
+    ) -> Option<Result<Document, String>> {
+        match name {
+            "usage" => Some(self.usage(query).map(Document::Json)),
+            "activity" => Some(Ok(Document::Json(self.activity()))),
+            _ => self.document(name, format).map(Ok),
+        }
     }
 
     fn document(&self, name: &str, format: Format) -> Option<Document> {
@@ -133,11 +212,22 @@ impl StateSource for AgentStateSource {
         let ok = |body| Some(AdminAnswer { code: 200, body });
         match (action, method) {
             ("mode", _) => return ok(serde_json::json!({"mode": self.handle.mode()})),
-            ("config", "GET") => return ok(crate::config_file::settings_document(&self.handle)),
+            ("config", "GET") => {
+                return ok(crate::config_file::settings_document(
+                    &self.handle,
+                    self.metering.as_deref(),
+                ));
+            }
             ("config", "PATCH") => {
                 let change = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"));
-                let outcome = change
-                    .and_then(|c| crate::config_file::apply_settings(&self.handle, c, "admin API"));
+                let outcome = change.and_then(|c| {
+                    crate::config_file::apply_settings(
+                        &self.handle,
+                        self.metering.as_deref(),
+                        c,
+                        "admin API",
+                    )
+                });
                 let (code, body, said) = match outcome {
                     Ok(doc) => (200, doc, "ok".to_string()),
                     Err(e) => (

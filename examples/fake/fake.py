@@ -113,3 +113,21 @@ def forkbomb(x: str) -> str:
 @function()
 def alloc_256(x: str) -> str:
     """Allocates and touches 256 MiB, holds it 200 ms; returns {"allocated_mib": 256}."""
+
+
+@application()
+@function()
+def burn_2000(x: str) -> str:
+    """Spins two threads on the CPU for 2 s; returns {"wall_ms", "cpu_ms"} (metering tests)."""
+
+
+@application()
+@function()
+def hold_256(x: str) -> str:
+    """Allocates and touches 256 MiB, holds it 3 s; returns {"allocated_mib", "held_ms"} (metering tests)."""
+
+
+@application()
+@function()
+def sleep_20(x: str) -> str:
+    """Sleeps 20 ms (the metering crash loop's steady stream of finishes)."""

@@ -14,7 +14,9 @@ const MS_PER_TICK: u64 = 10;
 const FORKBOMB_CAP: usize = 100_000;
 
 /// How long `alloc_<mib>` holds its memory.
-const ALLOC_HOLD: Duration = Duration::from_millis(200);
+pub(crate) const ALLOC_HOLD: Duration = Duration::from_millis(200);
+/// How long `hold_<mib>` holds its memory (long enough to meter).
+pub(crate) const LONG_HOLD: Duration = Duration::from_secs(3);
 
 /// CPU time (user + system) used so far by this whole process, every thread,
 /// exited ones included, in milliseconds.
@@ -119,10 +121,11 @@ pub(crate) fn forkbomb() -> Result<Vec<u8>, String> {
     Ok(format!(r#"{{"spawned": {spawned}, "error": {error}}}"#).into_bytes())
 }
 
-/// `alloc_<mib>`: allocates `mib` MiB, writes every page (so it is resident
-/// and charged to the memory cgroup), holds it `ALLOC_HOLD`, then outputs
-/// `{"allocated_mib": N}`. Past a memory limit the kernel kills the worker.
-pub(crate) async fn alloc(mib: usize) -> Result<Vec<u8>, String> {
+/// `alloc_<mib>` (and `hold_<mib>`): allocates `mib` MiB, writes every page
+/// (so it is resident and charged to the memory cgroup), holds it `hold`,
+/// then outputs `{"allocated_mib": N, "held_ms": H}`, H from when the
+/// last page was written. Past a memory limit the kernel kills the worker.
+pub(crate) async fn alloc(mib: usize, hold: Duration) -> Result<Vec<u8>, String> {
     let bytes = mib
         .checked_mul(1 << 20)
         .ok_or_else(|| format!("{mib} MiB does not fit the address space"))?;
@@ -141,9 +144,11 @@ pub(crate) async fn alloc(mib: usize) -> Result<Vec<u8>, String> {
     })
     .await
     .map_err(|e| format!("blocking task: {e}"))??;
-    tokio::time::sleep(ALLOC_HOLD).await;
+    let held = Instant::now();
+    tokio::time::sleep(hold).await;
     drop(std::hint::black_box(memory));
-    Ok(format!(r#"{{"allocated_mib": {mib}}}"#).into_bytes())
+    let held_ms = held.elapsed().as_millis();
+    Ok(format!(r#"{{"allocated_mib": {mib}, "held_ms": {held_ms}}}"#).into_bytes())
 }
 
 /// `s` as a JSON string literal.

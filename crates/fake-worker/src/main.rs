@@ -10,7 +10,8 @@
 //! and, for resource-limit tests, `burn_<ms>` (two threads spin for `<ms>` of wall
 //! time; outputs the wall and process CPU time), `forkbomb` (spawns `sleep`s until a
 //! spawn fails, then kills and reaps them all; outputs how many and the error) and
-//! `alloc_<mib>` (allocates and touches `<mib>` MiB, holds it 200 ms; see `limits.rs`).
+//! `alloc_<mib>` (allocates and touches `<mib>` MiB, holds it 200 ms; see
+//! `limits.rs`) and `hold_<mib>` (the same, held 3 s: for metering).
 //! Outputs go through the real output-blob protocol (`file://` blobs).
 //!
 //! Used where a real worker cannot misbehave on demand (fault tests) and
@@ -254,7 +255,9 @@ impl Worker {
                 } else if let Some(ms) = suffix_number(f, "burn_") {
                     blocking(move || limits::burn(Duration::from_millis(ms))).await
                 } else if let Some(mib) = suffix_number(f, "alloc_") {
-                    limits::alloc(mib).await
+                    limits::alloc(mib, limits::ALLOC_HOLD).await
+                } else if let Some(mib) = suffix_number(f, "hold_") {
+                    limits::alloc(mib, limits::LONG_HOLD).await
                 } else {
                     Ok(input)
                 };

@@ -36,6 +36,12 @@ pub struct PriceCard {
 #[error("price card: {0}")]
 pub struct PriceCardError(String);
 
+impl PriceCardError {
+    pub fn new(why: impl Into<String>) -> PriceCardError {
+        PriceCardError(why.into())
+    }
+}
+
 /// `rate × quantity / per`, rounded half up.
 fn term(rate: u64, quantity: u64, per: u128) -> u128 {
     (u128::from(rate) * u128::from(quantity) + per / 2) / per

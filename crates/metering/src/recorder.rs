@@ -81,6 +81,9 @@ pub struct RecorderConfig {
     /// Applications with their own metric labels; the rest are "other".
     pub top_applications: usize,
     pub price_card: Option<PriceCard>,
+    /// Fault injection: a slow disk, waited before each batch is written
+    /// (tests widen the window in which a crash can strike).
+    pub commit_delay: Duration,
 }
 
 impl RecorderConfig {
@@ -92,6 +95,7 @@ impl RecorderConfig {
             idle_segment_max: Duration::from_secs(15 * 60),
             top_applications: 20,
             price_card: None,
+            commit_delay: Duration::ZERO,
         }
     }
 }
@@ -337,6 +341,7 @@ impl Recorder {
             labeler,
             sample_interval: config.sample_interval.max(Duration::from_millis(10)),
             idle_segment_max: config.idle_segment_max,
+            commit_delay: config.commit_delay,
             last_save: Instant::now(),
         };
         let thread = std::thread::Builder::new()
@@ -450,6 +455,7 @@ struct Worker {
     labeler: Labeler,
     sample_interval: Duration,
     idle_segment_max: Duration,
+    commit_delay: Duration,
     last_save: Instant,
 }
 
@@ -612,6 +618,11 @@ impl Worker {
         let mut status_workers = 0;
         for fe in fes {
             let Some(r) = self.probes.get(&fe).and_then(|p| p.read()) else {
+                // Gone without a word (a start that failed after the
+                // spawn): its idle time ends here.
+                let mut b = Batch::default();
+                self.worker_stopped(&fe, now_ms(), &mut b);
+                out.append(&mut b.records);
                 continue;
             };
             status_workers += 1;
@@ -697,6 +708,9 @@ impl Worker {
     /// the results and acknowledges flushes, in that order.
     fn commit(&mut self, b: Batch) {
         if !b.records.is_empty() {
+            if !self.commit_delay.is_zero() {
+                std::thread::sleep(self.commit_delay);
+            }
             let started = Instant::now();
             let written = self.ledger.append_batch(&b.records);
             self.inner

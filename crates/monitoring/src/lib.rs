@@ -8,6 +8,7 @@
 //! [`StateSource`] the binary wires in.
 //! Must not know about: gRPC, protobuf, workers, the control-plane protocol.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,7 +17,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpListener;
 
 /// Content type of OpenMetrics text, as Prometheus expects it.
@@ -58,6 +59,17 @@ pub trait StateSource: Send + Sync + 'static {
     fn document_names(&self) -> Vec<&'static str>;
     /// `/state/{name}`; `None` when `name` is unknown.
     fn document(&self, name: &str, format: Format) -> Option<Document>;
+    /// `/state/{name}?…` with its query parameters (other than `format`):
+    /// `Err` names a bad parameter (HTTP 400). By default parameters are
+    /// ignored.
+    fn document_with_query(
+        &self,
+        name: &str,
+        format: Format,
+        _query: &BTreeMap<String, String>,
+    ) -> Option<Result<Document, String>> {
+        self.document(name, format).map(Ok)
+    }
     /// An authenticated `/admin/{action}` call (`method` GET, POST or
     /// PATCH, with its body); `None` when `action` is unknown.
     fn admin(&self, _action: &str, _method: &str, _body: &[u8]) -> Option<AdminAnswer> {
@@ -289,17 +301,13 @@ async fn state_index(State(src): State<Src>) -> Response {
     json(StatusCode::OK, serde_json::json!({"documents": names}))
 }
 
-#[derive(Debug, Deserialize)]
-struct FormatQuery {
-    format: Option<String>,
-}
-
 async fn state_document(
     State(src): State<Src>,
     Path(name): Path<String>,
-    Query(q): Query<FormatQuery>,
+    Query(mut q): Query<BTreeMap<String, String>>,
 ) -> Response {
-    let format = match q.format.as_deref() {
+    let format = q.remove("format");
+    let format = match format.as_deref() {
         None | Some("json") => Format::Json,
         Some("text") => Format::Text,
         Some(other) => {
@@ -311,13 +319,14 @@ async fn state_document(
     };
     let doc = {
         let (src, name) = (src.clone(), name.clone());
-        off_runtime(move || src.document(&name, format))
+        off_runtime(move || src.document_with_query(&name, format, &q))
             .await
             .flatten()
     };
     match doc {
-        Some(Document::Json(v)) => json(StatusCode::OK, v),
-        Some(Document::Text(t)) => t.into_response(),
+        Some(Ok(Document::Json(v))) => json(StatusCode::OK, v),
+        Some(Ok(Document::Text(t))) => t.into_response(),
+        Some(Err(why)) => json(StatusCode::BAD_REQUEST, serde_json::json!({"error": why})),
         None => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no state document {name:?}"), "documents": src.document_names()}),

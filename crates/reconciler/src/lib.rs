@@ -20,6 +20,7 @@ mod admission;
 mod desired;
 mod events;
 mod fe;
+mod metering;
 mod metrics;
 mod mode;
 mod pressure;
@@ -43,6 +44,7 @@ use std::time::Duration;
 pub use admission::{Claim, WorkerDefaults};
 pub use desired::Desired;
 pub use events::{Event, EventLog};
+pub use metering::{MeteredAllocation, MeteredWorker, Metering};
 pub use metrics::Metrics;
 pub use mode::{HostMode, ModeCommand};
 pub use pressure::{Eviction, MemorySample, MemorySource};
@@ -172,6 +174,8 @@ pub struct AgentConfig {
     pub worker_defaults: WorkerDefaults,
     /// Stopping idle workers under host memory pressure.
     pub eviction: Eviction,
+    /// Usage metering; results wait for it before they are reported.
+    pub metering: Option<Arc<dyn Metering>>,
 }
 
 impl AgentConfig {
@@ -219,6 +223,7 @@ impl AgentConfig {
             )),
             worker_defaults: WorkerDefaults::default(),
             eviction: Eviction::default(),
+            metering: None,
             data_dir,
         }
     }
@@ -315,6 +320,10 @@ impl Agent {
         while self.tasks.join_next().await.is_some() {}
         let shared = self.handle.shared();
         fe::shutdown_all(shared).await;
+        if let Some(m) = shared.config.metering.clone() {
+            // Every result pushed so far reaches the final report.
+            let _ = tokio::task::spawn_blocking(move || m.flush(report_timeout)).await;
+        }
         shared.config.driver.shutdown();
         report::send_final(shared, report_timeout).await;
     }

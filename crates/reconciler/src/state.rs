@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     pub started_at: Instant,
     /// Count of successful reports; the stream loop waits on it.
     pub reports_ok: tokio::sync::watch::Sender<u64>,
+    /// Results handed to metering and not yet released to the reporter.
+    pub awaiting_metering: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -262,6 +264,7 @@ impl Shared {
             started: AtomicBool::new(false),
             started_at: Instant::now(),
             reports_ok: tokio::sync::watch::Sender::new(0),
+            awaiting_metering: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -271,21 +274,58 @@ impl Shared {
         self.events.push(Event::now(kind, subject, message));
     }
 
-    /// Queues a result for the next report and wakes the reporter.
-    pub fn push_result(&self, result: pb::AllocationResult) {
+    /// A final result: recorded by metering (when there is metering), then
+    /// queued for the next report, and the reporter woken.
+    pub fn push_result(self: &Arc<Self>, result: pb::AllocationResult) {
         let outcome = outcome_label(&result);
         self.metrics.allocation_completed(outcome.0, outcome.1);
-        {
+        let (ran, fe_id) = {
             let mut st = self.state.lock();
+            let mut seen = (false, String::new());
             if let Some(id) = &result.allocation_id
                 && let Some(a) = st.allocations.get_mut(id)
             {
+                seen = (a.phase == AllocPhase::Running, a.fe_id.clone());
                 a.phase = AllocPhase::Finished;
                 a.timeline.push(TimelineEntry::now(format!(
                     "finished: {} {}",
                     outcome.0, outcome.1
                 )));
             }
+            seen
+        };
+        let Some(metering) = self.config.metering.clone() else {
+            self.queue_result(result);
+            return;
+        };
+        let f = result.function.clone().unwrap_or_default();
+        let allocation = crate::metering::MeteredAllocation {
+            alloc_id: result.allocation_id.clone().unwrap_or_default(),
+            fe_id,
+            namespace: f.namespace.unwrap_or_default(),
+            application: f.application_name.unwrap_or_default(),
+            function: f.function_name.unwrap_or_default(),
+            outcome: match outcome {
+                ("success", _) => "success".to_string(),
+                (o, r) => format!("{o}:{r}"),
+            },
+            ran,
+        };
+        self.awaiting_metering.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone();
+        metering.allocation_finished(
+            allocation,
+            Box::new(move || {
+                me.awaiting_metering.fetch_sub(1, Ordering::Relaxed);
+                me.queue_result(result);
+            }),
+        );
+    }
+
+    /// Queues a result for the next report and wakes the reporter.
+    fn queue_result(&self, result: pb::AllocationResult) {
+        {
+            let mut st = self.state.lock();
             st.results.push_back(PendingResult::new(result));
             // Current during outages too, not only after a report.
             self.metrics.pending_results.set(st.results.len() as i64);
@@ -494,7 +534,9 @@ impl AgentHandle {
         Snapshot {
             executor_id: self.shared.config.executor_id.clone(),
             server_clock: st.server_clock,
-            pending_results: st.results.len(),
+            // Results still being metered are pending too.
+            pending_results: st.results.len()
+                + self.shared.awaiting_metering.load(Ordering::Relaxed),
             function_executors: st
                 .fes
                 .iter()

@@ -414,13 +414,18 @@ impl Controller {
         }
     }
 
-    /// Keeps the worker's usage as last read, before its cgroup goes.
+    /// Keeps the worker's usage as last read, before its cgroup goes, and
+    /// tells metering the worker stops (once per worker: the monitor is
+    /// taken).
     fn keep_last_usage(&self) {
         let mut st = self.shared.state.lock();
         if let Some(fe) = st.fes.get_mut(&self.id)
             && let Some(m) = fe.monitor.take()
         {
             fe.last_usage = m.usage().or(fe.last_usage);
+            if let Some(metering) = &self.shared.config.metering {
+                metering.worker_stopped(&self.id);
+            }
         }
     }
 
@@ -529,6 +534,9 @@ impl Controller {
             if let Some(e) = self.shared.state.lock().allocations.get_mut(&id) {
                 e.phase = AllocPhase::Running;
                 e.timeline.push(TimelineEntry::now("running"));
+            }
+            if let Some(metering) = &self.shared.config.metering {
+                metering.allocation_started(&self.id, &id);
             }
             // Boxed where it is made: the allocation's state machine is
             // large, and moving it into the task by value copied it three
@@ -886,6 +894,9 @@ async fn start(
             fe.pid = Some(process.pid());
             fe.gpus = gpus.clone();
             fe.monitor = Some(process.monitor());
+            if let Some(metering) = &shared.config.metering {
+                metering.worker_started(crate::metering::worker_of(&desc, process.monitor()));
+            }
             fe.timeline.push(TimelineEntry::now(format!(
                 "spawned pid {} on {}",
                 process.pid(),

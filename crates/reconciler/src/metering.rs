@@ -1,0 +1,79 @@
+//! The seam through which the agent tells metering what runs where: a
+//! worker started or stopped, an allocation started or finished. Metering
+//! itself (sampling, pricing, the ledger) lives behind [`Metering`], in the
+//! binary over `steward-metering`.
+//!
+//! The one promise it must keep: `release` is called exactly once for each
+//! finished allocation (after its usage record is durable, or at once if
+//! it cannot be recorded); the result reaches the reporter only then.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_worker_driver::WorkerMonitor;
+
+use crate::pb;
+
+/// A worker that began to run.
+pub struct MeteredWorker {
+    pub fe_id: String,
+    pub namespace: String,
+    pub application: String,
+    pub function: String,
+    /// One entry per allocated GPU: its model as the protocol names it
+    /// (e.g. `GPU_MODEL_NVIDIA_H100_80GB`).
+    pub gpu_models: Vec<String>,
+    pub monitor: Arc<dyn WorkerMonitor>,
+}
+
+/// An allocation whose result is final.
+#[derive(Debug, Clone, Default)]
+pub struct MeteredAllocation {
+    pub alloc_id: String,
+    /// The worker it ran on or was meant for (empty when none).
+    pub fe_id: String,
+    pub namespace: String,
+    pub application: String,
+    pub function: String,
+    /// "success" or "failure:<reason>".
+    pub outcome: String,
+    /// Whether it started running on a worker.
+    pub ran: bool,
+}
+
+/// Metering's side of the seam. Every call must return at once (no I/O on
+/// the caller's thread).
+pub trait Metering: Send + Sync + 'static {
+    fn worker_started(&self, worker: MeteredWorker);
+    fn worker_stopped(&self, fe_id: &str);
+    fn allocation_started(&self, fe_id: &str, alloc_id: &str);
+    /// Records `allocation`, then calls `release` exactly once.
+    fn allocation_finished(&self, allocation: MeteredAllocation, release: Box<dyn FnOnce() + Send>);
+    /// Blocks until every finished allocation passed so far is released
+    /// (at most `timeout`).
+    fn flush(&self, timeout: Duration);
+}
+
+/// What metering is told about the worker of `desc`.
+pub(crate) fn worker_of(
+    desc: &pb::FunctionExecutorDescription,
+    monitor: Arc<dyn WorkerMonitor>,
+) -> MeteredWorker {
+    let f = desc.function.clone().unwrap_or_default();
+    let gpu = desc.resources.as_ref().and_then(|r| r.gpu.as_ref());
+    let count = gpu.and_then(|g| g.count).unwrap_or(0);
+    let model = gpu
+        .and_then(|g| g.model)
+        .and_then(|m| pb::GpuModel::try_from(m).ok())
+        .unwrap_or(pb::GpuModel::Unknown)
+        .as_str_name()
+        .to_string();
+    MeteredWorker {
+        fe_id: desc.id.clone().unwrap_or_default(),
+        namespace: f.namespace.unwrap_or_default(),
+        application: f.application_name.unwrap_or_default(),
+        function: f.function_name.unwrap_or_default(),
+        gpu_models: vec![model; count.min(64) as usize],
+        monitor,
+    }
+}
