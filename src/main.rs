@@ -152,6 +152,11 @@ struct AgentArgs {
     /// memory integral between samples is a trapezoid.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     usage_sample_interval_ms: u64,
+    /// Shortest time between two usage-ledger commits (write + fsync)
+    /// while results keep coming (0 to 1000): longer trades result latency
+    /// for agent CPU under load; at low load no result waits.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    usage_group_commit_ms: u64,
     /// Fault injection for tests: wait this long before each ledger write
     /// (a slow disk).
     #[arg(long, default_value_t = 0, hide = true)]
@@ -1034,6 +1039,7 @@ fn start_metering(
     config.idle_segment_max = Duration::from_secs(args.usage_idle_segment_s.max(1));
     config.sample_interval = Duration::from_millis(args.usage_sample_interval_ms);
     config.commit_delay = Duration::from_millis(args.usage_commit_delay_ms.min(10_000));
+    config.group_commit = Duration::from_millis(args.usage_group_commit_ms);
     let (recorder, recovery) = steward_metering::Recorder::start(config, metrics.registry_mut())
         .context("opening the usage ledger")?;
     tracing::info!(

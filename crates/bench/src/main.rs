@@ -367,6 +367,28 @@ impl AgentProc {
         (ticks(11) + ticks(12)) / clock_ticks()
     }
 
+    /// CPU seconds used so far by the agent's live threads whose name
+    /// starts with `prefix` (`/proc/<pid>/task/*/stat`).
+    fn thread_cpu_seconds(&self, prefix: &str) -> f64 {
+        let dir = format!("/proc/{}/task", self.child.id());
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            .filter_map(|stat| {
+                let (head, rest) = stat.rsplit_once(')')?;
+                let name = head.split_once('(')?.1;
+                if !name.starts_with(prefix) {
+                    return None;
+                }
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                Some((ticks(11) + ticks(12)) / clock_ticks())
+            })
+            .sum()
+    }
+
     /// Context switches (voluntary + involuntary) of the agent's live
     /// threads so far, from `/proc/<pid>/task/*/status` (threads that
     /// already exited are not counted).
@@ -643,7 +665,22 @@ async fn latency(env: &Env, agent: Agent, worker: Worker, n: usize, t: &mut Tabl
 
 /// 2,000 allocations over 4 workers with max_concurrency 8 (fake worker),
 /// plus the agent's CPU and memory.
-async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
+/// What one throughput run measured.
+struct ThroughputRun {
+    alloc_per_s: f64,
+    cpu_per_1000: f64,
+    /// Of which the metering thread's.
+    metering_cpu_per_1000: f64,
+    /// Usage records per ledger write and fsync (group commit).
+    records_per_commit: Option<f64>,
+    switches_per_alloc: f64,
+    idle_rss: f64,
+    peak_rss: f64,
+}
+
+/// 2,000 no-op allocations over 4 workers × max_concurrency 8, the agent
+/// started with `extra`.
+async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<ThroughputRun> {
     let plane = Plane::start().await?;
     let options = FunctionOptions {
         max_concurrency: 8,
@@ -653,7 +690,7 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
     for app in apps {
         plane.deploy(env, "examples/fake", app, &options).await?;
     }
-    let proc = AgentProc::start(env, agent, &plane, Worker::Fake)?;
+    let proc = AgentProc::start_full(env, agent, &plane, Worker::Fake, &env.wrapper, extra)?;
     plane.wait_executor().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (idle_rss, _) = proc.rss_mib();
@@ -661,6 +698,7 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
         plane.invoke(app, "noop", json!("warm")).await?;
     }
     let cpu0 = proc.cpu_seconds();
+    let metering0 = proc.thread_cpu_seconds("steward-meter");
     let switches0 = proc.context_switches();
     let started = Instant::now();
     for app in apps {
@@ -669,29 +707,119 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
     plane.drain(Duration::from_secs(300)).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = proc.cpu_seconds() - cpu0;
+    let metering = proc.thread_cpu_seconds("steward-meter") - metering0;
+    let switches = proc.context_switches() - switches0;
+    let records_per_commit = match metrics_text(&proc).await {
+        Some(text) => {
+            let value = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            };
+            match (
+                value("steward_usage_ledger_records_total "),
+                value("steward_usage_ledger_commit_seconds_count "),
+            ) {
+                (Some(r), Some(c)) if c > 0.0 => Some(r / c),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    let (_, peak_rss) = proc.rss_mib();
+    drop(proc);
+    plane.stop().await;
+    Ok(ThroughputRun {
+        alloc_per_s: 2000.0 / elapsed,
+        cpu_per_1000: cpu / 2.0,
+        metering_cpu_per_1000: metering / 2.0,
+        records_per_commit,
+        switches_per_alloc: switches / 2000.0,
+        idle_rss,
+        peak_rss,
+    })
+}
+
+async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
+    let r = throughput_run(env, agent, &[]).await?;
     t.add(
         "4. agent context switches per allocation",
         "switches",
         agent,
-        (proc.context_switches() - switches0) / 2000.0,
+        r.switches_per_alloc,
     );
-    let (_, peak_rss) = proc.rss_mib();
     t.add(
         "2. throughput: 2,000 allocations, 4 workers × max_concurrency 8",
         "alloc/s",
         agent,
-        2000.0 / elapsed,
+        r.alloc_per_s,
     );
     t.add(
         "4. agent CPU per 1,000 allocations",
         "CPU s",
         agent,
-        cpu / 2.0,
+        r.cpu_per_1000,
     );
-    t.add("4. agent resident memory, idle", "MiB", agent, idle_rss);
-    t.add("4. agent resident memory, peak", "MiB", agent, peak_rss);
-    drop(proc);
-    plane.stop().await;
+    t.add("4. agent resident memory, idle", "MiB", agent, r.idle_rss);
+    t.add("4. agent resident memory, peak", "MiB", agent, r.peak_rss);
+    Ok(())
+}
+
+/// The throughput scenario with and without metering (Steward only),
+/// alternating which goes first: what metering costs.
+async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
+    for round in 0..rounds {
+        let order: [(bool, &str); 2] = if round % 2 == 0 {
+            [(true, "with"), (false, "without")]
+        } else {
+            [(false, "without"), (true, "with")]
+        };
+        for (on, label) in order {
+            let extra: Vec<&str> = if on {
+                std::env::var("BENCH_GROUP_COMMIT_MS")
+                    .ok()
+                    .map(|v| vec!["--usage-group-commit-ms", v.leak()])
+                    .unwrap_or_default()
+            } else {
+                vec!["--no-metering"]
+            };
+            let r = throughput_run(env, Agent::Steward, &extra).await?;
+            t.add(
+                &format!("12. {label} metering: agent CPU per 1,000 allocations"),
+                "CPU s",
+                Agent::Steward,
+                r.cpu_per_1000,
+            );
+            if on {
+                t.add(
+                    "12. with metering: of which the metering thread",
+                    "CPU s",
+                    Agent::Steward,
+                    r.metering_cpu_per_1000,
+                );
+                if let Some(n) = r.records_per_commit {
+                    t.add(
+                        "12. with metering: usage records per fsync",
+                        "records",
+                        Agent::Steward,
+                        n,
+                    );
+                }
+            }
+            t.add(
+                &format!("12. {label} metering: throughput"),
+                "alloc/s",
+                Agent::Steward,
+                r.alloc_per_s,
+            );
+            t.add(
+                &format!("12. {label} metering: agent context switches per allocation"),
+                "switches",
+                Agent::Steward,
+                r.switches_per_alloc,
+            );
+        }
+    }
     Ok(())
 }
 
@@ -1213,6 +1341,7 @@ enum Scenario {
     Concurrent,
     Callgrind,
     Cgroups,
+    Metering,
 }
 
 /// Runs each scenario against Steward and the reference executor, alternating
@@ -1384,6 +1513,15 @@ async fn run(cli: Cli) -> Result<()> {
                 Agent::Steward,
                 &e.to_string(),
             );
+        }
+    }
+    // Throughput with and without metering (Steward only).
+    if cli.only == Some(Scenario::Metering)
+        || (cli.only.is_none() && AgentChoice::admits(cli.agent, Agent::Steward))
+    {
+        eprintln!("metering: Steward throughput with and without");
+        if let Err(e) = metering(&env, rounds.max(3), &mut t).await {
+            t.fail("12. metering", Agent::Steward, &e.to_string());
         }
     }
     // Callgrind once (Steward only): instruction counts repeat exactly.

@@ -99,11 +99,21 @@ impl Activity {
 
     /// Counts `r`, which ends at ledger position `at`.
     pub fn add(&mut self, r: &UsageRecord, at: Position) {
+        self.file.through = Some(self.file.through.map_or(at, |t| t.max(at)));
+        self.dirty = true;
         let day = day_of(r.ended_unix_ms);
-        let d = self.file.days.entry(day).or_insert_with(|| Day {
-            date: date_of(day),
-            ..Day::default()
-        });
+        if let std::collections::btree_map::Entry::Vacant(e) = self.file.days.entry(day) {
+            e.insert(Day {
+                date: date_of(day),
+                ..Day::default()
+            });
+            // A new day: the oldest beyond a year go.
+            let newest = self.file.days.keys().next_back().copied().unwrap_or(day);
+            self.file.days.retain(|k, _| k + DAYS > newest);
+        }
+        let Some(d) = self.file.days.get_mut(&day) else {
+            return;
+        };
         let gpu: u64 = r.gpu_ms.iter().map(|(_, ms)| *ms).sum();
         d.cpu_core_us = d.cpu_core_us.saturating_add(r.cpu_core_us);
         d.memory_mb_ms = d.memory_mb_ms.saturating_add(r.memory_mb_ms);
@@ -119,8 +129,6 @@ impl Activity {
             }
             RecordKind::WorkerSegment => d.idle_ms = d.idle_ms.saturating_add(r.wall_ms()),
         }
-        let newest = self.file.days.keys().next_back().copied().unwrap_or(day);
-        self.file.days.retain(|k, _| k + DAYS > newest);
         if self.file.applications.len() > MAX_APPLICATIONS {
             // Keep the most active; ties by name.
             let mut v: Vec<(String, u64)> = std::mem::take(&mut self.file.applications)
@@ -130,8 +138,6 @@ impl Activity {
             v.truncate(MAX_APPLICATIONS);
             self.file.applications = v.into_iter().collect();
         }
-        self.file.through = Some(self.file.through.map_or(at, |t| t.max(at)));
-        self.dirty = true;
     }
 
     /// The days with activity, oldest first.

@@ -292,6 +292,9 @@ impl Ledger {
     /// once (a group commit): every one is durable when this returns `Ok`.
     /// Returns how many were written.
     pub fn append_batch(&mut self, records: &[UsageRecord]) -> Result<usize, LedgerError> {
+        // The frames go in one write per segment (one system call for the
+        // batch, unless it crosses into a new segment).
+        let mut pending: Vec<u8> = Vec::new();
         let mut written = 0;
         for record in records {
             if self.ids.contains(&record.id) {
@@ -300,11 +303,11 @@ impl Ledger {
             let frame = encode_frame(record);
             let (seq, len) = self.segments[self.segments.len() - 1];
             if len > 0 && len + frame.len() as u64 > self.config.segment_bytes {
+                self.write_pending(&mut pending)?;
                 self.sync()?;
                 self.rotate(seq + 1)?;
             }
-            let path = self.current_path();
-            self.current.write_all(&frame).map_err(io(&path))?;
+            pending.extend_from_slice(&frame);
             if let Some(last) = self.segments.last_mut() {
                 last.1 += frame.len() as u64;
             }
@@ -312,10 +315,21 @@ impl Ledger {
             written += 1;
         }
         if written > 0 {
+            self.write_pending(&mut pending)?;
             self.sync()?;
             self.enforce_bound();
         }
         Ok(written)
+    }
+
+    fn write_pending(&mut self, pending: &mut Vec<u8>) -> Result<(), LedgerError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let path = self.current_path();
+        self.current.write_all(pending).map_err(io(&path))?;
+        pending.clear();
+        Ok(())
     }
 
     fn current_path(&self) -> PathBuf {

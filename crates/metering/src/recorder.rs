@@ -2,7 +2,11 @@
 //! each second, shares usage out to allocations (the [`Meter`]), prices
 //! it, appends the records to the ledger with one fsync per batch (a group
 //! commit), and only then releases each allocation's result to the
-//! reporter. Callers never block on it: hooks are channel sends.
+//! reporter. Callers never wait for it: a hook reads the worker's
+//! counters (two `pread`s where the probe keeps its files open) and queues
+//! the event; only events that must be written (a finished allocation, a
+//! flush) wake the thread, so an allocation costs one wake-up, shared by
+//! every allocation finishing in the same batch.
 //!
 //! Nothing is lost through it: a result is released after its record is
 //! durable, after a failed write (counted and logged; the result matters
@@ -12,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -81,6 +85,12 @@ pub struct RecorderConfig {
     /// Applications with their own metric labels; the rest are "other".
     pub top_applications: usize,
     pub price_card: Option<PriceCard>,
+    /// The shortest time between two ledger commits while results keep
+    /// coming: each fsync costs a disk flush and the thread's blocking (in
+    /// a VM, exits to the hypervisor), so under load a batch gathers what
+    /// finishes within it. At low load a result waits for no one. Longer
+    /// trades result latency for agent CPU.
+    pub group_commit: Duration,
     /// Fault injection: a slow disk, waited before each batch is written
     /// (tests widen the window in which a crash can strike).
     pub commit_delay: Duration,
@@ -96,16 +106,91 @@ impl RecorderConfig {
             top_applications: 20,
             price_card: None,
             commit_delay: Duration::ZERO,
+            group_commit: Duration::from_millis(2),
         }
     }
 }
 
+/// An event, with the worker's reading taken when it happened.
 enum Msg {
-    WorkerStarted(WorkerInfo, Arc<dyn Probe>),
-    WorkerStopped(String, u64),
-    AllocationStarted(String, String, u64),
-    AllocationFinished(FinishedAllocation, Release, u64),
+    WorkerStarted(WorkerInfo, Sample),
+    WorkerStopped(String, u64, Option<Sample>),
+    AllocationStarted(String, String, Option<Sample>),
+    AllocationFinished(FinishedAllocation, Release, u64, Option<Sample>),
     Flush(Sender<()>),
+}
+
+/// Events waiting for the thread; it sleeps until `wake` (or its tick).
+#[derive(Default)]
+struct Queue {
+    msgs: Vec<Msg>,
+    wake: bool,
+    closed: bool,
+}
+
+/// The queue and what wakes the thread.
+#[derive(Default)]
+struct Mailbox {
+    queue: Mutex<Queue>,
+    ready: std::sync::Condvar,
+}
+
+impl Mailbox {
+    /// Queues `msg`, waking the thread if `wake`; gives it back when the
+    /// thread is gone (to release its result).
+    #[allow(clippy::result_large_err)]
+    fn post(&self, msg: Msg, wake: bool) -> Result<(), Msg> {
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return Err(msg);
+        }
+        q.msgs.push(msg);
+        if wake && !q.wake {
+            q.wake = true;
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Waits until woken (and not before `not_before`) or `deadline`; the
+    /// queued events and whether the mailbox is closed. One wait, however
+    /// the two times fall: every block is a context switch.
+    fn take(&self, deadline: Instant, not_before: Instant) -> (Vec<Msg>, bool) {
+        let mut q = lock(&self.queue);
+        loop {
+            let now = Instant::now();
+            if q.closed || now >= deadline || (q.wake && now >= not_before) {
+                break;
+            }
+            let until = if q.wake {
+                not_before.min(deadline)
+            } else {
+                deadline
+            };
+            q = self
+                .ready
+                .wait_timeout(q, until - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        q.wake = false;
+        (std::mem::take(&mut q.msgs), q.closed)
+    }
+
+    fn close(&self) -> Vec<Msg> {
+        let mut q = lock(&self.queue);
+        q.closed = true;
+        self.ready.notify_one();
+        Vec::new()
+    }
+}
+
+fn sample_of(r: Reading, at_ms: u64) -> Sample {
+    Sample {
+        at_ms,
+        cpu_usec: r.cpu_usec,
+        memory_bytes: r.memory_bytes,
+    }
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -194,35 +279,24 @@ impl UsageMetrics {
         );
     }
 
-    fn count(&self, r: &UsageRecord, ns: &str, app: &str) {
-        let kind = match r.kind {
-            RecordKind::Allocation => "allocation",
-            RecordKind::WorkerSegment => "idle",
-        };
+    /// The counters of one (namespace, application, kind).
+    fn series(&self, ns: &str, app: &str, kind: &'static str) -> Series {
         let l: Labels = vec![
             ("namespace", ns.to_string()),
             ("application", app.to_string()),
             ("kind", kind.to_string()),
         ];
-        if r.kind == RecordKind::Allocation {
-            self.tasks.get_or_create(&l[..2].to_vec()).inc();
-        }
-        self.cpu
-            .get_or_create(&l)
-            .inc_by(r.cpu_core_us as f64 / 1e6);
-        self.memory
-            .get_or_create(&l)
-            .inc_by(r.memory_mb_ms as f64 / 1e3);
-        let gpu: u64 = r.gpu_ms.iter().map(|(_, ms)| *ms).sum();
-        if gpu > 0 {
-            self.gpu.get_or_create(&l).inc_by(gpu as f64 / 1e3);
-        }
-        self.wall.get_or_create(&l).inc_by(r.wall_ms() as f64 / 1e3);
-        if let Some(c) = r.cost_minor.and_then(|c| u64::try_from(c).ok()) {
-            self.cost.get_or_create(&l).inc_by(c);
+        Series {
+            tasks: (kind == "allocation")
+                .then(|| self.tasks.get_or_create(&l[..2].to_vec()).clone()),
+            cpu: self.cpu.get_or_create(&l).clone(),
+            memory: self.memory.get_or_create(&l).clone(),
+            wall: self.wall.get_or_create(&l).clone(),
+            labels: l,
+            gpu: None,
+            cost: None,
         }
     }
-
     fn set_card(&self, card: Option<&PriceCard>) {
         self.price_card.clear();
         if let Some(c) = card {
@@ -232,6 +306,42 @@ impl UsageMetrics {
                     ("scale", c.scale.to_string()),
                 ])
                 .set(1);
+        }
+    }
+}
+
+type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
+
+/// One label set's counters, kept by the metering thread so that counting a
+/// record is a few atomic adds (GPU and cost series appear when first used).
+struct Series {
+    labels: Labels,
+    tasks: Option<Counter>,
+    cpu: F64Counter,
+    memory: F64Counter,
+    wall: F64Counter,
+    gpu: Option<F64Counter>,
+    cost: Option<Counter>,
+}
+
+impl Series {
+    fn count(&mut self, m: &UsageMetrics, r: &UsageRecord) {
+        if let Some(t) = &self.tasks {
+            t.inc();
+        }
+        self.cpu.inc_by(r.cpu_core_us as f64 / 1e6);
+        self.memory.inc_by(r.memory_mb_ms as f64 / 1e3);
+        self.wall.inc_by(r.wall_ms() as f64 / 1e3);
+        let gpu: u64 = r.gpu_ms.iter().map(|(_, ms)| *ms).sum();
+        if gpu > 0 {
+            self.gpu
+                .get_or_insert_with(|| m.gpu.get_or_create(&self.labels).clone())
+                .inc_by(gpu as f64 / 1e3);
+        }
+        if let Some(c) = r.cost_minor.and_then(|c| u64::try_from(c).ok()) {
+            self.cost
+                .get_or_insert_with(|| m.cost.get_or_create(&self.labels).clone())
+                .inc_by(c);
         }
     }
 }
@@ -275,6 +385,10 @@ pub struct RecorderStatus {
 }
 
 struct Inner {
+    mailbox: Mailbox,
+    /// Every metered worker's probe, read by callers at events and by the
+    /// thread at its ticks.
+    probes: Mutex<HashMap<String, Arc<dyn Probe>>>,
     card: RwLock<Option<PriceCard>>,
     activity: Mutex<Activity>,
     status: Mutex<RecorderStatus>,
@@ -283,7 +397,6 @@ struct Inner {
 
 /// Handle to the metering thread.
 pub struct Recorder {
-    tx: Mutex<Option<Sender<Msg>>>,
     inner: Arc<Inner>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -319,6 +432,8 @@ impl Recorder {
         metrics.register(registry);
         metrics.set_card(config.price_card.as_ref());
         let inner = Arc::new(Inner {
+            mailbox: Mailbox::default(),
+            probes: Mutex::new(HashMap::new()),
             card: RwLock::new(config.price_card.clone()),
             activity: Mutex::new(activity),
             status: Mutex::new(RecorderStatus {
@@ -330,19 +445,19 @@ impl Recorder {
             }),
             metrics,
         });
-        let (tx, rx) = channel();
         let worker = Worker {
-            rx,
             inner: inner.clone(),
             ledger,
             meter: Meter::default(),
-            probes: HashMap::new(),
             infos: HashMap::new(),
             labeler,
             sample_interval: config.sample_interval.max(Duration::from_millis(10)),
             idle_segment_max: config.idle_segment_max,
             commit_delay: config.commit_delay,
+            group_commit: config.group_commit.min(Duration::from_secs(1)),
             last_save: Instant::now(),
+            last_commit: Instant::now(),
+            series: HashMap::new(),
         };
         let thread = std::thread::Builder::new()
             .name("steward-metering".into())
@@ -353,7 +468,6 @@ impl Recorder {
             })?;
         Ok((
             Recorder {
-                tx: Mutex::new(Some(tx)),
                 inner,
                 thread: Mutex::new(Some(thread)),
             },
@@ -361,43 +475,50 @@ impl Recorder {
         ))
     }
 
-    fn send(&self, msg: Msg) {
-        let failed = match &*lock(&self.tx) {
-            Some(tx) => tx.send(msg).err().map(|e| e.0),
-            None => Some(msg),
-        };
+    fn send(&self, msg: Msg, wake: bool) {
         // The thread is gone: a result must still go.
-        if let Some(Msg::AllocationFinished(_, release, _)) = failed {
+        if let Err(Msg::AllocationFinished(_, release, _, _)) = self.inner.mailbox.post(msg, wake) {
             release();
         }
     }
 
+    /// `fe_id`'s reading now, if it is metered and readable.
+    fn read(&self, fe_id: &str, at_ms: u64) -> Option<Sample> {
+        let probe = lock(&self.inner.probes).get(fe_id).cloned()?;
+        probe.read().map(|r| sample_of(r, at_ms))
+    }
+
     pub fn worker_started(&self, info: WorkerInfo, probe: Arc<dyn Probe>) {
-        self.send(Msg::WorkerStarted(info, probe));
+        let first = sample_of(probe.read().unwrap_or_default(), now_ms());
+        lock(&self.inner.probes).insert(info.fe_id.clone(), probe);
+        self.send(Msg::WorkerStarted(info, first), false);
     }
 
     pub fn worker_stopped(&self, fe_id: &str) {
-        self.send(Msg::WorkerStopped(fe_id.to_string(), now_ms()));
+        let at = now_ms();
+        let last = self.read(fe_id, at);
+        lock(&self.inner.probes).remove(fe_id);
+        self.send(Msg::WorkerStopped(fe_id.to_string(), at, last), false);
     }
 
     pub fn allocation_started(&self, fe_id: &str, alloc_id: &str) {
-        self.send(Msg::AllocationStarted(
-            fe_id.to_string(),
-            alloc_id.to_string(),
-            now_ms(),
-        ));
+        let at = self.read(fe_id, now_ms());
+        let msg = Msg::AllocationStarted(fe_id.to_string(), alloc_id.to_string(), at);
+        self.send(msg, false);
     }
 
     /// Records the allocation, then calls `release` (on the metering thread).
     pub fn allocation_finished(&self, done: FinishedAllocation, release: Release) {
-        self.send(Msg::AllocationFinished(done, release, now_ms()));
+        let at = now_ms();
+        let reading = self.read(&done.fe_id, at);
+        self.send(Msg::AllocationFinished(done, release, at, reading), true);
     }
 
     /// Waits (at most `timeout`) until everything sent so far is recorded
     /// and released; `false` on timeout.
     pub fn flush(&self, timeout: Duration) -> bool {
         let (ack, done) = channel();
-        self.send(Msg::Flush(ack));
+        self.send(Msg::Flush(ack), true);
         done.recv_timeout(timeout).is_ok()
     }
 
@@ -405,7 +526,7 @@ impl Recorder {
     /// and saves the activity file.
     pub fn stop(&self, timeout: Duration) {
         self.flush(timeout);
-        drop(lock(&self.tx).take());
+        self.inner.mailbox.close();
         if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
@@ -446,17 +567,19 @@ impl Drop for Recorder {
 
 /// The metering thread's state.
 struct Worker {
-    rx: Receiver<Msg>,
     inner: Arc<Inner>,
     ledger: Ledger,
     meter: Meter,
-    probes: HashMap<String, Arc<dyn Probe>>,
     infos: HashMap<String, WorkerInfo>,
     labeler: Labeler,
     sample_interval: Duration,
     idle_segment_max: Duration,
     commit_delay: Duration,
+    group_commit: Duration,
     last_save: Instant,
+    last_commit: Instant,
+    /// Counters by (namespace, application, kind) label values.
+    series: HashMap<(String, String, &'static str), Series>,
 }
 
 /// One batch's work: records to write, results to release after, flushes
@@ -472,28 +595,34 @@ impl Worker {
     fn run(mut self) {
         let mut next_tick = Instant::now() + self.sample_interval;
         loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let first = match self.rx.recv_timeout(wait) {
-                Ok(m) => Some(m),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut msgs: Vec<Msg> = first.into_iter().collect();
-            msgs.extend(self.rx.try_iter());
+            // Group commit: at most one write and fsync per interval; what
+            // finishes meanwhile joins the batch.
+            let (msgs, closed) = self
+                .inner
+                .mailbox
+                .take(next_tick, self.last_commit + self.group_commit);
             let tick = Instant::now() >= next_tick;
             if tick {
                 next_tick = Instant::now() + self.sample_interval;
             }
             self.batch(msgs, tick);
+            if closed {
+                break;
+            }
         }
         // Stopping: live workers' idle time so far is recorded.
         let fes: Vec<String> = self.meter.workers().map(str::to_string).collect();
         let mut b = Batch::default();
         for fe in fes {
-            self.worker_stopped(&fe, now_ms(), &mut b);
+            let last = self.probe(&fe).and_then(|p| p.read());
+            self.worker_stopped(&fe, now_ms(), last.map(|r| sample_of(r, now_ms())), &mut b);
         }
         self.commit(b);
         self.save_activity();
+    }
+
+    fn probe(&self, fe: &str) -> Option<Arc<dyn Probe>> {
+        lock(&self.inner.probes).get(fe).cloned()
     }
 
     /// Handles `msgs` (and a tick), then commits; a panic on the way still
@@ -503,9 +632,9 @@ impl Worker {
         let mut work = Vec::with_capacity(msgs.len());
         for m in msgs {
             match m {
-                Msg::AllocationFinished(done, release, at) => {
+                Msg::AllocationFinished(done, release, at, reading) => {
                     b.releases.push(release);
-                    work.push(Msg::AllocationFinished(done, Box::new(|| {}), at));
+                    work.push(Msg::AllocationFinished(done, Box::new(|| {}), at, reading));
                 }
                 Msg::Flush(ack) => b.flushes.push(ack),
                 other => work.push(other),
@@ -513,9 +642,8 @@ impl Worker {
         }
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let mut records = Vec::new();
-            let mut cache = HashMap::new();
             for m in work {
-                self.handle(m, &mut cache, &mut records);
+                self.handle(m, &mut records);
             }
             if tick {
                 self.tick(&mut records);
@@ -537,73 +665,39 @@ impl Worker {
         }
     }
 
-    /// A reading of `fe` now, one per worker per batch.
-    fn read(&self, fe: &str, cache: &mut HashMap<String, Option<Sample>>) -> Option<Sample> {
-        if let Some(s) = cache.get(fe) {
-            return *s;
-        }
-        let s = self.probes.get(fe).and_then(|p| p.read()).map(|r| Sample {
-            at_ms: now_ms(),
-            cpu_usec: r.cpu_usec,
-            memory_bytes: r.memory_bytes,
-        });
-        cache.insert(fe.to_string(), s);
-        s
-    }
-
-    fn handle(
-        &mut self,
-        m: Msg,
-        cache: &mut HashMap<String, Option<Sample>>,
-        out: &mut Vec<UsageRecord>,
-    ) {
+    fn handle(&mut self, m: Msg, out: &mut Vec<UsageRecord>) {
         match m {
-            Msg::WorkerStarted(info, probe) => {
-                let first = probe.read().unwrap_or_default();
-                let s = Sample {
-                    at_ms: now_ms(),
-                    cpu_usec: first.cpu_usec,
-                    memory_bytes: first.memory_bytes,
-                };
+            Msg::WorkerStarted(info, first) => {
                 self.meter
-                    .worker_started(&info.fe_id, info.gpu_models.clone(), s);
-                self.probes.insert(info.fe_id.clone(), probe);
+                    .worker_started(&info.fe_id, info.gpu_models.clone(), first);
                 self.infos.insert(info.fe_id.clone(), info);
             }
-            Msg::AllocationStarted(fe, alloc, at) => {
-                if let Some(s) = self.read(&fe, cache) {
+            Msg::AllocationStarted(fe, alloc, Some(s)) => {
+                self.meter.allocation_started(&fe, &alloc, s);
+            }
+            // Unreadable at its start: metered from the next reading.
+            Msg::AllocationStarted(fe, alloc, None) => {
+                if let Some(s) = self.probe(&fe).and_then(|p| p.read()) {
                     self.meter
-                        .allocation_started(&fe, &alloc, Sample { at_ms: at, ..s });
+                        .allocation_started(&fe, &alloc, sample_of(s, now_ms()));
                 }
             }
-            Msg::AllocationFinished(done, _, at) => {
-                let s = self
-                    .read(&done.fe_id, cache)
-                    .map(|s| Sample { at_ms: at, ..s });
+            Msg::AllocationFinished(done, _, at, reading) => {
                 let used = self
                     .meter
-                    .allocation_finished(&done.fe_id, &done.alloc_id, s);
+                    .allocation_finished(&done.fe_id, &done.alloc_id, reading);
                 out.push(self.allocation_record(done, used, at));
             }
-            Msg::WorkerStopped(fe, at) => {
+            Msg::WorkerStopped(fe, at, last) => {
                 let mut b = Batch::default();
-                self.worker_stopped(&fe, at, &mut b);
+                self.worker_stopped(&fe, at, last, &mut b);
                 out.append(&mut b.records);
             }
             Msg::Flush(_) => {}
         }
     }
 
-    fn worker_stopped(&mut self, fe: &str, at: u64, b: &mut Batch) {
-        let last = self
-            .probes
-            .remove(fe)
-            .and_then(|p| p.read())
-            .map(|r| Sample {
-                at_ms: at,
-                cpu_usec: r.cpu_usec,
-                memory_bytes: r.memory_bytes,
-            });
+    fn worker_stopped(&mut self, fe: &str, at: u64, last: Option<Sample>, b: &mut Batch) {
         let idle = self.meter.worker_stopped(fe, last);
         let info = self.infos.remove(fe);
         if let (Some(idle), Some(info)) = (idle, info) {
@@ -617,26 +711,27 @@ impl Worker {
         let max = self.idle_segment_max.as_millis() as u64;
         let mut status_workers = 0;
         for fe in fes {
-            let Some(r) = self.probes.get(&fe).and_then(|p| p.read()) else {
+            let now = now_ms();
+            let Some(s) = self
+                .probe(&fe)
+                .and_then(|p| p.read())
+                .map(|r| sample_of(r, now))
+            else {
                 // Gone without a word (a start that failed after the
                 // spawn): its idle time ends here.
+                lock(&self.inner.probes).remove(&fe);
                 let mut b = Batch::default();
-                self.worker_stopped(&fe, now_ms(), &mut b);
+                self.worker_stopped(&fe, now, None, &mut b);
                 out.append(&mut b.records);
                 continue;
             };
             status_workers += 1;
-            let s = Sample {
-                at_ms: now_ms(),
-                cpu_usec: r.cpu_usec,
-                memory_bytes: r.memory_bytes,
-            };
-            let since = self.meter.idle_since(&fe).unwrap_or(s.at_ms);
-            if s.at_ms.saturating_sub(since) >= max {
+            let since = self.meter.idle_since(&fe).unwrap_or(now);
+            if now.saturating_sub(since) >= max {
                 if let (Some(idle), Some(info)) =
                     (self.meter.cut_idle(&fe, s), self.infos.get(&fe).cloned())
                 {
-                    out.push(self.segment_record(&info, idle, s.at_ms));
+                    out.push(self.segment_record(&info, idle, now));
                 }
             } else {
                 self.meter.sample(&fe, s);
@@ -708,6 +803,7 @@ impl Worker {
     /// the results and acknowledges flushes, in that order.
     fn commit(&mut self, b: Batch) {
         if !b.records.is_empty() {
+            self.last_commit = Instant::now();
             if !self.commit_delay.is_zero() {
                 std::thread::sleep(self.commit_delay);
             }
@@ -746,7 +842,15 @@ impl Worker {
         for r in records {
             activity.add(r, at);
             let (ns, app) = self.labeler.labels(&r.namespace, &r.application);
-            self.inner.metrics.count(r, &ns, &app);
+            let kind = match r.kind {
+                RecordKind::Allocation => "allocation",
+                RecordKind::WorkerSegment => "idle",
+            };
+            let metrics = &self.inner.metrics;
+            self.series
+                .entry((ns, app, kind))
+                .or_insert_with_key(|(ns, app, kind)| metrics.series(ns, app, kind))
+                .count(metrics, r);
         }
         drop(activity);
         self.inner.metrics.records.inc_by(records.len() as u64);
@@ -769,8 +873,14 @@ mod tests {
     struct FakeProbe(Mutex<Option<Reading>>, bool);
 
     impl Probe for FakeProbe {
+        /// With `.1`: unreadable to callers, and a panic on the metering
+        /// thread (which reads an allocation its caller could not).
         fn read(&self) -> Option<Reading> {
-            assert!(!self.1, "a probe that panics");
+            if self.1 {
+                let on_thread = std::thread::current().name() == Some("steward-metering");
+                assert!(!on_thread, "a probe that panics");
+                return None;
+            }
             *lock(&self.0)
         }
     }
@@ -862,6 +972,8 @@ mod tests {
         let rec = start(tmp.path());
         let bad = Arc::new(FakeProbe(Mutex::new(None), true));
         rec.worker_started(info("w"), bad);
+        // Processing the start panics, in the same batch as the finish.
+        rec.allocation_started("w", "a");
         let (tx, rx) = channel();
         let t = tx.clone();
         rec.allocation_finished(done("a", "w"), Box::new(move || t.send("a").expect("send")));

@@ -323,6 +323,7 @@ impl Cgroups {
     pub fn create(&self, name: &str, limits: &Limits) -> Result<WorkerCgroup, CgroupError> {
         let cg = WorkerCgroup {
             version: self.version,
+            counters: std::sync::OnceLock::new(),
             dirs: self
                 .trees
                 .iter()
@@ -372,6 +373,7 @@ impl Cgroups {
             .map(|name| {
                 let cg = WorkerCgroup {
                     version: self.version,
+                    counters: std::sync::OnceLock::new(),
                     dirs: self
                         .trees
                         .iter()
@@ -523,6 +525,10 @@ pub struct WorkerCgroup {
     version: CgroupVersion,
     dirs: Vec<(Vec<&'static str>, PathBuf)>,
     limits: Limits,
+    /// The CPU and memory counters, opened once and re-read with `pread`
+    /// (one system call per reading: metering reads them at every
+    /// allocation start and end). Reads fail once the cgroup is removed.
+    counters: std::sync::OnceLock<Option<(fs::File, fs::File)>>,
 }
 
 impl WorkerCgroup {
@@ -635,22 +641,35 @@ impl WorkerCgroup {
         })
     }
 
-    /// CPU time and memory only (two reads), for metering.
+    /// CPU time and memory only, for metering: two `pread`s of files kept
+    /// open.
     pub fn reading(&self) -> Option<crate::Reading> {
-        let num = |c: &str, f: &str| self.read(c, f).as_deref().and_then(files::single);
-        let (cpu_usec, memory_bytes) = match self.version {
-            CgroupVersion::V2 => (
-                self.read("cpu", "cpu.stat")
-                    .as_deref()
-                    .and_then(|s| files::keyed(s, "usage_usec"))
-                    .unwrap_or(0),
-                num("memory", "memory.current")?,
-            ),
-            CgroupVersion::V1 => (
-                num("cpuacct", "cpuacct.usage").map_or(0, |ns| ns / 1000),
-                num("memory", "memory.usage_in_bytes")?,
-            ),
+        let (cpu, memory) = self
+            .counters
+            .get_or_init(|| {
+                let open = |c: &str, f: &str| fs::File::open(self.dir_of(c)?.join(f)).ok();
+                match self.version {
+                    CgroupVersion::V2 => {
+                        Some((open("cpu", "cpu.stat")?, open("memory", "memory.current")?))
+                    }
+                    CgroupVersion::V1 => Some((
+                        open("cpuacct", "cpuacct.usage")?,
+                        open("memory", "memory.usage_in_bytes")?,
+                    )),
+                }
+            })
+            .as_ref()?;
+        let mut buf = [0u8; 512];
+        let text = |f: &fs::File, buf: &mut [u8]| -> Option<String> {
+            use std::os::unix::fs::FileExt;
+            let n = f.read_at(buf, 0).ok()?;
+            Some(String::from_utf8_lossy(buf.get(..n)?).into_owned())
         };
+        let cpu_usec = match self.version {
+            CgroupVersion::V2 => files::keyed(&text(cpu, &mut buf)?, "usage_usec")?,
+            CgroupVersion::V1 => files::single(&text(cpu, &mut buf)?)? / 1000,
+        };
+        let memory_bytes = files::single(&text(memory, &mut buf)?)?;
         Some(crate::Reading {
             cpu_usec,
             memory_bytes,
