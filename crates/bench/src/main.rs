@@ -663,8 +663,6 @@ async fn latency(env: &Env, agent: Agent, worker: Worker, n: usize, t: &mut Tabl
     Ok(())
 }
 
-/// 2,000 allocations over 4 workers with max_concurrency 8 (fake worker),
-/// plus the agent's CPU and memory.
 /// What one throughput run measured.
 struct ThroughputRun {
     alloc_per_s: f64,
@@ -765,6 +763,38 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// Warm sequential latency (p50, p95) of `n` no-op requests on one fake
+/// worker, the agent started with `extra`.
+async fn sequential_run(env: &Env, extra: &[&str], n: usize) -> Result<(f64, f64)> {
+    let plane = Plane::start().await?;
+    let (dir, app, function, input, _) = Worker::Fake.hello_app();
+    plane
+        .deploy(env, dir, app, &FunctionOptions::default())
+        .await?;
+    let proc = AgentProc::start_full(
+        env,
+        Agent::Steward,
+        &plane,
+        Worker::Fake,
+        &env.wrapper,
+        extra,
+    )?;
+    plane.wait_executor().await?;
+    for _ in 0..3 {
+        plane.invoke(app, function, input.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        plane.invoke(app, function, input.clone()).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    drop(proc);
+    plane.stop().await;
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.95)))
+}
+
 /// The throughput scenario with and without metering (Steward only),
 /// alternating which goes first: what metering costs.
 async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
@@ -817,6 +847,19 @@ async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
                 "switches",
                 Agent::Steward,
                 r.switches_per_alloc,
+            );
+            let (p50, p95) = sequential_run(env, &extra, 100).await?;
+            t.add(
+                &format!("12. {label} metering: sequential latency, warm fake worker, p50"),
+                "ms",
+                Agent::Steward,
+                p50,
+            );
+            t.add(
+                &format!("12. {label} metering: sequential latency, warm fake worker, p95"),
+                "ms",
+                Agent::Steward,
+                p95,
             );
         }
     }
