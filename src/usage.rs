@@ -167,6 +167,7 @@ mod tests {
             cost_minor: Some(i as i64),
             outcome: "success".into(),
             ran: true,
+            idle_ms: None,
         }
     }
 

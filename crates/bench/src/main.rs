@@ -393,12 +393,24 @@ impl AgentProc {
     /// threads so far, from `/proc/<pid>/task/*/status` (threads that
     /// already exited are not counted).
     fn context_switches(&self) -> f64 {
+        self.thread_switches("")
+    }
+
+    /// Context switches of the agent's live threads whose name starts with `prefix`.
+    fn thread_switches(&self, prefix: &str) -> f64 {
         let dir = format!("/proc/{}/task", self.child.id());
         std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .filter(|status| {
+                status
+                    .lines()
+                    .next()
+                    .and_then(|l| l.strip_prefix("Name:"))
+                    .is_some_and(|n| n.trim().starts_with(prefix))
+            })
             .flat_map(|status| {
                 status
                     .lines()
@@ -669,6 +681,7 @@ struct ThroughputRun {
     cpu_per_1000: f64,
     /// Of which the metering thread's.
     metering_cpu_per_1000: f64,
+    metering_switches_per_alloc: f64,
     /// Usage records per ledger write and fsync (group commit).
     records_per_commit: Option<f64>,
     switches_per_alloc: f64,
@@ -697,6 +710,7 @@ async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<Throu
     }
     let cpu0 = proc.cpu_seconds();
     let metering0 = proc.thread_cpu_seconds("steward-meter");
+    let metering_switches0 = proc.thread_switches("steward-meter");
     let switches0 = proc.context_switches();
     let started = Instant::now();
     for app in apps {
@@ -706,6 +720,7 @@ async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<Throu
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = proc.cpu_seconds() - cpu0;
     let metering = proc.thread_cpu_seconds("steward-meter") - metering0;
+    let metering_switches = proc.thread_switches("steward-meter") - metering_switches0;
     let switches = proc.context_switches() - switches0;
     let records_per_commit = match metrics_text(&proc).await {
         Some(text) => {
@@ -731,6 +746,7 @@ async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<Throu
         alloc_per_s: 2000.0 / elapsed,
         cpu_per_1000: cpu / 2.0,
         metering_cpu_per_1000: metering / 2.0,
+        metering_switches_per_alloc: metering_switches / 2000.0,
         records_per_commit,
         switches_per_alloc: switches / 2000.0,
         idle_rss,
@@ -826,6 +842,12 @@ async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
                     "CPU s",
                     Agent::Steward,
                     r.metering_cpu_per_1000,
+                );
+                t.add(
+                    "12. with metering: of which the metering thread's",
+                    "switches",
+                    Agent::Steward,
+                    r.metering_switches_per_alloc,
                 );
                 if let Some(n) = r.records_per_commit {
                     t.add(

@@ -102,6 +102,16 @@ impl Activity {
         self.file.through = Some(self.file.through.map_or(at, |t| t.max(at)));
         self.dirty = true;
         let day = day_of(r.ended_unix_ms);
+        // A record stamped beyond tomorrow (a clock that jumped) would push
+        // a year of real days out: it stays in the ledger, not in the chart.
+        let today = day_of(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        );
+        if day > today.saturating_add(1) {
+            return;
+        }
         if let std::collections::btree_map::Entry::Vacant(e) = self.file.days.entry(day) {
             e.insert(Day {
                 date: date_of(day),
@@ -109,7 +119,9 @@ impl Activity {
             });
             // A new day: the oldest beyond a year go.
             let newest = self.file.days.keys().next_back().copied().unwrap_or(day);
-            self.file.days.retain(|k, _| k + DAYS > newest);
+            self.file
+                .days
+                .retain(|k, _| newest.saturating_sub(*k) < DAYS);
         }
         let Some(d) = self.file.days.get_mut(&day) else {
             return;
@@ -195,6 +207,7 @@ mod tests {
                 "success".into()
             },
             ran: true,
+            idle_ms: None,
         }
     }
 
@@ -241,6 +254,17 @@ mod tests {
             a.add(&rec(d + 1, 20_000 + d), Position::default());
         }
         assert_eq!(a.days().len(), DAYS as usize);
+        // A clock far in the future pushes nothing out, and a damaged but
+        // valid file with absurd day numbers does not panic.
+        a.add(&rec(999, u64::from(u32::MAX)), Position::default());
+        assert_eq!(a.days().len(), DAYS as usize);
+        std::fs::write(
+            &path,
+            format!(r#"{{"days": {{"{}": {{"date": "x", "tasks": 1, "failed": 0, "wall_ms": 0, "cpu_core_us": 0, "memory_mb_ms": 0, "gpu_ms": 0, "idle_ms": 0, "cost_minor": 0}}}}, "applications": {{}}}}"#, u32::MAX),
+        )
+        .expect("write");
+        let mut odd = Activity::open(path.clone(), &ledger_dir);
+        odd.add(&rec(1, 20_000), Position::default());
         a.save().expect("save");
         std::fs::write(&path, b"{not json").expect("damage");
         let a = Activity::open(path, &ledger_dir);

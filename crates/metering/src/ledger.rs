@@ -3,7 +3,6 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::record::{MAGIC, UsageRecord, decode_frame, encode_frame};
@@ -87,6 +86,13 @@ impl IdWindow {
     }
 }
 
+/// Frames not yet written, and their ids.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    ids: Vec<String>,
+}
+
 /// A place in the ledger: a segment and a byte offset in it.
 #[derive(
     Debug,
@@ -105,11 +111,21 @@ pub struct Position {
     pub offset: u64,
 }
 
+/// The open segment grows in steps of this many zero bytes, written and
+/// synced once: a commit then overwrites blocks the file already has, and
+/// `fdatasync` flushes the data without writing the inode (the size does
+/// not change), one blocking I/O less per commit. Readers stop at the
+/// zeros; rotation and recovery trim them.
+pub const PREALLOCATION: u64 = 1 << 20;
+
 pub struct Ledger {
     config: LedgerConfig,
-    /// (sequence, length) of every segment, oldest first; the last is open.
+    /// (sequence, bytes of frames) of every segment, oldest first; the last
+    /// is open.
     segments: Vec<(u64, u64)>,
     current: File,
+    /// The open segment's file size (its frames, then zeros).
+    allocated: u64,
     ids: IdWindow,
 }
 
@@ -243,14 +259,18 @@ impl Ledger {
             }
             let mut len = bytes.len() as u64;
             if Some(seq) == newest && end < bytes.len() {
-                // A torn last write: cut it so the next frame follows an intact one.
+                // Preallocated zeros, and perhaps a torn last write: cut
+                // both so the next frame follows an intact one.
                 let f = OpenOptions::new()
                     .write(true)
                     .open(&path)
                     .map_err(io(&path))?;
                 f.set_len(end as u64).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
-                recovery.truncated_bytes = (bytes.len() - end) as u64;
+                recovery.truncated_bytes = bytes[end..]
+                    .iter()
+                    .rposition(|b| *b != 0)
+                    .map_or(0, |last| last as u64 + 1);
                 len = end as u64;
             }
             segments.push((seq, len));
@@ -259,11 +279,13 @@ impl Ledger {
             segments.push((0, 0));
         }
         recovery.segments = segments.len();
-        let (seq, _) = segments[segments.len() - 1];
+        let (seq, used) = segments[segments.len() - 1];
         let path = segment_path(&dir, seq);
         let current = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(io(&path))?;
         Ok((
@@ -271,6 +293,7 @@ impl Ledger {
                 config,
                 segments,
                 current,
+                allocated: used,
                 ids,
             },
             recovery,
@@ -285,50 +308,87 @@ impl Ledger {
     /// Appends `record` and fsyncs it; `false` (and nothing written) when
     /// its id is already recorded.
     pub fn append(&mut self, record: &UsageRecord) -> Result<bool, LedgerError> {
-        Ok(self.append_batch(std::slice::from_ref(record))? == 1)
+        Ok(self.append_batch(std::slice::from_ref(record))?[0])
     }
 
     /// Appends the records whose ids are not yet recorded, then fsyncs
     /// once (a group commit): every one is durable when this returns `Ok`.
-    /// Returns how many were written.
-    pub fn append_batch(&mut self, records: &[UsageRecord]) -> Result<usize, LedgerError> {
+    /// Says of each record whether it was written (`false`: its id was
+    /// already recorded). On an error nothing of the failed write counts as
+    /// recorded: the ids stay free and the next write goes where it would
+    /// have gone.
+    pub fn append_batch(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, LedgerError> {
         // The frames go in one write per segment (one system call for the
         // batch, unless it crosses into a new segment).
-        let mut pending: Vec<u8> = Vec::new();
-        let mut written = 0;
+        let mut pending = Pending::default();
+        let mut written = Vec::with_capacity(records.len());
         for record in records {
-            if self.ids.contains(&record.id) {
+            if self.ids.contains(&record.id) || pending.ids.contains(&record.id) {
+                written.push(false);
                 continue;
             }
             let frame = encode_frame(record);
-            let (seq, len) = self.segments[self.segments.len() - 1];
-            if len > 0 && len + frame.len() as u64 > self.config.segment_bytes {
+            let (seq, used) = self.segments[self.segments.len() - 1];
+            let at = used + pending.bytes.len() as u64;
+            if at > 0 && at + frame.len() as u64 > self.config.segment_bytes {
                 self.write_pending(&mut pending)?;
-                self.sync()?;
                 self.rotate(seq + 1)?;
             }
-            pending.extend_from_slice(&frame);
-            if let Some(last) = self.segments.last_mut() {
-                last.1 += frame.len() as u64;
-            }
-            self.ids.insert(&record.id);
-            written += 1;
+            pending.bytes.extend_from_slice(&frame);
+            pending.ids.push(record.id.clone());
+            written.push(true);
         }
-        if written > 0 {
+        if !pending.ids.is_empty() {
             self.write_pending(&mut pending)?;
-            self.sync()?;
             self.enforce_bound();
         }
         Ok(written)
     }
 
-    fn write_pending(&mut self, pending: &mut Vec<u8>) -> Result<(), LedgerError> {
-        if pending.is_empty() {
+    /// Writes `pending` after the open segment's frames (growing the file
+    /// first if needed) and syncs it; only then are its ids and length
+    /// taken as recorded.
+    fn write_pending(&mut self, pending: &mut Pending) -> Result<(), LedgerError> {
+        use std::os::unix::fs::FileExt;
+        if pending.bytes.is_empty() {
             return Ok(());
         }
         let path = self.current_path();
-        self.current.write_all(pending).map_err(io(&path))?;
-        pending.clear();
+        let used = self.segments[self.segments.len() - 1].1;
+        let end = used + pending.bytes.len() as u64;
+        if end > self.allocated {
+            self.grow(end)?;
+        }
+        self.current
+            .write_all_at(&pending.bytes, used)
+            .map_err(io(&path))?;
+        self.sync()?;
+        if let Some(last) = self.segments.last_mut() {
+            last.1 = end;
+        }
+        for id in pending.ids.drain(..) {
+            self.ids.insert(&id);
+        }
+        pending.bytes.clear();
+        Ok(())
+    }
+
+    /// Writes zeros from the open segment's end up past `needed`, in
+    /// [`PREALLOCATION`] steps.
+    fn grow(&mut self, needed: u64) -> Result<(), LedgerError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.current_path();
+        let target = needed.div_ceil(PREALLOCATION).saturating_mul(PREALLOCATION);
+        let zeros = vec![0u8; 64 << 10];
+        let mut at = self.allocated;
+        while at < target {
+            let n = (target - at).min(zeros.len() as u64) as usize;
+            self.current
+                .write_all_at(&zeros[..n], at)
+                .map_err(io(&path))?;
+            at += n as u64;
+        }
+        self.allocated = target;
         Ok(())
     }
 
@@ -350,13 +410,22 @@ impl Ledger {
         &self.config.dir
     }
 
+    /// Closes the open segment (its preallocated zeros trimmed) and opens
+    /// segment `seq`.
     fn rotate(&mut self, seq: u64) -> Result<(), LedgerError> {
+        let old = self.current_path();
+        let used = self.segments[self.segments.len() - 1].1;
+        self.current.set_len(used).map_err(io(&old))?;
+        self.current.sync_all().map_err(io(&old))?;
         let path = segment_path(&self.config.dir, seq);
         self.current = OpenOptions::new()
             .create(true)
-            .append(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(io(&path))?;
+        self.allocated = 0;
         // The new file's name must survive a crash too.
         if let Ok(d) = File::open(&self.config.dir) {
             let _ = d.sync_all();

@@ -1,20 +1,21 @@
-//! Metering: what each allocation and each worker used, as records in a
-//! crash-safe, append-only usage ledger in the data directory.
+//! Metering: what each allocation and each idle worker used and what it
+//! cost, kept in a crash-safe, append-only usage ledger in the data
+//! directory.
 //!
-//! The ledger (`ledger.rs`) writes each record as one checksummed frame
-//! and fsyncs it before `append` returns, so a record the caller was told
-//! is written survives a crash. Opening a ledger recovers it: a torn or
-//! corrupt tail is cut off at the last whole frame, and the ids already
-//! recorded are known, so appending the same allocation again after a
-//! restart is a no-op, never a second count. Segments rotate by size and
-//! the oldest go when the total passes its bound.
-//!
-//! The meter (`meter.rs`) shares a worker's sampled usage among the
-//! allocations running on it (equally) and its idle time. The price card (`price.rs`) turns a record into a cost in integer
-//! minor units.
+//! The recorder (`recorder.rs`) is one thread: it is told of worker and
+//! allocation events with the worker's readings, samples workers each
+//! second, prices records, writes each batch with one fsync and only then
+//! releases the allocations' results (each exactly once, also when it
+//! fails or gives up). The meter (`meter.rs`) shares a worker's usage
+//! equally among the allocations running on it, the rest being its idle
+//! time. The ledger (`ledger.rs`) frames and checksums records, recovers
+//! from torn writes, refuses a second record for a recent id, rotates and
+//! bounds itself. The activity file (`activity.rs`) keeps a year of daily
+//! totals; the summary (`summary.rs`) groups the ledger for `/state/usage`.
+//! The price card (`price.rs`) turns a record into integer minor units.
 //!
 //! Must not know about: gRPC, protobuf, workers, cgroups (usage arrives
-//! as numbers), HTTP.
+//! as numbers through a `Probe`), HTTP.
 
 mod activity;
 mod ledger;

@@ -30,6 +30,8 @@ pub struct Accrued {
     pub peak_memory_bytes: u64,
     /// GPU time by model, ms.
     pub gpu_ms: BTreeMap<String, u64>,
+    /// For an idle segment: the time with no allocation running, ms.
+    pub idle_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -59,9 +61,15 @@ fn share(total: u128, parts: u128) -> u64 {
 
 impl WorkerMeter {
     fn apply(&mut self, s: Sample) {
-        let Some(prev) = self.last.replace(s) else {
+        // A reading older than the last one (posted late by another thread)
+        // would count its interval twice: it is ignored.
+        let Some(prev) = self.last.filter(|p| p.at_ms <= s.at_ms) else {
+            if self.last.is_none() {
+                self.last = Some(s);
+            }
             return;
         };
+        self.last = Some(s);
         let dt = u128::from(s.at_ms.saturating_sub(prev.at_ms));
         let dcpu = u128::from(s.cpu_usec.saturating_sub(prev.cpu_usec));
         // Trapezoid: the mean of the two readings over the interval.
@@ -80,6 +88,10 @@ impl WorkerMeter {
         };
         if k == 0 {
             give(&mut self.idle, 1);
+            self.idle.idle_ms = self
+                .idle
+                .idle_ms
+                .saturating_add(u64::try_from(dt).unwrap_or(u64::MAX));
         } else {
             for a in self.running.values_mut() {
                 give(a, k);
@@ -139,8 +151,18 @@ impl Meter {
             self.orphan_order.retain(|o| o != alloc_id);
             return Some(a);
         }
-        let w = self.workers.get_mut(fe_id)?;
-        if let Some(at) = at {
+        // The worker named, or (a result that lost track of its worker)
+        // whichever runs it: an allocation never stays running forever.
+        let fe = if self.workers.contains_key(fe_id) {
+            fe_id.to_string()
+        } else {
+            self.workers
+                .iter()
+                .find(|(_, w)| w.running.contains_key(alloc_id))
+                .map(|(id, _)| id.clone())?
+        };
+        let w = self.workers.get_mut(&fe)?;
+        if let Some(at) = at.filter(|_| fe == fe_id) {
             w.apply(at);
         }
         w.running.remove(alloc_id)
@@ -276,5 +298,29 @@ mod tests {
         let second = m.worker_stopped("w", Some(s(2_500, 25, 0))).expect("rest");
         assert_eq!((first.started_ms, first.cpu_core_us), (0, 10));
         assert_eq!((second.started_ms, second.cpu_core_us), (1_000, 15));
+        assert_eq!((first.idle_ms, second.idle_ms), (1_000, 1_500));
+    }
+
+    #[test]
+    fn idle_time_is_only_the_time_with_nothing_running_and_late_readings_are_ignored() {
+        let mut m = Meter::default();
+        m.worker_started("w", Vec::new(), s(0, 0, 0));
+        m.allocation_started("w", "a", s(1_000, 0, 0));
+        // A reading from before the last one, posted late.
+        m.sample("w", s(500, 0, 0));
+        m.allocation_finished("w", "a", Some(s(9_000, 8_000_000, 0)))
+            .expect("a");
+        let idle = m
+            .worker_stopped("w", Some(s(10_000, 8_000_000, 0)))
+            .expect("idle");
+        assert_eq!(idle.idle_ms, 2_000, "busy 8 s of 10");
+        assert_eq!(idle.cpu_core_us, 0);
+        // A result without its worker still ends the allocation it ran.
+        m.worker_started("v", Vec::new(), s(0, 0, 0));
+        m.allocation_started("v", "b", s(0, 0, 0));
+        assert!(m.allocation_finished("", "b", None).is_some());
+        m.sample("v", s(1_000, 500, 0));
+        let idle = m.worker_stopped("v", None).expect("idle");
+        assert_eq!(idle.cpu_core_us, 500, "no ghost keeps taking a share");
     }
 }

@@ -132,6 +132,7 @@ GPU_MODEL_NVIDIA_H100_80GB = 1000
             cost_minor: None,
             outcome: "success".into(),
             ran: true,
+            idle_ms: None,
         }
     }
 

@@ -25,7 +25,7 @@ pub enum RecordKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub kind: RecordKind,
-    /// Allocation id, or `<worker id>#<segment>`: unique per record.
+    /// Allocation id, or `<worker id>@<segment start, unix ms>`: unique per record.
     pub id: String,
     pub function_executor_id: String,
     pub namespace: String,
@@ -50,11 +50,21 @@ pub struct UsageRecord {
     /// started used nothing and is not charged the task price).
     #[serde(default)]
     pub ran: bool,
+    /// For a worker segment: the time in it with no allocation running
+    /// (the segment spans busy time too, which the allocations' records
+    /// already carry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
 }
 
 impl UsageRecord {
+    /// An allocation's wall time; a worker segment's idle time.
     pub fn wall_ms(&self) -> u64 {
-        self.ended_unix_ms.saturating_sub(self.started_unix_ms)
+        let span = self.ended_unix_ms.saturating_sub(self.started_unix_ms);
+        match (self.kind, self.idle_ms) {
+            (RecordKind::WorkerSegment, Some(idle)) => idle.min(span),
+            _ => span,
+        }
     }
 }
 

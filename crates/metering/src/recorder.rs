@@ -116,16 +116,30 @@ enum Msg {
     WorkerStarted(WorkerInfo, Sample),
     WorkerStopped(String, u64, Option<Sample>),
     AllocationStarted(String, String, Option<Sample>),
-    AllocationFinished(FinishedAllocation, Release, u64, Option<Sample>),
+    /// With the ticket of its release.
+    AllocationFinished(FinishedAllocation, u64, u64, Option<Sample>),
     Flush(Sender<()>),
 }
 
 /// Events waiting for the thread; it sleeps until `wake` (or its tick).
-#[derive(Default)]
 struct Queue {
     msgs: Vec<Msg>,
     wake: bool,
     closed: bool,
+    /// Until then the thread wakes by itself (the group-commit window), so
+    /// a poster sets `wake` without waking it: one wake-up per commit.
+    quiet_until: Instant,
+}
+
+impl Default for Queue {
+    fn default() -> Queue {
+        Queue {
+            msgs: Vec::new(),
+            wake: false,
+            closed: false,
+            quiet_until: Instant::now(),
+        }
+    }
 }
 
 /// The queue and what wakes the thread.
@@ -147,22 +161,25 @@ impl Mailbox {
         q.msgs.push(msg);
         if wake && !q.wake {
             q.wake = true;
-            self.ready.notify_one();
+            if Instant::now() >= q.quiet_until {
+                self.ready.notify_one();
+            }
         }
         Ok(())
     }
 
-    /// Waits until woken (and not before `not_before`) or `deadline`; the
-    /// queued events and whether the mailbox is closed. One wait, however
-    /// the two times fall: every block is a context switch.
+    /// Waits until woken (and not before `not_before`, sleeping until then
+    /// in any case) or `deadline`; the queued events and whether the
+    /// mailbox is closed.
     fn take(&self, deadline: Instant, not_before: Instant) -> (Vec<Msg>, bool) {
         let mut q = lock(&self.queue);
+        q.quiet_until = not_before;
         loop {
             let now = Instant::now();
             if q.closed || now >= deadline || (q.wake && now >= not_before) {
                 break;
             }
-            let until = if q.wake {
+            let until = if now < not_before {
                 not_before.min(deadline)
             } else {
                 deadline
@@ -177,11 +194,12 @@ impl Mailbox {
         (std::mem::take(&mut q.msgs), q.closed)
     }
 
+    /// Closes the mailbox; what was still queued.
     fn close(&self) -> Vec<Msg> {
         let mut q = lock(&self.queue);
         q.closed = true;
         self.ready.notify_one();
-        Vec::new()
+        std::mem::take(&mut q.msgs)
     }
 }
 
@@ -384,8 +402,19 @@ pub struct RecorderStatus {
     pub workers_metered: usize,
 }
 
+/// Results waiting for their records: whoever takes a ticket out calls its
+/// release, so each is called exactly once, by the thread after the write,
+/// or by whoever gives up on the thread (a flush past its timeout, the
+/// thread ending or panicking, a post after it is gone).
+#[derive(Default)]
+struct Tickets {
+    next: u64,
+    pending: HashMap<u64, Release>,
+}
+
 struct Inner {
     mailbox: Mailbox,
+    tickets: Mutex<Tickets>,
     /// Every metered worker's probe, read by callers at events and by the
     /// thread at its ticks.
     probes: Mutex<HashMap<String, Arc<dyn Probe>>>,
@@ -398,7 +427,22 @@ struct Inner {
 /// Handle to the metering thread.
 pub struct Recorder {
     inner: Arc<Inner>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The thread, and a channel that disconnects when it has ended.
+    thread: Mutex<Option<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>)>>,
+}
+
+/// Closes the mailbox and releases what waits when the thread ends.
+struct ThreadGuard(Arc<Inner>, #[allow(dead_code)] Sender<()>);
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        for m in self.0.mailbox.close() {
+            if let Msg::AllocationFinished(_, ticket, _, _) = m {
+                self.0.release(ticket);
+            }
+        }
+        self.0.release_all("the metering thread ended");
+    }
 }
 
 fn now_ms() -> u64 {
@@ -410,6 +454,46 @@ fn now_ms() -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Inner {
+    fn hold(&self, release: Release) -> u64 {
+        let mut t = lock(&self.tickets);
+        t.next += 1;
+        let ticket = t.next;
+        t.pending.insert(ticket, release);
+        ticket
+    }
+
+    /// Calls the release of `ticket` if nobody has yet.
+    fn release(&self, ticket: u64) {
+        let release = lock(&self.tickets).pending.remove(&ticket);
+        if let Some(r) = release {
+            // A panicking release must not take the others' results with it.
+            if std::panic::catch_unwind(AssertUnwindSafe(r)).is_err() {
+                tracing::error!("releasing a result panicked");
+            }
+        }
+    }
+
+    /// Releases every result still waiting, unrecorded; how many.
+    fn release_all(&self, why: &str) -> usize {
+        let all: Vec<u64> = lock(&self.tickets).pending.keys().copied().collect();
+        if !all.is_empty() {
+            tracing::error!(
+                results = all.len(),
+                "{why}: results released without usage records"
+            );
+            self.metrics.errors.inc();
+            let mut st = lock(&self.status);
+            st.write_errors += 1;
+            st.last_error = Some(format!("{why}: {} results released unrecorded", all.len()));
+        }
+        for t in &all {
+            self.release(*t);
+        }
+        all.len()
+    }
 }
 
 impl Recorder {
@@ -433,6 +517,7 @@ impl Recorder {
         metrics.set_card(config.price_card.as_ref());
         let inner = Arc::new(Inner {
             mailbox: Mailbox::default(),
+            tickets: Mutex::new(Tickets::default()),
             probes: Mutex::new(HashMap::new()),
             card: RwLock::new(config.price_card.clone()),
             activity: Mutex::new(activity),
@@ -458,10 +543,19 @@ impl Recorder {
             last_save: Instant::now(),
             last_commit: Instant::now(),
             series: HashMap::new(),
+            unreadable: HashMap::new(),
         };
+        let (exited_tx, exited) = channel::<()>();
         let thread = std::thread::Builder::new()
             .name("steward-metering".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // However the thread ends (stopped, or a panic outside a
+                // batch), nothing is posted to it any more and every result
+                // still waiting goes.
+                let guard = ThreadGuard(worker.inner.clone(), exited_tx);
+                worker.run();
+                drop(guard);
+            })
             .map_err(|error| LedgerError::Io {
                 path: config.ledger.dir.clone(),
                 error,
@@ -469,7 +563,7 @@ impl Recorder {
         Ok((
             Recorder {
                 inner,
-                thread: Mutex::new(Some(thread)),
+                thread: Mutex::new(Some((thread, exited))),
             },
             recovery,
         ))
@@ -477,8 +571,8 @@ impl Recorder {
 
     fn send(&self, msg: Msg, wake: bool) {
         // The thread is gone: a result must still go.
-        if let Err(Msg::AllocationFinished(_, release, _, _)) = self.inner.mailbox.post(msg, wake) {
-            release();
+        if let Err(Msg::AllocationFinished(_, ticket, _, _)) = self.inner.mailbox.post(msg, wake) {
+            self.inner.release(ticket);
         }
     }
 
@@ -511,24 +605,45 @@ impl Recorder {
     pub fn allocation_finished(&self, done: FinishedAllocation, release: Release) {
         let at = now_ms();
         let reading = self.read(&done.fe_id, at);
-        self.send(Msg::AllocationFinished(done, release, at, reading), true);
+        let ticket = self.inner.hold(release);
+        self.send(Msg::AllocationFinished(done, ticket, at, reading), true);
     }
 
     /// Waits (at most `timeout`) until everything sent so far is recorded
-    /// and released; `false` on timeout.
+    /// and released. Past the timeout (a disk that does not answer) the
+    /// results still waiting are released unrecorded: `false`.
     pub fn flush(&self, timeout: Duration) -> bool {
         let (ack, done) = channel();
         self.send(Msg::Flush(ack), true);
-        done.recv_timeout(timeout).is_ok()
+        if done.recv_timeout(timeout).is_ok() {
+            return true;
+        }
+        self.inner.release_all("metering did not catch up in time");
+        false
     }
 
-    /// Flushes, stops the thread (idle segments of live workers are recorded)
-    /// and saves the activity file.
+    /// Flushes, stops the thread (idle segments of live workers are recorded,
+    /// the activity file saved), waiting at most about `timeout` in all; a
+    /// thread stuck on its disk is left behind, its results released.
     pub fn stop(&self, timeout: Duration) {
+        let started = Instant::now();
         self.flush(timeout);
         self.inner.mailbox.close();
-        if let Some(t) = lock(&self.thread).take() {
-            let _ = t.join();
+        let Some((thread, exited)) = lock(&self.thread).take() else {
+            return;
+        };
+        if std::thread::current().id() == thread.thread().id() {
+            return; // Dropped on its own thread: it is ending anyway.
+        }
+        let left = timeout.saturating_sub(started.elapsed());
+        match exited.recv_timeout(left) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!("the metering thread did not stop in time; left behind");
+                self.inner.release_all("the metering thread did not stop");
+            }
+            _ => {
+                let _ = thread.join();
+            }
         }
     }
 
@@ -580,6 +695,8 @@ struct Worker {
     last_commit: Instant,
     /// Counters by (namespace, application, kind) label values.
     series: HashMap<(String, String, &'static str), Series>,
+    /// Workers whose probe failed at the last ticks, and how many times.
+    unreadable: HashMap<String, u32>,
 }
 
 /// One batch's work: records to write, results to release after, flushes
@@ -587,7 +704,7 @@ struct Worker {
 #[derive(Default)]
 struct Batch {
     records: Vec<UsageRecord>,
-    releases: Vec<Release>,
+    releases: Vec<u64>,
     flushes: Vec<Sender<()>>,
 }
 
@@ -605,7 +722,22 @@ impl Worker {
             if tick {
                 next_tick = Instant::now() + self.sample_interval;
             }
-            self.batch(msgs, tick);
+            let tickets: Vec<u64> = msgs
+                .iter()
+                .filter_map(|m| match m {
+                    Msg::AllocationFinished(_, t, _, _) => Some(*t),
+                    _ => None,
+                })
+                .collect();
+            // Whatever panics (the meter, the ledger, the metrics), this
+            // batch's results still go and the thread goes on.
+            if std::panic::catch_unwind(AssertUnwindSafe(|| self.batch(msgs, tick))).is_err() {
+                tracing::error!("metering panicked on a batch; its results are released");
+                self.inner.metrics.errors.inc();
+                for t in tickets {
+                    self.inner.release(t);
+                }
+            }
             if closed {
                 break;
             }
@@ -632,9 +764,9 @@ impl Worker {
         let mut work = Vec::with_capacity(msgs.len());
         for m in msgs {
             match m {
-                Msg::AllocationFinished(done, release, at, reading) => {
-                    b.releases.push(release);
-                    work.push(Msg::AllocationFinished(done, Box::new(|| {}), at, reading));
+                Msg::AllocationFinished(done, ticket, at, reading) => {
+                    b.releases.push(ticket);
+                    work.push(Msg::AllocationFinished(done, ticket, at, reading));
                 }
                 Msg::Flush(ack) => b.flushes.push(ack),
                 other => work.push(other),
@@ -668,6 +800,12 @@ impl Worker {
     fn handle(&mut self, m: Msg, out: &mut Vec<UsageRecord>) {
         match m {
             Msg::WorkerStarted(info, first) => {
+                // The same id again before its end was seen: the old one ends now.
+                if self.meter.knows(&info.fe_id) {
+                    let mut b = Batch::default();
+                    self.worker_stopped(&info.fe_id, first.at_ms, None, &mut b);
+                    out.append(&mut b.records);
+                }
                 self.meter
                     .worker_started(&info.fe_id, info.gpu_models.clone(), first);
                 self.infos.insert(info.fe_id.clone(), info);
@@ -698,6 +836,7 @@ impl Worker {
     }
 
     fn worker_stopped(&mut self, fe: &str, at: u64, last: Option<Sample>, b: &mut Batch) {
+        self.unreadable.remove(fe);
         let idle = self.meter.worker_stopped(fe, last);
         let info = self.infos.remove(fe);
         if let (Some(idle), Some(info)) = (idle, info) {
@@ -717,14 +856,20 @@ impl Worker {
                 .and_then(|p| p.read())
                 .map(|r| sample_of(r, now))
             else {
-                // Gone without a word (a start that failed after the
-                // spawn): its idle time ends here.
-                lock(&self.inner.probes).remove(&fe);
-                let mut b = Batch::default();
-                self.worker_stopped(&fe, now, None, &mut b);
-                out.append(&mut b.records);
+                // Unreadable three ticks running: gone without a word (a
+                // start that failed after the spawn); its idle time ends.
+                let misses = self.unreadable.entry(fe.clone()).or_default();
+                *misses += 1;
+                if *misses >= 3 {
+                    self.unreadable.remove(&fe);
+                    lock(&self.inner.probes).remove(&fe);
+                    let mut b = Batch::default();
+                    self.worker_stopped(&fe, now, None, &mut b);
+                    out.append(&mut b.records);
+                }
                 continue;
             };
+            self.unreadable.remove(&fe);
             status_workers += 1;
             let since = self.meter.idle_since(&fe).unwrap_or(now);
             if now.saturating_sub(since) >= max {
@@ -776,6 +921,7 @@ impl Worker {
             cost_minor: None,
             outcome: done.outcome,
             ran: done.ran,
+            idle_ms: None,
         })
     }
 
@@ -796,6 +942,7 @@ impl Worker {
             cost_minor: None,
             outcome: String::new(),
             ran: false,
+            idle_ms: Some(idle.idle_ms),
         })
     }
 
@@ -814,7 +961,17 @@ impl Worker {
                 .commit
                 .observe(started.elapsed().as_secs_f64());
             match written {
-                Ok(_) => self.count(&b.records),
+                // Only what was written counts (a second record of an id
+                // already in the ledger was refused).
+                Ok(flags) => {
+                    let new: Vec<UsageRecord> = b
+                        .records
+                        .into_iter()
+                        .zip(flags)
+                        .filter_map(|(r, w)| w.then_some(r))
+                        .collect();
+                    self.count(&new);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, records = b.records.len(), "usage records not written; results released");
                     self.inner.metrics.errors.inc();
@@ -824,11 +981,8 @@ impl Worker {
                 }
             }
         }
-        for release in b.releases {
-            // A panicking release must not take the others' results with it.
-            if std::panic::catch_unwind(AssertUnwindSafe(release)).is_err() {
-                tracing::error!("releasing a result panicked");
-            }
+        for ticket in b.releases {
+            self.inner.release(ticket);
         }
         for ack in b.flushes {
             let _ = ack.send(());
@@ -988,6 +1142,54 @@ mod tests {
             Ok("b"),
             "inline once stopped"
         );
+    }
+
+    #[test]
+    fn a_flush_past_its_timeout_releases_what_waits_exactly_once() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = RecorderConfig::new(tmp.path());
+        // A disk that takes a second per write.
+        c.commit_delay = Duration::from_secs(1);
+        let rec = Recorder::start(c, &mut Registry::default())
+            .expect("start")
+            .0;
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = calls.clone();
+        rec.allocation_finished(
+            done("a", "w"),
+            Box::new(move || {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        );
+        assert!(!rec.flush(Duration::from_millis(100)), "the disk is slow");
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "released by the flush"
+        );
+        // The write completes later; the result is not released twice.
+        assert!(rec.flush(Duration::from_secs(5)));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(rec.status().last_error.is_some());
+        rec.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_same_allocation_finished_again_is_neither_written_nor_counted_twice() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let rec = start(tmp.path());
+        for _ in 0..2 {
+            rec.allocation_finished(done("again", "w"), Box::new(|| {}));
+            assert!(rec.flush(Duration::from_secs(5)));
+        }
+        assert_eq!(
+            read_records(&tmp.path().join("usage")).expect("read").len(),
+            1
+        );
+        assert_eq!(rec.status().records_written, 1);
+        let tasks: u64 = rec.activity().iter().map(|d| d.tasks).sum();
+        assert_eq!(tasks, 1);
+        rec.stop(Duration::from_secs(5));
     }
 
     #[test]

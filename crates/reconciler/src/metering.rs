@@ -41,16 +41,19 @@ pub struct MeteredAllocation {
     pub ran: bool,
 }
 
-/// Metering's side of the seam. Every call must return at once (no I/O on
-/// the caller's thread).
+/// Metering's side of the seam. Every call must return at once: no
+/// blocking I/O on the caller's thread (reading a worker's counters, a
+/// `pread` of a cgroup file or of `/proc`, is the most it may do). The
+/// agent calls it without holding its state lock.
 pub trait Metering: Send + Sync + 'static {
     fn worker_started(&self, worker: MeteredWorker);
     fn worker_stopped(&self, fe_id: &str);
     fn allocation_started(&self, fe_id: &str, alloc_id: &str);
     /// Records `allocation`, then calls `release` exactly once.
     fn allocation_finished(&self, allocation: MeteredAllocation, release: Box<dyn FnOnce() + Send>);
-    /// Blocks until every finished allocation passed so far is released
-    /// (at most `timeout`).
+    /// Blocks until every finished allocation passed so far is released;
+    /// past `timeout` it releases the rest unrecorded, so that a final
+    /// report carries every result.
     fn flush(&self, timeout: Duration);
 }
 

@@ -282,15 +282,20 @@ impl Shared {
         let (ran, fe_id) = {
             let mut st = self.state.lock();
             let mut seen = (false, String::new());
-            if let Some(id) = &result.allocation_id
-                && let Some(a) = st.allocations.get_mut(id)
-            {
+            let id = result.allocation_id.as_deref().unwrap_or_default();
+            if let Some(a) = st.allocations.get_mut(id) {
                 seen = (a.phase == AllocPhase::Running, a.fe_id.clone());
                 a.phase = AllocPhase::Finished;
                 a.timeline.push(TimelineEntry::now(format!(
                     "finished: {} {}",
                     outcome.0, outcome.1
                 )));
+            } else if self.config.metering.is_some()
+                && let Some((_, a)) = st.recent_allocations.iter().rev().find(|(i, _)| i == id)
+            {
+                // Dropped from the desired state (cancelled) while it ran:
+                // metering still needs its worker.
+                seen = (a.phase == AllocPhase::Running, a.fe_id.clone());
             }
             seen
         };

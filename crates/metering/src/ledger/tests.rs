@@ -24,6 +24,7 @@ fn record(i: u64) -> UsageRecord {
         cost_minor: Some(i as i64),
         outcome: "success".into(),
         ran: true,
+        idle_ms: None,
     }
 }
 
@@ -60,11 +61,14 @@ fn a_torn_last_write_is_cut_and_the_next_record_follows_intact_ones() {
     for i in 0..3 {
         l.append(&record(i)).expect("append");
     }
+    let used = l.position().offset;
     drop(l);
     let path = segment_path(tmp.path(), 0);
+    // Half a frame where the next one goes, before the preallocated zeros.
     let frame = encode_frame(&record(3));
-    let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-    f.write_all(&frame[..frame.len() / 2]).expect("torn write");
+    let f = OpenOptions::new().write(true).open(&path).expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &frame[..frame.len() / 2], used)
+        .expect("torn write");
     drop(f);
     let (mut l, r) = Ledger::open(config(tmp.path())).expect("reopen");
     assert_eq!(

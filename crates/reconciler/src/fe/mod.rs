@@ -418,14 +418,18 @@ impl Controller {
     /// tells metering the worker stops (once per worker: the monitor is
     /// taken).
     fn keep_last_usage(&self) {
-        let mut st = self.shared.state.lock();
-        if let Some(fe) = st.fes.get_mut(&self.id)
-            && let Some(m) = fe.monitor.take()
-        {
-            fe.last_usage = m.usage().or(fe.last_usage);
-            if let Some(metering) = &self.shared.config.metering {
-                metering.worker_stopped(&self.id);
-            }
+        let monitor = {
+            let mut st = self.shared.state.lock();
+            st.fes.get_mut(&self.id).and_then(|fe| fe.monitor.take())
+        };
+        let Some(m) = monitor else { return };
+        // Read outside the state lock (cgroup files).
+        let usage = m.usage();
+        if let Some(fe) = self.shared.state.lock().fes.get_mut(&self.id) {
+            fe.last_usage = usage.or(fe.last_usage);
+        }
+        if let Some(metering) = &self.shared.config.metering {
+            metering.worker_stopped(&self.id);
         }
     }
 
@@ -888,21 +892,26 @@ async fn start(
         .start(spec)
         .await
         .map_err(|e| internal(e.to_string()))?;
-    {
+    let tracked = {
         let mut st = shared.state.lock();
-        if let Some(fe) = st.fes.get_mut(&id) {
+        let fe = st.fes.get_mut(&id);
+        let tracked = fe.is_some();
+        if let Some(fe) = fe {
             fe.pid = Some(process.pid());
             fe.gpus = gpus.clone();
             fe.monitor = Some(process.monitor());
-            if let Some(metering) = &shared.config.metering {
-                metering.worker_started(crate::metering::worker_of(&desc, process.monitor()));
-            }
             fe.timeline.push(TimelineEntry::now(format!(
                 "spawned pid {} on {}",
                 process.pid(),
                 process.address()
             )));
         }
+        tracked
+    };
+    // Told outside the state lock (it reads the worker's counters); its
+    // end is told when the monitor is taken (`keep_last_usage`).
+    if tracked && let Some(metering) = &shared.config.metering {
+        metering.worker_started(crate::metering::worker_of(&desc, process.monitor()));
     }
     // Connect, retrying while the worker starts; give up if it exits.
     let deadline = Instant::now() + shared.config.function_executor_connect_timeout;

@@ -528,7 +528,7 @@ pub struct WorkerCgroup {
     /// The CPU and memory counters, opened once and re-read with `pread`
     /// (one system call per reading: metering reads them at every
     /// allocation start and end). Reads fail once the cgroup is removed.
-    counters: std::sync::OnceLock<Option<(fs::File, fs::File)>>,
+    counters: std::sync::OnceLock<(Option<fs::File>, fs::File)>,
 }
 
 impl WorkerCgroup {
@@ -642,38 +642,47 @@ impl WorkerCgroup {
     }
 
     /// CPU time and memory only, for metering: two `pread`s of files kept
-    /// open.
+    /// open. CPU reads as 0 where no hierarchy accounts it (v1 without
+    /// `cpuacct`); on v2 `cpu.stat` exists in every cgroup. `None` once the
+    /// cgroup is gone, or where memory cannot be read.
     pub fn reading(&self) -> Option<crate::Reading> {
-        let (cpu, memory) = self
-            .counters
-            .get_or_init(|| {
-                let open = |c: &str, f: &str| fs::File::open(self.dir_of(c)?.join(f)).ok();
-                match self.version {
-                    CgroupVersion::V2 => {
-                        Some((open("cpu", "cpu.stat")?, open("memory", "memory.current")?))
-                    }
-                    CgroupVersion::V1 => Some((
-                        open("cpuacct", "cpuacct.usage")?,
-                        open("memory", "memory.usage_in_bytes")?,
-                    )),
-                }
-            })
-            .as_ref()?;
+        let (cpu, memory) = self.counters()?;
         let mut buf = [0u8; 512];
         let text = |f: &fs::File, buf: &mut [u8]| -> Option<String> {
             use std::os::unix::fs::FileExt;
             let n = f.read_at(buf, 0).ok()?;
             Some(String::from_utf8_lossy(buf.get(..n)?).into_owned())
         };
-        let cpu_usec = match self.version {
-            CgroupVersion::V2 => files::keyed(&text(cpu, &mut buf)?, "usage_usec")?,
-            CgroupVersion::V1 => files::single(&text(cpu, &mut buf)?)? / 1000,
-        };
         let memory_bytes = files::single(&text(memory, &mut buf)?)?;
+        let cpu_usec = match (self.version, cpu) {
+            (_, None) => 0,
+            (CgroupVersion::V2, Some(f)) => files::keyed(&text(f, &mut buf)?, "usage_usec")?,
+            (CgroupVersion::V1, Some(f)) => files::single(&text(f, &mut buf)?)? / 1000,
+        };
         Some(crate::Reading {
             cpu_usec,
             memory_bytes,
         })
+    }
+
+    /// The counter files, opened at the first reading that finds them (a
+    /// failed open is tried again next time).
+    fn counters(&self) -> Option<&(Option<fs::File>, fs::File)> {
+        if let Some(c) = self.counters.get() {
+            return Some(c);
+        }
+        let open = |c: &str, f: &str| fs::File::open(self.dir_of(c)?.join(f)).ok();
+        let (cpu, memory) = match self.version {
+            CgroupVersion::V2 => (
+                open("cpu", "cpu.stat").or_else(|| open("memory", "cpu.stat")),
+                open("memory", "memory.current")?,
+            ),
+            CgroupVersion::V1 => (
+                open("cpuacct", "cpuacct.usage"),
+                open("memory", "memory.usage_in_bytes")?,
+            ),
+        };
+        Some(self.counters.get_or_init(|| (cpu, memory)))
     }
 
     /// Every process in the cgroup (union over hierarchies).
