@@ -266,6 +266,15 @@ async fn usage_is_metered_within_ten_percent_and_priced_by_the_card() -> Result<
     Ok(())
 }
 
+/// Removes a test Steward's parent cgroup on drop.
+struct CgroupParentGuard(String);
+
+impl Drop for CgroupParentGuard {
+    fn drop(&mut self) {
+        support::remove_cgroup_parent(&self.0);
+    }
+}
+
 /// The allocation ids whose results the server took.
 async fn server_finished(plane: &support::Plane) -> Result<Vec<String>> {
     let log = plane.log().await?;
@@ -318,6 +327,9 @@ async fn sigkill_while_allocations_finish_never_loses_or_doubles_a_record() -> R
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let data_dir = steward.into_data_dir()?;
+        // The killed agent's cgroups are the next one's to reap; should this
+        // test fail before it starts, the guard removes them.
+        let cgroups = CgroupParentGuard(support::cgroup_parent_for(data_dir.path()));
         // Every result the server took has exactly one intact record.
         let ids = ledger_ids(data_dir.path())?;
         for id in server_finished(&plane).await? {
@@ -335,6 +347,8 @@ async fn sigkill_while_allocations_finish_never_loses_or_doubles_a_record() -> R
             &[],
             data_dir,
         )?;
+        // The restarted agent owns its parent cgroup again.
+        std::mem::forget(cgroups);
         // The restarted agent recovered the ledger without counting twice.
         let (_, usage) = steward
             .wait_json("/state/usage", Duration::from_secs(30), |c, _| c == 200)
