@@ -140,12 +140,28 @@ impl HostView {
 }
 
 /// Samples usage every `every` until the runtime stops.
-pub async fn sample_loop(host: Arc<HostView>, sampler: hr::UsageSampler, every: Duration) {
+pub async fn sample_loop(
+    host: Arc<HostView>,
+    sampler: hr::UsageSampler,
+    every: Duration,
+    metering: Option<Arc<steward_metering::Recorder>>,
+) {
     let sampler = Arc::new(Mutex::new(sampler));
     loop {
         let s = sampler.clone();
         match tokio::task::spawn_blocking(move || s.lock().sample()).await {
-            Ok(u) => host.record(u),
+            Ok(u) => {
+                // GPU utilisation also meters the workers' busy GPU time.
+                if let Some(m) = &metering {
+                    let gpus = u
+                        .gpus
+                        .iter()
+                        .filter_map(|g| Some((g.uuid.clone(), g.utilization_percent?)))
+                        .collect();
+                    m.gpu_utilization(gpus);
+                }
+                host.record(u)
+            }
             Err(e) => tracing::warn!(error = %e, "usage sampling task failed"),
         }
         tokio::time::sleep(every).await;

@@ -996,6 +996,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             host.clone(),
             sampler,
             Duration::from_secs(args.usage_sample_interval_s.max(1)),
+            recorder.clone(),
         ));
     }
     let source = Arc::new(state_source::AgentStateSource {

@@ -32,6 +32,7 @@ impl Metering for RecorderMetering {
                 application: w.application,
                 function: w.function,
                 gpu_models: w.gpu_models,
+                gpu_uuids: w.gpu_uuids,
             },
             Arc::new(MonitorProbe(w.monitor)),
         );

@@ -77,14 +77,17 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-const CSV_HEADER: &str = "kind,id,function_executor_id,namespace,application,function,started_unix_ms,ended_unix_ms,wall_ms,cpu_core_us,memory_mb_ms,peak_memory_bytes,gpu_ms,cost_minor";
+const CSV_HEADER: &str = "kind,id,function_executor_id,namespace,application,function,started_unix_ms,ended_unix_ms,wall_ms,cpu_core_us,memory_mb_ms,peak_memory_bytes,gpu_ms,cost_minor,gpu_busy_ms";
 
 fn csv_line(r: &UsageRecord) -> String {
     let kind = match r.kind {
         steward_metering::RecordKind::Allocation => "allocation",
         steward_metering::RecordKind::WorkerSegment => "worker_segment",
     };
-    let gpu: Vec<String> = r.gpu_ms.iter().map(|(m, ms)| format!("{m}={ms}")).collect();
+    let pairs = |v: &[(String, u64)]| -> String {
+        let items: Vec<String> = v.iter().map(|(m, ms)| format!("{m}={ms}")).collect();
+        items.join(";")
+    };
     [
         kind.to_string(),
         csv_field(&r.id),
@@ -98,8 +101,9 @@ fn csv_line(r: &UsageRecord) -> String {
         r.cpu_core_us.to_string(),
         r.memory_mb_ms.to_string(),
         r.peak_memory_bytes.to_string(),
-        csv_field(&gpu.join(";")),
+        csv_field(&pairs(&r.gpu_ms)),
         r.cost_minor.map(|c| c.to_string()).unwrap_or_default(),
+        csv_field(&pairs(&r.gpu_busy_ms)),
     ]
     .join(",")
 }
@@ -168,6 +172,7 @@ mod tests {
             outcome: "success".into(),
             ran: true,
             idle_ms: None,
+            gpu_busy_ms: Vec::new(),
         }
     }
 
@@ -205,8 +210,8 @@ mod tests {
             .skip(1)
             .map(|l| {
                 // The quoted application holds a comma: count fields from the end.
-                let f: Vec<&str> = l.rsplitn(6, ',').collect();
-                f[4].parse::<u64>().expect("cpu")
+                let f: Vec<&str> = l.rsplitn(7, ',').collect();
+                f[5].parse::<u64>().expect("cpu")
             })
             .sum();
         let cpu_jsonl: u64 = String::from_utf8(jsonl)

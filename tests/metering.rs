@@ -360,3 +360,58 @@ async fn sigkill_while_allocations_finish_never_loses_or_doubles_a_record() -> R
     plane.stop().await;
     Ok(())
 }
+
+/// A fake `nvidia-smi`: one Tesla T4, 50 % busy.
+fn fake_nvidia_smi(dir: &Path) -> Result<()> {
+    let script = "#!/bin/sh\ncase \"$*\" in\n  *--query-gpu*) printf '0, GPU-5a1b0c2d-0000-4000-8000-000000000001, Tesla T4, 15360, 1024, 50\\n' ;;\n  *) echo 'fake nvidia-smi: 1 GPU' ;;\nesac\n";
+    let path = dir.join("nvidia-smi");
+    std::fs::write(&path, script)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_time_is_metered_by_model_with_its_utilisation() -> Result<()> {
+    let bin = tempfile::tempdir()?;
+    fake_nvidia_smi(bin.path())?;
+    let path = format!("{}:{}", bin.path().display(), support::path_with_venv());
+    let plane = support::Plane::start().await?;
+    let one_gpu = FunctionOptions {
+        gpus: 1,
+        ..FunctionOptions::default()
+    };
+    plane.deploy_fake(one_gpu).await?;
+    let worker = support::fake_worker();
+    let steward = AgentProc::steward_with_path(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &[
+            "--function-executor-bin",
+            worker.to_str().context("path")?,
+            "--usage-sample-interval-s",
+            "1",
+        ],
+        &path,
+    )?;
+    plane.wait_executors(1).await?;
+    let out = plane.invoke_app("fake", "sleep_1500", json!("x")).await?;
+    ensure!(out.status == "success", "{out:?}");
+    let r = record_of(&steward, "sleep_1500", 0).await?;
+    let model = "GPU_MODEL_NVIDIA_TESLA_T4";
+    let gpu = r.gpu_ms.iter().find(|(m, _)| m == model).map(|(_, ms)| *ms);
+    let busy = r
+        .gpu_busy_ms
+        .iter()
+        .find(|(m, _)| m == model)
+        .map(|(_, ms)| *ms);
+    let (Some(gpu), Some(busy)) = (gpu, busy) else {
+        anyhow::bail!("no GPU time by model: {r:?}");
+    };
+    // One GPU allocated for the allocation's wall time, half of it busy.
+    within("GPU ms", gpu as f64, r.wall_ms() as f64, 0.02)?;
+    ensure!(gpu >= 1_500, "{r:?}");
+    ensure!(busy.abs_diff(gpu / 2) <= 5, "busy {busy} of {gpu}: {r:?}");
+    plane.stop().await;
+    Ok(())
+}

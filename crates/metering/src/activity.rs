@@ -208,6 +208,7 @@ mod tests {
             },
             ran: true,
             idle_ms: None,
+            gpu_busy_ms: Vec::new(),
         }
     }
 

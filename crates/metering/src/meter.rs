@@ -32,11 +32,17 @@ pub struct Accrued {
     pub gpu_ms: BTreeMap<String, u64>,
     /// For an idle segment: the time with no allocation running, ms.
     pub idle_ms: u64,
+    /// Allocated GPU time × the GPUs' utilisation (NVML or `nvidia-smi`),
+    /// by model, ms: what the GPUs were busy for. Absent while utilisation
+    /// is unknown.
+    pub gpu_busy_ms: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default)]
 struct WorkerMeter {
     gpu_models: Vec<String>,
+    /// Mean utilisation of the worker's GPUs, percent, when known.
+    gpu_utilization: Option<u32>,
     last: Option<Sample>,
     running: BTreeMap<String, Accrued>,
     idle: Accrued,
@@ -77,6 +83,9 @@ impl WorkerMeter {
             (u128::from(prev.memory_bytes) + u128::from(s.memory_bytes)) * dt / 2 / 1_000_000;
         let k = self.running.len() as u128;
         let models = self.gpu_models.clone();
+        let busy = self
+            .gpu_utilization
+            .map(|u| dt * u128::from(u.min(100)) / 100);
         let give = |a: &mut Accrued, parts: u128| {
             a.cpu_core_us = a.cpu_core_us.saturating_add(share(dcpu, parts));
             a.memory_mb_ms = a.memory_mb_ms.saturating_add(share(mem_mb_ms, parts));
@@ -84,6 +93,10 @@ impl WorkerMeter {
             for m in &models {
                 let e = a.gpu_ms.entry(m.clone()).or_default();
                 *e = e.saturating_add(share(dt, parts));
+                if let Some(b) = busy {
+                    let e = a.gpu_busy_ms.entry(m.clone()).or_default();
+                    *e = e.saturating_add(share(b, parts));
+                }
             }
         };
         if k == 0 {
@@ -107,6 +120,7 @@ impl Meter {
             fe_id.to_string(),
             WorkerMeter {
                 gpu_models,
+                gpu_utilization: None,
                 last: Some(first),
                 running: BTreeMap::new(),
                 idle: Accrued {
@@ -166,6 +180,14 @@ impl Meter {
             w.apply(at);
         }
         w.running.remove(alloc_id)
+    }
+
+    /// The utilisation of the worker's GPUs from now on (percent; `None`:
+    /// unknown).
+    pub fn set_gpu_utilization(&mut self, fe_id: &str, percent: Option<u32>) {
+        if let Some(w) = self.workers.get_mut(fe_id) {
+            w.gpu_utilization = percent;
+        }
     }
 
     /// Whether the worker is metered.
@@ -255,12 +277,29 @@ mod tests {
         assert_eq!(a.gpu_ms["H100"], 1_000 + 1_000);
         assert_eq!(b.gpu_ms["H100"], 1_000 + 1_000);
         assert_eq!(idle.gpu_ms["H100"], 2_000);
+        assert!(a.gpu_busy_ms.is_empty(), "utilisation unknown");
         assert_eq!(
             (a.peak_memory_bytes, b.peak_memory_bytes),
             (300_000_000, 300_000_000)
         );
         // Nothing is lost or made up: the parts add up to the whole.
         assert_eq!(a.cpu_core_us + b.cpu_core_us + idle.cpu_core_us, 3_700_000);
+    }
+
+    #[test]
+    fn busy_gpu_time_is_allocated_time_times_utilisation() {
+        let mut m = Meter::default();
+        m.worker_started("w", vec!["T4".into(), "T4".into()], s(0, 0, 0));
+        m.set_gpu_utilization("w", Some(50));
+        m.allocation_started("w", "a", s(1_000, 0, 0));
+        m.set_gpu_utilization("w", Some(100));
+        let a = m
+            .allocation_finished("w", "a", Some(s(3_000, 0, 0)))
+            .expect("a");
+        // Two GPUs for 2 s, fully busy.
+        assert_eq!((a.gpu_ms["T4"], a.gpu_busy_ms["T4"]), (4_000, 4_000));
+        let idle = m.worker_stopped("w", None).expect("idle");
+        assert_eq!((idle.gpu_ms["T4"], idle.gpu_busy_ms["T4"]), (2_000, 1_000));
     }
 
     #[test]

@@ -133,6 +133,7 @@ GPU_MODEL_NVIDIA_H100_80GB = 1000
             outcome: "success".into(),
             ran: true,
             idle_ms: None,
+            gpu_busy_ms: Vec::new(),
         }
     }
 

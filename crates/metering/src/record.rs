@@ -40,6 +40,10 @@ pub struct UsageRecord {
     pub peak_memory_bytes: u64,
     /// Allocated GPU time in ms, by GPU model.
     pub gpu_ms: Vec<(String, u64)>,
+    /// Of which the GPUs were busy (× their utilisation from NVML or
+    /// `nvidia-smi`), by model; empty where utilisation is unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_busy_ms: Vec<(String, u64)>,
     /// Cost in the price card's minor units (`None` without a price card).
     pub cost_minor: Option<i64>,
     /// How an allocation ended: "success", or "failure:<reason>" (empty

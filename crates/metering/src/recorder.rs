@@ -53,6 +53,8 @@ pub struct WorkerInfo {
     pub function: String,
     /// One entry per allocated GPU, its model.
     pub gpu_models: Vec<String>,
+    /// The allocated GPUs' UUIDs (for their utilisation).
+    pub gpu_uuids: Vec<String>,
 }
 
 /// An allocation whose result is final.
@@ -119,6 +121,8 @@ enum Msg {
     /// With the ticket of its release.
     AllocationFinished(FinishedAllocation, u64, u64, Option<Sample>),
     Flush(Sender<()>),
+    /// Utilisation of the host's GPUs (UUID, percent).
+    GpuUtilization(Vec<(String, u32)>),
 }
 
 /// Events waiting for the thread; it sleeps until `wake` (or its tick).
@@ -544,6 +548,7 @@ impl Recorder {
             last_commit: Instant::now(),
             series: HashMap::new(),
             unreadable: HashMap::new(),
+            gpu_utilization: HashMap::new(),
         };
         let (exited_tx, exited) = channel::<()>();
         let thread = std::thread::Builder::new()
@@ -607,6 +612,15 @@ impl Recorder {
         let reading = self.read(&done.fe_id, at);
         let ticket = self.inner.hold(release);
         self.send(Msg::AllocationFinished(done, ticket, at, reading), true);
+    }
+
+    /// The latest utilisation of the host's GPUs (UUID, percent), from the
+    /// host's own sampling (NVML or `nvidia-smi`): from now on each worker's
+    /// allocated GPU time is also metered as busy time.
+    pub fn gpu_utilization(&self, gpus: Vec<(String, u32)>) {
+        if !gpus.is_empty() {
+            self.send(Msg::GpuUtilization(gpus), false);
+        }
     }
 
     /// Waits (at most `timeout`) until everything sent so far is recorded
@@ -697,6 +711,8 @@ struct Worker {
     series: HashMap<(String, String, &'static str), Series>,
     /// Workers whose probe failed at the last ticks, and how many times.
     unreadable: HashMap<String, u32>,
+    /// The latest utilisation of each GPU by UUID, percent.
+    gpu_utilization: HashMap<String, u32>,
 }
 
 /// One batch's work: records to write, results to release after, flushes
@@ -808,6 +824,8 @@ impl Worker {
                 }
                 self.meter
                     .worker_started(&info.fe_id, info.gpu_models.clone(), first);
+                let util = self.utilization_of(&info.gpu_uuids);
+                self.meter.set_gpu_utilization(&info.fe_id, util);
                 self.infos.insert(info.fe_id.clone(), info);
             }
             Msg::AllocationStarted(fe, alloc, Some(s)) => {
@@ -832,7 +850,24 @@ impl Worker {
                 out.append(&mut b.records);
             }
             Msg::Flush(_) => {}
+            Msg::GpuUtilization(gpus) => {
+                self.gpu_utilization = gpus.into_iter().collect();
+                for (fe, info) in &self.infos {
+                    let util = self.utilization_of(&info.gpu_uuids);
+                    self.meter.set_gpu_utilization(fe, util);
+                }
+            }
         }
+    }
+
+    /// The mean utilisation of these GPUs, if any of them is known.
+    fn utilization_of(&self, uuids: &[String]) -> Option<u32> {
+        let known: Vec<u32> = uuids
+            .iter()
+            .filter_map(|u| self.gpu_utilization.get(u).copied())
+            .collect();
+        let n = u32::try_from(known.len()).ok().filter(|n| *n > 0)?;
+        Some(known.iter().map(|p| (*p).min(100)).sum::<u32>() / n)
     }
 
     fn worker_stopped(&mut self, fe: &str, at: u64, last: Option<Sample>, b: &mut Batch) {
@@ -918,6 +953,7 @@ impl Worker {
             memory_mb_ms: used.memory_mb_ms,
             peak_memory_bytes: used.peak_memory_bytes,
             gpu_ms: used.gpu_ms.into_iter().collect(),
+            gpu_busy_ms: used.gpu_busy_ms.into_iter().collect(),
             cost_minor: None,
             outcome: done.outcome,
             ran: done.ran,
@@ -939,6 +975,7 @@ impl Worker {
             memory_mb_ms: idle.memory_mb_ms,
             peak_memory_bytes: idle.peak_memory_bytes,
             gpu_ms: idle.gpu_ms.into_iter().collect(),
+            gpu_busy_ms: idle.gpu_busy_ms.into_iter().collect(),
             cost_minor: None,
             outcome: String::new(),
             ran: false,
@@ -1066,6 +1103,7 @@ mod tests {
             application: "app".into(),
             function: "f".into(),
             gpu_models: Vec::new(),
+            gpu_uuids: Vec::new(),
         }
     }
 

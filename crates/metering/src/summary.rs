@@ -54,6 +54,7 @@ pub struct Totals {
     pub cpu_core_us: u64,
     pub memory_mb_ms: u64,
     pub gpu_ms: BTreeMap<String, u64>,
+    pub gpu_busy_ms: BTreeMap<String, u64>,
     pub cost_minor: i64,
 }
 
@@ -72,6 +73,10 @@ impl Totals {
         self.memory_mb_ms = self.memory_mb_ms.saturating_add(r.memory_mb_ms);
         for (m, ms) in &r.gpu_ms {
             let e = self.gpu_ms.entry(m.clone()).or_default();
+            *e = e.saturating_add(*ms);
+        }
+        for (m, ms) in &r.gpu_busy_ms {
+            let e = self.gpu_busy_ms.entry(m.clone()).or_default();
             *e = e.saturating_add(*ms);
         }
         self.cost_minor = self.cost_minor.saturating_add(r.cost_minor.unwrap_or(0));

@@ -23,6 +23,8 @@ pub struct MeteredWorker {
     /// One entry per allocated GPU: its model as the protocol names it
     /// (e.g. `GPU_MODEL_NVIDIA_H100_80GB`).
     pub gpu_models: Vec<String>,
+    /// The UUIDs of the GPUs it was given (for their utilisation).
+    pub gpu_uuids: Vec<String>,
     pub monitor: Arc<dyn WorkerMonitor>,
 }
 
@@ -60,6 +62,7 @@ pub trait Metering: Send + Sync + 'static {
 /// What metering is told about the worker of `desc`.
 pub(crate) fn worker_of(
     desc: &pb::FunctionExecutorDescription,
+    gpu_uuids: &[String],
     monitor: Arc<dyn WorkerMonitor>,
 ) -> MeteredWorker {
     let f = desc.function.clone().unwrap_or_default();
@@ -77,6 +80,7 @@ pub(crate) fn worker_of(
         application: f.application_name.unwrap_or_default(),
         function: f.function_name.unwrap_or_default(),
         gpu_models: vec![model; count.min(64) as usize],
+        gpu_uuids: gpu_uuids.to_vec(),
         monitor,
     }
 }

@@ -25,6 +25,7 @@ fn record(i: u64) -> UsageRecord {
         outcome: "success".into(),
         ran: true,
         idle_ms: None,
+        gpu_busy_ms: Vec::new(),
     }
 }
 

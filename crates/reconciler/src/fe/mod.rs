@@ -911,7 +911,7 @@ async fn start(
     // Told outside the state lock (it reads the worker's counters); its
     // end is told when the monitor is taken (`keep_last_usage`).
     if tracked && let Some(metering) = &shared.config.metering {
-        metering.worker_started(crate::metering::worker_of(&desc, process.monitor()));
+        metering.worker_started(crate::metering::worker_of(&desc, &gpus, process.monitor()));
     }
     // Connect, retrying while the worker starts; give up if it exits.
     let deadline = Instant::now() + shared.config.function_executor_connect_timeout;
