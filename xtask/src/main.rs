@@ -383,6 +383,41 @@ impl Drop for Guard {
     }
 }
 
+/// What the demo's allocations were metered at, from the usage ledger
+/// (`steward usage export`); a failure to read it is said, not fatal.
+fn demo_usage(bin: &Path, data_dir: &Path) {
+    let out = Command::new(bin)
+        .args([
+            "usage",
+            "export",
+            "--format",
+            "jsonl",
+            "--executor-cache-path",
+        ])
+        .arg(data_dir)
+        .output();
+    let Ok(out) = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()) else {
+        println!("\nUsage: the ledger could not be read");
+        return;
+    };
+    let (mut tasks, mut cpu_us, mut mb_ms) = (0u64, 0u64, 0u64);
+    for r in out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        if r["kind"] == "allocation" {
+            tasks += 1;
+            cpu_us += r["cpu_core_us"].as_u64().unwrap_or(0);
+            mb_ms += r["memory_mb_ms"].as_u64().unwrap_or(0);
+        }
+    }
+    println!(
+        "\nMetered: {tasks} allocations, {:.2} CPU core-s, {:.1} MB-s of memory (usage ledger; `steward usage export`)",
+        cpu_us as f64 / 1e6,
+        mb_ms as f64 / 1e3
+    );
+}
+
 fn steward_json(bin: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let child = spawn_tracked(
         Command::new(bin)
@@ -538,10 +573,12 @@ fn demo(once: bool) -> Result<()> {
             started.elapsed().as_millis()
         );
     }
+    demo_usage(&bin, &work.join("agent"));
     println!("\nMonitoring: {monitoring}/monitoring/health  {monitoring}/monitoring/metrics");
     println!(
         "State:      {monitoring}/state/function-executors  {monitoring}/state/allocations  {monitoring}/state/events"
     );
+    println!("Usage:      {monitoring}/state/usage?group_by=function  {monitoring}/state/activity");
     println!("Control plane: {http}/v1/executors");
     if once {
         agent
