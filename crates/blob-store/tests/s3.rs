@@ -33,7 +33,9 @@ fn pattern(len: usize) -> Vec<u8> {
 async fn presigned_get_reads_and_tampered_or_expired_urls_are_refused() {
     let root = tempfile::tempdir().expect("tempdir");
     let server = s3::start(root.path(), &["blobs"]).await.expect("s3 server");
-    let blobs = store(&server.endpoint(), Duration::from_secs(1), 100 << 20);
+    // Long enough that a loaded two-core CI machine reads the URL before it
+    // expires (1 s was not: a debug build under load took longer).
+    let blobs = store(&server.endpoint(), Duration::from_secs(5), 100 << 20);
     let uri = "s3://blobs/inputs/a.bin";
     let data = pattern(300_000);
     blobs
@@ -75,12 +77,21 @@ async fn presigned_get_reads_and_tampered_or_expired_urls_are_refused() {
         403
     );
 
-    tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(
-        http.get(url).send().await.expect("GET").status().as_u16(),
-        403,
-        "expired URL must be refused"
-    );
+    // The same URL is refused once it has expired (polled: refused within
+    // its lifetime plus a margin, never before it was read above).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = http.get(url).send().await.expect("GET").status().as_u16();
+        if status == 403 {
+            break;
+        }
+        assert_eq!(status, 200, "a live URL reads, an expired one is refused");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired URL must be refused"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tokio::test]
