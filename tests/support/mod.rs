@@ -402,8 +402,17 @@ pub fn remove_cgroup_parent(parent: &str) {
     if let steward_worker_driver::CgroupSetup::Enabled(c) =
         steward_worker_driver::Cgroups::detect(parent)
     {
-        c.reap_leftovers();
-        c.remove_parents();
+        // A worker the kernel is still tearing down keeps its cgroup (and so
+        // the parent) busy for a moment: try again until they are gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            c.reap_leftovers();
+            c.remove_parents();
+            if c.parents().iter().all(|p| !p.exists()) || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
