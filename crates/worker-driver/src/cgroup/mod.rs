@@ -397,7 +397,15 @@ impl Cgroups {
     /// Removes the parent directories if empty (at a clean stop).
     pub fn remove_parents(&self) {
         for t in &self.trees {
-            let _ = fs::remove_dir(&t.parent);
+            // A worker cgroup the kernel is still tearing down keeps the
+            // parent busy for a moment: retry briefly on EBUSY.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while let Err(e) = fs::remove_dir(&t.parent) {
+                if e.kind() != io::ErrorKind::ResourceBusy || Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
