@@ -7,8 +7,6 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
-
 use anyhow::Result;
 use serde_json::json;
 use steward_devserver::FunctionOptions;
@@ -17,14 +15,15 @@ use support::{AgentProc, Plane};
 const GPU0: &str = "GPU-0a0a0a0a-1111-2222-3333-444444444444";
 const GPU1: &str = "GPU-1b1b1b1b-5555-6666-7777-888888888888";
 
+/// Two Tesla T4s.
 fn fake_nvidia_smi(dir: &std::path::Path) -> Result<()> {
-    let script = format!(
-        "#!/bin/sh\n# Fake nvidia-smi: two Tesla T4s.\ncase \"$*\" in\n  *--query-gpu*) printf '0, {GPU0}, Tesla T4, 15360, 3, 0\\n1, {GPU1}, Tesla T4, 15360, 0, 7\\n' ;;\n  *) echo 'fake nvidia-smi: 2 GPUs' ;;\nesac\n"
-    );
-    let path = dir.join("nvidia-smi");
-    std::fs::write(&path, script)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-    Ok(())
+    support::fake_nvidia_smi(
+        dir,
+        &[
+            &format!("0, {GPU0}, Tesla T4, 15360, 3, 0"),
+            &format!("1, {GPU1}, Tesla T4, 15360, 0, 7"),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

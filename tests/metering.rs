@@ -95,21 +95,7 @@ fn export(steward: &AgentProc, format: &str) -> Result<String> {
 }
 
 async fn patch_config(steward: &AgentProc, change: Value) -> Result<(u16, Value)> {
-    let url = format!(
-        "{}/admin/config",
-        steward
-            .monitoring_url
-            .as_deref()
-            .context("monitoring url")?
-    );
-    let resp = reqwest::Client::new()
-        .patch(url)
-        .bearer_auth(TOKEN)
-        .json(&change)
-        .send()
-        .await?;
-    let code = resp.status().as_u16();
-    Ok((code, resp.json().await.unwrap_or(Value::Null)))
+    support::patch_config(steward, TOKEN, change).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,20 +347,14 @@ async fn sigkill_while_allocations_finish_never_loses_or_doubles_a_record() -> R
     Ok(())
 }
 
-/// A fake `nvidia-smi`: one Tesla T4, 50 % busy.
-fn fake_nvidia_smi(dir: &Path) -> Result<()> {
-    let script = "#!/bin/sh\ncase \"$*\" in\n  *--query-gpu*) printf '0, GPU-5a1b0c2d-0000-4000-8000-000000000001, Tesla T4, 15360, 1024, 50\\n' ;;\n  *) echo 'fake nvidia-smi: 1 GPU' ;;\nesac\n";
-    let path = dir.join("nvidia-smi");
-    std::fs::write(&path, script)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gpu_time_is_metered_by_model_with_its_utilisation() -> Result<()> {
     let bin = tempfile::tempdir()?;
-    fake_nvidia_smi(bin.path())?;
+    // One Tesla T4, 50 % busy.
+    support::fake_nvidia_smi(
+        bin.path(),
+        &["0, GPU-5a1b0c2d-0000-4000-8000-000000000001, Tesla T4, 15360, 1024, 50"],
+    )?;
     let path = format!("{}:{}", bin.path().display(), support::path_with_venv());
     let plane = support::Plane::start().await?;
     let one_gpu = FunctionOptions {

@@ -256,21 +256,7 @@ async fn drain_during_a_running_allocation_loses_nothing_then_disables() -> Resu
 }
 
 async fn patch_config(steward: &AgentProc, change: Value) -> Result<(u16, Value)> {
-    let url = format!(
-        "{}/admin/config",
-        steward
-            .monitoring_url
-            .as_deref()
-            .context("monitoring url")?
-    );
-    let resp = reqwest::Client::new()
-        .patch(url)
-        .bearer_auth(TOKEN)
-        .json(&change)
-        .send()
-        .await?;
-    let code = resp.status().as_u16();
-    Ok((code, resp.json().await.unwrap_or(Value::Null)))
+    support::patch_config(steward, TOKEN, change).await
 }
 
 /// Waits until the server sees label `key` = `value` on the executor.

@@ -397,6 +397,45 @@ pub fn cgroup_parent_for(data_dir: &Path) -> String {
     format!("steward-test-{name}")
 }
 
+/// Writes an executable fake `nvidia-smi` into `dir` whose `--query-gpu`
+/// answer is `rows` (CSV in `NVIDIA_SMI_QUERY` order, one line per GPU).
+pub fn fake_nvidia_smi(dir: &Path, rows: &[&str]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let csv: String = rows.iter().map(|r| format!("{r}\\n")).collect();
+    let script = format!(
+        "#!/bin/sh\ncase \"$*\" in\n  *--query-gpu*) printf '{csv}' ;;\n  *) echo 'fake nvidia-smi: {} GPU(s)' ;;\nesac\n",
+        rows.len()
+    );
+    let path = dir.join("nvidia-smi");
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+/// `PATCH /admin/config` with `change`, as an operator holding `token`:
+/// (status, body).
+pub async fn patch_config(
+    steward: &AgentProc,
+    token: &str,
+    change: serde_json::Value,
+) -> Result<(u16, serde_json::Value)> {
+    let url = format!(
+        "{}/admin/config",
+        steward
+            .monitoring_url
+            .as_deref()
+            .context("monitoring url")?
+    );
+    let resp = reqwest::Client::new()
+        .patch(url)
+        .bearer_auth(token)
+        .json(&change)
+        .send()
+        .await?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.json().await.unwrap_or(serde_json::Value::Null)))
+}
+
 /// Removes a test Steward's parent cgroup and whatever is left under it.
 pub fn remove_cgroup_parent(parent: &str) {
     if let steward_worker_driver::CgroupSetup::Enabled(c) =

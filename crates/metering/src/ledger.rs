@@ -133,6 +133,18 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("usage-{seq:020}.log"))
 }
 
+/// Opens (or creates) segment `seq` for reading and writing in place.
+fn open_segment(dir: &Path, seq: u64) -> Result<File, LedgerError> {
+    let path = segment_path(dir, seq);
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))
+}
+
 fn segment_seq(name: &str) -> Option<u64> {
     name.strip_prefix("usage-")?
         .strip_suffix(".log")?
@@ -280,14 +292,7 @@ impl Ledger {
         }
         recovery.segments = segments.len();
         let (seq, used) = segments[segments.len() - 1];
-        let path = segment_path(&dir, seq);
-        let current = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let current = open_segment(&dir, seq)?;
         Ok((
             Ledger {
                 config,
@@ -417,14 +422,7 @@ impl Ledger {
         let used = self.segments[self.segments.len() - 1].1;
         self.current.set_len(used).map_err(io(&old))?;
         self.current.sync_all().map_err(io(&old))?;
-        let path = segment_path(&self.config.dir, seq);
-        self.current = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        self.current = open_segment(&self.config.dir, seq)?;
         self.allocated = 0;
         // The new file's name must survive a crash too.
         if let Ok(d) = File::open(&self.config.dir) {

@@ -5,28 +5,24 @@ use std::sync::OnceLock;
 
 use crate::Reading;
 
+/// A positive `sysconf` value, or `default`.
+fn sysconf_or(var: nix::unistd::SysconfVar, default: u64) -> u64 {
+    nix::unistd::sysconf(var)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(default)
+}
+
 fn clock_ticks_per_second() -> u64 {
     static TICKS: OnceLock<u64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .and_then(|t| u64::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(100)
-    })
+    *TICKS.get_or_init(|| sysconf_or(nix::unistd::SysconfVar::CLK_TCK, 100))
 }
 
 fn page_size() -> u64 {
     static PAGE: OnceLock<u64> = OnceLock::new();
-    *PAGE.get_or_init(|| {
-        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-            .ok()
-            .flatten()
-            .and_then(|t| u64::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(4096)
-    })
+    *PAGE.get_or_init(|| sysconf_or(nix::unistd::SysconfVar::PAGE_SIZE, 4096))
 }
 
 /// utime + stime + cutime + cstime of a `/proc/<pid>/stat` line, in ticks.
