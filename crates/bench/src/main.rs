@@ -652,16 +652,7 @@ async fn latency(env: &Env, agent: Agent, worker: Worker, n: usize, t: &mut Tabl
             c,
         );
     }
-    for _ in 0..3 {
-        plane.invoke(app, function, input.clone()).await?;
-    }
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        plane.invoke(app, function, input.clone()).await?;
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
+    let samples = warm_sequential(&plane, app, function, &input, n).await?;
     for (p, name) in [(0.5, "p50"), (0.95, "p95"), (0.99, "p99")] {
         t.add(
             &format!("1. sequential latency, warm {label}, {name}"),
@@ -779,6 +770,28 @@ async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// After three warm-up requests, the latency of `n` sequential ones in ms,
+/// sorted.
+async fn warm_sequential(
+    plane: &Plane,
+    app: &str,
+    function: &str,
+    input: &Value,
+    n: usize,
+) -> Result<Vec<f64>> {
+    for _ in 0..3 {
+        plane.invoke(app, function, input.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        plane.invoke(app, function, input.clone()).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(samples)
+}
+
 /// Warm sequential latency (p50, p95) of `n` no-op requests on one fake
 /// worker, the agent started with `extra`.
 async fn sequential_run(env: &Env, extra: &[&str], n: usize) -> Result<(f64, f64)> {
@@ -796,16 +809,7 @@ async fn sequential_run(env: &Env, extra: &[&str], n: usize) -> Result<(f64, f64
         extra,
     )?;
     plane.wait_executor().await?;
-    for _ in 0..3 {
-        plane.invoke(app, function, input.clone()).await?;
-    }
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let started = Instant::now();
-        plane.invoke(app, function, input.clone()).await?;
-        samples.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
+    let samples = warm_sequential(&plane, app, function, &input, n).await?;
     drop(proc);
     plane.stop().await;
     Ok((percentile(&samples, 0.5), percentile(&samples, 0.95)))
