@@ -14,6 +14,8 @@ pub struct LedgerConfig {
     pub segment_bytes: u64,
     /// The oldest segments go once all of them pass this size.
     pub max_total_bytes: u64,
+    /// How many of the newest ids are remembered ([`ID_WINDOW`]).
+    pub id_window: usize,
 }
 
 impl LedgerConfig {
@@ -22,6 +24,7 @@ impl LedgerConfig {
             dir,
             segment_bytes: 16 << 20,
             max_total_bytes: 1 << 30,
+            id_window: ID_WINDOW,
         }
     }
 }
@@ -45,6 +48,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
 /// What opening the ledger found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recovery {
+    /// Records in the segments read: the newest ones, until the last
+    /// `id_window` ids are known (every record of a smaller ledger).
     pub records: usize,
     pub segments: usize,
     /// Bytes cut from the end of the newest segment (a torn last write).
@@ -60,13 +65,21 @@ pub struct Recovery {
 pub const ID_WINDOW: usize = 1 << 16;
 
 /// The newest ids, oldest first, with a set for lookups.
-#[derive(Default)]
 struct IdWindow {
     order: VecDeque<String>,
     set: HashSet<String>,
+    capacity: usize,
 }
 
 impl IdWindow {
+    fn new(capacity: usize) -> IdWindow {
+        IdWindow {
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
     fn contains(&self, id: &str) -> bool {
         self.set.contains(id)
     }
@@ -75,7 +88,7 @@ impl IdWindow {
         if self.set.contains(id) {
             return false;
         }
-        if self.order.len() >= ID_WINDOW
+        if self.order.len() >= self.capacity
             && let Some(old) = self.order.pop_front()
         {
             self.set.remove(&old);
@@ -131,6 +144,22 @@ pub struct Ledger {
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("usage-{seq:020}.log"))
+}
+
+/// Cuts the newest segment at `end`, the end of its last intact frame:
+/// preallocated zeros and perhaps a torn last write go, so the next frame
+/// follows an intact one. Returns the torn bytes (the non-zero ones cut).
+fn cut_tail(path: &Path, bytes: &[u8], end: usize) -> Result<u64, LedgerError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(end as u64).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(bytes[end..]
+        .iter()
+        .rposition(|b| *b != 0)
+        .map_or(0, |last| last as u64 + 1))
 }
 
 /// Opens (or creates) segment `seq` for reading and writing in place.
@@ -256,36 +285,39 @@ impl Ledger {
             .collect();
         seqs.sort_unstable();
         let mut recovery = Recovery::default();
-        let mut ids = IdWindow::default();
-        let mut segments = Vec::new();
         let newest = seqs.last().copied();
-        for seq in seqs {
+        // Newest first, read only until the id window is full: older
+        // segments are measured, not parsed (a full ledger is a gigabyte,
+        // and every start would read it).
+        let mut read: Vec<Vec<UsageRecord>> = Vec::new();
+        let mut segments = Vec::with_capacity(seqs.len());
+        let mut ids_read = 0;
+        for &seq in seqs.iter().rev() {
             let path = segment_path(&dir, seq);
+            if ids_read >= config.id_window {
+                let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+                segments.push((seq, len));
+                continue;
+            }
             let bytes = std::fs::read(&path).map_err(io(&path))?;
             let (records, end, skipped) = scan(&bytes);
             recovery.skipped_bytes += skipped;
-            for r in records {
-                if ids.insert(&r.id) {
-                    recovery.records += 1;
-                }
-            }
             let mut len = bytes.len() as u64;
             if Some(seq) == newest && end < bytes.len() {
-                // Preallocated zeros, and perhaps a torn last write: cut
-                // both so the next frame follows an intact one.
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io(&path))?;
-                f.set_len(end as u64).map_err(io(&path))?;
-                f.sync_all().map_err(io(&path))?;
-                recovery.truncated_bytes = bytes[end..]
-                    .iter()
-                    .rposition(|b| *b != 0)
-                    .map_or(0, |last| last as u64 + 1);
+                recovery.truncated_bytes = cut_tail(&path, &bytes, end)?;
                 len = end as u64;
             }
+            ids_read += records.len();
+            read.push(records);
             segments.push((seq, len));
+        }
+        segments.reverse();
+        // The window fills oldest first, so the newest ids stay in it.
+        let mut ids = IdWindow::new(config.id_window);
+        for r in read.iter().rev().flatten() {
+            if ids.insert(&r.id) {
+                recovery.records += 1;
+            }
         }
         if segments.is_empty() {
             segments.push((0, 0));

@@ -94,6 +94,7 @@ fn segments_rotate_and_the_oldest_go_past_the_bound() {
         dir: tmp.path().to_path_buf(),
         segment_bytes: frame * 3,
         max_total_bytes: frame * 7,
+        id_window: ID_WINDOW,
     };
     let (mut l, _) = Ledger::open(cfg.clone()).expect("open");
     for i in 0..20 {
@@ -106,6 +107,30 @@ fn segments_rotate_and_the_oldest_go_past_the_bound() {
     drop(l);
     let (_, r) = Ledger::open(cfg).expect("reopen");
     assert_eq!(r.records, kept.len());
+}
+
+#[test]
+fn a_start_reads_only_the_newest_segments_that_fill_the_id_window() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let frame = encode_frame(&record(1)).len() as u64;
+    let cfg = LedgerConfig {
+        segment_bytes: frame * 2,
+        id_window: 3,
+        ..config(tmp.path())
+    };
+    let (mut l, _) = Ledger::open(cfg.clone()).expect("open");
+    for i in 0..10 {
+        l.append(&record(i)).expect("append");
+    }
+    drop(l);
+    let (mut l, r) = Ledger::open(cfg).expect("reopen");
+    let files = std::fs::read_dir(tmp.path()).expect("dir").count();
+    // Ten records were written; a start reads only enough for three ids.
+    assert!((3..10).contains(&r.records), "read past the window: {r:?}");
+    assert_eq!(r.segments, files, "{r:?}");
+    // The newest ids are still refused a second record.
+    assert!(!l.append(&record(9)).expect("append"));
+    assert!(l.append(&record(10)).expect("append"));
 }
 
 proptest! {
