@@ -153,9 +153,11 @@ struct AgentArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     usage_sample_interval_ms: u64,
     /// Shortest time between two usage-ledger commits (write + fsync)
-    /// while results keep coming (0 to 1000): longer trades result latency
-    /// for agent CPU under load; at low load no result waits.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    /// while results keep coming (0 to 1000). Results wait for it only
+    /// while other allocations still run and they have been finishing
+    /// less than half a window apart; a lone result waits for no one.
+    /// Longer trades result latency under load for agent CPU.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1000))]
     usage_group_commit_ms: u64,
     /// Fault injection for tests: wait this long before each ledger write
     /// (a slow disk).

@@ -8,7 +8,7 @@ use steward_metering::{FinishedAllocation, PriceCard, Probe, Reading, Recorder, 
 use steward_reconciler::{MeteredAllocation, MeteredWorker, Metering};
 use steward_worker_driver::WorkerMonitor;
 
-/// The reconciler's metering seam, served by the recorder's thread.
+/// The reconciler's metering seam, served by the recorder.
 pub struct RecorderMetering(pub Arc<Recorder>);
 
 /// A worker's cgroup (or `/proc`) as metering reads it.
@@ -46,19 +46,24 @@ impl Metering for RecorderMetering {
         self.0.allocation_started(fe_id, alloc_id);
     }
 
-    fn allocation_finished(&self, a: MeteredAllocation, release: Box<dyn FnOnce() + Send>) {
-        self.0.allocation_finished(
-            FinishedAllocation {
-                alloc_id: a.alloc_id,
-                fe_id: a.fe_id,
-                namespace: a.namespace,
-                application: a.application,
-                function: a.function,
-                outcome: a.outcome,
-                ran: a.ran,
-            },
-            release,
-        );
+    fn allocation_finished(&self, a: MeteredAllocation) -> u64 {
+        self.0.allocation_finished(FinishedAllocation {
+            alloc_id: a.alloc_id,
+            fe_id: a.fe_id,
+            namespace: a.namespace,
+            application: a.application,
+            function: a.function,
+            outcome: a.outcome,
+            ran: a.ran,
+        })
+    }
+
+    fn durable(&self) -> u64 {
+        self.0.durable()
+    }
+
+    fn on_durable(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        self.0.on_durable(wake);
     }
 
     fn flush(&self, timeout: Duration) {

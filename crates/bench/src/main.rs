@@ -368,24 +368,21 @@ impl AgentProc {
     }
 
     /// CPU seconds used so far by the agent's live threads whose name
-    /// starts with `prefix` (`/proc/<pid>/task/*/stat`).
+    /// starts with `prefix`, to the nanosecond (`/proc/<pid>/task/*/schedstat`;
+    /// `stat` counts in 10 ms ticks, too coarse for one thread).
     fn thread_cpu_seconds(&self, prefix: &str) -> f64 {
         let dir = format!("/proc/{}/task", self.child.id());
         std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
-            .filter_map(|stat| {
-                let (head, rest) = stat.rsplit_once(')')?;
-                let name = head.split_once('(')?.1;
-                if !name.starts_with(prefix) {
-                    return None;
-                }
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                Some((ticks(11) + ticks(12)) / clock_ticks())
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|name| name.trim_end().starts_with(prefix))
             })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .map(|ns| ns / 1e9)
             .sum()
     }
 
@@ -675,14 +672,21 @@ struct ThroughputRun {
     metering_switches_per_alloc: f64,
     /// Usage records per ledger write and fsync (group commit).
     records_per_commit: Option<f64>,
+    /// State reports the agent sent per allocation (Steward's own count).
+    reports_per_alloc: Option<f64>,
     switches_per_alloc: f64,
     idle_rss: f64,
     peak_rss: f64,
 }
 
-/// 2,000 no-op allocations over 4 workers × max_concurrency 8, the agent
-/// started with `extra`.
-async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<ThroughputRun> {
+/// `per_app` × 4 no-op allocations over 4 workers × max_concurrency 8, the
+/// agent started with `extra`.
+async fn throughput_run(
+    env: &Env,
+    agent: Agent,
+    extra: &[&str],
+    per_app: usize,
+) -> Result<ThroughputRun> {
     let plane = Plane::start().await?;
     let options = FunctionOptions {
         max_concurrency: 8,
@@ -699,13 +703,14 @@ async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<Throu
     for app in apps {
         plane.invoke(app, "noop", json!("warm")).await?;
     }
+    let reports0 = agent_counter(&proc, "steward_state_reports_total ").await;
     let cpu0 = proc.cpu_seconds();
     let metering0 = proc.thread_cpu_seconds("steward-meter");
     let metering_switches0 = proc.thread_switches("steward-meter");
     let switches0 = proc.context_switches();
     let started = Instant::now();
     for app in apps {
-        plane.batch(app, "noop", 500).await?;
+        plane.batch(app, "noop", per_app).await?;
     }
     plane.drain(Duration::from_secs(300)).await?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -713,40 +718,34 @@ async fn throughput_run(env: &Env, agent: Agent, extra: &[&str]) -> Result<Throu
     let metering = proc.thread_cpu_seconds("steward-meter") - metering0;
     let metering_switches = proc.thread_switches("steward-meter") - metering_switches0;
     let switches = proc.context_switches() - switches0;
-    let records_per_commit = match metrics_text(&proc).await {
-        Some(text) => {
-            let value = |name: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-            };
-            match (
-                value("steward_usage_ledger_records_total "),
-                value("steward_usage_ledger_commit_seconds_count "),
-            ) {
-                (Some(r), Some(c)) if c > 0.0 => Some(r / c),
-                _ => None,
-            }
-        }
-        None => None,
+    let n = (per_app * apps.len()) as f64;
+    let records_per_commit = match (
+        agent_counter(&proc, "steward_usage_ledger_records_total ").await,
+        agent_counter(&proc, "steward_usage_ledger_commit_seconds_count ").await,
+    ) {
+        (Some(r), Some(c)) if c > 0.0 => Some(r / c),
+        _ => None,
     };
+    let reports = agent_counter(&proc, "steward_state_reports_total ").await;
+    let reports_per_alloc = reports.zip(reports0).map(|(b, a)| (b - a) / n);
     let (_, peak_rss) = proc.rss_mib();
     drop(proc);
     plane.stop().await;
     Ok(ThroughputRun {
-        alloc_per_s: 2000.0 / elapsed,
-        cpu_per_1000: cpu / 2.0,
-        metering_cpu_per_1000: metering / 2.0,
-        metering_switches_per_alloc: metering_switches / 2000.0,
+        alloc_per_s: n / elapsed,
+        cpu_per_1000: cpu * 1000.0 / n,
+        metering_cpu_per_1000: metering * 1000.0 / n,
+        metering_switches_per_alloc: metering_switches / n,
         records_per_commit,
-        switches_per_alloc: switches / 2000.0,
+        reports_per_alloc,
+        switches_per_alloc: switches / n,
         idle_rss,
         peak_rss,
     })
 }
 
 async fn throughput(env: &Env, agent: Agent, t: &mut Table) -> Result<()> {
-    let r = throughput_run(env, agent, &[]).await?;
+    let r = throughput_run(env, agent, &[], 500).await?;
     t.add(
         "4. agent context switches per allocation",
         "switches",
@@ -815,8 +814,14 @@ async fn sequential_run(env: &Env, extra: &[&str], n: usize) -> Result<(f64, f64
     Ok((percentile(&samples, 0.5), percentile(&samples, 0.95)))
 }
 
+/// Allocations per run of the metering scenario: 6,000, so that the
+/// agent's CPU (counted in 10 ms ticks) is read to well under 1 %.
+const METERING_PER_APP: usize = 1500;
+
 /// The throughput scenario with and without metering (Steward only),
-/// alternating which goes first: what metering costs.
+/// alternating which goes first: what metering costs. Each round also
+/// gives the ratio of its two runs, which the machine's drift between
+/// rounds does not move.
 async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
     for round in 0..rounds {
         let order: [(bool, &str); 2] = if round % 2 == 0 {
@@ -824,6 +829,7 @@ async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
         } else {
             [(false, "without"), (true, "with")]
         };
+        let mut cpu = [0.0; 2];
         for (on, label) in order {
             let extra: Vec<&str> = if on {
                 std::env::var("BENCH_GROUP_COMMIT_MS")
@@ -833,47 +839,9 @@ async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
             } else {
                 vec!["--no-metering"]
             };
-            let r = throughput_run(env, Agent::Steward, &extra).await?;
-            t.add(
-                &format!("12. {label} metering: agent CPU per 1,000 allocations"),
-                "CPU s",
-                Agent::Steward,
-                r.cpu_per_1000,
-            );
-            if on {
-                t.add(
-                    "12. with metering: of which the metering thread",
-                    "CPU s",
-                    Agent::Steward,
-                    r.metering_cpu_per_1000,
-                );
-                t.add(
-                    "12. with metering: of which the metering thread's",
-                    "switches",
-                    Agent::Steward,
-                    r.metering_switches_per_alloc,
-                );
-                if let Some(n) = r.records_per_commit {
-                    t.add(
-                        "12. with metering: usage records per fsync",
-                        "records",
-                        Agent::Steward,
-                        n,
-                    );
-                }
-            }
-            t.add(
-                &format!("12. {label} metering: throughput"),
-                "alloc/s",
-                Agent::Steward,
-                r.alloc_per_s,
-            );
-            t.add(
-                &format!("12. {label} metering: agent context switches per allocation"),
-                "switches",
-                Agent::Steward,
-                r.switches_per_alloc,
-            );
+            let r = throughput_run(env, Agent::Steward, &extra, METERING_PER_APP).await?;
+            cpu[usize::from(on)] = r.cpu_per_1000;
+            metering_rows(t, label, on, &r);
             let (p50, p95) = sequential_run(env, &extra, 100).await?;
             t.add(
                 &format!("12. {label} metering: sequential latency, warm fake worker, p50"),
@@ -888,8 +856,68 @@ async fn metering(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
                 p95,
             );
         }
+        if cpu[0] > 0.0 {
+            t.add(
+                "12. agent CPU with metering / without, same round",
+                "ratio",
+                Agent::Steward,
+                cpu[1] / cpu[0],
+            );
+        }
     }
     Ok(())
+}
+
+/// One throughput run's rows of the metering scenario.
+fn metering_rows(t: &mut Table, label: &str, on: bool, r: &ThroughputRun) {
+    t.add(
+        &format!("12. {label} metering: agent CPU per 1,000 allocations"),
+        "CPU s",
+        Agent::Steward,
+        r.cpu_per_1000,
+    );
+    if on {
+        t.add(
+            "12. with metering: of which the metering thread",
+            "CPU s",
+            Agent::Steward,
+            r.metering_cpu_per_1000,
+        );
+        t.add(
+            "12. with metering: the metering thread's context switches per allocation",
+            "switches",
+            Agent::Steward,
+            r.metering_switches_per_alloc,
+        );
+        if let Some(n) = r.records_per_commit {
+            t.add(
+                "12. with metering: usage records per fsync",
+                "records",
+                Agent::Steward,
+                n,
+            );
+        }
+    }
+    if let Some(n) = r.reports_per_alloc {
+        t.add(
+            &format!("12. {label} metering: state reports per allocation"),
+            "reports",
+            Agent::Steward,
+            n,
+        );
+    }
+    t.add(
+        &format!("12. {label} metering: throughput"),
+        "alloc/s",
+        Agent::Steward,
+        r.alloc_per_s,
+    );
+    t.add(
+        &format!("12. {label} metering: agent context switches per allocation"),
+        "switches",
+        Agent::Steward,
+        r.switches_per_alloc,
+    );
 }
 
 /// A composed request on the real worker: `map_squares(100)` from
@@ -937,6 +965,15 @@ async fn composed(env: &Env, agent: Agent, runs: usize, t: &mut Table) -> Result
     drop(proc);
     plane.stop().await;
     Ok(())
+}
+
+/// One unlabelled sample of the agent's metrics (`name` ends in a space).
+async fn agent_counter(proc: &AgentProc, name: &str) -> Option<f64> {
+    metrics_text(proc)
+        .await?
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse::<f64>().ok())
 }
 
 /// The agent's `/monitoring/metrics` text.

@@ -2,11 +2,13 @@
 //! cost, kept in a crash-safe, append-only usage ledger in the data
 //! directory.
 //!
-//! The recorder (`recorder.rs`) is one thread: it is told of worker and
-//! allocation events with the worker's readings, samples workers each
-//! second, prices records, writes each batch with one fsync and only then
-//! releases the allocations' results (each exactly once, also when it
-//! fails or gives up). The meter (`meter.rs`) shares a worker's usage
+//! The recorder (`recorder.rs`) meters each worker and allocation event on
+//! the caller's thread (the worker's readings, the meter, the priced
+//! record) and hands out a commit ticket; its one thread samples workers
+//! each second and writes queued records with one fsync per batch, then
+//! raises the durable ticket that results wait for (also when a write
+//! fails or it gives up, so no result is held forever). The meter
+//! (`meter.rs`) shares a worker's usage
 //! equally among the allocations running on it, the rest being its idle
 //! time. The ledger (`ledger.rs`) frames and checksums records, recovers
 //! from torn writes, refuses a second record for a recent id, rotates and
@@ -33,7 +35,6 @@ pub use meter::{Accrued, Meter, Sample};
 pub use price::{PriceCard, PriceCardError};
 pub use record::{RecordKind, UsageRecord, decode_frame, encode_frame};
 pub use recorder::{
-    FinishedAllocation, Probe, Reading, Recorder, RecorderConfig, RecorderStatus, Release,
-    WorkerInfo,
+    FinishedAllocation, Probe, Reading, Recorder, RecorderConfig, RecorderStatus, WorkerInfo,
 };
 pub use summary::{GroupBy, Summary, Totals, in_range, summarize};

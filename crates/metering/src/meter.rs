@@ -59,6 +59,8 @@ pub struct Meter {
     /// until then, for their end (reported after the worker is gone).
     orphans: HashMap<String, Accrued>,
     orphan_order: std::collections::VecDeque<String>,
+    /// Allocations running on live workers.
+    running: usize,
 }
 
 fn share(total: u128, parts: u128) -> u64 {
@@ -116,7 +118,7 @@ impl WorkerMeter {
 impl Meter {
     /// A worker started at `first` (its first reading), holding GPUs of these models.
     pub fn worker_started(&mut self, fe_id: &str, gpu_models: Vec<String>, first: Sample) {
-        self.workers.insert(
+        let old = self.workers.insert(
             fe_id.to_string(),
             WorkerMeter {
                 gpu_models,
@@ -129,6 +131,9 @@ impl Meter {
                 },
             },
         );
+        if let Some(old) = old {
+            self.running = self.running.saturating_sub(old.running.len());
+        }
     }
 
     /// A reading of the worker: the interval since the last is shared out.
@@ -144,13 +149,16 @@ impl Meter {
             return;
         };
         w.apply(at);
-        w.running.insert(
+        let again = w.running.insert(
             alloc_id.to_string(),
             Accrued {
                 started_ms: at.at_ms,
                 ..Accrued::default()
             },
         );
+        if again.is_none() {
+            self.running += 1;
+        }
     }
 
     /// An allocation ended (at the reading `at`, if its worker could still
@@ -179,7 +187,16 @@ impl Meter {
         if let Some(at) = at.filter(|_| fe == fe_id) {
             w.apply(at);
         }
-        w.running.remove(alloc_id)
+        let used = w.running.remove(alloc_id);
+        if used.is_some() {
+            self.running = self.running.saturating_sub(1);
+        }
+        used
+    }
+
+    /// How many allocations run on live workers.
+    pub fn running(&self) -> usize {
+        self.running
     }
 
     /// The utilisation of the worker's GPUs from now on (percent; `None`:
@@ -220,6 +237,7 @@ impl Meter {
         if let Some(s) = last {
             w.apply(s);
         }
+        self.running = self.running.saturating_sub(w.running.len());
         for (id, a) in std::mem::take(&mut w.running) {
             if self.orphan_order.len() >= MAX_ORPHANS
                 && let Some(old) = self.orphan_order.pop_front()
@@ -248,6 +266,33 @@ mod tests {
             cpu_usec,
             memory_bytes,
         }
+    }
+
+    #[test]
+    fn running_counts_allocations_on_live_workers() {
+        let mut m = Meter::default();
+        m.worker_started("w", Vec::new(), s(0, 0, 0));
+        m.worker_started("v", Vec::new(), s(0, 0, 0));
+        m.allocation_started("w", "a", s(1, 0, 0));
+        m.allocation_started("w", "a", s(2, 0, 0));
+        m.allocation_started("w", "b", s(2, 0, 0));
+        m.allocation_started("v", "c", s(2, 0, 0));
+        m.allocation_started("gone", "d", s(2, 0, 0));
+        assert_eq!(
+            m.running(),
+            3,
+            "a started twice counts once; no worker, no count"
+        );
+        m.allocation_finished("w", "a", None);
+        m.allocation_finished("w", "a", None);
+        assert_eq!(m.running(), 2);
+        // b is an orphan now: it no longer runs anywhere.
+        m.worker_stopped("w", None);
+        assert_eq!(m.running(), 1);
+        m.allocation_finished("w", "b", None);
+        // The same worker id again replaces the old one and what ran on it.
+        m.worker_started("v", Vec::new(), s(3, 0, 0));
+        assert_eq!(m.running(), 0);
     }
 
     #[test]

@@ -1,23 +1,30 @@
-//! The recorder: one `steward-metering` thread that samples every worker
-//! each second, shares usage out to allocations (the [`Meter`]), prices
-//! it, appends the records to the ledger with one fsync per batch (a group
-//! commit), and only then releases each allocation's result to the
-//! reporter. Callers never wait for it: a hook reads the worker's
-//! counters (two `pread`s where the probe keeps its files open) and queues
-//! the event; only events that must be written (a finished allocation, a
-//! flush) wake the thread, so an allocation costs one wake-up, shared by
-//! every allocation finishing in the same batch.
+//! The recorder: metering done where the events happen, and one
+//! `steward-metering` thread that makes the records durable.
 //!
-//! Nothing is lost through it: a result is released after its record is
-//! durable, after a failed write (counted and logged; the result matters
-//! more than its metering), after a panic while processing its batch, and
-//! at once when the thread is gone.
+//! A hook (worker started or stopped, allocation started or finished)
+//! reads the worker's counters (two `pread`s where the probe keeps its
+//! files open) and updates the [`Meter`] under one lock, on the caller's
+//! thread; a finished allocation's record is priced there and queued, and
+//! the caller gets a commit ticket. Nothing crosses to another thread per
+//! allocation. The thread writes what is queued with one `write` and one
+//! `fdatasync` (a group commit: at most one per window while records keep
+//! coming; the first after a quiet spell goes at once), then raises the
+//! durable ticket and tells the reporter; a result leaves the agent only
+//! once the durable ticket has reached its own. The thread also samples
+//! every worker each second and cuts long idle segments.
+//!
+//! Nothing is lost through it: the durable ticket is raised after the
+//! write, after a failed write (counted and logged; the result matters
+//! more than its metering), after a panic while writing, by a flush that
+//! gives up waiting, and when the thread ends; a hook that panics or runs
+//! after the thread ended hands out ticket 0, which never waits.
 
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
@@ -72,9 +79,6 @@ pub struct FinishedAllocation {
     pub ran: bool,
 }
 
-/// Hands the allocation's result on; called exactly once.
-pub type Release = Box<dyn FnOnce() + Send>;
-
 #[derive(Debug, Clone)]
 pub struct RecorderConfig {
     /// The ledger (`<data dir>/usage`).
@@ -90,12 +94,18 @@ pub struct RecorderConfig {
     /// The shortest time between two ledger commits while results keep
     /// coming: each fsync costs a disk flush and the thread's blocking (in
     /// a VM, exits to the hypervisor), so under load a batch gathers what
-    /// finishes within it. At low load a result waits for no one. Longer
-    /// trades result latency for agent CPU.
+    /// finishes within it. A result waits for it only while others still
+    /// run and finishes have been coming less than half a window apart;
+    /// otherwise it is committed at once. Longer trades result latency
+    /// under load for agent CPU.
     pub group_commit: Duration,
     /// Fault injection: a slow disk, waited before each batch is written
     /// (tests widen the window in which a crash can strike).
     pub commit_delay: Duration,
+    /// A commit that has not returned after this long (a disk that hangs)
+    /// is given up on when the reporter next asks: results go unrecorded
+    /// rather than wait on the disk.
+    pub stall_limit: Duration,
 }
 
 impl RecorderConfig {
@@ -108,102 +118,9 @@ impl RecorderConfig {
             top_applications: 20,
             price_card: None,
             commit_delay: Duration::ZERO,
-            group_commit: Duration::from_millis(2),
+            stall_limit: Duration::from_secs(10),
+            group_commit: Duration::from_millis(20),
         }
-    }
-}
-
-/// An event, with the worker's reading taken when it happened.
-enum Msg {
-    WorkerStarted(WorkerInfo, Sample),
-    WorkerStopped(String, u64, Option<Sample>),
-    AllocationStarted(String, String, Option<Sample>),
-    /// With the ticket of its release.
-    AllocationFinished(FinishedAllocation, u64, u64, Option<Sample>),
-    Flush(Sender<()>),
-    /// Utilisation of the host's GPUs (UUID, percent).
-    GpuUtilization(Vec<(String, u32)>),
-}
-
-/// Events waiting for the thread; it sleeps until `wake` (or its tick).
-struct Queue {
-    msgs: Vec<Msg>,
-    wake: bool,
-    closed: bool,
-    /// Until then the thread wakes by itself (the group-commit window), so
-    /// a poster sets `wake` without waking it: one wake-up per commit.
-    quiet_until: Instant,
-}
-
-impl Default for Queue {
-    fn default() -> Queue {
-        Queue {
-            msgs: Vec::new(),
-            wake: false,
-            closed: false,
-            quiet_until: Instant::now(),
-        }
-    }
-}
-
-/// The queue and what wakes the thread.
-#[derive(Default)]
-struct Mailbox {
-    queue: Mutex<Queue>,
-    ready: std::sync::Condvar,
-}
-
-impl Mailbox {
-    /// Queues `msg`, waking the thread if `wake`; gives it back when the
-    /// thread is gone (to release its result).
-    #[allow(clippy::result_large_err)]
-    fn post(&self, msg: Msg, wake: bool) -> Result<(), Msg> {
-        let mut q = lock(&self.queue);
-        if q.closed {
-            return Err(msg);
-        }
-        q.msgs.push(msg);
-        if wake && !q.wake {
-            q.wake = true;
-            if Instant::now() >= q.quiet_until {
-                self.ready.notify_one();
-            }
-        }
-        Ok(())
-    }
-
-    /// Waits until woken (and not before `not_before`, sleeping until then
-    /// in any case) or `deadline`; the queued events and whether the
-    /// mailbox is closed.
-    fn take(&self, deadline: Instant, not_before: Instant) -> (Vec<Msg>, bool) {
-        let mut q = lock(&self.queue);
-        q.quiet_until = not_before;
-        loop {
-            let now = Instant::now();
-            if q.closed || now >= deadline || (q.wake && now >= not_before) {
-                break;
-            }
-            let until = if now < not_before {
-                not_before.min(deadline)
-            } else {
-                deadline
-            };
-            q = self
-                .ready
-                .wait_timeout(q, until - now)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
-        q.wake = false;
-        (std::mem::take(&mut q.msgs), q.closed)
-    }
-
-    /// Closes the mailbox; what was still queued.
-    fn close(&self) -> Vec<Msg> {
-        let mut q = lock(&self.queue);
-        q.closed = true;
-        self.ready.notify_one();
-        std::mem::take(&mut q.msgs)
     }
 }
 
@@ -406,22 +323,66 @@ pub struct RecorderStatus {
     pub workers_metered: usize,
 }
 
-/// Results waiting for their records: whoever takes a ticket out calls its
-/// release, so each is called exactly once, by the thread after the write,
-/// or by whoever gives up on the thread (a flush past its timeout, the
-/// thread ending or panicking, a post after it is gone).
+/// How the metering thread waits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Waiting {
+    /// Not waiting (working), or already woken.
+    #[default]
+    No,
+    /// Nothing pending: until its next tick.
+    Idle,
+    /// Records pending: until the group-commit window is over.
+    Window,
+}
+
+/// What the hooks and the thread share under one lock: the meter, the
+/// workers' probes, and the records waiting for their commit.
 #[derive(Default)]
-struct Tickets {
-    next: u64,
-    pending: HashMap<u64, Release>,
+struct Books {
+    meter: Meter,
+    infos: HashMap<String, WorkerInfo>,
+    probes: HashMap<String, Arc<dyn Probe>>,
+    /// Workers whose probe failed at the last ticks, and how many times.
+    unreadable: HashMap<String, u32>,
+    /// The latest utilisation of each GPU by UUID, percent.
+    gpu_utilization: HashMap<String, u32>,
+    /// Records made and not yet taken by the thread.
+    pending: Vec<UsageRecord>,
+    /// The last commit ticket handed out.
+    issued: u64,
+    /// Batches the thread has taken, and of those, finished.
+    taken: u64,
+    finished: u64,
+    /// A flush asks for a commit now, whatever the window.
+    urgent: bool,
+    /// How the thread waits, which says whether a record must wake it.
+    waiting: Waiting,
+    /// When the last allocation finished, and the mean gap between
+    /// finishes (µs, a moving average): whether a window would gather more.
+    last_finish: Option<Instant>,
+    mean_gap_us: u64,
+    /// The group-commit window.
+    window: Duration,
+    /// Callers waiting in a flush.
+    flushers: usize,
+    closed: bool,
 }
 
 struct Inner {
-    mailbox: Mailbox,
-    tickets: Mutex<Tickets>,
-    /// Every metered worker's probe, read by callers at events and by the
-    /// thread at its ticks.
-    probes: Mutex<HashMap<String, Arc<dyn Probe>>>,
+    books: Mutex<Books>,
+    /// Wakes the thread: a first record after a quiet spell, a flush, the close.
+    work: Condvar,
+    /// Wakes flushers after a commit.
+    committed: Condvar,
+    /// The last ticket whose record is on disk (or given up on).
+    durable: AtomicU64,
+    /// Told each time `durable` advances (the reporter, to send results).
+    on_durable: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// When the commit under way began, in ms after `epoch` plus one (0:
+    /// none under way); one older than `stall_limit` is given up on.
+    commit_began: AtomicU64,
+    epoch: Instant,
+    stall_limit: Duration,
     card: RwLock<Option<PriceCard>>,
     activity: Mutex<Activity>,
     status: Mutex<RecorderStatus>,
@@ -435,17 +396,20 @@ pub struct Recorder {
     thread: Mutex<Option<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
-/// Closes the mailbox and releases what waits when the thread ends.
+/// When the thread ends (stopped, or a panic outside a batch): nothing is
+/// metered any more and every result still waiting goes.
 struct ThreadGuard(Arc<Inner>, #[allow(dead_code)] Sender<()>);
 
 impl Drop for ThreadGuard {
     fn drop(&mut self) {
-        for m in self.0.mailbox.close() {
-            if let Msg::AllocationFinished(_, ticket, _, _) = m {
-                self.0.release(ticket);
-            }
+        {
+            let mut b = lock(&self.0.books);
+            b.closed = true;
+            b.pending.clear();
+            b.finished = u64::MAX;
+            self.0.committed.notify_all();
         }
-        self.0.release_all("the metering thread ended");
+        self.0.give_up("the metering thread ended");
     }
 }
 
@@ -461,42 +425,57 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
-    fn hold(&self, release: Release) -> u64 {
-        let mut t = lock(&self.tickets);
-        t.next += 1;
-        let ticket = t.next;
-        t.pending.insert(ticket, release);
-        ticket
+    fn since_epoch_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Calls the release of `ticket` if nobody has yet.
-    fn release(&self, ticket: u64) {
-        let release = lock(&self.tickets).pending.remove(&ticket);
-        if let Some(r) = release {
-            // A panicking release must not take the others' results with it.
-            if std::panic::catch_unwind(AssertUnwindSafe(r)).is_err() {
-                tracing::error!("releasing a result panicked");
-            }
+    /// Whether the commit under way has run past the stall limit.
+    fn commit_stalled(&self) -> bool {
+        let began = self.commit_began.load(Ordering::Relaxed);
+        let limit = u64::try_from(self.stall_limit.as_millis()).unwrap_or(u64::MAX);
+        began != 0
+            && self
+                .since_epoch_ms()
+                .saturating_add(1)
+                .saturating_sub(began)
+                > limit
+    }
+
+    /// Raises the durable ticket to `ticket`, and tells the reporter.
+    fn advance(&self, ticket: u64) {
+        if self.durable.fetch_max(ticket, Ordering::SeqCst) < ticket
+            && let Some(wake) = self.on_durable.get()
+            && std::panic::catch_unwind(AssertUnwindSafe(wake)).is_err()
+        {
+            tracing::error!("telling the reporter of a commit panicked");
         }
     }
 
-    /// Releases every result still waiting, unrecorded; how many.
-    fn release_all(&self, why: &str) -> usize {
-        let all: Vec<u64> = lock(&self.tickets).pending.keys().copied().collect();
-        if !all.is_empty() {
+    /// Lets every result still waiting go, recorded or not; how many.
+    fn give_up(&self, why: &str) -> u64 {
+        let issued = lock(&self.books).issued;
+        let waiting = issued.saturating_sub(self.durable.load(Ordering::SeqCst));
+        if waiting > 0 {
             tracing::error!(
-                results = all.len(),
-                "{why}: results released without usage records"
+                results = waiting,
+                "{why}: results released before their usage records were durable"
             );
             self.metrics.errors.inc();
             let mut st = lock(&self.status);
             st.write_errors += 1;
-            st.last_error = Some(format!("{why}: {} results released unrecorded", all.len()));
+            st.last_error = Some(format!("{why}: {waiting} results released unrecorded"));
         }
-        for t in &all {
-            self.release(*t);
-        }
-        all.len()
+        self.advance(issued);
+        waiting
+    }
+
+    fn price(&self, mut r: UsageRecord) -> UsageRecord {
+        let card = self
+            .card
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.cost_minor = card.as_ref().map(|c| c.cost(&r));
+        r
     }
 }
 
@@ -520,9 +499,17 @@ impl Recorder {
         metrics.register(registry);
         metrics.set_card(config.price_card.as_ref());
         let inner = Arc::new(Inner {
-            mailbox: Mailbox::default(),
-            tickets: Mutex::new(Tickets::default()),
-            probes: Mutex::new(HashMap::new()),
+            books: Mutex::new(Books {
+                window: config.group_commit,
+                ..Books::default()
+            }),
+            work: Condvar::new(),
+            committed: Condvar::new(),
+            durable: AtomicU64::new(0),
+            on_durable: OnceLock::new(),
+            commit_began: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stall_limit: config.stall_limit,
             card: RwLock::new(config.price_card.clone()),
             activity: Mutex::new(activity),
             status: Mutex::new(RecorderStatus {
@@ -534,31 +521,23 @@ impl Recorder {
             }),
             metrics,
         });
-        let worker = Worker {
+        let committer = Committer {
             inner: inner.clone(),
             ledger,
-            meter: Meter::default(),
-            infos: HashMap::new(),
             labeler,
             sample_interval: config.sample_interval.max(Duration::from_millis(10)),
             idle_segment_max: config.idle_segment_max,
             commit_delay: config.commit_delay,
-            group_commit: config.group_commit.min(Duration::from_secs(1)),
             last_save: Instant::now(),
             last_commit: Instant::now(),
             series: HashMap::new(),
-            unreadable: HashMap::new(),
-            gpu_utilization: HashMap::new(),
         };
         let (exited_tx, exited) = channel::<()>();
         let thread = std::thread::Builder::new()
             .name("steward-metering".into())
             .spawn(move || {
-                // However the thread ends (stopped, or a panic outside a
-                // batch), nothing is posted to it any more and every result
-                // still waiting goes.
-                let guard = ThreadGuard(worker.inner.clone(), exited_tx);
-                worker.run();
+                let guard = ThreadGuard(committer.inner.clone(), exited_tx);
+                committer.run();
                 drop(guard);
             })
             .map_err(|error| LedgerError::Io {
@@ -574,75 +553,172 @@ impl Recorder {
         ))
     }
 
-    fn send(&self, msg: Msg, wake: bool) {
-        // The thread is gone: a result must still go.
-        if let Err(Msg::AllocationFinished(_, ticket, _, _)) = self.inner.mailbox.post(msg, wake) {
-            self.inner.release(ticket);
+    /// Runs `f` on the books, unless the thread has ended. Metering must
+    /// never take its caller down: a panic in `f` is caught and counted.
+    fn with_books<T>(&self, f: impl FnOnce(&mut Books, &Inner) -> T) -> Option<T> {
+        let mut b = lock(&self.inner.books);
+        if b.closed {
+            return None;
+        }
+        let inner = &*self.inner;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut b, inner))) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                tracing::error!("metering panicked on an event; its allocation goes unrecorded");
+                self.inner.metrics.errors.inc();
+                None
+            }
         }
     }
 
-    /// `fe_id`'s reading now, if it is metered and readable.
-    fn read(&self, fe_id: &str, at_ms: u64) -> Option<Sample> {
-        let probe = lock(&self.inner.probes).get(fe_id).cloned()?;
-        probe.read().map(|r| sample_of(r, at_ms))
-    }
-
     pub fn worker_started(&self, info: WorkerInfo, probe: Arc<dyn Probe>) {
-        let first = sample_of(probe.read().unwrap_or_default(), now_ms());
-        lock(&self.inner.probes).insert(info.fe_id.clone(), probe);
-        self.send(Msg::WorkerStarted(info, first), false);
+        self.with_books(|b, inner| {
+            let first = sample_of(probe.read().unwrap_or_default(), now_ms());
+            // The same id again before its end was seen: the old one ends now.
+            if b.meter.knows(&info.fe_id) {
+                b.worker_stopped(&info.fe_id, first.at_ms, None, inner);
+            }
+            b.meter
+                .worker_started(&info.fe_id, info.gpu_models.clone(), first);
+            let util = b.utilization_of(&info.gpu_uuids);
+            b.meter.set_gpu_utilization(&info.fe_id, util);
+            b.probes.insert(info.fe_id.clone(), probe);
+            b.infos.insert(info.fe_id.clone(), info);
+        });
     }
 
     pub fn worker_stopped(&self, fe_id: &str) {
-        let at = now_ms();
-        let last = self.read(fe_id, at);
-        lock(&self.inner.probes).remove(fe_id);
-        self.send(Msg::WorkerStopped(fe_id.to_string(), at, last), false);
+        self.with_books(|b, inner| {
+            let at = now_ms();
+            let last = b.read(fe_id, at);
+            b.probes.remove(fe_id);
+            b.worker_stopped(fe_id, at, last, inner);
+        });
     }
 
+    /// Unreadable at its start (a worker going away), an allocation is
+    /// metered nothing.
     pub fn allocation_started(&self, fe_id: &str, alloc_id: &str) {
-        let at = self.read(fe_id, now_ms());
-        let msg = Msg::AllocationStarted(fe_id.to_string(), alloc_id.to_string(), at);
-        self.send(msg, false);
+        self.with_books(|b, _| {
+            if let Some(s) = b.read(fe_id, now_ms()) {
+                b.meter.allocation_started(fe_id, alloc_id, s);
+            }
+        });
     }
 
-    /// Records the allocation, then calls `release` (on the metering thread).
-    pub fn allocation_finished(&self, done: FinishedAllocation, release: Release) {
-        let at = now_ms();
-        let reading = self.read(&done.fe_id, at);
-        let ticket = self.inner.hold(release);
-        self.send(Msg::AllocationFinished(done, ticket, at, reading), true);
+    /// Meters the allocation and queues its record: the commit ticket its
+    /// result waits for (see [`Recorder::durable`]); 0 waits for nothing.
+    pub fn allocation_finished(&self, done: FinishedAllocation) -> u64 {
+        self.with_books(|b, inner| {
+            let at = now_ms();
+            let reading = b.read(&done.fe_id, at);
+            let used = b
+                .meter
+                .allocation_finished(&done.fe_id, &done.alloc_id, reading);
+            b.pending.push(allocation_record(inner, done, used, at));
+            b.issued += 1;
+            b.finished_one();
+            let wake = match b.waiting {
+                Waiting::Idle => true,
+                Waiting::Window => !b.worth_waiting(),
+                Waiting::No => false,
+            };
+            if wake {
+                b.waiting = Waiting::No;
+                inner.work.notify_one();
+            }
+            b.issued
+        })
+        .unwrap_or(0)
+    }
+
+    /// The last commit ticket whose record is on disk, or was given up on
+    /// (a failed write, a flush past its timeout, a commit stalled past
+    /// the stall limit, the thread gone).
+    pub fn durable(&self) -> u64 {
+        if self.inner.commit_stalled() {
+            self.inner
+                .give_up("the usage ledger's disk has not answered in time");
+        }
+        self.inner.durable.load(Ordering::SeqCst)
+    }
+
+    /// `wake` is called, on the metering thread, each time the durable
+    /// ticket advances. Set once; a second call is ignored.
+    pub fn on_durable(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.inner.on_durable.set(wake);
     }
 
     /// The latest utilisation of the host's GPUs (UUID, percent), from the
     /// host's own sampling (NVML or `nvidia-smi`): from now on each worker's
     /// allocated GPU time is also metered as busy time.
     pub fn gpu_utilization(&self, gpus: Vec<(String, u32)>) {
-        if !gpus.is_empty() {
-            self.send(Msg::GpuUtilization(gpus), false);
+        if gpus.is_empty() {
+            return;
         }
+        self.with_books(|b, _| {
+            b.gpu_utilization = gpus.into_iter().collect();
+            let utils: Vec<(String, Option<u32>)> = b
+                .infos
+                .iter()
+                .map(|(fe, info)| (fe.clone(), b.utilization_of(&info.gpu_uuids)))
+                .collect();
+            for (fe, util) in utils {
+                b.meter.set_gpu_utilization(&fe, util);
+            }
+        });
     }
 
-    /// Waits (at most `timeout`) until everything sent so far is recorded
-    /// and released. Past the timeout (a disk that does not answer) the
-    /// results still waiting are released unrecorded: `false`.
+    /// Waits (at most `timeout`) until everything metered so far is on
+    /// disk. Past the timeout (a disk that does not answer) the results
+    /// still waiting are let go unrecorded: `false`.
     pub fn flush(&self, timeout: Duration) -> bool {
-        let (ack, done) = channel();
-        self.send(Msg::Flush(ack), true);
-        if done.recv_timeout(timeout).is_ok() {
+        let deadline = Instant::now() + timeout;
+        let mut b = lock(&self.inner.books);
+        let target = if b.pending.is_empty() {
+            b.taken
+        } else {
+            b.taken + 1
+        };
+        if b.finished >= target {
             return true;
         }
-        self.inner.release_all("metering did not catch up in time");
+        b.urgent = true;
+        self.inner.work.notify_one();
+        b.flushers += 1;
+        while b.finished < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            b = self
+                .inner
+                .committed
+                .wait_timeout(b, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        b.flushers -= 1;
+        let done = b.finished >= target;
+        drop(b);
+        if done {
+            return true;
+        }
+        self.inner.give_up("metering did not catch up in time");
         false
     }
 
     /// Flushes, stops the thread (idle segments of live workers are recorded,
     /// the activity file saved), waiting at most about `timeout` in all; a
-    /// thread stuck on its disk is left behind, its results released.
+    /// thread stuck on its disk is left behind, its results let go.
     pub fn stop(&self, timeout: Duration) {
         let started = Instant::now();
         self.flush(timeout);
-        self.inner.mailbox.close();
+        {
+            let mut b = lock(&self.inner.books);
+            b.closed = true;
+            self.inner.work.notify_one();
+        }
         let Some((thread, exited)) = lock(&self.thread).take() else {
             return;
         };
@@ -653,7 +729,7 @@ impl Recorder {
         match exited.recv_timeout(left) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 tracing::warn!("the metering thread did not stop in time; left behind");
-                self.inner.release_all("the metering thread did not stop");
+                self.inner.give_up("the metering thread did not stop");
             }
             _ => {
                 let _ = thread.join();
@@ -669,7 +745,7 @@ impl Recorder {
             .clone()
     }
 
-    /// Prices records from now on (records already written keep their cost).
+    /// Prices records from now on (records already made keep their cost).
     pub fn set_price_card(&self, card: Option<PriceCard>) {
         self.inner.metrics.set_card(card.as_ref());
         *self
@@ -694,170 +770,32 @@ impl Drop for Recorder {
     }
 }
 
-/// The metering thread's state.
-struct Worker {
-    inner: Arc<Inner>,
-    ledger: Ledger,
-    meter: Meter,
-    infos: HashMap<String, WorkerInfo>,
-    labeler: Labeler,
-    sample_interval: Duration,
-    idle_segment_max: Duration,
-    commit_delay: Duration,
-    group_commit: Duration,
-    last_save: Instant,
-    last_commit: Instant,
-    /// Counters by (namespace, application, kind) label values.
-    series: HashMap<(String, String, &'static str), Series>,
-    /// Workers whose probe failed at the last ticks, and how many times.
-    unreadable: HashMap<String, u32>,
-    /// The latest utilisation of each GPU by UUID, percent.
-    gpu_utilization: HashMap<String, u32>,
-}
+/// Past this mean gap between finishes, waiting would gather nothing.
+const GATHER_GAP_SHARE: u64 = 2;
 
-/// One batch's work: records to write, results to release after, flushes
-/// to acknowledge after that.
-#[derive(Default)]
-struct Batch {
-    records: Vec<UsageRecord>,
-    releases: Vec<u64>,
-    flushes: Vec<Sender<()>>,
-}
-
-impl Worker {
-    fn run(mut self) {
-        let mut next_tick = Instant::now() + self.sample_interval;
-        loop {
-            // Group commit: at most one write and fsync per interval; what
-            // finishes meanwhile joins the batch.
-            let (msgs, closed) = self
-                .inner
-                .mailbox
-                .take(next_tick, self.last_commit + self.group_commit);
-            let tick = Instant::now() >= next_tick;
-            if tick {
-                next_tick = Instant::now() + self.sample_interval;
-            }
-            let tickets: Vec<u64> = msgs
-                .iter()
-                .filter_map(|m| match m {
-                    Msg::AllocationFinished(_, t, _, _) => Some(*t),
-                    _ => None,
-                })
-                .collect();
-            // Whatever panics (the meter, the ledger, the metrics), this
-            // batch's results still go and the thread goes on.
-            if std::panic::catch_unwind(AssertUnwindSafe(|| self.batch(msgs, tick))).is_err() {
-                tracing::error!("metering panicked on a batch; its results are released");
-                self.inner.metrics.errors.inc();
-                for t in tickets {
-                    self.inner.release(t);
-                }
-            }
-            if closed {
-                break;
-            }
+impl Books {
+    /// Notes a finish for the mean gap between finishes.
+    fn finished_one(&mut self) {
+        let now = Instant::now();
+        if let Some(last) = self.last_finish {
+            let gap = u64::try_from(now.duration_since(last).as_micros()).unwrap_or(u64::MAX);
+            self.mean_gap_us = (self.mean_gap_us.saturating_mul(7) / 8).saturating_add(gap / 8);
         }
-        // Stopping: live workers' idle time so far is recorded.
-        let fes: Vec<String> = self.meter.workers().map(str::to_string).collect();
-        let mut b = Batch::default();
-        for fe in fes {
-            let last = self.probe(&fe).and_then(|p| p.read());
-            self.worker_stopped(&fe, now_ms(), last.map(|r| sample_of(r, now_ms())), &mut b);
-        }
-        self.commit(b);
-        self.save_activity();
+        self.last_finish = Some(now);
     }
 
-    fn probe(&self, fe: &str) -> Option<Arc<dyn Probe>> {
-        lock(&self.inner.probes).get(fe).cloned()
+    /// Whether the group-commit window is worth waiting for: allocations
+    /// still run, and they have been finishing close together (else a
+    /// result would wait for nothing, as a lone request's does).
+    fn worth_waiting(&self) -> bool {
+        let window_us = u64::try_from(self.window.as_micros()).unwrap_or(u64::MAX);
+        self.meter.running() > 0 && self.mean_gap_us.saturating_mul(GATHER_GAP_SHARE) < window_us
     }
 
-    /// Handles `msgs` (and a tick), then commits; a panic on the way still
-    /// releases every result of the batch.
-    fn batch(&mut self, msgs: Vec<Msg>, tick: bool) {
-        let mut b = Batch::default();
-        let mut work = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            match m {
-                Msg::AllocationFinished(done, ticket, at, reading) => {
-                    b.releases.push(ticket);
-                    work.push(Msg::AllocationFinished(done, ticket, at, reading));
-                }
-                Msg::Flush(ack) => b.flushes.push(ack),
-                other => work.push(other),
-            }
-        }
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let mut records = Vec::new();
-            for m in work {
-                self.handle(m, &mut records);
-            }
-            if tick {
-                self.tick(&mut records);
-            }
-            records
-        }));
-        match outcome {
-            Ok(records) => b.records = records,
-            Err(_) => {
-                tracing::error!(
-                    "metering panicked on a batch; its results are released unrecorded"
-                );
-                self.inner.metrics.errors.inc();
-            }
-        }
-        self.commit(b);
-        if self.last_save.elapsed() >= Duration::from_secs(10) {
-            self.save_activity();
-        }
-    }
-
-    fn handle(&mut self, m: Msg, out: &mut Vec<UsageRecord>) {
-        match m {
-            Msg::WorkerStarted(info, first) => {
-                // The same id again before its end was seen: the old one ends now.
-                if self.meter.knows(&info.fe_id) {
-                    let mut b = Batch::default();
-                    self.worker_stopped(&info.fe_id, first.at_ms, None, &mut b);
-                    out.append(&mut b.records);
-                }
-                self.meter
-                    .worker_started(&info.fe_id, info.gpu_models.clone(), first);
-                let util = self.utilization_of(&info.gpu_uuids);
-                self.meter.set_gpu_utilization(&info.fe_id, util);
-                self.infos.insert(info.fe_id.clone(), info);
-            }
-            Msg::AllocationStarted(fe, alloc, Some(s)) => {
-                self.meter.allocation_started(&fe, &alloc, s);
-            }
-            // Unreadable at its start: metered from the next reading.
-            Msg::AllocationStarted(fe, alloc, None) => {
-                if let Some(s) = self.probe(&fe).and_then(|p| p.read()) {
-                    self.meter
-                        .allocation_started(&fe, &alloc, sample_of(s, now_ms()));
-                }
-            }
-            Msg::AllocationFinished(done, _, at, reading) => {
-                let used = self
-                    .meter
-                    .allocation_finished(&done.fe_id, &done.alloc_id, reading);
-                out.push(self.allocation_record(done, used, at));
-            }
-            Msg::WorkerStopped(fe, at, last) => {
-                let mut b = Batch::default();
-                self.worker_stopped(&fe, at, last, &mut b);
-                out.append(&mut b.records);
-            }
-            Msg::Flush(_) => {}
-            Msg::GpuUtilization(gpus) => {
-                self.gpu_utilization = gpus.into_iter().collect();
-                for (fe, info) in &self.infos {
-                    let util = self.utilization_of(&info.gpu_uuids);
-                    self.meter.set_gpu_utilization(fe, util);
-                }
-            }
-        }
+    /// `fe`'s reading now, if it is metered and readable.
+    fn read(&self, fe: &str, at_ms: u64) -> Option<Sample> {
+        let r = self.probes.get(fe)?.read()?;
+        Some(sample_of(r, at_ms))
     }
 
     /// The mean utilisation of these GPUs, if any of them is known.
@@ -870,159 +808,259 @@ impl Worker {
         Some(known.iter().map(|p| (*p).min(100)).sum::<u32>() / n)
     }
 
-    fn worker_stopped(&mut self, fe: &str, at: u64, last: Option<Sample>, b: &mut Batch) {
+    /// The worker ended: its idle segment is queued.
+    fn worker_stopped(&mut self, fe: &str, at: u64, last: Option<Sample>, inner: &Inner) {
         self.unreadable.remove(fe);
         let idle = self.meter.worker_stopped(fe, last);
         let info = self.infos.remove(fe);
         if let (Some(idle), Some(info)) = (idle, info) {
-            b.records.push(self.segment_record(&info, idle, at));
+            self.pending.push(segment_record(inner, &info, idle, at));
         }
     }
 
     /// Samples every worker; cuts idle segments that grew too long.
-    fn tick(&mut self, out: &mut Vec<UsageRecord>) {
+    fn tick(&mut self, inner: &Inner, idle_segment_max: Duration) {
         let fes: Vec<String> = self.meter.workers().map(str::to_string).collect();
-        let max = self.idle_segment_max.as_millis() as u64;
-        let mut status_workers = 0;
+        let max = idle_segment_max.as_millis() as u64;
+        let mut readable = 0;
         for fe in fes {
             let now = now_ms();
-            let Some(s) = self
-                .probe(&fe)
-                .and_then(|p| p.read())
-                .map(|r| sample_of(r, now))
-            else {
+            let Some(s) = self.read(&fe, now) else {
                 // Unreadable three ticks running: gone without a word (a
                 // start that failed after the spawn); its idle time ends.
                 let misses = self.unreadable.entry(fe.clone()).or_default();
                 *misses += 1;
                 if *misses >= 3 {
-                    self.unreadable.remove(&fe);
-                    lock(&self.inner.probes).remove(&fe);
-                    let mut b = Batch::default();
-                    self.worker_stopped(&fe, now, None, &mut b);
-                    out.append(&mut b.records);
+                    self.probes.remove(&fe);
+                    self.worker_stopped(&fe, now, None, inner);
                 }
                 continue;
             };
             self.unreadable.remove(&fe);
-            status_workers += 1;
+            readable += 1;
             let since = self.meter.idle_since(&fe).unwrap_or(now);
-            if now.saturating_sub(since) >= max {
-                if let (Some(idle), Some(info)) =
-                    (self.meter.cut_idle(&fe, s), self.infos.get(&fe).cloned())
-                {
-                    out.push(self.segment_record(&info, idle, now));
-                }
-            } else {
+            if now.saturating_sub(since) < max {
                 self.meter.sample(&fe, s);
+            } else if let (Some(idle), Some(info)) =
+                (self.meter.cut_idle(&fe, s), self.infos.get(&fe))
+            {
+                let r = segment_record(inner, info, idle, now);
+                self.pending.push(r);
             }
         }
-        lock(&self.inner.status).workers_metered = status_workers;
+        lock(&inner.status).workers_metered = readable;
     }
 
-    fn price(&self, mut r: UsageRecord) -> UsageRecord {
-        let card = self
-            .inner
-            .card
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.cost_minor = card.as_ref().map(|c| c.cost(&r));
-        r
+    /// Stopping: every live worker's idle time so far is queued.
+    fn close_workers(&mut self, inner: &Inner) {
+        let fes: Vec<String> = self.meter.workers().map(str::to_string).collect();
+        for fe in fes {
+            let at = now_ms();
+            let last = self.read(&fe, at);
+            self.worker_stopped(&fe, at, last, inner);
+        }
+    }
+}
+
+fn allocation_record(
+    inner: &Inner,
+    done: FinishedAllocation,
+    used: Option<Accrued>,
+    at: u64,
+) -> UsageRecord {
+    let used = used.unwrap_or(Accrued {
+        started_ms: at,
+        ..Accrued::default()
+    });
+    let who = [done.fe_id, done.namespace, done.application, done.function];
+    inner.price(UsageRecord {
+        outcome: done.outcome,
+        ran: done.ran,
+        ..record_of(RecordKind::Allocation, done.alloc_id, who, used, at)
+    })
+}
+
+fn segment_record(inner: &Inner, info: &WorkerInfo, idle: Accrued, at: u64) -> UsageRecord {
+    let id = format!("{}@{}", info.fe_id, idle.started_ms);
+    let idle_ms = idle.idle_ms;
+    let who = [
+        info.fe_id.clone(),
+        info.namespace.clone(),
+        info.application.clone(),
+        info.function.clone(),
+    ];
+    inner.price(UsageRecord {
+        idle_ms: Some(idle_ms),
+        ..record_of(RecordKind::WorkerSegment, id, who, idle, at)
+    })
+}
+
+/// What `used` accrued until `at`, for the worker, namespace, application
+/// and function in `who`; unpriced, without an outcome.
+fn record_of(
+    kind: RecordKind,
+    id: String,
+    who: [String; 4],
+    used: Accrued,
+    at: u64,
+) -> UsageRecord {
+    let [function_executor_id, namespace, application, function] = who;
+    UsageRecord {
+        kind,
+        id,
+        function_executor_id,
+        namespace,
+        application,
+        function,
+        started_unix_ms: used.started_ms.min(at),
+        ended_unix_ms: at,
+        cpu_core_us: used.cpu_core_us,
+        memory_mb_ms: used.memory_mb_ms,
+        peak_memory_bytes: used.peak_memory_bytes,
+        gpu_ms: used.gpu_ms.into_iter().collect(),
+        gpu_busy_ms: used.gpu_busy_ms.into_iter().collect(),
+        cost_minor: None,
+        outcome: String::new(),
+        ran: false,
+        idle_ms: None,
+    }
+}
+
+/// The metering thread: ticks, and commits what the hooks queued.
+struct Committer {
+    inner: Arc<Inner>,
+    ledger: Ledger,
+    labeler: Labeler,
+    sample_interval: Duration,
+    idle_segment_max: Duration,
+    commit_delay: Duration,
+    last_save: Instant,
+    last_commit: Instant,
+    /// Counters by (namespace, application, kind) label values.
+    series: HashMap<(String, String, &'static str), Series>,
+}
+
+/// What one commit takes: the records, the last ticket they cover, and
+/// whether the recorder is closing.
+struct Taken {
+    records: Vec<UsageRecord>,
+    through: u64,
+    closed: bool,
+}
+
+impl Committer {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.sample_interval;
+        loop {
+            let taken = self.take(&mut next_tick);
+            let closed = taken.closed;
+            self.commit(taken);
+            if closed {
+                break;
+            }
+            if self.last_save.elapsed() >= Duration::from_secs(10) {
+                self.save_activity();
+            }
+        }
+        self.save_activity();
     }
 
-    fn allocation_record(
-        &self,
-        done: FinishedAllocation,
-        used: Option<Accrued>,
-        at: u64,
-    ) -> UsageRecord {
-        let used = used.unwrap_or(Accrued {
-            started_ms: at,
-            ..Accrued::default()
-        });
-        self.price(UsageRecord {
-            kind: RecordKind::Allocation,
-            id: done.alloc_id,
-            function_executor_id: done.fe_id,
-            namespace: done.namespace,
-            application: done.application,
-            function: done.function,
-            started_unix_ms: used.started_ms.min(at),
-            ended_unix_ms: at,
-            cpu_core_us: used.cpu_core_us,
-            memory_mb_ms: used.memory_mb_ms,
-            peak_memory_bytes: used.peak_memory_bytes,
-            gpu_ms: used.gpu_ms.into_iter().collect(),
-            gpu_busy_ms: used.gpu_busy_ms.into_iter().collect(),
-            cost_minor: None,
-            outcome: done.outcome,
-            ran: done.ran,
-            idle_ms: None,
-        })
+    /// Waits for a batch, ticking on the way: records queued, and the
+    /// group-commit window over, or not worth waiting for (nothing else
+    /// running, or finishes too far apart), or a flush.
+    fn take(&mut self, next_tick: &mut Instant) -> Taken {
+        let inner = self.inner.clone();
+        let mut b = lock(&inner.books);
+        loop {
+            let now = Instant::now();
+            if b.closed {
+                let books = &mut *b;
+                guarded(&inner, || books.close_workers(&inner));
+                break;
+            }
+            if now >= *next_tick {
+                *next_tick = now + self.sample_interval;
+                let books = &mut *b;
+                guarded(&inner, || books.tick(&inner, self.idle_segment_max));
+            }
+            let window_over = self.last_commit + b.window;
+            if !b.pending.is_empty() && (b.urgent || now >= window_over || !b.worth_waiting()) {
+                break;
+            }
+            let (until, waiting) = if b.pending.is_empty() {
+                (*next_tick, Waiting::Idle)
+            } else {
+                (window_over.min(*next_tick), Waiting::Window)
+            };
+            b.waiting = waiting;
+            b = inner
+                .work
+                .wait_timeout(b, until.saturating_duration_since(now))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+            b.waiting = Waiting::No;
+        }
+        b.urgent = false;
+        b.taken += 1;
+        Taken {
+            records: std::mem::take(&mut b.pending),
+            through: b.issued,
+            closed: b.closed,
+        }
     }
 
-    fn segment_record(&self, info: &WorkerInfo, idle: Accrued, at: u64) -> UsageRecord {
-        self.price(UsageRecord {
-            kind: RecordKind::WorkerSegment,
-            id: format!("{}@{}", info.fe_id, idle.started_ms),
-            function_executor_id: info.fe_id.clone(),
-            namespace: info.namespace.clone(),
-            application: info.application.clone(),
-            function: info.function.clone(),
-            started_unix_ms: idle.started_ms.min(at),
-            ended_unix_ms: at,
-            cpu_core_us: idle.cpu_core_us,
-            memory_mb_ms: idle.memory_mb_ms,
-            peak_memory_bytes: idle.peak_memory_bytes,
-            gpu_ms: idle.gpu_ms.into_iter().collect(),
-            gpu_busy_ms: idle.gpu_busy_ms.into_iter().collect(),
-            cost_minor: None,
-            outcome: String::new(),
-            ran: false,
-            idle_ms: Some(idle.idle_ms),
-        })
-    }
-
-    /// Writes the batch's records with one fsync, counts them, then releases
-    /// the results and acknowledges flushes, in that order.
-    fn commit(&mut self, b: Batch) {
-        if !b.records.is_empty() {
+    /// Writes the records with one fsync and counts them, then raises the
+    /// durable ticket, then wakes flushers, in that order. A panic on the
+    /// way still raises it.
+    fn commit(&mut self, taken: Taken) {
+        if !taken.records.is_empty() {
             self.last_commit = Instant::now();
-            if !self.commit_delay.is_zero() {
-                std::thread::sleep(self.commit_delay);
-            }
-            let started = Instant::now();
-            let written = self.ledger.append_batch(&b.records);
-            self.inner
-                .metrics
-                .commit
-                .observe(started.elapsed().as_secs_f64());
-            match written {
-                // Only what was written counts (a second record of an id
-                // already in the ledger was refused).
-                Ok(flags) => {
-                    let new: Vec<UsageRecord> = b
-                        .records
-                        .into_iter()
-                        .zip(flags)
-                        .filter_map(|(r, w)| w.then_some(r))
-                        .collect();
-                    self.count(&new);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, records = b.records.len(), "usage records not written; results released");
-                    self.inner.metrics.errors.inc();
-                    let mut st = lock(&self.inner.status);
-                    st.write_errors += 1;
-                    st.last_error = Some(e.to_string());
-                }
+            let records = taken.records;
+            let began = self.inner.since_epoch_ms().saturating_add(1);
+            self.inner.commit_began.store(began, Ordering::Relaxed);
+            let wrote = std::panic::catch_unwind(AssertUnwindSafe(|| self.write(records)));
+            self.inner.commit_began.store(0, Ordering::Relaxed);
+            if wrote.is_err() {
+                tracing::error!("metering panicked writing a batch; its results are released");
+                self.inner.metrics.errors.inc();
             }
         }
-        for ticket in b.releases {
-            self.inner.release(ticket);
+        self.inner.advance(taken.through);
+        let mut b = lock(&self.inner.books);
+        b.finished = b.finished.max(b.taken);
+        if b.flushers > 0 {
+            self.inner.committed.notify_all();
         }
-        for ack in b.flushes {
-            let _ = ack.send(());
+    }
+
+    fn write(&mut self, records: Vec<UsageRecord>) {
+        if !self.commit_delay.is_zero() {
+            std::thread::sleep(self.commit_delay);
+        }
+        let started = Instant::now();
+        let written = self.ledger.append_batch(&records);
+        self.inner
+            .metrics
+            .commit
+            .observe(started.elapsed().as_secs_f64());
+        match written {
+            // Only what was written counts (a second record of an id
+            // already in the ledger was refused).
+            Ok(flags) => {
+                let new: Vec<UsageRecord> = records
+                    .into_iter()
+                    .zip(flags)
+                    .filter_map(|(r, w)| w.then_some(r))
+                    .collect();
+                self.count(&new);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, records = records.len(), "usage records not written; results released");
+                self.inner.metrics.errors.inc();
+                let mut st = lock(&self.inner.status);
+                st.write_errors += 1;
+                st.last_error = Some(e.to_string());
+            }
         }
     }
 
@@ -1056,34 +1094,42 @@ impl Worker {
     }
 }
 
+/// Runs `f`, catching and counting a panic (the thread goes on).
+fn guarded(inner: &Inner, f: impl FnOnce()) {
+    if std::panic::catch_unwind(AssertUnwindSafe(f)).is_err() {
+        tracing::error!("metering panicked while sampling");
+        inner.metrics.errors.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ledger::read_records;
+    use std::sync::atomic::AtomicBool;
 
-    struct FakeProbe(Mutex<Option<Reading>>, bool);
+    /// A worker's counters as a test sets them; reading panics once `panics` is set.
+    #[derive(Default)]
+    struct FakeProbe {
+        reading: Mutex<Option<Reading>>,
+        panics: AtomicBool,
+    }
 
     impl Probe for FakeProbe {
-        /// With `.1`: unreadable to callers, and a panic on the metering
-        /// thread (which reads an allocation its caller could not).
         fn read(&self) -> Option<Reading> {
-            if self.1 {
-                let on_thread = std::thread::current().name() == Some("steward-metering");
-                assert!(!on_thread, "a probe that panics");
-                return None;
-            }
-            *lock(&self.0)
+            assert!(!self.panics.load(Ordering::SeqCst), "a probe that panics");
+            *lock(&self.reading)
         }
     }
 
     fn set(p: &FakeProbe, cpu_usec: u64, memory_bytes: u64) {
-        *lock(&p.0) = Some(Reading {
+        *lock(&p.reading) = Some(Reading {
             cpu_usec,
             memory_bytes,
         });
     }
 
-    fn start(dir: &std::path::Path) -> Recorder {
+    fn start_with(dir: &std::path::Path, change: impl FnOnce(&mut RecorderConfig)) -> Recorder {
         let mut c = RecorderConfig::new(dir);
         c.price_card = Some(
             PriceCard::from_toml(
@@ -1091,9 +1137,14 @@ mod tests {
             )
             .expect("card"),
         );
+        change(&mut c);
         Recorder::start(c, &mut Registry::default())
             .expect("start")
             .0
+    }
+
+    fn start(dir: &std::path::Path) -> Recorder {
+        start_with(dir, |_| {})
     }
 
     fn info(fe: &str) -> WorkerInfo {
@@ -1119,32 +1170,48 @@ mod tests {
         }
     }
 
+    /// Each time the durable ticket advances, what the ledger holds then.
+    fn watch_ledger(
+        rec: &Recorder,
+        dir: &std::path::Path,
+    ) -> std::sync::mpsc::Receiver<(u64, Vec<UsageRecord>)> {
+        let (tx, rx) = channel();
+        let dir = dir.join("usage");
+        let durable = Arc::downgrade(&rec.inner);
+        rec.on_durable(Box::new(move || {
+            let Some(inner) = durable.upgrade() else {
+                return;
+            };
+            let at = inner.durable.load(Ordering::SeqCst);
+            let _ = tx.send((at, read_records(&dir).expect("read")));
+        }));
+        rx
+    }
+
     #[test]
     fn a_result_is_released_only_after_its_record_is_in_the_ledger() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let rec = start(tmp.path());
-        let probe = Arc::new(FakeProbe(Mutex::new(None), false));
+        let seen = watch_ledger(&rec, tmp.path());
+        let probe = Arc::new(FakeProbe::default());
         set(&probe, 1_000, 50_000_000);
         rec.worker_started(info("w"), probe.clone());
         rec.allocation_started("w", "a");
-        assert!(rec.flush(Duration::from_secs(5)));
         set(&probe, 2_501_000, 50_000_000);
-        let dir = tmp.path().join("usage");
-        let (seen_tx, seen_rx) = channel();
-        rec.allocation_finished(
-            done("a", "w"),
-            Box::new(move || {
-                let on_disk = read_records(&dir).expect("read");
-                let _ = seen_tx.send(on_disk);
-            }),
-        );
-        let on_disk = seen_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("released");
+        let ticket = rec.allocation_finished(done("a", "w"));
+        assert!(ticket > 0);
+        let on_disk = loop {
+            let (at, on_disk) = seen
+                .recv_timeout(Duration::from_secs(5))
+                .expect("made durable");
+            if at >= ticket {
+                break on_disk;
+            }
+        };
         let a = on_disk
             .iter()
             .find(|r| r.id == "a")
-            .expect("recorded before release");
+            .expect("on disk before the ticket is durable");
         assert_eq!(a.cpu_core_us, 2_500_000);
         // 7 per task + 1000 per core-second × 2.5.
         assert_eq!(a.cost_minor, Some(7 + 2_500));
@@ -1161,54 +1228,154 @@ mod tests {
     #[test]
     fn results_still_go_when_metering_panics_or_is_gone() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let rec = start(tmp.path());
-        let bad = Arc::new(FakeProbe(Mutex::new(None), true));
-        rec.worker_started(info("w"), bad);
-        // Processing the start panics, in the same batch as the finish.
-        rec.allocation_started("w", "a");
-        let (tx, rx) = channel();
-        let t = tx.clone();
-        rec.allocation_finished(done("a", "w"), Box::new(move || t.send("a").expect("send")));
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok("a"));
+        let rec = start_with(tmp.path(), |c| {
+            c.sample_interval = Duration::from_millis(10)
+        });
+        let bad = Arc::new(FakeProbe::default());
+        set(&bad, 0, 0);
+        rec.worker_started(info("bad"), bad.clone());
+        rec.allocation_started("bad", "a");
+        bad.panics.store(true, Ordering::SeqCst);
+        // The hook panics reading the worker: caught, and the result waits for nothing.
+        assert_eq!(rec.allocation_finished(done("a", "bad")), 0);
+        // The thread's ticks panic on it too, and it goes on committing.
+        let good = Arc::new(FakeProbe::default());
+        set(&good, 0, 0);
+        rec.worker_started(info("good"), good);
+        rec.allocation_started("good", "b");
+        let ticket = rec.allocation_finished(done("b", "good"));
+        assert!(rec.flush(Duration::from_secs(5)));
+        assert!(rec.durable() >= ticket);
+        let ids: Vec<String> = read_records(&tmp.path().join("usage"))
+            .expect("read")
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert!(ids.contains(&"b".to_string()), "{ids:?}");
+        bad.panics.store(false, Ordering::SeqCst);
         rec.stop(Duration::from_secs(5));
-        rec.allocation_finished(
-            done("b", "w"),
-            Box::new(move || tx.send("b").expect("send")),
-        );
         assert_eq!(
-            rx.recv_timeout(Duration::from_secs(1)),
-            Ok("b"),
-            "inline once stopped"
+            rec.allocation_finished(done("c", "good")),
+            0,
+            "after the stop"
         );
     }
 
     #[test]
-    fn a_flush_past_its_timeout_releases_what_waits_exactly_once() {
+    fn a_flush_past_its_timeout_lets_results_go_once() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut c = RecorderConfig::new(tmp.path());
         // A disk that takes a second per write.
-        c.commit_delay = Duration::from_secs(1);
-        let rec = Recorder::start(c, &mut Registry::default())
-            .expect("start")
-            .0;
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let n = calls.clone();
-        rec.allocation_finished(
-            done("a", "w"),
-            Box::new(move || {
-                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }),
-        );
+        let rec = start_with(tmp.path(), |c| c.commit_delay = Duration::from_secs(1));
+        let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = wakes.clone();
+        rec.on_durable(Box::new(move || {
+            n.fetch_add(1, Ordering::SeqCst);
+        }));
+        let ticket = rec.allocation_finished(done("a", "w"));
         assert!(!rec.flush(Duration::from_millis(100)), "the disk is slow");
-        assert_eq!(
-            calls.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "released by the flush"
-        );
-        // The write completes later; the result is not released twice.
+        assert!(rec.durable() >= ticket, "given up on");
+        assert_eq!(wakes.load(Ordering::SeqCst), 1, "the reporter told once");
+        // The write completes later; nothing is released twice.
         assert!(rec.flush(Duration::from_secs(5)));
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(wakes.load(Ordering::SeqCst), 1);
         assert!(rec.status().last_error.is_some());
+        assert_eq!(
+            read_records(&tmp.path().join("usage")).expect("read").len(),
+            1
+        );
+        rec.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_disk_that_hangs_holds_results_no_longer_than_the_stall_limit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let rec = start_with(tmp.path(), |c| {
+            c.commit_delay = Duration::from_secs(3);
+            c.stall_limit = Duration::from_millis(50);
+        });
+        let ticket = rec.allocation_finished(done("a", "w"));
+        // The reporter asks, as it does before each report.
+        while rec.durable() < ticket {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            read_records(&tmp.path().join("usage"))
+                .expect("read")
+                .is_empty(),
+            "given up on while the write still hangs"
+        );
+        let error = rec.status().last_error.unwrap_or_default();
+        assert!(error.contains("has not answered"), "{error}");
+        rec.stop(Duration::from_secs(5));
+    }
+
+    /// Polls until the durable ticket reaches `ticket` (a hang is a failure).
+    fn await_durable(rec: &Recorder, ticket: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rec.durable() < ticket {
+            assert!(
+                Instant::now() < deadline,
+                "ticket {ticket} never became durable"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn results_wait_for_the_window_only_while_others_still_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let rec = start_with(tmp.path(), |c| c.group_commit = Duration::from_secs(3600));
+        let seen = watch_ledger(&rec, tmp.path());
+        let probe = Arc::new(FakeProbe::default());
+        set(&probe, 0, 0);
+        rec.worker_started(info("w"), probe);
+        // A lone result, then another: neither waits for the hour.
+        for id in ["lone-1", "lone-2"] {
+            rec.allocation_started("w", id);
+            let ticket = rec.allocation_finished(done(id, "w"));
+            await_durable(&rec, ticket);
+            // The reporter was told of it.
+            while seen.recv_timeout(Duration::from_secs(5)).expect("told").0 < ticket {}
+        }
+        // Under load (finishing close together, one still running) they
+        // wait, and all go in one commit when the last one finishes.
+        rec.allocation_started("w", "long");
+        for i in 0..20 {
+            let id = format!("a{i}");
+            rec.allocation_started("w", &id);
+            rec.allocation_finished(done(&id, "w"));
+        }
+        let last = rec.allocation_finished(done("long", "w"));
+        await_durable(&rec, last);
+        let (at, records) = seen
+            .recv_timeout(Duration::from_secs(5))
+            .expect("one commit");
+        assert_eq!(at, last, "the 21 results went in one commit");
+        assert_eq!(records.len(), 23);
+        rec.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn results_finishing_together_share_one_commit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let rec = start_with(tmp.path(), |c| c.commit_delay = Duration::from_millis(300));
+        let seen = watch_ledger(&rec, tmp.path());
+        // The first commit is under way (slowly); these queue behind it.
+        let first = rec.allocation_finished(done("first", "w"));
+        let tickets: Vec<u64> = (0..20)
+            .map(|i| rec.allocation_finished(done(&format!("a{i}"), "w")))
+            .collect();
+        let mut steps = Vec::new();
+        while steps.last().is_none_or(|(at, _)| *at < tickets[19]) {
+            let (at, records) = seen.recv_timeout(Duration::from_secs(5)).expect("commit");
+            steps.push((at, records.len()));
+        }
+        assert!(first < tickets[0]);
+        assert!(
+            steps.len() <= 2,
+            "20 results in at most two commits: {steps:?}"
+        );
+        assert_eq!(steps.last().map(|s| s.1), Some(21));
         rec.stop(Duration::from_secs(5));
     }
 
@@ -1217,7 +1384,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let rec = start(tmp.path());
         for _ in 0..2 {
-            rec.allocation_finished(done("again", "w"), Box::new(|| {}));
+            rec.allocation_finished(done("again", "w"));
             assert!(rec.flush(Duration::from_secs(5)));
         }
         assert_eq!(

@@ -174,7 +174,7 @@ pub struct AgentConfig {
     pub worker_defaults: WorkerDefaults,
     /// Stopping idle workers under host memory pressure.
     pub eviction: Eviction,
-    /// Usage metering; results wait for it before they are reported.
+    /// Usage metering; each result waits until its usage record is durable.
     pub metering: Option<Arc<dyn Metering>>,
 }
 
@@ -267,6 +267,15 @@ impl Agent {
                 },
             )?;
         let shared = state::Shared::new(config, metrics, code_cache, channel.clone());
+        if let Some(m) = &shared.config.metering {
+            // Results held for their usage records go as soon as they are durable.
+            let me = Arc::downgrade(&shared);
+            m.on_durable(Box::new(move || {
+                if let Some(shared) = me.upgrade() {
+                    shared.report_now.notify_one();
+                }
+            }));
+        }
         for l in shared.config.driver.reap_leftovers() {
             shared.event(
                 "leftover_cleaned",

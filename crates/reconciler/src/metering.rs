@@ -3,9 +3,10 @@
 //! itself (sampling, pricing, the ledger) lives behind [`Metering`], in the
 //! binary over `steward-metering`.
 //!
-//! The one promise it must keep: `release` is called exactly once for each
-//! finished allocation (after its usage record is durable, or at once if
-//! it cannot be recorded); the result reaches the reporter only then.
+//! The one promise it must keep: each finished allocation gets a commit
+//! ticket, and `durable()` reaches every ticket handed out, soon (once the
+//! usage record is on disk, or at once if it cannot be recorded); a result
+//! leaves the agent only when `durable()` has reached its ticket.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,11 +52,16 @@ pub trait Metering: Send + Sync + 'static {
     fn worker_started(&self, worker: MeteredWorker);
     fn worker_stopped(&self, fe_id: &str);
     fn allocation_started(&self, fe_id: &str, alloc_id: &str);
-    /// Records `allocation`, then calls `release` exactly once.
-    fn allocation_finished(&self, allocation: MeteredAllocation, release: Box<dyn FnOnce() + Send>);
-    /// Blocks until every finished allocation passed so far is released;
-    /// past `timeout` it releases the rest unrecorded, so that a final
-    /// report carries every result.
+    /// Meters `allocation` and queues its usage record: the commit ticket
+    /// its result waits for (0 waits for nothing).
+    fn allocation_finished(&self, allocation: MeteredAllocation) -> u64;
+    /// The last commit ticket whose record is durable (or given up on).
+    fn durable(&self) -> u64;
+    /// `wake` is called, on metering's own thread, each time `durable`
+    /// advances (the reporter then sends what waited).
+    fn on_durable(&self, wake: Box<dyn Fn() + Send + Sync>);
+    /// Blocks until every record so far is durable; past `timeout` it
+    /// gives up on them, so that a final report carries every result.
     fn flush(&self, timeout: Duration);
 }
 

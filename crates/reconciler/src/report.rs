@@ -279,20 +279,42 @@ impl Report {
     }
 }
 
-/// Builds a report and says how many of the oldest buffered results it carries.
-pub(crate) fn build_request(shared: &Shared) -> (Report, usize) {
+/// What a report carries of the buffered results.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Carried {
+    /// How many of the oldest.
+    pub count: usize,
+    /// Whether the size limit left ready results behind.
+    pub full: bool,
+}
+
+/// Builds a report with the oldest buffered results whose usage records
+/// are durable (every buffered result when `all`: the final report, after
+/// metering was flushed or gave up).
+pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
     use prost::encoding::{WireType, encode_key, encode_varint, message, string};
+    let durable = if all {
+        u64::MAX
+    } else {
+        shared.durable_ticket()
+    };
     let mut st = shared.state.lock();
     let state = encoded_state(shared, &mut st);
     let mut update = Vec::new();
     string::encode(1, &shared.config.executor_id, &mut update);
     let mut size = state.len() + update.len() + 16;
     let mut carried = 0;
+    let mut full = false;
     let mut first_sends = Vec::new();
     for p in st.results.iter_mut() {
+        // In order: one not yet durable holds back those behind it.
+        if p.ticket > durable {
+            break;
+        }
         let len = p.result.encoded_len() + 8;
         // The first result always goes, whatever its size.
         if carried > 0 && size + len > MAX_REPORT_BYTES {
+            full = true;
             break;
         }
         size += len;
@@ -330,7 +352,10 @@ pub(crate) fn build_request(shared: &Shared) -> (Report, usize) {
         Report {
             bytes: request.into(),
         },
-        carried,
+        Carried {
+            count: carried,
+            full,
+        },
     )
 }
 
@@ -372,7 +397,7 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
         if cancel.is_cancelled() {
             return;
         }
-        let (request, carried) = build_request(&shared);
+        let (request, carried) = build_request(&shared, false);
         let started = Instant::now();
         shared.metrics.state_reports.inc();
         shared
@@ -404,10 +429,10 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
                 let was_failing;
                 {
                     let mut st = shared.state.lock();
-                    for _ in 0..carried {
+                    for _ in 0..carried.count {
                         st.results.pop_front();
                     }
-                    more_results = !st.results.is_empty() && carried > 0;
+                    more_results = carried.full;
                     shared.metrics.pending_results.set(st.results.len() as i64);
                     st.last_report = Some((request, SystemTime::now()));
                 }
@@ -501,7 +526,7 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
         return;
     };
     let mut client = report_client(channel, shared.config.max_server_message_bytes);
-    let (request, _) = build_request(shared);
+    let (request, _) = build_request(shared, true);
     match tokio::time::timeout(timeout, send(&mut client, request)).await {
         Ok(Ok(_)) => shared.event(
             "stopped",

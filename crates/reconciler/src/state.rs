@@ -130,14 +130,18 @@ pub(crate) struct PendingResult {
     pub ready: Instant,
     /// Whether a report has carried it yet (its share is then counted).
     pub sent: bool,
+    /// The metering commit it waits for: it is reported once metering's
+    /// durable ticket reaches this (0: waits for nothing).
+    pub ticket: u64,
 }
 
 impl PendingResult {
-    pub fn new(result: pb::AllocationResult) -> Self {
+    pub fn new(result: pb::AllocationResult, ticket: u64) -> Self {
         PendingResult {
             result,
             ready: Instant::now(),
             sent: false,
+            ticket,
         }
     }
 }
@@ -193,8 +197,6 @@ pub(crate) struct Shared {
     pub started_at: Instant,
     /// Count of successful reports; the stream loop waits on it.
     pub reports_ok: tokio::sync::watch::Sender<u64>,
-    /// Results handed to metering and not yet released to the reporter.
-    pub awaiting_metering: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -264,7 +266,6 @@ impl Shared {
             started: AtomicBool::new(false),
             started_at: Instant::now(),
             reports_ok: tokio::sync::watch::Sender::new(0),
-            awaiting_metering: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -274,9 +275,9 @@ impl Shared {
         self.events.push(Event::now(kind, subject, message));
     }
 
-    /// A final result: recorded by metering (when there is metering), then
-    /// queued for the next report, and the reporter woken.
-    pub fn push_result(self: &Arc<Self>, result: pb::AllocationResult) {
+    /// A final result: metered (its usage record queued for the ledger),
+    /// then queued for a report that goes once the record is durable.
+    pub fn push_result(&self, result: pb::AllocationResult) {
         let outcome = outcome_label(&result);
         self.metrics.allocation_completed(outcome.0, outcome.1);
         let (ran, fe_id) = {
@@ -299,12 +300,12 @@ impl Shared {
             }
             seen
         };
-        let Some(metering) = self.config.metering.clone() else {
-            self.queue_result(result);
+        let Some(metering) = &self.config.metering else {
+            self.queue_result(result, 0);
             return;
         };
         let f = result.function.clone().unwrap_or_default();
-        let allocation = crate::metering::MeteredAllocation {
+        let ticket = metering.allocation_finished(crate::metering::MeteredAllocation {
             alloc_id: result.allocation_id.clone().unwrap_or_default(),
             fe_id,
             namespace: f.namespace.unwrap_or_default(),
@@ -315,27 +316,32 @@ impl Shared {
                 (o, r) => format!("{o}:{r}"),
             },
             ran,
-        };
-        self.awaiting_metering.fetch_add(1, Ordering::Relaxed);
-        let me = self.clone();
-        metering.allocation_finished(
-            allocation,
-            Box::new(move || {
-                me.awaiting_metering.fetch_sub(1, Ordering::Relaxed);
-                me.queue_result(result);
-            }),
-        );
+        });
+        self.queue_result(result, ticket);
     }
 
-    /// Queues a result for the next report and wakes the reporter.
-    fn queue_result(&self, result: pb::AllocationResult) {
+    /// Metering's durable ticket (everything, without metering).
+    pub(crate) fn durable_ticket(&self) -> u64 {
+        self.config
+            .metering
+            .as_ref()
+            .map_or(u64::MAX, |m| m.durable())
+    }
+
+    /// Queues a result for a report, and wakes the reporter if the result
+    /// may go now (otherwise metering wakes it when its record is durable).
+    fn queue_result(&self, result: pb::AllocationResult, ticket: u64) {
         {
             let mut st = self.state.lock();
-            st.results.push_back(PendingResult::new(result));
+            st.results.push_back(PendingResult::new(result, ticket));
             // Current during outages too, not only after a report.
             self.metrics.pending_results.set(st.results.len() as i64);
         }
-        self.report_now.notify_one();
+        // Read after the push: a commit that raises the ticket later wakes
+        // the reporter itself, and then sees this result.
+        if ticket <= self.durable_ticket() {
+            self.report_now.notify_one();
+        }
     }
 }
 
@@ -539,9 +545,7 @@ impl AgentHandle {
         Snapshot {
             executor_id: self.shared.config.executor_id.clone(),
             server_clock: st.server_clock,
-            // Results still being metered are pending too.
-            pending_results: st.results.len()
-                + self.shared.awaiting_metering.load(Ordering::Relaxed),
+            pending_results: st.results.len(),
             function_executors: st
                 .fes
                 .iter()

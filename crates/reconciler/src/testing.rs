@@ -145,7 +145,7 @@ impl Synthetic {
             st.results.extend(
                 (0..results)
                     .map(result)
-                    .map(crate::state::PendingResult::new),
+                    .map(|r| crate::state::PendingResult::new(r, 0)),
             );
         }
         for i in 0..1000 {
@@ -175,7 +175,7 @@ impl Synthetic {
 
     /// Builds the next state report.
     pub fn build_report(&self) -> bytes::Bytes {
-        crate::report::build_request(&self.shared).0.bytes
+        crate::report::build_request(&self.shared, false).0.bytes
     }
 
     /// The agent's `ExecutorState` (hash included).
