@@ -360,7 +360,7 @@ struct Books {
     /// When the last allocation finished, and the mean gap between
     /// finishes (µs, a moving average): whether a window would gather more.
     last_finish: Option<Instant>,
-    mean_gap_us: u64,
+    mean_gap_us: Option<u64>,
     /// The group-commit window.
     window: Duration,
     /// Callers waiting in a flush.
@@ -378,9 +378,12 @@ struct Inner {
     durable: AtomicU64,
     /// Told each time `durable` advances (the reporter, to send results).
     on_durable: OnceLock<Box<dyn Fn() + Send + Sync>>,
-    /// When the commit under way began, in ms after `epoch` plus one (0:
-    /// none under way); one older than `stall_limit` is given up on.
-    commit_began: AtomicU64,
+    /// Since when the oldest result not yet durable has waited, in ms
+    /// after `epoch` plus one (0: none waits). Past `stall_limit` (the
+    /// thread stuck on its disk, wherever) the results are let go.
+    waiting_since: AtomicU64,
+    /// Whether the current stall was logged (once per stall).
+    stall_logged: std::sync::atomic::AtomicBool,
     epoch: Instant,
     stall_limit: Duration,
     card: RwLock<Option<PriceCard>>,
@@ -409,7 +412,7 @@ impl Drop for ThreadGuard {
             b.finished = u64::MAX;
             self.0.committed.notify_all();
         }
-        self.0.give_up("the metering thread ended");
+        self.0.give_up("the metering thread ended", true);
     }
 }
 
@@ -429,15 +432,27 @@ impl Inner {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether the commit under way has run past the stall limit.
-    fn commit_stalled(&self) -> bool {
-        let began = self.commit_began.load(Ordering::Relaxed);
+    /// Notes that results wait from now (unless older ones already do).
+    fn note_waiting(&self, fresh: bool) {
+        let now = self.since_epoch_ms().saturating_add(1);
+        if fresh {
+            self.waiting_since.store(now, Ordering::Relaxed);
+        } else {
+            let _ =
+                self.waiting_since
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the oldest waiting result has waited past the stall limit.
+    fn stalled(&self) -> bool {
+        let since = self.waiting_since.load(Ordering::Relaxed);
         let limit = u64::try_from(self.stall_limit.as_millis()).unwrap_or(u64::MAX);
-        began != 0
+        since != 0
             && self
                 .since_epoch_ms()
                 .saturating_add(1)
-                .saturating_sub(began)
+                .saturating_sub(since)
                 > limit
     }
 
@@ -451,11 +466,16 @@ impl Inner {
         }
     }
 
-    /// Lets every result still waiting go, recorded or not; how many.
-    fn give_up(&self, why: &str) -> u64 {
-        let issued = lock(&self.books).issued;
+    /// Lets every result still waiting go, recorded or not; how many. Said
+    /// (logged and counted) when `say`.
+    fn give_up(&self, why: &str, say: bool) -> u64 {
+        let issued = {
+            let b = lock(&self.books);
+            self.waiting_since.store(0, Ordering::Relaxed);
+            b.issued
+        };
         let waiting = issued.saturating_sub(self.durable.load(Ordering::SeqCst));
-        if waiting > 0 {
+        if waiting > 0 && say {
             tracing::error!(
                 results = waiting,
                 "{why}: results released before their usage records were durable"
@@ -507,7 +527,8 @@ impl Recorder {
             committed: Condvar::new(),
             durable: AtomicU64::new(0),
             on_durable: OnceLock::new(),
-            commit_began: AtomicU64::new(0),
+            waiting_since: AtomicU64::new(0),
+            stall_logged: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
             stall_limit: config.stall_limit,
             card: RwLock::new(config.price_card.clone()),
@@ -584,6 +605,7 @@ impl Recorder {
             b.meter.set_gpu_utilization(&info.fe_id, util);
             b.probes.insert(info.fe_id.clone(), probe);
             b.infos.insert(info.fe_id.clone(), info);
+            b.nudge(inner);
         });
     }
 
@@ -593,6 +615,7 @@ impl Recorder {
             let last = b.read(fe_id, at);
             b.probes.remove(fe_id);
             b.worker_stopped(fe_id, at, last, inner);
+            b.nudge(inner);
         });
     }
 
@@ -617,16 +640,13 @@ impl Recorder {
                 .allocation_finished(&done.fe_id, &done.alloc_id, reading);
             b.pending.push(allocation_record(inner, done, used, at));
             b.issued += 1;
+            inner.note_waiting(false);
             b.finished_one();
-            let wake = match b.waiting {
-                Waiting::Idle => true,
-                Waiting::Window => !b.worth_waiting(),
-                Waiting::No => false,
-            };
-            if wake {
+            if b.waiting == Waiting::Idle {
                 b.waiting = Waiting::No;
                 inner.work.notify_one();
             }
+            b.nudge(inner);
             b.issued
         })
         .unwrap_or(0)
@@ -636,9 +656,10 @@ impl Recorder {
     /// (a failed write, a flush past its timeout, a commit stalled past
     /// the stall limit, the thread gone).
     pub fn durable(&self) -> u64 {
-        if self.inner.commit_stalled() {
+        if self.inner.stalled() {
+            let first = !self.inner.stall_logged.swap(true, Ordering::Relaxed);
             self.inner
-                .give_up("the usage ledger's disk has not answered in time");
+                .give_up("the usage ledger's disk has not answered in time", first);
         }
         self.inner.durable.load(Ordering::SeqCst)
     }
@@ -683,7 +704,7 @@ impl Recorder {
         if b.finished >= target {
             return true;
         }
-        b.urgent = true;
+        b.urgent = !b.pending.is_empty();
         self.inner.work.notify_one();
         b.flushers += 1;
         while b.finished < target {
@@ -704,7 +725,8 @@ impl Recorder {
         if done {
             return true;
         }
-        self.inner.give_up("metering did not catch up in time");
+        self.inner
+            .give_up("metering did not catch up in time", true);
         false
     }
 
@@ -713,6 +735,16 @@ impl Recorder {
     /// thread stuck on its disk is left behind, its results let go.
     pub fn stop(&self, timeout: Duration) {
         let started = Instant::now();
+        let on_own_thread = lock(&self.thread)
+            .as_ref()
+            .is_some_and(|(t, _)| t.thread().id() == std::thread::current().id());
+        if on_own_thread {
+            // Dropped on its own thread (it cannot flush itself): let go.
+            lock(&self.inner.books).closed = true;
+            self.inner
+                .give_up("metering was stopped on its own thread", true);
+            return;
+        }
         self.flush(timeout);
         {
             let mut b = lock(&self.inner.books);
@@ -722,14 +754,11 @@ impl Recorder {
         let Some((thread, exited)) = lock(&self.thread).take() else {
             return;
         };
-        if std::thread::current().id() == thread.thread().id() {
-            return; // Dropped on its own thread: it is ending anyway.
-        }
         let left = timeout.saturating_sub(started.elapsed());
         match exited.recv_timeout(left) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 tracing::warn!("the metering thread did not stop in time; left behind");
-                self.inner.give_up("the metering thread did not stop");
+                self.inner.give_up("the metering thread did not stop", true);
             }
             _ => {
                 let _ = thread.join();
@@ -779,7 +808,10 @@ impl Books {
         let now = Instant::now();
         if let Some(last) = self.last_finish {
             let gap = u64::try_from(now.duration_since(last).as_micros()).unwrap_or(u64::MAX);
-            self.mean_gap_us = (self.mean_gap_us.saturating_mul(7) / 8).saturating_add(gap / 8);
+            self.mean_gap_us = Some(match self.mean_gap_us {
+                Some(mean) => (mean.saturating_mul(7) / 8).saturating_add(gap / 8),
+                None => gap,
+            });
         }
         self.last_finish = Some(now);
     }
@@ -789,7 +821,19 @@ impl Books {
     /// result would wait for nothing, as a lone request's does).
     fn worth_waiting(&self) -> bool {
         let window_us = u64::try_from(self.window.as_micros()).unwrap_or(u64::MAX);
-        self.meter.running() > 0 && self.mean_gap_us.saturating_mul(GATHER_GAP_SHARE) < window_us
+        self.meter.running() > 0
+            && self
+                .mean_gap_us
+                .is_some_and(|gap| gap.saturating_mul(GATHER_GAP_SHARE) < window_us)
+    }
+
+    /// Wakes a thread waiting out the window once the window is no longer
+    /// worth waiting for (the last allocation running finished or went).
+    fn nudge(&mut self, inner: &Inner) {
+        if self.waiting == Waiting::Window && !self.worth_waiting() {
+            self.waiting = Waiting::No;
+            inner.work.notify_one();
+        }
     }
 
     /// `fe`'s reading now, if it is metered and readable.
@@ -1016,10 +1060,7 @@ impl Committer {
         if !taken.records.is_empty() {
             self.last_commit = Instant::now();
             let records = taken.records;
-            let began = self.inner.since_epoch_ms().saturating_add(1);
-            self.inner.commit_began.store(began, Ordering::Relaxed);
             let wrote = std::panic::catch_unwind(AssertUnwindSafe(|| self.write(records)));
-            self.inner.commit_began.store(0, Ordering::Relaxed);
             if wrote.is_err() {
                 tracing::error!("metering panicked writing a batch; its results are released");
                 self.inner.metrics.errors.inc();
@@ -1027,6 +1068,13 @@ impl Committer {
         }
         self.inner.advance(taken.through);
         let mut b = lock(&self.inner.books);
+        // What was issued during the commit waits from now; nothing else does.
+        if b.issued > taken.through {
+            self.inner.note_waiting(true);
+        } else {
+            self.inner.waiting_since.store(0, Ordering::Relaxed);
+        }
+        self.inner.stall_logged.store(false, Ordering::Relaxed);
         b.finished = b.finished.max(b.taken);
         if b.flushers > 0 {
             self.inner.committed.notify_all();
@@ -1252,6 +1300,12 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert!(ids.contains(&"b".to_string()), "{ids:?}");
+        // The hook's panic, and at least one tick's on the thread.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rec.inner.metrics.errors.get() < 2 {
+            assert!(Instant::now() < deadline, "no tick panicked");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         bad.panics.store(false, Ordering::SeqCst);
         rec.stop(Duration::from_secs(5));
         assert_eq!(
@@ -1356,7 +1410,7 @@ mod tests {
     }
 
     #[test]
-    fn results_finishing_together_share_one_commit() {
+    fn results_queued_behind_a_slow_commit_share_the_next_one() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let rec = start_with(tmp.path(), |c| c.commit_delay = Duration::from_millis(300));
         let seen = watch_ledger(&rec, tmp.path());

@@ -286,6 +286,8 @@ pub(crate) struct Carried {
     pub count: usize,
     /// Whether the size limit left ready results behind.
     pub full: bool,
+    /// Whether results wait behind one whose usage record is not durable.
+    pub held: bool,
 }
 
 /// Builds a report with the oldest buffered results whose usage records
@@ -305,10 +307,12 @@ pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
     let mut size = state.len() + update.len() + 16;
     let mut carried = 0;
     let mut full = false;
+    let mut held = false;
     let mut first_sends = Vec::new();
     for p in st.results.iter_mut() {
         // In order: one not yet durable holds back those behind it.
         if p.ticket > durable {
+            held = true;
             break;
         }
         let len = p.result.encoded_len() + 8;
@@ -355,6 +359,7 @@ pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
         Carried {
             count: carried,
             full,
+            held,
         },
     )
 }
@@ -526,7 +531,17 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
         return;
     };
     let mut client = report_client(channel, shared.config.max_server_message_bytes);
-    let (request, _) = build_request(shared, true);
+    let (mut request, carried) = build_request(shared, false);
+    if carried.held {
+        // Results pushed after the shutdown's flush (a worker that stopped
+        // late): flush once more, which records them or gives up on them
+        // (and says so), then carry everything.
+        if let Some(m) = shared.config.metering.clone() {
+            let wait = timeout.min(Duration::from_secs(2));
+            let _ = tokio::task::spawn_blocking(move || m.flush(wait)).await;
+        }
+        request = build_request(shared, true).0;
+    }
     match tokio::time::timeout(timeout, send(&mut client, request)).await {
         Ok(Ok(_)) => shared.event(
             "stopped",
@@ -577,6 +592,73 @@ mod tests {
             again.executor_state.and_then(|e| e.state_hash),
             state.state_hash
         );
+    }
+
+    /// Metering whose durable ticket a test sets.
+    #[derive(Default)]
+    struct Gate(std::sync::atomic::AtomicU64);
+
+    impl crate::Metering for Gate {
+        fn worker_started(&self, _: crate::MeteredWorker) {}
+        fn worker_stopped(&self, _: &str) {}
+        fn allocation_started(&self, _: &str, _: &str) {}
+        fn allocation_finished(&self, _: crate::MeteredAllocation) -> u64 {
+            0
+        }
+        fn durable(&self) -> u64 {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn on_durable(&self, _: Box<dyn Fn() + Send + Sync>) {}
+        fn flush(&self, _: Duration) {}
+    }
+
+    fn result(id: &str) -> pb::AllocationResult {
+        pb::AllocationResult {
+            allocation_id: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
+    fn carried_ids(shared: &Shared, all: bool) -> (Vec<String>, Carried) {
+        let (report, carried) = build_request(shared, all);
+        let ids = report
+            .decode()
+            .executor_update
+            .map(|u| u.allocation_results)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|r| r.allocation_id)
+            .collect();
+        (ids, carried)
+    }
+
+    #[test]
+    fn a_report_carries_results_in_order_up_to_the_first_not_yet_durable() {
+        let gate = Arc::new(Gate::default());
+        let metering: Arc<dyn crate::Metering> = gate.clone();
+        let shared = crate::testing_support::shared_with(|c| c.metering = Some(metering));
+        {
+            let mut st = shared.state.lock();
+            // Tickets out of order, as two threads can push them.
+            for (id, ticket) in [("a", 1), ("b", 3), ("c", 2), ("d", 0)] {
+                st.results
+                    .push_back(crate::state::PendingResult::new(result(id), ticket));
+            }
+        }
+        let (ids, carried) = carried_ids(&shared, false);
+        assert!(ids.is_empty() && carried.held && !carried.full, "{ids:?}");
+        gate.0.store(2, std::sync::atomic::Ordering::SeqCst);
+        let (ids, carried) = carried_ids(&shared, false);
+        assert_eq!(ids, ["a"], "b (ticket 3) holds back c and d");
+        assert!(carried.held);
+        let (ids, carried) = carried_ids(&shared, true);
+        assert_eq!(ids, ["a", "b", "c", "d"], "the final report carries all");
+        assert!(!carried.held);
+        gate.0.store(3, std::sync::atomic::Ordering::SeqCst);
+        let (ids, carried) = carried_ids(&shared, false);
+        assert_eq!(ids, ["a", "b", "c", "d"]);
+        assert_eq!(carried.count, 4);
+        assert!(!carried.held && !carried.full);
     }
 
     #[test]

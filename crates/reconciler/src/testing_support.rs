@@ -7,13 +7,19 @@ use crate::state::Shared;
 use crate::{AgentConfig, Metrics};
 
 pub(crate) fn shared() -> Arc<Shared> {
+    shared_with(|_| {})
+}
+
+/// A bare agent state whose configuration `change` adjusts.
+pub(crate) fn shared_with(change: impl FnOnce(&mut AgentConfig)) -> Arc<Shared> {
     let blob_store = steward_blob_store::BlobStore::new(Default::default());
-    let config = AgentConfig::new(
+    let mut config = AgentConfig::new(
         "bench".into(),
         "127.0.0.1:1".into(),
         std::env::temp_dir(),
         blob_store,
     );
+    change(&mut config);
     let metrics = Arc::new(Metrics::new("bench", "bench", "bench"));
     let cache_dir =
         std::env::temp_dir().join(format!("steward-bench-cache-{}", std::process::id()));
