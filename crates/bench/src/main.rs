@@ -367,47 +367,45 @@ impl AgentProc {
         (ticks(11) + ticks(12)) / clock_ticks()
     }
 
-    /// CPU seconds used so far by the agent's live threads whose name
-    /// starts with `prefix`, to the nanosecond (`/proc/<pid>/task/*/schedstat`;
-    /// `stat` counts in 10 ms ticks, too coarse for one thread).
-    fn thread_cpu_seconds(&self, prefix: &str) -> f64 {
+    /// The `/proc/<pid>/task/<tid>` directories of the agent's live threads
+    /// whose name starts with `prefix` (threads that already exited are gone).
+    fn threads(&self, prefix: &str) -> Vec<std::path::PathBuf> {
         let dir = format!("/proc/{}/task", self.child.id());
         std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
+            .map(|t| t.path())
             .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm"))
+                std::fs::read_to_string(t.join("comm"))
                     .is_ok_and(|name| name.trim_end().starts_with(prefix))
             })
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .collect()
+    }
+
+    /// CPU seconds used so far by the agent's live threads whose name
+    /// starts with `prefix`, to the nanosecond (`schedstat`; `stat` counts
+    /// in 10 ms ticks, too coarse for one thread).
+    fn thread_cpu_seconds(&self, prefix: &str) -> f64 {
+        self.threads(prefix)
+            .iter()
+            .filter_map(|t| std::fs::read_to_string(t.join("schedstat")).ok())
             .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
             .map(|ns| ns / 1e9)
             .sum()
     }
 
     /// Context switches (voluntary + involuntary) of the agent's live
-    /// threads so far, from `/proc/<pid>/task/*/status` (threads that
-    /// already exited are not counted).
+    /// threads so far.
     fn context_switches(&self) -> f64 {
         self.thread_switches("")
     }
 
     /// Context switches of the agent's live threads whose name starts with `prefix`.
     fn thread_switches(&self, prefix: &str) -> f64 {
-        let dir = format!("/proc/{}/task", self.child.id());
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-            .filter(|status| {
-                status
-                    .lines()
-                    .next()
-                    .and_then(|l| l.strip_prefix("Name:"))
-                    .is_some_and(|n| n.trim().starts_with(prefix))
-            })
+        self.threads(prefix)
+            .iter()
+            .filter_map(|t| std::fs::read_to_string(t.join("status")).ok())
             .flat_map(|status| {
                 status
                     .lines()
