@@ -4,7 +4,9 @@
 //!
 //! `file://` locations are confined to configured roots. Chunking follows the
 //! reference executor: reads in 100 MiB chunks; writes in 100 parts of
-//! 100 MiB, then 1 GiB parts, the last part trimmed.
+//! 100 MiB, then 1 GiB parts, the last part trimmed. A read of more than
+//! [`MAX_READ_CHUNKS`] chunks or a write of more than [`MAX_PARTS`] parts
+//! is refused before any URL is made.
 //!
 //! Entry points: [`BlobStore`], [`CodeCache`].
 //! Must not know about: gRPC, protobuf, workers, allocations, HTTP serving,
@@ -26,6 +28,10 @@ pub use s3::S3Config;
 
 /// Read chunk size (one presigned URL per 100 MiB range).
 pub const READ_CHUNK_BYTES: u64 = 100 << 20;
+/// Most read chunks one presigned read may have (1.6 TiB at the default
+/// chunk size): each is a URL held by the agent and sent to a worker, so
+/// a size named by someone else must not make more.
+pub const MAX_READ_CHUNKS: u64 = 16_384;
 /// Size of each of the first [`SMALL_PARTS`] write parts.
 pub const SMALL_PART_BYTES: u64 = 100 << 20;
 pub const SMALL_PARTS: u64 = 100;
@@ -64,6 +70,13 @@ pub enum BlobError {
         uri: String,
         size: u64,
         parts: u64,
+        max: u64,
+    },
+    #[error("blob {uri:?}: reading {size} bytes needs {chunks} chunks; at most {max} are allowed")]
+    TooManyChunks {
+        uri: String,
+        size: u64,
+        chunks: u64,
         max: u64,
     },
     #[error("blob {uri:?} has sha256 {actual}, expected {expected}")]
@@ -110,6 +123,12 @@ pub fn write_part_sizes_with(size: u64, small_part: u64) -> Vec<u64> {
         }
     }
     parts
+}
+
+/// How many read chunks of `chunk` bytes cover `size` bytes (at least one),
+/// computed without listing them.
+pub fn read_chunk_count(size: u64, chunk: u64) -> u64 {
+    size.div_ceil(chunk.max(1)).max(1)
 }
 
 /// Sizes of the read chunks covering `size` bytes (at least one chunk).
@@ -303,8 +322,14 @@ impl BlobStore {
         .await
     }
 
+    /// How many read chunks [`BlobStore::presign_read`] makes for `size` bytes.
+    pub fn read_chunks_for(&self, size: u64) -> u64 {
+        read_chunk_count(size, self.chunk_bytes)
+    }
+
     /// Chunks a worker can read to get the first `size` bytes of `uri`:
-    /// one URL (presigned for S3) repeated over 100 MiB ranges.
+    /// one URL (presigned for S3) repeated over 100 MiB ranges; more than
+    /// [`MAX_READ_CHUNKS`] are refused before any is made.
     pub async fn presign_read(
         &self,
         uri: &str,
@@ -315,6 +340,15 @@ impl BlobStore {
             "presign_read",
             |_| 0,
             Box::pin(async {
+                let chunks = self.read_chunks_for(size);
+                if chunks > MAX_READ_CHUNKS {
+                    return Err(BlobError::TooManyChunks {
+                        uri: uri.to_string(),
+                        size,
+                        chunks,
+                        max: MAX_READ_CHUNKS,
+                    });
+                }
                 let url = match Self::scheme(uri)? {
                     Scheme::File => {
                         self.local.resolve(uri)?;
@@ -477,13 +511,19 @@ mod tests {
         assert!(write_part_count(u64::MAX, SMALL_PART_BYTES) > MAX_PARTS);
     }
 
-    #[tokio::test]
-    async fn a_huge_upload_is_refused_without_listing_its_parts() {
+    /// A store confined to a new temporary directory.
+    fn local_store() -> (tempfile::TempDir, BlobStore) {
         let root = tempfile::tempdir().expect("tempdir");
         let store = BlobStore::new(BlobStoreConfig {
             local_roots: vec![root.path().to_path_buf()],
             ..Default::default()
         });
+        (root, store)
+    }
+
+    #[tokio::test]
+    async fn a_huge_upload_is_refused_without_listing_its_parts() {
+        let (root, store) = local_store();
         let uri = format!("file://{}/big", root.path().display());
         let id = store.create_multipart(&uri).await.expect("create");
         let err = store
@@ -500,5 +540,31 @@ mod tests {
             read_chunk_sizes(READ_CHUNK_BYTES * 2 + 3),
             vec![READ_CHUNK_BYTES, READ_CHUNK_BYTES, 3]
         );
+        for size in [0, 1, 99, 100, 101, 12_345] {
+            assert_eq!(
+                read_chunk_count(size, 100),
+                read_chunk_sizes_with(size, 100).len() as u64,
+                "{size}"
+            );
+        }
+        assert!(read_chunk_count(1 << 40, READ_CHUNK_BYTES) <= MAX_READ_CHUNKS);
+    }
+
+    /// A size near 2^63 once made about 10^11 chunks (the agent ran out of
+    /// memory); it is refused before any is made.
+    #[tokio::test]
+    async fn a_huge_read_is_refused_without_listing_its_chunks() {
+        let (root, store) = local_store();
+        let uri = format!("file://{}/big", root.path().display());
+        let err = store
+            .presign_read(&uri, 1 << 63, Duration::ZERO)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, BlobError::TooManyChunks { .. }), "{err}");
+        let fits = store
+            .presign_read(&uri, MAX_READ_CHUNKS * READ_CHUNK_BYTES, Duration::ZERO)
+            .await
+            .expect("the largest read allowed");
+        assert_eq!(fits.len() as u64, MAX_READ_CHUNKS);
     }
 }
