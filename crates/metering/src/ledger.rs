@@ -1,11 +1,12 @@
 //! The usage ledger: segment files `usage-<seq>.log` of frames (see
 //! `record.rs`) in one directory.
 
+use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use crate::record::{MAGIC, UsageRecord, decode_frame, encode_frame};
+use crate::record::{MAGIC, UsageRecord, decode_frame, encode, recorded_id};
 
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -36,6 +37,17 @@ pub enum LedgerError {
         path: PathBuf,
         error: std::io::Error,
     },
+}
+
+/// A batch that failed part way: the records written before the error
+/// (in the batch's order, `true`) are durable and recorded; the rest are
+/// not, and may be appended again.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BatchError {
+    pub written: Vec<bool>,
+    #[source]
+    pub error: LedgerError,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LedgerError + '_ {
@@ -99,11 +111,15 @@ impl IdWindow {
     }
 }
 
-/// Frames not yet written, and their ids.
+/// Frames not yet written, their ids, and where in the batch their
+/// records are.
 #[derive(Default)]
 struct Pending {
     bytes: Vec<u8>,
     ids: Vec<String>,
+    at: Vec<usize>,
+    /// Of which cut in their names.
+    cut: u64,
 }
 
 /// A place in the ledger: a segment and a byte offset in it.
@@ -140,6 +156,8 @@ pub struct Ledger {
     /// The open segment's file size (its frames, then zeros).
     allocated: u64,
     ids: IdWindow,
+    /// Records written cut in their names (see [`crate::record::fit`]).
+    cut: u64,
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -332,6 +350,7 @@ impl Ledger {
                 current,
                 allocated: used,
                 ids,
+                cut: 0,
             },
             recovery,
         ))
@@ -345,47 +364,75 @@ impl Ledger {
     /// Appends `record` and fsyncs it; `false` (and nothing written) when
     /// its id is already recorded.
     pub fn append(&mut self, record: &UsageRecord) -> Result<bool, LedgerError> {
-        Ok(self.append_batch(std::slice::from_ref(record))?[0])
+        match self.append_batch(std::slice::from_ref(record)) {
+            Ok(written) => Ok(written[0]),
+            Err(e) => Err(e.error),
+        }
     }
 
     /// Appends the records whose ids are not yet recorded, then fsyncs
     /// once (a group commit): every one is durable when this returns `Ok`.
     /// Says of each record whether it was written (`false`: its id was
-    /// already recorded). On an error nothing of the failed write counts as
-    /// recorded: the ids stay free and the next write goes where it would
-    /// have gone.
-    pub fn append_batch(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, LedgerError> {
+    /// already recorded). A record over the frame's bounds is written as
+    /// [`fit`] cuts it (its names shortened, its id too if long; the cut id
+    /// is the one recorded), so every frame written reads back. On an
+    /// error, only what the [`BatchError`] says was written counts as
+    /// recorded: the other ids stay free, whatever the failed write left
+    /// in the file is cut off, and the next write goes where it would have.
+    pub fn append_batch(&mut self, records: &[UsageRecord]) -> Result<Vec<bool>, BatchError> {
         // The frames go in one write per segment (one system call for the
         // batch, unless it crosses into a new segment).
         let mut pending = Pending::default();
-        let mut written = Vec::with_capacity(records.len());
-        for record in records {
-            if self.ids.contains(&record.id) || pending.ids.contains(&record.id) {
-                written.push(false);
+        let mut batch_ids = HashSet::new();
+        let mut written = vec![false; records.len()];
+        for (i, record) in records.iter().enumerate() {
+            // The id as the frame will hold it.
+            let id: Cow<'_, str> = recorded_id(&record.id);
+            if self.ids.contains(&id) || batch_ids.contains(id.as_ref()) {
                 continue;
             }
-            let frame = encode_frame(record);
+            batch_ids.insert(id.to_string());
+            let (frame, cut) = encode(record);
             let (seq, used) = self.segments[self.segments.len() - 1];
             let at = used + pending.bytes.len() as u64;
             if at > 0 && at + frame.len() as u64 > self.config.segment_bytes {
-                self.write_pending(&mut pending)?;
-                self.rotate(seq + 1)?;
+                let step = self
+                    .write_pending(&mut pending, &mut written)
+                    .and_then(|()| self.rotate(seq + 1));
+                if let Err(error) = step {
+                    return Err(BatchError { written, error });
+                }
             }
             pending.bytes.extend_from_slice(&frame);
-            pending.ids.push(record.id.clone());
-            written.push(true);
+            pending.ids.push(id.into_owned());
+            pending.at.push(i);
+            pending.cut += u64::from(cut);
         }
         if !pending.ids.is_empty() {
-            self.write_pending(&mut pending)?;
+            if let Err(error) = self.write_pending(&mut pending, &mut written) {
+                return Err(BatchError { written, error });
+            }
             self.enforce_bound();
         }
         Ok(written)
     }
 
+    /// How many records were written cut in their names since the ledger
+    /// was opened.
+    pub fn records_cut(&self) -> u64 {
+        self.cut
+    }
+
     /// Writes `pending` after the open segment's frames (growing the file
     /// first if needed) and syncs it; only then are its ids and length
-    /// taken as recorded.
-    fn write_pending(&mut self, pending: &mut Pending) -> Result<(), LedgerError> {
+    /// taken as recorded, and its records marked in `written`. On an error
+    /// the segment is cut back to its recorded length (a partly written
+    /// frame, or a whole one whose sync failed, must not be read later).
+    fn write_pending(
+        &mut self,
+        pending: &mut Pending,
+        written: &mut [bool],
+    ) -> Result<(), LedgerError> {
         use std::os::unix::fs::FileExt;
         if pending.bytes.is_empty() {
             return Ok(());
@@ -393,19 +440,35 @@ impl Ledger {
         let path = self.current_path();
         let used = self.segments[self.segments.len() - 1].1;
         let end = used + pending.bytes.len() as u64;
-        if end > self.allocated {
-            self.grow(end)?;
+        let wrote = (|| {
+            if end > self.allocated {
+                self.grow(end)?;
+            }
+            self.current
+                .write_all_at(&pending.bytes, used)
+                .map_err(io(&path))?;
+            self.sync()
+        })();
+        if let Err(e) = wrote {
+            // Cutting frees what the failed write took, too (a full disk).
+            match self.current.set_len(used) {
+                Ok(()) => self.allocated = used,
+                Err(cut) => {
+                    tracing::warn!(path = %path.display(), error = %cut, "cutting a failed usage write")
+                }
+            }
+            return Err(e);
         }
-        self.current
-            .write_all_at(&pending.bytes, used)
-            .map_err(io(&path))?;
-        self.sync()?;
         if let Some(last) = self.segments.last_mut() {
             last.1 = end;
         }
         for id in pending.ids.drain(..) {
             self.ids.insert(&id);
         }
+        for i in pending.at.drain(..) {
+            written[i] = true;
+        }
+        self.cut += std::mem::take(&mut pending.cut);
         pending.bytes.clear();
         Ok(())
     }

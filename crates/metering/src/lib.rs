@@ -26,15 +26,22 @@ mod price;
 mod record;
 mod recorder;
 mod summary;
+#[cfg(test)]
+mod tmpfs_for_tests;
 
 pub use activity::{DAYS as ACTIVITY_DAYS, Day};
 pub use ledger::{
-    ID_WINDOW, Ledger, LedgerConfig, LedgerError, Position, Recovery, for_each_record, read_records,
+    BatchError, ID_WINDOW, Ledger, LedgerConfig, LedgerError, Position, Recovery, for_each_record,
+    read_records,
 };
 pub use meter::{Accrued, Meter, Sample};
 pub use price::{PriceCard, PriceCardError};
-pub use record::{RecordKind, UsageRecord, decode_frame, encode_frame};
+pub use record::{
+    MAX_GPU_ENTRIES, MAX_ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD, OTHER_GPUS, RecordKind,
+    UsageRecord, decode_frame, encode_frame, fit,
+};
 pub use recorder::{
-    FinishedAllocation, Probe, Reading, Recorder, RecorderConfig, RecorderStatus, WorkerInfo,
+    BACKLOG_RECORDS, EventSink, FinishedAllocation, Probe, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN,
+    Reading, Recorder, RecorderConfig, RecorderStatus, WorkerInfo,
 };
 pub use summary::{GroupBy, Summary, Totals, in_range, summarize};

@@ -2,14 +2,35 @@
 //! `magic (4) | payload length (4, LE) | CRC-32 of the payload (4, LE) | payload`,
 //! the payload being the record as JSON (a few hundred bytes; readable with
 //! standard tools after `tail -c +13`).
+//!
+//! Writer and reader share one limit, [`MAX_PAYLOAD`]: the reader takes a
+//! longer length for corruption, so the writer never makes one. Names are
+//! bounded ([`MAX_ID_BYTES`], [`MAX_NAME_BYTES`], [`MAX_GPU_ENTRIES`]) and,
+//! should the record still not fit (names that JSON escaping inflates), cut
+//! shorter until it does ([`fit`]): a record is shortened in its names,
+//! never dropped, and every frame written can be read back.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
 /// Marks the start of a frame ("STU1").
 pub const MAGIC: [u8; 4] = *b"STU1";
 const HEADER: usize = 12;
-/// Largest payload a frame may carry; a larger length is corruption.
+/// Largest payload a frame may carry: [`encode_frame`] never makes a
+/// larger one, and [`decode_frame`] takes a larger length for corruption.
 pub const MAX_PAYLOAD: usize = 64 << 10;
+/// Longest record id kept: a longer one keeps its start and ends in `~`
+/// and a hash of the whole id, so that cut ids stay distinct.
+pub const MAX_ID_BYTES: usize = 256;
+/// Longest name kept (worker id, namespace, application, function,
+/// outcome, GPU model); a longer one is cut at a character boundary.
+pub const MAX_NAME_BYTES: usize = 1024;
+/// GPU models kept per list (`gpu_ms`, `gpu_busy_ms`); the time of the
+/// rest is summed under [`OTHER_GPUS`] in the last entry.
+pub const MAX_GPU_ENTRIES: usize = 16;
+/// The model name the time of GPU models past [`MAX_GPU_ENTRIES`] goes to.
+pub const OTHER_GPUS: &str = "other";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,16 +93,145 @@ impl UsageRecord {
     }
 }
 
-/// The frame of `record`.
+/// The frame of `record`, whose payload is at most [`MAX_PAYLOAD`]: a
+/// record over the bounds is written as [`fit`] cuts it.
 pub fn encode_frame(record: &UsageRecord) -> Vec<u8> {
-    // Serializing a plain struct of strings and numbers cannot fail.
-    let payload = serde_json::to_vec(record).unwrap_or_default();
+    encode(record).0
+}
+
+/// The frame of `record` (cut as [`fit`] cuts it), and whether it was cut.
+pub(crate) fn encode(record: &UsageRecord) -> (Vec<u8>, bool) {
+    let (payload, cut) = match payload_within_bounds(record) {
+        Some(p) => (p, false),
+        None => {
+            let mut r = record.clone();
+            fit(&mut r);
+            (payload_of(&r), true)
+        }
+    };
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
-    out
+    (out, cut)
+}
+
+/// The record as JSON. Serializing a plain struct of strings and numbers
+/// into memory cannot fail.
+fn payload_of(record: &UsageRecord) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+/// The payload of `record` if [`fit`] would leave it as it is.
+fn payload_within_bounds(record: &UsageRecord) -> Option<Vec<u8>> {
+    if !names_within_bounds(record) {
+        return None;
+    }
+    let payload = payload_of(record);
+    (payload.len() <= MAX_PAYLOAD).then_some(payload)
+}
+
+fn names_within_bounds(r: &UsageRecord) -> bool {
+    r.id.len() <= MAX_ID_BYTES
+        && names(r).iter().all(|n| n.len() <= MAX_NAME_BYTES)
+        && r.gpu_ms.len() <= MAX_GPU_ENTRIES
+        && r.gpu_busy_ms.len() <= MAX_GPU_ENTRIES
+        && gpu_models(r).all(|m| m.len() <= MAX_NAME_BYTES)
+}
+
+fn names(r: &UsageRecord) -> [&String; 5] {
+    [
+        &r.function_executor_id,
+        &r.namespace,
+        &r.application,
+        &r.function,
+        &r.outcome,
+    ]
+}
+
+fn gpu_models(r: &UsageRecord) -> impl Iterator<Item = &String> {
+    r.gpu_ms.iter().chain(&r.gpu_busy_ms).map(|(m, _)| m)
+}
+
+/// Bounds `record` so that its frame fits [`MAX_PAYLOAD`], changing only
+/// names: the id is cut to [`MAX_ID_BYTES`] (with a hash of the whole id),
+/// other names to [`MAX_NAME_BYTES`], GPU lists to [`MAX_GPU_ENTRIES`]
+/// (the rest summed under [`OTHER_GPUS`]); then, while the JSON is still
+/// too long (escaping inflates a control character sixfold), the names
+/// other than the id are cut shorter, down to empty. Numbers, kind and
+/// outcome flags are kept. Whether anything was cut; a record within the
+/// bounds is left as it is, so fitting twice changes nothing.
+pub fn fit(record: &mut UsageRecord) -> bool {
+    if payload_within_bounds(record).is_some() {
+        return false;
+    }
+    if let Cow::Owned(id) = recorded_id(&record.id) {
+        record.id = id;
+    }
+    merge_gpus(&mut record.gpu_ms);
+    merge_gpus(&mut record.gpu_busy_ms);
+    let mut budget = MAX_NAME_BYTES;
+    loop {
+        cut_names(record, budget);
+        if budget == 0 || payload_of(record).len() <= MAX_PAYLOAD {
+            return true;
+        }
+        budget /= 4;
+    }
+}
+
+/// Cuts every name but the id to at most `budget` bytes.
+fn cut_names(r: &mut UsageRecord, budget: usize) {
+    for name in [
+        &mut r.function_executor_id,
+        &mut r.namespace,
+        &mut r.application,
+        &mut r.function,
+        &mut r.outcome,
+    ] {
+        cut(name, budget);
+    }
+    for (model, _) in r.gpu_ms.iter_mut().chain(r.gpu_busy_ms.iter_mut()) {
+        cut(model, budget);
+    }
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let at = s.floor_char_boundary(max);
+        s.truncate(at);
+    }
+}
+
+/// The id as a frame holds it: as it is up to [`MAX_ID_BYTES`], else cut
+/// to its start, `~`, and a 64-bit FNV-1a hash of the whole id in hex
+/// (stable across builds, so an id cut before a restart is cut the same
+/// after it, and the ledger still refuses it a second record).
+pub(crate) fn recorded_id(id: &str) -> Cow<'_, str> {
+    if id.len() <= MAX_ID_BYTES {
+        return Cow::Borrowed(id);
+    }
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let suffix = format!("~{hash:016x}");
+    let mut head = id.to_string();
+    cut(&mut head, MAX_ID_BYTES - suffix.len());
+    Cow::Owned(head + &suffix)
+}
+
+/// Keeps at most [`MAX_GPU_ENTRIES`] entries: the time of the rest is
+/// summed into the last, named [`OTHER_GPUS`].
+fn merge_gpus(list: &mut Vec<(String, u64)>) {
+    if list.len() <= MAX_GPU_ENTRIES {
+        return;
+    }
+    let rest: u64 = list
+        .drain(MAX_GPU_ENTRIES - 1..)
+        .fold(0u64, |sum, (_, ms)| sum.saturating_add(ms));
+    list.push((OTHER_GPUS.to_string(), rest));
 }
 
 /// Decodes the frame at the start of `bytes`: the record and the frame's
@@ -104,3 +254,6 @@ pub fn decode_frame(bytes: &[u8]) -> Option<(UsageRecord, usize)> {
     let record = serde_json::from_slice(payload).ok()?;
     Some((record, HEADER + len))
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,13 +13,25 @@
 //! once the durable ticket has reached its own. The thread also samples
 //! every worker each second and cuts long idle segments.
 //!
-//! Nothing is lost through it: the durable ticket is raised after the
-//! write, after a failed write (counted and logged; the result matters
-//! more than its metering), after a panic while writing, by a flush that
-//! gives up waiting, and when the thread ends; a hook that panics or runs
-//! after the thread ended hands out ticket 0, which never waits.
+//! No result is held forever: the durable ticket is raised after the
+//! write, after a panic while writing, by a flush that gives up waiting,
+//! once the oldest waiting result has waited past the stall limit (a disk
+//! that hangs or keeps failing; from then on, until a write succeeds,
+//! results wait for nothing), and when the thread ends; a hook that panics
+//! or runs after the thread ended hands out ticket 0, which never waits.
+//!
+//! No record is thrown away while there is room: a write that fails (a
+//! full disk, an I/O error) puts its records back at the head of the queue,
+//! and the thread retries with backoff ([`RETRY_BACKOFF_MIN`] doubling to
+//! [`RETRY_BACKOFF_MAX`]); the ledger refuses a second record for an id, so
+//! a retry never writes one twice. The queue holds at most
+//! [`RecorderConfig::backlog_records`]; past that the oldest records go,
+//! counted (`steward_usage_ledger_dropped_records`) and said in an event.
+//! While writes fail, [`Recorder::ledger_trouble`] says so (the health
+//! probe's degraded list) and `steward_usage_ledger_unwritten_records`
+//! counts the records that wait.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,7 +46,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::activity::{Activity, Day};
-use crate::ledger::{Ledger, LedgerConfig, LedgerError, Recovery};
+use crate::ledger::{BatchError, Ledger, LedgerConfig, LedgerError, Recovery};
 use crate::meter::{Accrued, Meter, Sample};
 use crate::price::PriceCard;
 use crate::record::{RecordKind, UsageRecord};
@@ -104,9 +116,23 @@ pub struct RecorderConfig {
     pub commit_delay: Duration,
     /// A commit that has not returned after this long (a disk that hangs)
     /// is given up on when the reporter next asks: results go unrecorded
-    /// rather than wait on the disk.
+    /// rather than wait on the disk. So is a write that keeps failing:
+    /// its results wait this long for a retry to succeed.
     pub stall_limit: Duration,
+    /// Most records kept in memory for the ledger ([`BACKLOG_RECORDS`]):
+    /// those not yet written, and those whose write failed and waits for a
+    /// retry. Past it the oldest go, counted and said.
+    pub backlog_records: usize,
 }
+
+/// Default of [`RecorderConfig::backlog_records`]: at a few hundred bytes
+/// a record (names are bounded, see `record.rs`), tens of MB at most; at a
+/// hundred results a second, eight minutes of a full disk.
+pub const BACKLOG_RECORDS: usize = 50_000;
+/// The first retry of a failed ledger write comes this long after it.
+pub const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Retries of a failed ledger write double their wait up to this.
+pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl RecorderConfig {
     pub fn new(data_dir: &std::path::Path) -> RecorderConfig {
@@ -120,6 +146,7 @@ impl RecorderConfig {
             commit_delay: Duration::ZERO,
             stall_limit: Duration::from_secs(10),
             group_commit: Duration::from_millis(20),
+            backlog_records: BACKLOG_RECORDS,
         }
     }
 }
@@ -147,6 +174,9 @@ struct UsageMetrics {
     errors: Counter,
     commit: Histogram,
     price_card: Family<Labels, Gauge>,
+    unwritten: Gauge,
+    dropped: Counter,
+    cut: Counter,
 }
 
 impl UsageMetrics {
@@ -162,6 +192,9 @@ impl UsageMetrics {
             errors: Counter::default(),
             commit: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             price_card: Family::default(),
+            unwritten: Gauge::default(),
+            dropped: Counter::default(),
+            cut: Counter::default(),
         }
     }
 
@@ -203,8 +236,23 @@ impl UsageMetrics {
         );
         r.register(
             "usage_ledger_errors",
-            "Failed ledger writes (the results were released all the same)",
+            "Failed ledger writes (their records wait in memory for a retry) and metering failures",
             self.errors.clone(),
+        );
+        r.register(
+            "usage_ledger_unwritten_records",
+            "Usage records in memory waiting for the ledger after a failed write (0 while writes succeed)",
+            self.unwritten.clone(),
+        );
+        r.register(
+            "usage_ledger_dropped_records",
+            "Usage records dropped, their usage lost: the oldest, when the queue for the ledger was full",
+            self.dropped.clone(),
+        );
+        r.register(
+            "usage_ledger_cut_records",
+            "Usage records written with their names cut to fit the ledger's frame limit",
+            self.cut.clone(),
         );
         r.register(
             "usage_ledger_commit_seconds",
@@ -321,6 +369,15 @@ pub struct RecorderStatus {
     pub truncated_bytes: u64,
     pub skipped_bytes: u64,
     pub workers_metered: usize,
+    /// Records in memory waiting for the ledger after a failed write (0
+    /// while writes succeed).
+    pub unwritten_records: u64,
+    /// Failed writes in a row (0 once one succeeds).
+    pub failed_attempts: u64,
+    /// Records dropped because the queue for the ledger was full.
+    pub dropped_records: u64,
+    /// Records written with their names cut to fit the frame limit.
+    pub cut_records: u64,
 }
 
 /// How the metering thread waits.
@@ -333,6 +390,8 @@ enum Waiting {
     Idle,
     /// Records pending: until the group-commit window is over.
     Window,
+    /// Records pending after a failed write: until the retry is due.
+    Backoff,
 }
 
 /// What the hooks and the thread share under one lock: the meter, the
@@ -346,8 +405,14 @@ struct Books {
     unreadable: HashMap<String, u32>,
     /// The latest utilisation of each GPU by UUID, percent.
     gpu_utilization: HashMap<String, u32>,
-    /// Records made and not yet taken by the thread.
-    pending: Vec<UsageRecord>,
+    /// Records made and not yet taken by the thread, oldest first (those
+    /// of a failed write back at the head), at most `cap`.
+    pending: VecDeque<UsageRecord>,
+    cap: usize,
+    /// Whether the last write failed (its records wait in `pending`).
+    failing: bool,
+    /// Records dropped because `pending` was full.
+    dropped: u64,
     /// The last commit ticket handed out.
     issued: u64,
     /// Batches the thread has taken, and of those, finished.
@@ -378,11 +443,14 @@ struct Inner {
     durable: AtomicU64,
     /// Told each time `durable` advances (the reporter, to send results).
     on_durable: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Told of the ledger's trouble (the agent's event ring).
+    on_event: OnceLock<EventSink>,
     /// Since when the oldest result not yet durable has waited, in ms
     /// after `epoch` plus one (0: none waits). Past `stall_limit` (the
     /// thread stuck on its disk, wherever) the results are let go.
     waiting_since: AtomicU64,
-    /// Whether the current stall was logged (once per stall).
+    /// Whether a stall was declared (logged once) and no write has
+    /// succeeded since: results then wait for nothing.
     stall_logged: std::sync::atomic::AtomicBool,
     epoch: Instant,
     stall_limit: Duration,
@@ -391,6 +459,9 @@ struct Inner {
     status: Mutex<RecorderStatus>,
     metrics: UsageMetrics,
 }
+
+/// Where the ledger's events go: (kind, message).
+pub type EventSink = Box<dyn Fn(&'static str, String) + Send + Sync>;
 
 /// Handle to the metering thread.
 pub struct Recorder {
@@ -408,6 +479,17 @@ impl Drop for ThreadGuard {
         {
             let mut b = lock(&self.0.books);
             b.closed = true;
+            let lost = b.pending.len();
+            if lost > 0 {
+                // A ledger that still failed at the stop.
+                self.0.metrics.dropped.inc_by(lost as u64);
+                b.dropped += lost as u64;
+                lock(&self.0.status).dropped_records = b.dropped;
+                tracing::error!(
+                    records = lost,
+                    "usage records never written: the ledger still failed when metering stopped"
+                );
+            }
             b.pending.clear();
             b.finished = u64::MAX;
             self.0.committed.notify_all();
@@ -444,16 +526,29 @@ impl Inner {
         }
     }
 
-    /// Whether the oldest waiting result has waited past the stall limit.
+    /// Whether the oldest waiting result has waited past the stall limit,
+    /// or waits at all once a stall was declared and no write succeeded
+    /// since (results keep flowing while the disk is still stuck).
     fn stalled(&self) -> bool {
         let since = self.waiting_since.load(Ordering::Relaxed);
         let limit = u64::try_from(self.stall_limit.as_millis()).unwrap_or(u64::MAX);
         since != 0
-            && self
-                .since_epoch_ms()
-                .saturating_add(1)
-                .saturating_sub(since)
-                > limit
+            && (self.stall_logged.load(Ordering::Relaxed)
+                || self
+                    .since_epoch_ms()
+                    .saturating_add(1)
+                    .saturating_sub(since)
+                    > limit)
+    }
+
+    /// Tells the agent of the ledger's trouble (and logs it).
+    fn event(&self, kind: &'static str, message: String) {
+        tracing::warn!(kind, "{message}");
+        if let Some(sink) = self.on_event.get()
+            && std::panic::catch_unwind(AssertUnwindSafe(|| sink(kind, message))).is_err()
+        {
+            tracing::error!("telling the agent of a usage ledger event panicked");
+        }
     }
 
     /// Raises the durable ticket to `ticket`, and tells the reporter.
@@ -521,12 +616,14 @@ impl Recorder {
         let inner = Arc::new(Inner {
             books: Mutex::new(Books {
                 window: config.group_commit,
+                cap: config.backlog_records.max(1),
                 ..Books::default()
             }),
             work: Condvar::new(),
             committed: Condvar::new(),
             durable: AtomicU64::new(0),
             on_durable: OnceLock::new(),
+            on_event: OnceLock::new(),
             waiting_since: AtomicU64::new(0),
             stall_logged: std::sync::atomic::AtomicBool::new(false),
             epoch: Instant::now(),
@@ -552,6 +649,12 @@ impl Recorder {
             last_save: Instant::now(),
             last_commit: Instant::now(),
             series: HashMap::new(),
+            backoff: RETRY_BACKOFF_MIN,
+            retry_at: None,
+            episode: None,
+            cut_seen: 0,
+            dropped_seen: 0,
+            dropped_at_success: 0,
         };
         let (exited_tx, exited) = channel::<()>();
         let thread = std::thread::Builder::new()
@@ -638,7 +741,7 @@ impl Recorder {
             let used = b
                 .meter
                 .allocation_finished(&done.fe_id, &done.alloc_id, reading);
-            b.pending.push(allocation_record(inner, done, used, at));
+            b.push(allocation_record(inner, done, used, at), inner);
             b.issued += 1;
             inner.note_waiting(false);
             b.finished_one();
@@ -668,6 +771,39 @@ impl Recorder {
     /// ticket advances. Set once; a second call is ignored.
     pub fn on_durable(&self, wake: Box<dyn Fn() + Send + Sync>) {
         let _ = self.inner.on_durable.set(wake);
+    }
+
+    /// `sink` is told, on the metering thread, of the ledger's trouble:
+    /// `usage_ledger_write_failed` (how many records wait),
+    /// `usage_ledger_records_dropped` and `usage_ledger_write_resumed`.
+    /// Set once; a second call is ignored.
+    pub fn on_event(&self, sink: EventSink) {
+        let _ = self.inner.on_event.set(sink);
+    }
+
+    /// Why the ledger is behind, if it is: writes failing (how many
+    /// records wait), or a commit that has not answered past the stall
+    /// limit. For the health probe, which reports it as degraded rather
+    /// than down: a restart brings no disk space back and would lose the
+    /// records waiting in memory.
+    pub fn ledger_trouble(&self) -> Option<String> {
+        let st = lock(&self.inner.status);
+        if st.failed_attempts > 0 {
+            return Some(format!(
+                "usage ledger: {} records wait in memory after {} failed writes ({}); {} dropped since start",
+                st.unwritten_records,
+                st.failed_attempts,
+                st.last_error.as_deref().unwrap_or("no error kept"),
+                st.dropped_records
+            ));
+        }
+        drop(st);
+        self.inner.stall_logged.load(Ordering::Relaxed).then(|| {
+            format!(
+                "usage ledger: a commit has not answered within {:?}; results go without waiting for their records",
+                self.inner.stall_limit
+            )
+        })
     }
 
     /// The latest utilisation of the host's GPUs (UUID, percent), from the
@@ -803,6 +939,29 @@ impl Drop for Recorder {
 const GATHER_GAP_SHARE: u64 = 2;
 
 impl Books {
+    /// Queues a record for the ledger.
+    fn push(&mut self, r: UsageRecord, inner: &Inner) {
+        self.pending.push_back(r);
+        self.bound(inner);
+    }
+
+    /// Drops the oldest records past the cap (counted, and said by the
+    /// thread at its next commit), and keeps the count of records waiting
+    /// after a failed write current.
+    fn bound(&mut self, inner: &Inner) {
+        let over = self.pending.len().saturating_sub(self.cap);
+        if over > 0 {
+            self.pending.drain(..over);
+            self.dropped += over as u64;
+            inner.metrics.dropped.inc_by(over as u64);
+            lock(&inner.status).dropped_records = self.dropped;
+        }
+        if self.failing {
+            inner.metrics.unwritten.set(self.pending.len() as i64);
+            lock(&inner.status).unwritten_records = self.pending.len() as u64;
+        }
+    }
+
     /// Notes a finish for the mean gap between finishes.
     fn finished_one(&mut self) {
         let now = Instant::now();
@@ -858,7 +1017,7 @@ impl Books {
         let idle = self.meter.worker_stopped(fe, last);
         let info = self.infos.remove(fe);
         if let (Some(idle), Some(info)) = (idle, info) {
-            self.pending.push(segment_record(inner, &info, idle, at));
+            self.push(segment_record(inner, &info, idle, at), inner);
         }
     }
 
@@ -889,7 +1048,7 @@ impl Books {
                 (self.meter.cut_idle(&fe, s), self.infos.get(&fe))
             {
                 let r = segment_record(inner, info, idle, now);
-                self.pending.push(r);
+                self.push(r, inner);
             }
         }
         lock(&inner.status).workers_metered = readable;
@@ -982,12 +1141,33 @@ struct Committer {
     last_commit: Instant,
     /// Counters by (namespace, application, kind) label values.
     series: HashMap<(String, String, &'static str), Series>,
+    /// The wait before the next retry of a failed write, and when it is due.
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    /// Since the first of the writes failing now, if they are.
+    episode: Option<Episode>,
+    /// Records cut in their names, as last counted.
+    cut_seen: u64,
+    /// Records dropped for a full queue, as last said, and as of the
+    /// last write that succeeded.
+    dropped_seen: u64,
+    dropped_at_success: u64,
+}
+
+/// A stretch of failing ledger writes.
+struct Episode {
+    since: Instant,
+    attempts: u64,
+    /// Records dropped (queue full) by the last write that succeeded
+    /// before it, and whether a drop in it was said.
+    dropped_before: u64,
+    drop_said: bool,
 }
 
 /// What one commit takes: the records, the last ticket they cover, and
 /// whether the recorder is closing.
 struct Taken {
-    records: Vec<UsageRecord>,
+    records: VecDeque<UsageRecord>,
     through: u64,
     closed: bool,
 }
@@ -1011,7 +1191,8 @@ impl Committer {
 
     /// Waits for a batch, ticking on the way: records queued, and the
     /// group-commit window over, or not worth waiting for (nothing else
-    /// running, or finishes too far apart), or a flush.
+    /// running, or finishes too far apart), or a flush. After a failed
+    /// write, nothing goes before its retry is due, unless a flush asks.
     fn take(&mut self, next_tick: &mut Instant) -> Taken {
         let inner = self.inner.clone();
         let mut b = lock(&inner.books);
@@ -1028,13 +1209,16 @@ impl Committer {
                 guarded(&inner, || books.tick(&inner, self.idle_segment_max));
             }
             let window_over = self.last_commit + b.window;
-            if !b.pending.is_empty() && (b.urgent || now >= window_over || !b.worth_waiting()) {
+            let retry = self.retry_at.filter(|at| now < *at);
+            if !b.pending.is_empty()
+                && (b.urgent || (retry.is_none() && (now >= window_over || !b.worth_waiting())))
+            {
                 break;
             }
-            let (until, waiting) = if b.pending.is_empty() {
-                (*next_tick, Waiting::Idle)
-            } else {
-                (window_over.min(*next_tick), Waiting::Window)
+            let (until, waiting) = match retry {
+                _ if b.pending.is_empty() => (*next_tick, Waiting::Idle),
+                Some(at) => (at.min(*next_tick), Waiting::Backoff),
+                None => (window_over.min(*next_tick), Waiting::Window),
             };
             b.waiting = waiting;
             b = inner
@@ -1055,61 +1239,185 @@ impl Committer {
 
     /// Writes the records with one fsync and counts them, then raises the
     /// durable ticket, then wakes flushers, in that order. A panic on the
-    /// way still raises it.
+    /// way still raises it. A failed write raises nothing: its records go
+    /// back to the head of the queue for a retry, and their results wait
+    /// (at most the stall limit, see [`Inner::stalled`]).
     fn commit(&mut self, taken: Taken) {
+        let mut unwritten = VecDeque::new();
         if !taken.records.is_empty() {
             self.last_commit = Instant::now();
             let records = taken.records;
-            let wrote = std::panic::catch_unwind(AssertUnwindSafe(|| self.write(records)));
-            if wrote.is_err() {
-                tracing::error!("metering panicked writing a batch; its results are released");
-                self.inner.metrics.errors.inc();
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.write(records))) {
+                Ok(left) => unwritten = left,
+                Err(_) => {
+                    tracing::error!("metering panicked writing a batch; its results are released");
+                    self.inner.metrics.errors.inc();
+                }
             }
         }
-        self.inner.advance(taken.through);
-        let mut b = lock(&self.inner.books);
-        // What was issued during the commit waits from now; nothing else does.
-        if b.issued > taken.through {
-            self.inner.note_waiting(true);
-        } else {
-            self.inner.waiting_since.store(0, Ordering::Relaxed);
+        let failed = !unwritten.is_empty();
+        if !failed {
+            self.inner.advance(taken.through);
         }
-        self.inner.stall_logged.store(false, Ordering::Relaxed);
-        b.finished = b.finished.max(b.taken);
+        let mut b = lock(&self.inner.books);
+        if failed {
+            // Older than anything queued meanwhile: back at the head. The
+            // results waiting keep their place in the stall clock.
+            unwritten.append(&mut b.pending);
+            b.pending = unwritten;
+            b.failing = true;
+            b.bound(&self.inner);
+        } else {
+            // What was issued during the commit waits from now; nothing else does.
+            if b.issued > taken.through {
+                self.inner.note_waiting(true);
+            } else {
+                self.inner.waiting_since.store(0, Ordering::Relaxed);
+            }
+            self.inner.stall_logged.store(false, Ordering::Relaxed);
+            b.finished = b.finished.max(b.taken);
+            self.dropped_at_success = b.dropped;
+            if b.failing {
+                b.failing = false;
+                self.inner.metrics.unwritten.set(0);
+                lock(&self.inner.status).unwritten_records = 0;
+            }
+        }
+        let (dropped, waiting) = (b.dropped, b.pending.len());
         if b.flushers > 0 {
             self.inner.committed.notify_all();
         }
+        drop(b);
+        self.say_drops(dropped, waiting);
     }
 
-    fn write(&mut self, records: Vec<UsageRecord>) {
+    /// Writes the records and counts those written; the rest, when the
+    /// write failed (a retry is then scheduled).
+    fn write(&mut self, records: VecDeque<UsageRecord>) -> VecDeque<UsageRecord> {
         if !self.commit_delay.is_zero() {
             std::thread::sleep(self.commit_delay);
         }
+        let records = Vec::from(records);
         let started = Instant::now();
         let written = self.ledger.append_batch(&records);
         self.inner
             .metrics
             .commit
             .observe(started.elapsed().as_secs_f64());
-        match written {
-            // Only what was written counts (a second record of an id
-            // already in the ledger was refused).
-            Ok(flags) => {
-                let new: Vec<UsageRecord> = records
-                    .into_iter()
-                    .zip(flags)
-                    .filter_map(|(r, w)| w.then_some(r))
-                    .collect();
-                self.count(&new);
+        let (flags, error) = match written {
+            Ok(flags) => (flags, None),
+            Err(BatchError { written, error }) => (written, Some(error)),
+        };
+        // Only what was written counts (a second record of an id already in
+        // the ledger was refused; the rest of a failed write waits).
+        let (new, left): (Vec<_>, Vec<_>) = records.into_iter().zip(flags).partition(|(_, w)| *w);
+        let new: Vec<UsageRecord> = new.into_iter().map(|(r, _)| r).collect();
+        self.count(&new);
+        let cut = self.ledger.records_cut();
+        if cut > self.cut_seen {
+            self.inner.metrics.cut.inc_by(cut - self.cut_seen);
+            lock(&self.inner.status).cut_records = cut;
+            self.cut_seen = cut;
+        }
+        match error {
+            None => {
+                self.resumed();
+                VecDeque::new()
             }
-            Err(e) => {
-                tracing::error!(error = %e, records = records.len(), "usage records not written; results released");
-                self.inner.metrics.errors.inc();
-                let mut st = lock(&self.inner.status);
-                st.write_errors += 1;
-                st.last_error = Some(e.to_string());
+            Some(e) => {
+                // A failed write whose records were all refused as already
+                // recorded leaves nothing to retry.
+                let left: VecDeque<UsageRecord> = left.into_iter().map(|(r, _)| r).collect();
+                self.failed(&e, left.len());
+                if left.is_empty() {
+                    self.resumed();
+                }
+                left
             }
         }
+    }
+
+    /// A write failed with `waiting` records left: counted, said once per
+    /// stretch of failures, and retried after the backoff.
+    fn failed(&mut self, e: &LedgerError, waiting: usize) {
+        self.inner.metrics.errors.inc();
+        {
+            let mut st = lock(&self.inner.status);
+            st.write_errors += 1;
+            st.failed_attempts += 1;
+            st.last_error = Some(e.to_string());
+        }
+        self.retry_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(RETRY_BACKOFF_MAX);
+        match &mut self.episode {
+            Some(ep) => {
+                ep.attempts += 1;
+                tracing::debug!(error = %e, records = waiting, attempts = ep.attempts, "usage ledger write failed again");
+            }
+            None => {
+                self.episode = Some(Episode {
+                    since: Instant::now(),
+                    attempts: 1,
+                    dropped_before: self.dropped_at_success,
+                    drop_said: false,
+                });
+                let cap = lock(&self.inner.books).cap;
+                self.inner.event(
+                    "usage_ledger_write_failed",
+                    format!(
+                        "{e}: {waiting} usage records wait in memory for the ledger (at most \
+                         {cap}, the oldest dropped past that), retried with backoff; results \
+                         wait at most the stall limit for them"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A write succeeded: a stretch of failures, if any, is over.
+    fn resumed(&mut self) {
+        self.backoff = RETRY_BACKOFF_MIN;
+        self.retry_at = None;
+        let Some(ep) = self.episode.take() else {
+            return;
+        };
+        let dropped = lock(&self.inner.books)
+            .dropped
+            .saturating_sub(ep.dropped_before);
+        lock(&self.inner.status).failed_attempts = 0;
+        self.inner.event(
+            "usage_ledger_write_resumed",
+            format!(
+                "the usage records that waited are written, after {} failed writes over {} s; \
+                 {dropped} dropped meanwhile (queue full)",
+                ep.attempts,
+                ep.since.elapsed().as_secs()
+            ),
+        );
+    }
+
+    /// Says records dropped for a full queue: the first drop of a stretch
+    /// of failures (or of a disk that hung), with how many wait.
+    fn say_drops(&mut self, dropped: u64, waiting: usize) {
+        let seen = self.dropped_seen;
+        if dropped <= seen {
+            return;
+        }
+        self.dropped_seen = dropped;
+        if let Some(ep) = &mut self.episode {
+            if ep.drop_said {
+                return;
+            }
+            ep.drop_said = true;
+        }
+        self.inner.event(
+            "usage_ledger_records_dropped",
+            format!(
+                "the queue of usage records waiting for the ledger is full: {} oldest \
+                 dropped, their usage lost ({dropped} since start); {waiting} wait",
+                dropped - seen
+            ),
+        );
     }
 
     /// Counts written records in the activity, metrics and status.
@@ -1448,6 +1756,114 @@ mod tests {
         assert_eq!(rec.status().records_written, 1);
         let tasks: u64 = rec.activity().iter().map(|d| d.tasks).sum();
         assert_eq!(tasks, 1);
+        rec.stop(Duration::from_secs(5));
+    }
+
+    /// The recorder's events, as the agent would get them.
+    fn events(rec: &Recorder) -> std::sync::mpsc::Receiver<(&'static str, String)> {
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        rec.on_event(Box::new(move |kind, message| {
+            let _ = lock(&tx).send((kind, message));
+        }));
+        rx
+    }
+
+    /// The next event of `kind` (others are skipped); a minute without one fails.
+    fn event_of(rx: &std::sync::mpsc::Receiver<(&'static str, String)>, kind: &str) -> String {
+        loop {
+            let (k, message) = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no {kind} event"));
+            if k == kind {
+                return message;
+            }
+        }
+    }
+
+    /// Polls `what` of the recorder's status until `done` (a minute at most).
+    fn await_status(rec: &Recorder, what: &str, done: impl Fn(&RecorderStatus) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&rec.status()) {
+            assert!(Instant::now() < deadline, "{what}: {:?}", rec.status());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn allocation_ids(dir: &std::path::Path) -> Vec<String> {
+        read_records(&dir.join("usage"))
+            .expect("read")
+            .into_iter()
+            .filter(|r| r.kind == RecordKind::Allocation)
+            .map(|r| r.id)
+            .collect()
+    }
+
+    #[test]
+    fn a_full_disk_keeps_every_record_and_writes_each_once_when_space_returns() {
+        let disk = crate::tmpfs_for_tests::Tmpfs::mount(4 << 20);
+        let rec = start_with(disk.path(), |c| c.stall_limit = Duration::from_millis(200));
+        let said = events(&rec);
+        disk.fill();
+        let ids: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+        let mut last = 0;
+        for id in &ids {
+            last = rec.allocation_finished(done(id, "w"));
+        }
+        let failed = event_of(&said, "usage_ledger_write_failed");
+        assert!(
+            failed.contains("No space left") && failed.contains("usage records wait"),
+            "{failed}"
+        );
+        // Results keep flowing past the stall limit, their records kept.
+        await_durable(&rec, last);
+        await_status(&rec, "all 20 wait", |s| s.unwritten_records == 20);
+        assert_eq!(rec.inner.metrics.unwritten.get(), 20);
+        let trouble = rec.ledger_trouble().expect("trouble said");
+        assert!(trouble.contains("20 records wait"), "{trouble}");
+        assert!(allocation_ids(disk.path()).is_empty());
+        disk.free();
+        let resumed = event_of(&said, "usage_ledger_write_resumed");
+        assert!(resumed.contains("0 dropped"), "{resumed}");
+        assert!(rec.flush(Duration::from_secs(30)));
+        assert_eq!(
+            allocation_ids(disk.path()),
+            ids,
+            "every record, once, in order"
+        );
+        let st = rec.status();
+        assert_eq!(
+            (st.unwritten_records, st.failed_attempts, st.dropped_records),
+            (0, 0, 0)
+        );
+        assert_eq!(rec.inner.metrics.unwritten.get(), 0);
+        assert!(rec.ledger_trouble().is_none());
+        rec.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn past_the_queue_bound_the_oldest_records_go_counted_and_said() {
+        let disk = crate::tmpfs_for_tests::Tmpfs::mount(4 << 20);
+        let rec = start_with(disk.path(), |c| {
+            c.stall_limit = Duration::from_millis(200);
+            c.backlog_records = 5;
+        });
+        let said = events(&rec);
+        disk.fill();
+        for i in 0..12 {
+            rec.allocation_finished(done(&format!("a{i}"), "w"));
+        }
+        await_status(&rec, "7 dropped, 5 wait", |s| {
+            s.dropped_records == 7 && s.unwritten_records == 5
+        });
+        let dropped = event_of(&said, "usage_ledger_records_dropped");
+        assert!(dropped.contains("oldest"), "{dropped}");
+        assert_eq!(rec.inner.metrics.dropped.get(), 7);
+        disk.free();
+        assert!(event_of(&said, "usage_ledger_write_resumed").contains("7 dropped"));
+        assert!(rec.flush(Duration::from_secs(30)));
+        let newest: Vec<String> = (7..12).map(|i| format!("a{i}")).collect();
+        assert_eq!(allocation_ids(disk.path()), newest);
         rec.stop(Duration::from_secs(5));
     }
 

@@ -1,7 +1,8 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::record::RecordKind;
+use crate::record::{MAX_ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD, RecordKind, encode_frame};
+use crate::tmpfs_for_tests::Tmpfs;
 
 fn record(i: u64) -> UsageRecord {
     UsageRecord {
@@ -131,6 +132,67 @@ fn a_start_reads_only_the_newest_segments_that_fill_the_id_window() {
     // The newest ids are still refused a second record.
     assert!(!l.append(&record(9)).expect("append"));
     assert!(l.append(&record(10)).expect("append"));
+}
+
+#[test]
+fn a_record_past_the_frame_limit_is_written_cut_and_reads_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mut l, _) = Ledger::open(config(tmp.path())).expect("open");
+    let mut big = record(1);
+    big.function = "f".repeat(2 * MAX_PAYLOAD);
+    big.id = format!("{}-1", "x".repeat(1000));
+    let mut twin = big.clone();
+    twin.id = format!("{}-2", "x".repeat(1000));
+    assert_eq!(
+        l.append_batch(&[big.clone(), twin]).expect("append"),
+        [true, true]
+    );
+    assert_eq!(l.records_cut(), 2);
+    let got = l.records().expect("read");
+    assert_eq!(got.len(), 2, "both read back, their cut ids distinct");
+    assert_eq!(got[0].function.len(), MAX_NAME_BYTES);
+    assert!(got[0].id.len() <= MAX_ID_BYTES && got[0].id != got[1].id);
+    assert_eq!(got[0].cpu_core_us, big.cpu_core_us);
+    drop(l);
+    // After a restart the same long id is still refused a second record.
+    let (mut l, r) = Ledger::open(config(tmp.path())).expect("reopen");
+    assert_eq!(r.records, 2);
+    assert!(!l.append(&big).expect("append"));
+}
+
+#[test]
+fn a_write_to_a_full_disk_leaves_nothing_and_its_retry_writes_each_record_once() {
+    let disk = Tmpfs::mount(2 << 20);
+    let dir = disk.path().join("usage");
+    let (mut l, _) = Ledger::open(config(&dir)).expect("open");
+    assert!(l.append(&record(0)).expect("append"));
+    let before = l.position();
+    disk.fill();
+    // More than the preallocated megabyte holds: the ledger must grow.
+    let batch: Vec<UsageRecord> = (1..4000).map(record).collect();
+    let e = l.append_batch(&batch).expect_err("the disk is full");
+    assert!(e.error.to_string().contains("No space left"), "{}", e.error);
+    assert!(e.written.iter().all(|w| !w), "nothing of it recorded");
+    assert_eq!(l.position(), before);
+    assert_eq!(
+        read_records(&dir).expect("read").len(),
+        1,
+        "no frame left behind"
+    );
+    disk.free();
+    assert!(
+        l.append_batch(&batch)
+            .expect("space again")
+            .iter()
+            .all(|w| *w)
+    );
+    let ids: Vec<String> = read_records(&dir)
+        .expect("read")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let want: Vec<String> = (0..4000).map(|i| format!("alloc-{i}")).collect();
+    assert_eq!(ids, want, "every record once, in order");
 }
 
 proptest! {
