@@ -163,6 +163,17 @@ struct AgentArgs {
     /// (a slow disk).
     #[arg(long, default_value_t = 0, hide = true)]
     usage_commit_delay_ms: u64,
+    /// How long a result waits for its usage record when the ledger's
+    /// disk hangs or its writes keep failing (100 to 600000); past it
+    /// results go without waiting until a write succeeds again.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    usage_stall_limit_ms: u64,
+    /// Most usage records kept in memory for the ledger: those not yet
+    /// written and those whose write failed (a full disk), retried with
+    /// backoff. Past it the oldest are dropped, counted
+    /// (`steward_usage_ledger_dropped_records`) and named in an event.
+    #[arg(long, default_value_t = steward_metering::BACKLOG_RECORDS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    usage_backlog_records: usize,
     /// CPUs (may be fractional) for a worker whose description sets none.
     #[arg(long, default_value_t = 1.0)]
     default_worker_cpus: f64,
@@ -954,6 +965,15 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         .context("monitoring listener address")?;
 
     let agent = Agent::start(config, metrics)?;
+    if let Some(r) = &recorder {
+        // The ledger's trouble (a full disk: how many records wait) goes
+        // to the event ring.
+        let handle = agent.handle();
+        let dir = r.status().ledger_dir;
+        r.on_event(Box::new(move |kind, message| {
+            handle.event(kind, &dir, message)
+        }));
+    }
     if let Some(st) = recorder.as_ref().map(|r| r.status())
         && (st.truncated_bytes > 0 || st.skipped_bytes > 0)
     {
@@ -1043,6 +1063,8 @@ fn start_metering(
     config.sample_interval = Duration::from_millis(args.usage_sample_interval_ms);
     config.commit_delay = Duration::from_millis(args.usage_commit_delay_ms.min(10_000));
     config.group_commit = Duration::from_millis(args.usage_group_commit_ms);
+    config.stall_limit = Duration::from_millis(args.usage_stall_limit_ms);
+    config.backlog_records = args.usage_backlog_records;
     let (recorder, recovery) = steward_metering::Recorder::start(config, metrics.registry_mut())
         .context("opening the usage ledger")?;
     tracing::info!(

@@ -110,6 +110,18 @@ impl StateSource for AgentStateSource {
         ProbeResult { ok, message }
     }
 
+    /// The usage ledger's trouble (writes failing, a disk that hangs) is
+    /// degraded, never unhealthy: a 503 would have the kubelet restart the
+    /// agent, which brings no disk space back and loses the usage records
+    /// waiting in memory, while results keep flowing meanwhile.
+    fn degraded(&self) -> Vec<String> {
+        self.metering
+            .as_ref()
+            .and_then(|m| m.ledger_trouble())
+            .into_iter()
+            .collect()
+    }
+
     fn metrics(&self) -> String {
         // Keep the `healthy` gauge current on every scrape.
         let _ = self.health();

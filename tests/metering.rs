@@ -4,7 +4,9 @@
 //! file, then changed through the admin API); `/state/usage` totals equal
 //! the CSV and JSONL exports; and SIGKILLing Steward again and again while
 //! allocations finish never leaves a result the server saw without exactly
-//! one intact ledger record.
+//! one intact ledger record; a ledger whose disk fills up keeps every
+//! record in memory (health degraded, not down) and writes each once when
+//! space comes back.
 
 mod support;
 
@@ -392,6 +394,156 @@ async fn gpu_time_is_metered_by_model_with_its_utilisation() -> Result<()> {
     within("GPU ms", gpu as f64, r.wall_ms() as f64, 0.02)?;
     ensure!(gpu >= 1_500, "{r:?}");
     ensure!(busy.abs_diff(gpu / 2) <= 5, "busy {busy} of {gpu}: {r:?}");
+    plane.stop().await;
+    Ok(())
+}
+
+/// A small tmpfs for a usage ledger that fills up, mounted on a temporary
+/// directory of its own (the tests run as root) and unmounted on drop, also
+/// when the test fails.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Result<SmallDisk> {
+        let dir = tempfile::tempdir()?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .status()?;
+        ensure!(status.success(), "mounting a tmpfs (as root): {status}");
+        Ok(SmallDisk(dir))
+    }
+
+    fn filler(&self) -> std::path::PathBuf {
+        self.0.path().join("filler")
+    }
+
+    /// Takes what space is left.
+    fn fill(&self) -> Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.filler())?;
+        while f.write_all(&[7u8; 4096]).is_ok() {}
+        while f.write_all(&[7u8]).is_ok() {}
+        Ok(())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let path = self.0.path();
+        if !Command::new("umount")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            // An agent still holds its files: detached now, gone once it exits.
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ledger_disk_loses_no_record_and_each_arrives_once_when_space_returns() -> Result<()>
+{
+    let disk = SmallDisk::mount(4 << 20)?;
+    let data_dir = tempfile::tempdir()?;
+    std::os::unix::fs::symlink(disk.0.path(), data_dir.path().join("usage"))?;
+    let plane = support::Plane::start().await?;
+    plane.deploy_fake(FunctionOptions::default()).await?;
+    let bin = support::fake_worker();
+    let steward = AgentProc::steward_full(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &[
+            "--function-executor-bin",
+            bin.to_str().context("path")?,
+            "--usage-stall-limit-ms",
+            "500",
+        ],
+        &support::path_with_venv(),
+        &[],
+        data_dir,
+    )?;
+    plane.wait_executors(1).await?;
+    disk.fill()?;
+
+    // Results keep flowing while the disk is full (after the stall limit).
+    for i in 0..6 {
+        let out = plane.invoke_app("fake", "echo", json!(i)).await?;
+        ensure!(out.status == "success", "{out:?}");
+    }
+    let finished = server_finished(&plane).await?;
+    ensure!(finished.len() == 6, "{finished:?}");
+    ensure!(
+        ledger_ids(steward.data_dir.path())?.is_empty(),
+        "nothing written yet"
+    );
+    // Health stays 200, degraded, saying how many records wait; so do the
+    // gauge and the event.
+    let (_, health) = steward
+        .wait_json("/monitoring/health", Duration::from_secs(30), |c, h| {
+            c == 200
+                && h["degraded"][0]
+                    .as_str()
+                    .is_some_and(|d| d.contains("usage ledger: 6 records wait"))
+        })
+        .await?;
+    ensure!(health["status"] == "ok", "{health}");
+    let metrics = steward.metrics().await?;
+    ensure!(
+        support::metric(&metrics, "steward_usage_ledger_unwritten_records") == Some(6.0),
+        "{metrics}"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    let said = |kind: &str| {
+        events["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["kind"] == kind)
+            .and_then(|e| e["message"].as_str().map(String::from))
+    };
+    let failed = said("usage_ledger_write_failed").context("no write-failed event")?;
+    ensure!(
+        failed.contains("No space left") && failed.contains("usage records wait"),
+        "{failed}"
+    );
+
+    // Space comes back: every record arrives, exactly once.
+    std::fs::remove_file(disk.filler())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ids = ledger_ids(steward.data_dir.path())?;
+        if finished.iter().all(|id| ids.contains_key(id)) {
+            ensure!(
+                ids.len() == 6 && ids.values().all(|n| *n == 1),
+                "each record once: {ids:?}"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "records never arrived: {ids:?} of {finished:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, health) = steward
+        .wait_json("/monitoring/health", Duration::from_secs(30), |c, h| {
+            c == 200 && h.get("degraded").is_none()
+        })
+        .await?;
+    ensure!(health["status"] == "ok", "{health}");
+    let metrics = steward.metrics().await?;
+    ensure!(
+        support::metric(&metrics, "steward_usage_ledger_unwritten_records") == Some(0.0)
+            && support::metric(&metrics, "steward_usage_ledger_dropped_records_total") == Some(0.0),
+        "{metrics}"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    ensure!(
+        events.to_string().contains("usage_ledger_write_resumed"),
+        "{events}"
+    );
     plane.stop().await;
     Ok(())
 }

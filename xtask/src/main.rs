@@ -10,7 +10,9 @@
 //!   `target/bench/results.md`. Not part of `test`. `cargo xtask bench
 //!   --help` lists the harness's flags.
 //! - `cargo xtask fuzz [--seeds N]`: the hostile-worker fuzz test
-//!   (`tests/worker_fuzz.rs`) with many seeds; `test` runs 40.
+//!   (`tests/worker_fuzz.rs`) with many seeds; `test` runs 40. Then usage-ledger
+//!   frames at and near the frame limit (`record::tests` in steward-metering),
+//!   seeds × 10 cases of each property; `test` runs 64.
 //!
 //! Demo, test and bench create `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
 //!
@@ -68,7 +70,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The hostile-worker fuzz test with many seeds (CI runs 40)
+    /// The hostile-worker fuzz test with many seeds (CI runs 40), and
+    /// usage-ledger frames near their limit, ten times as many (CI runs 64)
     Fuzz {
         /// How many seeds of the fake worker's `fuzz` function to run
         #[arg(long, default_value_t = 2000)]
@@ -282,7 +285,22 @@ fn fuzz(seeds: u64) -> Result<()> {
             "--",
             "--nocapture",
         ])
-        .env("STEWARD_FUZZ_SEEDS", seeds.to_string()))
+        .env("STEWARD_FUZZ_SEEDS", seeds.to_string()))?;
+    // Usage-ledger frames at and near the frame limit: seeds × 10 cases
+    // of each property (`test` runs 64).
+    lib_tests(
+        "steward-metering",
+        "record::tests",
+        ("STEWARD_FUZZ_SEEDS", seeds),
+    )
+}
+
+/// The unit tests of `package` matching `filter`, with `env` set to a count.
+fn lib_tests(package: &str, filter: &str, env: (&str, u64)) -> Result<()> {
+    run(cargo()
+        .current_dir(root())
+        .args(["test", "--all-features", "-p", package, "--lib", filter])
+        .env(env.0, env.1.to_string()))
 }
 
 fn bench(extra: &[String]) -> Result<()> {

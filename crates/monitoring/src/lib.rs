@@ -53,6 +53,12 @@ pub trait StateSource: Send + Sync + 'static {
     fn startup(&self) -> ProbeResult;
     /// Liveness: false when the agent is wedged or cut off.
     fn health(&self) -> ProbeResult;
+    /// What works but not fully (the usage ledger failing to write): listed
+    /// as `degraded` in the health probe's body, which stays 200 when
+    /// [`StateSource::health`] is ok. Empty by default.
+    fn degraded(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// OpenMetrics text of every metric.
     fn metrics(&self) -> String;
     /// The names of the documents under `/state/`.
@@ -248,8 +254,9 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
-/// A probe's answer: 200 `{"status": "ok"}` or 503 `{"status": "nok"}`, plus `extra` fields.
-fn probe(p: ProbeResult, extra: &[(&str, &str)]) -> Response {
+/// A probe's answer: 200 `{"status": "ok"}` or 503 `{"status": "nok"}`, plus
+/// `extra` fields, and `degraded` (a list) when there is any.
+fn probe(p: ProbeResult, extra: &[(&str, &str)], degraded: Vec<String>) -> Response {
     let (code, status) = if p.ok {
         (StatusCode::OK, "ok")
     } else {
@@ -259,15 +266,23 @@ fn probe(p: ProbeResult, extra: &[(&str, &str)]) -> Response {
     for (k, v) in extra {
         body[*k] = serde_json::Value::String(v.to_string());
     }
+    if !degraded.is_empty() {
+        body["degraded"] = serde_json::json!(degraded);
+    }
     json(code, body)
 }
 
 async fn startup(State(src): State<Src>) -> Response {
-    probe(src.startup(), &[])
+    probe(src.startup(), &[], Vec::new())
 }
 
 async fn health(State(src): State<Src>) -> Response {
-    probe(src.health(), &[("checker", "StewardHealthChecker")])
+    let degraded = src.degraded();
+    probe(
+        src.health(),
+        &[("checker", "StewardHealthChecker")],
+        degraded,
+    )
 }
 
 /// Runs `f` on the blocking pool: rendering metrics and documents reads
