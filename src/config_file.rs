@@ -31,8 +31,42 @@ struct TlsSection {
     ca_bundle_path: Option<PathBuf>,
 }
 
-/// Bounded: a config file is small.
+/// Bounded: a config file is small. A larger one is refused at start and
+/// on every SIGHUP re-read, before it is read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The config file's text, refused past [`MAX_CONFIG_BYTES`] (the file may
+/// grow between a size check and the read: the read itself is bounded).
+fn read_config(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        bail!("{} is larger than {MAX_CONFIG_BYTES} bytes", path.display());
+    }
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// Refuses a secret (a token file, a TLS key) that its group or others
+/// may read, saying its mode.
+pub fn check_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} has mode {:03o}: a secret must be readable by its owner only (chmod 600)",
+            path.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
 
 fn read_pem(what: &str, path: &Path, marker: &str) -> Result<Vec<u8>> {
     let bytes =
@@ -49,12 +83,7 @@ fn read_pem(what: &str, path: &Path, marker: &str) -> Result<Vec<u8>> {
 /// TLS to the server as the file at `path` says; `None` when it does not
 /// enable TLS.
 pub fn server_tls(path: &Path) -> Result<Option<ServerTls>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    if meta.len() > MAX_CONFIG_BYTES {
-        bail!("{} is larger than {MAX_CONFIG_BYTES} bytes", path.display());
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_config(path)?;
     parse(&text).with_context(|| format!("in {}", path.display()))
 }
 
@@ -69,7 +98,10 @@ fn parse(text: &str) -> Result<Option<ServerTls>> {
     let (cert_pem, key_pem) = match (&tls.cert_path, &tls.key_path) {
         (Some(c), Some(k)) => (
             Some(read_pem("tls_config.cert_path", c, "CERTIFICATE")?),
-            Some(read_pem("tls_config.key_path", k, "PRIVATE KEY")?),
+            Some({
+                check_private(k).context("tls_config.key_path")?;
+                read_pem("tls_config.key_path", k, "PRIVATE KEY")?
+            }),
         ),
         (Some(_), None) => {
             bail!("tls_config.cert_path is set but key_path is missing: mutual TLS needs both")
@@ -170,8 +202,7 @@ pub fn apply_settings(
 
 /// The `steward:` section of the config file (Steward's own settings), as JSON.
 pub fn steward_section(path: &Path) -> Result<Option<serde_json::Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_config(path)?;
     let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).context("not YAML")?;
     let Some(section) = doc.get("steward") else {
         return Ok(None);
@@ -201,5 +232,55 @@ mod tests {
             .expect_err("no file");
         assert!(format!("{e:#}").contains("/nonexistent/ca.pem"), "{e:#}");
         assert!(parse("use_tls: [").is_err());
+    }
+
+    #[test]
+    fn a_config_file_past_the_bound_is_refused_before_it_is_parsed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.yaml");
+        let mut text = String::from("steward:\n  labels: {a: b}\n");
+        std::fs::write(&path, &text).expect("write");
+        assert!(steward_section(&path).expect("small").is_some());
+        text.push_str(&"#".repeat(MAX_CONFIG_BYTES as usize));
+        std::fs::write(&path, &text).expect("write");
+        let e = steward_section(&path).expect_err("too large");
+        assert!(format!("{e:#}").contains("larger than"), "{e:#}");
+        assert!(server_tls(&path).is_err());
+    }
+
+    #[test]
+    fn secrets_readable_by_others_are_refused_with_their_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("client.key");
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\n").expect("write");
+        let cert = dir.path().join("client.pem");
+        std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        let yaml = format!(
+            "use_tls: true\ntls_config:\n  cert_path: {}\n  key_path: {}\n",
+            cert.display(),
+            key.display()
+        );
+        for (mode, ok) in [
+            (0o644, false),
+            (0o640, false),
+            (0o604, false),
+            (0o600, true),
+            (0o400, true),
+        ] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            assert_eq!(check_private(&key).is_ok(), ok, "{mode:o}");
+            match parse(&yaml) {
+                Ok(tls) => assert!(ok && tls.is_some_and(|t| t.key_pem.is_some()), "{mode:o}"),
+                Err(e) => {
+                    assert!(!ok, "{mode:o}: {e:#}");
+                    let said = format!("{e:#}");
+                    assert!(
+                        said.contains(&format!("mode {mode:03o}")) && said.contains("key_path"),
+                        "{said}"
+                    );
+                }
+            }
+        }
     }
 }

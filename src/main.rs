@@ -130,9 +130,35 @@ struct AgentArgs {
     #[arg(long, default_value = "steward")]
     cgroup_parent: String,
     /// File holding the bearer token of the `/admin/*` routes (pause,
-    /// unpause, drain); without it those routes do not exist.
+    /// unpause, drain); without it those routes do not exist. Refused if
+    /// its group or others may read it.
     #[arg(long)]
     admin_token_file: Option<PathBuf>,
+    /// File holding a bearer token that `/state/*` and `/monitoring/metrics`
+    /// then require (the admin token is accepted too), for hosts whose
+    /// monitoring port others can reach; the probes stay open. Refused if
+    /// its group or others may read it.
+    #[arg(long)]
+    state_token_file: Option<PathBuf>,
+    /// Open monitoring connections at most; one more is closed at once.
+    #[arg(long, default_value_t = steward_monitoring::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
+    monitoring_max_connections: usize,
+    /// Seconds a monitoring client has to send a request's headers (and a
+    /// keep-alive connection may idle between requests).
+    #[arg(long, default_value_t = steward_monitoring::DEFAULT_HEADER_READ_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    monitoring_header_read_timeout_s: u64,
+    /// Seconds a monitoring request has to be answered (waiting for a
+    /// rendering slot included), then 503.
+    #[arg(long, default_value_t = steward_monitoring::DEFAULT_REQUEST_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=3600))]
+    monitoring_request_timeout_s: u64,
+    /// `/state/*` documents and metrics rendered at once; more wait.
+    #[arg(long, default_value_t = steward_monitoring::DEFAULT_STATE_CONCURRENCY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
+    monitoring_state_concurrency: usize,
+    /// Bytes of the usage ledger one `/state/usage` request reads at most
+    /// (segments already read are answered from their digests); what it
+    /// leaves out is said in the answer's `coverage`.
+    #[arg(long, default_value_t = steward_metering::DEFAULT_SCAN_BYTES, value_parser = clap::value_parser!(u64).range((1 << 20)..))]
+    state_usage_scan_bytes: u64,
     /// Do not put workers in cgroups (their limits are then not enforced).
     #[arg(long)]
     no_cgroups: bool,
@@ -821,13 +847,16 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         Some(p) => config_file::server_tls(p)?,
         None => None,
     };
-    let admin_token = match &args.admin_token_file {
-        Some(path) => Some(
-            steward_monitoring::AdminToken::new(&operator::read_token(path)?)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-        ),
-        None => None,
-    };
+    let admin_token = args
+        .admin_token_file
+        .as_deref()
+        .map(|p| bearer_token("--admin-token-file", p))
+        .transpose()?;
+    let state_token = args
+        .state_token_file
+        .as_deref()
+        .map(|p| bearer_token("--state-token-file", p))
+        .transpose()?;
     let data_dir = expand_home(&args.executor_cache_path);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
@@ -951,6 +980,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     ));
     host.register_metrics(metrics.registry_mut());
     let recorder = start_metering(&args, &config.data_dir, &mut metrics)?;
+    let monitoring_metrics = steward_monitoring::ServerMetrics::register(metrics.registry_mut());
     config.metering = recorder
         .clone()
         .map(|r| Arc::new(metering::RecorderMetering(r)) as Arc<dyn steward_reconciler::Metering>);
@@ -1027,12 +1057,24 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         report_grace: Duration::from_secs(args.health_report_grace_s),
         reconcile_watchdog: Duration::from_secs(60),
         metering: recorder.clone(),
+        usage_cache: steward_metering::SummaryCache::default(),
+        usage_scan_bytes: args.state_usage_scan_bytes,
     });
     let stop = tokio_util::sync::CancellationToken::new();
     let monitoring = tokio::spawn(steward_monitoring::serve(
         listener,
         source,
-        admin_token,
+        steward_monitoring::ServerConfig {
+            admin: admin_token,
+            read: state_token,
+            limits: steward_monitoring::Limits {
+                max_connections: args.monitoring_max_connections,
+                header_read_timeout: Duration::from_secs(args.monitoring_header_read_timeout_s),
+                request_timeout: Duration::from_secs(args.monitoring_request_timeout_s),
+                state_concurrency: args.monitoring_state_concurrency,
+            },
+            metrics: monitoring_metrics,
+        },
         stop.clone().cancelled_owned(),
     ));
     shutdown_signal().await;
@@ -1045,6 +1087,14 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let _ = monitoring.await;
     tracing::info!("steward stopped");
     Ok(())
+}
+
+/// The token in the file given as `flag`: refused unless only its owner
+/// may read the file.
+fn bearer_token(flag: &str, path: &Path) -> Result<steward_monitoring::BearerToken> {
+    config_file::check_private(path).with_context(|| format!("{flag} {}", path.display()))?;
+    steward_monitoring::BearerToken::new(&operator::read_token(path)?)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
 }
 
 /// The usage recorder over `<data dir>/usage`, unless `--no-metering`.

@@ -1,5 +1,6 @@
 //! The operator's side: `steward status`, `steward pause|unpause|drain`,
 //! talking to a running agent's monitoring server (`/state/*` for status,
+//! with the read token from `--state-token-file` where the agent wants one;
 //! `/admin/*` with the bearer token from `--admin-token-file` for actions).
 
 use std::path::{Path, PathBuf};
@@ -16,7 +17,15 @@ pub struct AgentClientArgs {
     /// File holding the admin token (the agent's `--admin-token-file`).
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// File holding the read token (the agent's `--state-token-file`),
+    /// sent with every `/state` request.
+    #[arg(long)]
+    pub state_token_file: Option<PathBuf>,
 }
+
+/// Pages of one list `steward status` reads at most (of
+/// [`steward_monitoring::MAX_PAGE_LIMIT`] items each).
+const STATUS_MAX_PAGES: usize = 100;
 
 /// Reads an admin token file: whitespace around it is not part of it.
 pub fn read_token(path: &Path) -> Result<String> {
@@ -52,23 +61,57 @@ pub async fn action(args: &AgentClientArgs, action: &str) -> Result<()> {
     Ok(())
 }
 
-async fn get(base: &str, path: &str) -> Result<Value> {
+async fn get(base: &str, path: &str, token: Option<&str>) -> Result<Value> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let resp = reqwest::get(&url)
-        .await
-        .with_context(|| format!("GET {url}"))?;
+    let mut req = reqwest::Client::new().get(&url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.with_context(|| format!("GET {url}"))?;
+    let code = resp.status();
+    if matches!(code.as_u16(), 401 | 403) {
+        bail!("GET {url}: HTTP {code}: the agent wants its read token (--state-token-file)");
+    }
     Ok(resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Every page of the list document at `path` (its items under `key`, the
+/// document's other fields from the first page), up to [`STATUS_MAX_PAGES`].
+async fn get_all(base: &str, path: &str, key: &str, token: Option<&str>) -> Result<Value> {
+    let limit = steward_monitoring::MAX_PAGE_LIMIT;
+    let mut doc = get(base, &format!("{path}?limit={limit}"), token).await?;
+    let mut items = doc[key].as_array().cloned().unwrap_or_default();
+    let mut next = doc["page"]["next_offset"].as_u64();
+    for _ in 1..STATUS_MAX_PAGES {
+        let Some(offset) = next else { break };
+        let page = get(
+            base,
+            &format!("{path}?limit={limit}&offset={offset}"),
+            token,
+        )
+        .await?;
+        items.extend(page[key].as_array().into_iter().flatten().cloned());
+        next = page["page"]["next_offset"].as_u64();
+    }
+    doc[key] = Value::Array(items);
+    Ok(doc)
 }
 
 /// `steward status`: one screen about a running agent.
 pub async fn status(args: &AgentClientArgs) -> Result<()> {
     let base = args.agent_url.as_str();
+    let token = args
+        .state_token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()?;
+    let t = token.as_deref();
     let (health, host, fes, allocs, events) = tokio::try_join!(
-        get(base, "/monitoring/health"),
-        get(base, "/state/host"),
-        get(base, "/state/function-executors"),
-        get(base, "/state/allocations"),
-        get(base, "/state/events"),
+        get(base, "/monitoring/health", None),
+        get(base, "/state/host", t),
+        get_all(base, "/state/function-executors", "function_executors", t),
+        get_all(base, "/state/allocations", "allocations", t),
+        get_all(base, "/state/events", "events", t),
     )?;
     print!("{}", render(&health, &host, &fes, &allocs, &events));
     Ok(())

@@ -1,10 +1,28 @@
 //! Wires the agent's handle to the monitoring server: probe verdicts,
 //! metrics text and the `/state/*` documents.
+//!
+//! Every list document is paged (`?limit=&offset=`, [`Page`]); the state
+//! lock is held only to copy a page, never to serialise it; the desired
+//! state and the last report are paged or summarised past
+//! [`MAX_DOCUMENT_BYTES`]; `/state/usage` reads a bounded part of the
+//! ledger ([`steward_metering::summarize_bounded`]).
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use steward_monitoring::{AdminAnswer, Document, Format, ProbeResult, StateSource};
+use prost::Message;
+use steward_monitoring::{AdminAnswer, Document, Format, Page, ProbeResult, StateSource};
 use steward_reconciler::{AgentHandle, ModeCommand};
+
+/// Largest part of a protobuf document (the desired state, the last
+/// report) one answer carries, counted in encoded bytes: a page of the
+/// desired state ends before it, and a larger report is summarised.
+pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
+/// Refused admin and read calls that reach the event ring, per minute:
+/// the rest are counted (`steward_monitoring_auth_failures`) and summed
+/// up in one event.
+const REFUSED_EVENTS: &str = "refused_request";
 
 pub struct AgentStateSource {
     pub host: std::sync::Arc<crate::host::HostView>,
@@ -12,6 +30,10 @@ pub struct AgentStateSource {
     pub report_grace: Duration,
     pub reconcile_watchdog: Duration,
     pub metering: Option<std::sync::Arc<steward_metering::Recorder>>,
+    /// Digests of sealed ledger segments, kept between `/state/usage` requests.
+    pub usage_cache: steward_metering::SummaryCache,
+    /// Ledger bytes one `/state/usage` request reads at most.
+    pub usage_scan_bytes: u64,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -36,16 +58,18 @@ fn timestamped<T: serde::Serialize>(
 impl AgentStateSource {
     /// `/state/usage?since=&until=&group_by=`: ledger totals over a time
     /// range (by when records ended, as `steward usage export` filters).
-    fn usage(
-        &self,
-        query: &std::collections::BTreeMap<String, String>,
-    ) -> Result<serde_json::Value, String> {
-        if let Some(k) = query
-            .keys()
-            .find(|k| !matches!(k.as_str(), "since" | "until" | "group_by"))
-        {
-            return Err(format!("unknown parameter {k:?}: since, until, group_by"));
+    fn usage(&self, query: &BTreeMap<String, String>) -> Result<serde_json::Value, String> {
+        if let Some(k) = query.keys().find(|k| {
+            !matches!(
+                k.as_str(),
+                "since" | "until" | "group_by" | "limit" | "offset"
+            )
+        }) {
+            return Err(format!(
+                "unknown parameter {k:?}: since, until, group_by, limit, offset"
+            ));
         }
+        let page = Page::from_query(query)?;
         let time = |k: &str| {
             query
                 .get(k)
@@ -65,35 +89,163 @@ impl AgentStateSource {
             );
         };
         let status = m.status();
-        let summary = steward_metering::summarize(
+        let (mut summary, coverage) = steward_metering::summarize_bounded(
             std::path::Path::new(&status.ledger_dir),
             since,
             until,
             group_by,
+            &self.usage_cache,
+            self.usage_scan_bytes,
         )
         .map_err(|e| e.to_string())?;
+        let groups = std::mem::take(&mut summary.groups);
+        let total = groups.len();
+        let range = page.range(total);
+        summary.groups = groups
+            .into_iter()
+            .skip(range.start)
+            .take(range.len())
+            .collect();
         Ok(serde_json::json!({
             "status": "ok",
             "group_by": query.get("group_by"),
             "price_card": m.price_card(),
             "summary": summary,
+            "groups_page": page.info(total),
+            "coverage": coverage,
             "ledger": status,
         }))
     }
 
     /// `/state/activity`: tasks and usage per UTC day, the last 366 days.
-    fn activity(&self) -> serde_json::Value {
+    fn activity(&self, page: Page) -> serde_json::Value {
         match &self.metering {
-            Some(m) => serde_json::json!({
-                "status": "ok",
-                "days_kept": steward_metering::ACTIVITY_DAYS,
-                "days": m.activity(),
-            }),
+            Some(m) => {
+                let days = m.activity();
+                serde_json::json!({
+                    "status": "ok",
+                    "days_kept": steward_metering::ACTIVITY_DAYS,
+                    "days": page.slice(&days),
+                    "page": page.info(days.len()),
+                })
+            }
             None => {
                 serde_json::json!({"status": "off", "message": "metering is off (--no-metering)"})
             }
         }
     }
+}
+
+impl AgentStateSource {
+    /// `/state/reported`: the last report, or what it holds when it is
+    /// larger than [`MAX_DOCUMENT_BYTES`].
+    fn reported(&self, format: Format) -> Document {
+        let Some((r, at)) = self.handle.last_report() else {
+            return match format {
+                Format::Text => Document::Text("No state reported so far\n".into()),
+                Format::Json => Document::Json(timestamped::<()>(
+                    "report",
+                    None,
+                    "no state reported so far",
+                )),
+            };
+        };
+        let bytes = r.encoded_len();
+        if bytes <= MAX_DOCUMENT_BYTES {
+            return match format {
+                Format::Text => Document::Text(format!("{r:#?}\n")),
+                Format::Json => Document::Json(timestamped("report", Some((r, at)), "")),
+            };
+        }
+        let message = format!(
+            "the last report is {bytes} bytes encoded, over the {MAX_DOCUMENT_BYTES} bytes \
+             /state/reported shows: see /state/function-executors and /state/allocations"
+        );
+        let state = r.executor_state.as_ref();
+        let doc = serde_json::json!({
+            "status": "too large",
+            "at_unix_ms": unix_ms(at),
+            "message": message,
+            "encoded_bytes": bytes,
+            "function_executor_states": state.map_or(0, |s| s.function_executor_states.len()),
+            "function_call_watches": state.map_or(0, |s| s.function_call_watches.len()),
+            "allocation_results": r.executor_update.as_ref().map_or(0, |u| u.allocation_results.len()),
+        });
+        match format {
+            Format::Text => Document::Text(format!("{message}\n")),
+            Format::Json => Document::Json(doc),
+        }
+    }
+
+    /// `/state/desired`: a page of each of the last desired state's lists
+    /// (`?limit=&offset=`), ending before [`MAX_DOCUMENT_BYTES`] of them.
+    fn desired(&self, format: Format, page: Page) -> Document {
+        let Some((d, at)) = self.handle.last_desired() else {
+            return match format {
+                Format::Text => {
+                    Document::Text("No desired state received from Server yet\n".into())
+                }
+                Format::Json => Document::Json(timestamped::<()>(
+                    "desired_state",
+                    None,
+                    "no desired state received from the server yet",
+                )),
+            };
+        };
+        let mut budget = MAX_DOCUMENT_BYTES;
+        let (function_executors, fes) = budgeted(&d.function_executors, page, &mut budget);
+        let (allocations, allocs) = budgeted(&d.allocations, page, &mut budget);
+        let (function_call_results, results) =
+            budgeted(&d.function_call_results, page, &mut budget);
+        let part = steward_reconciler::Desired {
+            function_executors,
+            allocations,
+            clock: d.clock,
+            function_call_results,
+        };
+        match format {
+            Format::Text => Document::Text(format!("{part:#?}\n")),
+            Format::Json => Document::Json(serde_json::json!({
+                "status": "ok",
+                "at_unix_ms": unix_ms(at),
+                "desired_state": part,
+                "pages": {
+                    "function_executors": fes,
+                    "allocations": allocs,
+                    "function_call_results": results,
+                },
+            })),
+        }
+    }
+}
+
+/// `page` of `items`, ending before it would pass `budget` encoded bytes
+/// (taken from it); an item larger than [`MAX_DOCUMENT_BYTES`] on its own
+/// is left out and named. Also where the page sits ([`Page::info`]).
+fn budgeted<T: Message>(
+    items: &[Arc<T>],
+    page: Page,
+    budget: &mut usize,
+) -> (Vec<Arc<T>>, serde_json::Value) {
+    let range = page.range(items.len());
+    let (mut out, mut omitted, mut end) = (Vec::new(), Vec::new(), range.start);
+    for (i, item) in items[range.clone()].iter().enumerate() {
+        let n = item.encoded_len();
+        if n > MAX_DOCUMENT_BYTES {
+            omitted.push(serde_json::json!({"index": range.start + i, "encoded_bytes": n}));
+        } else if n > *budget {
+            break;
+        } else {
+            *budget -= n;
+            out.push(item.clone());
+        }
+        end = range.start + i + 1;
+    }
+    let mut info = page.info_until(items.len(), end);
+    if !omitted.is_empty() {
+        info["omitted_over_max_bytes"] = serde_json::Value::Array(omitted);
+    }
+    (out, info)
 }
 
 impl StateSource for AgentStateSource {
@@ -145,48 +297,52 @@ impl StateSource for AgentStateSource {
         &self,
         name: &str,
         format: Format,
-        query: &std::collections::BTreeMap<String, String>,
+        query: &BTreeMap<String, String>,
     ) -> Option<Result<Document, String>> {
+        let page = match Page::from_query(query) {
+            Ok(p) => p,
+            Err(e) if name != "host" && name != "reported" => return Some(Err(e)),
+            Err(_) => Page::default(),
+        };
+        let json = |v| Some(Ok(Document::Json(v)));
         match name {
             "usage" => Some(self.usage(query).map(Document::Json)),
-            "activity" => Some(Ok(Document::Json(self.activity()))),
+            "activity" => json(self.activity(page)),
+            "reported" => Some(Ok(self.reported(format))),
+            "desired" => Some(Ok(self.desired(format, page))),
+            "function-executors" => {
+                let (fes, total) = self.handle.function_executors_page(page.offset, page.limit);
+                json(serde_json::json!({
+                    "function_executors": fes,
+                    "page": page.info(total),
+                }))
+            }
+            "allocations" => {
+                let (allocs, total, pending) =
+                    self.handle.allocations_page(page.offset, page.limit);
+                json(serde_json::json!({
+                    "allocations": allocs,
+                    "pending_results": pending,
+                    "page": page.info(total),
+                }))
+            }
+            "events" => {
+                let (events, total) = self.handle.events_page(page.offset, page.limit);
+                json(serde_json::json!({"events": events, "page": page.info(total)}))
+            }
             _ => self.document(name, format).map(Ok),
         }
     }
 
     fn document(&self, name: &str, format: Format) -> Option<Document> {
         match (name, format) {
-            ("reported", Format::Text) => Some(Document::Text(match self.handle.last_report() {
-                Some((r, _)) => format!("{r:#?}\n"),
-                None => "No state reported so far\n".into(),
-            })),
-            ("desired", Format::Text) => Some(Document::Text(match self.handle.last_desired() {
-                Some((d, _)) => format!("{d:#?}\n"),
-                None => "No desired state received from Server yet\n".into(),
-            })),
-            ("reported", _) => Some(Document::Json(timestamped(
-                "report",
-                self.handle.last_report(),
-                "no state reported so far",
-            ))),
-            ("desired", _) => Some(Document::Json(timestamped(
-                "desired_state",
-                self.handle.last_desired(),
-                "no desired state received from the server yet",
-            ))),
-            ("function-executors", _) => {
-                let s = self.handle.snapshot();
-                Some(Document::Json(
-                    serde_json::json!({"function_executors": s.function_executors}),
-                ))
-            }
-            ("allocations", _) => {
-                let s = self.handle.snapshot();
-                Some(Document::Json(serde_json::json!({
-                    "allocations": s.allocations,
-                    "pending_results": s.pending_results,
-                })))
-            }
+            (
+                "reported" | "desired" | "function-executors" | "allocations" | "events" | "usage"
+                | "activity",
+                _,
+            ) => self
+                .document_with_query(name, format, &BTreeMap::new())
+                .and_then(Result::ok),
             ("host", _) => {
                 let mut doc = self.host.document();
                 if let Some(o) = doc.as_object_mut() {
@@ -212,9 +368,6 @@ impl StateSource for AgentStateSource {
                 }
                 Some(Document::Json(doc))
             }
-            ("events", _) => Some(Document::Json(
-                serde_json::json!({"events": self.handle.events()}),
-            )),
             _ => None,
         }
     }
@@ -284,10 +437,70 @@ impl StateSource for AgentStateSource {
     }
 
     fn admin_refused(&self, action: &str, status: u16) {
-        self.handle.event(
+        self.handle.event_limited(
+            REFUSED_EVENTS,
             "admin_request",
             "admin",
             format!("{action}: refused with HTTP {status}"),
         );
+    }
+
+    fn read_refused(&self, path: &str, status: u16) {
+        self.handle.event_limited(
+            REFUSED_EVENTS,
+            "state_request",
+            "monitoring",
+            format!("{path}: refused with HTTP {status}"),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_reconciler::pb;
+
+    fn allocation(id: &str, bytes: usize) -> Arc<pb::Allocation> {
+        Arc::new(pb::Allocation {
+            allocation_id: Some(format!("{id}{}", "x".repeat(bytes))),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_desired_page_ends_before_the_byte_cap_and_names_what_never_fits() {
+        let mb = 1 << 20;
+        let items = vec![
+            allocation("a", 6 * mb),
+            allocation("b", MAX_DOCUMENT_BYTES + 1),
+            allocation("c", 6 * mb),
+            allocation("d", 6 * mb),
+            allocation("e", 1),
+        ];
+        let mut budget = MAX_DOCUMENT_BYTES;
+        let (page, info) = budgeted(&items, Page::default(), &mut budget);
+        let ids: Vec<char> = page
+            .iter()
+            .filter_map(|a| a.allocation_id.as_deref()?.chars().next())
+            .collect();
+        assert_eq!(ids, ['a', 'c'], "{info}");
+        assert_eq!(info["next_offset"], 3, "{info}");
+        assert_eq!(info["omitted_over_max_bytes"][0]["index"], 1, "{info}");
+        // The next page goes on from there, within its own budget.
+        let mut budget = MAX_DOCUMENT_BYTES;
+        let next = Page {
+            offset: 3,
+            limit: 1000,
+        };
+        let (page, info) = budgeted(&items, next, &mut budget);
+        assert_eq!(page.len(), 2, "{info}");
+        assert_eq!(info["next_offset"], serde_json::Value::Null, "{info}");
+        // `limit` bounds a page as well.
+        let mut budget = MAX_DOCUMENT_BYTES;
+        let one = Page {
+            offset: 4,
+            limit: 1,
+        };
+        assert_eq!(budgeted(&items, one, &mut budget).0.len(), 1);
     }
 }

@@ -107,7 +107,7 @@ async fn usage_is_metered_within_ten_percent_and_priced_by_the_card() -> Result<
     let indented: String = CARD.lines().map(|l| format!("    {l}\n")).collect();
     std::fs::write(&config, format!("steward:\n  price_card: |\n{indented}"))?;
     let token = dir.path().join("token");
-    std::fs::write(&token, TOKEN)?;
+    support::write_secret(&token, TOKEN)?;
     let one_cpu = FunctionOptions {
         cpu_ms_per_sec: 1000,
         memory_bytes: 1 << 30,

@@ -298,3 +298,206 @@ fn a_taken_monitoring_port_is_a_clear_startup_error() -> Result<()> {
     );
     Ok(())
 }
+
+const READ_TOKEN: &str = "state-token-0123456789abcdef";
+
+/// GET `path` with an optional bearer token: (status, JSON body or null).
+async fn get_with(
+    steward: &AgentProc,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, serde_json::Value)> {
+    let url = format!("{}{path}", steward.monitoring_url.clone().context("url")?);
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await?;
+    let code = resp.status().as_u16();
+    Ok((code, resp.json().await.unwrap_or(serde_json::Value::Null)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_token_guards_state_and_metrics_and_every_list_is_paged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("state-token");
+    support::write_secret(&token, format!("{READ_TOKEN}\n"))?;
+    let token = token.to_str().context("path")?;
+    let (plane, steward) = support::fake_setup(
+        FunctionOptions::default(),
+        &[
+            "--state-token-file",
+            token,
+            "--monitoring-header-read-timeout-s",
+            "1",
+        ],
+    )
+    .await?;
+    for i in 0..3 {
+        let out = plane.invoke_app("fake", "echo", json!(i)).await?;
+        assert_eq!(out.status, "success", "{out:?}");
+    }
+
+    // Documents and metrics need the token; probes do not.
+    for path in ["/state/events", "/state/host", "/monitoring/metrics"] {
+        assert_eq!(get_with(&steward, path, None).await?.0, 401, "{path}");
+        assert_eq!(
+            get_with(&steward, path, Some("wrong-token-0123456789"))
+                .await?
+                .0,
+            403,
+            "{path}"
+        );
+    }
+    assert_eq!(get_with(&steward, "/monitoring/health", None).await?.0, 200);
+    assert_eq!(
+        get_with(&steward, "/monitoring/startup", None).await?.0,
+        200
+    );
+    let t = Some(READ_TOKEN);
+    let text = {
+        let url = format!(
+            "{}/monitoring/metrics",
+            steward.monitoring_url.clone().context("url")?
+        );
+        reqwest::Client::new()
+            .get(url)
+            .bearer_auth(READ_TOKEN)
+            .send()
+            .await?
+            .text()
+            .await?
+    };
+    assert_eq!(
+        support::metric(
+            &text,
+            "steward_monitoring_auth_failures_total{route=\"state\",status=\"401\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+
+    // Every list is paged: `limit` items, and where the next page starts.
+    let (code, all) = get_with(&steward, "/state/allocations", t).await?;
+    assert_eq!(code, 200, "{all}");
+    let total = all["page"]["total"].as_u64().context("total")?;
+    assert!(total >= 3, "{all}");
+    let (_, first) = get_with(&steward, "/state/allocations?limit=2", t).await?;
+    assert_eq!(first["allocations"].as_array().map(Vec::len), Some(2));
+    assert_eq!(first["page"]["next_offset"], json!(2), "{first}");
+    let (_, rest) = get_with(&steward, "/state/allocations?limit=2&offset=2", t).await?;
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["allocations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["id"].as_str().map(String::from))
+            .collect()
+    };
+    let mut paged = ids(&first);
+    paged.extend(ids(&rest));
+    assert_eq!(paged[..3], ids(&all)[..3], "pages follow one order");
+    for (path, key) in [
+        ("/state/events", "events"),
+        ("/state/function-executors", "function_executors"),
+        ("/state/activity", "days"),
+    ] {
+        let (code, doc) = get_with(&steward, &format!("{path}?limit=1"), t).await?;
+        assert_eq!(code, 200, "{path}: {doc}");
+        assert_eq!(doc[key].as_array().map(Vec::len), Some(1), "{path}: {doc}");
+        assert_eq!(doc["page"]["limit"], json!(1), "{path}: {doc}");
+        let (code, _) = get_with(&steward, &format!("{path}?limit=0"), t).await?;
+        assert_eq!(code, 400, "{path}");
+    }
+    let (_, desired) = get_with(&steward, "/state/desired?limit=1", t).await?;
+    assert!(
+        desired["pages"]["function_executors"]["total"].as_u64() >= Some(1),
+        "{desired}"
+    );
+    let (_, usage) = get_with(&steward, "/state/usage?group_by=function&limit=1", t).await?;
+    assert_eq!(usage["coverage"]["complete"], json!(true), "{usage}");
+    assert_eq!(usage["groups_page"]["limit"], json!(1), "{usage}");
+
+    // A client trickling its headers is cut off at the header timeout.
+    let addr = steward
+        .monitoring_url
+        .clone()
+        .context("url")?
+        .trim_start_matches("http://")
+        .to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /state/host HTTP/1.1\r\n").await?;
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut slow, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a slowloris connection stayed open");
+
+    // `steward status` sends the read token when given it.
+    let status = |with_token: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_steward"));
+        cmd.args(["status", "--agent-url"])
+            .arg(steward.monitoring_url.clone().unwrap_or_default());
+        if with_token {
+            cmd.args(["--state-token-file", token]);
+        }
+        cmd.output()
+    };
+    let out = status(true)?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("mode") && l.ends_with("active")),
+        "{said}"
+    );
+    assert!(said.contains("finished"), "{said}");
+    let out = status(false)?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--state-token-file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+#[test]
+fn a_token_file_others_can_read_is_refused_at_start() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, READ_TOKEN)?;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644))?;
+    for flag in ["--state-token-file", "--admin-token-file"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args(["--grpc-server-addr", "127.0.0.1:1"])
+            .args(["--monitoring-server-host", "127.0.0.1"])
+            .args(["--monitoring-server-port", "0"])
+            .arg("--executor-cache-path")
+            .arg(dir.path())
+            .arg(flag)
+            .arg(&token)
+            .env("PATH", support::path_with_venv())
+            .stdout(std::process::Stdio::null())
+            .output()?;
+        assert!(!out.status.success(), "{flag}: started");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains("mode 644") && stderr.contains("chmod 600"),
+            "{flag}: {stderr}"
+        );
+    }
+    Ok(())
+}

@@ -19,7 +19,7 @@ const TOKEN: &str = "op-token-0123456789abcdef";
 
 fn token_file(dir: &Path) -> Result<String> {
     let path = dir.join("admin-token");
-    std::fs::write(&path, format!("{TOKEN}\n"))?;
+    support::write_secret(&path, format!("{TOKEN}\n"))?;
     Ok(path.to_string_lossy().into_owned())
 }
 
@@ -416,6 +416,87 @@ async fn settings_change_at_runtime_as_a_whole_and_reload_on_sighup() -> Result<
     assert!(events.to_string().contains("labels.bad key"), "{events}");
     let v = client::executors(&plane.url).await?;
     assert_eq!(v[0]["labels"]["rack"], "r3", "a bad file changes nothing");
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_admin_calls_are_counted_and_cannot_flush_the_event_ring() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = token_file(dir.path())?;
+    let (plane, steward) = setup(Some(&file)).await?;
+    let (_, before) = steward.get_json("/state/events").await?;
+    let first = before["events"][0].clone();
+    assert_eq!(first["kind"], "started", "{before}");
+
+    // Strangers: more refused calls than the ring holds.
+    let url = format!(
+        "{}/admin/pause",
+        steward.monitoring_url.as_deref().context("url")?
+    );
+    let http = reqwest::Client::new();
+    for i in 0..1200 {
+        let req = http.post(&url);
+        let req = if i % 2 == 0 {
+            req
+        } else {
+            req.bearer_auth("op-token-0123456789abcdeX")
+        };
+        let code = req.send().await?.status().as_u16();
+        assert!(code == 401 || code == 403, "{code}");
+    }
+    let metrics = steward.metrics().await?;
+    for status in ["401", "403"] {
+        assert_eq!(
+            support::metric(
+                &metrics,
+                &format!(
+                    "steward_monitoring_auth_failures_total{{route=\"admin\",status=\"{status}\"}}"
+                )
+            ),
+            Some(600.0),
+            "{metrics}"
+        );
+    }
+    let (_, events) = steward.get_json("/state/events").await?;
+    assert_eq!(
+        events["events"][0], first,
+        "the oldest event is still there"
+    );
+    let refused = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused with HTTP"))
+        })
+        .count();
+    assert!(
+        (1..=10).contains(&refused),
+        "{refused} refusals in {events}"
+    );
+
+    // An action name of the caller's choosing is shortened in its event.
+    let long = "x".repeat(20_000);
+    let (code, _) = admin(&steward, &long, Some(TOKEN)).await?;
+    assert_eq!(code, 404);
+    let (_, events) = steward.get_json("/state/events?offset=0").await?;
+    let said = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["message"].as_str())
+        .find(|m| m.starts_with("xxx"))
+        .context("the unknown action's event")?
+        .to_string();
+    assert!(
+        said.len() <= steward_reconciler::MAX_EVENT_MESSAGE + 32 && said.contains("more bytes]"),
+        "{} bytes: {}",
+        said.len(),
+        &said[said.len().saturating_sub(64)..]
+    );
     plane.stop().await;
     Ok(())
 }

@@ -52,7 +52,7 @@ impl Pki {
         let cert = params.signed_by(&key, &self.ca)?;
         let (cert, key) = (cert.pem().into_bytes(), key.serialize_pem().into_bytes());
         std::fs::write(self.path(&format!("{file}.pem")), &cert)?;
-        std::fs::write(self.path(&format!("{file}.key")), &key)?;
+        support::write_secret(&self.path(&format!("{file}.key")), &key)?;
         Ok((cert, key))
     }
 

@@ -412,6 +412,15 @@ pub fn fake_nvidia_smi(dir: &Path, rows: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// Writes a secret (a token, a TLS key) readable by its owner only, as
+/// Steward requires of them.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
 /// `PATCH /admin/config` with `change`, as an operator holding `token`:
 /// (status, body).
 pub async fn patch_config(

@@ -2,7 +2,11 @@
 //!
 //! A URI is accepted only if it is an absolute path without `..`
 //! components whose real location (symlinks resolved, for the part of the
-//! path that exists) lies inside one of the roots.
+//! path that exists) lies inside one of the roots. Without roots (no
+//! `--blob-root`) any such path is accepted except the kernel's
+//! [`SYSTEM_DIRS`] and what is not a regular file or directory (a device,
+//! a FIFO, a socket): a server could otherwise have workers read
+//! `/proc/self/environ` or `/dev/mem`, or write `/dev/sda`.
 //!
 //! Metadata operations (stat, mkdir, rename, unlink) run inline on the
 //! caller's thread: on a local disk they take microseconds, while a
@@ -20,6 +24,8 @@ use crate::BlobError;
 
 /// How many resolved directories [`LocalRoots`] remembers.
 const RESOLVED_DIRS: usize = 4096;
+/// Never blobs, even without roots: the kernel's virtual file systems.
+pub const SYSTEM_DIRS: [&str; 2] = ["/proc", "/sys"];
 
 /// The directories `file://` blobs may live in.
 #[derive(Debug, Clone)]
@@ -110,10 +116,10 @@ impl LocalRoots {
         if has_parent_component(raw.as_bytes()) {
             return Err(invalid("path contains '..'"));
         }
-        if self.roots.is_empty() {
-            return Ok(path.to_path_buf());
-        }
         let real = self.real(path);
+        if self.roots.is_empty() {
+            return unconfined(uri, path, &real);
+        }
         if self.roots.iter().any(|root| within(&real, root)) {
             Ok(path.to_path_buf())
         } else {
@@ -250,6 +256,29 @@ impl LocalRoots {
     }
 }
 
+/// Without roots: `path` (real location `real`) unless it lies in a
+/// [`SYSTEM_DIRS`] directory or is something other than a regular file or
+/// a directory.
+fn unconfined(uri: &str, path: &Path, real: &Path) -> Result<PathBuf, BlobError> {
+    let invalid = |reason: String| BlobError::InvalidUri {
+        uri: uri.to_string(),
+        reason,
+    };
+    if let Some(dir) = SYSTEM_DIRS.iter().find(|d| within(real, Path::new(d))) {
+        return Err(invalid(format!(
+            "{} is under {dir}, which never holds blobs",
+            real.display()
+        )));
+    }
+    match std::fs::metadata(real) {
+        Ok(m) if !(m.is_file() || m.is_dir()) => Err(invalid(format!(
+            "{} is not a regular file (a device, FIFO or socket)",
+            real.display()
+        ))),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
 /// Whether an absolute path has a `..` component (compared as bytes:
 /// component iteration was a tenth of the agent's work per allocation).
 fn has_parent_component(path: &[u8]) -> bool {
@@ -292,6 +321,34 @@ fn real_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_roots_system_files_and_devices_are_refused() {
+        let any = LocalRoots::new(Vec::new());
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let file = tmp.path().join("blob");
+        std::fs::write(&file, b"x").expect("write");
+        std::os::unix::fs::symlink("/proc/self/environ", tmp.path().join("env")).expect("symlink");
+        std::os::unix::fs::symlink("/dev/null", tmp.path().join("null")).expect("symlink");
+        for ok in [
+            format!("file://{}", file.display()),
+            format!("file://{}/not/yet/written", tmp.path().display()),
+        ] {
+            assert!(any.resolve(&ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "file:///proc/self/environ".to_string(),
+            "file:///proc/1/mem".to_string(),
+            "file:///sys/kernel/notes".to_string(),
+            "file:///dev/null".to_string(),
+            "file:///dev/zero".to_string(),
+            format!("file://{}/env", tmp.path().display()),
+            format!("file://{}/null", tmp.path().display()),
+        ] {
+            let err = any.resolve(&bad).expect_err(&bad);
+            assert!(matches!(err, BlobError::InvalidUri { .. }), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn confinement_refuses_escapes() {

@@ -284,6 +284,31 @@ pub fn for_each_record(
     Ok(())
 }
 
+/// The segment files of the ledger at `dir`: (sequence, path, size),
+/// oldest first (none when the directory does not exist).
+pub(crate) fn segment_files(dir: &Path) -> Result<Vec<(u64, PathBuf, u64)>, LedgerError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    let mut out: Vec<(u64, PathBuf, u64)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let seq = segment_seq(&e.file_name().to_string_lossy())?;
+            let len = e.metadata().ok()?.len();
+            Some((seq, e.path(), len))
+        })
+        .collect();
+    out.sort_unstable_by_key(|(seq, _, _)| *seq);
+    Ok(out)
+}
+
+/// The intact records of one segment's bytes, in order.
+pub(crate) fn records_of(bytes: &[u8]) -> impl Iterator<Item = UsageRecord> {
+    scan_with_ends(bytes).into_iter().map(|(r, _, _)| r)
+}
+
 /// Every intact record in the ledger at `dir`, oldest first.
 pub fn read_records(dir: &Path) -> Result<Vec<UsageRecord>, LedgerError> {
     let mut out = Vec::new();
@@ -547,4 +572,4 @@ impl Ledger {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

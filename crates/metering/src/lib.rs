@@ -44,4 +44,7 @@ pub use recorder::{
     BACKLOG_RECORDS, EventSink, FinishedAllocation, Probe, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN,
     Reading, Recorder, RecorderConfig, RecorderStatus, WorkerInfo,
 };
-pub use summary::{GroupBy, Summary, Totals, in_range, summarize};
+pub use summary::{
+    Coverage, DEFAULT_SCAN_BYTES, GroupBy, Summary, SummaryCache, Totals, in_range, summarize,
+    summarize_bounded,
+};

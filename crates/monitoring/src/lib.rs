@@ -6,23 +6,64 @@
 //!
 //! The server only routes and formats; what the answers say comes from a
 //! [`StateSource`] the binary wires in.
+//!
+//! Nobody on the network can stall or flood the agent through it
+//! ([`Limits`]): connections are capped (one over the cap is closed at
+//! once), a client has [`Limits::header_read_timeout`] to send a request's
+//! headers (a slowloris is cut off), every request has
+//! [`Limits::request_timeout`], and at most [`Limits::state_concurrency`]
+//! documents and metrics are rendered at once. An optional read token
+//! guards `/state/*` and the metrics; the probes stay open. An admin
+//! request's body is read only once its token was accepted.
 //! Must not know about: gRPC, protobuf, workers, the control-plane protocol.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// Content type of OpenMetrics text, as Prometheus expects it.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Open connections at most (`--monitoring-max-connections`); one more is
+/// closed as soon as it is accepted.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Time a client has to send a request's headers, and the longest a
+/// keep-alive connection idles between requests
+/// (`--monitoring-header-read-timeout-s`).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a request has to be answered, waiting for a rendering slot
+/// included (`--monitoring-request-timeout-s`); then 503.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Documents and metrics rendered at once (`--monitoring-state-concurrency`);
+/// more requests wait for a slot, within the request timeout.
+pub const DEFAULT_STATE_CONCURRENCY: usize = 4;
+/// Items of a list document when the request gives no `limit`.
+pub const DEFAULT_PAGE_LIMIT: usize = 1000;
+/// The largest `limit` a list document accepts.
+pub const MAX_PAGE_LIMIT: usize = 10_000;
+/// Largest admin request body.
+const MAX_ADMIN_BODY: usize = 64 << 10;
+/// How long a stopping server lets requests in flight finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Pause after a failed `accept` (out of descriptors), so the loop does
+/// not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// One probe's verdict.
 #[derive(Debug, Clone, Serialize)]
@@ -82,8 +123,13 @@ pub trait StateSource: Send + Sync + 'static {
         None
     }
     /// An `/admin/{action}` call refused before it reached [`StateSource::admin`]
-    /// (`status` 401 or 403), for the agent to record.
+    /// (`status` 401 or 403), for the agent to record (strangers can call
+    /// this as often as they like: record it rate-limited).
     fn admin_refused(&self, _action: &str, _status: u16) {}
+    /// A read of `path` (`/state/…`, the metrics) refused for a missing
+    /// (401) or wrong (403) read token; rate-limit it as
+    /// [`StateSource::admin_refused`].
+    fn read_refused(&self, _path: &str, _status: u16) {}
 }
 
 /// What an admin action answers.
@@ -94,21 +140,22 @@ pub struct AdminAnswer {
     pub body: serde_json::Value,
 }
 
-/// Largest admin request body.
-const MAX_ADMIN_BODY: usize = 64 << 10;
-
-/// The bearer token `/admin/*` requires.
+/// A bearer token: the admin token of `/admin/*`, or the read token of
+/// `/state/*` and the metrics.
 #[derive(Clone)]
-pub struct AdminToken(Arc<Vec<u8>>);
+pub struct BearerToken(Arc<Vec<u8>>);
 
-impl AdminToken {
+/// The admin token (the name the binary has always used).
+pub type AdminToken = BearerToken;
+
+impl BearerToken {
     /// A token of at least 16 bytes (surrounding whitespace is not part of it).
-    pub fn new(token: &str) -> Result<AdminToken, String> {
+    pub fn new(token: &str) -> Result<BearerToken, String> {
         let t = token.trim();
         if t.len() < 16 {
-            return Err("the admin token must be at least 16 characters".into());
+            return Err("a token must be at least 16 characters".into());
         }
-        Ok(AdminToken(Arc::new(t.as_bytes().to_vec())))
+        Ok(BearerToken(Arc::new(t.as_bytes().to_vec())))
     }
 
     /// Constant-time comparison (for equal lengths; the length is not secret).
@@ -118,9 +165,155 @@ impl AdminToken {
     }
 }
 
-impl std::fmt::Debug for AdminToken {
+impl std::fmt::Debug for BearerToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(…)")
+        f.write_str("BearerToken(…)")
+    }
+}
+
+/// What one client may cost the agent.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub request_timeout: Duration,
+    pub state_concurrency: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            state_concurrency: DEFAULT_STATE_CONCURRENCY,
+        }
+    }
+}
+
+/// The server's own counters (`steward_monitoring_*`).
+#[derive(Clone, Default)]
+pub struct ServerMetrics {
+    /// Requests refused for a missing or wrong token, by route and status.
+    auth_failures: Family<Vec<(&'static str, &'static str)>, Counter>,
+    connections_refused: Counter,
+    requests_timed_out: Counter,
+}
+
+impl ServerMetrics {
+    /// Counters registered in `registry`.
+    pub fn register(registry: &mut Registry) -> ServerMetrics {
+        let m = ServerMetrics::default();
+        registry.register(
+            "monitoring_auth_failures",
+            "Monitoring requests refused for a missing (401) or wrong (403) token, by route",
+            m.auth_failures.clone(),
+        );
+        registry.register(
+            "monitoring_connections_refused",
+            "Monitoring connections closed at once because the connection cap was reached",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "monitoring_requests_timed_out",
+            "Monitoring requests answered 503 because they ran past the request timeout",
+            m.requests_timed_out.clone(),
+        );
+        m
+    }
+
+    fn auth_failed(&self, route: &'static str, status: StatusCode) {
+        let status = if status == StatusCode::UNAUTHORIZED {
+            "401"
+        } else {
+            "403"
+        };
+        self.auth_failures
+            .get_or_create(&vec![("route", route), ("status", status)])
+            .inc();
+    }
+}
+
+/// Everything the server is given besides its listener and source.
+#[derive(Clone, Default)]
+pub struct ServerConfig {
+    /// `/admin/*` exists only with it.
+    pub admin: Option<BearerToken>,
+    /// With it, `/state/*` and the metrics need it (or the admin token).
+    pub read: Option<BearerToken>,
+    pub limits: Limits,
+    pub metrics: ServerMetrics,
+}
+
+/// `?limit=&offset=` of a list document: items `[offset, offset + limit)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl Default for Page {
+    fn default() -> Page {
+        Page {
+            offset: 0,
+            limit: DEFAULT_PAGE_LIMIT,
+        }
+    }
+}
+
+impl Page {
+    /// Everything (for callers inside the agent).
+    pub const ALL: Page = Page {
+        offset: 0,
+        limit: usize::MAX,
+    };
+
+    /// The page a query asks for; `Err` names a bad `limit` or `offset`.
+    pub fn from_query(query: &BTreeMap<String, String>) -> Result<Page, String> {
+        let number = |k: &str| -> Result<Option<usize>, String> {
+            query
+                .get(k)
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|_| format!("{k} {v:?}: a whole number"))
+                })
+                .transpose()
+        };
+        let limit = number("limit")?.unwrap_or(DEFAULT_PAGE_LIMIT);
+        if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
+            return Err(format!("limit {limit}: from 1 to {MAX_PAGE_LIMIT}"));
+        }
+        Ok(Page {
+            offset: number("offset")?.unwrap_or(0),
+            limit,
+        })
+    }
+
+    /// The indices of this page in a list of `total` items.
+    pub fn range(&self, total: usize) -> std::ops::Range<usize> {
+        let start = self.offset.min(total);
+        start..start.saturating_add(self.limit).min(total)
+    }
+
+    /// This page of `items`.
+    pub fn slice<'a, T>(&self, items: &'a [T]) -> &'a [T] {
+        &items[self.range(items.len())]
+    }
+
+    /// Where this page sits in a list of `total` items: `total`, `offset`,
+    /// `limit` and `next_offset` (`null` on the last page).
+    pub fn info(&self, total: usize) -> serde_json::Value {
+        self.info_until(total, self.range(total).end)
+    }
+
+    /// As [`Page::info`] for a page cut short at `end` (a size bound).
+    pub fn info_until(&self, total: usize, end: usize) -> serde_json::Value {
+        serde_json::json!({
+            "total": total,
+            "offset": self.offset,
+            "limit": self.limit,
+            "next_offset": (end < total).then_some(end),
+        })
     }
 }
 
@@ -147,17 +340,58 @@ pub async fn bind(addr: &str) -> Result<TcpListener, MonitoringError> {
         })
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves, within `config.limits`.
+///
+/// axum's own `serve` neither caps connections nor gives hyper a timer,
+/// so a client trickling its headers would hold a connection forever:
+/// connections are accepted here and each is served by hyper's HTTP/1
+/// server with a header read timeout.
 pub async fn serve(
     listener: TcpListener,
     source: Arc<dyn StateSource>,
-    admin: Option<AdminToken>,
+    config: ServerConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), MonitoringError> {
-    axum::serve(listener, router_with_admin(source, admin))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(MonitoringError::Serve)
+    let limits = config.limits;
+    let metrics = config.metrics.clone();
+    let app = router_with(source, config);
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "monitoring server: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Closed at once: a client over the cap learns it immediately,
+            // and the kernel's backlog does not fill up behind it.
+            metrics.connections_refused.inc();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn =
+            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    Ok(())
 }
 
 /// The local address a listener got (for port 0).
@@ -165,22 +399,49 @@ pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
     listener.local_addr().ok()
 }
 
-type Src = Arc<dyn StateSource>;
-
-/// The routes, for embedding or testing (no admin routes).
-pub fn router(source: Src) -> Router {
-    router_with_admin(source, None)
+/// What every handler gets.
+struct App {
+    src: Arc<dyn StateSource>,
+    /// Rendering slots: a permit travels into the blocking task, so a
+    /// request that timed out still holds its slot until its rendering
+    /// ends (tower's ConcurrencyLimit would free it at the timeout while
+    /// the blocking work it bounds went on).
+    rendering: Arc<Semaphore>,
+    read: Option<BearerToken>,
+    admin: Option<BearerToken>,
+    metrics: ServerMetrics,
 }
 
-/// The routes; `/admin/*` exists only with a token.
-pub fn router_with_admin(source: Src, admin: Option<AdminToken>) -> Router {
+type Shared = Arc<App>;
+
+/// The routes, for embedding or testing (no admin routes, no read token).
+pub fn router(source: Arc<dyn StateSource>) -> Router {
+    router_with(source, ServerConfig::default())
+}
+
+/// The routes; `/admin/*` exists only with an admin token.
+pub fn router_with(source: Arc<dyn StateSource>, config: ServerConfig) -> Router {
+    let timeout = config.limits.request_timeout;
+    let app = Arc::new(App {
+        src: source,
+        rendering: Arc::new(Semaphore::new(config.limits.state_concurrency.max(1))),
+        read: config.read,
+        admin: config.admin.clone(),
+        metrics: config.metrics.clone(),
+    });
+    let guarded = Router::new()
+        .route("/monitoring/metrics", get(metrics))
+        .route("/state", get(state_index))
+        .route("/state/{name}", get(state_document))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            read_guard,
+        ));
     let mut r = Router::new()
         .route("/monitoring/startup", get(startup))
         .route("/monitoring/health", get(health))
-        .route("/monitoring/metrics", get(metrics))
-        .route("/state", get(state_index))
-        .route("/state/{name}", get(state_document));
-    if let Some(token) = admin {
+        .merge(guarded);
+    if let Some(token) = config.admin {
         let token = Arc::new(token);
         r = r.route(
             "/admin/{action}",
@@ -189,18 +450,90 @@ pub fn router_with_admin(source: Src, admin: Option<AdminToken>) -> Router {
             }),
         );
     }
+    let metrics = config.metrics;
     r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(source)
+        .with_state(app)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(move |_: tower::BoxError| {
+                    let metrics = metrics.clone();
+                    async move {
+                        metrics.requests_timed_out.inc();
+                        json(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            serde_json::json!({"error": format!(
+                                "the request was not answered within {} s", timeout.as_secs_f64()
+                            )}),
+                        )
+                    }
+                }))
+                .layer(tower::timeout::TimeoutLayer::new(timeout)),
+        )
+}
+
+/// Whether `headers` carry one of `tokens` as a bearer token: `Err` is the
+/// refusal (401 without a token, 403 with a wrong one).
+fn authorize(
+    headers: &axum::http::HeaderMap,
+    tokens: &[&BearerToken],
+) -> Result<(), (StatusCode, &'static str)> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            "a token is required (Authorization: Bearer …)",
+        )),
+        Some(t) if !tokens.iter().any(|k| k.matches(t.as_bytes())) => {
+            Err((StatusCode::FORBIDDEN, "wrong token"))
+        }
+        Some(_) => Ok(()),
+    }
+}
+
+fn refusal(code: StatusCode, why: &str) -> Response {
+    let mut resp = json(code, serde_json::json!({"error": why}));
+    if code == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+/// `/state/*` and the metrics need the read token (or the admin token)
+/// when one is configured.
+async fn read_guard(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let Some(read) = &app.read else {
+        return next.run(req).await;
+    };
+    let tokens: Vec<&BearerToken> = std::iter::once(read).chain(app.admin.as_ref()).collect();
+    match authorize(req.headers(), &tokens) {
+        Ok(()) => next.run(req).await,
+        Err((code, why)) => {
+            let path = req.uri().path();
+            let route = if path.starts_with("/state") {
+                "state"
+            } else {
+                "metrics"
+            };
+            app.metrics.auth_failed(route, code);
+            app.src.read_refused(path, code.as_u16());
+            refusal(code, why)
+        }
+    }
 }
 
 async fn admin_call(
-    State(src): State<Src>,
+    State(app): State<Shared>,
     Path(action): Path<String>,
     method: axum::http::Method,
     headers: axum::http::HeaderMap,
-    body: axum::body::Bytes,
-    token: Arc<AdminToken>,
+    body: axum::body::Body,
+    token: Arc<BearerToken>,
 ) -> Response {
     if !matches!(method.as_str(), "GET" | "POST" | "PATCH") {
         return json(
@@ -208,37 +541,19 @@ async fn admin_call(
             serde_json::json!({"error": format!("{method} is not allowed on /admin/{action}")}),
         );
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let denied = match presented {
-        None => Some((
-            StatusCode::UNAUTHORIZED,
-            "an admin token is required (Authorization: Bearer …)",
-        )),
-        Some(t) if !token.matches(t.as_bytes()) => {
-            Some((StatusCode::FORBIDDEN, "wrong admin token"))
-        }
-        Some(_) => None,
-    };
-    if let Some((code, why)) = denied {
-        src.admin_refused(&action, code.as_u16());
-        let mut resp = json(code, serde_json::json!({"error": why}));
-        if code == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        return resp;
+    // The token first: a stranger's body is never read.
+    if let Err((code, why)) = authorize(&headers, &[&token]) {
+        app.metrics.auth_failed("admin", code);
+        app.src.admin_refused(&action, code.as_u16());
+        return refusal(code, why);
     }
-    if body.len() > MAX_ADMIN_BODY {
+    let Ok(body) = axum::body::to_bytes(body, MAX_ADMIN_BODY).await else {
         return json(
             StatusCode::PAYLOAD_TOO_LARGE,
             serde_json::json!({"error": format!("an admin request body is at most {MAX_ADMIN_BODY} bytes")}),
         );
-    }
-    match src.admin(&action, method.as_str(), &body) {
+    };
+    match app.src.admin(&action, method.as_str(), &body) {
         Some(AdminAnswer { code, body }) => json(
             StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             body,
@@ -272,28 +587,40 @@ fn probe(p: ProbeResult, extra: &[(&str, &str)], degraded: Vec<String>) -> Respo
     json(code, body)
 }
 
-async fn startup(State(src): State<Src>) -> Response {
-    probe(src.startup(), &[], Vec::new())
+async fn startup(State(app): State<Shared>) -> Response {
+    probe(app.src.startup(), &[], Vec::new())
 }
 
-async fn health(State(src): State<Src>) -> Response {
-    let degraded = src.degraded();
+async fn health(State(app): State<Shared>) -> Response {
+    let degraded = app.src.degraded();
     probe(
-        src.health(),
+        app.src.health(),
         &[("checker", "StewardHealthChecker")],
         degraded,
     )
 }
 
-/// Runs `f` on the blocking pool: rendering metrics and documents reads
-/// the agent's state and its workers' cgroup files, which must not hold up
-/// the agent's runtime thread (one thread by default) while it works.
-async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(f).await.ok()
+/// Runs `f` on the blocking pool once a rendering slot is free: rendering
+/// metrics and documents reads the agent's state and its workers' cgroup
+/// files, which must not hold up the agent's runtime thread (one thread by
+/// default) while it works. The slot is held until `f` returns.
+async fn off_runtime<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let slot = app.rendering.clone().acquire_owned().await.ok()?;
+    tokio::task::spawn_blocking(move || {
+        let out = f();
+        drop(slot);
+        out
+    })
+    .await
+    .ok()
 }
 
-async fn metrics(State(src): State<Src>) -> Response {
-    let Some(text) = off_runtime(move || src.metrics()).await else {
+async fn metrics(State(app): State<Shared>) -> Response {
+    let src = app.src.clone();
+    let Some(text) = off_runtime(&app, move || src.metrics()).await else {
         return json(
             StatusCode::INTERNAL_SERVER_ERROR,
             serde_json::json!({"error": "rendering the metrics failed"}),
@@ -307,8 +634,9 @@ async fn metrics(State(src): State<Src>) -> Response {
     resp
 }
 
-async fn state_index(State(src): State<Src>) -> Response {
-    let names: Vec<String> = src
+async fn state_index(State(app): State<Shared>) -> Response {
+    let names: Vec<String> = app
+        .src
         .document_names()
         .iter()
         .map(|n| format!("/state/{n}"))
@@ -317,7 +645,7 @@ async fn state_index(State(src): State<Src>) -> Response {
 }
 
 async fn state_document(
-    State(src): State<Src>,
+    State(app): State<Shared>,
     Path(name): Path<String>,
     Query(mut q): Query<BTreeMap<String, String>>,
 ) -> Response {
@@ -333,8 +661,8 @@ async fn state_document(
         }
     };
     let doc = {
-        let (src, name) = (src.clone(), name.clone());
-        off_runtime(move || src.document_with_query(&name, format, &q))
+        let (src, name) = (app.src.clone(), name.clone());
+        off_runtime(&app, move || src.document_with_query(&name, format, &q))
             .await
             .flatten()
     };
@@ -344,7 +672,7 @@ async fn state_document(
         Some(Err(why)) => json(StatusCode::BAD_REQUEST, serde_json::json!({"error": why})),
         None => json(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("no state document {name:?}"), "documents": src.document_names()}),
+            serde_json::json!({"error": format!("no state document {name:?}"), "documents": app.src.document_names()}),
         ),
     }
 }
@@ -362,3 +690,6 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
         serde_json::json!({"error": format!("{method} is not allowed on {}; only GET", uri.path())}),
     )
 }
+
+#[cfg(test)]
+mod tests;

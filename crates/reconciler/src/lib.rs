@@ -43,7 +43,7 @@ use std::time::Duration;
 
 pub use admission::{Claim, WorkerDefaults};
 pub use desired::Desired;
-pub use events::{Event, EventLog};
+pub use events::{Event, EventLog, MAX_EVENT_MESSAGE, MAX_EVENT_SUBJECT, shorten};
 pub use metering::{MeteredAllocation, MeteredWorker, Metering};
 pub use metrics::Metrics;
 pub use mode::{HostMode, ModeCommand};

@@ -73,14 +73,6 @@ impl FeEntry {
     pub fn holds_resources(&self) -> bool {
         self.claim.is_some() && self.status != pb::FunctionExecutorStatus::Terminated
     }
-
-    /// Usage now for a live worker, else the last one read.
-    pub fn usage(&self) -> Option<steward_worker_driver::WorkerUsage> {
-        self.monitor
-            .as_ref()
-            .and_then(|m| m.usage())
-            .or(self.last_usage)
-    }
 }
 
 /// One allocation the agent has accepted and not yet forgotten.
@@ -269,10 +261,29 @@ impl Shared {
         })
     }
 
+    /// Records an event and logs it; subject and message are shortened
+    /// (they often carry what a worker or the server chose).
     pub fn event(&self, kind: &'static str, subject: &str, message: impl Into<String>) {
-        let message = message.into();
-        tracing::info!(kind, subject, "{message}");
-        self.events.push(Event::now(kind, subject, message));
+        let e = short_event(kind, subject, message.into());
+        tracing::info!(kind, subject = %e.subject, "{}", e.message);
+        self.events.push(e);
+    }
+
+    /// As [`Shared::event`], for events strangers can cause: at most
+    /// [`crate::events::RATE_LIMITED_EVENTS`] of `class` a minute reach the
+    /// ring and the log.
+    pub fn event_limited(
+        &self,
+        class: &'static str,
+        kind: &'static str,
+        subject: &str,
+        message: impl Into<String>,
+    ) {
+        let e = short_event(kind, subject, message.into());
+        let (subject, message) = (e.subject.clone(), e.message.clone());
+        if self.events.push_limited(class, e) {
+            tracing::info!(kind, subject = %subject, "{message}");
+        }
     }
 
     /// A final result: metered (its usage record queued for the ledger),
@@ -540,51 +551,47 @@ impl AgentHandle {
         self.shared.events.recent()
     }
 
+    /// Events `[offset, offset + limit)`, oldest first, and how many the
+    /// ring holds.
+    pub fn events_page(&self, offset: usize, limit: usize) -> (Vec<Event>, usize) {
+        self.shared.events.page(offset, limit)
+    }
+
+    /// Everything `/state/function-executors` and `/state/allocations` show.
     pub fn snapshot(&self) -> Snapshot {
-        let st = self.shared.state.lock();
+        let (function_executors, allocations, pending_results, server_clock) = {
+            let st = self.shared.state.lock();
+            let fes = fe_views(&st, 0, usize::MAX);
+            let (allocations, _) = alloc_views(&st, 0, usize::MAX);
+            (fes, allocations, st.results.len(), st.server_clock)
+        };
         Snapshot {
             executor_id: self.shared.config.executor_id.clone(),
-            server_clock: st.server_clock,
-            pending_results: st.results.len(),
-            function_executors: st
-                .fes
-                .iter()
-                .map(|(id, fe)| {
-                    let res = fe.description.resources.as_ref();
-                    FeView {
-                        id: id.clone(),
-                        function: function_label(fe.description.function.as_ref()),
-                        status: format!("{:?}", fe.status).to_uppercase(),
-                        termination_reason: fe.termination_reason.map(|r| format!("{r:?}")),
-                        allocation_ids_caused_termination: fe.blamed.clone(),
-                        removing: fe.removing,
-                        pid: fe.pid,
-                        gpus: fe.gpus.clone(),
-                        cpu_ms_per_sec: res.and_then(|r| r.cpu_ms_per_sec),
-                        memory_bytes: res.and_then(|r| r.memory_bytes),
-                        max_concurrency: fe.description.max_concurrency,
-                        resources: fe.claim,
-                        defaulted: fe.defaulted.clone(),
-                        limits: fe.monitor.as_ref().and_then(|m| m.limits()),
-                        usage: fe.usage(),
-                        termination_message: fe.termination_message.clone(),
-                        timeline: fe.timeline.clone(),
-                    }
-                })
-                .collect(),
-            allocations: st
-                .allocations
-                .iter()
-                .chain(st.recent_allocations.iter().rev().map(|(id, a)| (id, a)))
-                .map(|(id, a)| AllocView {
-                    id: id.clone(),
-                    function_executor_id: a.fe_id.clone(),
-                    function: a.function.clone(),
-                    phase: a.phase,
-                    timeline: a.timeline.clone(),
-                })
-                .collect(),
+            server_clock,
+            pending_results,
+            function_executors: with_usage(function_executors),
+            allocations,
         }
+    }
+
+    /// Function executors `[offset, offset + limit)` by id, and how many
+    /// there are. Only the page is copied under the state lock; usage is
+    /// read from the workers' cgroups after it is let go.
+    pub fn function_executors_page(&self, offset: usize, limit: usize) -> (Vec<FeView>, usize) {
+        let (views, total) = {
+            let st = self.shared.state.lock();
+            (fe_views(&st, offset, limit), st.fes.len())
+        };
+        (with_usage(views), total)
+    }
+
+    /// Allocations `[offset, offset + limit)` (those the agent holds, by
+    /// id, then the recently dropped ones, newest first), how many there
+    /// are, and how many results wait for the server.
+    pub fn allocations_page(&self, offset: usize, limit: usize) -> (Vec<AllocView>, usize, usize) {
+        let st = self.shared.state.lock();
+        let (views, total) = alloc_views(&st, offset, limit);
+        (views, total, st.results.len())
     }
 
     /// Brings the admitted-resource and worker-usage gauges up to date
@@ -694,10 +701,106 @@ impl AgentHandle {
         self.shared.event(kind, subject, message);
     }
 
+    /// Records an event strangers can cause, rate-limited per `class`
+    /// ([`crate::events::EventLog::push_limited`]).
+    pub fn event_limited(
+        &self,
+        class: &'static str,
+        kind: &'static str,
+        subject: &str,
+        message: impl Into<String>,
+    ) {
+        self.shared.event_limited(class, kind, subject, message);
+    }
+
     /// OpenMetrics text of the agent's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
     }
+}
+
+/// A worker's usage monitor and the usage read before it stopped.
+type UsageSource = (
+    Option<Arc<dyn steward_worker_driver::WorkerMonitor>>,
+    Option<steward_worker_driver::WorkerUsage>,
+);
+
+/// Views of function executors `[offset, offset + limit)` without their
+/// usage, and where to read it (not under the state lock: a cgroup read
+/// each).
+fn fe_views(st: &State, offset: usize, limit: usize) -> Vec<(FeView, UsageSource)> {
+    st.fes
+        .iter()
+        .skip(offset)
+        .take(limit)
+        .map(|(id, fe)| {
+            let res = fe.description.resources.as_ref();
+            let view = FeView {
+                id: id.clone(),
+                function: function_label(fe.description.function.as_ref()),
+                status: format!("{:?}", fe.status).to_uppercase(),
+                termination_reason: fe.termination_reason.map(|r| format!("{r:?}")),
+                allocation_ids_caused_termination: fe.blamed.clone(),
+                removing: fe.removing,
+                pid: fe.pid,
+                gpus: fe.gpus.clone(),
+                cpu_ms_per_sec: res.and_then(|r| r.cpu_ms_per_sec),
+                memory_bytes: res.and_then(|r| r.memory_bytes),
+                max_concurrency: fe.description.max_concurrency,
+                resources: fe.claim,
+                defaulted: fe.defaulted.clone(),
+                limits: fe.monitor.as_ref().and_then(|m| m.limits()),
+                usage: None,
+                termination_message: fe.termination_message.clone(),
+                timeline: fe.timeline.clone(),
+            };
+            (view, (fe.monitor.clone(), fe.last_usage))
+        })
+        .collect()
+}
+
+/// The views with their usage read (live workers now, else the last read).
+fn with_usage(views: Vec<(FeView, UsageSource)>) -> Vec<FeView> {
+    views
+        .into_iter()
+        .map(|(mut v, (monitor, last))| {
+            v.usage = monitor.as_ref().and_then(|m| m.usage()).or(last);
+            v
+        })
+        .collect()
+}
+
+/// Views of allocations `[offset, offset + limit)`: the held ones by id,
+/// then the recently dropped ones, newest first; and how many there are.
+fn alloc_views(st: &State, offset: usize, limit: usize) -> (Vec<AllocView>, usize) {
+    let mut held: Vec<(&String, &AllocEntry)> = st.allocations.iter().collect();
+    held.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let total = held.len() + st.recent_allocations.len();
+    let views = held
+        .into_iter()
+        .chain(st.recent_allocations.iter().rev().map(|(id, a)| (id, a)))
+        .skip(offset)
+        .take(limit)
+        .map(|(id, a)| AllocView {
+            id: id.clone(),
+            function_executor_id: a.fe_id.clone(),
+            function: a.function.clone(),
+            phase: a.phase,
+            timeline: a.timeline.clone(),
+        })
+        .collect();
+    (views, total)
+}
+
+/// An event with its subject and message shortened to the bounds.
+fn short_event(kind: &'static str, subject: &str, message: String) -> Event {
+    use crate::events::{MAX_EVENT_MESSAGE, MAX_EVENT_SUBJECT, shorten};
+    let message = if message.len() > MAX_EVENT_MESSAGE {
+        shorten(&message, MAX_EVENT_MESSAGE).into_owned()
+    } else {
+        message
+    };
+    Event::now(kind, &shorten(subject, MAX_EVENT_SUBJECT), message)
 }
 
 /// What workers may hold, for a caller that holds the state lock.
@@ -726,5 +829,85 @@ impl State {
         self.allocations
             .values()
             .any(|a| a.fe_id == fe_id && a.phase != AllocPhase::Finished)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker monitor that notes whether the agent's state lock was
+    /// held while it was read (a cgroup read each, in a real one).
+    struct LockProbe {
+        shared: std::sync::Weak<Shared>,
+        reads: std::sync::atomic::AtomicUsize,
+        under_lock: std::sync::atomic::AtomicUsize,
+    }
+
+    impl steward_worker_driver::WorkerMonitor for LockProbe {
+        fn usage(&self) -> Option<steward_worker_driver::WorkerUsage> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let shared = self.shared.upgrade()?;
+            self.reads.fetch_add(1, SeqCst);
+            if shared.state.try_lock().is_none() {
+                self.under_lock.fetch_add(1, SeqCst);
+            }
+            Some(steward_worker_driver::WorkerUsage::default())
+        }
+        fn limits(&self) -> Option<steward_worker_driver::Limits> {
+            None
+        }
+    }
+
+    #[test]
+    fn worker_usage_is_read_after_the_state_lock_is_let_go_and_pages_are_copied() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let shared = crate::testing_support::shared();
+        let probe = Arc::new(LockProbe {
+            shared: Arc::downgrade(&shared),
+            reads: Default::default(),
+            under_lock: Default::default(),
+        });
+        {
+            let mut st = shared.state.lock();
+            for i in 0..5 {
+                let mut fe = FeEntry::new(pb::FunctionExecutorDescription::default(), "RUNNING");
+                fe.monitor = Some(probe.clone());
+                st.fes.insert(format!("fe-{i}"), fe);
+                st.allocations.insert(
+                    format!("a-{}", 4 - i),
+                    AllocEntry {
+                        fe_id: format!("fe-{i}"),
+                        function: "ns/app/f".into(),
+                        phase: AllocPhase::Running,
+                        timeline: Vec::new(),
+                    },
+                );
+            }
+        }
+        let handle = AgentHandle::new(shared.clone());
+        let (page, total) = handle.function_executors_page(1, 2);
+        assert_eq!(total, 5);
+        let ids: Vec<&str> = page.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["fe-1", "fe-2"]);
+        assert!(page.iter().all(|f| f.usage.is_some()));
+        let snapshot = handle.snapshot();
+        assert_eq!(snapshot.function_executors.len(), 5);
+        assert_eq!(
+            probe.reads.load(SeqCst),
+            7,
+            "two for the page, five for the snapshot"
+        );
+        assert_eq!(
+            probe.under_lock.load(SeqCst),
+            0,
+            "read under the state lock"
+        );
+        // Allocations are paged in one order: by id.
+        let (page, total, _) = handle.allocations_page(0, 3);
+        let ids: Vec<&str> = page.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!((ids, total), (vec!["a-0", "a-1", "a-2"], 5));
+        let (page, _, _) = handle.allocations_page(3, 3);
+        assert_eq!(page.len(), 2);
     }
 }

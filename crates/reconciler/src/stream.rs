@@ -135,7 +135,7 @@ pub(crate) async fn run_loop(
             }
         };
         shared.metrics.desired_state_stream_errors.inc();
-        tracing::warn!(reason = %reason, "desired state stream interrupted");
+        tracing::warn!(reason = %crate::events::shorten(&reason, crate::events::MAX_EVENT_MESSAGE), "desired state stream interrupted");
         required_reports = *reports_ok.borrow() + 1;
         shared.report_now.notify_one();
         let wait = backoff.next().unwrap_or(BACKOFF_MAX);

@@ -4,7 +4,8 @@ use super::*;
 use crate::record::{MAX_ID_BYTES, MAX_NAME_BYTES, MAX_PAYLOAD, RecordKind, encode_frame};
 use crate::tmpfs_for_tests::Tmpfs;
 
-fn record(i: u64) -> UsageRecord {
+/// A record for tests: every third a worker segment, the rest allocations.
+pub(crate) fn record(i: u64) -> UsageRecord {
     UsageRecord {
         kind: if i.is_multiple_of(3) {
             RecordKind::WorkerSegment

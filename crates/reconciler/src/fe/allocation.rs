@@ -632,7 +632,7 @@ impl<'a> Runner<'a> {
             if let Err(d) =
                 with_deadline("delete_allocation", client.delete_allocation(delete)).await
             {
-                tracing::warn!(allocation = %alloc_id, error = %d.message, "delete_allocation failed");
+                tracing::warn!(allocation = %alloc_id, error = %crate::events::shorten(&d.message, crate::events::MAX_EVENT_MESSAGE), "delete_allocation failed");
             }
         });
         Ok(result)

@@ -209,7 +209,7 @@ pub(crate) async fn send(
             .flatten();
         match retry {
             Some(delay) => {
-                tracing::debug!(code = ?status.code(), message = status.message(), ?delay, "call_function failed; retrying");
+                tracing::debug!(code = ?status.code(), message = %crate::events::shorten(status.message(), crate::events::MAX_EVENT_MESSAGE), ?delay, "call_function failed; retrying");
                 shared.metrics.function_call_retries.inc();
                 tokio::time::sleep(delay).await;
             }
