@@ -847,6 +847,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         Some(p) => config_file::server_tls(p)?,
         None => None,
     };
+    // An address that would not be TLS while TLS is configured is refused
+    // here, before anything starts, never connected to in plaintext.
+    if let Err(reason) =
+        steward_reconciler::server_url(&args.grpc_server_addr, server_tls.is_some())
+    {
+        bail!("--grpc-server-addr {:?}: {reason}", args.grpc_server_addr);
+    }
     let admin_token = args
         .admin_token_file
         .as_deref()

@@ -401,3 +401,143 @@ async fn idle_workers_are_evicted_under_memory_pressure_busy_ones_finish() -> Re
     plane.stop().await;
     Ok(())
 }
+
+/// Service processes in cgroups under a parent that is not Steward's,
+/// killed and removed (with the parent and the cgroup above it) on drop.
+struct ForeignServices {
+    parents: Vec<PathBuf>,
+    services: Vec<(String, std::process::Child)>,
+}
+
+impl ForeignServices {
+    /// Starts a `sleep` in a cgroup `name` under each parent.
+    fn start(parents: Vec<PathBuf>, names: &[&str]) -> Result<ForeignServices> {
+        let mut s = ForeignServices {
+            parents,
+            services: Vec::new(),
+        };
+        for name in names {
+            let child = std::process::Command::new("sleep").arg("600").spawn()?;
+            let pid = child.id().to_string();
+            s.services.push((name.to_string(), child));
+            for p in &s.parents {
+                std::fs::create_dir(p.join(name))?;
+                std::fs::write(p.join(name).join("cgroup.procs"), &pid)?;
+            }
+        }
+        Ok(s)
+    }
+
+    fn alive(&mut self) -> Vec<String> {
+        let mut alive = Vec::new();
+        for (n, c) in &mut self.services {
+            if matches!(c.try_wait(), Ok(None)) {
+                alive.push(n.clone());
+            }
+        }
+        alive
+    }
+}
+
+impl Drop for ForeignServices {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.services {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Whatever is under the parents is this test's (its services, any
+        // worker cgroup left by a failure), then the parents and the
+        // cgroups above them.
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for p in &self.parents {
+            dirs.extend(
+                std::fs::read_dir(p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|d| d.is_dir()),
+            );
+        }
+        dirs.extend(self.parents.iter().cloned());
+        dirs.extend(
+            self.parents
+                .iter()
+                .filter_map(|p| p.parent().map(PathBuf::from)),
+        );
+        for d in dirs {
+            // A process being torn down keeps its cgroup busy a moment.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cgroup_parent_that_is_not_stewards_keeps_its_services() -> Result<()> {
+    // A stand-in for `--cgroup-parent /system.slice`, under a cgroup of
+    // this test's own, holding a service in a cgroup named like a worker's
+    // and one named as services are.
+    let data_dir = tempfile::tempdir()?;
+    let parent = format!(
+        "{}/system.slice",
+        support::cgroup_parent_for(data_dir.path())
+    );
+    let steward_worker_driver::CgroupSetup::Enabled(cg) =
+        steward_worker_driver::Cgroups::detect(&parent)
+    else {
+        eprintln!("cgroups are not available here: nothing to check");
+        return Ok(());
+    };
+    let mut services = ForeignServices::start(cg.parents(), &["fe-svc.1-0", "postgres.service"])?;
+    let plane = Plane::start().await?;
+    plane.deploy_fake(FunctionOptions::default()).await?;
+    let bin = support::fake_worker();
+    let mut steward = AgentProc::steward_full(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &[
+            "--function-executor-bin",
+            bin.to_str().unwrap_or_default(),
+            "--cgroup-parent",
+            &parent,
+        ],
+        &support::path_with_venv(),
+        &[],
+        data_dir,
+    )?;
+    // Registered: the start-up cleanup is over.
+    plane.wait_executors(1).await?;
+    assert_eq!(services.alive(), ["fe-svc.1-0", "postgres.service"]);
+    let (_, events) = steward.get_json("/state/events").await?;
+    let skipped = events.to_string();
+    assert!(
+        skipped.contains("leftover_skipped") && skipped.contains("cgroup parent"),
+        "{events}"
+    );
+    assert_eq!(
+        cgroup_parents(&steward).await?.as_deref(),
+        Some(services.parents.as_slice())
+    );
+    // Workers still run there, and go with a clean stop; the services stay.
+    let out = plane.invoke_app("fake", "echo", json!("x")).await?;
+    assert_eq!(out.status, "success", "{out:?}");
+    steward.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(steward.wait_exit(Duration::from_secs(30)).is_some());
+    assert_eq!(services.alive(), ["fe-svc.1-0", "postgres.service"]);
+    for p in &services.parents {
+        assert!(p.join("fe-svc.1-0").is_dir() && p.join("postgres.service").is_dir());
+        // The worker's own cgroup went with it; nothing else was touched.
+        let mut left: Vec<String> = std::fs::read_dir(p)?
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["fe-svc.1-0", "postgres.service"], "{}", p.display());
+    }
+    plane.stop().await;
+    Ok(())
+}

@@ -207,3 +207,56 @@ async fn each_tls_failure_is_named() -> Result<()> {
     assert!(err.contains("key_path is missing"), "{err}");
     Ok(())
 }
+
+/// With TLS configured (`use_tls`), an address that would not be TLS is
+/// refused at start, saying why; a plaintext control plane listening there
+/// never hears from Steward.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_configured_a_plaintext_address_is_refused_at_start() -> Result<()> {
+    let pki = Pki::new("steward test CA")?;
+    let config = pki.config("tls.yaml", &pki.path("ca.pem"), None)?;
+    let plane = Plane::start().await?;
+    for scheme in ["HTTP", "Http", "grpc"] {
+        let addr = format!("{scheme}://{}", plane.grpc);
+        let data = tempfile::tempdir()?;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args(["--grpc-server-addr", &addr])
+            .args(["--monitoring-server-port", "0", "--no-cgroups"])
+            .args(["--config-path", &config])
+            .arg("--executor-cache-path")
+            .arg(data.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        // Bounded: it exits, or it reached the plane in plaintext.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            let registered = steward_devserver::client::executors(&plane.url).await?;
+            if registered.as_array().is_some_and(|a| !a.is_empty())
+                || std::time::Instant::now() >= deadline
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        let status = status.unwrap_or_else(|| panic!("{addr}: not refused at start: {err}"));
+        assert!(!status.success(), "{addr}: {err}");
+        assert!(
+            err.contains("TLS is configured") && err.contains("--grpc-server-addr"),
+            "{addr}: {err}"
+        );
+        let registered = steward_devserver::client::executors(&plane.url).await?;
+        assert_eq!(registered, json!([]), "{addr}");
+    }
+    plane.stop().await;
+    Ok(())
+}

@@ -48,7 +48,7 @@ pub use metering::{MeteredAllocation, MeteredWorker, Metering};
 pub use metrics::Metrics;
 pub use mode::{HostMode, ModeCommand};
 pub use pressure::{Eviction, MemorySample, MemorySource};
-pub use report::state_hash;
+pub use report::{server_url, state_hash};
 pub use settings::{Settings, SettingsError, SettingsPatch, parse_allowed_function};
 pub use state::{AgentHandle, Snapshot};
 pub use steward_proto::executor_api_pb as pb;
@@ -277,14 +277,21 @@ impl Agent {
             }));
         }
         for l in shared.config.driver.reap_leftovers() {
-            shared.event(
-                "leftover_cleaned",
-                &l.worker,
-                format!(
-                    "a previous run left worker {} behind ({}); killed {} leftover process(es)",
-                    l.worker, l.kind, l.processes_killed
+            match &l.skipped {
+                None => shared.event(
+                    "leftover_cleaned",
+                    &l.worker,
+                    format!(
+                        "a previous run left worker {} behind ({}); killed {} leftover process(es)",
+                        l.worker, l.kind, l.processes_killed
+                    ),
                 ),
-            );
+                Some(why) => shared.event(
+                    "leftover_skipped",
+                    &l.worker,
+                    format!("{} {}: not cleaned up, {why}", l.kind, l.worker),
+                ),
+            }
         }
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();

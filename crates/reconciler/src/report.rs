@@ -71,20 +71,41 @@ fn classify(status: &tonic::Status) -> Failure {
     }
 }
 
+/// The URL to connect to for the server address `addr`. With TLS
+/// configured (`use_tls`) every address is TLS or refused: a bare
+/// `host:port` is `https://` (the reference executor opens a secure channel
+/// to it too), an `https://` one (any case) is kept, and any other scheme
+/// (`http://` in any case, `grpc://`, ...) is refused with the reason,
+/// never connected to in plaintext. Without TLS a bare address is
+/// `http://`, and only `http://` and `https://` are understood.
+pub fn server_url(addr: &str, tls: bool) -> Result<String, String> {
+    let Some((scheme, rest)) = addr.split_once("://") else {
+        let scheme = if tls { "https" } else { "http" };
+        return Ok(format!("{scheme}://{addr}"));
+    };
+    match (scheme.to_ascii_lowercase().as_str(), tls) {
+        ("https", _) => Ok(format!("https://{rest}")),
+        ("http", false) => Ok(format!("http://{rest}")),
+        ("http", true) => Err(
+            "TLS is configured (use_tls) but the address says http://: give https:// or a bare host:port"
+                .into(),
+        ),
+        (_, true) => Err(format!(
+            "TLS is configured (use_tls) but the address's scheme {scheme:?} is not https: give https:// or a bare host:port"
+        )),
+        (_, false) => Err(format!(
+            "unknown scheme {scheme:?}: give http://, https:// or a bare host:port"
+        )),
+    }
+}
+
 /// A lazily connecting channel to the server.
 pub(crate) fn channel(addr: &str, tls: Option<&crate::ServerTls>) -> Result<Channel, AgentError> {
     let bad = |reason: String| AgentError::ServerAddr {
         addr: addr.to_string(),
         reason,
     };
-    let url = match (addr.split_once("://"), tls) {
-        (None, None) => format!("http://{addr}"),
-        (None, Some(_)) => format!("https://{addr}"),
-        (Some(("http", _)), Some(_)) => {
-            return Err(bad("TLS is configured but the address says http://".into()));
-        }
-        (Some(_), _) => addr.to_string(),
-    };
+    let url = server_url(addr, tls.is_some()).map_err(bad)?;
     let mut endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
     if let Some(tls) = tls {
         endpoint = endpoint
@@ -556,6 +577,53 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_tls_configured_every_server_address_is_tls_or_refused() {
+        // (address, TLS configured, the URL connected to). A bare host:port
+        // with TLS is TLS, as the reference executor's secure channel.
+        let accepted = [
+            ("indexify:8901", true, "https://indexify:8901"),
+            ("[::1]:8901", true, "https://[::1]:8901"),
+            ("https://indexify:8901", true, "https://indexify:8901"),
+            ("HTTPS://indexify:8901", true, "https://indexify:8901"),
+            ("Https://indexify:8901", true, "https://indexify:8901"),
+            // Without TLS: plaintext only where asked for.
+            ("indexify:8901", false, "http://indexify:8901"),
+            ("HTTP://indexify:8901", false, "http://indexify:8901"),
+            ("https://indexify:8901", false, "https://indexify:8901"),
+        ];
+        for (addr, tls, url) in accepted {
+            assert_eq!(server_url(addr, tls).as_deref(), Ok(url), "{addr} {tls}");
+        }
+        let refused = [
+            ("http://indexify:8901", true, "TLS is configured"),
+            ("HTTP://indexify:8901", true, "TLS is configured"),
+            ("Http://indexify:8901", true, "TLS is configured"),
+            ("grpc://indexify:8901", true, "\"grpc\" is not https"),
+            ("unix:///run/indexify.sock", true, "\"unix\" is not https"),
+            ("dns://indexify:8901", true, "\"dns\" is not https"),
+            ("grpc://indexify:8901", false, "unknown scheme"),
+        ];
+        for (addr, tls, why) in refused {
+            let e = server_url(addr, tls).expect_err(addr);
+            assert!(e.contains(why), "{addr} {tls}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_channel_with_tls_refuses_a_plaintext_address() {
+        let tls = crate::ServerTls::default();
+        for addr in ["HTTP://127.0.0.1:1", "grpc://127.0.0.1:1"] {
+            match channel(addr, Some(&tls)) {
+                Err(AgentError::ServerAddr { reason, .. }) => {
+                    assert!(reason.contains("TLS is configured"), "{addr}: {reason}")
+                }
+                Err(e) => panic!("{addr}: {e}"),
+                Ok(_) => panic!("{addr}: connects in plaintext with TLS configured"),
+            }
+        }
+    }
 
     #[cfg(feature = "testing")]
     #[test]

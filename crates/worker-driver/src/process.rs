@@ -106,7 +106,8 @@ impl WorkerDriver for ProcessDriver {
                 })??
             };
             let pid = child.id().unwrap_or(0);
-            leftovers::record(&records_dir, &spec.id, pid);
+            let cgroup_name = cgroup.as_ref().and_then(|c| c.name());
+            leftovers::record(&records_dir, &spec.id, pid, cgroup_name);
             let worker: Box<dyn Worker> = Box::new(ProcessWorker {
                 child,
                 pid,
@@ -126,20 +127,55 @@ impl WorkerDriver for ProcessDriver {
     }
 
     fn reap_leftovers(&self) -> Vec<Leftover> {
-        // Cgroups first: they also hold what left the worker's process group.
+        let host = leftovers::Host::this();
+        let mut records = Vec::new();
         let mut found = Vec::new();
+        for f in leftovers::take_records(&self.records_dir) {
+            match f {
+                leftovers::Found::Record { worker, record } => records.push((worker, record)),
+                leftovers::Found::Skipped(l) => found.push(l),
+            }
+        }
+        // Cgroups first: they also hold what left the worker's process group.
         if let CgroupSetup::Enabled(c) = &self.cgroups {
+            let cgroup = |worker, killed| Leftover {
+                worker,
+                kind: "cgroup",
+                processes_killed: killed,
+                skipped: None,
+            };
+            for parent in c.unowned_parents() {
+                found.push(Leftover::skipped(
+                    parent.display().to_string(),
+                    "cgroup parent",
+                    "not named after Steward (steward, steward-*, steward.*): nothing under it is swept, only the worker cgroups Steward's records name".into(),
+                ));
+            }
             found.extend(
                 c.reap_leftovers()
                     .into_iter()
-                    .map(|(worker, killed)| Leftover {
-                        worker,
-                        kind: "cgroup",
-                        processes_killed: killed,
-                    }),
+                    .map(|(name, killed)| cgroup(name, killed)),
             );
+            for (_, r) in &records {
+                if let Some(name) = &r.cgroup
+                    && leftovers::check(r, &host).is_ok()
+                    && let Some(killed) = c.reap_named(name)
+                {
+                    found.push(cgroup(name.clone(), killed));
+                }
+            }
         }
-        found.extend(leftovers::reap_process_groups(&self.records_dir));
+        for (worker, r) in records {
+            found.push(match leftovers::reap_group(&r, &host) {
+                Ok(killed) => Leftover {
+                    worker,
+                    kind: "process group",
+                    processes_killed: killed,
+                    skipped: None,
+                },
+                Err(why) => Leftover::skipped(worker, "process group", why),
+            });
+        }
         found
     }
 
@@ -677,6 +713,10 @@ mod tests {
         let (a, b) = (cgroup_name(&long_a), cgroup_name(&long_b));
         assert!(a.len() <= 255 && b.len() <= 255);
         assert_ne!(a, b);
+        // The start-up sweep recognises every name it may meet.
+        for name in [cgroup_name("abc"), cgroup_name("a.b-c_d"), a, b] {
+            assert!(crate::cgroup::worker_cgroup_name(&name), "{name}");
+        }
     }
 
     #[test]

@@ -6,6 +6,14 @@
 //! A relative `--cgroup-parent` is placed under Steward's own cgroup (the
 //! delegation model of systemd's `Delegate=yes` and of containers with a
 //! cgroup namespace); an absolute one under the hierarchy's root.
+//!
+//! Cleanup touches only what is Steward's: worker cgroups are named
+//! `fe-<id>.<pid>-<n>`, and only those are swept at start, only under a
+//! parent named after Steward ([`steward_parent`]: `steward`, `steward-*`,
+//! `steward.*`, `steward_*`), which is also the only kind removed at a
+//! clean stop. Under another parent (`--cgroup-parent /system.slice`) the
+//! services and cgroups already there are never killed; only the worker
+//! cgroups named in Steward's own worker records are ([`Cgroups::reap_named`]).
 
 pub mod files;
 
@@ -321,16 +329,7 @@ impl Cgroups {
     /// Creates the cgroup of worker `name` (already unique) with `limits`.
     /// A leftover of the same name is emptied and reused.
     pub fn create(&self, name: &str, limits: &Limits) -> Result<WorkerCgroup, CgroupError> {
-        let cg = WorkerCgroup {
-            version: self.version,
-            counters: std::sync::OnceLock::new(),
-            dirs: self
-                .trees
-                .iter()
-                .map(|t| (t.controllers.clone(), t.parent.join(name)))
-                .collect(),
-            limits: *limits,
-        };
+        let cg = self.worker_cgroup(name, *limits, |_| true);
         for (_, dir) in &cg.dirs {
             let failed = match fs::create_dir(dir) {
                 Ok(()) => None,
@@ -352,15 +351,19 @@ impl Cgroups {
         Ok(cg)
     }
 
-    /// Kills and removes every worker cgroup under the parents (what a
-    /// SIGKILLed Steward left); returns (name, processes killed) for each.
+    /// Kills and removes every worker cgroup (named `fe-<id>.<pid>-<n>`)
+    /// under the parents that are Steward's ([`steward_parent`]; what a
+    /// SIGKILLed Steward left), sparing those of another live Steward;
+    /// returns (name, processes killed) for each. Nothing else under a
+    /// parent is touched, and nothing at all under a parent that is not
+    /// Steward's (see [`Cgroups::unowned_parents`]).
     pub fn reap_leftovers(&self) -> Vec<(String, usize)> {
         let mut names: Vec<String> = Vec::new();
-        for t in &self.trees {
+        for t in self.trees.iter().filter(|t| steward_parent(&t.parent)) {
             for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if e.path().is_dir()
-                    && name != AGENT_LEAF
+                if worker_cgroup_name(&name)
+                    && e.path().is_dir()
                     && !names.contains(&name)
                     && !of_another_live_steward(&name)
                 {
@@ -370,33 +373,76 @@ impl Cgroups {
         }
         names
             .into_iter()
-            .map(|name| {
-                let cg = WorkerCgroup {
-                    version: self.version,
-                    counters: std::sync::OnceLock::new(),
-                    dirs: self
-                        .trees
-                        .iter()
-                        .map(|t| (t.controllers.clone(), t.parent.join(&name)))
-                        .filter(|(_, d)| d.is_dir())
-                        .collect(),
-                    limits: Limits {
-                        cpu_ms_per_sec: 0,
-                        memory_bytes: 0,
-                        pids_max: 0,
-                    },
-                };
-                let killed = cg.procs().len();
-                cg.empty_out(Duration::from_secs(5));
-                cg.remove();
-                (name, killed)
+            .filter_map(|name| {
+                let killed = self.reap_one(&name, |t| steward_parent(&t.parent))?;
+                Some((name, killed))
             })
             .collect()
     }
 
-    /// Removes the parent directories if empty (at a clean stop).
+    /// Kills and removes the worker cgroup `name` (one that Steward's own
+    /// worker records name) under the parents that are not Steward's, where
+    /// [`Cgroups::reap_leftovers`] does not look; `None` if there is none.
+    pub fn reap_named(&self, name: &str) -> Option<usize> {
+        if !worker_cgroup_name(name) || of_another_live_steward(name) {
+            return None;
+        }
+        self.reap_one(name, |t| !steward_parent(&t.parent))
+    }
+
+    /// Empties and removes the worker cgroup `name` in the trees `which`
+    /// picks; `None` if it exists in none of them.
+    fn reap_one(&self, name: &str, which: impl Fn(&Tree) -> bool) -> Option<usize> {
+        let unknown = Limits {
+            cpu_ms_per_sec: 0,
+            memory_bytes: 0,
+            pids_max: 0,
+        };
+        let mut cg = self.worker_cgroup(name, unknown, which);
+        cg.dirs.retain(|(_, d)| d.is_dir());
+        if cg.dirs.is_empty() {
+            return None;
+        }
+        let killed = cg.procs().len();
+        cg.empty_out(Duration::from_secs(5));
+        cg.remove();
+        Some(killed)
+    }
+
+    /// The worker cgroup `name` in the trees `which` picks (not created).
+    fn worker_cgroup(
+        &self,
+        name: &str,
+        limits: Limits,
+        which: impl Fn(&Tree) -> bool,
+    ) -> WorkerCgroup {
+        WorkerCgroup {
+            version: self.version,
+            counters: std::sync::OnceLock::new(),
+            dirs: self
+                .trees
+                .iter()
+                .filter(|t| which(t))
+                .map(|t| (t.controllers.clone(), t.parent.join(name)))
+                .collect(),
+            limits,
+        }
+    }
+
+    /// The parent directories that are not Steward's ([`steward_parent`]):
+    /// workers are created there, but leftovers are not swept and the
+    /// parent is not removed at a clean stop.
+    pub fn unowned_parents(&self) -> Vec<PathBuf> {
+        self.parents()
+            .into_iter()
+            .filter(|p| !steward_parent(p))
+            .collect()
+    }
+
+    /// Removes the parent directories that are Steward's if empty (at a
+    /// clean stop).
     pub fn remove_parents(&self) {
-        for t in &self.trees {
+        for t in self.trees.iter().filter(|t| steward_parent(&t.parent)) {
             // A worker cgroup the kernel is still tearing down keeps the
             // parent busy for a moment: retry briefly on EBUSY.
             let deadline = Instant::now() + Duration::from_secs(1);
@@ -436,6 +482,37 @@ pub fn own_memory_headroom(sources: &Sources) -> Option<u64> {
     // v1 spells "no limit" as a number near i64::MAX; v2 as "max".
     let limit = files::single(&limit).filter(|l| *l < 1 << 60)?;
     Some(limit.saturating_sub(files::single(&usage)?))
+}
+
+/// Whether a parent cgroup directory is Steward's: named after it
+/// (`steward`, or `steward` then `-`, `.` or `_` and more, as the default
+/// `steward`, `steward.slice` or `steward-bench-7000`). Only under such a
+/// parent are leftover worker cgroups swept and the parent itself removed;
+/// under any other (`--cgroup-parent /system.slice`) Steward removes only
+/// the worker cgroups its own records name, and never touches the rest.
+pub fn steward_parent(dir: &Path) -> bool {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("steward"))
+        .is_some_and(|rest| {
+            rest.is_empty() || (rest.len() > 1 && rest.starts_with(['-', '.', '_']))
+        })
+}
+
+/// Whether `name` is a worker cgroup's as the driver names them:
+/// `fe-<id>.<pid>-<n>` (the id of `[A-Za-z0-9._-]`, possibly shortened
+/// with a hash), within the kernel's 255-byte limit.
+pub fn worker_cgroup_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && name
+            .strip_prefix("fe-")
+            .and_then(|rest| rest.rsplit_once('.'))
+            .and_then(|(id, tail)| Some((id, tail.split_once('-')?)))
+            .is_some_and(|(id, (pid, n))| !id.is_empty() && digits(pid) && digits(n))
 }
 
 /// Whether worker cgroup `name` (`fe-<id>.<pid>-<n>`) was made by another
@@ -553,6 +630,12 @@ impl WorkerCgroup {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The cgroup's directory name (`fe-<id>.<pid>-<n>`).
+    pub fn name(&self) -> Option<String> {
+        let (_, dir) = self.dirs.first()?;
+        Some(dir.file_name()?.to_string_lossy().into_owned())
     }
 
     /// The `cgroup.procs` files a new worker writes its pid to before exec.

@@ -280,3 +280,105 @@ fn own_memory_headroom_under_a_limit() {
     fs::write(own.join("memory.limit_in_bytes"), "8192\n").expect("write");
     assert_eq!(own_memory_headroom(&sources), Some(4096));
 }
+
+#[test]
+fn parents_named_after_steward_are_its_own() {
+    for ours in [
+        "/sys/fs/cgroup/steward",
+        "/x/steward.slice",
+        "/x/steward-bench-7000",
+        "/x/steward_workers",
+    ] {
+        assert!(steward_parent(Path::new(ours)), "{ours}");
+    }
+    for theirs in [
+        "/sys/fs/cgroup/system.slice",
+        "/x/stewardess",
+        "/x/steward-",
+        "/x/my-steward",
+        "/",
+    ] {
+        assert!(!steward_parent(Path::new(theirs)), "{theirs}");
+    }
+}
+
+#[test]
+fn worker_cgroup_names_are_recognised() {
+    for name in [
+        "fe-w1.4000-0",
+        "fe-a.b-c.12-345",
+        "fe-abc-0123456789abcdef.1-2",
+    ] {
+        assert!(worker_cgroup_name(name), "{name}");
+    }
+    for name in [
+        "fe-.1-0",
+        "fe-w1",
+        "fe-w1.x-0",
+        "fe-w1.1-",
+        "fe-w1.1-0/..",
+        "postgres.service",
+        "steward-agent",
+        "fe-w 1.1-0",
+    ] {
+        assert!(!worker_cgroup_name(name), "{name}");
+    }
+}
+
+/// A v2 host laid out in a temp dir, Steward in the root cgroup, with
+/// `parent` prepared: (mount point, cgroups).
+fn v2_host(tmp: &Path, parent: &str) -> (PathBuf, std::sync::Arc<Cgroups>) {
+    let mnt = tmp.join("cg");
+    lay_out(&mnt, &[("cgroup.controllers", "cpu memory pids\n")]);
+    let sources = Sources {
+        mountinfo: format!("35 24 0:30 / {} rw - cgroup2 cgroup2 rw\n", mnt.display()),
+        self_cgroup: "0::/\n".into(),
+    };
+    let cg = enabled(Cgroups::detect_from(&sources, parent));
+    (mnt, cg)
+}
+
+#[test]
+fn nothing_under_a_parent_that_is_not_stewards_is_swept_or_removed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mnt, cg) = v2_host(tmp.path(), "/system.slice");
+    let slice = mnt.join("system.slice");
+    // A service, and a cgroup that merely looks like a worker's.
+    lay_out(&slice.join("postgres.service"), &[("cgroup.procs", "")]);
+    fs::create_dir_all(slice.join("fe-svc.1-0")).expect("mkdir");
+    assert_eq!(cg.unowned_parents(), vec![slice.clone()]);
+    assert_eq!(cg.reap_leftovers(), Vec::<(String, usize)>::new());
+    cg.remove_parents();
+    assert!(slice.join("postgres.service").is_dir());
+    assert!(slice.join("fe-svc.1-0").is_dir());
+    // A worker cgroup Steward's own records name is removed there.
+    assert_eq!(cg.reap_named("fe-svc.1-0"), Some(0));
+    assert!(!slice.join("fe-svc.1-0").exists());
+    assert_eq!(cg.reap_named("postgres.service"), None);
+    assert!(slice.join("postgres.service").is_dir());
+    // Empty or not, the parent is not Steward's to remove.
+    fs::remove_dir_all(slice.join("postgres.service")).expect("rm");
+    for f in ["cgroup.subtree_control", "cgroup.controllers"] {
+        let _ = fs::remove_file(slice.join(f));
+    }
+    cg.remove_parents();
+    assert!(slice.is_dir());
+}
+
+#[test]
+fn under_stewards_own_parent_only_worker_cgroups_are_swept() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mnt, cg) = v2_host(tmp.path(), "/steward");
+    let parent = mnt.join("steward");
+    fs::create_dir_all(parent.join("fe-w1.1-0")).expect("mkdir");
+    lay_out(&parent.join("postgres.service"), &[("cgroup.procs", "")]);
+    fs::create_dir_all(parent.join("fe-not-a-worker")).expect("mkdir");
+    assert!(cg.unowned_parents().is_empty());
+    assert_eq!(cg.reap_leftovers(), vec![("fe-w1.1-0".to_string(), 0)]);
+    assert!(!parent.join("fe-w1.1-0").exists());
+    assert!(parent.join("postgres.service").is_dir());
+    assert!(parent.join("fe-not-a-worker").is_dir());
+    // Under its own parent, reap_named leaves the sweep's work alone.
+    fs::create_dir_all(parent.join("fe-w2.1-0")).expect("mkdir");
+    assert_eq!(cg.reap_named("fe-w2.1-0"), None);
+}
