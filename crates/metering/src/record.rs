@@ -166,11 +166,7 @@ pub fn fit(record: &mut UsageRecord) -> bool {
     if payload_within_bounds(record).is_some() {
         return false;
     }
-    if let Cow::Owned(id) = recorded_id(&record.id) {
-        record.id = id;
-    }
-    merge_gpus(&mut record.gpu_ms);
-    merge_gpus(&mut record.gpu_busy_ms);
+    bound_names(record);
     let mut budget = MAX_NAME_BYTES;
     loop {
         cut_names(record, budget);
@@ -179,6 +175,24 @@ pub fn fit(record: &mut UsageRecord) -> bool {
         }
         budget /= 4;
     }
+}
+
+/// The first step of [`fit`], without serializing: the id cut to
+/// [`MAX_ID_BYTES`] (with a hash of the whole id), other names to
+/// [`MAX_NAME_BYTES`], GPU lists to [`MAX_GPU_ENTRIES`]. Whether anything
+/// was cut. The recorder bounds each record so when it makes it, so that
+/// the records waiting in memory for the ledger are bounded too.
+pub(crate) fn bound_names(record: &mut UsageRecord) -> bool {
+    if names_within_bounds(record) {
+        return false;
+    }
+    if let Cow::Owned(id) = recorded_id(&record.id) {
+        record.id = id;
+    }
+    merge_gpus(&mut record.gpu_ms);
+    merge_gpus(&mut record.gpu_busy_ms);
+    cut_names(record, MAX_NAME_BYTES);
+    true
 }
 
 /// Cuts every name but the id to at most `budget` bytes.

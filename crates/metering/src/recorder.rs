@@ -49,7 +49,7 @@ use crate::activity::{Activity, Day};
 use crate::ledger::{BatchError, Ledger, LedgerConfig, LedgerError, Recovery};
 use crate::meter::{Accrued, Meter, Sample};
 use crate::price::PriceCard;
-use crate::record::{RecordKind, UsageRecord};
+use crate::record::{RecordKind, UsageRecord, bound_names};
 
 /// A worker's CPU time (µs, cumulative) and memory now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -251,7 +251,7 @@ impl UsageMetrics {
         );
         r.register(
             "usage_ledger_cut_records",
-            "Usage records written with their names cut to fit the ledger's frame limit",
+            "Usage records whose names were cut to their bounds or the ledger's frame limit",
             self.cut.clone(),
         );
         r.register(
@@ -376,7 +376,7 @@ pub struct RecorderStatus {
     pub failed_attempts: u64,
     /// Records dropped because the queue for the ledger was full.
     pub dropped_records: u64,
-    /// Records written with their names cut to fit the frame limit.
+    /// Records whose names were cut to the bounds or the frame limit.
     pub cut_records: u64,
 }
 
@@ -584,12 +584,19 @@ impl Inner {
         waiting
     }
 
+    /// Prices the record (by its whole names), then bounds its names (see
+    /// [`bound_names`]): what waits in memory for the ledger is bounded.
     fn price(&self, mut r: UsageRecord) -> UsageRecord {
         let card = self
             .card
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         r.cost_minor = card.as_ref().map(|c| c.cost(&r));
+        drop(card);
+        if bound_names(&mut r) {
+            self.metrics.cut.inc();
+            lock(&self.status).cut_records += 1;
+        }
         r
     }
 }
@@ -1316,7 +1323,7 @@ impl Committer {
         let cut = self.ledger.records_cut();
         if cut > self.cut_seen {
             self.inner.metrics.cut.inc_by(cut - self.cut_seen);
-            lock(&self.inner.status).cut_records = cut;
+            lock(&self.inner.status).cut_records += cut - self.cut_seen;
             self.cut_seen = cut;
         }
         match error {
@@ -1864,6 +1871,39 @@ mod tests {
         assert!(rec.flush(Duration::from_secs(30)));
         let newest: Vec<String> = (7..12).map(|i| format!("a{i}")).collect();
         assert_eq!(allocation_ids(disk.path()), newest);
+        rec.stop(Duration::from_secs(5));
+    }
+
+    #[test]
+    fn records_waiting_in_memory_are_bounded_in_their_names() {
+        use crate::record::{MAX_ID_BYTES, MAX_NAME_BYTES};
+        let disk = crate::tmpfs_for_tests::Tmpfs::mount(4 << 20);
+        let rec = start_with(disk.path(), |c| c.stall_limit = Duration::from_millis(200));
+        disk.fill();
+        let huge = "n".repeat(1 << 20);
+        rec.allocation_finished(FinishedAllocation {
+            alloc_id: "i".repeat(10_000),
+            namespace: huge.clone(),
+            application: huge.clone(),
+            function: huge,
+            ..done("", "w")
+        });
+        await_status(&rec, "it waits", |s| s.unwritten_records == 1);
+        {
+            let b = lock(&rec.inner.books);
+            let r = b.pending.front().expect("waiting");
+            assert!(r.id.len() <= MAX_ID_BYTES, "{}", r.id.len());
+            assert_eq!(
+                [&r.namespace, &r.application, &r.function].map(|n| n.len()),
+                [MAX_NAME_BYTES; 3]
+            );
+        }
+        disk.free();
+        assert!(rec.flush(Duration::from_secs(30)));
+        let written = read_records(&disk.path().join("usage")).expect("read");
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].function.len(), MAX_NAME_BYTES);
+        assert_eq!(rec.status().cut_records, 1);
         rec.stop(Duration::from_secs(5));
     }
 
