@@ -571,3 +571,118 @@ async fn a_worker_message_over_the_limit_fails_only_its_allocation() -> Result<(
     plane.stop().await;
     Ok(())
 }
+
+/// Polls until the first hostile allocation has done what it can at the
+/// agent: its result is in (whatever it carries) or its watches are.
+async fn wait_hostile_in_place(steward: &AgentProc) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = steward.metrics().await?;
+        let completed: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("steward_allocations_completed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let watches = support::metric(&text, "steward_function_call_watches").unwrap_or(0.0);
+        if completed >= 1.0 || watches > 0.0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the hostile allocation neither finished nor watched within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the `hostile` functions, then, once the first has finished or
+/// registered its watches at the agent, a bystander on another worker of
+/// the same host: the bystander's result reaches the server, each hostile
+/// allocation fails alone with FUNCTION_ERROR and an event naming its
+/// bound, and the host stays healthy and keeps working.
+async fn hostile_fails_alone(
+    extra: &[&str],
+    hostile: &[(&str, serde_json::Value, &str)],
+) -> Result<()> {
+    let (plane, steward) = fake_setup(FunctionOptions::default(), extra).await?;
+    let mut started = Vec::new();
+    for (function, input, bound) in hostile {
+        let id = plane.start_request("fake", function, input.clone()).await?;
+        started.push((id, *bound));
+    }
+    wait_hostile_in_place(&steward).await?;
+    let bystander = plane
+        .start_request("fake", "echo", json!("bystander"))
+        .await?;
+    let b = plane.outcome(&bystander).await?;
+    assert_eq!(
+        (b.status.as_str(), b.output.clone()),
+        ("success", Some(json!("bystander"))),
+        "the bystander's result must reach the server: {b:?}"
+    );
+    for (id, bound) in started {
+        let out = plane.outcome(&id).await?;
+        assert_eq!(
+            (out.status.as_str(), out.failure_reason.as_deref()),
+            ("failure", Some("FUNCTION_ERROR")),
+            "{out:?}"
+        );
+        let (_, events) = steward.get_json("/state/events").await?;
+        assert!(
+            events["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["kind"] == json!("allocation_failed")
+                    && e["message"].as_str().is_some_and(|m| m.contains(bound))),
+            "the failure names {bound}: {events}"
+        );
+    }
+    let (code, health) = steward.get_json("/monitoring/health").await?;
+    assert_eq!(code, 200, "{health}");
+    let ok = plane.invoke_app("fake", "echo", json!("after")).await?;
+    assert_eq!(ok.output, Some(json!("after")), "{ok:?}");
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mib_content_type_fails_only_its_allocation() -> Result<()> {
+    // Under the 1 GiB worker message limit, over the 256 MiB server one.
+    hostile_fails_alone(
+        &[],
+        &[("huge_content_type", json!(300), "MAX_CONTENT_TYPE_BYTES")],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_long_watch_ids_fail_only_their_allocation() -> Result<()> {
+    // 20k watchers of 1 KiB ids: over the count cap (10k would be 10 MiB
+    // of watches in every report, over this server's 8 MiB limit); 100 of
+    // them: each id over the id bound. One host each: a breach stops the
+    // hostile worker, which fails what waits on it.
+    let limit = ["--max-server-message-bytes", "8388608"];
+    hostile_fails_alone(
+        &limit,
+        &[("huge_watches", json!([20_000, 1024]), "MAX_WATCHERS")],
+    )
+    .await?;
+    hostile_fails_alone(
+        &limit,
+        &[("huge_watches", json!([100, 1024]), "MAX_ID_BYTES")],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_cannot_outgrow_the_server_message_limit() -> Result<()> {
+    // 5,000 watches of 200-byte ids, each within every per-allocation
+    // bound, together over a 1 MiB server limit: the host's watch budget
+    // (a quarter of the limit) fails the allocation that would exceed it.
+    hostile_fails_alone(
+        &["--max-server-message-bytes", "1048576"],
+        &[("huge_watches", json!([5_000, 200]), "watch budget")],
+    )
+    .await
+}

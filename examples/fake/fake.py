@@ -131,3 +131,15 @@ def hold_256(x: str) -> str:
 @function()
 def sleep_20(x: str) -> str:
     """Sleeps 20 ms (the metering crash loop's steady stream of finishes)."""
+
+
+@application()
+@function()
+def huge_content_type(x: str) -> str:
+    """Returns its input, a number n, declaring an n MiB content type (the agent must fail it by name)."""
+
+
+@application()
+@function()
+def huge_watches(x: str) -> str:
+    """Input [count, bytes]: waits on that many function calls, every id that many bytes long (the agent must fail it by name)."""

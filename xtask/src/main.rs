@@ -10,9 +10,11 @@
 //!   `target/bench/results.md`. Not part of `test`. `cargo xtask bench
 //!   --help` lists the harness's flags.
 //! - `cargo xtask fuzz [--seeds N]`: the hostile-worker fuzz test
-//!   (`tests/worker_fuzz.rs`) with many seeds; `test` runs 40. Then usage-ledger
-//!   frames at and near the frame limit (`record::tests` in steward-metering),
-//!   seeds × 10 cases of each property; `test` runs 64.
+//!   (`tests/worker_fuzz.rs`) with many seeds; `test` runs 40. Then report
+//!   building with hostile results (`report_fuzz` in the reconciler), as
+//!   many cases as seeds; `test` runs 24. Then usage-ledger frames at and
+//!   near the frame limit (`record::tests` in steward-metering), seeds × 10
+//!   cases of each property; `test` runs 64.
 //!
 //! Demo, test and bench create `.venv` (indexify==0.4.56, tensorlake==0.3.9) when missing.
 //!
@@ -70,10 +72,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The hostile-worker fuzz test with many seeds (CI runs 40), and
+    /// The hostile-worker fuzz test with many seeds (CI runs 40), report
+    /// building with hostile results as many cases (CI runs 24), and
     /// usage-ledger frames near their limit, ten times as many (CI runs 64)
     Fuzz {
-        /// How many seeds of the fake worker's `fuzz` function to run
+        /// How many seeds of the fake worker's `fuzz` function to run, and
+        /// how many report-building cases
         #[arg(long, default_value_t = 2000)]
         seeds: u64,
     },
@@ -286,6 +290,11 @@ fn fuzz(seeds: u64) -> Result<()> {
             "--nocapture",
         ])
         .env("STEWARD_FUZZ_SEEDS", seeds.to_string()))?;
+    lib_tests(
+        "steward-reconciler",
+        "report_fuzz",
+        ("STEWARD_REPORT_FUZZ_CASES", seeds),
+    )?;
     // Usage-ledger frames at and near the frame limit: seeds × 10 cases
     // of each property (`test` runs 64).
     lib_tests(

@@ -7,6 +7,9 @@
 //! `no_upload` (a value never uploaded), `huge_output` (a u64::MAX-byte blob request),
 //! `fuzz` (hostile allocation states from a seed; see `fuzz.rs`), `huge_state`
 //! (a 2 MiB allocation state), `gate` (finishes once the file its input names exists),
+//! `huge_content_type` (echoes its input, a number `n`, with an `n` MiB content
+//! type), `huge_watches` (its input `[count, bytes]`: that many watchers, their
+//! ids and watched call ids that many bytes long, then silence),
 //! and, for resource-limit tests, `burn_<ms>` (two threads spin for `<ms>` of wall
 //! time; outputs the wall and process CPU time), `forkbomb` (spawns `sleep`s until a
 //! spawn fails, then kills and reaps them all; outputs how many and the error) and
@@ -120,6 +123,19 @@ fn suffix_number<T: std::str::FromStr>(name: &str, prefix: &str) -> Option<T> {
     name.strip_prefix(prefix).and_then(|n| n.parse().ok())
 }
 
+/// `[count, bytes]` (the `huge_watches` input); 20,000 watchers of 1 KiB ids by default.
+fn count_and_bytes(input: &[u8]) -> (usize, usize) {
+    let text = String::from_utf8_lossy(input);
+    let mut numbers = text
+        .trim()
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|n| n.trim().parse().ok());
+    let count = numbers.next().flatten().unwrap_or(20_000);
+    let bytes = numbers.next().flatten().unwrap_or(1024);
+    (count, bytes)
+}
+
 /// Runs `f` on the blocking pool, off the (single) runtime thread.
 async fn blocking(
     f: impl FnOnce() -> Result<Vec<u8>, String> + Send + 'static,
@@ -199,6 +215,22 @@ impl Worker {
                         }),
                         args_blob: None,
                     })
+                });
+                return std::future::pending().await;
+            }
+            ("huge_watches", Ok(input)) => {
+                let (count, bytes) = count_and_bytes(&input);
+                let padded = |prefix: &str, i: usize| {
+                    format!("{prefix}{i:0>width$}", width = bytes.saturating_sub(1))
+                };
+                self.publish(&id, |s| {
+                    s.function_call_watchers = (0..count)
+                        .map(|i| fe::AllocationFunctionCallWatcher {
+                            id: Some(padded("w", i)),
+                            root_function_call_id: Some(padded("c", i)),
+                            ..Default::default()
+                        })
+                        .collect()
                 });
                 return std::future::pending().await;
             }
@@ -286,6 +318,16 @@ impl Worker {
                 })
         });
         let Ok(blob) = rx.await else { return };
+        let content_type = match function.as_str() {
+            "huge_content_type" => {
+                let mib: usize = String::from_utf8_lossy(&output)
+                    .trim()
+                    .parse()
+                    .unwrap_or(300);
+                "x".repeat(mib << 20)
+            }
+            _ => "application/json".into(),
+        };
         let result = match write_blob(&blob, &output) {
             Ok(chunks) => fe::AllocationResult {
                 outcome_code: Some(fe::AllocationOutcomeCode::Success as i32),
@@ -297,7 +339,7 @@ impl Worker {
                             size: Some(size),
                             metadata_size: Some(0),
                             sha256_hash: Some(hex::encode(Sha256::digest(&output))),
-                            content_type: Some("application/json".into()),
+                            content_type: Some(content_type),
                             source_function_call_id: None,
                         }),
                         offset: Some(0),

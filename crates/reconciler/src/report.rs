@@ -1,6 +1,11 @@
 //! Building and sending `report_executor_state`: the state hash, result
 //! packing under the message size limit, the periodic/on-change loop with
 //! backoff, and the final STOPPED report.
+//!
+//! No report is built that the server must refuse for its size: results
+//! are split across reports under the server message limit, and a result
+//! that cannot fit next to the state even alone is replaced by a failure
+//! of its allocation (named in an event), so it never blocks the others.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -16,7 +21,9 @@ use crate::pb;
 use crate::pb::executor_api_client::ExecutorApiClient;
 use crate::state::{Shared, State, TimelineEntry};
 
-/// Results are packed into one report while it stays under this size.
+/// Results are packed into one report while it stays under this size (or
+/// under the server message limit, if smaller); a larger result goes alone,
+/// within the server message limit.
 pub const MAX_REPORT_BYTES: usize = 10 * 1024 * 1024;
 /// Deadline of one report RPC.
 pub const REPORT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -311,9 +318,35 @@ pub(crate) struct Carried {
     pub held: bool,
 }
 
+/// The encoded size of a `ReportExecutorStateRequest` whose state and
+/// update take `state` and `update` bytes.
+fn request_len(state: usize, update: usize) -> usize {
+    use prost::encoding::encoded_len_varint;
+    2 + encoded_len_varint(state as u64) + state + encoded_len_varint(update as u64) + update
+}
+
+/// What the server hears instead of a result too large for any report:
+/// its allocation failed (FUNCTION_ERROR), without value or plan.
+fn undeliverable(r: &pb::AllocationResult) -> pb::AllocationResult {
+    pb::AllocationResult {
+        function: r.function.clone(),
+        allocation_id: r.allocation_id.clone(),
+        function_call_id: r.function_call_id.clone(),
+        request_id: r.request_id.clone(),
+        outcome_code: Some(pb::AllocationOutcomeCode::Failure as i32),
+        failure_reason: Some(pb::AllocationFailureReason::FunctionError as i32),
+        return_value: None,
+        request_error: None,
+        execution_duration_ms: r.execution_duration_ms,
+    }
+}
+
 /// Builds a report with the oldest buffered results whose usage records
 /// are durable (every buffered result when `all`: the final report, after
-/// metering was flushed or gave up).
+/// metering was flushed or gave up), within the server message limit:
+/// results while the report stays under [`MAX_REPORT_BYTES`] (a larger
+/// first one alone), and in place of a result that cannot fit even alone,
+/// a failure of its allocation.
 pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
     use prost::encoding::{WireType, encode_key, encode_varint, message, string};
     let durable = if all {
@@ -321,28 +354,41 @@ pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
     } else {
         shared.durable_ticket()
     };
+    let limit = shared.config.max_server_message_bytes;
+    let target = MAX_REPORT_BYTES.min(limit);
     let mut st = shared.state.lock();
     let state = encoded_state(shared, &mut st);
     let mut update = Vec::new();
     string::encode(1, &shared.config.executor_id, &mut update);
-    let mut size = state.len() + update.len() + 16;
+    let bare = update.len();
     let mut carried = 0;
     let mut full = false;
     let mut held = false;
     let mut first_sends = Vec::new();
+    let mut replaced: Vec<(String, usize)> = Vec::new();
     for p in st.results.iter_mut() {
         // In order: one not yet durable holds back those behind it.
         if p.ticket > durable {
             held = true;
             break;
         }
-        let len = p.result.encoded_len() + 8;
-        // The first result always goes, whatever its size.
-        if carried > 0 && size + len > MAX_REPORT_BYTES {
+        let mut len = message::encoded_len(2, &p.result);
+        if request_len(state.len(), bare + len) > limit {
+            // Never sendable, so it would block every result behind it.
+            replaced.push((p.result.allocation_id.clone().unwrap_or_default(), len));
+            p.result = undeliverable(&p.result);
+            len = message::encoded_len(2, &p.result);
+            if request_len(state.len(), bare + len) > limit {
+                // The state leaves no room at all; the report fails and says why.
+                break;
+            }
+        }
+        // A first result over the packing target goes alone.
+        let max = if carried == 0 { limit } else { target };
+        if request_len(state.len(), update.len() + len) > max {
             full = true;
             break;
         }
-        size += len;
         carried += 1;
         message::encode(2, &p.result, &mut update);
         if !p.sent {
@@ -365,8 +411,18 @@ pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
             )));
         }
     }
+    for (id, len) in replaced {
+        let message = format!(
+            "its result is {len} bytes and cannot fit a report next to the state ({} bytes) under the server message limit of {limit} bytes (--max-server-message-bytes); the server hears FUNCTION_ERROR instead",
+            state.len()
+        );
+        if let Some(a) = st.allocations.get_mut(&id) {
+            a.timeline.push(TimelineEntry::now(message.clone()));
+        }
+        shared.event("allocation_failed", &id, message);
+    }
     drop(st);
-    let mut request = Vec::with_capacity(state.len() + update.len() + 16);
+    let mut request = Vec::with_capacity(request_len(state.len(), update.len()));
     encode_key(1, WireType::LengthDelimited, &mut request);
     encode_varint(state.len() as u64, &mut request);
     request.extend_from_slice(&state);
@@ -575,6 +631,10 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
 }
 
 #[cfg(test)]
+#[path = "report_fuzz.rs"]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -727,6 +787,127 @@ mod tests {
         assert_eq!(ids, ["a", "b", "c", "d"]);
         assert_eq!(carried.count, 4);
         assert!(!carried.held && !carried.full);
+    }
+
+    /// A result whose value declares a content type of `bytes` bytes.
+    fn result_with_content_type(id: &str, bytes: usize) -> pb::AllocationResult {
+        pb::AllocationResult {
+            return_value: Some(pb::allocation_result::ReturnValue::Value(pb::DataPayload {
+                content_type: Some("t".repeat(bytes)),
+                ..Default::default()
+            })),
+            ..result(id)
+        }
+    }
+
+    /// Builds reports as the loop does (each one succeeding) until the
+    /// buffer is empty; every report must fit `limit`. Returns what each
+    /// report carried.
+    fn drain(shared: &Shared, limit: usize) -> Vec<Vec<pb::AllocationResult>> {
+        let mut reports = Vec::new();
+        while !shared.state.lock().results.is_empty() {
+            let (report, carried) = build_request(shared, false);
+            assert!(report.bytes.len() <= limit, "{} bytes", report.bytes.len());
+            assert!(carried.count > 0, "no progress");
+            let mut st = shared.state.lock();
+            for _ in 0..carried.count {
+                st.results.pop_front();
+            }
+            reports.push(
+                report
+                    .decode()
+                    .executor_update
+                    .map(|u| u.allocation_results)
+                    .unwrap_or_default(),
+            );
+        }
+        reports
+    }
+
+    #[test]
+    fn results_are_split_across_reports_under_the_server_limit() {
+        let limit = 1 << 20;
+        let shared = crate::testing_support::shared_with(|c| c.max_server_message_bytes = limit);
+        for i in 0..5 {
+            let r = result_with_content_type(&format!("r{i}"), 300 << 10);
+            shared
+                .state
+                .lock()
+                .results
+                .push_back(crate::state::PendingResult::new(r, 0));
+        }
+        let counts: Vec<usize> = drain(&shared, limit).iter().map(Vec::len).collect();
+        assert_eq!(counts, [3, 2]);
+    }
+
+    #[test]
+    fn a_result_that_fits_no_report_becomes_a_failure_and_blocks_nothing() {
+        let limit = 1 << 20;
+        let shared = crate::testing_support::shared_with(|c| c.max_server_message_bytes = limit);
+        for r in [
+            result("before"),
+            result_with_content_type("huge", 2 << 20),
+            result("after"),
+        ] {
+            shared
+                .state
+                .lock()
+                .results
+                .push_back(crate::state::PendingResult::new(r, 0));
+        }
+        let reports = drain(&shared, limit);
+        assert_eq!(reports.len(), 1, "the failure is small: all go together");
+        let outcomes: Vec<_> = reports[0]
+            .iter()
+            .map(|r| {
+                (
+                    r.allocation_id.clone().unwrap_or_default(),
+                    r.outcome_code(),
+                    r.return_value.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("before".into(), pb::AllocationOutcomeCode::Unknown, false),
+                ("huge".into(), pb::AllocationOutcomeCode::Failure, false),
+                ("after".into(), pb::AllocationOutcomeCode::Unknown, false),
+            ]
+        );
+        assert_eq!(
+            reports[0][1].failure_reason(),
+            pb::AllocationFailureReason::FunctionError
+        );
+        let events = shared.events.recent();
+        assert!(
+            events.iter().any(|e| e.kind == "allocation_failed"
+                && e.subject == "huge"
+                && e.message.contains("--max-server-message-bytes")),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn a_first_result_over_the_packing_target_goes_alone_within_the_limit() {
+        let limit = MAX_REPORT_BYTES + (2 << 20);
+        let shared = crate::testing_support::shared_with(|c| c.max_server_message_bytes = limit);
+        for r in [
+            result("small"),
+            result_with_content_type("big", MAX_REPORT_BYTES + (1 << 20)),
+            result("last"),
+        ] {
+            shared
+                .state
+                .lock()
+                .results
+                .push_back(crate::state::PendingResult::new(r, 0));
+        }
+        let ids: Vec<Vec<String>> = drain(&shared, limit)
+            .into_iter()
+            .map(|rs| rs.into_iter().filter_map(|r| r.allocation_id).collect())
+            .collect();
+        assert_eq!(ids, [vec!["small"], vec!["big"], vec!["last"]]);
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! (namespace, request id, function call id), as the reference does, to
 //! every waiting watcher exactly once. A result that arrives while nobody
 //! waits is kept (bounded) so a watcher registered later still gets it.
+//!
+//! The reported watches are part of every report, so together they are
+//! held to a budget, a share of the server message limit
+//! ([`WATCH_BUDGET_DIVISOR`]): a watch that would exceed it is refused, and
+//! the allocation asking for it fails, not every report.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -15,6 +20,17 @@ use crate::pb;
 
 /// How many results with no watcher yet are kept, oldest dropped first.
 pub(crate) const EARLY_RESULTS_LIMIT: usize = 1024;
+
+/// The reported watches together take at most 1/this of the server message
+/// limit (`--max-server-message-bytes`), so the rest of the state and the
+/// results always fit beside them.
+pub(crate) const WATCH_BUDGET_DIVISOR: usize = 4;
+
+/// Bytes the reported watches may take in a report, for a server message
+/// limit of `max_server_message_bytes`.
+pub(crate) fn budget(max_server_message_bytes: usize) -> usize {
+    max_server_message_bytes / WATCH_BUDGET_DIVISOR
+}
 
 /// What a result is routed on (the application is not part of it).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -54,6 +70,15 @@ fn tuple(w: &pb::FunctionCallWatch) -> WatchTuple {
     )
 }
 
+/// Bytes one reported watch takes in `ExecutorState.function_call_watches`
+/// (field 15: a one-byte key, the length, four string fields).
+fn reported_len(t: &WatchTuple) -> usize {
+    use prost::encoding::encoded_len_varint;
+    let field = |s: &String| 1 + encoded_len_varint(s.len() as u64) + s.len();
+    let body = field(&t.0) + field(&t.1) + field(&t.2) + field(&t.3);
+    1 + encoded_len_varint(body as u64) + body
+}
+
 /// A result on its way to one watcher of one allocation.
 #[derive(Debug)]
 pub(crate) struct Delivery {
@@ -82,6 +107,8 @@ pub(crate) enum Routed {
 #[derive(Default)]
 pub(crate) struct WatchRegistry {
     reported: BTreeMap<WatchTuple, usize>,
+    /// What `reported` takes in a report.
+    reported_bytes: usize,
     waiters: HashMap<RouteKey, Vec<Waiter>>,
     /// Results nobody waited for yet, and their arrival order (oldest
     /// first) for eviction. Every desired state repeats watched results,
@@ -102,21 +129,35 @@ pub(crate) fn is_final(r: &pb::FunctionCallResult) -> bool {
 impl WatchRegistry {
     /// Registers `waiter` on `watch`. Returns whether the reported set
     /// changed, and a result already kept for it (then the waiter is not
-    /// registered: the caller delivers that result itself).
+    /// registered: the caller delivers that result itself). A new watch
+    /// that would take the reported set over `budget` bytes is refused
+    /// (nothing registered), with the reason.
     pub fn add(
         &mut self,
         watch: &pb::FunctionCallWatch,
         waiter: Waiter,
-    ) -> (bool, Option<pb::FunctionCallResult>) {
-        let count = self.reported.entry(tuple(watch)).or_insert(0);
+        budget: usize,
+    ) -> Result<(bool, Option<pb::FunctionCallResult>), String> {
+        let t = tuple(watch);
+        if !self.reported.contains_key(&t) {
+            let bytes = reported_len(&t);
+            if self.reported_bytes + bytes > budget {
+                return Err(format!(
+                    "the host's reported watches would take {} bytes, over the watch budget of {budget} bytes (a quarter of --max-server-message-bytes; WATCH_BUDGET_DIVISOR)",
+                    self.reported_bytes + bytes
+                ));
+            }
+            self.reported_bytes += bytes;
+        }
+        let count = self.reported.entry(t).or_insert(0);
         *count += 1;
         let changed = *count == 1;
         let key = RouteKey::of_watch(watch);
         if let Some(r) = self.early.get(&key) {
-            return (changed, Some(r.clone()));
+            return Ok((changed, Some(r.clone())));
         }
         self.waiters.entry(key).or_default().push(waiter);
-        (changed, None)
+        Ok((changed, None))
     }
 
     /// Drops one registration of `watch` by (allocation, watcher). Returns
@@ -142,6 +183,7 @@ impl WatchRegistry {
             }
             Some(_) => {
                 self.reported.remove(&t);
+                self.reported_bytes = self.reported_bytes.saturating_sub(reported_len(&t));
                 true
             }
             None => false,
@@ -199,10 +241,18 @@ impl WatchRegistry {
     pub fn len(&self) -> usize {
         self.reported.len()
     }
+
+    /// Bytes the reported watches take in a report.
+    #[cfg(test)]
+    pub fn reported_bytes(&self) -> usize {
+        self.reported_bytes
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     fn watch(fc: &str) -> pb::FunctionCallWatch {
@@ -229,6 +279,12 @@ mod tests {
         }
     }
 
+    /// Registers a watch on call `fc` within an ample budget.
+    fn add(reg: &mut WatchRegistry, fc: &str, w: Waiter) -> (bool, Option<pb::FunctionCallResult>) {
+        reg.add(&watch(fc), w, usize::MAX)
+            .expect("within the budget")
+    }
+
     fn waiter(alloc: &str, watcher: &str) -> (Waiter, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (
@@ -246,8 +302,8 @@ mod tests {
         let mut reg = WatchRegistry::default();
         let (w1, _r1) = waiter("a1", "w1");
         let (w2, _r2) = waiter("a2", "w2");
-        assert!(reg.add(&watch("d"), w1).0);
-        assert!(!reg.add(&watch("d"), w2).0, "same content twice");
+        assert!(add(&mut reg, "d", w1).0);
+        assert!(!add(&mut reg, "d", w2).0, "same content twice");
         assert_eq!(reg.reported().len(), 1);
         assert!(!reg.remove(&watch("d"), "a1", "w1"), "still watched by a2");
         assert!(reg.remove(&watch("d"), "a2", "w2"), "last one gone");
@@ -263,8 +319,8 @@ mod tests {
         let mut reg = WatchRegistry::default();
         let (w1, mut r1) = waiter("a1", "w1");
         let (w2, mut r2) = waiter("a2", "w2");
-        reg.add(&watch("d"), w1);
-        reg.add(&watch("d"), w2);
+        add(&mut reg, "d", w1);
+        add(&mut reg, "d", w2);
         assert_eq!(reg.route(&success("d")), Routed::Delivered(2));
         assert_eq!(
             r1.try_recv().map(|d| d.watcher_id).ok().as_deref(),
@@ -284,7 +340,7 @@ mod tests {
         let mut reg = WatchRegistry::default();
         assert_eq!(reg.route(&success("d")), Routed::Kept);
         let (w, mut rx) = waiter("a1", "w1");
-        let (changed, early) = reg.add(&watch("d"), w);
+        let (changed, early) = add(&mut reg, "d", w);
         assert!(changed);
         assert_eq!(early.and_then(|r| r.function_call_id).as_deref(), Some("d"));
         assert!(rx.try_recv().is_err(), "handed back, not sent");
@@ -294,7 +350,7 @@ mod tests {
     fn unfinished_results_are_not_routed() {
         let mut reg = WatchRegistry::default();
         let (w, mut rx) = waiter("a1", "w1");
-        reg.add(&watch("d"), w);
+        add(&mut reg, "d", w);
         let mut r = success("d");
         r.return_value = None; // Tail chain not resolved yet.
         assert_eq!(reg.route(&r), Routed::NotFinal);
@@ -308,6 +364,40 @@ mod tests {
     }
 
     #[test]
+    fn the_reported_watches_stay_within_their_budget() {
+        let mut reg = WatchRegistry::default();
+        let one = reported_len(&tuple(&watch("d0")));
+        let budget = 3 * one;
+        let mut rx = Vec::new();
+        for i in 0..3 {
+            let (w, r) = waiter("a", &format!("w{i}"));
+            rx.push(r);
+            assert!(reg.add(&watch(&format!("d{i}")), w, budget).is_ok());
+        }
+        assert_eq!(reg.reported_bytes(), budget);
+        let (w, _r) = waiter("a", "w3");
+        let e = reg
+            .add(&watch("d3"), w, budget)
+            .expect_err("over the budget");
+        assert!(e.contains("watch budget"), "{e}");
+        assert_eq!(reg.reported().len(), 3, "nothing registered");
+        // A watch already reported costs nothing more.
+        let (w, _r) = waiter("b", "w0");
+        assert!(reg.add(&watch("d0"), w, budget).is_ok());
+        // What the registry counts is what a report carries.
+        let state = pb::ExecutorState {
+            function_call_watches: reg.reported(),
+            ..Default::default()
+        };
+        assert_eq!(state.encoded_len(), reg.reported_bytes());
+        assert!(!reg.remove(&watch("d0"), "b", "w0"), "still watched by a");
+        assert!(reg.remove(&watch("d1"), "a", "w1"));
+        assert_eq!(reg.reported_bytes(), 2 * one);
+        let (w, _r) = waiter("a", "w3");
+        assert!(reg.add(&watch("d3"), w, budget).is_ok(), "room again");
+    }
+
+    #[test]
     fn kept_results_are_bounded() {
         let mut reg = WatchRegistry::default();
         for i in 0..EARLY_RESULTS_LIMIT + 10 {
@@ -315,6 +405,6 @@ mod tests {
         }
         assert_eq!(reg.early.len(), EARLY_RESULTS_LIMIT);
         let (w, _rx) = waiter("a", "w");
-        assert!(reg.add(&watch("d0"), w).1.is_none(), "oldest dropped");
+        assert!(add(&mut reg, "d0", w).1.is_none(), "oldest dropped");
     }
 }

@@ -23,7 +23,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Size offered for a request error payload.
 const REQUEST_ERROR_BLOB_BYTES: u64 = 10 * 1024 * 1024;
 const CODE_INTERNAL: i32 = 13;
-/// Most watchers one allocation may have open at once.
+/// Most function call watchers one allocation may list at once; a longer
+/// list fails the allocation, naming this bound.
 const MAX_WATCHERS: usize = 10_000;
 
 pub(crate) struct AllocOutcome {
@@ -402,45 +403,43 @@ pub(crate) async fn run(
         };
         result.failure_reason = Some(reason as i32);
     }
-    match (&fe_result.outputs, &outputs_uri) {
+    // What the worker wrote is checked (and bounded) before it is copied:
+    // anything the server cannot take fails this allocation alone.
+    let return_value = match (&fe_result.outputs, &outputs_uri) {
         (Some(fe_pb::allocation_result::Outputs::Value(v)), Some(uri)) => {
-            result.return_value = Some(pb::allocation_result::ReturnValue::Value(
-                plan::payload_in_blob(v, uri),
-            ));
+            plan::payload_in_blob(v, uri)
+                .map(|p| Some(pb::allocation_result::ReturnValue::Value(p)))
+                .map_err(|e| format!("the function's value cannot be sent to the server: {e}"))
         }
         (Some(fe_pb::allocation_result::Outputs::Updates(u)), _) => {
-            match plan::convert_updates(u, outputs_uri.as_deref()) {
-                Ok(u) => result.return_value = Some(pb::allocation_result::ReturnValue::Updates(u)),
-                Err(e) => {
-                    shared.event(
-                        "allocation_failed",
-                        &alloc_id,
-                        format!("the function's tail call cannot be sent to the server: {e}"),
-                    );
-                    return fail(
-                        pb::AllocationFailureReason::FunctionError,
-                        Some(duration_ms),
-                        None,
-                    );
-                }
-            }
+            plan::convert_updates(u, outputs_uri.as_deref())
+                .map(|u| Some(pb::allocation_result::ReturnValue::Updates(u)))
+                .map_err(|e| format!("the function's tail call cannot be sent to the server: {e}"))
         }
         (Some(fe_pb::allocation_result::Outputs::Value(_)), None) if success => {
-            shared.event(
-                "allocation_failed",
-                &alloc_id,
-                "the function returned a value but never uploaded it (no outputs blob)",
-            );
+            Err("the function returned a value but never uploaded it (no outputs blob)".to_string())
+        }
+        _ => Ok(None),
+    };
+    let request_error = match (&fe_result.request_error_output, &request_error_kept) {
+        (Some(out), Some(uri)) => plan::payload_in_blob(out, uri)
+            .map(Some)
+            .map_err(|e| format!("the function's request error cannot be sent to the server: {e}")),
+        _ => Ok(None),
+    };
+    match return_value.and_then(|v| request_error.map(|e| (v, e))) {
+        Ok((value, error)) => {
+            result.return_value = value;
+            result.request_error = error;
+        }
+        Err(message) => {
+            shared.event("allocation_failed", &alloc_id, message);
             return fail(
                 pb::AllocationFailureReason::FunctionError,
                 Some(duration_ms),
                 None,
             );
         }
-        _ => {}
-    }
-    if let (Some(out), Some(uri)) = (&fe_result.request_error_output, &request_error_kept) {
-        result.request_error = Some(plan::payload_in_blob(out, uri));
     }
     AllocOutcome {
         result,
@@ -648,7 +647,7 @@ impl<'a> Runner<'a> {
         for call in &state.function_calls {
             self.function_call(call).await?;
         }
-        for d in self.watchers.sync(&state.function_call_watchers) {
+        for d in self.watchers.sync(&state.function_call_watchers)? {
             self.deliver(d).await?;
         }
         use fe_pb::allocation_request_state_operation::Operation as Op;
@@ -986,8 +985,22 @@ impl Watchers {
 
     /// Follows the worker's watcher list: registers new watchers, drops
     /// vanished ones. Returns results to hand over at once (kept results,
-    /// and failures for watchers that name no call).
-    fn sync(&mut self, list: &[fe_pb::AllocationFunctionCallWatcher]) -> Vec<Delivery> {
+    /// and failures for watchers that name no call). A list over a bound
+    /// (too many watchers, an id too long, more watches than the host's
+    /// budget leaves room for) fails the allocation, naming the bound, and
+    /// stops its worker: the running function cannot be stopped otherwise.
+    fn sync(
+        &mut self,
+        list: &[fe_pb::AllocationFunctionCallWatcher],
+    ) -> Result<Vec<Delivery>, Driven> {
+        let over_bound = |message: String| Driven {
+            reason: pb::AllocationFailureReason::FunctionError,
+            kill: Some(pb::FunctionExecutorTerminationReason::Unhealthy),
+            message,
+        };
+        check_watchers(list).map_err(over_bound)?;
+        let budget = crate::watches::budget(self.shared.config.max_server_message_bytes);
+        let mut refused = None;
         let mut now = Vec::new();
         let mut changed = false;
         let present: HashSet<String> = list.iter().filter_map(watcher_id).collect();
@@ -1014,10 +1027,7 @@ impl Watchers {
                     .root_function_call_id
                     .clone()
                     .or_else(|| w.function_call_id.clone());
-                let Some(call) = call
-                    .filter(|c| !c.is_empty())
-                    .filter(|_| self.live.len() < MAX_WATCHERS)
-                else {
+                let Some(call) = call.filter(|c| !c.is_empty()) else {
                     // Nothing to watch: the worker gets a failure, not a hang.
                     self.live.insert(id.clone(), (self.base.clone(), false));
                     now.push(self.failure(id));
@@ -1032,7 +1042,13 @@ impl Watchers {
                     watcher_id: id.clone(),
                     tx: self.tx.clone(),
                 };
-                let (added, early) = st.watches.add(&watch, waiter);
+                let (added, early) = match st.watches.add(&watch, waiter, budget) {
+                    Ok(added) => added,
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                };
                 changed |= added;
                 self.live.insert(id.clone(), (watch, false));
                 if let Some(result) = early {
@@ -1045,7 +1061,10 @@ impl Watchers {
             count = st.watches.len();
         }
         self.settle(count, changed);
-        now
+        match refused {
+            Some(e) => Err(over_bound(e)),
+            None => Ok(now),
+        }
     }
 
     /// After the registry changed: the gauge, and a report at once when
@@ -1061,7 +1080,7 @@ impl Watchers {
         self.shared.event(
             "function_call_watcher_invalid",
             &self.alloc_id,
-            format!("watcher {watcher_id} names no function call (or too many are open); answered with a failure"),
+            format!("watcher {watcher_id} names no function call; answered with a failure"),
         );
         Delivery {
             watcher_id,
@@ -1076,6 +1095,30 @@ impl Watchers {
             },
         }
     }
+}
+
+/// The per-allocation bounds on a watcher list: at most [`MAX_WATCHERS`]
+/// entries, every id at most [`plan::MAX_ID_BYTES`].
+fn check_watchers(list: &[fe_pb::AllocationFunctionCallWatcher]) -> Result<(), String> {
+    if list.len() > MAX_WATCHERS {
+        return Err(format!(
+            "the worker lists {} function call watchers, over the bound of {MAX_WATCHERS} per allocation (MAX_WATCHERS)",
+            list.len()
+        ));
+    }
+    for w in list {
+        for (what, id) in [
+            ("a watcher id", &w.id),
+            ("a watcher id", &w.watcher_id),
+            ("a watched function call id", &w.function_call_id),
+            ("a watched function call id", &w.root_function_call_id),
+        ] {
+            if let Some(id) = id {
+                plan::bounded_id(what, id)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn watcher_id(w: &fe_pb::AllocationFunctionCallWatcher) -> Option<String> {

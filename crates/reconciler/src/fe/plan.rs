@@ -1,6 +1,8 @@
 //! Execution plan updates (nested calls, tail calls, reduce ops) from the
 //! worker's form into the server's, and the checks the server would
-//! otherwise answer with an error for the whole call or report.
+//! otherwise answer with an error for the whole call or report; the bounds
+//! on every worker-chosen string copied into what the server hears (one
+//! oversized item fails its own allocation, never every report).
 
 use prost::Message;
 
@@ -10,12 +12,71 @@ use crate::{fe_pb, pb};
 pub(crate) const MAX_PLAN_BYTES: usize = 1 << 20;
 /// Most entries in one plan (the reference's limit).
 pub(crate) const MAX_PLAN_UPDATES: usize = 1000;
+/// Longest id a worker names where it reaches the server (function call
+/// ids, the call a watcher waits on, a value's source call, watcher ids).
+/// Tensorlake's are 64 hex digits (durable ids) or 21-character nanoids.
+pub(crate) const MAX_ID_BYTES: usize = 256;
+/// Longest content type of a value (RFC 6838: a type and a subtype of at
+/// most 127 characters each).
+pub(crate) const MAX_CONTENT_TYPE_BYTES: usize = 256;
+/// Longest namespace, application, function or version in a plan's
+/// function reference.
+pub(crate) const MAX_NAME_BYTES: usize = 256;
+/// A value's `sha256_hash`: exactly this many hex digits, or absent.
+pub(crate) const SHA256_HEX_DIGITS: usize = 64;
 
-/// A server payload for a serialized object stored in the blob at `uri`.
+/// Refuses `value` when it is longer than `max` bytes, naming what it is,
+/// its length and the bound (`bound`, the constant's name).
+pub(crate) fn bounded(what: &str, value: &str, max: usize, bound: &str) -> Result<(), String> {
+    if value.len() > max {
+        return Err(format!(
+            "{what} is {} bytes, over the {max}-byte bound ({bound})",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses an id longer than [`MAX_ID_BYTES`].
+pub(crate) fn bounded_id(what: &str, id: &str) -> Result<(), String> {
+    bounded(what, id, MAX_ID_BYTES, "MAX_ID_BYTES")
+}
+
+/// The checks on what a worker wrote into a value's manifest, before any
+/// of it is copied: a hash of exactly 64 hex digits (or none), a short
+/// content type and source call id.
+fn check_manifest(m: &fe_pb::SerializedObjectManifest) -> Result<(), String> {
+    if let Some(h) = &m.sha256_hash
+        && (h.len() != SHA256_HEX_DIGITS || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err(format!(
+            "the value's sha256_hash is not {SHA256_HEX_DIGITS} hex digits ({} bytes; SHA256_HEX_DIGITS)",
+            h.len()
+        ));
+    }
+    if let Some(t) = &m.content_type {
+        bounded(
+            "the value's content type",
+            t,
+            MAX_CONTENT_TYPE_BYTES,
+            "MAX_CONTENT_TYPE_BYTES",
+        )?;
+    }
+    if let Some(id) = &m.source_function_call_id {
+        bounded_id("the value's source function call id", id)?;
+    }
+    Ok(())
+}
+
+/// A server payload for a serialized object stored in the blob at `uri`;
+/// refused (naming the bound) when the worker's manifest is over one.
 pub(crate) fn payload_in_blob(
     so: &fe_pb::SerializedObjectInsideBlob,
     uri: &str,
-) -> pb::DataPayload {
+) -> Result<pb::DataPayload, String> {
+    if let Some(m) = &so.manifest {
+        check_manifest(m)?;
+    }
     let m = so.manifest.clone().unwrap_or_default();
     let encoding = match m.encoding {
         Some(e) if e == fe_pb::SerializedObjectEncoding::BinaryZip as i32 => {
@@ -24,7 +85,7 @@ pub(crate) fn payload_in_blob(
         Some(e) => e,
         None => pb::DataPayloadEncoding::Unknown as i32,
     };
-    pb::DataPayload {
+    Ok(pb::DataPayload {
         uri: Some(uri.to_string()),
         encoding: Some(encoding),
         encoding_version: Some(m.encoding_version.unwrap_or(0)),
@@ -35,7 +96,7 @@ pub(crate) fn payload_in_blob(
         sha256_hash: m.sha256_hash,
         source_function_call_id: Some(m.source_function_call_id.unwrap_or_default()),
         id: None,
-    }
+    })
 }
 
 fn convert_ref(f: &fe_pb::FunctionRef) -> pb::FunctionRef {
@@ -60,7 +121,7 @@ fn convert_arg(a: &fe_pb::FunctionArg, blob_uri: Option<&str>) -> Result<pb::Fun
             let uri = blob_uri.ok_or(
                 "a function call argument refers to an arguments blob that was not uploaded",
             )?;
-            pb::function_arg::Source::InlineData(payload_in_blob(v, uri))
+            pb::function_arg::Source::InlineData(payload_in_blob(v, uri)?)
         }
         None => return Err("a function call argument has no source".into()),
     };
@@ -121,11 +182,27 @@ fn check_ref(what: &str, f: Option<&pb::FunctionRef>) -> Result<(), String> {
     if !nonempty(&f.namespace) || !nonempty(&f.function_name) {
         return Err(format!("{what} names no namespace or function"));
     }
+    for (field, v) in [
+        ("namespace", &f.namespace),
+        ("application", &f.application_name),
+        ("function", &f.function_name),
+        ("application version", &f.application_version),
+    ] {
+        bounded(
+            &format!("{what}'s {field}"),
+            v.as_deref().unwrap_or(""),
+            MAX_NAME_BYTES,
+            "MAX_NAME_BYTES",
+        )?;
+    }
     Ok(())
 }
 
 fn check_args(what: &str, args: &[pb::FunctionArg]) -> Result<(), String> {
     for a in args {
+        if let Some(pb::function_arg::Source::FunctionCallId(id)) = &a.source {
+            bounded_id(&format!("{what}'s argument call id"), id)?;
+        }
         if let Some(pb::function_arg::Source::InlineData(p)) = &a.source
             && (!nonempty(&p.uri)
                 || p.size.is_none()
@@ -147,6 +224,10 @@ pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
     if !nonempty(&plan.root_function_call_id) {
         return Err("the plan has no root function call id".into());
     }
+    bounded_id(
+        "the plan's root function call id",
+        plan.root_function_call_id.as_deref().unwrap_or(""),
+    )?;
     if plan.updates.len() > MAX_PLAN_UPDATES {
         return Err(format!(
             "the plan has {} entries; at most {MAX_PLAN_UPDATES} are allowed",
@@ -166,6 +247,7 @@ pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
                 if !nonempty(&c.id) {
                     return Err(format!("{what} (function call) has no id"));
                 }
+                bounded_id(&format!("{what}'s id"), c.id.as_deref().unwrap_or(""))?;
                 check_ref(&what, c.target.as_ref())?;
                 check_args(&what, &c.args)?;
             }
@@ -173,6 +255,7 @@ pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
                 if !nonempty(&r.id) {
                     return Err(format!("{what} (reduce) has no id"));
                 }
+                bounded_id(&format!("{what}'s id"), r.id.as_deref().unwrap_or(""))?;
                 check_ref(&what, r.reducer.as_ref())?;
                 check_args(&what, &r.collection)?;
             }
@@ -195,7 +278,7 @@ mod tests {
                         encoding_version: Some(0),
                         size: Some(10),
                         metadata_size: Some(3),
-                        sha256_hash: Some("ab".into()),
+                        sha256_hash: Some("ab".repeat(32)),
                         content_type: None,
                         source_function_call_id: None,
                     }),
@@ -287,5 +370,82 @@ mod tests {
         assert!(convert_updates(&too_many, None).is_err_and(|e| e.contains("at most")));
         let no_op = plan(vec![fe_pb::ExecutionPlanUpdate { op: None }]);
         assert!(convert_updates(&no_op, None).is_err());
+    }
+
+    #[test]
+    fn worker_chosen_strings_over_their_bounds_are_refused_by_name() {
+        let with = |change: &dyn Fn(&mut fe_pb::SerializedObjectManifest)| {
+            let fe_pb::FunctionArg {
+                source: Some(fe_pb::function_arg::Source::Value(mut v)),
+            } = value(fe_pb::SerializedObjectEncoding::BinaryPickle)
+            else {
+                panic!("a value");
+            };
+            if let Some(m) = v.manifest.as_mut() {
+                change(m);
+            }
+            payload_in_blob(&v, "file:///b")
+        };
+        assert!(with(&|_| {}).is_ok());
+        assert!(with(&|m| m.sha256_hash = None).is_ok(), "absent is fine");
+        assert!(
+            with(&|m| m.content_type = Some("t".repeat(MAX_CONTENT_TYPE_BYTES))).is_ok(),
+            "at the bound is fine"
+        );
+        for (change, bound) in [
+            (
+                &(|m: &mut fe_pb::SerializedObjectManifest| {
+                    m.content_type = Some("t".repeat(MAX_CONTENT_TYPE_BYTES + 1))
+                }) as &dyn Fn(&mut fe_pb::SerializedObjectManifest),
+                "MAX_CONTENT_TYPE_BYTES",
+            ),
+            (&|m| m.sha256_hash = Some("ab".into()), "SHA256_HEX_DIGITS"),
+            (
+                &|m| m.sha256_hash = Some("g".repeat(64)),
+                "SHA256_HEX_DIGITS",
+            ),
+            (
+                &|m| m.sha256_hash = Some(String::new()),
+                "SHA256_HEX_DIGITS",
+            ),
+            (
+                &|m| m.source_function_call_id = Some("i".repeat(MAX_ID_BYTES + 1)),
+                "MAX_ID_BYTES",
+            ),
+        ] {
+            let e = with(change).expect_err(bound);
+            assert!(e.contains(bound), "{e}");
+        }
+        let long = "i".repeat(MAX_ID_BYTES + 1);
+        let mut p = plan(vec![call(&long, vec![])]);
+        assert!(convert_updates(&p, None).is_err_and(|e| e.contains("MAX_ID_BYTES")));
+        p = plan(vec![call("D", vec![])]);
+        p.root_function_call_id = Some(long);
+        assert!(convert_updates(&p, None).is_err_and(|e| e.contains("MAX_ID_BYTES")));
+        p = plan(vec![call(
+            "D",
+            vec![fe_pb::FunctionArg {
+                source: Some(fe_pb::function_arg::Source::Value(
+                    fe_pb::SerializedObjectInsideBlob {
+                        manifest: Some(fe_pb::SerializedObjectManifest {
+                            content_type: Some("t".repeat(MAX_CONTENT_TYPE_BYTES + 1)),
+                            ..Default::default()
+                        }),
+                        offset: None,
+                    },
+                )),
+            }],
+        )]);
+        assert!(
+            convert_updates(&p, Some("file:///b"))
+                .is_err_and(|e| e.contains("MAX_CONTENT_TYPE_BYTES"))
+        );
+        if let Some(fe_pb::execution_plan_update::Op::FunctionCall(c)) = &mut p.updates[0].op {
+            c.args.clear();
+            if let Some(t) = c.target.as_mut() {
+                t.function_name = Some("f".repeat(MAX_NAME_BYTES + 1));
+            }
+        }
+        assert!(convert_updates(&p, None).is_err_and(|e| e.contains("MAX_NAME_BYTES")));
     }
 }
