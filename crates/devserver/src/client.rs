@@ -34,7 +34,6 @@ fn http_client(server: &str) -> Result<(reqwest::Client, String), DevServerError
     let client = reqwest::Client::builder()
         .https_only(tls)
         .redirect(reqwest::redirect::Policy::none())
-
         .build()
         .map_err(|e| refuse(e.to_string()))?;
     let scheme = if tls { "https" } else { "http" };
