@@ -259,6 +259,24 @@ struct AgentArgs {
     /// value); larger requests fail that allocation's request only.
     #[arg(long, default_value_t = 5 << 40)]
     max_output_blob_bytes: u64,
+    /// Largest input handed to a worker (`offset + size` of an argument, a
+    /// nested call's value or a request-state value); a larger argument
+    /// fails its allocation before any URL is made. A worker reads each
+    /// input whole into its memory.
+    #[arg(long, default_value_t = steward_reconciler::DEFAULT_MAX_INPUT_BLOB_BYTES)]
+    max_input_blob_bytes: u64,
+    /// Most output blobs one allocation may ask for (its output and each
+    /// nested call's arguments); one more fails it and stops its worker.
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_output_blobs)]
+    max_output_blobs_per_allocation: usize,
+    /// Most request-state writes one allocation may prepare; one more
+    /// fails it and stops its worker.
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_state_writes)]
+    max_request_state_writes_per_allocation: usize,
+    /// Most nested function calls one allocation may make; one more fails
+    /// it and stops its worker.
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_function_calls)]
+    max_function_calls_per_allocation: usize,
     /// Largest gRPC message exchanged with the server; a larger desired
     /// state fails its stream (an event names the limit), a larger report
     /// is not sent (the reference: unlimited).
@@ -959,6 +977,12 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.stream_idle_timeout = Duration::from_secs(args.stream_idle_timeout_s.max(1));
     config.max_function_call_wait = Duration::from_secs(args.max_function_call_wait_s.max(1));
     config.max_output_blob_bytes = args.max_output_blob_bytes;
+    config.max_input_blob_bytes = args.max_input_blob_bytes;
+    config.allocation_limits = steward_reconciler::AllocationLimits {
+        max_output_blobs: args.max_output_blobs_per_allocation,
+        max_state_writes: args.max_request_state_writes_per_allocation,
+        max_function_calls: args.max_function_calls_per_allocation,
+    };
     config.max_server_message_bytes = args.max_server_message_bytes.max(1 << 20);
     config.max_worker_message_bytes = args.max_worker_message_bytes.max(1 << 20);
     config.health_check_interval =

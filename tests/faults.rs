@@ -686,3 +686,62 @@ async fn watches_cannot_outgrow_the_server_message_limit() -> Result<()> {
     )
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_allocation_caps_fail_only_their_allocation() -> Result<()> {
+    // Each asks for one more than its limit allows, all in one allocation
+    // state.
+    hostile_fails_alone(
+        &[
+            "--max-output-blobs-per-allocation",
+            "3",
+            "--max-request-state-writes-per-allocation",
+            "3",
+            "--max-function-calls-per-allocation",
+            "100",
+        ],
+        &[
+            // Three extra output blobs and its output.
+            (
+                "many_outputs",
+                json!(3),
+                "(--max-output-blobs-per-allocation)",
+            ),
+            (
+                "many_writes",
+                json!(4),
+                "(--max-request-state-writes-per-allocation)",
+            ),
+            (
+                "many_calls",
+                json!([101, 0]),
+                "(--max-function-calls-per-allocation)",
+            ),
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_function_call_queue_is_bounded() -> Result<()> {
+    // 70 calls of 1000 KiB each (every one within the plan limit) in one
+    // allocation state: over the 64 MiB that may wait for the server.
+    hostile_fails_alone(
+        &[],
+        &[("many_calls", json!([70, 1000]), "(MAX_QUEUED_CALL_BYTES)")],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_call_into_another_namespace_fails_its_allocation() -> Result<()> {
+    hostile_fails_alone(
+        &[],
+        &[(
+            "foreign_call",
+            json!("x"),
+            "calls a function in namespace \"elsewhere\", not the allocation's own \"default\"",
+        )],
+    )
+    .await
+}

@@ -143,3 +143,27 @@ def huge_content_type(x: str) -> str:
 @function()
 def huge_watches(x: str) -> str:
     """Input [count, bytes]: waits on that many function calls, every id that many bytes long (the agent must fail it by name)."""
+
+
+@application()
+@function()
+def many_outputs(x: str) -> str:
+    """Input n: asks for n output blobs besides its output, then echoes (over the per-allocation limit, the agent fails it by name)."""
+
+
+@application()
+@function()
+def many_writes(x: str) -> str:
+    """Input n: prepares n request-state writes, then echoes (over the per-allocation limit, the agent fails it by name)."""
+
+
+@application()
+@function()
+def many_calls(x: str) -> str:
+    """Input [n, kib]: makes n nested calls of noop, each with kib KiB of call metadata, then echoes."""
+
+
+@application()
+@function()
+def foreign_call(x: str) -> str:
+    """Calls noop in another namespace, then echoes (the agent fails it by name)."""

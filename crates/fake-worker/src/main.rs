@@ -10,6 +10,8 @@
 //! `huge_content_type` (echoes its input, a number `n`, with an `n` MiB content
 //! type), `huge_watches` (its input `[count, bytes]`: that many watchers, their
 //! ids and watched call ids that many bytes long, then silence),
+//! `many_outputs`, `many_writes`, `many_calls` and `foreign_call` (more than one
+//! allocation may ask for, or a call into another namespace; see `hostile.rs`),
 //! and, for resource-limit tests, `burn_<ms>` (two threads spin for `<ms>` of wall
 //! time; outputs the wall and process CPU time), `forkbomb` (spawns `sleep`s until a
 //! spawn fails, then kills and reaps them all; outputs how many and the error) and
@@ -22,6 +24,7 @@
 //! Must not know about: the agent, the control plane.
 
 mod fuzz;
+mod hostile;
 mod limits;
 
 use std::collections::HashMap;
@@ -48,6 +51,8 @@ struct Alloc {
 #[derive(Default)]
 struct Inner {
     function: Mutex<Option<String>>,
+    /// The function as `initialize` named it (namespace, application).
+    function_ref: Mutex<Option<fe::FunctionRef>>,
     allocs: Mutex<HashMap<String, Alloc>>,
 }
 
@@ -253,6 +258,11 @@ impl Worker {
                 });
             }
             ("noop", _) => b"null".to_vec(),
+            (f, Ok(input)) if hostile::FUNCTIONS.contains(&f) => {
+                let own = self.0.function_ref.lock().clone().unwrap_or_default();
+                self.publish(&id, |s| hostile::ask(f, &input, &own, s));
+                input
+            }
             ("forkbomb", _) => match blocking(limits::forkbomb).await {
                 Ok(output) => output,
                 Err(e) => return self.fail_internal(&id, &e),
@@ -366,10 +376,10 @@ impl FunctionExecutor for Worker {
         &self,
         request: Request<fe::InitializeRequest>,
     ) -> Result<Response<fe::InitializeResponse>, Status> {
-        let name = request
-            .into_inner()
-            .function
-            .and_then(|f| f.function_name)
+        let function_ref = request.into_inner().function;
+        let name = function_ref
+            .as_ref()
+            .and_then(|f| f.function_name.clone())
             .unwrap_or_default();
         let outcome = match name.as_str() {
             "init_hang" => std::future::pending().await,
@@ -384,6 +394,7 @@ impl FunctionExecutor for Worker {
         };
         if outcome.outcome_code == Some(fe::InitializationOutcomeCode::Success as i32) {
             *self.0.function.lock() = Some(name);
+            *self.0.function_ref.lock() = function_ref;
         }
         Ok(Response::new(outcome))
     }

@@ -120,6 +120,41 @@ impl ServerTls {
     }
 }
 
+/// Default of [`AgentConfig::max_input_blob_bytes`]: 1 TiB. A worker reads
+/// each input whole into its own memory, so a larger one could not run on
+/// any host; at the reference's 100 MiB read chunks it is 10,486 URLs.
+pub const DEFAULT_MAX_INPUT_BLOB_BYTES: u64 = 1 << 40;
+
+/// What one allocation may ask of the agent over its life. Each request is
+/// remembered until the allocation ends (its id, an open upload), so each
+/// count is capped; a breach fails the allocation with FUNCTION_ERROR,
+/// naming the bound, and stops its worker (a running function cannot be
+/// stopped otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocationLimits {
+    /// Output blobs: the function's output and each nested call's arguments.
+    pub max_output_blobs: usize,
+    /// Request-state writes prepared (`ctx.state.set`).
+    pub max_state_writes: usize,
+    /// Nested function calls (`other(x)`, started futures, `.map` calls).
+    pub max_function_calls: usize,
+}
+
+impl AllocationLimits {
+    /// 10,000 of each (as many as the watchers one allocation may have open).
+    pub const DEFAULT: AllocationLimits = AllocationLimits {
+        max_output_blobs: 10_000,
+        max_state_writes: 10_000,
+        max_function_calls: 10_000,
+    };
+}
+
+impl Default for AllocationLimits {
+    fn default() -> Self {
+        AllocationLimits::DEFAULT
+    }
+}
+
 /// Everything the agent needs to know about itself and its environment.
 #[derive(Clone)]
 pub struct AgentConfig {
@@ -159,6 +194,12 @@ pub struct AgentConfig {
     /// Largest blob a worker may ask to write (outputs, request state);
     /// a larger request is refused to that allocation alone.
     pub max_output_blob_bytes: u64,
+    /// Largest input a worker is handed (`offset + size` of an argument, of
+    /// a function call's value, of a request-state value); a larger
+    /// argument fails its allocation before any URL is made.
+    pub max_input_blob_bytes: u64,
+    /// What one allocation may ask of the agent.
+    pub allocation_limits: AllocationLimits,
     /// Largest gRPC message to or from the server (desired states, reports).
     pub max_server_message_bytes: usize,
     /// Largest gRPC message to or from a worker (allocation states; the
@@ -208,6 +249,8 @@ impl AgentConfig {
             stream_idle_timeout: Duration::from_secs(300),
             max_function_call_wait: Duration::from_secs(24 * 3600),
             max_output_blob_bytes: 5 << 40,
+            max_input_blob_bytes: DEFAULT_MAX_INPUT_BLOB_BYTES,
+            allocation_limits: AllocationLimits::DEFAULT,
             max_server_message_bytes: 256 << 20,
             max_worker_message_bytes: 1 << 30,
             blob_store,

@@ -18,8 +18,8 @@ use crate::fe::{self, FeCommand};
 use crate::pb;
 use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry, function_label};
 use crate::validate::{
-    Rejection, admit_allocation, admit_function_executor, validate_allocation,
-    validate_function_executor,
+    Rejection, admit_allocation, admit_function_executor, bound_function_call_result, bound_inputs,
+    validate_allocation, validate_function_executor,
 };
 
 /// Verdicts on the items of a desired state that are new to the agent,
@@ -41,7 +41,10 @@ fn fe_verdict(
 }
 
 fn allocation_verdict(shared: &Shared, a: &pb::Allocation) -> Result<(), Rejection> {
-    validate_allocation(a).and_then(|()| admit_allocation(a, &shared.config.blob_store))
+    let blobs = &shared.config.blob_store;
+    validate_allocation(a)
+        .and_then(|()| bound_inputs(a, shared.config.max_input_blob_bytes, blobs))
+        .and_then(|()| admit_allocation(a, blobs))
 }
 
 fn precheck(shared: &Shared, desired: &Desired) -> Verdicts {
@@ -101,6 +104,19 @@ fn admit(
             (entry, None)
         }
         Err(r) => (entry, Some(r)),
+    }
+}
+
+/// The failure watchers get instead of a result the agent refuses to hand over.
+fn refused_result(r: &pb::FunctionCallResult) -> pb::FunctionCallResult {
+    pb::FunctionCallResult {
+        namespace: r.namespace.clone(),
+        request_id: r.request_id.clone(),
+        function_call_id: r.function_call_id.clone(),
+        outcome_code: Some(pb::AllocationOutcomeCode::Failure as i32),
+        failure_reason: Some(pb::AllocationFailureReason::InternalError as i32),
+        return_value: None,
+        request_error: None,
     }
 }
 
@@ -368,7 +384,22 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
         // allocation has already left the registry's waiters... as far as
         // its task has run; a late delivery to it is dropped unread.
         for r in &desired.function_call_results {
-            let label = match st.watches.route(r) {
+            // One the agent will not hand over reaches its watchers as a
+            // failure naming why (they would otherwise wait for ever).
+            let refused = bound_function_call_result(r, shared.config.max_input_blob_bytes).err();
+            let routed = match &refused {
+                None => st.watches.route(r),
+                Some(_) => st.watches.route(&refused_result(r)),
+            };
+            if let (Some(why), crate::watches::Routed::Delivered(n)) = (&refused, routed) {
+                shared.metrics.rejected("function_call_result", why.code);
+                events.push((
+                    "function_call_result_rejected",
+                    r.function_call_id.clone().unwrap_or_default(),
+                    format!("{}; {n} waiting watcher(s) get a failure", why.message),
+                ));
+            }
+            let label = match routed {
                 crate::watches::Routed::Delivered(_) => "delivered",
                 crate::watches::Routed::Kept => "kept",
                 crate::watches::Routed::NotFinal => "not_final",
@@ -391,4 +422,82 @@ pub(crate) fn apply(shared: &Arc<Shared>, desired: &Arc<Desired>, received: Inst
         shared.push_result(r);
     }
     fes_changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result naming a 2^63-byte value reaches its watcher as a failure,
+    /// and an event names the bound: handing the value over would make
+    /// about 10^11 read URLs.
+    #[tokio::test]
+    async fn an_oversized_function_call_result_reaches_its_watcher_as_a_failure() {
+        let shared = crate::testing_support::shared();
+        let watch = |call: &str| pb::FunctionCallWatch {
+            namespace: Some("ns".into()),
+            application: Some("app".into()),
+            request_id: Some("r".into()),
+            function_call_id: Some(call.into()),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for call in ["huge", "fine"] {
+            let waiter = crate::watches::Waiter {
+                allocation_id: "a".into(),
+                watcher_id: call.into(),
+                tx: tx.clone(),
+            };
+            let added = shared
+                .state
+                .lock()
+                .watches
+                .add(&watch(call), waiter, usize::MAX);
+            assert!(added.is_ok());
+        }
+        let result = |call: &str, size: u64| {
+            Arc::new(pb::FunctionCallResult {
+                namespace: Some("ns".into()),
+                request_id: Some("r".into()),
+                function_call_id: Some(call.into()),
+                outcome_code: Some(pb::AllocationOutcomeCode::Success as i32),
+                failure_reason: None,
+                return_value: Some(pb::DataPayload {
+                    uri: Some("file:///blobs/v".into()),
+                    offset: Some(0),
+                    size: Some(size),
+                    ..Default::default()
+                }),
+                request_error: None,
+            })
+        };
+        let desired = Arc::new(Desired {
+            function_executors: Vec::new(),
+            allocations: Vec::new(),
+            clock: Some(1),
+            function_call_results: vec![result("huge", 1 << 63), result("fine", 10)],
+        });
+        apply(&shared, &desired, Instant::now());
+
+        let mut got = std::collections::HashMap::new();
+        while let Ok(d) = rx.try_recv() {
+            got.insert(d.watcher_id.clone(), d.result);
+        }
+        let huge = got.get("huge").expect("the huge result's watcher hears");
+        assert_eq!(huge.outcome_code(), pb::AllocationOutcomeCode::Failure);
+        assert!(huge.return_value.is_none());
+        let fine = got.get("fine").expect("the other watcher hears");
+        assert_eq!(fine.outcome_code(), pb::AllocationOutcomeCode::Success);
+        assert_eq!(fine.return_value.as_ref().and_then(|v| v.size), Some(10));
+        let events = shared.events.recent();
+        let rejected = events
+            .iter()
+            .find(|e| e.kind == "function_call_result_rejected")
+            .expect("an event names the refusal");
+        assert_eq!(rejected.subject, "huge");
+        assert!(
+            rejected.message.contains("(--max-input-blob-bytes)"),
+            "{}",
+            rejected.message
+        );
+    }
 }

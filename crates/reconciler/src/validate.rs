@@ -69,6 +69,92 @@ pub fn validate_payload(p: Option<&pb::DataPayload>, what: &str) -> Result<(), R
     Ok(())
 }
 
+/// Largest function call result (encoded) routed to the allocations that
+/// wait on it: a result is a few hundred bytes of ids and one or two
+/// payload descriptions, and one that arrives early is kept (up to
+/// `watches::EARLY_RESULTS_LIMIT` of them).
+pub(crate) const MAX_FUNCTION_CALL_RESULT_BYTES: usize = 64 << 10;
+
+/// How far into its blob a payload reaches (`offset + size`), if that fits
+/// `max_bytes` (`--max-input-blob-bytes`) without overflowing.
+pub(crate) fn input_extent(
+    p: &pb::DataPayload,
+    what: &str,
+    max_bytes: u64,
+) -> Result<u64, Rejection> {
+    let (offset, size) = (p.offset.unwrap_or(0), p.size.unwrap_or(0));
+    let too_large = |message| Rejection {
+        code: "input_too_large",
+        message,
+    };
+    let end = offset.checked_add(size).ok_or_else(|| {
+        too_large(format!(
+            "{what}: offset {offset} + size {size} overflows a 64-bit integer"
+        ))
+    })?;
+    if end > max_bytes {
+        return Err(too_large(format!(
+            "{what}: offset + size is {end} bytes, over the {max_bytes}-byte limit (--max-input-blob-bytes)"
+        )));
+    }
+    Ok(end)
+}
+
+/// Checks what the agent would make to hand `a`'s inputs to its worker,
+/// before any URL is made: each argument within `max_input_bytes`, and
+/// all of them together within [`steward_blob_store::MAX_READ_CHUNKS`]
+/// read chunks (which also bounds how many arguments there are).
+pub(crate) fn bound_inputs(
+    a: &pb::Allocation,
+    max_input_bytes: u64,
+    blobs: &steward_blob_store::BlobStore,
+) -> Result<(), Rejection> {
+    let max = steward_blob_store::MAX_READ_CHUNKS;
+    let mut chunks: u64 = 0;
+    for (i, arg) in a.args.iter().enumerate() {
+        let end = input_extent(arg, &format!("allocation.args[{i}]"), max_input_bytes)?;
+        chunks = chunks.saturating_add(blobs.read_chunks_for(end));
+        if chunks > max {
+            return Err(Rejection {
+                code: "too_many_input_chunks",
+                message: format!(
+                    "allocation.args: {} argument(s) need more than {max} read chunks together",
+                    a.args.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks a function call result before it is routed to the allocations
+/// waiting on it: its encoded size, and its payloads within
+/// `max_input_bytes`.
+pub(crate) fn bound_function_call_result(
+    r: &pb::FunctionCallResult,
+    max_input_bytes: u64,
+) -> Result<(), Rejection> {
+    use prost::Message;
+    let bytes = r.encoded_len();
+    if bytes > MAX_FUNCTION_CALL_RESULT_BYTES {
+        return Err(Rejection {
+            code: "function_call_result_too_large",
+            message: format!(
+                "the result is {bytes} bytes; at most {MAX_FUNCTION_CALL_RESULT_BYTES} are allowed"
+            ),
+        });
+    }
+    for (what, p) in [
+        ("return_value", &r.return_value),
+        ("request_error", &r.request_error),
+    ] {
+        if let Some(p) = p {
+            input_extent(p, what, max_input_bytes)?;
+        }
+    }
+    Ok(())
+}
+
 /// A function executor id names files in the data directory (its log, its
 /// process record): only what the server's ids use (nanoids, uuids, hex),
 /// bounded, never a path.
@@ -398,6 +484,95 @@ mod admission_tests {
                 .expect_err("dotdot")
                 .message
                 .contains("'..'")
+        );
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    fn payload(offset: u64, size: u64) -> pb::DataPayload {
+        pb::DataPayload {
+            uri: Some("file:///blobs/x".into()),
+            encoding: Some(pb::DataPayloadEncoding::Utf8Json as i32),
+            offset: Some(offset),
+            size: Some(size),
+            sha256_hash: Some("ab".into()),
+            ..Default::default()
+        }
+    }
+
+    fn store() -> steward_blob_store::BlobStore {
+        steward_blob_store::BlobStore::new(steward_blob_store::BlobStoreConfig::default())
+    }
+
+    #[test]
+    fn a_huge_or_overflowing_input_is_rejected_before_any_url() {
+        let max = crate::DEFAULT_MAX_INPUT_BLOB_BYTES;
+        let with_args = |args| pb::Allocation {
+            args,
+            ..Default::default()
+        };
+        let ok = with_args(vec![payload(0, 10), payload(max - 10, 10)]);
+        assert_eq!(bound_inputs(&ok, max, &store()), Ok(()));
+
+        let huge = with_args(vec![payload(0, 10), payload(0, 1 << 63)]);
+        let e = bound_inputs(&huge, max, &store()).expect_err("2^63 bytes");
+        assert_eq!(e.code, "input_too_large");
+        assert_eq!(
+            e.message,
+            "allocation.args[1]: offset + size is 9223372036854775808 bytes, over the \
+             1099511627776-byte limit (--max-input-blob-bytes)"
+        );
+
+        let overflow = with_args(vec![payload(u64::MAX, 2)]);
+        let e = bound_inputs(&overflow, max, &store()).expect_err("overflow");
+        assert_eq!(e.code, "input_too_large");
+        assert!(e.message.contains("overflows"), "{}", e.message);
+
+        // Each argument fits, but not all of them together.
+        let many = with_args(vec![payload(0, max); 2]);
+        let e = bound_inputs(&many, max, &store()).expect_err("2 TiB of inputs");
+        assert_eq!(e.code, "too_many_input_chunks");
+        let tiny = with_args(vec![
+            payload(0, 0);
+            steward_blob_store::MAX_READ_CHUNKS as usize + 1
+        ]);
+        assert_eq!(
+            bound_inputs(&tiny, max, &store())
+                .expect_err("one chunk each")
+                .code,
+            "too_many_input_chunks"
+        );
+    }
+
+    #[test]
+    fn an_oversized_function_call_result_is_refused() {
+        let max = crate::DEFAULT_MAX_INPUT_BLOB_BYTES;
+        let result = |value: pb::DataPayload| pb::FunctionCallResult {
+            namespace: Some("ns".into()),
+            request_id: Some("r".into()),
+            function_call_id: Some("c".into()),
+            outcome_code: Some(pb::AllocationOutcomeCode::Success as i32),
+            failure_reason: None,
+            return_value: Some(value),
+            request_error: None,
+        };
+        assert_eq!(
+            bound_function_call_result(&result(payload(0, 10)), max),
+            Ok(())
+        );
+        let e = bound_function_call_result(&result(payload(0, 1 << 63)), max).expect_err("huge");
+        assert_eq!(e.code, "input_too_large");
+        assert!(e.message.starts_with("return_value: "), "{}", e.message);
+        let mut big = payload(0, 10);
+        big.content_type = Some("x".repeat(MAX_FUNCTION_CALL_RESULT_BYTES));
+        assert_eq!(
+            bound_function_call_result(&result(big), max)
+                .expect_err("64 KiB content type")
+                .code,
+            "function_call_result_too_large"
         );
     }
 }

@@ -13,6 +13,7 @@
 //! the allocation asking for it fails, not every report.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -83,7 +84,9 @@ fn reported_len(t: &WatchTuple) -> usize {
 #[derive(Debug)]
 pub(crate) struct Delivery {
     pub watcher_id: String,
-    pub result: pb::FunctionCallResult,
+    /// Shared by every watcher it goes to: however many wait on one call,
+    /// its result is held once.
+    pub result: Arc<pb::FunctionCallResult>,
 }
 
 /// Where an allocation receives its deliveries, and under which watcher.
@@ -113,7 +116,7 @@ pub(crate) struct WatchRegistry {
     /// Results nobody waited for yet, and their arrival order (oldest
     /// first) for eviction. Every desired state repeats watched results,
     /// so a known key costs one lookup.
-    early: HashMap<RouteKey, pb::FunctionCallResult>,
+    early: HashMap<RouteKey, Arc<pb::FunctionCallResult>>,
     early_order: VecDeque<RouteKey>,
 }
 
@@ -137,7 +140,7 @@ impl WatchRegistry {
         watch: &pb::FunctionCallWatch,
         waiter: Waiter,
         budget: usize,
-    ) -> Result<(bool, Option<pb::FunctionCallResult>), String> {
+    ) -> Result<(bool, Option<Arc<pb::FunctionCallResult>>), String> {
         let t = tuple(watch);
         if !self.reported.contains_key(&t) {
             let bytes = reported_len(&t);
@@ -197,16 +200,18 @@ impl WatchRegistry {
             return Routed::NotFinal;
         }
         let key = RouteKey::of_result(result);
-        let waiters = self.waiters.remove(&key).unwrap_or_default();
         let mut sent = 0;
-        for w in waiters {
-            let d = Delivery {
-                watcher_id: w.watcher_id,
-                result: result.clone(),
-            };
-            // A closed receiver is an allocation that already ended.
-            if w.tx.send(d).is_ok() {
-                sent += 1;
+        if let Some(waiters) = self.waiters.remove(&key) {
+            let shared = Arc::new(result.clone());
+            for w in waiters {
+                let d = Delivery {
+                    watcher_id: w.watcher_id,
+                    result: shared.clone(),
+                };
+                // A closed receiver is an allocation that already ended.
+                if w.tx.send(d).is_ok() {
+                    sent += 1;
+                }
             }
         }
         if sent > 0 {
@@ -221,7 +226,7 @@ impl WatchRegistry {
             self.early.remove(&oldest);
         }
         self.early_order.push_back(key.clone());
-        self.early.insert(key, result.clone());
+        self.early.insert(key, Arc::new(result.clone()));
         Routed::Kept
     }
 
@@ -280,7 +285,11 @@ mod tests {
     }
 
     /// Registers a watch on call `fc` within an ample budget.
-    fn add(reg: &mut WatchRegistry, fc: &str, w: Waiter) -> (bool, Option<pb::FunctionCallResult>) {
+    fn add(
+        reg: &mut WatchRegistry,
+        fc: &str,
+        w: Waiter,
+    ) -> (bool, Option<Arc<pb::FunctionCallResult>>) {
         reg.add(&watch(fc), w, usize::MAX)
             .expect("within the budget")
     }
@@ -336,13 +345,31 @@ mod tests {
     }
 
     #[test]
+    fn one_result_is_held_once_for_all_its_watchers() {
+        let mut reg = WatchRegistry::default();
+        let mut rxs = Vec::new();
+        for i in 0..3 {
+            let (w, rx) = waiter(&format!("a{i}"), "w");
+            add(&mut reg, "d", w);
+            rxs.push(rx);
+        }
+        assert_eq!(reg.route(&success("d")), Routed::Delivered(3));
+        let got: Vec<Delivery> = rxs.iter_mut().filter_map(|rx| rx.try_recv().ok()).collect();
+        assert_eq!(got.len(), 3);
+        assert!(got.iter().all(|d| Arc::ptr_eq(&d.result, &got[0].result)));
+    }
+
+    #[test]
     fn a_result_before_its_watcher_is_kept_and_handed_over() {
         let mut reg = WatchRegistry::default();
         assert_eq!(reg.route(&success("d")), Routed::Kept);
         let (w, mut rx) = waiter("a1", "w1");
         let (changed, early) = add(&mut reg, "d", w);
         assert!(changed);
-        assert_eq!(early.and_then(|r| r.function_call_id).as_deref(), Some("d"));
+        assert_eq!(
+            early.and_then(|r| r.function_call_id.clone()).as_deref(),
+            Some("d")
+        );
         assert!(rx.try_recv().is_err(), "handed back, not sent");
     }
 

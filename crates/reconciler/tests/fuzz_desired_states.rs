@@ -95,6 +95,9 @@ enum Broken {
     NoRequestId,
     /// An argument without a URI.
     BadArg,
+    /// An argument of 2^63 bytes (once about 10^11 read URLs: the agent
+    /// ran out of memory).
+    HugeInput,
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +150,7 @@ fn broken() -> impl Strategy<Value = Broken> {
         1 => Just(Broken::NoId),
         1 => Just(Broken::NoRequestId),
         1 => Just(Broken::BadArg),
+        1 => Just(Broken::HugeInput),
     ]
 }
 
@@ -349,10 +353,13 @@ fn allocation(sc: &Scenario, blobs: &Blobs, i: usize) -> pb::Allocation {
         allocation_id: (spec.broken != Broken::NoId).then(|| alloc_id(i)),
         function_call_id: Some(format!("c-{i}")),
         request_id: (spec.broken != Broken::NoRequestId).then(|| format!("r-{i}")),
-        args: vec![if spec.broken == Broken::BadArg {
-            pb::DataPayload::default()
-        } else {
-            blobs.input(i)
+        args: vec![match spec.broken {
+            Broken::BadArg => pb::DataPayload::default(),
+            Broken::HugeInput => pb::DataPayload {
+                size: Some(1 << 63),
+                ..blobs.input(i)
+            },
+            _ => blobs.input(i),
         }],
         request_data_payload_uri_prefix: Some(uri(&request.join("data"))),
         request_error_payload_uri_prefix: Some(uri(&request.join("error"))),
@@ -674,6 +681,8 @@ struct Tally {
     outcomes: BTreeMap<String, String>,
     /// How many outcomes were checked against the function's.
     checked_outcomes: usize,
+    /// The agent's events: (kind, subject, message).
+    events: Vec<(String, String, String)>,
 }
 
 fn dump(sc: &Scenario, step: usize, seen: &Seen, handle: &AgentHandle) -> String {
@@ -844,6 +853,11 @@ async fn run_async(sc: &Scenario) -> Result<Tally, String> {
         return Err(format!("the last report did not say STOPPED: {statuses:?}"));
     }
     server.abort();
+    tally.events = handle
+        .events()
+        .into_iter()
+        .map(|e| (e.kind.to_string(), e.subject, e.message))
+        .collect();
     tally.outcomes = seen
         .results
         .iter()
@@ -964,4 +978,54 @@ fn running_allocations_of_removed_workers_are_terminated() {
         .collect();
     assert!(wrong.is_empty(), "{wrong:?}");
     assert_eq!(tally.outcomes.len(), 3 * FE_SLOTS);
+}
+
+/// An input whose size the agent will not hand over (2^63 bytes) fails only
+/// its own allocation, before any read URL is made, with an event naming
+/// the limit; the allocations around it on the same worker run.
+#[test]
+fn a_huge_input_fails_only_its_allocation() {
+    let alloc = |broken| AllocSpec {
+        fe: 0,
+        start: 0,
+        len: 1,
+        broken,
+    };
+    let echo = FeSpec {
+        kind: Kind::Echo,
+        max_concurrency: 2,
+    };
+    let sc = Scenario {
+        fes: vec![echo.clone(), echo.clone(), echo.clone(), echo],
+        steps: vec![StepSpec {
+            fes: [true, false, false, false],
+            settle: true,
+        }],
+        allocs: vec![
+            alloc(Broken::No),
+            alloc(Broken::HugeInput),
+            alloc(Broken::No),
+        ],
+    };
+    let tally = run(&sc).unwrap_or_else(|e| panic!("{e}"));
+    let want = [
+        ("a-0", "SUCCESS"),
+        ("a-1", "FAILURE INTERNAL_ERROR"),
+        ("a-2", "SUCCESS"),
+    ]
+    .map(|(id, o)| (id.to_string(), o.to_string()));
+    assert_eq!(tally.outcomes, want.into_iter().collect());
+    let rejected: Vec<_> = tally
+        .events
+        .iter()
+        .filter(|(kind, subject, _)| kind == "allocation_rejected" && subject == "a-1")
+        .collect();
+    assert!(
+        rejected.iter().any(|(_, _, m)| m.contains(
+            "allocation.args[0]: offset + size is 9223372036854775808 bytes, over the \
+             1099511627776-byte limit (--max-input-blob-bytes)"
+        )),
+        "{:?}",
+        tally.events
+    );
 }

@@ -130,17 +130,18 @@ pub(crate) fn etags(blob: &fe_pb::Blob) -> Vec<String> {
 }
 
 /// What the worker needs to read `p`: its manifest and presigned chunks
-/// covering everything up to its end.
+/// covering everything up to its end, which must be within `max_bytes`
+/// (`--max-input-blob-bytes`; checked before any URL is made).
 async fn readable(
     blobs: &steward_blob_store::BlobStore,
     p: &pb::DataPayload,
     valid_for: Duration,
+    max_bytes: u64,
 ) -> Result<(fe_pb::SerializedObjectInsideBlob, fe_pb::Blob), String> {
     let uri = p.uri.as_deref().unwrap_or("");
     let offset = p.offset.unwrap_or(0);
-    let covered = offset
-        .checked_add(p.size.unwrap_or(0))
-        .ok_or_else(|| format!("payload at {uri}: offset + size overflows"))?;
+    let covered =
+        crate::validate::input_extent(p, "the payload", max_bytes).map_err(|r| r.message)?;
     let chunks = blobs
         .presign_read(uri, covered, valid_for)
         .await
@@ -190,7 +191,14 @@ pub(crate) async fn run(
     let mut args = Vec::new();
     let mut arg_blobs = Vec::new();
     for (i, p) in alloc.args.iter().enumerate() {
-        match readable(blobs, p, allocation_timeout).await {
+        match readable(
+            blobs,
+            p,
+            allocation_timeout,
+            shared.config.max_input_blob_bytes,
+        )
+        .await
+        {
             Ok((arg, blob)) => {
                 args.push(arg);
                 arg_blobs.push(blob);
@@ -412,7 +420,9 @@ pub(crate) async fn run(
                 .map_err(|e| format!("the function's value cannot be sent to the server: {e}"))
         }
         (Some(fe_pb::allocation_result::Outputs::Updates(u)), _) => {
-            plan::convert_updates(u, outputs_uri.as_deref())
+            let own = namespace_of(&alloc);
+            plan::check_namespace(u, own)
+                .and_then(|()| plan::convert_updates(u, outputs_uri.as_deref()))
                 .map(|u| Some(pb::allocation_result::ReturnValue::Updates(u)))
                 .map_err(|e| format!("the function's tail call cannot be sent to the server: {e}"))
         }
@@ -498,6 +508,59 @@ struct Runner<'a> {
     deliveries: mpsc::UnboundedReceiver<Delivery>,
     /// Nested calls on their way to the server (made on first use).
     calls: Option<calls::Sender>,
+    /// How many requests of each [`Capped`] kind the worker made.
+    counts: [usize; 3],
+}
+
+/// The kinds of request capped per allocation (`AllocationLimits`).
+#[derive(Clone, Copy)]
+enum Capped {
+    OutputBlob,
+    StateWrite,
+    FunctionCall,
+}
+
+impl Capped {
+    /// Its limit, what it is called, and the flag that sets the limit.
+    fn bound(self, limits: &crate::AllocationLimits) -> (usize, &'static str, &'static str) {
+        match self {
+            Capped::OutputBlob => (
+                limits.max_output_blobs,
+                "output blobs",
+                "max-output-blobs-per-allocation",
+            ),
+            Capped::StateWrite => (
+                limits.max_state_writes,
+                "request-state writes",
+                "max-request-state-writes-per-allocation",
+            ),
+            Capped::FunctionCall => (
+                limits.max_function_calls,
+                "function calls",
+                "max-function-calls-per-allocation",
+            ),
+        }
+    }
+}
+
+/// A breach of a per-allocation bound: the allocation fails as the
+/// function's error, and its worker is stopped, since a running function
+/// cannot be stopped otherwise and must not go on unwatched.
+fn breach(message: String) -> Driven {
+    Driven {
+        reason: pb::AllocationFailureReason::FunctionError,
+        kill: Some(pb::FunctionExecutorTerminationReason::Unhealthy),
+        message,
+    }
+}
+
+/// The allocation's namespace, the only one its function may call into.
+fn namespace_of(alloc: &pb::Allocation) -> &str {
+    alloc
+        .function
+        .as_ref()
+        .and_then(|f| f.namespace.as_deref())
+        .unwrap_or("")
 }
 
 /// Counts the agent's share from `ready` until the worker is asked to run
@@ -546,6 +609,7 @@ impl<'a> Runner<'a> {
             watchers,
             deliveries,
             calls: None,
+            counts: [0; 3],
         }
     }
 
@@ -661,6 +725,20 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
+    /// Counts one more request of `kind`; the first past its per-allocation
+    /// limit is a [`breach`].
+    fn count(&mut self, kind: Capped) -> Result<(), Driven> {
+        let (max, what, flag) = kind.bound(&self.shared.config.allocation_limits);
+        let n = &mut self.counts[kind as usize];
+        *n += 1;
+        if *n > max {
+            return Err(breach(format!(
+                "the function asked for more than {max} {what}, the per-allocation limit (--{flag})"
+            )));
+        }
+        Ok(())
+    }
+
     async fn send(&mut self, update: fe_pb::allocation_update::Update) -> Result<(), Driven> {
         send_update(self.client, &self.alloc_id, update).await
     }
@@ -673,6 +751,7 @@ impl<'a> Runner<'a> {
         if !self.answered.insert(format!("blob:{id}")) {
             return Ok(());
         }
+        self.count(Capped::OutputBlob)?;
         let uri = format!(
             "{}.{}.{}.output",
             self.alloc
@@ -753,13 +832,18 @@ impl<'a> Runner<'a> {
         if !self.answered.insert(format!("call:{id}")) {
             return Ok(());
         }
+        self.count(Capped::FunctionCall)?;
+        if let Some(u) = &call.updates {
+            plan::check_namespace(u, namespace_of(self.alloc))
+                .map_err(|e| breach(format!("a nested function call: {e}")))?;
+        }
         match calls::prepare(&self.shared, self.alloc, call, &mut self.uploads.map).await {
             Ok(request) => {
                 let shared = &self.shared;
                 self.calls
                     .get_or_insert_with(|| calls::Sender::new(shared.clone()))
-                    .push(id, request);
-                Ok(())
+                    .push(id, request)
+                    .map_err(breach)
             }
             Err(refused) => self.answer_call(id, Err(refused)).await,
         }
@@ -800,6 +884,7 @@ impl<'a> Runner<'a> {
         let r = &d.result;
         let blobs = &self.shared.config.blob_store;
         let valid_for = self.allocation_timeout;
+        let max_bytes = self.shared.config.max_input_blob_bytes;
         let mut out = fe_pb::AllocationFunctionCallResult {
             function_call_id: r.function_call_id.clone(),
             watcher_id: Some(d.watcher_id.clone()),
@@ -822,14 +907,14 @@ impl<'a> Runner<'a> {
             ),
         };
         if let Some(p) = &r.return_value {
-            let (so, blob) = readable(blobs, p, valid_for)
+            let (so, blob) = readable(blobs, p, valid_for, max_bytes)
                 .await
                 .map_err(|e| unreadable("value", e))?;
             out.value_output = Some(so);
             out.value_blob = Some(blob);
         }
         if let Some(p) = &r.request_error {
-            let (so, blob) = readable(blobs, p, valid_for)
+            let (so, blob) = readable(blobs, p, valid_for, max_bytes)
                 .await
                 .map_err(|e| unreadable("request error", e))?;
             out.request_error_output = Some(so);
@@ -847,6 +932,10 @@ impl<'a> Runner<'a> {
         if !self.answered.insert(format!("state:{id}")) {
             return Ok(());
         }
+        use fe_pb::allocation_request_state_operation::Operation as Op;
+        if matches!(op.operation, Some(Op::PrepareWrite(_))) {
+            self.count(Capped::StateWrite)?;
+        }
         let prefix = self
             .alloc
             .request_data_payload_uri_prefix
@@ -859,6 +948,7 @@ impl<'a> Runner<'a> {
             &mut self.uploads.state_writes,
             self.allocation_timeout,
             self.shared.config.max_output_blob_bytes,
+            self.shared.config.max_input_blob_bytes,
         )
         .await;
         let code = result.status.as_ref().map(|s| s.code).unwrap_or(0);
@@ -1084,7 +1174,7 @@ impl Watchers {
         );
         Delivery {
             watcher_id,
-            result: pb::FunctionCallResult {
+            result: Arc::new(pb::FunctionCallResult {
                 namespace: self.base.namespace.clone(),
                 request_id: self.base.request_id.clone(),
                 function_call_id: None,
@@ -1092,7 +1182,7 @@ impl Watchers {
                 failure_reason: Some(pb::AllocationFailureReason::InternalError as i32),
                 return_value: None,
                 request_error: None,
-            },
+            }),
         }
     }
 }

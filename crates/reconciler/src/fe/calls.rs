@@ -29,6 +29,11 @@ const MAX_RETRIES: usize = 8;
 const MAX_INTERNAL_RETRIES: u32 = 2;
 
 const CODE_INTERNAL: i32 = 13;
+/// Most bytes of requests one allocation may have waiting for the server
+/// (queued or being sent). A real worker creates its calls one at a time
+/// per user thread, each a few KiB; each is at most
+/// [`plan::MAX_PLAN_BYTES`], so at least 64 fit.
+pub(crate) const MAX_QUEUED_CALL_BYTES: usize = 64 << 20;
 
 /// Why a function call was not created; goes back to the worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,12 +53,16 @@ impl Refused {
 
 /// One allocation's calls on their way to the server, in order; outcomes
 /// come back as (allocation function call id, outcome). Dropping it stops
-/// the calls not yet sent.
+/// the calls not yet sent. The queue is bounded by the bytes it holds
+/// ([`MAX_QUEUED_CALL_BYTES`]) and, through the allocation's limit, by the
+/// number of calls.
 pub(crate) struct Sender {
-    queue: tokio::sync::mpsc::UnboundedSender<(String, pb::FunctionCallRequest)>,
-    done: tokio::sync::mpsc::UnboundedReceiver<(String, Result<(), Refused>)>,
+    queue: tokio::sync::mpsc::UnboundedSender<(String, usize, pb::FunctionCallRequest)>,
+    done: tokio::sync::mpsc::UnboundedReceiver<(String, usize, Result<(), Refused>)>,
     /// Calls sent to the sender whose outcome has not been taken yet.
     pending: usize,
+    /// Their encoded bytes.
+    pending_bytes: usize,
     _task: tokio_util::task::AbortOnDropHandle<()>,
 }
 
@@ -62,9 +71,9 @@ impl Sender {
         let (queue, mut requests) = tokio::sync::mpsc::unbounded_channel();
         let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
-            while let Some((id, request)) = requests.recv().await {
+            while let Some((id, bytes, request)) = requests.recv().await {
                 let outcome = send(&shared, request).await;
-                if done_tx.send((id, outcome)).is_err() {
+                if done_tx.send((id, bytes, outcome)).is_err() {
                     return;
                 }
             }
@@ -73,15 +82,30 @@ impl Sender {
             queue,
             done,
             pending: 0,
+            pending_bytes: 0,
             _task: tokio_util::task::AbortOnDropHandle::new(task),
         }
     }
 
-    /// Queues a call behind the ones already queued.
-    pub fn push(&mut self, id: String, request: pb::FunctionCallRequest) {
-        if self.queue.send((id, request)).is_ok() {
-            self.pending += 1;
+    /// Queues a call behind the ones already queued; refused (the
+    /// allocation then fails) when the queue would hold more than
+    /// [`MAX_QUEUED_CALL_BYTES`].
+    pub fn push(&mut self, id: String, request: pb::FunctionCallRequest) -> Result<(), String> {
+        use prost::Message;
+        let bytes = request.encoded_len();
+        let total = self.pending_bytes.saturating_add(bytes);
+        if total > MAX_QUEUED_CALL_BYTES {
+            return Err(format!(
+                "{} function call(s) and this one would hold {total} bytes waiting for the server, \
+                 over the {MAX_QUEUED_CALL_BYTES}-byte bound (MAX_QUEUED_CALL_BYTES)",
+                self.pending
+            ));
         }
+        if self.queue.send((id, bytes, request)).is_ok() {
+            self.pending += 1;
+            self.pending_bytes = total;
+        }
+        Ok(())
     }
 
     /// Whether a call still waits for the server's answer.
@@ -95,9 +119,10 @@ impl Sender {
             return std::future::pending().await;
         }
         match self.done.recv().await {
-            Some(outcome) => {
+            Some((id, bytes, outcome)) => {
                 self.pending -= 1;
-                outcome
+                self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
+                (id, outcome)
             }
             None => std::future::pending().await,
         }

@@ -173,6 +173,33 @@ pub(crate) fn convert_updates(
     Ok(plan)
 }
 
+/// Checks that every function `u` calls is in `namespace`, the calling
+/// allocation's own: a function never starts work in another namespace.
+/// (A plan naming no namespace is refused by [`validate`].)
+pub(crate) fn check_namespace(
+    u: &fe_pb::ExecutionPlanUpdates,
+    namespace: &str,
+) -> Result<(), String> {
+    use fe_pb::execution_plan_update::Op as FOp;
+    for (i, up) in u.updates.iter().enumerate() {
+        let target = match &up.op {
+            Some(FOp::FunctionCall(c)) => c.target.as_ref(),
+            Some(FOp::Reduce(r)) => r.reducer.as_ref(),
+            None => None,
+        };
+        if let Some(ns) = target.and_then(|t| t.namespace.as_deref())
+            && !ns.is_empty()
+            && ns != namespace
+        {
+            return Err(format!(
+                "plan entry {i} calls a function in namespace {:?}, not the allocation's own {namespace:?}",
+                ns.chars().take(64).collect::<String>()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn nonempty(v: &Option<String>) -> bool {
     v.as_deref().is_some_and(|s| !s.is_empty())
 }
@@ -370,6 +397,34 @@ mod tests {
         assert!(convert_updates(&too_many, None).is_err_and(|e| e.contains("at most")));
         let no_op = plan(vec![fe_pb::ExecutionPlanUpdate { op: None }]);
         assert!(convert_updates(&no_op, None).is_err());
+    }
+
+    #[test]
+    fn a_call_into_another_namespace_is_refused() {
+        let mine = plan(vec![call("D", vec![])]);
+        assert_eq!(check_namespace(&mine, "ns"), Ok(()));
+        let mut foreign = plan(vec![call("C", vec![]), call("D", vec![])]);
+        if let Some(fe_pb::execution_plan_update::Op::FunctionCall(c)) = &mut foreign.updates[1].op
+            && let Some(t) = c.target.as_mut()
+        {
+            t.namespace = Some("other".into());
+        }
+        assert_eq!(
+            check_namespace(&foreign, "ns"),
+            Err("plan entry 1 calls a function in namespace \"other\", not the allocation's own \"ns\"".into())
+        );
+        let reduce = plan(vec![fe_pb::ExecutionPlanUpdate {
+            op: Some(fe_pb::execution_plan_update::Op::Reduce(fe_pb::ReduceOp {
+                id: Some("R".into()),
+                collection: Vec::new(),
+                reducer: Some(fe_pb::FunctionRef {
+                    namespace: Some("other".into()),
+                    ..Default::default()
+                }),
+                call_metadata: None,
+            })),
+        }]);
+        assert!(check_namespace(&reduce, "ns").is_err());
     }
 
     #[test]

@@ -52,7 +52,9 @@ pub(crate) fn state_uri(prefix: &str, key: &str) -> Result<String, String> {
     Ok(format!("{prefix}/state/{quoted}"))
 }
 
-/// Serves one operation; `writes` holds the prepared writes of this allocation.
+/// Serves one operation; `writes` holds the prepared writes of this
+/// allocation. A value is written up to `max_bytes` and read up to
+/// `max_read_bytes` (`--max-input-blob-bytes`).
 pub(crate) async fn serve(
     blobs: &BlobStore,
     prefix: &str,
@@ -60,12 +62,15 @@ pub(crate) async fn serve(
     writes: &mut HashMap<String, Upload>,
     valid_for: Duration,
     max_bytes: u64,
+    max_read_bytes: u64,
 ) -> fe_pb::AllocationRequestStateOperationResult {
     use fe_pb::allocation_request_state_operation::Operation as Op;
     let id = op.operation_id.clone().unwrap_or_default();
     let key = op.state_key.as_deref().unwrap_or("");
     let (code, message, result) = match &op.operation {
-        Some(Op::PrepareRead(_)) => prepare_read(blobs, prefix, key, valid_for).await,
+        Some(Op::PrepareRead(_)) => {
+            prepare_read(blobs, prefix, key, valid_for, max_read_bytes).await
+        }
         Some(Op::PrepareWrite(w)) => match w.size.unwrap_or(0) {
             size if size > max_bytes => (
                 CODE_INTERNAL,
@@ -96,7 +101,13 @@ fn read_result(blob: Option<fe_pb::Blob>) -> Option<OpResult> {
     ))
 }
 
-async fn prepare_read(blobs: &BlobStore, prefix: &str, key: &str, valid_for: Duration) -> Served {
+async fn prepare_read(
+    blobs: &BlobStore,
+    prefix: &str,
+    key: &str,
+    valid_for: Duration,
+    max_bytes: u64,
+) -> Served {
     let uri = match state_uri(prefix, key) {
         Ok(u) => u,
         Err(e) => return (CODE_INTERNAL, e, read_result(None)),
@@ -112,6 +123,12 @@ async fn prepare_read(blobs: &BlobStore, prefix: &str, key: &str, valid_for: Dur
         }
         Err(e) => return (CODE_INTERNAL, e.to_string(), read_result(None)),
     };
+    if size > max_bytes {
+        let m = format!(
+            "the value of key {key:?} is {size} bytes, over the {max_bytes}-byte limit (--max-input-blob-bytes)"
+        );
+        return (CODE_INTERNAL, m, read_result(None));
+    }
     match blobs.presign_read(&uri, size, valid_for).await {
         Ok(chunks) => (
             0,
@@ -242,6 +259,7 @@ mod tests {
             &mut writes,
             valid,
             1 << 20,
+            1 << 20,
         )
         .await;
         assert_eq!(missing.status.map(|s| s.code), Some(CODE_NOT_FOUND));
@@ -254,6 +272,7 @@ mod tests {
             &op("w1", Op::PrepareWrite(w)),
             &mut writes,
             valid,
+            1 << 20,
             1 << 20,
         )
         .await;
@@ -283,6 +302,7 @@ mod tests {
             &mut writes,
             valid,
             1 << 20,
+            1 << 20,
         )
         .await;
         assert_eq!(before.status.map(|s| s.code), Some(CODE_NOT_FOUND));
@@ -297,6 +317,7 @@ mod tests {
             &mut writes,
             valid,
             1 << 20,
+            1 << 20,
         )
         .await;
         assert_eq!(done.status.map(|s| s.code), Some(0));
@@ -306,6 +327,7 @@ mod tests {
             &op("c2", Op::CommitWrite(commit)),
             &mut writes,
             valid,
+            1 << 20,
             1 << 20,
         )
         .await;
@@ -323,6 +345,7 @@ mod tests {
             &mut writes,
             valid,
             1 << 20,
+            1 << 20,
         )
         .await;
         assert_eq!(found.status.map(|s| s.code), Some(0));
@@ -335,5 +358,33 @@ mod tests {
             blobs.get(&format!("{prefix}/state/k")).await.expect("get"),
             &b"hello"[..]
         );
+
+        // A value over the read limit is refused, naming it; no URL is made.
+        let read = fe_pb::AllocationRequestStatePrepareReadOperation {};
+        let over = serve(
+            &blobs,
+            &prefix,
+            &op("r3", Op::PrepareRead(read)),
+            &mut writes,
+            valid,
+            1 << 20,
+            4,
+        )
+        .await;
+        let status = over.status.expect("status");
+        assert_eq!(status.code, CODE_INTERNAL);
+        assert!(
+            status
+                .message
+                .contains("over the 4-byte limit (--max-input-blob-bytes)"),
+            "{}",
+            status.message
+        );
+        assert!(matches!(
+            over.result,
+            Some(OpResult::PrepareRead(
+                fe_pb::AllocationRequestStatePrepareReadOperationResult { blob: None }
+            ))
+        ));
     }
 }
