@@ -162,6 +162,32 @@ struct AgentArgs {
     /// Do not put workers in cgroups (their limits are then not enforced).
     #[arg(long)]
     no_cgroups: bool,
+    /// Ids workers run under, `START:COUNT` as in /etc/subuid: the first
+    /// is the group through which workers share `file://` blob roots, each
+    /// other one the uid and gid of one live worker. The default block lies
+    /// above the ids distributions, `useradd`'s subordinate ranges and
+    /// systemd's container ranges hand out, below 2^31. Needs root.
+    #[arg(long, default_value = "2000000000:65536")]
+    worker_uid_range: wd::UidRange,
+    /// Run workers as Steward's own user instead of one uid each (they can
+    /// then read Steward's data directory and environment, and signal it).
+    #[arg(long)]
+    no_worker_identities: bool,
+    /// How Steward talks to workers: `unix` (a socket in a directory only
+    /// the worker's uid and Steward can enter) or `tcp` (loopback, the
+    /// fallback). Either way the listener is checked before the first byte.
+    #[arg(long, default_value = "unix")]
+    worker_channel: wd::ChannelKind,
+    /// Directory of workers' sockets and scratch directories (HOME,
+    /// TMPDIR) and of the uid leases Stewards on this host share. Default:
+    /// /var/lib/steward-workers as root, else <temp dir>/steward-workers-<uid>.
+    #[arg(long)]
+    worker_run_dir: Option<PathBuf>,
+    /// A variable of Steward's environment workers inherit besides PATH,
+    /// the locale, time zone, CA bundles, proxies and LD_LIBRARY_PATH:
+    /// `NAME` or `PREFIX*`; repeatable.
+    #[arg(long = "worker-env-allow")]
+    worker_env_allow: Vec<String>,
     /// Do not meter usage (no usage ledger; results are reported without
     /// waiting for their usage records).
     #[arg(long)]
@@ -835,9 +861,14 @@ fn worker_defaults(args: &AgentArgs) -> Result<steward_reconciler::WorkerDefault
     })
 }
 
-/// The process driver, confining workers in cgroups where the host allows;
-/// says once whether limits are enforced and, if not, why.
-fn worker_driver(args: &AgentArgs, data_dir: &std::path::Path) -> wd::ProcessDriver {
+/// The process driver, confining workers in cgroups where the host allows
+/// and under their own identities where Steward is root; says once whether
+/// limits are enforced and, if not, why.
+fn worker_driver(
+    args: &AgentArgs,
+    data_dir: &std::path::Path,
+    isolation: wd::Isolation,
+) -> wd::ProcessDriver {
     let cgroups = if args.no_cgroups {
         wd::CgroupSetup::Unavailable("--no-cgroups was given".into())
     } else {
@@ -857,7 +888,66 @@ fn worker_driver(args: &AgentArgs, data_dir: &std::path::Path) -> wd::ProcessDri
     wd::ProcessDriver::new(wd::ProcessDriverConfig {
         records_dir: data_dir.join("workers"),
         cgroups,
+        isolation,
     })
+}
+
+/// How workers are kept apart: their identities (where Steward is root),
+/// the channel, the variables they inherit and their directories, checked
+/// and made here; says once whether identities are separated and, if not,
+/// why. With identities, `file://` blob roots are shared with workers
+/// through the range's blob group.
+fn worker_isolation(args: &AgentArgs, executor_id: &str) -> Result<wd::Isolation> {
+    let identities = wd::IdentitySetup::detect(
+        args.worker_uid_range,
+        args.no_worker_identities
+            .then_some("--no-worker-identities was given"),
+    );
+    let base = args
+        .worker_run_dir
+        .clone()
+        .unwrap_or_else(|| match wd::identity::steward_uid() {
+            0 => PathBuf::from("/var/lib/steward-workers"),
+            uid => std::env::temp_dir().join(format!("steward-workers-{uid}")),
+        });
+    let isolation = wd::Isolation::new(
+        &base,
+        executor_id,
+        identities,
+        args.worker_channel,
+        wd::EnvAllow::with(&args.worker_env_allow),
+    );
+    isolation
+        .prepare()
+        .map_err(|e| anyhow::anyhow!("--worker-run-dir: {e}"))?;
+    match &isolation.identities {
+        wd::IdentitySetup::Separated(range) => {
+            tracing::info!(uids = %range.workers_text(), channel = args.worker_channel.as_str(), run_dir = %isolation.run_dir.display(), "workers run under their own uids");
+            for root in &args.blob_roots {
+                match wd::identity::share_with_workers(root, range.blob_gid()) {
+                    Ok(None) => {}
+                    Ok(Some(why)) => {
+                        tracing::warn!(root = %root.display(), %why, "workers cannot reach this blob root")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot share a blob root with workers: their file:// blobs there will fail")
+                    }
+                }
+            }
+            if args.blob_roots.is_empty() {
+                tracing::warn!(
+                    "no --blob-root: workers reach file:// blobs only where their own uids may"
+                );
+            }
+            if let Some(why) = wd::identity::unreachable_by_workers(&args.function_executor_bin) {
+                tracing::error!(%why, "workers, under their own uids, cannot run the worker program: install it (and its Python) where others may read it, or use --no-worker-identities");
+            }
+        }
+        wd::IdentitySetup::NotSeparated(why) => {
+            tracing::warn!(reason = %why, channel = args.worker_channel.as_str(), "worker identities are NOT separated: workers run as Steward's own user");
+        }
+    }
+    Ok(isolation)
 }
 
 async fn run_agent(args: AgentArgs) -> Result<()> {
@@ -885,6 +975,9 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let data_dir = expand_home(&args.executor_cache_path);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // No worker may enter it: the ledger, records, code cache and logs.
+    wd::identity::private_dir(&data_dir)
+        .map_err(|e| anyhow::anyhow!("--executor-cache-path: {e}"))?;
     let executor_id = executor_id(args.executor_id.clone(), &data_dir)?;
     let labels = parse_labels(&args.labels)?;
     let allowed_functions = parse_allowlist(&args.functions)?;
@@ -990,7 +1083,9 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));
     config.gpu_pool = Arc::new(GpuPoolAdapter(allocator.clone()));
     config.worker_defaults = worker_defaults(&args)?;
-    let driver: Arc<dyn wd::WorkerDriver> = Arc::new(worker_driver(&args, &config.data_dir));
+    let isolation = worker_isolation(&args, &executor_id)?;
+    let driver: Arc<dyn wd::WorkerDriver> =
+        Arc::new(worker_driver(&args, &config.data_dir, isolation));
     config.driver = driver.clone();
     // Steward's parent cgroup goes however this function returns (a taken
     // port, a bad address): nothing of it outlives the process.

@@ -190,6 +190,19 @@ pub fn render(health: &Value, host: &Value, fes: &Value, allocs: &Value, events:
         ),
     };
     line(&mut out, "limits", limits);
+    let identities = match w["limits"]["worker_uids"].as_str() {
+        Some(uids) => format!(
+            "separated (uids {uids}, {} channel)",
+            w["limits"]["channel"].as_str().unwrap_or("?")
+        ),
+        None => format!(
+            "NOT separated: {}",
+            w["limits"]["identities_not_separated_because"]
+                .as_str()
+                .unwrap_or("?")
+        ),
+    };
+    line(&mut out, "identities", identities);
     let bad: Vec<&Value> = events["events"]
         .as_array()
         .into_iter()

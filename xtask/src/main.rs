@@ -228,23 +228,38 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 /// Creates `.venv` with the pinned packages unless it already has them.
+/// As root, Steward runs workers under uids of their own, which must be
+/// able to run the venv's Python: a venv made from an interpreter others
+/// cannot reach (pyenv's under `/root`) is made again from one they can.
 fn ensure_venv() -> Result<PathBuf> {
     let venv = root().join(".venv");
     let stamp = venv.join(".steward-pins");
     let want = PINS.join(" ");
+    // The owner of our own /proc entry is our effective uid.
+    let as_root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
     let ready = venv.join("bin/function-executor").exists()
         && venv.join("bin/indexify-cli").exists()
-        && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == want);
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == want)
+        && (!as_root || reachable_by_others(&venv.join("bin/python3")));
     if ready {
         return Ok(venv);
     }
-    let python = std::env::var("STEWARD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = match std::env::var("STEWARD_PYTHON") {
+        Ok(p) => p,
+        Err(_) => ["python3", "/usr/bin/python3", "/usr/local/bin/python3"]
+            .into_iter()
+            .find(|p| !as_root || which(p).is_some_and(|p| reachable_by_others(&p)))
+            .unwrap_or("python3")
+            .to_string(),
+    };
     eprintln!(
-        "xtask: creating {} with {want} (once; takes a minute)",
+        "xtask: creating {} with {want} from {python} (once; takes a minute)",
         venv.display()
     );
-    run(Command::new(&python).args(["-m", "venv"]).arg(&venv))
-        .with_context(|| format!("{python} -m venv: is Python 3.10+ with venv installed?"))?;
+    run(Command::new(&python)
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))
+    .with_context(|| format!("{python} -m venv: is Python 3.10+ with venv installed?"))?;
     run(Command::new(venv.join("bin/pip"))
         .args([
             "install",
@@ -255,6 +270,30 @@ fn ensure_venv() -> Result<PathBuf> {
         .args(PINS))?;
     std::fs::write(&stamp, &want)?;
     Ok(venv)
+}
+
+/// `program` as found on `PATH` (or as given, with a `/`).
+fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program)).filter(|p| p.is_file());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Whether a user other than the owner may run `path`: every directory on
+/// the way to it and to where its symlinks lead is searchable by others.
+fn reachable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(real) = std::fs::canonicalize(path) else {
+        return false;
+    };
+    [path, real.as_path()].into_iter().all(|p| {
+        p.ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
+    }) && std::fs::metadata(&real).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005)
 }
 
 fn cargo() -> Command {

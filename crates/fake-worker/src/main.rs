@@ -565,12 +565,22 @@ fn address_from_args() -> Result<String, String> {
         }
         i += 1;
     }
-    address.ok_or_else(|| "usage: steward-fake-worker --address HOST:PORT [--executor-id=..] [--function-executor-id=..]".into())
+    address.ok_or_else(|| "usage: steward-fake-worker --address HOST:PORT|unix:PATH [--executor-id=..] [--function-executor-id=..]".into())
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let address = address_from_args()?;
+    // `unix:/path` or `unix:///path`, as grpcio takes them.
+    if let Some(path) = address.strip_prefix("unix:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        let listener = tokio::net::UnixListener::bind(path)?;
+        tonic::transport::Server::builder()
+            .add_service(FunctionExecutorServer::new(Worker::default()))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await?;
+        return Ok(());
+    }
     let addr = tokio::net::lookup_host(&address)
         .await?
         .next()

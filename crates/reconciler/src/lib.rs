@@ -262,6 +262,10 @@ impl AgentConfig {
                     cgroups: steward_worker_driver::CgroupSetup::Unavailable(
                         "cgroups were not configured".into(),
                     ),
+                    isolation: steward_worker_driver::Isolation::unseparated(
+                        &data_dir.join("run"),
+                        "worker identities were not configured",
+                    ),
                 },
             )),
             worker_defaults: WorkerDefaults::default(),

@@ -6,6 +6,13 @@
 //! own cgroup (v2 or v1) with CPU, memory and pids limits applied before its
 //! first instruction. Containers and sandboxes are later drivers.
 //!
+//! What every driver shares to keep workers apart from Steward and each
+//! other ([`Isolation`]): a uid and gid of its own per worker, leased from a
+//! range ([`identity`]), no capabilities, no new privileges, umask 077, an
+//! environment from an allowlist, a private scratch directory, and a private
+//! channel: a Unix socket in a directory only the worker and Steward can
+//! enter, whose listener Steward checks before the first byte ([`channel`]).
+//!
 //! Also here: cgroup detection and file formats ([`cgroup`]), exact OOM
 //! verdicts from the cgroup's own counters, per-worker usage, and cleaning up
 //! what a SIGKILLed agent left behind.
@@ -14,6 +21,9 @@
 //! (the agent decides what a worker may have; the driver enforces it).
 
 pub mod cgroup;
+pub mod channel;
+pub mod identity;
+mod isolation;
 mod leftovers;
 mod process;
 mod procfs;
@@ -26,6 +36,9 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 
 pub use cgroup::{CgroupSetup, CgroupVersion, Cgroups};
+pub use channel::{ChannelKind, ConnectError, WorkerStream};
+pub use identity::{EnvAllow, IdentitySetup, UidRange};
+pub use isolation::Isolation;
 pub use leftovers::Leftover;
 pub use process::{ProcessDriver, ProcessDriverConfig, describe_status};
 
@@ -45,13 +58,13 @@ pub struct WorkerSpec {
     /// The function executor id (validated by the agent: `[A-Za-z0-9._-]`, at most 256 bytes).
     pub id: String,
     pub program: PathBuf,
-    /// Arguments; the driver appends `--address <host:port>` of its choosing.
+    /// Arguments; the driver appends `--address <address>` of its choosing
+    /// (see [`Worker::address`]).
     pub args: Vec<String>,
-    /// Variables set in the worker's environment.
+    /// Variables set in the worker's environment, on top of those of the
+    /// agent's that the allowlist lets through ([`EnvAllow`]) and the
+    /// worker's own `HOME` and `TMPDIR`.
     pub env: Vec<(String, String)>,
-    /// Variables of the agent's environment the worker must not inherit,
-    /// by prefix (the agent's cloud credentials).
-    pub env_remove_prefixes: Vec<String>,
     pub log_path: PathBuf,
     pub limits: Limits,
 }
@@ -107,8 +120,19 @@ pub trait WorkerMonitor: Send + Sync {
 /// A started worker. Dropping it kills the worker and everything it started.
 pub trait Worker: Send + Sync {
     fn pid(&self) -> u32;
-    /// `host:port` where it serves the function executor API.
+    /// Where it serves the function executor API, as it was told with
+    /// `--address`: `unix:<path>` (a socket in a directory only the worker
+    /// and Steward may enter) or `127.0.0.1:<port>` (the TCP fallback).
+    /// For logs and timelines: connect with [`Worker::connect`], which
+    /// checks who listens there.
     fn address(&self) -> &str;
+    /// A connection to the worker, made only once the listener proved to
+    /// be the worker (its uid, one of its processes); [`ConnectError::NotYet`]
+    /// while nothing listens, [`ConnectError::Refused`] for anything else
+    /// listening there.
+    fn connect(&self) -> BoxFuture<'static, Result<WorkerStream, ConnectError>>;
+    /// The uid the worker runs as.
+    fn uid(&self) -> u32;
     fn log_path(&self) -> &Path;
     fn monitor(&self) -> Arc<dyn WorkerMonitor>;
     /// The exit, if the worker has already exited (does not block).
@@ -137,8 +161,8 @@ pub trait WorkerDriver: Send + Sync + 'static {
     fn shutdown(&self);
 }
 
-/// Which limits the driver enforces.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Which limits the driver enforces, and how workers are kept apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Enforcement {
     /// "v1", "v2", or `None` without cgroups.
     pub cgroup_version: Option<&'static str>,
@@ -150,12 +174,24 @@ pub struct Enforcement {
     pub pids: bool,
     /// Set when limits are not enforced (or only partly): why.
     pub not_enforced_because: Option<String>,
+    /// The uids workers get (one per live worker, gid the same), as
+    /// `first-last`; `None` where they run as Steward's own user.
+    pub worker_uids: Option<String>,
+    /// How Steward reaches workers: `unix` or `tcp`.
+    pub channel: &'static str,
+    /// Set when workers are not separated from Steward and from each other
+    /// (no root, or opted out): why.
+    pub identities_not_separated_because: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("picking a port for the worker: {0}")]
     Port(std::io::Error),
+    #[error("leasing a uid for the worker: {0}")]
+    Identity(std::io::Error),
+    #[error("preparing the worker's directory: {0}")]
+    WorkerDir(std::io::Error),
     #[error("opening worker log {path}: {error}")]
     Log {
         path: PathBuf,

@@ -2,8 +2,12 @@
 //! own process group (killing the group also kills what user code forked)
 //! and, where the host allows, its own cgroup. The child writes its pid to
 //! the cgroup's `cgroup.procs` between fork and exec, so the program's
-//! first instruction already runs confined. `PR_SET_PDEATHSIG(SIGKILL)`
-//! makes the kernel kill the worker if Steward dies, even by SIGKILL.
+//! first instruction already runs confined. Then, where identities are
+//! separated, it takes its own uid and gid and loses every capability
+//! ([`crate::identity::Creds::apply`]), and it execs with an allowlisted
+//! environment in its private directory, told to listen on a socket there.
+//! `PR_SET_PDEATHSIG(SIGKILL)`, set last (a change of uid clears it), makes
+//! the kernel kill the worker if Steward dies, even by SIGKILL.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -17,6 +21,9 @@ use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
 
 use crate::cgroup::{CgroupSetup, WorkerCgroup};
+use crate::channel::{self, ChannelKind, ConnectError, Endpoint, Expected, Target, WorkerStream};
+use crate::identity::{self, Creds, IdentitySetup, UidLease};
+use crate::isolation::{Isolation, WorkerDir};
 use crate::leftovers::{self, Leftover, signal_group};
 use crate::{
     DriverError, Enforcement, Exit, Limits, Reading, Worker, WorkerDriver, WorkerMonitor,
@@ -27,21 +34,69 @@ pub struct ProcessDriverConfig {
     /// Where live workers are recorded for cleanup after a crash.
     pub records_dir: PathBuf,
     pub cgroups: CgroupSetup,
+    /// Identities, channel, environment and directories of workers.
+    pub isolation: Isolation,
 }
 
 /// Workers as processes (see the module docs).
 pub struct ProcessDriver {
     records_dir: PathBuf,
     cgroups: CgroupSetup,
+    isolation: Arc<Isolation>,
 }
 
 impl ProcessDriver {
+    /// The driver. Its directories are made at the first start (call
+    /// [`Isolation::prepare`] before to refuse to start where they cannot be).
     pub fn new(config: ProcessDriverConfig) -> ProcessDriver {
         ProcessDriver {
             records_dir: config.records_dir,
             cgroups: config.cgroups,
+            isolation: Arc::new(config.isolation),
         }
     }
+}
+
+/// What a worker holds besides its process, given back when it is gone
+/// (in this order: the directory with its socket and scratch files, then
+/// the channel's port and the uid).
+pub(crate) struct Held {
+    pub(crate) dir: WorkerDir,
+    pub(crate) endpoint: Endpoint,
+    _lease: UidLease,
+}
+
+/// Leases the worker's uid, makes its directory and picks its endpoint
+/// (on the spawner thread: it touches the disk and may scan `/proc`).
+pub(crate) fn prepare(iso: &Isolation) -> Result<(Held, Option<u32>), DriverError> {
+    if !iso.run_dir.is_dir() {
+        // The first worker (or the directory was removed): made now.
+        iso.prepare()
+            .map_err(|e| DriverError::WorkerDir(std::io::Error::other(e)))?;
+    }
+    let separated = iso.identities.range();
+    let lock_dir = iso.lock_dir();
+    let running: &dyn Fn() -> std::collections::HashSet<u32> = if separated.is_some() {
+        &identity::running_uids
+    } else {
+        &std::collections::HashSet::new
+    };
+    let lease = identity::lease(separated.unwrap_or_default(), lock_dir.as_deref(), running)
+        .map_err(DriverError::Identity)?;
+    let uid = separated.map(|_| lease.id());
+    let dir = WorkerDir::create(&iso.run_dir, lease.id(), uid).map_err(DriverError::WorkerDir)?;
+    let endpoint = match iso.channel {
+        ChannelKind::Unix => Endpoint::Unix(dir.socket()),
+        ChannelKind::Tcp => Endpoint::tcp().map_err(DriverError::Port)?,
+    };
+    Ok((
+        Held {
+            dir,
+            endpoint,
+            _lease: lease,
+        },
+        uid,
+    ))
 }
 
 /// The cgroup directory name of one start of worker `id`: `fe-<id>.<n>`,
@@ -70,25 +125,25 @@ impl WorkerDriver for ProcessDriver {
     fn start(&self, spec: WorkerSpec) -> BoxFuture<'static, Result<Box<dyn Worker>, DriverError>> {
         let cgroups = self.cgroups.clone();
         let records_dir = self.records_dir.clone();
+        let iso = self.isolation.clone();
         async move {
-            let port = lease_port(free_port).map_err(DriverError::Port)?;
-            let address = format!("127.0.0.1:{}", port.0);
             let runtime = tokio::runtime::Handle::current();
             // Everything that may block goes to the spawner thread: moving
             // a process into a cgroup waits for an RCU grace period in the
             // kernel (about 15 ms on cgroup v1), which the agent's runtime
             // thread must never sit through.
-            let (child, cgroup, spec) = {
-                let address = address.clone();
+            let (child, cgroup, spec, held, uid) = {
                 on_spawner_thread(
                     move || {
                         let _entered = runtime.enter();
-                        spawn_confined(&spec, &cgroups, &address).map(|(c, g)| (c, g, spec))
+                        let (held, uid) = prepare(&iso)?;
+                        spawn_confined(&spec, &cgroups, &held, uid, &iso)
+                            .map(|(c, g)| (c, g, spec, held, uid))
                     },
                     // The start was abandoned (its worker removed, or the
                     // agent stopping) while the spawn ran: nothing stays.
                     |started| {
-                        if let Ok((mut child, cgroup, _)) = started {
+                        if let Ok((mut child, cgroup, _, held, _)) = started {
                             if let Some(pid) = child.id() {
                                 signal_group(pid, Signal::SIGKILL);
                             }
@@ -96,6 +151,7 @@ impl WorkerDriver for ProcessDriver {
                             if let Some(cg) = cgroup {
                                 cg.destroy();
                             }
+                            drop(held);
                         }
                     },
                 )
@@ -111,9 +167,11 @@ impl WorkerDriver for ProcessDriver {
             let worker: Box<dyn Worker> = Box::new(ProcessWorker {
                 child,
                 pid,
-                address,
+                uid: uid.unwrap_or_else(crate::identity::steward_uid),
+                address: held.endpoint.address(),
+                target: held.endpoint.target(),
                 log_path: spec.log_path,
-                _port: port,
+                held: Some(held),
                 monitor: Arc::new(CgroupMonitor { cgroup, pid }),
                 records_dir,
                 id: spec.id,
@@ -176,31 +234,17 @@ impl WorkerDriver for ProcessDriver {
                 Err(why) => Leftover::skipped(worker, "process group", why),
             });
         }
+        // Their processes are gone: their directories (sockets, scratch
+        // files) go too.
+        let dirs = self.isolation.sweep();
+        if dirs > 0 {
+            tracing::info!(dirs, run_dir = %self.isolation.run_dir.display(), "removed leftover worker directories");
+        }
         found
     }
 
     fn enforcement(&self) -> Enforcement {
-        match &self.cgroups {
-            CgroupSetup::Enabled(c) => Enforcement {
-                cgroup_version: Some(c.version().as_str()),
-                cgroup_parents: c.parents(),
-                cpu: c.enforces("cpu"),
-                memory: c.enforces("memory"),
-                swap_off: c.swap_off(),
-                pids: c.enforces("pids"),
-                not_enforced_because: (!c.missing().is_empty())
-                    .then(|| format!("no cgroup controller for: {}", c.missing().join(", "))),
-            },
-            CgroupSetup::Unavailable(why) => Enforcement {
-                cgroup_version: None,
-                cgroup_parents: Vec::new(),
-                cpu: false,
-                memory: false,
-                swap_off: false,
-                pids: false,
-                not_enforced_because: Some(why.clone()),
-            },
-        }
+        enforcement(&self.cgroups, &self.isolation)
     }
 
     fn shutdown(&self) {
@@ -211,15 +255,52 @@ impl WorkerDriver for ProcessDriver {
             c.reap_leftovers();
             c.remove_parents();
         }
+        self.isolation.remove();
     }
 }
 
+/// What a driver with these cgroups and this isolation enforces (shared
+/// by the drivers: a sandbox's limits are the same cgroup limits).
+pub(crate) fn enforcement(cgroups: &CgroupSetup, iso: &Isolation) -> Enforcement {
+    let (worker_uids, identities_not_separated_because) = match &iso.identities {
+        IdentitySetup::Separated(r) => (Some(r.workers_text()), None),
+        IdentitySetup::NotSeparated(why) => (None, Some(why.clone())),
+    };
+    let isolated = |e: Enforcement| Enforcement {
+        worker_uids,
+        channel: iso.channel.as_str(),
+        identities_not_separated_because,
+        ..e
+    };
+    isolated(match cgroups {
+        CgroupSetup::Enabled(c) => Enforcement {
+            cgroup_version: Some(c.version().as_str()),
+            cgroup_parents: c.parents(),
+            cpu: c.enforces("cpu"),
+            memory: c.enforces("memory"),
+            swap_off: c.swap_off(),
+            pids: c.enforces("pids"),
+            not_enforced_because: (!c.missing().is_empty())
+                .then(|| format!("no cgroup controller for: {}", c.missing().join(", "))),
+            ..Enforcement::default()
+        },
+        CgroupSetup::Unavailable(why) => Enforcement {
+            not_enforced_because: Some(why.clone()),
+            ..Enforcement::default()
+        },
+    })
+}
+
 /// Creates the worker's cgroup and forks the worker into it (on the
-/// spawner thread); the cgroup is removed again if the spawn fails.
+/// spawner thread), under its own identity where it has one (`uid`), in
+/// its directory, told to listen at its endpoint; the cgroup is removed
+/// again if the spawn fails.
 fn spawn_confined(
     spec: &WorkerSpec,
     cgroups: &CgroupSetup,
-    address: &str,
+    held: &Held,
+    uid: Option<u32>,
+    iso: &Isolation,
 ) -> Result<(Child, Option<Arc<WorkerCgroup>>), DriverError> {
     let log_err = |error| DriverError::Log {
         path: spec.log_path.clone(),
@@ -231,6 +312,7 @@ fn spawn_confined(
         .open(&spec.log_path)
         .map_err(log_err)?;
     let log2 = log.try_clone().map_err(log_err)?;
+    let home = held.dir.home();
     let cgroup = match cgroups {
         CgroupSetup::Enabled(c) => Some(Arc::new(c.create(&cgroup_name(&spec.id), &spec.limits)?)),
         CgroupSetup::Unavailable(_) => None,
@@ -238,35 +320,48 @@ fn spawn_confined(
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .arg("--address")
-        .arg(address)
+        .arg(held.endpoint.address())
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
+        .current_dir(&home)
         .process_group(0)
-        .kill_on_drop(true);
-    for (key, _) in std::env::vars_os() {
-        let k = key.to_string_lossy();
-        if spec
-            .env_remove_prefixes
-            .iter()
-            .any(|p| k.starts_with(p.as_str()))
-        {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        .kill_on_drop(true)
+        .env_clear()
+        .envs(identity::worker_env(
+            &iso.env_allow,
+            std::env::vars_os(),
+            &home,
+            uid,
+            &spec.env,
+        ));
+    let creds = Creds::new(uid, iso.identities.range());
     let spawned = (|| {
+        // In this order in the child: into the cgroup (as Steward), then
+        // the worker's identity, then the parent-death signal (which a
+        // change of uid clears).
         if let Some(cg) = &cgroup {
             confine(&mut cmd, cg)?;
         }
+        take_identity(&mut cmd, creds);
         set_parent_death_signal(&mut cmd);
         cmd.spawn()
     })();
     match spawned {
         Ok(child) => Ok((child, cgroup)),
-        Err(error) => {
+        Err(mut error) => {
             if let Some(cg) = &cgroup {
                 cg.destroy();
+            }
+            if let Some(uid) = uid
+                && error.kind() == std::io::ErrorKind::PermissionDenied
+            {
+                error = std::io::Error::new(
+                    error.kind(),
+                    format!(
+                        "{error} (the worker runs as uid {uid}: the program and every directory above it must be readable and searchable by others)"
+                    ),
+                );
             }
             Err(DriverError::Spawn {
                 program: spec.program.clone(),
@@ -278,9 +373,9 @@ fn spawn_confined(
 
 /// Usage and limits of a worker from its cgroup, or, without one, usage
 /// of its main process from `/proc` (no limits).
-struct CgroupMonitor {
-    cgroup: Option<Arc<WorkerCgroup>>,
-    pid: u32,
+pub(crate) struct CgroupMonitor {
+    pub(crate) cgroup: Option<Arc<WorkerCgroup>>,
+    pub(crate) pid: u32,
 }
 
 impl WorkerMonitor for CgroupMonitor {
@@ -311,10 +406,14 @@ impl WorkerMonitor for CgroupMonitor {
 struct ProcessWorker {
     child: Child,
     pid: u32,
+    /// The uid it runs as (Steward's own where identities are not separated).
+    uid: u32,
     address: String,
+    target: Target,
     log_path: PathBuf,
-    /// The worker's port, kept from every other worker while this one lives.
-    _port: PortLease,
+    /// Its directory, endpoint and uid, kept from every other worker while
+    /// this one lives; given back once its processes are gone.
+    held: Option<Held>,
     monitor: Arc<CgroupMonitor>,
     records_dir: PathBuf,
     id: String,
@@ -352,18 +451,21 @@ impl ProcessWorker {
         }
         signal_group(self.pid, Signal::SIGKILL);
         leftovers::forget(&self.records_dir, &self.id);
-        let Some(cg) = self.cgroup() else {
-            return;
+        let cgroup = self.cgroup();
+        let held = self.held.take();
+        // The cgroup is emptied first: the worker's directory and uid are
+        // given back only once nothing of it runs.
+        let finish = move || {
+            if let Some(cg) = cgroup {
+                cg.destroy();
+            }
+            drop(held);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                self.removal = Some(rt.spawn_blocking(move || {
-                    cg.destroy();
-                }));
+                self.removal = Some(rt.spawn_blocking(finish));
             }
-            Err(_) => {
-                cg.destroy();
-            }
+            Err(_) => finish(),
         }
     }
 
@@ -390,6 +492,19 @@ impl Worker for ProcessWorker {
 
     fn address(&self) -> &str {
         &self.address
+    }
+
+    fn connect(&self) -> BoxFuture<'static, Result<WorkerStream, ConnectError>> {
+        let expected = Expected {
+            uid: self.uid,
+            pid: self.pid,
+            cgroup: self.cgroup(),
+        };
+        channel::connect(self.target.clone(), expected).boxed()
+    }
+
+    fn uid(&self) -> u32 {
+        self.uid
     }
 
     fn log_path(&self) -> &Path {
@@ -477,47 +592,6 @@ pub fn describe_status(status: &ExitStatus) -> String {
     }
 }
 
-/// Ports handed to live workers. The worker binds its port with
-/// SO_REUSEPORT (grpc-python does), so two workers given the same port
-/// would both bind it and the agent could talk to the wrong one: a port is
-/// never handed out twice while its worker lives.
-static LEASED_PORTS: std::sync::Mutex<std::collections::BTreeSet<u16>> =
-    std::sync::Mutex::new(std::collections::BTreeSet::new());
-
-/// A port leased to one worker until dropped.
-#[derive(Debug)]
-struct PortLease(u16);
-
-impl Drop for PortLease {
-    fn drop(&mut self) {
-        if let Ok(mut leased) = LEASED_PORTS.lock() {
-            leased.remove(&self.0);
-        }
-    }
-}
-
-/// Leases a port from `pick` that no live worker holds (a few tries).
-fn lease_port(mut pick: impl FnMut() -> std::io::Result<u16>) -> std::io::Result<PortLease> {
-    for _ in 0..32 {
-        let port = pick()?;
-        let mut leased = LEASED_PORTS
-            .lock()
-            .map_err(|_| std::io::Error::other("port lease table poisoned"))?;
-        if leased.insert(port) {
-            return Ok(PortLease(port));
-        }
-    }
-    Err(std::io::Error::other(
-        "no free port that no live worker holds after 32 tries",
-    ))
-}
-
-/// A port free right now (binding port 0; the worker binds it a moment later).
-fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 type SpawnJob = Box<dyn FnOnce() + Send>;
 
 /// Threads that fork workers: several, so that workers started together
@@ -529,7 +603,7 @@ const SPAWNER_THREADS: usize = 4;
 /// *thread* that forked a child exits, not the process: a worker forked
 /// from a pooled thread that later retires would be killed with it. The
 /// caller awaits the result without blocking its runtime.
-async fn on_spawner_thread<T: Send + 'static>(
+pub(crate) async fn on_spawner_thread<T: Send + 'static>(
     job: impl FnOnce() -> T + Send + 'static,
     undo: impl FnOnce(T) + Send + 'static,
 ) -> std::io::Result<T> {
@@ -604,7 +678,7 @@ impl Drop for InFlight {
 
 /// Waits (bounded) until no spawn is queued or running, so that a stop
 /// cleans up after the last one.
-fn wait_for_spawns(limit: Duration) {
+pub(crate) fn wait_for_spawns(limit: Duration) {
     let deadline = std::time::Instant::now() + limit;
     while SPAWNS_IN_FLIGHT.load(std::sync::atomic::Ordering::Acquire) > 0
         && std::time::Instant::now() < deadline
@@ -664,6 +738,16 @@ fn confine(cmd: &mut Command, cg: &WorkerCgroup) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Switches the child to the worker's credentials before exec.
+fn take_identity(cmd: &mut Command, creds: Creds) {
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes system calls (`Creds::apply`).
+    unsafe {
+        cmd.pre_exec(move || creds.apply());
+    }
+}
+
 #[allow(unsafe_code)]
 fn set_parent_death_signal(cmd: &mut Command) {
     let parent = std::process::id();
@@ -686,22 +770,6 @@ fn set_parent_death_signal(cmd: &mut Command) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_port_is_never_leased_to_two_live_workers() {
-        let first = lease_port(|| Ok(40_001)).expect("lease");
-        // The picker offers the leased port again, then another one.
-        let mut offers = [40_001u16, 40_002].into_iter();
-        let second = lease_port(|| Ok(offers.next().unwrap_or(40_003))).expect("lease");
-        assert_eq!((first.0, second.0), (40_001, 40_002));
-        assert!(
-            lease_port(|| Ok(40_001)).is_err(),
-            "only the taken port on offer"
-        );
-        drop(first);
-        let again = lease_port(|| Ok(40_001)).expect("free once its worker is gone");
-        assert_eq!(again.0, 40_001);
-    }
 
     #[test]
     fn cgroup_names_fit_the_kernel_limit_and_stay_distinct() {

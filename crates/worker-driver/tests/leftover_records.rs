@@ -10,7 +10,7 @@ use std::path::Path;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use steward_worker_driver::{
-    CgroupSetup, Leftover, ProcessDriver, ProcessDriverConfig, WorkerDriver,
+    CgroupSetup, Isolation, Leftover, ProcessDriver, ProcessDriverConfig, WorkerDriver,
 };
 
 /// A process group of this test's own (`sh -c <script>` as its leader),
@@ -107,6 +107,7 @@ fn reap(dir: &Path, records: &[(&str, String)]) -> Vec<Leftover> {
     let driver = ProcessDriver::new(ProcessDriverConfig {
         records_dir: workers,
         cgroups: CgroupSetup::Unavailable("not needed here".into()),
+        isolation: Isolation::unseparated(&dir.join("run"), "not needed here"),
     });
     driver.reap_leftovers()
 }

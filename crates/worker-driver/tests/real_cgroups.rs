@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use steward_worker_driver::{
-    CgroupSetup, Cgroups, Limits, ProcessDriver, ProcessDriverConfig, WorkerDriver, WorkerSpec,
+    CgroupSetup, Cgroups, Isolation, Limits, ProcessDriver, ProcessDriverConfig, WorkerDriver,
+    WorkerSpec,
 };
 
 fn spec(dir: &Path, id: &str, script: &str, limits: Limits) -> WorkerSpec {
@@ -16,7 +17,6 @@ fn spec(dir: &Path, id: &str, script: &str, limits: Limits) -> WorkerSpec {
         // The driver appends `--address <addr>`: it becomes $0 and $1.
         args: vec!["-c".into(), script.into()],
         env: Vec::new(),
-        env_remove_prefixes: vec!["AWS_".into()],
         log_path: dir.join(format!("{id}.log")),
         limits,
     }
@@ -33,6 +33,7 @@ fn driver(dir: &Path, test: &str) -> (ProcessDriver, Option<String>) {
     let d = ProcessDriver::new(ProcessDriverConfig {
         records_dir: dir.join("workers"),
         cgroups: setup,
+        isolation: Isolation::unseparated(&dir.join("run"), "not what these tests are about"),
     });
     (d, why)
 }

@@ -1,5 +1,6 @@
-//! A worker's gRPC connection: one HTTP/2 connection over loopback TCP,
-//! used by the generated client directly.
+//! A worker's gRPC connection: one HTTP/2 connection over the stream the
+//! driver handed over (a Unix socket, or loopback TCP, whose listener the
+//! driver has already checked), used by the generated client directly.
 //!
 //! tonic's `Channel` queues every call through a buffer task and keeps a
 //! reconnecting connection pool; a worker needs neither (a worker whose
@@ -166,13 +167,13 @@ impl tonic::codegen::Service<Request<Body>> for WorkerConn {
     }
 }
 
-/// Opens an HTTP/2 connection to the worker at `address` (`host:port`)
-/// and returns a client over it. The connection task ends when the last
-/// clone of the client is dropped or the worker goes away.
-pub(crate) async fn connect(address: &str) -> std::io::Result<WorkerClient> {
-    let tcp = tokio::net::TcpStream::connect(address).await?;
-    tcp.set_nodelay(true)?;
-    let (send, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+/// Opens an HTTP/2 connection to the worker over `stream` (from
+/// `Worker::connect`) and returns a client over it. The connection task
+/// ends when the last clone of the client is dropped or the worker goes away.
+pub(crate) async fn connect(
+    stream: steward_worker_driver::WorkerStream,
+) -> std::io::Result<WorkerClient> {
+    let (send, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
     tokio::spawn(async move {
@@ -180,9 +181,8 @@ pub(crate) async fn connect(address: &str) -> std::io::Result<WorkerClient> {
             tracing::debug!(error = %e, "worker connection ended");
         }
     });
-    let origin: Uri = format!("http://{address}")
-        .parse()
-        .map_err(std::io::Error::other)?;
+    // The `:authority` of every call; the worker has no name to check.
+    let origin = Uri::from_static("http://localhost");
     Ok(WorkerClient {
         grpc: tonic::client::Grpc::with_origin(WorkerConn { send }, origin),
     })

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use steward_worker_driver::{Exit, Worker, WorkerSpec};
+use steward_worker_driver::{ConnectError, Exit, Worker, WorkerSpec};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -932,13 +932,23 @@ async fn start(
                 ),
             ));
         }
-        let attempt =
-            tokio::time::timeout(Duration::from_secs(2), conn::connect(process.address()));
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            match process.connect().await {
+                Ok(stream) => conn::connect(stream).await.map_err(ConnectError::NotYet),
+                Err(e) => Err(e),
+            }
+        });
         match attempt
             .await
-            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+            .unwrap_or_else(|_| Err(ConnectError::NotYet(std::io::ErrorKind::TimedOut.into())))
         {
             Ok(c) => break c,
+            // Something that is not the worker listens where it should:
+            // not a byte goes there, and the worker goes.
+            Err(refused @ ConnectError::Refused { .. }) => {
+                process.stop(Duration::ZERO).await;
+                return Err(internal(format!("worker channel: {refused}")));
+            }
             Err(e) if Instant::now() > deadline => {
                 process.stop(Duration::ZERO).await;
                 return Err(internal(format!(
@@ -1096,9 +1106,9 @@ fn worker_spec(
         id: id.to_string(),
         program: config.function_executor_bin.clone(),
         args,
+        // On top of what the driver's allowlist lets through: workers get
+        // presigned URLs, never the agent's cloud credentials.
         env,
-        // Workers get presigned URLs, never the agent's cloud credentials.
-        env_remove_prefixes: vec!["AWS_".to_string()],
         log_path: config.data_dir.join("logs").join(format!("fe-{id}.log")),
         limits: crate::admission::limits(&claim, &config.worker_defaults),
     }

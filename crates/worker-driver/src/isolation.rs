@@ -1,0 +1,281 @@
+//! What keeps workers apart from Steward and from each other, as a driver
+//! is configured with it: identities ([`IdentitySetup`]), the channel kind,
+//! the variables workers inherit, and the directories. Under the worker
+//! run directory (`--worker-run-dir`) live the uid lease locks (`uids/`,
+//! shared by every Steward that uses the directory) and one directory per
+//! Steward (its executor id, hashed), `0711`, holding one directory per
+//! live worker: `w<uid>/`, `0700` and the worker's, with the channel's
+//! socket `fe.sock` and the scratch directory `home/` (`HOME`, `TMPDIR`).
+//! A worker's directory goes when the worker ends; what a SIGKILLed
+//! Steward left is swept at its next start.
+//!
+//! Must not know about: gRPC, the server, allocations.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::channel::{ChannelKind, socket_path_fits};
+use crate::identity::{EnvAllow, IdentitySetup};
+
+/// Name of a worker's socket in its directory.
+const SOCKET: &str = "fe.sock";
+
+/// How workers are kept apart (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Isolation {
+    pub identities: IdentitySetup,
+    pub channel: ChannelKind,
+    pub env_allow: EnvAllow,
+    /// The worker run directory (`--worker-run-dir`).
+    pub base: PathBuf,
+    /// This Steward's directory below `base`.
+    pub run_dir: PathBuf,
+}
+
+impl Isolation {
+    /// Isolation under `base` for the Steward of `executor_id`.
+    pub fn new(
+        base: &Path,
+        executor_id: &str,
+        identities: IdentitySetup,
+        channel: ChannelKind,
+        env_allow: EnvAllow,
+    ) -> Isolation {
+        Isolation {
+            identities,
+            channel,
+            env_allow,
+            base: base.to_path_buf(),
+            run_dir: base.join(instance_name(executor_id)),
+        }
+    }
+
+    /// Workers as Steward's own user on a Unix socket under `base`, for
+    /// embedders and tests that configure nothing: why they are not separated.
+    pub fn unseparated(base: &Path, why: &str) -> Isolation {
+        Isolation::new(
+            base,
+            "agent",
+            IdentitySetup::NotSeparated(why.to_string()),
+            ChannelKind::Unix,
+            EnvAllow::default(),
+        )
+    }
+
+    /// Where uid leases are locked, host-wide; `None` without identities.
+    pub(crate) fn lock_dir(&self) -> Option<PathBuf> {
+        self.identities.range().map(|_| self.base.join("uids"))
+    }
+
+    /// Creates the directories (the base and this Steward's `0711`, the
+    /// locks `0700`) and checks them: the base must be Steward's and
+    /// writable by nobody else (or another user could swap a worker's
+    /// directory), every directory above it searchable by workers, and a
+    /// socket path must fit `sun_path`. Idempotent.
+    pub fn prepare(&self) -> Result<(), String> {
+        let euid = crate::identity::steward_uid();
+        let separated = self.identities.range().is_some();
+        for dir in std::iter::once(&self.base).chain(std::iter::once(&self.run_dir)) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            let meta =
+                std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if !meta.is_dir() {
+                return Err(format!("{} is not a directory", dir.display()));
+            }
+            if meta.uid() != euid {
+                return Err(format!(
+                    "{} belongs to uid {}, not to Steward's uid {euid}",
+                    dir.display(),
+                    meta.uid()
+                ));
+            }
+            if meta.mode() & 0o7777 != 0o711 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|e| format!("chmod 0711 {}: {e}", dir.display()))?;
+            }
+        }
+        if let Some(locks) = self.lock_dir() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&locks)
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .map_err(|e| format!("creating {}: {e}", locks.display()))?;
+        }
+        if separated {
+            let mut above = self.base.parent();
+            while let Some(p) = above {
+                if let Ok(m) = std::fs::metadata(p)
+                    && m.mode() & 0o001 == 0
+                {
+                    return Err(format!(
+                        "{} is mode {:04o}: workers, running under their own uids, could not reach their directories below it (choose another --worker-run-dir)",
+                        p.display(),
+                        m.mode() & 0o7777
+                    ));
+                }
+                above = p.parent();
+            }
+        }
+        let longest = self.run_dir.join(format!("w{}", u32::MAX)).join(SOCKET);
+        if !socket_path_fits(&longest) {
+            return Err(format!(
+                "{} is too long for a Unix socket path ({} bytes at most): choose a shorter --worker-run-dir",
+                longest.display(),
+                crate::channel::MAX_SOCKET_PATH
+            ));
+        }
+        Ok(())
+    }
+
+    /// Removes what workers of an earlier run of this Steward left in its
+    /// directory (after their processes were killed).
+    pub(crate) fn sweep(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            let gone = match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            match gone {
+                Ok(()) => removed += 1,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot remove a leftover worker directory")
+                }
+            }
+        }
+        removed
+    }
+
+    /// Removes this Steward's directory once every worker is gone.
+    pub(crate) fn remove(&self) {
+        self.sweep();
+        let _ = std::fs::remove_dir(&self.run_dir);
+    }
+}
+
+/// This Steward's directory name: its executor id, hashed (FNV-1a), so any
+/// id makes a short, safe name.
+fn instance_name(executor_id: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in executor_id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("e-{h:016x}")
+}
+
+/// One live worker's directory: `0700`, owned by the worker's uid where it
+/// has one. Removed (with all the worker wrote there) when dropped.
+#[derive(Debug)]
+pub(crate) struct WorkerDir {
+    path: PathBuf,
+}
+
+impl WorkerDir {
+    /// Creates `<run dir>/w<id>/` and its `home/` (a stale one of the same
+    /// name, left by a crash, goes first).
+    pub(crate) fn create(
+        run_dir: &Path,
+        id: u32,
+        owner: Option<u32>,
+    ) -> std::io::Result<WorkerDir> {
+        let path = run_dir.join(format!("w{id}"));
+        let at = |what: &str, p: &Path, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+        };
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(at("removing stale", &path, e)),
+        }
+        let dir = WorkerDir { path };
+        let home = dir.home();
+        for p in [&dir.path, &home] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(p)
+                .map_err(|e| at("creating", p, e))?;
+            // The mode is set again: the umask may have taken bits off.
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| at("chmod 0700", p, e))?;
+            if let Some(uid) = owner {
+                std::os::unix::fs::chown(p, Some(uid), Some(uid)).map_err(|e| at("chown", p, e))?;
+            }
+        }
+        Ok(dir)
+    }
+
+    /// The scratch directory: `HOME` and `TMPDIR`.
+    pub(crate) fn home(&self) -> PathBuf {
+        self.path.join("home")
+    }
+
+    /// Where the worker listens.
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.path.join(SOCKET)
+    }
+}
+
+impl Drop for WorkerDir {
+    fn drop(&mut self) {
+        match std::fs::remove_dir_all(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "cannot remove a worker's directory")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_are_made_with_their_modes_and_removed_with_the_worker() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let iso = Isolation::unseparated(&tmp.path().join("run"), "test");
+        iso.prepare().expect("prepare");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").mode() & 0o7777;
+        assert_eq!(mode(&iso.base), 0o711);
+        assert_eq!(mode(&iso.run_dir), 0o711);
+        let dir = WorkerDir::create(&iso.run_dir, 7, None).expect("worker dir");
+        assert_eq!(mode(&dir.path), 0o700);
+        assert_eq!(mode(&dir.home()), 0o700);
+        assert!(dir.socket().starts_with(&dir.path));
+        std::fs::write(dir.home().join("scratch"), b"x").expect("write");
+        let path = dir.path.clone();
+        drop(dir);
+        assert!(!path.exists(), "removed with the worker");
+        // A leftover of a crash is swept.
+        std::mem::forget(WorkerDir::create(&iso.run_dir, 8, None).expect("dir"));
+        assert_eq!(iso.sweep(), 1);
+        iso.remove();
+        assert!(!iso.run_dir.exists());
+    }
+
+    #[test]
+    fn a_run_directory_too_long_for_a_socket_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let iso = Isolation::unseparated(&tmp.path().join("x".repeat(90)), "test");
+        let e = iso.prepare().expect_err("too long");
+        assert!(e.contains("too long"), "{e}");
+    }
+
+    #[test]
+    fn instance_names_are_short_and_distinct() {
+        assert_ne!(instance_name("a"), instance_name("b"));
+        assert_eq!(instance_name(&"x".repeat(1000)).len(), 18);
+    }
+}
