@@ -142,10 +142,20 @@ impl IdentitySetup {
                 "Steward runs as uid {euid}, not root, so it cannot start processes under other uids: workers run as Steward's own user and can reach what it can (its data directory, its environment, each other)"
             ));
         }
-        if range.contains(euid) {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let Some(missing) = missing_setid_caps(&status) {
             return IdentitySetup::NotSeparated(format!(
-                "the worker uid range {range} contains Steward's own uid {euid}"
+                "Steward runs as root without {missing} (a container that drops them?), so it cannot switch workers to other uids"
             ));
+        }
+        for (map, what) in [("/proc/self/uid_map", "uid"), ("/proc/self/gid_map", "gid")] {
+            let text = std::fs::read_to_string(map).unwrap_or_default();
+            if !maps_range(&text, range) {
+                return IdentitySetup::NotSeparated(format!(
+                    "the worker range {range} is not all mapped in Steward's user namespace ({map}: {}), so no worker could take a {what} of it; choose a --worker-uid-range inside the mapping",
+                    text.split_whitespace().collect::<Vec<_>>().join(" ")
+                ));
+            }
         }
         IdentitySetup::Separated(range)
     }
@@ -156,6 +166,35 @@ impl IdentitySetup {
             IdentitySetup::NotSeparated(_) => None,
         }
     }
+}
+
+/// `CAP_SETUID` and `CAP_SETGID` (bits 7 and 6 of `CapEff` in
+/// `/proc/self/status`): the names of those missing, if any.
+fn missing_setid_caps(status: &str) -> Option<String> {
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = [(7, "CAP_SETUID"), (6, "CAP_SETGID")]
+        .into_iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, name)| name)
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" and "))
+}
+
+/// Whether a `uid_map`/`gid_map` (lines `inside outside count`) maps every
+/// id of `range` inside the namespace.
+fn maps_range(map: &str, range: UidRange) -> bool {
+    let (first, last) = (u64::from(range.first), u64::from(range.last()));
+    map.lines().any(|line| {
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        matches!(f[..], [inside, _, count] if inside <= first && last < inside + count)
+    })
 }
 
 /// Ids leased to live workers of this process.
@@ -302,7 +341,8 @@ impl Creds {
     }
 
     /// Between fork and exec (async-signal-safe system calls only): drops
-    /// every capability from the bounding set, sets the groups to the blob
+    /// every capability from the bounding set (where Steward holds
+    /// `CAP_SETPCAP`), sets the groups to the blob
     /// group alone, the gid and then the uid (real, effective and saved)
     /// to the worker's, clears the ambient and inheritable sets (the
     /// permitted and effective ones went with uid 0), forbids gaining
@@ -318,11 +358,10 @@ impl Creds {
         unsafe {
             if let Some(id) = self.id {
                 for cap in 0..=self.cap_last.min(63) {
-                    if libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) != 0
-                        && *libc::__errno_location() != libc::EINVAL
-                    {
-                        return fail();
-                    }
+                    // Past the kernel's last (EINVAL), or without
+                    // CAP_SETPCAP (EPERM): under PR_SET_NO_NEW_PRIVS no exec
+                    // can raise a capability from it anyway.
+                    let _ = libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0);
                 }
                 let groups: [libc::gid_t; 1] = [self.blob_gid];
                 if libc::syscall(libc::SYS_setgroups, 1 as libc::c_long, groups.as_ptr()) != 0 {
@@ -690,6 +729,32 @@ mod tests {
         ] {
             assert!(bad.parse::<UidRange>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn root_without_setid_capabilities_or_an_unmapped_range_is_not_separated() {
+        let full = "Name:\tsteward\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(missing_setid_caps(full), None);
+        let no_setuid = "CapEff:\t000001ffffffff7f\n";
+        assert_eq!(missing_setid_caps(no_setuid).as_deref(), Some("CAP_SETUID"));
+        assert_eq!(
+            missing_setid_caps("CapEff:\t0000000000000000\n").as_deref(),
+            Some("CAP_SETUID and CAP_SETGID")
+        );
+        let range = UidRange::default();
+        // The initial namespace; a container without a user namespace.
+        assert!(maps_range("         0          0 4294967295\n", range));
+        // Rootless: root and 65536 subordinate ids.
+        let rootless = "0 1000 1\n1 100000 65536\n";
+        assert!(!maps_range(rootless, range));
+        assert!(maps_range(
+            rootless,
+            UidRange {
+                first: 1000,
+                count: 100
+            }
+        ));
+        assert!(!maps_range("", range));
     }
 
     #[test]
