@@ -906,10 +906,7 @@ fn worker_isolation(args: &AgentArgs, executor_id: &str) -> Result<wd::Isolation
     let base = args
         .worker_run_dir
         .clone()
-        .unwrap_or_else(|| match wd::identity::steward_uid() {
-            0 => PathBuf::from("/var/lib/steward-workers"),
-            uid => std::env::temp_dir().join(format!("steward-workers-{uid}")),
-        });
+        .unwrap_or_else(wd::Isolation::default_base);
     let isolation = wd::Isolation::new(
         &base,
         executor_id,

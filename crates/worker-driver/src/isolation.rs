@@ -62,6 +62,15 @@ impl Isolation {
         )
     }
 
+    /// The worker run directory unless one is given: `/var/lib/steward-workers`
+    /// as root, else `<temp dir>/steward-workers-<uid>`.
+    pub fn default_base() -> PathBuf {
+        match crate::identity::steward_uid() {
+            0 => PathBuf::from("/var/lib/steward-workers"),
+            uid => std::env::temp_dir().join(format!("steward-workers-{uid}")),
+        }
+    }
+
     /// Where uid leases are locked, host-wide; `None` without identities.
     pub(crate) fn lock_dir(&self) -> Option<PathBuf> {
         self.identities.range().map(|_| self.base.join("uids"))
