@@ -7,25 +7,8 @@
 //! runs the agent as usual. `STEWARD_NO_INIT=1` turns this off (when a
 //! real init such as tini runs Steward).
 
-use std::sync::atomic::{AtomicI32, Ordering};
-
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-use nix::sys::wait::{WaitStatus, waitpid};
-use nix::unistd::{ForkResult, Pid, fork};
-
-/// The agent's pid, for the signal handler.
-static AGENT: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn forward(signal: libc::c_int) {
-    let pid = AGENT.load(Ordering::Relaxed);
-    if pid > 0 {
-        // SAFETY: kill(2) is async-signal-safe.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(pid, signal);
-        }
-    }
-}
+use nix::unistd::{ForkResult, fork};
+use steward_worker_driver::oci::init::{forward_signals, forward_to, reap_until};
 
 /// Returns `None` in the process that should run the agent; in the PID-1
 /// supervisor it returns the exit code once the agent has exited.
@@ -41,35 +24,8 @@ pub fn supervise_if_pid1() -> anyhow::Result<Option<i32>> {
         ForkResult::Child => return Ok(None),
         ForkResult::Parent { child } => child,
     };
-    AGENT.store(agent.as_raw(), Ordering::Relaxed);
-    let action = SigAction::new(
-        SigHandler::Handler(forward),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for signal in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
-        // SAFETY: the handler only calls kill(2).
-        #[allow(unsafe_code)]
-        unsafe { sigaction(signal, &action) }?;
-    }
-    Ok(Some(reap_until_agent_exits(agent)))
-}
-
-/// Reaps every child (the agent and adopted orphans) until the agent ends.
-fn reap_until_agent_exits(agent: Pid) -> i32 {
-    loop {
-        match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == agent => return code,
-            Ok(WaitStatus::Signaled(pid, signal, _)) if pid == agent => return 128 + signal as i32,
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return 1, // No children left: the agent is gone.
-        }
-    }
+    forward_to(agent);
+    forward_signals()?;
+    // No child left: the agent is gone.
+    Ok(Some(reap_until(agent).unwrap_or(1)))
 }

@@ -98,6 +98,28 @@ struct AgentArgs {
     /// Worker program to run for each function executor.
     #[arg(long, default_value = "function-executor")]
     function_executor_bin: PathBuf,
+    /// What a worker is: `process` (a process group in its own cgroup) or
+    /// `oci` (a container of an OCI runtime, `--oci-runtime`: new pid,
+    /// mount, ipc and uts namespaces, a read-only root, no capabilities, a
+    /// seccomp profile, its GPUs' devices only).
+    #[arg(long, value_enum, default_value_t = DriverKind::Process)]
+    worker_driver: DriverKind,
+    /// The OCI runtime of `--worker-driver oci`: `runc`, or `runsc`
+    /// (gVisor) or `kata-runtime` (Kata), which take the same command
+    /// line; a name on PATH or a path. Refused at start unless it answers
+    /// `--version`.
+    #[arg(long, default_value = "runc")]
+    oci_runtime: PathBuf,
+    /// The network of `--worker-driver oci` workers: `host` (the host's,
+    /// to reach blob storage) or `none` (a new, empty network namespace:
+    /// only the worker's Unix socket reaches it; for `file://` blobs).
+    #[arg(long, value_enum, default_value_t = WorkerNetwork::Host)]
+    worker_network: WorkerNetwork,
+    /// A host directory or file bound read-only into every OCI worker
+    /// besides /usr, /bin, /lib, /lib64, /etc, the worker program's venv and
+    /// its Python installation (a CUDA installation elsewhere, say); repeatable.
+    #[arg(long = "oci-bind-ro")]
+    oci_bind_ro: Vec<PathBuf>,
     /// Directory `file://` blobs must live in; repeatable. None allows any absolute path.
     #[arg(long = "blob-root")]
     blob_roots: Vec<PathBuf>,
@@ -332,6 +354,20 @@ struct AgentArgs {
     disable_function_executor_health_checks: bool,
 }
 
+/// `--worker-driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DriverKind {
+    Process,
+    Oci,
+}
+
+/// `--worker-network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum WorkerNetwork {
+    Host,
+    None,
+}
+
 fn parse_flag(s: &str) -> Result<bool, String> {
     match s {
         "" | "0" | "false" => Ok(false),
@@ -469,6 +505,11 @@ pub fn set_log_filter(filter: tracing_subscriber::EnvFilter) -> Result<(), Strin
 }
 
 fn main() -> Result<()> {
+    // Inside a worker's container Steward's binary is the first process
+    // (`--worker-driver oci`): it runs the worker, and nothing else.
+    if let Some(code) = wd::oci::worker_init_if_asked() {
+        std::process::exit(code);
+    }
     if let Some(code) = init::supervise_if_pid1()? {
         std::process::exit(code);
     }
@@ -863,12 +904,59 @@ fn worker_defaults(args: &AgentArgs) -> Result<steward_reconciler::WorkerDefault
 
 /// The process driver, confining workers in cgroups where the host allows
 /// and under their own identities where Steward is root; says once whether
-/// limits are enforced and, if not, why.
+/// limits are enforced and identities separated and, if not, why.
 fn worker_driver(
     args: &AgentArgs,
     data_dir: &std::path::Path,
     isolation: wd::Isolation,
 ) -> wd::ProcessDriver {
+    wd::ProcessDriver::new(wd::ProcessDriverConfig {
+        records_dir: data_dir.join("workers"),
+        cgroups: worker_cgroups(args),
+        isolation,
+    })
+}
+
+/// The OCI driver (`--worker-driver oci`): refused here, before anything
+/// starts, when the runtime does not answer `--version`.
+fn oci_driver(
+    args: &AgentArgs,
+    data_dir: &std::path::Path,
+    executor_id: &str,
+    isolation: wd::Isolation,
+) -> Result<wd::OciDriver> {
+    if args.worker_network == WorkerNetwork::None && args.worker_channel == wd::ChannelKind::Tcp {
+        bail!("--worker-network none leaves workers no network: use --worker-channel unix");
+    }
+    let driver = wd::OciDriver::new(wd::OciDriverConfig {
+        runtime: args.oci_runtime.clone(),
+        executor_id: executor_id.to_string(),
+        dir: data_dir.join("oci"),
+        cgroups: worker_cgroups(args),
+        cgroup_parent: args.cgroup_parent.clone(),
+        network: match args.worker_network {
+            WorkerNetwork::Host => wd::Network::Host,
+            WorkerNetwork::None => wd::Network::None,
+        },
+        init: std::env::current_exe()
+            .context("finding Steward's own binary (each container's init)")?,
+        read_only: args.oci_bind_ro.clone(),
+        shared: args.blob_roots.clone(),
+        isolation,
+    })
+    .map_err(|e| anyhow::anyhow!("--worker-driver oci: {e}"))?;
+    tracing::info!(runtime = %driver.runtime().display(), version = driver.runtime_version(), network = ?args.worker_network, "workers run in OCI containers");
+    if args.blob_roots.is_empty() {
+        tracing::warn!(
+            "no --blob-root: OCI workers see no file:// blobs (only the blob roots are bound into their containers)"
+        );
+    }
+    Ok(driver)
+}
+
+/// Workers' cgroups, where the host allows; says once whether limits are
+/// enforced and, if not, why.
+fn worker_cgroups(args: &AgentArgs) -> wd::CgroupSetup {
     let cgroups = if args.no_cgroups {
         wd::CgroupSetup::Unavailable("--no-cgroups was given".into())
     } else {
@@ -885,11 +973,7 @@ fn worker_driver(
             tracing::warn!(reason = %why, "worker limits are NOT enforced: workers run without cgroups");
         }
     }
-    wd::ProcessDriver::new(wd::ProcessDriverConfig {
-        records_dir: data_dir.join("workers"),
-        cgroups,
-        isolation,
-    })
+    cgroups
 }
 
 /// How workers are kept apart: their identities (where Steward is root),
@@ -1081,8 +1165,15 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.gpu_pool = Arc::new(GpuPoolAdapter(allocator.clone()));
     config.worker_defaults = worker_defaults(&args)?;
     let isolation = worker_isolation(&args, &executor_id)?;
-    let driver: Arc<dyn wd::WorkerDriver> =
-        Arc::new(worker_driver(&args, &config.data_dir, isolation));
+    let driver: Arc<dyn wd::WorkerDriver> = match args.worker_driver {
+        DriverKind::Process => Arc::new(worker_driver(&args, &config.data_dir, isolation)),
+        DriverKind::Oci => Arc::new(oci_driver(
+            &args,
+            &config.data_dir,
+            &executor_id,
+            isolation,
+        )?),
+    };
     config.driver = driver.clone();
     // Steward's parent cgroup goes however this function returns (a taken
     // port, a bad address): nothing of it outlives the process.

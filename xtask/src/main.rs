@@ -57,6 +57,10 @@ enum Task {
         /// Stop after printing the table
         #[arg(long)]
         once: bool,
+        /// Steward's `--worker-driver`: `process`, or `oci` (workers in
+        /// runc containers; installs runc where it is missing, as root)
+        #[arg(long, default_value = "process")]
+        worker_driver: String,
     },
     /// Every test, with the venv and the binaries the tests spawn
     #[command(disable_help_flag = true)]
@@ -92,7 +96,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let result = match cli.task {
-        Task::Demo { once } => demo(once),
+        Task::Demo {
+            once,
+            worker_driver,
+        } => demo(once, &worker_driver),
         Task::Test { args } => test(&args),
         Task::Bench { args } => bench(&args),
         Task::Fuzz { seeds } => fuzz(seeds),
@@ -300,8 +307,31 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// Installs Debian's `runc` where it is missing, as root (the OCI
+/// driver's tests and `demo --worker-driver oci` run workers with it);
+/// elsewhere says what is missing and goes on (those tests then fail,
+/// naming it).
+fn ensure_runc() -> Result<()> {
+    if which("runc").is_some() || Path::new("/usr/sbin/runc").is_file() {
+        return Ok(());
+    }
+    let as_root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
+    if !as_root {
+        eprintln!(
+            "xtask: runc is not installed and this is not root: the OCI driver's tests will fail (apt-get install runc)"
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: installing runc (apt-get install -y runc) for the OCI driver");
+    run(Command::new("apt-get").arg("update"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "runc"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn test(extra: &[String]) -> Result<()> {
     let venv = ensure_venv()?;
+    ensure_runc()?;
     // The binaries the tests spawn (steward, steward-fake-worker), with the
     // same features as the test build so nothing compiles twice.
     run(cargo()
@@ -503,8 +533,11 @@ fn steward_json(bin: &Path, args: &[&str]) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn demo(once: bool) -> Result<()> {
+fn demo(once: bool, worker_driver: &str) -> Result<()> {
     let venv = ensure_venv()?;
+    if worker_driver == "oci" {
+        ensure_runc()?;
+    }
     let root = root();
     run(cargo()
         .current_dir(&root)
@@ -561,6 +594,7 @@ fn demo(once: bool) -> Result<()> {
             .arg("--total-disk-bytes")
             .arg((1u64 << 40).to_string())
             .args(["--cgroup-parent", "steward-demo"])
+            .args(["--worker-driver", worker_driver])
             .env("PATH", &path)
             .env(
                 "RUST_LOG",
@@ -593,7 +627,7 @@ fn demo(once: bool) -> Result<()> {
     }
 
     println!(
-        "\nSteward ran examples/hello and examples/compose on the real tensorlake function-executor:\n"
+        "\nSteward ran examples/hello and examples/compose on the real tensorlake function-executor (--worker-driver {worker_driver}):\n"
     );
     println!(
         "{:<8} {:<16} {:<16} {:<9} result",

@@ -434,7 +434,7 @@ fn kill_if(pid: u32, ok: impl Fn(&Proc) -> bool) -> bool {
 }
 
 #[allow(unsafe_code)]
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open(2) takes two integers and returns a new
     // descriptor or -1; nothing is borrowed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -446,15 +446,20 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+pub(crate) fn pidfd_kill(fd: &OwnedFd) -> bool {
+    pidfd_signal(fd, Signal::SIGKILL)
+}
+
+/// Sends `signal` to the process `fd` refers to (never to a reuser of its pid).
 #[allow(unsafe_code)]
-fn pidfd_kill(fd: &OwnedFd) -> bool {
-    // SAFETY: pidfd_send_signal(2) with a descriptor we own, SIGKILL, no
-    // siginfo (null) and no flags.
+pub(crate) fn pidfd_signal(fd: &OwnedFd, signal: Signal) -> bool {
+    // SAFETY: pidfd_send_signal(2) with a descriptor we own, a signal
+    // number, no siginfo (null) and no flags.
     let r = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             fd.as_raw_fd(),
-            libc::SIGKILL,
+            signal as libc::c_int,
             std::ptr::null::<libc::siginfo_t>(),
             0,
         )

@@ -1,10 +1,12 @@
 //! The worker-driver seam: starting, confining, observing and stopping one
 //! function executor worker. The agent asks a [`WorkerDriver`] for a worker
 //! from a [`WorkerSpec`] and gets back a [`Worker`] it owns; the driver
-//! decides what a worker *is*. One driver exists today, [`ProcessDriver`]: a
+//! decides what a worker *is*. Two drivers exist: [`ProcessDriver`], a
 //! process in its own process group and, where the host allows it, in its
 //! own cgroup (v2 or v1) with CPU, memory and pids limits applied before its
-//! first instruction. Containers and sandboxes are later drivers.
+//! first instruction; and [`OciDriver`] ([`oci`]), a container of an OCI
+//! runtime (runc, gVisor's runsc, Kata's kata-runtime) with new namespaces,
+//! a read-only root, a seccomp profile and the same limits.
 //!
 //! What every driver shares to keep workers apart from Steward and each
 //! other ([`Isolation`]): a uid and gid of its own per worker, leased from a
@@ -25,6 +27,7 @@ pub mod channel;
 pub mod identity;
 mod isolation;
 mod leftovers;
+pub mod oci;
 mod process;
 mod procfs;
 
@@ -40,6 +43,7 @@ pub use channel::{ChannelKind, ConnectError, WorkerStream};
 pub use identity::{EnvAllow, IdentitySetup, UidRange};
 pub use isolation::Isolation;
 pub use leftovers::Leftover;
+pub use oci::{Network, OciDriver, OciDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig, describe_status};
 
 /// Resource limits a worker runs under.

@@ -176,8 +176,7 @@ impl WorkerDriver for ProcessDriver {
                 records_dir,
                 id: spec.id,
                 exit: None,
-                cleaned: false,
-                removal: None,
+                teardown: Teardown::default(),
             });
             Ok(worker)
         }
@@ -418,9 +417,52 @@ struct ProcessWorker {
     records_dir: PathBuf,
     id: String,
     exit: Option<Exit>,
-    cleaned: bool,
     /// The removal of the cgroup, once started, for `stop`/`exited` to await.
+    teardown: Teardown,
+}
+
+/// The OOM verdict of a worker's exit, for reports and events: set when
+/// the kernel OOM-killed inside its cgroup, naming the limit and the count.
+pub(crate) fn oom_verdict(cgroup: Option<&WorkerCgroup>) -> Option<String> {
+    let cg = cgroup?;
+    let kills = cg.oom_kills().filter(|n| *n > 0)?;
+    Some(format!(
+        "OOM-killed: the worker's cgroup reached its memory limit of {} bytes (oom_kill count {kills})",
+        cg.limits().memory_bytes
+    ))
+}
+
+/// A worker's cleanup once it is gone: started once, run off the async
+/// threads (removing a cgroup waits on the kernel), awaited by `stop` and
+/// `exited`.
+#[derive(Default)]
+pub(crate) struct Teardown {
+    started: bool,
     removal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Teardown {
+    pub(crate) fn started(&self) -> bool {
+        self.started
+    }
+
+    /// Runs `job` on the blocking pool (inline without a runtime), once.
+    pub(crate) fn start(&mut self, job: impl FnOnce() + Send + 'static) {
+        if std::mem::replace(&mut self.started, true) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => self.removal = Some(rt.spawn_blocking(job)),
+            Err(_) => job(),
+        }
+    }
+
+    /// Waits until the job has run.
+    pub(crate) async fn finished(&mut self) {
+        if let Some(h) = self.removal.take() {
+            let _ = h.await;
+        }
+    }
 }
 
 impl ProcessWorker {
@@ -430,23 +472,16 @@ impl ProcessWorker {
 
     /// The exit as reported: an OOM kill counted by the worker's cgroup makes it OOM.
     fn exit_of(&self, status: &ExitStatus) -> Exit {
-        let oom = self.cgroup().and_then(|cg| {
-            let kills = cg.oom_kills().filter(|n| *n > 0)?;
-            Some(format!(
-                "OOM-killed: the worker's cgroup reached its memory limit of {} bytes (oom_kill count {kills})",
-                cg.limits().memory_bytes
-            ))
-        });
         Exit {
             description: describe_status(status),
-            oom,
+            oom: oom_verdict(self.cgroup().as_deref()),
         }
     }
 
     /// Kills what is left of the worker (its group, its cgroup) and removes
     /// the cgroup, off the async threads.
     fn cleanup(&mut self) {
-        if std::mem::replace(&mut self.cleaned, true) {
+        if self.teardown.started() {
             return;
         }
         signal_group(self.pid, Signal::SIGKILL);
@@ -455,26 +490,18 @@ impl ProcessWorker {
         let held = self.held.take();
         // The cgroup is emptied first: the worker's directory and uid are
         // given back only once nothing of it runs.
-        let finish = move || {
+        self.teardown.start(move || {
             if let Some(cg) = cgroup {
                 cg.destroy();
             }
             drop(held);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                self.removal = Some(rt.spawn_blocking(finish));
-            }
-            Err(_) => finish(),
-        }
+        });
     }
 
     /// Cleans up and waits until the cgroup is gone.
     async fn cleaned_up(&mut self) {
         self.cleanup();
-        if let Some(h) = self.removal.take() {
-            let _ = h.await;
-        }
+        self.teardown.finished().await;
     }
 
     async fn finish(&mut self, status: ExitStatus) -> Exit {

@@ -13,6 +13,8 @@ pub struct CgroupMount {
     pub fstype: String,
     /// v1: the controllers this hierarchy carries (from the super options).
     pub controllers: Vec<String>,
+    /// Every super option (`name=systemd` of a named v1 hierarchy too).
+    pub options: Vec<String>,
 }
 
 /// The cgroup mounts listed in `mountinfo`.
@@ -30,6 +32,7 @@ fn parse_mount_line(line: &str) -> Option<CgroupMount> {
     }
     let _source = tail.next()?;
     let options = tail.next().unwrap_or("");
+    let all: Vec<String> = options.split(',').map(str::to_string).collect();
     let controllers = if fstype == "cgroup" {
         options
             .split(',')
@@ -44,7 +47,17 @@ fn parse_mount_line(line: &str) -> Option<CgroupMount> {
         mount_point: PathBuf::from(unescape(fields.get(4)?)),
         fstype: fstype.to_string(),
         controllers,
+        options: all,
     })
+}
+
+/// Every mount point listed in `mountinfo` (of any file system).
+pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .collect()
 }
 
 /// Undoes the kernel's octal escapes (`\040` for a space) in mountinfo paths.

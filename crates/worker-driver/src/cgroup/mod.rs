@@ -111,7 +111,7 @@ impl Sources {
 
 /// Joins a cgroup path from `/proc/self/cgroup` (relative to the
 /// hierarchy root) onto the mount of `root`.
-fn dir_in_mount(m: &files::CgroupMount, path: &str) -> Option<PathBuf> {
+pub(crate) fn dir_in_mount(m: &files::CgroupMount, path: &str) -> Option<PathBuf> {
     let rel = if m.root == "/" {
         path
     } else {
@@ -484,6 +484,13 @@ pub fn own_memory_headroom(sources: &Sources) -> Option<u64> {
     Some(limit.saturating_sub(files::single(&usage)?))
 }
 
+/// The CPU quota and period of `limits`, in µs (what `cpu.max` and
+/// `cpu.cfs_quota_us` get, and an OCI bundle's `linux.resources.cpu`).
+pub fn cpu_quota_us(limits: &Limits) -> (u64, u64) {
+    let quota = (u64::from(limits.cpu_ms_per_sec) * CPU_PERIOD_US / 1000).max(MIN_QUOTA_US);
+    (quota, CPU_PERIOD_US)
+}
+
 /// Whether a parent cgroup directory is Steward's: named after it
 /// (`steward`, or `steward` then `-`, `.` or `_` and more, as the default
 /// `steward`, `steward.slice` or `steward-bench-7000`). Only under such a
@@ -518,7 +525,7 @@ pub fn worker_cgroup_name(name: &str) -> bool {
 /// Whether worker cgroup `name` (`fe-<id>.<pid>-<n>`) was made by another
 /// Steward that still runs (one sharing this parent): its workers are not
 /// leftovers.
-fn of_another_live_steward(name: &str) -> bool {
+pub(crate) fn of_another_live_steward(name: &str) -> bool {
     let Some(pid) = name
         .rsplit_once('.')
         .and_then(|(_, tail)| tail.split_once('-'))
@@ -665,7 +672,7 @@ impl WorkerCgroup {
 
     fn apply_limits(&self) -> Result<(), CgroupError> {
         let l = &self.limits;
-        let quota = (u64::from(l.cpu_ms_per_sec) * CPU_PERIOD_US / 1000).max(MIN_QUOTA_US);
+        let (quota, _) = cpu_quota_us(l);
         let mem = l.memory_bytes.to_string();
         let pids = l.pids_max.to_string();
         match self.version {
