@@ -554,6 +554,33 @@ fn breach(message: String) -> Driven {
     }
 }
 
+/// The ids a worker gives its requests (output blobs, nested calls,
+/// request-state operations) are each at most [`plan::MAX_ID_BYTES`]: they
+/// are remembered until the allocation ends, and an output blob's id
+/// becomes part of the URI reported to the server.
+fn check_request_ids(state: &fe_pb::AllocationState) -> Result<(), String> {
+    for r in &state.output_blob_requests {
+        plan::bounded_id("an output blob id", r.id.as_deref().unwrap_or(""))?;
+    }
+    for c in &state.function_calls {
+        plan::bounded_id("a function call id", c.id.as_deref().unwrap_or(""))?;
+        if let Some(root) = c
+            .updates
+            .as_ref()
+            .and_then(|u| u.root_function_call_id.as_deref())
+        {
+            plan::bounded_id("a function call's root call id", root)?;
+        }
+    }
+    for op in &state.request_state_operations {
+        plan::bounded_id(
+            "a request-state operation id",
+            op.operation_id.as_deref().unwrap_or(""),
+        )?;
+    }
+    Ok(())
+}
+
 /// The allocation's namespace, the only one its function may call into.
 fn namespace_of(alloc: &pb::Allocation) -> &str {
     alloc
@@ -705,6 +732,7 @@ impl<'a> Runner<'a> {
     /// reference's order: output blobs, function calls, watchers, request
     /// state reads, then writes and commits.
     async fn answer(&mut self, state: &fe_pb::AllocationState) -> Result<(), Driven> {
+        check_request_ids(state).map_err(breach)?;
         for req in &state.output_blob_requests {
             self.output_blob(req).await?;
         }
@@ -1279,6 +1307,57 @@ async fn abort_all(shared: &Arc<Shared>, uploads: HashMap<String, Upload>, extra
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_over_the_id_bound_are_refused_by_name() {
+        let long = "i".repeat(plan::MAX_ID_BYTES + 1);
+        let fine = "i".repeat(plan::MAX_ID_BYTES);
+        let blob = |id: &str| fe_pb::AllocationState {
+            output_blob_requests: vec![fe_pb::AllocationOutputBlobRequest {
+                id: Some(id.into()),
+                size: Some(1),
+            }],
+            ..Default::default()
+        };
+        let call = |id: &str| fe_pb::AllocationState {
+            function_calls: vec![fe_pb::AllocationFunctionCall {
+                id: Some(id.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let op = |id: &str| fe_pb::AllocationState {
+            request_state_operations: vec![fe_pb::AllocationRequestStateOperation {
+                operation_id: Some(id.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        for (make, what) in [
+            (
+                &blob as &dyn Fn(&str) -> fe_pb::AllocationState,
+                "output blob id",
+            ),
+            (&call, "function call id"),
+            (&op, "request-state operation id"),
+        ] {
+            assert_eq!(check_request_ids(&make(&fine)), Ok(()), "{what}");
+            let e = check_request_ids(&make(&long)).expect_err(what);
+            assert!(e.contains(what) && e.contains("MAX_ID_BYTES"), "{e}");
+        }
+        let root = fe_pb::AllocationState {
+            function_calls: vec![fe_pb::AllocationFunctionCall {
+                id: Some("c".into()),
+                updates: Some(fe_pb::ExecutionPlanUpdates {
+                    root_function_call_id: Some(long),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(check_request_ids(&root).is_err_and(|e| e.contains("root call id")));
+    }
 
     #[test]
     fn a_waiting_watcher_pauses_the_deadline_up_to_the_ceiling() {
