@@ -1286,6 +1286,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
                 header_read_timeout: Duration::from_secs(args.monitoring_header_read_timeout_s),
                 request_timeout: Duration::from_secs(args.monitoring_request_timeout_s),
                 state_concurrency: args.monitoring_state_concurrency,
+                ..steward_monitoring::Limits::default()
             },
             metrics: monitoring_metrics,
         },

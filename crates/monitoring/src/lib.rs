@@ -8,11 +8,19 @@
 //! [`StateSource`] the binary wires in.
 //!
 //! Nobody on the network can stall or flood the agent through it
-//! ([`Limits`]): connections are capped (one over the cap is closed at
-//! once), a client has [`Limits::header_read_timeout`] to send a request's
-//! headers (a slowloris is cut off), every request has
-//! [`Limits::request_timeout`], and at most [`Limits::state_concurrency`]
-//! documents and metrics are rendered at once. An optional read token
+//! ([`Limits`]): connections are capped, a client has
+//! [`Limits::header_read_timeout`] to send a request's headers and the
+//! same to idle between keep-alive requests (a slowloris is cut off), every
+//! request has [`Limits::request_timeout`], every connection is closed at
+//! [`Limits::connection_lifetime`] and dropped [`Limits::close_grace`]
+//! later whatever it is doing (a client that never reads its response
+//! frees its slot), and at most [`Limits::state_concurrency`] documents and
+//! metrics are rendered at once. Probes never starve behind the cap:
+//! connections over it go to a reserve of [`RESERVED_PROBE_CONNECTIONS`]
+//! that answers only `/monitoring/startup` and `/monitoring/health` (503
+//! to anything else), lives [`PROBE_CONNECTION_LIFETIME`] at most, and
+//! gives its oldest connection's place to a new one when full, so strangers
+//! holding every slot cannot make kubelet restart the agent. An optional read token
 //! guards `/state/*` and the metrics; the probes stay open. An admin
 //! request's body is read only once its token was accepted.
 //! Must not know about: gRPC, protobuf, workers, the control-plane protocol.
@@ -40,9 +48,21 @@ use tokio::sync::Semaphore;
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Open connections at most (`--monitoring-max-connections`); one more is
-/// closed as soon as it is accepted.
+/// Open connections at most (`--monitoring-max-connections`); one more
+/// goes to the probes' reserve ([`RESERVED_PROBE_CONNECTIONS`]).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Connections accepted over the cap, where only the probes are answered;
+/// when all are taken, the oldest is dropped for the newcomer.
+pub const RESERVED_PROBE_CONNECTIONS: usize = 8;
+/// The longest a connection of the probes' reserve lives (its headers
+/// included), keep-alive off.
+pub const PROBE_CONNECTION_LIFETIME: Duration = Duration::from_secs(5);
+/// Age at which a connection is asked to close once its current response
+/// is written (a keep-alive client reconnects).
+pub const DEFAULT_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Time a connection gets after [`Limits::connection_lifetime`] to finish
+/// its response before it is dropped (a client that never reads).
+pub const DEFAULT_CLOSE_GRACE: Duration = Duration::from_secs(15);
 /// Time a client has to send a request's headers, and the longest a
 /// keep-alive connection idles between requests
 /// (`--monitoring-header-read-timeout-s`).
@@ -178,6 +198,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub request_timeout: Duration,
     pub state_concurrency: usize,
+    pub connection_lifetime: Duration,
+    pub close_grace: Duration,
 }
 
 impl Default for Limits {
@@ -187,6 +209,8 @@ impl Default for Limits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             state_concurrency: DEFAULT_STATE_CONCURRENCY,
+            connection_lifetime: DEFAULT_CONNECTION_LIFETIME,
+            close_grace: DEFAULT_CLOSE_GRACE,
         }
     }
 }
@@ -211,7 +235,7 @@ impl ServerMetrics {
         );
         registry.register(
             "monitoring_connections_refused",
-            "Monitoring connections closed at once because the connection cap was reached",
+            "Monitoring connections accepted over the connection cap, where only the probes are answered",
             m.connections_refused.clone(),
         );
         registry.register(
@@ -345,7 +369,7 @@ pub async fn bind(addr: &str) -> Result<TcpListener, MonitoringError> {
 /// axum's own `serve` neither caps connections nor gives hyper a timer,
 /// so a client trickling its headers would hold a connection forever:
 /// connections are accepted here and each is served by hyper's HTTP/1
-/// server with a header read timeout.
+/// server with a header read timeout and a lifetime.
 pub async fn serve(
     listener: TcpListener,
     source: Arc<dyn StateSource>,
@@ -354,12 +378,20 @@ pub async fn serve(
 ) -> Result<(), MonitoringError> {
     let limits = config.limits;
     let metrics = config.metrics.clone();
-    let app = router_with(source, config);
+    let app = router_with(source.clone(), config.clone());
+    let reserve_app = probes_only(source, config);
     let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut reserve_http = hyper::server::conn::http1::Builder::new();
+    reserve_http
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout.min(PROBE_CONNECTION_LIFETIME))
+        .keep_alive(false);
+    let reserve = Reserve::default();
+    // Every connection holds a receiver: `stopping.closed()` says all are gone.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -373,25 +405,99 @@ pub async fn serve(
                 }
             },
         };
+        let _ = stream.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let stop = stop_rx.clone();
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            // Closed at once: a client over the cap learns it immediately,
-            // and the kernel's backlog does not fill up behind it.
+            // Over the cap: only the probes are answered, briefly.
             metrics.connections_refused.inc();
-            drop(stream);
+            let service = hyper_util::service::TowerToHyperService::new(reserve_app.clone());
+            let conn = reserve_http.serve_connection(io, service);
+            reserve.admit(async move {
+                let _ = tokio::time::timeout(PROBE_CONNECTION_LIFETIME, conn).await;
+                drop(stop);
+            });
             continue;
         };
-        let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn =
-            graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        let conn = http.serve_connection(io, service);
         tokio::spawn(async move {
-            let _ = conn.await;
+            drive(conn, limits, stop).await;
             drop(permit);
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    let _ = stopping.send(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, stopping.closed()).await;
+    reserve.abort_all();
     Ok(())
+}
+
+/// Serves one connection: at [`Limits::connection_lifetime`] or when the
+/// server stops it is asked to close after its current response, and
+/// [`Limits::close_grace`] later it is dropped (its socket closed).
+async fn drive<I, S>(
+    conn: hyper::server::conn::http1::Connection<I, S>,
+    limits: Limits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        () = tokio::time::sleep(limits.connection_lifetime) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.close_grace, conn).await;
+}
+
+/// The connections of the probes' reserve, oldest first.
+#[derive(Clone, Default)]
+struct Reserve(Arc<parking_lot::Mutex<ReserveInner>>);
+
+#[derive(Default)]
+struct ReserveInner {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+}
+
+impl Reserve {
+    /// Runs `conn` in the reserve, dropping the oldest connection there
+    /// when all [`RESERVED_PROBE_CONNECTIONS`] are taken.
+    fn admit(&self, conn: impl std::future::Future<Output = ()> + Send + 'static) {
+        let evicted = {
+            let mut r = self.0.lock();
+            let evicted = (r.open.len() >= RESERVED_PROBE_CONNECTIONS)
+                .then(|| r.open.pop_front())
+                .flatten();
+            let id = r.next_id;
+            r.next_id += 1;
+            let me = self.clone();
+            // Spawned under the lock, so the task's own removal comes
+            // after its entry is in.
+            let task = tokio::spawn(async move {
+                conn.await;
+                me.0.lock().open.retain(|(i, _)| *i != id);
+            });
+            r.open.push_back((id, task.abort_handle()));
+            evicted
+        };
+        if let Some((_, oldest)) = evicted {
+            oldest.abort();
+        }
+    }
+
+    fn abort_all(&self) {
+        let open = std::mem::take(&mut self.0.lock().open);
+        for (_, task) in open {
+            task.abort();
+        }
+    }
 }
 
 /// The local address a listener got (for port 0).
@@ -413,6 +519,30 @@ struct App {
 }
 
 type Shared = Arc<App>;
+
+/// The routes of a connection over the cap: the probes, and 503 to
+/// anything else.
+fn probes_only(source: Arc<dyn StateSource>, config: ServerConfig) -> Router {
+    let cap = config.limits.max_connections;
+    Router::new()
+        .route("/monitoring/startup", get(startup))
+        .route("/monitoring/health", get(health))
+        .fallback(move || async move {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": format!(
+                    "the monitoring port's {cap} connections are taken; only the probes are answered"
+                )}),
+            )
+        })
+        .with_state(Arc::new(App {
+            src: source,
+            rendering: Arc::new(Semaphore::new(1)),
+            read: None,
+            admin: None,
+            metrics: config.metrics,
+        }))
+}
 
 /// The routes, for embedding or testing (no admin routes, no read token).
 pub fn router(source: Arc<dyn StateSource>) -> Router {

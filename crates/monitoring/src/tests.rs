@@ -1,5 +1,6 @@
 //! The server's limits through real sockets: a slowloris is cut off, a
-//! connection over the cap is closed, renderings wait for a slot within
+//! connection over the cap is answered only probes (and probes still are
+//! with every slot held), a client that never reads is dropped, renderings wait for a slot within
 //! the request timeout, the read token guards documents and metrics but
 //! not probes, and an admin body is not read before its token.
 
@@ -17,6 +18,8 @@ const READ: &str = "read-token-0123456789";
 /// Longest a test waits for something that must happen (not a timing
 /// assertion: only a bound on a hang).
 const PATIENCE: Duration = Duration::from_secs(30);
+/// Bytes of the `big` document.
+const BIG_DOCUMENT: usize = 64 << 20;
 
 /// A source whose `slow` document waits until the test lets it go.
 struct Fake {
@@ -46,6 +49,8 @@ impl StateSource for Fake {
     fn document(&self, name: &str, _: Format) -> Option<Document> {
         match name {
             "fast" => Some(Document::Json(serde_json::json!({"fast": true}))),
+            // More than the loopback socket buffers hold.
+            "big" => Some(Document::Text("x".repeat(BIG_DOCUMENT))),
             "slow" => {
                 let _ = self.slow_started.lock().ok()?.send(());
                 let _ = self.slow_release.lock().ok()?.recv_timeout(PATIENCE);
@@ -123,7 +128,31 @@ async fn start(limits: Limits, admin: bool, read: bool) -> Server {
     }
 }
 
+/// A server of two connections whose clients may idle as long as they like.
+async fn start_capped_at_two() -> Server {
+    start(
+        Limits {
+            max_connections: 2,
+            header_read_timeout: Duration::from_secs(600),
+            ..Limits::default()
+        },
+        false,
+        false,
+    )
+    .await
+}
+
 impl Server {
+    /// Polls `/state/fast` until it is answered 200; panics with `never`
+    /// after [`PATIENCE`].
+    async fn until_fast_is_served(&self, never: &str) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while get(&format!("{}/state/fast", self.base), None).await != 200 {
+            assert!(tokio::time::Instant::now() < deadline, "{never}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn metrics_text(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -187,22 +216,17 @@ async fn a_client_trickling_its_headers_is_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_over_the_cap_is_closed_at_once() {
-    let server = start(
-        Limits {
-            max_connections: 2,
-            header_read_timeout: Duration::from_secs(600),
-            ..Limits::default()
-        },
-        false,
-        false,
-    )
-    .await;
+async fn a_connection_over_the_cap_is_answered_only_probes() {
+    let server = start_capped_at_two().await;
     let idle1 = TcpStream::connect(server.addr).await.expect("connect");
     let _idle2 = TcpStream::connect(server.addr).await.expect("connect");
     let mut third = TcpStream::connect(server.addr).await.expect("connect");
-    let said = until_closed(&mut third).await.expect("closed at once");
-    assert!(said.is_empty(), "{said:?}");
+    third
+        .write_all(b"GET /state/fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let said = until_closed(&mut third).await.expect("closed");
+    assert!(said.starts_with("HTTP/1.1 503"), "{said:?}");
     assert!(
         server
             .metrics_text()
@@ -212,11 +236,56 @@ async fn a_connection_over_the_cap_is_closed_at_once() {
     );
     // A slot comes back when a connection goes.
     drop(idle1);
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while get(&format!("{}/monitoring/health", server.base), None).await != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never served again");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    server.until_fast_is_served("never served again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_are_answered_with_every_slot_held_by_idle_connections() {
+    let server = start_capped_at_two().await;
+    // The cap, and the probes' reserve twice over, held by strangers who
+    // never send a byte.
+    let mut idle = Vec::new();
+    for _ in 0..2 + 2 * RESERVED_PROBE_CONNECTIONS {
+        idle.push(TcpStream::connect(server.addr).await.expect("connect"));
     }
+    assert_eq!(
+        get(&format!("{}/monitoring/health", server.base), None).await,
+        200
+    );
+    assert_eq!(
+        get(&format!("{}/monitoring/startup", server.base), None).await,
+        200
+    );
+    // Anything else waits for a slot of the cap.
+    assert_eq!(get(&format!("{}/state/fast", server.base), None).await, 503);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_response_is_disconnected() {
+    let server = start(
+        Limits {
+            max_connections: 1,
+            connection_lifetime: Duration::from_secs(1),
+            close_grace: Duration::from_secs(1),
+            ..Limits::default()
+        },
+        false,
+        false,
+    )
+    .await;
+    let mut greedy = TcpStream::connect(server.addr).await.expect("connect");
+    greedy
+        .write_all(b"GET /state/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    // It holds the one slot while its response is stuck; the slot comes
+    // back once the connection is dropped.
+    server
+        .until_fast_is_served("the slot was never freed")
+        .await;
+    // And its connection was cut short of the whole document.
+    let said = until_closed(&mut greedy).await.expect("closed");
+    assert!(said.len() < BIG_DOCUMENT, "{} bytes", said.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,11 +326,7 @@ async fn renderings_wait_for_a_slot_within_the_request_timeout() {
         200
     );
     server.release.send(()).expect("release");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while get(&format!("{}/state/fast", server.base), None).await != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "slot never freed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server.until_fast_is_served("slot never freed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
