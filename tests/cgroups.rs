@@ -475,22 +475,53 @@ impl Drop for ForeignServices {
     }
 }
 
+/// Removes Steward's ownership mark from `dirs`: they are as if someone
+/// else had made them.
+fn disown(dirs: &[PathBuf]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    for d in dirs {
+        let path = std::ffi::CString::new(d.as_os_str().as_bytes())?;
+        let name = std::ffi::CString::new(steward_worker_driver::cgroup::OWNER_XATTR)?;
+        // SAFETY: both strings are NUL-terminated.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+        anyhow::ensure!(
+            rc == 0,
+            "{}: {}",
+            d.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cgroup_parent_that_is_not_stewards_keeps_its_services() -> Result<()> {
-    // A stand-in for `--cgroup-parent /system.slice`, under a cgroup of
-    // this test's own, holding a service in a cgroup named like a worker's
-    // and one named as services are.
+    // A stand-in for `--cgroup-parent /system.slice`, holding a service in
+    // a cgroup named like a worker's and one named as services are.
+    foreign_parent_keeps_its_services("system.slice").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_named_after_steward_that_it_did_not_create_keeps_its_services() -> Result<()> {
+    // The name is no proof of ownership.
+    foreign_parent_keeps_its_services("steward-foreign").await
+}
+
+/// Steward started with `--cgroup-parent` a parent `leaf` that someone
+/// else made (under a cgroup of this test's own) kills none of the
+/// services there.
+async fn foreign_parent_keeps_its_services(leaf: &str) -> Result<()> {
     let data_dir = tempfile::tempdir()?;
-    let parent = format!(
-        "{}/system.slice",
-        support::cgroup_parent_for(data_dir.path())
-    );
+    let parent = format!("{}/{leaf}", support::cgroup_parent_for(data_dir.path()));
     let steward_worker_driver::CgroupSetup::Enabled(cg) =
         steward_worker_driver::Cgroups::detect(&parent)
     else {
         eprintln!("cgroups are not available here: nothing to check");
         return Ok(());
     };
+    // Made by this test, not by a Steward.
+    disown(&cg.parents())?;
     let mut services = ForeignServices::start(cg.parents(), &["fe-svc.1-0", "postgres.service"])?;
     let plane = Plane::start().await?;
     plane.deploy_fake(FunctionOptions::default()).await?;

@@ -205,7 +205,7 @@ impl WorkerDriver for ProcessDriver {
                 found.push(Leftover::skipped(
                     parent.display().to_string(),
                     "cgroup parent",
-                    "not named after Steward (steward, steward-*, steward.*): nothing under it is swept, only the worker cgroups Steward's records name".into(),
+                    "not Steward's (it did not create it: no user.steward.owner mark, whatever its name): nothing under it is swept, only the worker cgroups Steward's records name".into(),
                 ));
             }
             found.extend(

@@ -9,11 +9,15 @@
 //!
 //! Cleanup touches only what is Steward's: worker cgroups are named
 //! `fe-<id>.<pid>-<n>`, and only those are swept at start, only under a
-//! parent named after Steward ([`steward_parent`]: `steward`, `steward-*`,
-//! `steward.*`, `steward_*`), which is also the only kind removed at a
-//! clean stop. Under another parent (`--cgroup-parent /system.slice`) the
-//! services and cgroups already there are never killed; only the worker
-//! cgroups named in Steward's own worker records are ([`Cgroups::reap_named`]).
+//! parent Steward owns: one it created, which it marks with the extended
+//! attribute [`OWNER_XATTR`]
+//! (cgroupfs keeps `user.*` attributes since Linux 5.7; they vanish with
+//! the cgroup). Only such a parent is removed at a clean stop. Under any
+//! other (`--cgroup-parent /system.slice`, or a `steward-*` cgroup someone
+//! else made) the services and cgroups already there are never killed;
+//! only the worker cgroups named in Steward's own worker records are
+//! ([`Cgroups::reap_named`]). Where the kernel keeps no such attribute no
+//! parent is owned, and only the records' cgroups are reaped.
 
 pub mod files;
 
@@ -35,6 +39,9 @@ const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
 /// Where Steward moves itself on cgroup v2 when its own cgroup must hand
 /// its controllers down (a cgroup with children may hold no processes).
 const AGENT_LEAF: &str = "steward-agent";
+/// The extended attribute that marks a parent cgroup as Steward's, and its value.
+pub const OWNER_XATTR: &str = "user.steward.owner";
+const OWNER_VALUE: &[u8] = b"steward";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum CgroupVersion {
@@ -74,6 +81,9 @@ struct Tree {
     /// v2: the existing cgroup that hands controllers down to `parent`
     /// (Steward's own, or the hierarchy root for an absolute parent).
     top: PathBuf,
+    /// Whether `parent` is Steward's ([`OWNER_XATTR`]): only then are
+    /// leftovers swept under it and it removed at a clean stop.
+    owned: bool,
 }
 
 /// Whether workers can be confined here, decided once at start.
@@ -192,6 +202,7 @@ fn plan(
                     controllers: used,
                     parent: dir,
                     top,
+                    owned: false,
                 }],
                 missing,
             ));
@@ -214,6 +225,7 @@ fn plan(
                     controllers: vec![c],
                     top: dir.clone(),
                     parent: dir,
+                    owned: false,
                 }),
             },
             None => missing.push(c),
@@ -259,11 +271,18 @@ impl Cgroups {
         }
     }
 
-    /// Creates the parent directories and, on v2, hands the controllers
-    /// down to them.
+    /// Creates the parent directories, marks those Steward creates as its
+    /// own (one it made before, and a SIGKILLed Steward left, still carries
+    /// the mark) and, on v2, hands the controllers down to them.
     fn prepare(&mut self, absolute: bool) -> Result<(), CgroupError> {
-        for t in &self.trees {
+        for t in &mut self.trees {
+            let existed = t.parent.is_dir();
             fs::create_dir_all(&t.parent).map_err(io_err(&t.parent))?;
+            if !existed && let Err(e) = mark_owned(&t.parent) {
+                tracing::warn!(parent = %t.parent.display(), error = %e, xattr = OWNER_XATTR,
+                        "cannot mark the cgroup parent as Steward's: leftovers under it are not swept, only those Steward's records name");
+            }
+            t.owned = owned_parent(&t.parent);
         }
         if self.version == CgroupVersion::V2
             && let Some(t) = self.trees.first().cloned()
@@ -352,14 +371,14 @@ impl Cgroups {
     }
 
     /// Kills and removes every worker cgroup (named `fe-<id>.<pid>-<n>`)
-    /// under the parents that are Steward's ([`steward_parent`]; what a
+    /// under the parents that are Steward's ([`OWNER_XATTR`]; what a
     /// SIGKILLed Steward left), sparing those of another live Steward;
     /// returns (name, processes killed) for each. Nothing else under a
     /// parent is touched, and nothing at all under a parent that is not
     /// Steward's (see [`Cgroups::unowned_parents`]).
     pub fn reap_leftovers(&self) -> Vec<(String, usize)> {
         let mut names: Vec<String> = Vec::new();
-        for t in self.trees.iter().filter(|t| steward_parent(&t.parent)) {
+        for t in self.trees.iter().filter(|t| t.owned) {
             for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if worker_cgroup_name(&name)
@@ -374,7 +393,7 @@ impl Cgroups {
         names
             .into_iter()
             .filter_map(|name| {
-                let killed = self.reap_one(&name, |t| steward_parent(&t.parent))?;
+                let killed = self.reap_one(&name, |t| t.owned)?;
                 Some((name, killed))
             })
             .collect()
@@ -387,7 +406,7 @@ impl Cgroups {
         if !worker_cgroup_name(name) || of_another_live_steward(name) {
             return None;
         }
-        self.reap_one(name, |t| !steward_parent(&t.parent))
+        self.reap_one(name, |t| !t.owned)
     }
 
     /// Empties and removes the worker cgroup `name` in the trees `which`
@@ -429,20 +448,21 @@ impl Cgroups {
         }
     }
 
-    /// The parent directories that are not Steward's ([`steward_parent`]):
-    /// workers are created there, but leftovers are not swept and the
-    /// parent is not removed at a clean stop.
+    /// The parent directories that are not Steward's (it did not create
+    /// them: no [`OWNER_XATTR`]): workers are created there, but leftovers
+    /// are not swept and the parent is not removed at a clean stop.
     pub fn unowned_parents(&self) -> Vec<PathBuf> {
-        self.parents()
-            .into_iter()
-            .filter(|p| !steward_parent(p))
+        self.trees
+            .iter()
+            .filter(|t| !t.owned)
+            .map(|t| t.parent.clone())
             .collect()
     }
 
     /// Removes the parent directories that are Steward's if empty (at a
     /// clean stop).
     pub fn remove_parents(&self) {
-        for t in self.trees.iter().filter(|t| steward_parent(&t.parent)) {
+        for t in self.trees.iter().filter(|t| t.owned) {
             // A worker cgroup the kernel is still tearing down keeps the
             // parent busy for a moment: retry briefly on EBUSY.
             let deadline = Instant::now() + Duration::from_secs(1);
@@ -491,7 +511,9 @@ pub fn cpu_quota_us(limits: &Limits) -> (u64, u64) {
     (quota, CPU_PERIOD_US)
 }
 
-/// Whether a parent cgroup directory is Steward's: named after it
+/// Whether a parent cgroup directory is named after Steward (the OCI
+/// driver's parents, which the runtime makes; the cgroup driver's own
+/// parents are Steward's only when marked, [`owned_parent`]): named after it
 /// (`steward`, or `steward` then `-`, `.` or `_` and more, as the default
 /// `steward`, `steward.slice` or `steward-bench-7000`). Only under such a
 /// parent are leftover worker cgroups swept and the parent itself removed;
@@ -504,6 +526,56 @@ pub fn steward_parent(dir: &Path) -> bool {
         .is_some_and(|rest| {
             rest.is_empty() || (rest.len() > 1 && rest.starts_with(['-', '.', '_']))
         })
+}
+
+/// `dir` and [`OWNER_XATTR`] as C strings.
+fn xattr_names(dir: &Path) -> io::Result<(std::ffi::CString, std::ffi::CString)> {
+    use std::os::unix::ffi::OsStrExt;
+    Ok((
+        std::ffi::CString::new(dir.as_os_str().as_bytes())?,
+        std::ffi::CString::new(OWNER_XATTR)?,
+    ))
+}
+
+/// Marks `dir` as Steward's with [`OWNER_XATTR`].
+fn mark_owned(dir: &Path) -> io::Result<()> {
+    let (path, name) = xattr_names(dir)?;
+    // SAFETY: both strings are NUL-terminated and the value's length is its own.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            OWNER_VALUE.as_ptr().cast(),
+            OWNER_VALUE.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether `dir` carries Steward's mark ([`OWNER_XATTR`]): Steward created it.
+pub fn owned_parent(dir: &Path) -> bool {
+    let Ok((path, name)) = xattr_names(dir) else {
+        return false;
+    };
+    let mut buf = [0u8; 16];
+    // SAFETY: both strings are NUL-terminated; the kernel writes at most
+    // `buf.len()` bytes into `buf`.
+    #[allow(unsafe_code)]
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    usize::try_from(n).is_ok_and(|n| buf.get(..n) == Some(OWNER_VALUE))
 }
 
 /// Whether `name` is a worker cgroup's as the driver names them:

@@ -341,6 +341,8 @@ fn v2_host(tmp: &Path, parent: &str) -> (PathBuf, std::sync::Arc<Cgroups>) {
 #[test]
 fn nothing_under_a_parent_that_is_not_stewards_is_swept_or_removed() {
     let tmp = tempfile::tempdir().expect("tempdir");
+    // The host's, there before Steward.
+    fs::create_dir_all(tmp.path().join("cg/system.slice")).expect("mkdir");
     let (mnt, cg) = v2_host(tmp.path(), "/system.slice");
     let slice = mnt.join("system.slice");
     // A service, and a cgroup that merely looks like a worker's.
@@ -381,4 +383,31 @@ fn under_stewards_own_parent_only_worker_cgroups_are_swept() {
     // Under its own parent, reap_named leaves the sweep's work alone.
     fs::create_dir_all(parent.join("fe-w2.1-0")).expect("mkdir");
     assert_eq!(cg.reap_named("fe-w2.1-0"), None);
+}
+
+#[test]
+fn a_parent_named_after_steward_that_steward_did_not_create_is_not_swept() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let foreign = tmp.path().join("cg/steward-foreign");
+    fs::create_dir_all(foreign.join("fe-x.1-0")).expect("mkdir");
+    let (_, cg) = v2_host(tmp.path(), "/steward-foreign");
+    assert!(!owned_parent(&foreign));
+    assert_eq!(cg.unowned_parents(), vec![foreign.clone()]);
+    assert_eq!(cg.reap_leftovers(), Vec::<(String, usize)>::new());
+    cg.remove_parents();
+    assert!(foreign.join("fe-x.1-0").is_dir());
+}
+
+#[test]
+fn a_parent_steward_created_stays_its_own_at_the_next_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (mnt, first) = v2_host(tmp.path(), "/steward-mine");
+    let parent = mnt.join("steward-mine");
+    assert!(owned_parent(&parent));
+    fs::create_dir_all(parent.join("fe-w.1-0")).expect("mkdir");
+    drop(first);
+    // A restart after a SIGKILL finds the parent it made, marked.
+    let (_, again) = v2_host(tmp.path(), "/steward-mine");
+    assert!(again.unowned_parents().is_empty());
+    assert_eq!(again.reap_leftovers(), vec![("fe-w.1-0".to_string(), 0)]);
 }
