@@ -5,7 +5,9 @@
 //! executor against the same dev control plane and must give the same
 //! values and failure reasons (differential check). Then the behaviours
 //! where Steward is better than the reference: a refused call raises in
-//! user code, a lost call ends its parent at the wait ceiling.
+//! user code, a lost call ends its parent at the wait ceiling. The same
+//! cases give the same results with workers in OCI containers
+//! (`--worker-driver oci`, runc) as in processes.
 //!
 //! Needs the project venv (`cargo xtask test` creates it).
 
@@ -129,6 +131,47 @@ async fn composed_apps_give_the_same_results_with_steward_and_the_reference() ->
     drop(reference);
     plane.stop().await;
     assert_eq!(ours, theirs);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composed_apps_give_the_same_results_in_oci_sandboxes_as_in_processes() -> Result<()> {
+    let mut results = Vec::new();
+    for driver in ["process", "oci"] {
+        let plane = Plane::start().await?;
+        plane.deploy_compose(FunctionOptions::default()).await?;
+        let mut steward = AgentProc::steward(
+            &plane.grpc,
+            plane.blob_dir.path(),
+            &["--worker-driver", driver],
+        )?;
+        plane.wait_executors(1).await?;
+        results.push(run_cases(&plane).await?);
+        if driver == "oci" {
+            // Every call, watch and state operation went through
+            // containers; a clean stop leaves none behind.
+            let root = steward.data_dir.path().join("oci/state");
+            steward.signal(nix::sys::signal::Signal::SIGTERM);
+            anyhow::ensure!(
+                steward
+                    .wait_exit(std::time::Duration::from_secs(60))
+                    .is_some(),
+                "steward did not stop"
+            );
+            let left = std::process::Command::new("runc")
+                .arg("--root")
+                .arg(&root)
+                .args(["list", "--quiet"])
+                .output()?;
+            assert!(
+                String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+                "containers left: {left:?}"
+            );
+        }
+        drop(steward);
+        plane.stop().await;
+    }
+    assert_eq!(results[0], results[1], "process (left) and oci (right)");
     Ok(())
 }
 

@@ -93,11 +93,12 @@ fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
     found
 }
 
-/// Deletes what a test's Steward left (after a failure): its containers,
-/// and its parent cgroup in every hierarchy.
+/// Deletes what a test's Steward left (after a failure, or a Steward the
+/// harness SIGKILLs): its containers, and its parent cgroups in every
+/// hierarchy with what they hold (processes killed first).
 struct Sweep {
     root: PathBuf,
-    parent: Option<String>,
+    parents: Vec<String>,
     /// Worker logs, printed if the test fails.
     logs: PathBuf,
 }
@@ -121,16 +122,34 @@ impl Drop for Sweep {
                     .output();
             }
         }
-        if let Some(parent) = &self.parent {
+        for parent in &self.parents {
             for dir in cgroup_dirs_named(parent) {
-                if let Ok(entries) = std::fs::read_dir(&dir) {
-                    for e in entries.filter_map(Result::ok) {
-                        let _ = std::fs::remove_dir(e.path());
-                    }
-                }
-                let _ = std::fs::remove_dir(&dir);
+                remove_cgroup_tree(&dir);
             }
         }
+    }
+}
+
+/// Kills what is in cgroup `dir` and below, and removes them (the kernel
+/// takes a moment to tear killed processes down).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -158,7 +177,7 @@ async fn fake_oci(extra: &[&str]) -> Result<(Plane, AgentProc, Sweep)> {
     let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
     let sweep = Sweep {
         root: oci_dir(steward.data_dir.path()).join("state"),
-        parent: steward.cgroup_parent.clone(),
+        parents: steward.cgroup_parent.clone().into_iter().collect(),
         logs: steward.data_dir.path().join("logs"),
     };
     plane.wait_executors(1).await?;
@@ -328,7 +347,7 @@ async fn a_sigkilled_steward_leaves_nothing_after_its_restart_and_others_contain
     ensure!(run.success(), "foreign container: {run:?}");
     let _foreign = Sweep {
         root: root.clone(),
-        parent: Some(format!("{parent}-foreign")),
+        parents: vec![format!("{parent}-foreign")],
         logs: PathBuf::new(),
     };
 
@@ -366,6 +385,19 @@ async fn a_sigkilled_steward_leaves_nothing_after_its_restart_and_others_contain
     assert!(!old_bundle.exists(), "the leftover bundle is removed");
     let left: Vec<&PathBuf> = leftover_cgroups.iter().filter(|p| p.exists()).collect();
     assert!(left.is_empty(), "leftover cgroups: {left:?}");
+    // A clean stop of the restarted Steward leaves nothing of its own.
+    let mut steward = steward;
+    steward.signal(nix::sys::signal::Signal::SIGTERM);
+    ensure!(
+        steward.wait_exit(Duration::from_secs(30)).is_some(),
+        "steward did not stop"
+    );
+    let ours: Vec<String> = containers(&root)
+        .iter()
+        .filter_map(|c| c["id"].as_str().map(str::to_string))
+        .filter(|id| *id != foreign_id)
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
     plane.stop().await;
     Ok(())
 }
@@ -449,7 +481,7 @@ async fn real_steward(plane: &Plane, driver: &str, extra: &[&str]) -> Result<(Ag
     let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
     let sweep = Sweep {
         root: oci_dir(steward.data_dir.path()).join("state"),
-        parent: steward.cgroup_parent.clone(),
+        parents: steward.cgroup_parent.clone().into_iter().collect(),
         logs: steward.data_dir.path().join("logs"),
     };
     plane.wait_executors(1).await?;

@@ -2,12 +2,24 @@
 tests/oci.rs: each function reports what the worker could see or do from
 inside, so the test can check it from both sides."""
 
-import ctypes
 import errno
 import os
 import socket
+import subprocess
+import sys
 
 from tensorlake.applications import application, function
+
+
+_UNSHARE_USER = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.unshare(0x10000000) == 0:  # CLONE_NEWUSER
+    print("ok")
+else:
+    e = ctypes.get_errno()
+    print(errno.errorcode.get(e, str(e)))
+"""
 
 
 def _attempt(action) -> str:
@@ -26,9 +38,14 @@ def _write(path: str) -> None:
 @application()
 @function(description="What the worker sees of its sandbox")
 def probe(host_port: int) -> dict:
-    libc = ctypes.CDLL(None, use_errno=True)
-    unshare = libc.unshare(0x10000000)  # CLONE_NEWUSER
-    unshare_errno = ctypes.get_errno()
+    # unshare(CLONE_NEWUSER) in a fresh, single-threaded process (the
+    # worker has threads, and a threaded process gets EINVAL anyway).
+    child = subprocess.run(
+        [sys.executable, "-c", _UNSHARE_USER],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
     def connect() -> None:
         socket.create_connection(("127.0.0.1", host_port), timeout=2).close()
@@ -43,7 +60,7 @@ def probe(host_port: int) -> dict:
         "tmp": _attempt(lambda: _write("/tmp/probe")),
         "home": _attempt(lambda: _write(os.path.join(os.environ["HOME"], "probe"))),
         "host_tcp": _attempt(connect) if host_port else "skipped",
-        "unshare_user": "ok" if unshare == 0 else errno.errorcode.get(unshare_errno, str(unshare_errno)),
+        "unshare_user": child.stdout.strip() or child.stderr.strip(),
         "dev": sorted(os.listdir("/dev")),
         "processes": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
     }
