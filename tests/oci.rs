@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use steward_devserver::FunctionOptions;
-use support::{AgentProc, Plane, fake_worker};
+use support::{AgentProc, Plane, cgroup_dirs_named, fake_worker, remove_cgroup_tree};
 
 /// The runtime every test uses.
 const RUNC: &str = "runc";
@@ -69,30 +69,6 @@ fn containers(root: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-/// Every cgroup directory named `name` or below a directory of that name,
-/// in every hierarchy (v1 and v2).
-fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.filter_map(Result::ok) {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let path = e.path();
-            if e.file_name().to_string_lossy() == name {
-                found.push(path);
-            } else {
-                stack.push(path);
-            }
-        }
-    }
-    found
-}
-
 /// Deletes what a test's Steward left (after a failure, or a Steward the
 /// harness SIGKILLs): its containers, and its parent cgroups in every
 /// hierarchy with what they hold (processes killed first).
@@ -127,29 +103,6 @@ impl Drop for Sweep {
                 remove_cgroup_tree(&dir);
             }
         }
-    }
-}
-
-/// Kills what is in cgroup `dir` and below, and removes them (the kernel
-/// takes a moment to tear killed processes down).
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.filter_map(Result::ok) {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

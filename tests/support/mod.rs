@@ -462,6 +462,58 @@ pub fn remove_cgroup_parent(parent: &str) {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // An OCI runtime (`--worker-driver oci`) also puts workers in the
+    // other hierarchies (devices, freezer, ...): the parent goes there too.
+    for dir in cgroup_dirs_named(parent) {
+        remove_cgroup_tree(&dir);
+    }
+}
+
+/// Every cgroup directory named `name` or below a directory of that name,
+/// in every hierarchy (v1 and v2).
+pub fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = e.path();
+            if e.file_name().to_string_lossy() == name {
+                found.push(path);
+            } else {
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// Kills what is in cgroup `dir` and below, and removes them (the kernel
+/// takes a moment to tear killed processes down).
+pub fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 impl AgentProc {

@@ -538,7 +538,7 @@ fn xattr_names(dir: &Path) -> io::Result<(std::ffi::CString, std::ffi::CString)>
 }
 
 /// Marks `dir` as Steward's with [`OWNER_XATTR`].
-fn mark_owned(dir: &Path) -> io::Result<()> {
+pub(crate) fn mark_owned(dir: &Path) -> io::Result<()> {
     let (path, name) = xattr_names(dir)?;
     // SAFETY: both strings are NUL-terminated and the value's length is its own.
     #[allow(unsafe_code)]

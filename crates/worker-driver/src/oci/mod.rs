@@ -47,7 +47,7 @@ use tokio::io::unix::AsyncFd;
 pub use bundle::Network;
 pub use init::{WORKER_INIT_ARG, worker_init_if_asked};
 
-use crate::cgroup::{CgroupSetup, WorkerCgroup, steward_parent, worker_cgroup_name};
+use crate::cgroup::{CgroupSetup, WorkerCgroup, mark_owned, owned_parent, worker_cgroup_name};
 use crate::channel::ChannelKind;
 use crate::channel::{self, ConnectError, Expected, WorkerStream};
 use crate::identity;
@@ -210,6 +210,17 @@ impl OciDriver {
             }
         }
         let extra_parents = extra_parents(&config.cgroups, &config.cgroup_parent);
+        // Steward makes (and marks as its own) its parent in the
+        // hierarchies the runtime adds, as the cgroup driver does in its
+        // own: only a parent it made is swept and removed.
+        for p in &extra_parents {
+            let existed = p.is_dir();
+            if let Err(e) = std::fs::create_dir_all(p)
+                .and_then(|()| if existed { Ok(()) } else { mark_owned(p) })
+            {
+                tracing::warn!(parent = %p.display(), error = %e, "cannot make Steward's cgroup parent for the runtime's hierarchies: containers' cgroups there are not swept");
+            }
+        }
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .map(|h| h.trim().to_string())
@@ -336,11 +347,11 @@ fn extra_parents(cgroups: &CgroupSetup, parent: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Kills and removes empty worker cgroups (`fe-<id>.<pid>-<n>`) under the
-/// extra parents that are Steward's; returns their names.
+/// Removes empty worker cgroups (`fe-<id>.<pid>-<n>`) under the extra
+/// parents Steward made ([`owned_parent`]); returns their names.
 fn sweep_extra_cgroups(parents: &[PathBuf]) -> Vec<String> {
     let mut removed = Vec::new();
-    for p in parents.iter().filter(|p| steward_parent(p)) {
+    for p in parents.iter().filter(|p| owned_parent(p)) {
         let Ok(entries) = std::fs::read_dir(p) else {
             continue;
         };
@@ -557,7 +568,7 @@ impl Setup {
             c.remove_parents();
         }
         sweep_extra_cgroups(&self.extra_parents);
-        for p in self.extra_parents.iter().filter(|p| steward_parent(p)) {
+        for p in self.extra_parents.iter().filter(|p| owned_parent(p)) {
             let deadline = std::time::Instant::now() + Duration::from_secs(1);
             while let Err(e) = std::fs::remove_dir(p) {
                 if e.kind() != std::io::ErrorKind::ResourceBusy
