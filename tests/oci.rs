@@ -106,6 +106,17 @@ impl Drop for Sweep {
     }
 }
 
+impl Sweep {
+    /// What `steward` may leave: its containers, cgroups and worker logs.
+    fn of(steward: &AgentProc) -> Sweep {
+        Sweep {
+            root: oci_dir(steward.data_dir.path()).join("state"),
+            parents: steward.cgroup_parent.clone().into_iter().collect(),
+            logs: steward.data_dir.path().join("logs"),
+        }
+    }
+}
+
 /// Polls `check` until it holds, up to `limit`.
 async fn eventually(limit: Duration, what: &str, check: impl Fn() -> bool) -> Result<()> {
     let deadline = Instant::now() + limit;
@@ -128,11 +139,7 @@ async fn fake_oci(extra: &[&str]) -> Result<(Plane, AgentProc, Sweep)> {
     let mut args = oci_args(extra);
     args.extend(["--function-executor-bin", bin.to_str().unwrap_or_default()]);
     let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
-    let sweep = Sweep {
-        root: oci_dir(steward.data_dir.path()).join("state"),
-        parents: steward.cgroup_parent.clone().into_iter().collect(),
-        logs: steward.data_dir.path().join("logs"),
-    };
+    let sweep = Sweep::of(&steward);
     plane.wait_executors(1).await?;
     Ok((plane, steward, sweep))
 }
@@ -432,11 +439,7 @@ async fn real_steward(plane: &Plane, driver: &str, extra: &[&str]) -> Result<(Ag
     let mut args = vec!["--worker-driver", driver, "--oci-runtime", RUNC];
     args.extend_from_slice(extra);
     let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
-    let sweep = Sweep {
-        root: oci_dir(steward.data_dir.path()).join("state"),
-        parents: steward.cgroup_parent.clone().into_iter().collect(),
-        logs: steward.data_dir.path().join("logs"),
-    };
+    let sweep = Sweep::of(&steward);
     plane.wait_executors(1).await?;
     Ok((steward, sweep))
 }
