@@ -239,7 +239,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 /// able to run the venv's Python: a venv made from an interpreter others
 /// cannot reach (pyenv's under `/root`) is made again from one they can.
 fn ensure_venv() -> Result<PathBuf> {
-    let venv = root().join(".venv");
+    let venv = match outside_checkout() {
+        Some(home) => home.join("venv"),
+        None => root().join(".venv"),
+    };
     let stamp = venv.join(".steward-pins");
     let want = PINS.join(" ");
     // The owner of our own /proc entry is our effective uid.
@@ -304,7 +307,49 @@ fn reachable_by_others(path: &Path) -> bool {
 }
 
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    if let Some(home) = outside_checkout() {
+        cmd.env("CARGO_TARGET_DIR", home.join("target"));
+    }
+    cmd
+}
+
+/// Where builds and the venv go when workers could not reach them in the
+/// checkout: as root, workers run under their own uids (issue 25), which
+/// must be able to run `target/debug/steward-fake-worker` and the venv's
+/// Python; a checkout under a private directory (`/root`, mode 0700) is out
+/// of their reach. Then both live in `/var/tmp/steward-builds/<hash of the
+/// checkout's path>/` (a build cache, like `target/`, kept between runs).
+/// `None` (the usual case): they stay in the checkout.
+fn outside_checkout() -> Option<PathBuf> {
+    static HOME: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        let as_root = std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+        let checkout = root();
+        if !as_root || reachable_by_others(&checkout) {
+            return None;
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a of the checkout's path
+        for b in checkout.as_os_str().as_encoded_bytes() {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let home = PathBuf::from(format!("/var/tmp/steward-builds/{h:016x}"));
+        eprintln!(
+            "xtask: workers cannot reach {} (a private directory on the way); builds and the venv go to {}",
+            checkout.display(),
+            home.display()
+        );
+        Some(home)
+    })
+    .clone()
+}
+
+/// The cargo target directory the tasks build into.
+fn target_dir() -> PathBuf {
+    outside_checkout()
+        .map(|h| h.join("target"))
+        .unwrap_or_else(|| root().join("target"))
 }
 
 /// Installs Debian's `runc` where it is missing, as root (the OCI
@@ -383,7 +428,7 @@ fn lib_tests(package: &str, filter: &str, env: (&str, u64)) -> Result<()> {
 
 fn bench(extra: &[String]) -> Result<()> {
     let root = root();
-    let bench_bin = root.join("target/release/steward-bench");
+    let bench_bin = target_dir().join("release/steward-bench");
     if extra.iter().any(|a| a == "--help" || a == "-h") {
         // Usage only: no venv, no agent build.
         run(cargo().current_dir(&root).args([
@@ -406,19 +451,19 @@ fn bench(extra: &[String]) -> Result<()> {
         "-p",
         "steward-bench",
     ]))?;
-    std::fs::create_dir_all(root.join("target/bench"))?;
+    std::fs::create_dir_all(target_dir().join("bench"))?;
     let mut cmd = Command::new(&bench_bin);
     cmd.current_dir(&root).args(extra);
     if !extra
         .iter()
         .any(|a| a == "--out" || a.starts_with("--out="))
     {
-        cmd.arg("--out").arg(root.join("target/bench/results.md"));
+        cmd.arg("--out").arg(target_dir().join("bench/results.md"));
     }
     // Its own process group: a Ctrl-C reaches xtask only, which stops the
     // harness with SIGTERM; the harness then stops its agents and workers.
     let mut child = spawn_tracked(
-        cmd.env("STEWARD_BIN", root.join("target/release/steward"))
+        cmd.env("STEWARD_BIN", target_dir().join("release/steward"))
             .env("STEWARD_VENV", &venv)
             .process_group(0),
         "steward-bench",
@@ -542,8 +587,8 @@ fn demo(once: bool, worker_driver: &str) -> Result<()> {
     run(cargo()
         .current_dir(&root)
         .args(["build", "--quiet", "--bin", "steward"]))?;
-    let bin = root.join("target/debug/steward");
-    let work = root.join("target/demo");
+    let bin = target_dir().join("debug/steward");
+    let work = target_dir().join("demo");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let path = format!(
