@@ -315,15 +315,23 @@ struct AgentArgs {
     max_input_blob_bytes: u64,
     /// Most output blobs one allocation may ask for (its output and each
     /// nested call's arguments); one more fails it and stops its worker.
-    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_output_blobs)]
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_output_blobs,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_output_blobs_per_allocation: usize,
     /// Most request-state writes one allocation may prepare; one more
     /// fails it and stops its worker.
-    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_state_writes)]
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_state_writes,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_request_state_writes_per_allocation: usize,
+    /// Most request-state operations of any kind (reads, writes, commits)
+    /// one allocation may ask for; one more fails it and stops its worker.
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_state_ops,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_request_state_ops_per_allocation: usize,
     /// Most nested function calls one allocation may make; one more fails
     /// it and stops its worker.
-    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_function_calls)]
+    #[arg(long, default_value_t = steward_reconciler::AllocationLimits::DEFAULT.max_function_calls,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_function_calls_per_allocation: usize,
     /// Largest gRPC message exchanged with the server; a larger desired
     /// state fails its stream (an event names the limit), a larger report
@@ -335,6 +343,13 @@ struct AgentArgs {
     /// sent to `initialize` must fit too).
     #[arg(long, default_value_t = 1 << 30)]
     max_worker_message_bytes: usize,
+    /// Largest application code the agent downloads (checked before the
+    /// download and again while reading); larger code fails the worker's
+    /// start with STARTUP_FAILED_INTERNAL_ERROR. The code must also fit in
+    /// one worker message, so the smaller of this and
+    /// --max-worker-message-bytes applies.
+    #[arg(long, default_value_t = steward_reconciler::DEFAULT_MAX_APPLICATION_CODE_BYTES)]
+    max_application_code_bytes: u64,
     /// Seconds between state reports while healthy.
     #[arg(long, default_value_t = 5, hide = true)]
     report_interval_s: u64,
@@ -1155,10 +1170,12 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.allocation_limits = steward_reconciler::AllocationLimits {
         max_output_blobs: args.max_output_blobs_per_allocation,
         max_state_writes: args.max_request_state_writes_per_allocation,
+        max_state_ops: args.max_request_state_ops_per_allocation,
         max_function_calls: args.max_function_calls_per_allocation,
     };
     config.max_server_message_bytes = args.max_server_message_bytes.max(1 << 20);
     config.max_worker_message_bytes = args.max_worker_message_bytes.max(1 << 20);
+    config.max_application_code_bytes = args.max_application_code_bytes;
     config.health_check_interval =
         Duration::from_millis(args.function_executor_health_check_interval_ms.max(10));
     config.report_backoff_max = Duration::from_secs(args.report_backoff_max_s.max(1));

@@ -159,6 +159,12 @@ def many_writes(x: str) -> str:
 
 @application()
 @function()
+def many_reads(x: str) -> str:
+    """Input n: asks for n request-state reads, then echoes (over the per-allocation limit, the agent fails it by name)."""
+
+
+@application()
+@function()
 def many_calls(x: str) -> str:
     """Input [n, kib]: makes n nested calls of noop, each with kib KiB of call metadata, then echoes."""
 

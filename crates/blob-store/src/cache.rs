@@ -56,25 +56,32 @@ impl CodeCache {
 
     /// The code at `uri`, from the cache when `sha256` names a verified
     /// entry; otherwise downloaded, verified against `sha256` and cached.
+    /// Code over `max_bytes` is refused ([`BlobError::TooLarge`]) from its
+    /// size, before it is read, whether cached or not.
     pub async fn get_or_fetch(
         &self,
         store: &BlobStore,
         uri: &str,
         sha256: Option<&str>,
+        max_bytes: u64,
     ) -> Result<(Bytes, CodeSource), BlobError> {
         let sha = sha256.filter(|s| valid_sha(s));
         if let Some(sha) = sha {
             let path = self.path_of(sha);
-            if let Ok(bytes) = tokio::fs::read(&path).await {
+            let cached = crate::local::read_limited(&path, uri, max_bytes).await;
+            if let Err(e @ BlobError::TooLarge { .. }) = cached {
+                return Err(e);
+            }
+            if let Ok(bytes) = cached {
                 if sha_hex(&bytes).eq_ignore_ascii_case(sha) {
                     touch(&path);
-                    return Ok((Bytes::from(bytes), CodeSource::Cache));
+                    return Ok((bytes, CodeSource::Cache));
                 }
                 tracing::warn!(path = %path.display(), "cached code failed verification; downloading again");
                 let _ = tokio::fs::remove_file(&path).await;
             }
         }
-        let bytes = store.get(uri).await?;
+        let bytes = store.get_limited(uri, max_bytes).await?;
         let Some(sha) = sha else {
             return Ok((bytes, CodeSource::Store));
         };
@@ -168,7 +175,7 @@ mod tests {
         let (uri0, sha0) = &shas[0];
         assert_eq!(
             cache
-                .get_or_fetch(&store, uri0, Some(sha0))
+                .get_or_fetch(&store, uri0, Some(sha0), u64::MAX)
                 .await
                 .expect("miss")
                 .1,
@@ -178,7 +185,7 @@ mod tests {
         std::fs::remove_file(blobs.path().join("code0.zip")).expect("rm");
         assert_eq!(
             cache
-                .get_or_fetch(&store, uri0, Some(sha0))
+                .get_or_fetch(&store, uri0, Some(sha0), u64::MAX)
                 .await
                 .expect("hit")
                 .1,
@@ -188,7 +195,7 @@ mod tests {
         let cache = CodeCache::open(cache_dir.path(), 25).expect("reopen");
         assert_eq!(
             cache
-                .get_or_fetch(&store, uri0, Some(sha0))
+                .get_or_fetch(&store, uri0, Some(sha0), u64::MAX)
                 .await
                 .expect("hit")
                 .1,
@@ -197,7 +204,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         for (uri, sha) in &shas[1..] {
             cache
-                .get_or_fetch(&store, uri, Some(sha))
+                .get_or_fetch(&store, uri, Some(sha), u64::MAX)
                 .await
                 .expect("fetch");
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -208,9 +215,56 @@ mod tests {
 
         let wrong = "0".repeat(64);
         let err = cache
-            .get_or_fetch(&store, &shas[1].0, Some(&wrong))
+            .get_or_fetch(&store, &shas[1].0, Some(&wrong), u64::MAX)
             .await
             .expect_err("mismatch");
         assert!(err.to_string().contains("sha256"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn code_over_the_limit_is_refused_cached_or_not() {
+        let blobs = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::new(BlobStoreConfig {
+            local_roots: vec![blobs.path().to_path_buf()],
+            ..Default::default()
+        });
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let cache = CodeCache::open(cache_dir.path(), 1 << 20).expect("open");
+        let body = vec![7u8; 100];
+        let uri = format!("file://{}/code.zip", blobs.path().display());
+        store
+            .put(&uri, Bytes::from(body.clone()))
+            .await
+            .expect("put");
+        let sha = sha_hex(&body);
+        for sha in [None, Some(sha.as_str())] {
+            let err = cache
+                .get_or_fetch(&store, &uri, sha, 99)
+                .await
+                .expect_err("over the limit");
+            assert!(
+                matches!(
+                    err,
+                    BlobError::TooLarge {
+                        size: 100,
+                        max: 99,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
+        // At the limit it is fetched and cached; a lower limit later
+        // refuses the cached copy too.
+        let (code, _) = cache
+            .get_or_fetch(&store, &uri, Some(&sha), 100)
+            .await
+            .expect("at the limit");
+        assert_eq!(code.len(), 100);
+        let err = cache
+            .get_or_fetch(&store, &uri, Some(&sha), 50)
+            .await
+            .expect_err("cached, over the limit");
+        assert!(matches!(err, BlobError::TooLarge { max: 50, .. }), "{err}");
     }
 }

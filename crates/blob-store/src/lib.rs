@@ -79,6 +79,8 @@ pub enum BlobError {
         chunks: u64,
         max: u64,
     },
+    #[error("blob {uri:?} is {size} bytes or more, over the limit of {max} bytes")]
+    TooLarge { uri: String, size: u64, max: u64 },
     #[error("blob {uri:?} has sha256 {actual}, expected {expected}")]
     Integrity {
         uri: String,
@@ -300,6 +302,23 @@ impl BlobStore {
                 match Self::scheme(uri)? {
                     Scheme::File => self.local.get(uri).await,
                     Scheme::S3 => self.s3.get(uri).await,
+                }
+            }),
+        )
+        .await
+    }
+
+    /// Reads a whole blob of at most `max` bytes: a larger one is refused
+    /// as [`BlobError::TooLarge`] from its size before it is read, and
+    /// reading stops at `max + 1` bytes whatever its size claimed.
+    pub async fn get_limited(&self, uri: &str, max: u64) -> Result<Bytes, BlobError> {
+        self.timed(
+            "get",
+            |b: &Bytes| b.len() as u64,
+            Box::pin(async {
+                match Self::scheme(uri)? {
+                    Scheme::File => self.local.get_limited(uri, max).await,
+                    Scheme::S3 => self.s3.get_limited(uri, max).await,
                 }
             }),
         )

@@ -141,6 +141,43 @@ impl LocalRoots {
             })
     }
 
+    /// [`Self::get`] of at most `max` bytes (see `BlobStore::get_limited`).
+    pub async fn get_limited(&self, uri: &str, max: u64) -> Result<Bytes, BlobError> {
+        let path = self.resolve(uri)?;
+        read_limited(&path, uri, max).await
+    }
+}
+
+/// The file at `path` (named `uri` in errors), of at most `max` bytes: its
+/// size is checked before it is read, and reading stops at `max + 1` bytes.
+pub(crate) async fn read_limited(path: &Path, uri: &str, max: u64) -> Result<Bytes, BlobError> {
+    use tokio::io::AsyncReadExt;
+    let io = |source| BlobError::Io {
+        uri: uri.to_string(),
+        source,
+    };
+    let too_large = |size| BlobError::TooLarge {
+        uri: uri.to_string(),
+        size,
+        max,
+    };
+    let file = tokio::fs::File::open(path).await.map_err(io)?;
+    let size = file.metadata().await.map_err(io)?.len();
+    if size > max {
+        return Err(too_large(size));
+    }
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut data)
+        .await
+        .map_err(io)?;
+    if data.len() as u64 > max {
+        return Err(too_large(data.len() as u64));
+    }
+    Ok(Bytes::from(data))
+}
+
+impl LocalRoots {
     pub async fn put(&self, uri: &str, data: Bytes) -> Result<(), BlobError> {
         let path = self.prepare_write(uri).await?;
         let io = |source| BlobError::Io {

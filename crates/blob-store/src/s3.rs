@@ -117,6 +117,35 @@ impl S3Stores {
         r.bytes().await.map_err(|e| err(uri, e))
     }
 
+    /// [`Self::get`] of at most `max` bytes: refused from the object's size
+    /// before its body is read, and the body read no further than `max + 1`
+    /// bytes (a body longer than its size claimed is refused too).
+    pub async fn get_limited(&self, uri: &str, max: u64) -> Result<Bytes, BlobError> {
+        use futures::StreamExt;
+        let (bucket, path) = split(uri)?;
+        let store = self.store(uri, &bucket)?;
+        let r = store.get(&path).await.map_err(|e| err(uri, e))?;
+        let too_large = |size| BlobError::TooLarge {
+            uri: uri.to_string(),
+            size,
+            max,
+        };
+        if r.meta.size > max {
+            return Err(too_large(r.meta.size));
+        }
+        let mut data = Vec::with_capacity(usize::try_from(r.meta.size).unwrap_or(0));
+        let mut body = r.into_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| err(uri, e))?;
+            let len = data.len() as u64 + chunk.len() as u64;
+            if len > max {
+                return Err(too_large(len));
+            }
+            data.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(data))
+    }
+
     pub async fn head(&self, uri: &str) -> Result<Option<u64>, BlobError> {
         let (bucket, path) = split(uri)?;
         let store = self.store(uri, &bucket)?;

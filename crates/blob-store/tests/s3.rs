@@ -201,3 +201,35 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test]
+async fn a_limited_get_refuses_an_object_over_its_limit() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let server = s3::start(root.path(), &["blobs"]).await.expect("s3 server");
+    let blobs = store(&server.endpoint(), Duration::from_secs(60), 100 << 20);
+    let uri = "s3://blobs/code/app.zip";
+    let data = pattern(300_000);
+    blobs
+        .put(uri, Bytes::from(data.clone()))
+        .await
+        .expect("put");
+    let err = blobs
+        .get_limited(uri, 299_999)
+        .await
+        .expect_err("over the limit");
+    assert!(
+        matches!(
+            err,
+            steward_blob_store::BlobError::TooLarge {
+                size: 300_000,
+                max: 299_999,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        blobs.get_limited(uri, 300_000).await.expect("at the limit"),
+        data
+    );
+}

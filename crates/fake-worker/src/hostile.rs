@@ -1,14 +1,21 @@
 //! Functions that ask the agent for more than one allocation may have, all
 //! in one allocation state, then echo their input as `echo` does:
 //! `many_outputs` (input `n`: `n` output blobs besides its output),
-//! `many_writes` (input `n`: `n` request-state writes), `many_calls` (input
+//! `many_writes` (input `n`: `n` request-state writes), `many_reads` (input
+//! `n`: `n` request-state reads), `many_calls` (input
 //! `[n, kib]`: `n` nested calls of `noop`, each with `kib` KiB of call
 //! metadata) and `foreign_call` (one call of `noop` in another namespace).
 
 use steward_proto::function_executor_service as fe;
 
 /// The names handled here.
-pub const FUNCTIONS: [&str; 4] = ["many_outputs", "many_writes", "many_calls", "foreign_call"];
+pub const FUNCTIONS: [&str; 5] = [
+    "many_outputs",
+    "many_writes",
+    "many_reads",
+    "many_calls",
+    "foreign_call",
+];
 
 /// The numbers in an input such as `3` or `[70, 1000]`.
 fn numbers(input: &[u8]) -> Vec<usize> {
@@ -73,6 +80,17 @@ pub fn ask(function: &str, input: &[u8], own: &fe::FunctionRef, state: &mut fe::
                 operation: Some(
                     fe::allocation_request_state_operation::Operation::PrepareWrite(
                         fe::AllocationRequestStatePrepareWriteOperation { size: Some(1) },
+                    ),
+                ),
+            }
+        })),
+        "many_reads" => state.request_state_operations.extend((0..count).map(|i| {
+            fe::AllocationRequestStateOperation {
+                operation_id: Some(format!("read-{i}")),
+                state_key: Some(format!("k{i}")),
+                operation: Some(
+                    fe::allocation_request_state_operation::Operation::PrepareRead(
+                        fe::AllocationRequestStatePrepareReadOperation {},
                     ),
                 ),
             }

@@ -125,6 +125,10 @@ impl ServerTls {
 /// any host; at the reference's 100 MiB read chunks it is 10,486 URLs.
 pub const DEFAULT_MAX_INPUT_BLOB_BYTES: u64 = 1 << 40;
 
+/// Default of [`AgentConfig::max_application_code_bytes`]: 1 GiB, the
+/// default worker message limit, which the code must fit in anyway.
+pub const DEFAULT_MAX_APPLICATION_CODE_BYTES: u64 = 1 << 30;
+
 /// What one allocation may ask of the agent over its life. Each request is
 /// remembered until the allocation ends (its id, an open upload), so each
 /// count is capped; a breach fails the allocation with FUNCTION_ERROR,
@@ -136,15 +140,21 @@ pub struct AllocationLimits {
     pub max_output_blobs: usize,
     /// Request-state writes prepared (`ctx.state.set`).
     pub max_state_writes: usize,
+    /// Request-state operations of every kind (reads, prepared writes,
+    /// commits): each distinct one is remembered and costs blob I/O.
+    pub max_state_ops: usize,
     /// Nested function calls (`other(x)`, started futures, `.map` calls).
     pub max_function_calls: usize,
 }
 
 impl AllocationLimits {
-    /// 10,000 of each (as many as the watchers one allocation may have open).
+    /// 10,000 of each (as many as the watchers one allocation may have
+    /// open), and 100,000 request-state operations (a read and a commit
+    /// for each write, and room for many more reads).
     pub const DEFAULT: AllocationLimits = AllocationLimits {
         max_output_blobs: 10_000,
         max_state_writes: 10_000,
+        max_state_ops: 100_000,
         max_function_calls: 10_000,
     };
 }
@@ -205,6 +215,10 @@ pub struct AgentConfig {
     /// Largest gRPC message to or from a worker (allocation states; the
     /// application code in `initialize` counts too).
     pub max_worker_message_bytes: usize,
+    /// Largest application code downloaded for a worker; the smaller of
+    /// this and `max_worker_message_bytes` applies (the code is sent in
+    /// one `initialize` message). Larger code fails the worker's start.
+    pub max_application_code_bytes: u64,
     pub blob_store: BlobStore,
     /// Size bound of the application code cache in the data directory.
     pub code_cache_max_bytes: u64,
@@ -253,6 +267,7 @@ impl AgentConfig {
             allocation_limits: AllocationLimits::DEFAULT,
             max_server_message_bytes: 256 << 20,
             max_worker_message_bytes: 1 << 30,
+            max_application_code_bytes: DEFAULT_MAX_APPLICATION_CODE_BYTES,
             blob_store,
             code_cache_max_bytes: 10 << 30,
             gpu_pool: Arc::new(NoGpus),

@@ -447,11 +447,11 @@ mod tests {
                 watcher_id: call.into(),
                 tx: tx.clone(),
             };
-            let added = shared
-                .state
-                .lock()
-                .watches
-                .add(&watch(call), waiter, usize::MAX);
+            let added = shared.state.lock().watches.add(
+                &watch(call),
+                waiter,
+                crate::watches::WatchBudget::UNLIMITED,
+            );
             assert!(added.is_ok());
         }
         let result = |call: &str, size: u64| {

@@ -10,7 +10,10 @@
 //! The reported watches are part of every report, so together they are
 //! held to a budget, a share of the server message limit
 //! ([`WATCH_BUDGET_DIVISOR`]): a watch that would exceed it is refused, and
-//! the allocation asking for it fails, not every report.
+//! the allocation asking for it fails, not every report. Each allocation
+//! may take only a share of that budget ([`ALLOCATION_WATCH_SHARE_DIVISOR`]),
+//! so one allocation filling its share fails alone while the watches of
+//! every other allocation still register.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,10 +30,36 @@ pub(crate) const EARLY_RESULTS_LIMIT: usize = 1024;
 /// results always fit beside them.
 pub(crate) const WATCH_BUDGET_DIVISOR: usize = 4;
 
-/// Bytes the reported watches may take in a report, for a server message
-/// limit of `max_server_message_bytes`.
-pub(crate) fn budget(max_server_message_bytes: usize) -> usize {
-    max_server_message_bytes / WATCH_BUDGET_DIVISOR
+/// One allocation's watches take at most 1/this of the host's watch
+/// budget (4 MiB at the default 256 MiB server message limit: 10,000
+/// watches of about 400 bytes each), so it takes this many allocations
+/// at their share to fill the host's budget.
+pub(crate) const ALLOCATION_WATCH_SHARE_DIVISOR: usize = 16;
+
+/// Bytes the reported watches may take in a report: the host's and one
+/// allocation's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WatchBudget {
+    pub host: usize,
+    pub allocation: usize,
+}
+
+impl WatchBudget {
+    /// No limit (tests).
+    #[cfg(test)]
+    pub const UNLIMITED: WatchBudget = WatchBudget {
+        host: usize::MAX,
+        allocation: usize::MAX,
+    };
+}
+
+/// The watch budget for a server message limit of `max_server_message_bytes`.
+pub(crate) fn budget(max_server_message_bytes: usize) -> WatchBudget {
+    let host = max_server_message_bytes / WATCH_BUDGET_DIVISOR;
+    WatchBudget {
+        host,
+        allocation: host / ALLOCATION_WATCH_SHARE_DIVISOR,
+    }
 }
 
 /// What a result is routed on (the application is not part of it).
@@ -112,6 +141,9 @@ pub(crate) struct WatchRegistry {
     reported: BTreeMap<WatchTuple, usize>,
     /// What `reported` takes in a report.
     reported_bytes: usize,
+    /// What each allocation's registrations take, counted per registration
+    /// (a watch two allocations share is charged to both).
+    by_allocation: HashMap<String, usize>,
     waiters: HashMap<RouteKey, Vec<Waiter>>,
     /// Results nobody waited for yet, and their arrival order (oldest
     /// first) for eviction. Every desired state repeats watched results,
@@ -134,24 +166,42 @@ impl WatchRegistry {
     /// changed, and a result already kept for it (then the waiter is not
     /// registered: the caller delivers that result itself). A new watch
     /// that would take the reported set over `budget` bytes is refused
-    /// (nothing registered), with the reason.
+    /// (nothing registered), with the reason; so is one that would take
+    /// the waiter's allocation over its share, `budget.allocation`.
     pub fn add(
         &mut self,
         watch: &pb::FunctionCallWatch,
         waiter: Waiter,
-        budget: usize,
+        budget: WatchBudget,
     ) -> Result<(bool, Option<Arc<pb::FunctionCallResult>>), String> {
         let t = tuple(watch);
+        let bytes = reported_len(&t);
+        let mine = self
+            .by_allocation
+            .get(&waiter.allocation_id)
+            .copied()
+            .unwrap_or(0);
+        if mine + bytes > budget.allocation {
+            return Err(format!(
+                "the allocation's watches would take {} bytes, over its share of {} bytes of the host's watch budget (1/{ALLOCATION_WATCH_SHARE_DIVISOR} of a quarter of --max-server-message-bytes; ALLOCATION_WATCH_SHARE_DIVISOR)",
+                mine + bytes,
+                budget.allocation
+            ));
+        }
         if !self.reported.contains_key(&t) {
-            let bytes = reported_len(&t);
-            if self.reported_bytes + bytes > budget {
+            if self.reported_bytes + bytes > budget.host {
                 return Err(format!(
-                    "the host's reported watches would take {} bytes, over the watch budget of {budget} bytes (a quarter of --max-server-message-bytes; WATCH_BUDGET_DIVISOR)",
-                    self.reported_bytes + bytes
+                    "the host's reported watches would take {} bytes, over the watch budget of {} bytes (a quarter of --max-server-message-bytes; WATCH_BUDGET_DIVISOR)",
+                    self.reported_bytes + bytes,
+                    budget.host
                 ));
             }
             self.reported_bytes += bytes;
         }
+        *self
+            .by_allocation
+            .entry(waiter.allocation_id.clone())
+            .or_insert(0) += bytes;
         let count = self.reported.entry(t).or_insert(0);
         *count += 1;
         let changed = *count == 1;
@@ -179,6 +229,14 @@ impl WatchRegistry {
             }
         }
         let t = tuple(watch);
+        if self.reported.contains_key(&t)
+            && let Some(mine) = self.by_allocation.get_mut(allocation_id)
+        {
+            *mine = mine.saturating_sub(reported_len(&t));
+            if *mine == 0 {
+                self.by_allocation.remove(allocation_id);
+            }
+        }
         match self.reported.get_mut(&t) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -290,7 +348,7 @@ mod tests {
         fc: &str,
         w: Waiter,
     ) -> (bool, Option<Arc<pb::FunctionCallResult>>) {
-        reg.add(&watch(fc), w, usize::MAX)
+        reg.add(&watch(fc), w, WatchBudget::UNLIMITED)
             .expect("within the budget")
     }
 
@@ -394,14 +452,17 @@ mod tests {
     fn the_reported_watches_stay_within_their_budget() {
         let mut reg = WatchRegistry::default();
         let one = reported_len(&tuple(&watch("d0")));
-        let budget = 3 * one;
+        let budget = WatchBudget {
+            host: 3 * one,
+            allocation: usize::MAX,
+        };
         let mut rx = Vec::new();
         for i in 0..3 {
             let (w, r) = waiter("a", &format!("w{i}"));
             rx.push(r);
             assert!(reg.add(&watch(&format!("d{i}")), w, budget).is_ok());
         }
-        assert_eq!(reg.reported_bytes(), budget);
+        assert_eq!(reg.reported_bytes(), budget.host);
         let (w, _r) = waiter("a", "w3");
         let e = reg
             .add(&watch("d3"), w, budget)
@@ -422,6 +483,37 @@ mod tests {
         assert_eq!(reg.reported_bytes(), 2 * one);
         let (w, _r) = waiter("a", "w3");
         assert!(reg.add(&watch("d3"), w, budget).is_ok(), "room again");
+    }
+
+    #[test]
+    fn one_allocation_over_its_share_leaves_the_others_room() {
+        let mut reg = WatchRegistry::default();
+        let one = reported_len(&tuple(&watch("d00")));
+        let budget = WatchBudget {
+            host: 20 * one,
+            allocation: 4 * one,
+        };
+        let mut rx = Vec::new();
+        // A hostile allocation asks for as many watches as the host holds.
+        let mut refused = None;
+        for i in 0..20 {
+            let (w, r) = waiter("hostile", &format!("w{i}"));
+            rx.push(r);
+            if let Err(e) = reg.add(&watch(&format!("d{i:02}")), w, budget) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (at, e) = refused.expect("the hostile allocation is refused");
+        assert_eq!(at, 4, "after its share of four watches");
+        assert!(e.contains("ALLOCATION_WATCH_SHARE_DIVISOR"), "{e}");
+        // Another allocation's watch still registers.
+        let (w, _r) = waiter("innocent", "w0");
+        assert!(reg.add(&watch("e00"), w, budget).is_ok());
+        // A share freed is room again.
+        assert!(reg.remove(&watch("d00"), "hostile", "w0"));
+        let (w, _r) = waiter("hostile", "w4");
+        assert!(reg.add(&watch("d04"), w, budget).is_ok(), "room again");
     }
 
     #[test]

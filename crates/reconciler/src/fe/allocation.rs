@@ -509,7 +509,7 @@ struct Runner<'a> {
     /// Nested calls on their way to the server (made on first use).
     calls: Option<calls::Sender>,
     /// How many requests of each [`Capped`] kind the worker made.
-    counts: [usize; 3],
+    counts: [usize; 4],
 }
 
 /// The kinds of request capped per allocation (`AllocationLimits`).
@@ -517,6 +517,8 @@ struct Runner<'a> {
 enum Capped {
     OutputBlob,
     StateWrite,
+    /// Every request-state operation (read, write, commit).
+    StateOp,
     FunctionCall,
 }
 
@@ -533,6 +535,11 @@ impl Capped {
                 limits.max_state_writes,
                 "request-state writes",
                 "max-request-state-writes-per-allocation",
+            ),
+            Capped::StateOp => (
+                limits.max_state_ops,
+                "request-state operations",
+                "max-request-state-ops-per-allocation",
             ),
             Capped::FunctionCall => (
                 limits.max_function_calls,
@@ -636,7 +643,7 @@ impl<'a> Runner<'a> {
             watchers,
             deliveries,
             calls: None,
-            counts: [0; 3],
+            counts: [0; 4],
         }
     }
 
@@ -964,6 +971,7 @@ impl<'a> Runner<'a> {
         if matches!(op.operation, Some(Op::PrepareWrite(_))) {
             self.count(Capped::StateWrite)?;
         }
+        self.count(Capped::StateOp)?;
         let prefix = self
             .alloc
             .request_data_payload_uri_prefix
@@ -1105,8 +1113,9 @@ impl Watchers {
     /// vanished ones. Returns results to hand over at once (kept results,
     /// and failures for watchers that name no call). A list over a bound
     /// (too many watchers, an id too long, more watches than the host's
-    /// budget leaves room for) fails the allocation, naming the bound, and
-    /// stops its worker: the running function cannot be stopped otherwise.
+    /// budget or the allocation's share of it leaves room for) fails the
+    /// allocation, naming the bound, and stops its worker: the running
+    /// function cannot be stopped otherwise.
     fn sync(
         &mut self,
         list: &[fe_pb::AllocationFunctionCallWatcher],

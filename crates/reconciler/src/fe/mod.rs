@@ -847,6 +847,14 @@ fn note_python_version(shared: &Shared, info: &fe_pb::InfoResponse) {
 }
 
 /// Brings a worker from nothing to initialized.
+/// The largest application code a worker may be given: the configured
+/// limit, and never more than fits in one worker message.
+fn application_code_limit(config: &crate::AgentConfig) -> u64 {
+    config
+        .max_application_code_bytes
+        .min(config.max_worker_message_bytes as u64)
+}
+
 async fn start(
     shared: Arc<Shared>,
     desc: pb::FunctionExecutorDescription,
@@ -870,11 +878,25 @@ async fn start(
         .map_err(internal)?;
     let app = desc.application.clone().unwrap_or_default();
     let uri = app.uri.clone().unwrap_or_default();
+    // The code is read into memory and sent in one worker message: a size
+    // named by the server is checked before the download, and the
+    // download stops past the limit.
+    let code_limit = application_code_limit(&shared.config);
     let (code, source) = shared
         .code_cache
-        .get_or_fetch(&shared.config.blob_store, &uri, app.sha256_hash.as_deref())
+        .get_or_fetch(
+            &shared.config.blob_store,
+            &uri,
+            app.sha256_hash.as_deref(),
+            code_limit,
+        )
         .await
-        .map_err(|e| internal(format!("application code: {e}")))?;
+        .map_err(|e| match e {
+            steward_blob_store::BlobError::TooLarge { .. } => internal(format!(
+                "application code: {e} (the smaller of --max-application-code-bytes and --max-worker-message-bytes)"
+            )),
+            e => internal(format!("application code: {e}")),
+        })?;
     let label = match source {
         steward_blob_store::CodeSource::Cache => "cache",
         steward_blob_store::CodeSource::Store => "blob_store",
@@ -884,7 +906,8 @@ async fn start(
         .application_code_fetches
         .get_or_create(&vec![("source", label)])
         .inc();
-    let code = code.to_vec();
+    // No copy: the cache's buffer is moved when nothing else holds it.
+    let code = Vec::from(code);
     let spec = worker_spec(&shared, &desc, &id, &gpus);
     let mut process = shared
         .config
