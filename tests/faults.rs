@@ -697,6 +697,8 @@ async fn per_allocation_caps_fail_only_their_allocation() -> Result<()> {
             "3",
             "--max-request-state-writes-per-allocation",
             "3",
+            "--max-request-state-ops-per-allocation",
+            "5",
             "--max-function-calls-per-allocation",
             "100",
         ],
@@ -712,6 +714,12 @@ async fn per_allocation_caps_fail_only_their_allocation() -> Result<()> {
                 json!(4),
                 "(--max-request-state-writes-per-allocation)",
             ),
+            // Reads are counted too: six of them.
+            (
+                "many_reads",
+                json!(6),
+                "(--max-request-state-ops-per-allocation)",
+            ),
             (
                 "many_calls",
                 json!([101, 0]),
@@ -720,6 +728,80 @@ async fn per_allocation_caps_fail_only_their_allocation() -> Result<()> {
         ],
     )
     .await
+}
+
+#[test]
+fn a_per_allocation_limit_of_zero_is_refused_at_start() -> Result<()> {
+    // Zero would fail every allocation: clap refuses it before anything starts.
+    for flag in [
+        "--max-output-blobs-per-allocation",
+        "--max-request-state-writes-per-allocation",
+        "--max-request-state-ops-per-allocation",
+        "--max-function-calls-per-allocation",
+    ] {
+        // (tests/support gains a helper for this; inline until it lands.)
+        let data = tempfile::tempdir()?;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args([
+                flag,
+                "0",
+                "--grpc-server-addr",
+                "127.0.0.1:1",
+                "--no-cgroups",
+            ])
+            .args(["--monitoring-server-host", "127.0.0.1"])
+            .args(["--monitoring-server-port", "0", "--executor-cache-path"])
+            .arg(data.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        // A Steward that accepted the flag would run on: it is killed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{flag}: {err}");
+        assert!(err.contains(flag) && err.contains("not in 1.."), "{err}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_code_over_its_limit_fails_the_worker_start() -> Result<()> {
+    // The fake application's zip is larger than 16 bytes: it is refused by
+    // its size, not read into memory.
+    let (plane, steward) = fake_setup(
+        FunctionOptions::default(),
+        &["--max-application-code-bytes", "16"],
+    )
+    .await?;
+    let out = plane.invoke_app("fake", "echo", json!("x")).await?;
+    assert_eq!(
+        (out.status.as_str(), out.failure_reason.as_deref()),
+        ("failure", Some("STARTUP_FAILED_INTERNAL_ERROR")),
+        "{out:?}"
+    );
+    let (_, events) = steward.get_json("/state/events").await?;
+    let text = events.to_string();
+    assert!(
+        text.contains("over the limit of 16 bytes")
+            && text.contains("--max-application-code-bytes"),
+        "the failure names the limit: {text}"
+    );
+    plane.stop().await;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
