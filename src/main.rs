@@ -113,6 +113,8 @@ struct AgentArgs {
     /// The network of `--worker-driver oci` workers: `host` (the host's,
     /// to reach blob storage) or `none` (a new, empty network namespace:
     /// only the worker's Unix socket reaches it; for `file://` blobs).
+    /// `none` is refused at start with `--worker-driver process`, whose
+    /// workers always share the host's network.
     #[arg(long, value_enum, default_value_t = WorkerNetwork::Host)]
     worker_network: WorkerNetwork,
     /// A host directory or file bound read-only into every OCI worker
@@ -1057,6 +1059,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         steward_reconciler::server_url(&args.grpc_server_addr, server_tls.is_some())
     {
         bail!("--grpc-server-addr {:?}: {reason}", args.grpc_server_addr);
+    }
+    // A process worker is never given a network namespace of its own: a
+    // `none` it would silently ignore is refused instead.
+    if args.worker_network == WorkerNetwork::None && args.worker_driver == DriverKind::Process {
+        bail!(
+            "--worker-network none needs --worker-driver oci: a process worker shares the host's network, so it cannot be taken away"
+        );
     }
     let admin_token = args
         .admin_token_file

@@ -17,105 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use steward_devserver::FunctionOptions;
-use support::{AgentProc, Plane, cgroup_dirs_named, fake_worker, remove_cgroup_tree};
-
-/// The runtime every test uses.
-const RUNC: &str = "runc";
-
-/// Fails unless this test can run containers: root and `runc`.
-fn require_runc() {
-    assert!(
-        steward_worker_driver::identity::steward_uid() == 0,
-        "the OCI driver's tests need root (runc creates namespaces and cgroups); `cargo xtask test` runs as root"
-    );
-    let ok = std::process::Command::new(RUNC)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "`{RUNC} --version` failed: install runc (apt-get install runc; `cargo xtask test` does)"
-    );
-}
-
-/// Steward's arguments for the OCI driver, plus `extra`.
-fn oci_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["--worker-driver", "oci", "--oci-runtime", RUNC];
-    args.extend_from_slice(extra);
-    args
-}
-
-/// The runtime state root and bundles of a Steward's data directory.
-fn oci_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("oci")
-}
-
-/// Containers listed under `root` (the runtime's `--root`).
-fn containers(root: &Path) -> Vec<serde_json::Value> {
-    if !root.exists() {
-        return Vec::new();
-    }
-    let out = std::process::Command::new(RUNC)
-        .arg("--root")
-        .arg(root)
-        .args(["list", "--format", "json"])
-        .output();
-    let Ok(out) = out else {
-        return Vec::new();
-    };
-    serde_json::from_slice::<Option<Vec<serde_json::Value>>>(&out.stdout)
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
-
-/// Deletes what a test's Steward left (after a failure, or a Steward the
-/// harness SIGKILLs): its containers, and its parent cgroups in every
-/// hierarchy with what they hold (processes killed first).
-struct Sweep {
-    root: PathBuf,
-    parents: Vec<String>,
-    /// Worker logs, printed if the test fails.
-    logs: PathBuf,
-}
-
-impl Drop for Sweep {
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(entries) = std::fs::read_dir(&self.logs)
-        {
-            for e in entries.filter_map(Result::ok) {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                eprintln!("---- {} ----\n{text}", e.path().display());
-            }
-        }
-        for c in containers(&self.root) {
-            if let Some(id) = c["id"].as_str() {
-                let _ = std::process::Command::new(RUNC)
-                    .arg("--root")
-                    .arg(&self.root)
-                    .args(["delete", "--force", id])
-                    .output();
-            }
-        }
-        for parent in &self.parents {
-            for dir in cgroup_dirs_named(parent) {
-                remove_cgroup_tree(&dir);
-            }
-        }
-    }
-}
-
-impl Sweep {
-    /// What `steward` may leave: its containers, cgroups and worker logs.
-    fn of(steward: &AgentProc) -> Sweep {
-        Sweep {
-            root: oci_dir(steward.data_dir.path()).join("state"),
-            parents: steward.cgroup_parent.clone().into_iter().collect(),
-            logs: steward.data_dir.path().join("logs"),
-        }
-    }
-}
+use support::oci::{RUNC, Sweep, containers, oci_args, oci_dir, require_runc};
+use support::{AgentProc, Plane, cgroup_dirs_named, fake_worker};
 
 /// Polls `check` until it holds, up to `limit`.
 async fn eventually(limit: Duration, what: &str, check: impl Fn() -> bool) -> Result<()> {
@@ -362,45 +265,15 @@ async fn a_sigkilled_steward_leaves_nothing_after_its_restart_and_others_contain
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runtime_that_does_not_answer_version_is_refused_at_start() -> Result<()> {
-    let plane = Plane::start().await?;
-    let data = tempfile::tempdir()?;
-    let log = data.path().join("steward.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
-        .args([
-            "--grpc-server-addr",
-            &plane.grpc,
-            "--monitoring-server-port",
-            "0",
-        ])
-        .arg("--executor-cache-path")
-        .arg(data.path().join("agent"))
-        .args([
-            "--worker-driver",
-            "oci",
-            "--oci-runtime",
-            "/nonexistent/runsc",
-            "--no-cgroups",
-        ])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    // A Steward that started anyway is killed, and the test fails.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let stderr = std::fs::read_to_string(&log)?;
+#[test]
+fn a_runtime_that_does_not_answer_version_is_refused_at_start() -> Result<()> {
+    let (status, stderr) = support::steward_refusal(&[
+        "--worker-driver",
+        "oci",
+        "--oci-runtime",
+        "/nonexistent/runsc",
+        "--no-cgroups",
+    ])?;
     assert!(
         status.is_some_and(|s| !s.success()),
         "Steward must refuse to start: {status:?} {stderr}"
@@ -409,7 +282,6 @@ async fn a_runtime_that_does_not_answer_version_is_refused_at_start() -> Result<
         stderr.contains("/nonexistent/runsc") && stderr.contains("--version"),
         "the runtime and the check are named: {stderr}"
     );
-    plane.stop().await;
     Ok(())
 }
 

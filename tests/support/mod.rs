@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, RequestOutcome, client};
 
+pub mod oci;
+
 /// Where the venv with the pinned packages lives: `$STEWARD_VENV`, else `./.venv`.
 fn venv_dir() -> PathBuf {
     std::env::var_os("STEWARD_VENV")
@@ -372,6 +374,41 @@ pub async fn fake_setup(options: FunctionOptions, extra: &[&str]) -> Result<(Pla
     let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
     plane.wait_executors(1).await?;
     Ok((plane, steward))
+}
+
+/// Starts Steward with `args` on a fresh data directory and a server
+/// address nothing answers at, for a start it must refuse before it
+/// connects anywhere: waits up to 30 s for it to exit (one still running
+/// then is killed). Its exit status (None if it ran on) and its stderr.
+pub fn steward_refusal(args: &[&str]) -> Result<(Option<std::process::ExitStatus>, String)> {
+    let data = tempfile::tempdir()?;
+    let log = data.path().join("steward.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["--grpc-server-addr", "127.0.0.1:1"])
+        .args(["--monitoring-server-host", "127.0.0.1"])
+        .args(["--monitoring-server-port", "0"])
+        .arg("--executor-cache-path")
+        .arg(data.path().join("agent"))
+        .args(args)
+        .env("PATH", path_with_venv())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting steward")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok((status, std::fs::read_to_string(&log)?))
 }
 
 /// An agent process (Steward or the reference executor), killed on drop.

@@ -1,7 +1,7 @@
-"""A worker that attacks Steward and the other workers, run by the real
-`function-executor` in tests/hostile.rs: each attempt reports what it got
-("ok" or the errno's name), so the test sees every failure from inside as
-well as from outside."""
+"""A worker that attacks Steward, the other workers and the host's network,
+run by the real `function-executor` in tests/hostile.rs under both drivers:
+each attempt reports what it got ("ok" or the errno's name), so the test
+sees every failure from inside as well as from outside."""
 
 import errno
 import os
@@ -15,6 +15,8 @@ def _attempt(action) -> str:
         action()
         return "ok"
     except OSError as e:
+        if e.errno is None:  # a timeout
+            return type(e).__name__
         return errno.errorcode.get(e.errno, str(e.errno))
 
 
@@ -32,6 +34,11 @@ def _connect(path: str) -> None:
         s.close()
 
 
+def _connect_tcp(address: list) -> None:
+    host, port = address
+    socket.create_connection((host, int(port)), timeout=2).close()
+
+
 @application()
 @function(description="Tries each attack the test names; says what each got")
 def attack(targets: dict) -> dict:
@@ -47,4 +54,6 @@ def attack(targets: dict) -> dict:
         got[name] = _attempt(lambda p=path: _read(p))
     for name, path in targets.get("sockets", {}).items():
         got[name] = _attempt(lambda p=path: _connect(p))
+    for name, address in targets.get("tcp", {}).items():
+        got[name] = _attempt(lambda a=address: _connect_tcp(a))
     return got
