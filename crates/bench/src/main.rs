@@ -38,6 +38,8 @@ struct Env {
     fake_path_dir: tempfile::TempDir,
     /// A command Steward runs under (a profiler), from `--steward-wrapper`.
     wrapper: Vec<String>,
+    /// The OCI runtime of the sandbox scenario, from `--oci-runtime`.
+    oci_runtime: String,
 }
 
 struct Plane {
@@ -217,6 +219,9 @@ struct AgentProc {
     _data: tempfile::TempDir,
     /// Steward's parent cgroup, removed with anything left under it.
     cgroup_parent: Option<String>,
+    /// The OCI runtime whose containers under the data directory are
+    /// deleted when the agent is dropped (`--worker-driver oci`).
+    oci_runtime: String,
 }
 
 impl Drop for AgentProc {
@@ -227,24 +232,63 @@ impl Drop for AgentProc {
         // runs when a signal drops the whole run.
         use nix::sys::signal::{Signal, kill, killpg};
         use nix::unistd::Pid;
-        let agent = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(agent, Signal::SIGSTOP);
-        for p in steward_host_resources::descendants(self.child.id()) {
-            let p = Pid::from_raw(p as i32);
-            let _ = killpg(p, Signal::SIGKILL);
-            let _ = kill(p, Signal::SIGKILL);
+        // An agent already reaped (a clean stop) has no pid left to signal.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let agent = Pid::from_raw(self.child.id() as i32);
+            let _ = kill(agent, Signal::SIGSTOP);
+            for p in steward_host_resources::descendants(self.child.id()) {
+                let p = Pid::from_raw(p as i32);
+                let _ = killpg(p, Signal::SIGKILL);
+                let _ = kill(p, Signal::SIGKILL);
+            }
+            let _ = killpg(agent, Signal::SIGKILL);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
-        let _ = killpg(agent, Signal::SIGKILL);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(parent) = self.cgroup_parent.take()
-            && let steward_worker_driver::CgroupSetup::Enabled(c) =
+        for id in self.containers(&self.oci_runtime) {
+            let _ = Command::new(&self.oci_runtime)
+                .arg("--root")
+                .arg(self.oci_state())
+                .args(["delete", "--force", &id])
+                .output();
+        }
+        if let Some(parent) = self.cgroup_parent.take() {
+            if let steward_worker_driver::CgroupSetup::Enabled(c) =
                 steward_worker_driver::Cgroups::detect(&parent)
-        {
-            c.reap_leftovers();
-            c.remove_parents();
+            {
+                c.reap_leftovers();
+                c.remove_parents();
+            }
+            // The OCI runtime's own hierarchies (devices, freezer, ...).
+            remove_cgroups_named(Path::new("/sys/fs/cgroup"), &parent);
         }
     }
+}
+
+/// Removes every (by now empty) cgroup directory named `name` under `dir`,
+/// children first.
+fn remove_cgroups_named(dir: &Path, name: &str) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = e.path();
+        if e.file_name().to_string_lossy() == name {
+            remove_cgroup_tree(&path);
+        } else {
+            remove_cgroups_named(&path, name);
+        }
+    }
+}
+
+/// Removes cgroup `dir` and the cgroups below it.
+fn remove_cgroup_tree(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 fn clock_ticks() -> f64 {
@@ -354,7 +398,50 @@ impl AgentProc {
             monitoring: format!("http://127.0.0.1:{port}"),
             _data: data,
             cgroup_parent: (agent == Agent::Steward).then(|| format!("steward-bench-{port}")),
+            oci_runtime: env.oci_runtime.clone(),
         })
+    }
+
+    /// The OCI runtime's state root under Steward's data directory.
+    fn oci_state(&self) -> PathBuf {
+        self._data.path().join("oci/state")
+    }
+
+    /// The ids of the containers `runtime` lists under the agent's data
+    /// directory (none without the OCI driver).
+    fn containers(&self, runtime: &str) -> Vec<String> {
+        let root = self.oci_state();
+        if !root.exists() {
+            return Vec::new();
+        }
+        let Ok(out) = Command::new(runtime)
+            .arg("--root")
+            .arg(&root)
+            .args(["list", "--format", "json"])
+            .output()
+        else {
+            return Vec::new();
+        };
+        serde_json::from_slice::<Option<Vec<Value>>>(&out.stdout)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Stops the agent with SIGTERM and waits up to `limit` for it to exit
+    /// (a clean stop removes its workers, containers included); `Drop`
+    /// kills whatever is left.
+    async fn stop_cleanly(&mut self, limit: Duration) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// CPU seconds (user + system) used so far by the agent process itself.
@@ -776,7 +863,7 @@ async fn warm_sequential(
     input: &Value,
     n: usize,
 ) -> Result<Vec<f64>> {
-    for _ in 0..3 {
+    for _ in 0..WARM_UP_CALLS {
         plane.invoke(app, function, input.clone()).await?;
     }
     let mut samples = Vec::with_capacity(n);
@@ -916,6 +1003,191 @@ fn metering_rows(t: &mut Table, label: &str, on: bool, r: &ThroughputRun) {
         Agent::Steward,
         r.switches_per_alloc,
     );
+}
+
+/// The worker drivers the sandbox scenario compares, the baseline first.
+const DRIVERS: [&str; 2] = ["process", "oci"];
+
+/// How long a Steward gets to stop cleanly (SIGTERM) before it is killed.
+const CLEAN_STOP_LIMIT: Duration = Duration::from_secs(30);
+
+/// What one run of the sandbox scenario measured.
+struct SandboxRun {
+    /// The harness's first call, with no worker yet: invoke → result.
+    first_call_ms: f64,
+    /// The control plane's placement → RUNNING reported for that worker.
+    cold_start_ms: Option<f64>,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// The agent's CPU per warm allocation: its live threads' `schedstat`.
+    cpu_ms_per_alloc: f64,
+    /// The same from the process's `stat` (10 ms ticks, dead threads too).
+    cpu_ms_per_alloc_ticks: f64,
+    /// Containers the runtime still listed after the clean stop.
+    leftover_containers: usize,
+}
+
+/// Steward with `--worker-driver process` and with `oci` on the same
+/// workload, alternating which goes first each round so drift between
+/// rounds moves both: the first call's cold start, `n` warm sequential
+/// calls (p50, p99) and the agent's CPU per warm allocation, on the real
+/// and the fake worker. Each round also gives the oci / process ratios of
+/// its two runs.
+async fn sandbox(env: &Env, rounds: usize, n: usize, t: &mut Table) -> Result<()> {
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            DRIVERS
+        } else {
+            [DRIVERS[1], DRIVERS[0]]
+        };
+        for worker in [Worker::Real, Worker::Fake] {
+            let label = worker.hello_app().4;
+            let mut runs: BTreeMap<&str, SandboxRun> = BTreeMap::new();
+            for driver in order {
+                eprintln!("sandbox round {}/{rounds}: {driver}, {label}", round + 1);
+                let r = sandbox_run(env, driver, worker, n).await?;
+                sandbox_rows(t, driver, label, &r);
+                runs.insert(driver, r);
+            }
+            if let (Some(p), Some(o)) = (runs.get("process"), runs.get("oci")) {
+                sandbox_ratios(t, label, p, o);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One run's rows of the sandbox scenario.
+fn sandbox_rows(t: &mut Table, driver: &str, label: &str, r: &SandboxRun) {
+    let row = |what: &str| format!("13. {driver}: {what} ({label})");
+    t.add(
+        &row("cold start, first call invoke → result"),
+        "ms",
+        Agent::Steward,
+        r.first_call_ms,
+    );
+    if let Some(c) = r.cold_start_ms {
+        t.add(
+            &row("cold start, new worker → RUNNING reported"),
+            "ms",
+            Agent::Steward,
+            c,
+        );
+    }
+    t.add(
+        &row("sequential latency, warm, p50"),
+        "ms",
+        Agent::Steward,
+        r.p50_ms,
+    );
+    t.add(
+        &row("sequential latency, warm, p99"),
+        "ms",
+        Agent::Steward,
+        r.p99_ms,
+    );
+    t.add(
+        &row("agent CPU per warm allocation (threads' schedstat)"),
+        "CPU ms",
+        Agent::Steward,
+        r.cpu_ms_per_alloc,
+    );
+    t.add(
+        &row("agent CPU per warm allocation (process stat, 10 ms ticks)"),
+        "CPU ms",
+        Agent::Steward,
+        r.cpu_ms_per_alloc_ticks,
+    );
+    t.add(
+        &row("containers left after a clean stop"),
+        "containers",
+        Agent::Steward,
+        r.leftover_containers as f64,
+    );
+}
+
+/// The same round's oci / process ratios and cold-start difference.
+fn sandbox_ratios(t: &mut Table, label: &str, p: &SandboxRun, o: &SandboxRun) {
+    let mut ratio = |what: &str, a: f64, b: f64| {
+        if b > 0.0 {
+            t.add(
+                &format!("13. oci / process, same round: {what} ({label})"),
+                "ratio",
+                Agent::Steward,
+                a / b,
+            );
+        }
+    };
+    ratio("warm p50", o.p50_ms, p.p50_ms);
+    ratio("warm p99", o.p99_ms, p.p99_ms);
+    ratio(
+        "agent CPU per warm allocation",
+        o.cpu_ms_per_alloc,
+        p.cpu_ms_per_alloc,
+    );
+    t.add(
+        &format!("13. oci − process, same round: first call invoke → result ({label})"),
+        "ms",
+        Agent::Steward,
+        o.first_call_ms - p.first_call_ms,
+    );
+    if let (Some(a), Some(b)) = (o.cold_start_ms, p.cold_start_ms) {
+        t.add(
+            &format!("13. oci − process, same round: new worker → RUNNING ({label})"),
+            "ms",
+            Agent::Steward,
+            a - b,
+        );
+    }
+}
+
+/// Warm-up calls `warm_sequential` makes before it times any.
+const WARM_UP_CALLS: usize = 3;
+
+/// One Steward with worker `driver`: a fresh plane, the first call (a
+/// cold start), `n` timed warm calls, then a clean stop.
+async fn sandbox_run(env: &Env, driver: &str, worker: Worker, n: usize) -> Result<SandboxRun> {
+    let plane = Plane::start().await?;
+    let (dir, app, function, input, _) = worker.hello_app();
+    plane
+        .deploy(env, dir, app, &FunctionOptions::default())
+        .await?;
+    let extra = [
+        "--worker-driver",
+        driver,
+        "--oci-runtime",
+        env.oci_runtime.as_str(),
+    ];
+    let mut proc =
+        AgentProc::start_full(env, Agent::Steward, &plane, worker, &env.wrapper, &extra)?;
+    proc.wait_startup().await?;
+    plane.wait_executor().await?;
+    let started = Instant::now();
+    plane.invoke(app, function, input.clone()).await?;
+    let first_call_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let cold_start_ms = plane.stats().await?["cold_starts_ms"]
+        .get(0)
+        .and_then(Value::as_f64);
+    let threads0 = proc.thread_cpu_seconds("");
+    let ticks0 = proc.cpu_seconds();
+    let samples = warm_sequential(&plane, app, function, &input, n).await?;
+    // Every call after the first is warm, the warm-up ones included.
+    let calls = (n + WARM_UP_CALLS) as f64;
+    let cpu_ms_per_alloc = (proc.thread_cpu_seconds("") - threads0) * 1000.0 / calls;
+    let cpu_ms_per_alloc_ticks = (proc.cpu_seconds() - ticks0) * 1000.0 / calls;
+    proc.stop_cleanly(CLEAN_STOP_LIMIT).await;
+    let leftover_containers = proc.containers(&env.oci_runtime).len();
+    drop(proc);
+    plane.stop().await;
+    Ok(SandboxRun {
+        first_call_ms,
+        cold_start_ms,
+        p50_ms: percentile(&samples, 0.5),
+        p99_ms: percentile(&samples, 0.99),
+        cpu_ms_per_alloc,
+        cpu_ms_per_alloc_ticks,
+        leftover_containers,
+    })
 }
 
 /// A composed request on the real worker: `map_squares(100)` from
@@ -1446,6 +1718,7 @@ enum Scenario {
     Callgrind,
     Cgroups,
     Metering,
+    Sandbox,
 }
 
 /// Runs each scenario against Steward and the reference executor, alternating
@@ -1478,6 +1751,9 @@ struct Cli {
     /// Requests the concurrent scenario keeps outstanding
     #[arg(long, default_value_t = 16)]
     concurrent_in_flight: usize,
+    /// The OCI runtime the sandbox scenario runs Steward's `oci` driver with
+    #[arg(long, default_value = "runc")]
+    oci_runtime: String,
     /// Allocations counted under callgrind (Steward only)
     #[arg(long, default_value_t = 400)]
     callgrind_allocations: usize,
@@ -1547,6 +1823,7 @@ async fn run(cli: Cli) -> Result<()> {
             .as_deref()
             .map(|w| w.split_whitespace().map(String::from).collect())
             .unwrap_or_default(),
+        oci_runtime: cli.oci_runtime.clone(),
     };
     check(&env.steward)?;
     check(&env.fake_worker)?;
@@ -1617,6 +1894,17 @@ async fn run(cli: Cli) -> Result<()> {
                 Agent::Steward,
                 &e.to_string(),
             );
+        }
+    }
+    // The process and OCI worker drivers (Steward only).
+    if cli.only == Some(Scenario::Sandbox)
+        || (cli.only.is_none()
+            && AgentChoice::admits(cli.agent, Agent::Steward)
+            && which(&cli.oci_runtime))
+    {
+        eprintln!("sandbox: Steward with --worker-driver process and oci");
+        if let Err(e) = sandbox(&env, rounds, latency_n, &mut t).await {
+            t.fail("13. sandbox", Agent::Steward, &e.to_string());
         }
     }
     // Throughput with and without metering (Steward only).
