@@ -739,39 +739,8 @@ fn a_per_allocation_limit_of_zero_is_refused_at_start() -> Result<()> {
         "--max-request-state-ops-per-allocation",
         "--max-function-calls-per-allocation",
     ] {
-        // (tests/support gains a helper for this; inline until it lands.)
-        let data = tempfile::tempdir()?;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
-            .args([
-                flag,
-                "0",
-                "--grpc-server-addr",
-                "127.0.0.1:1",
-                "--no-cgroups",
-            ])
-            .args(["--monitoring-server-host", "127.0.0.1"])
-            .args(["--monitoring-server-port", "0", "--executor-cache-path"])
-            .arg(data.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?;
         // A Steward that accepted the flag would run on: it is killed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                child.kill()?;
-                child.wait()?;
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            std::io::Read::read_to_string(&mut e, &mut err)?;
-        }
+        let (status, err) = support::steward_refusal(&[flag, "0", "--no-cgroups"])?;
         assert_eq!(status.and_then(|s| s.code()), Some(2), "{flag}: {err}");
         assert!(err.contains(flag) && err.contains("not in 1.."), "{err}");
     }

@@ -481,37 +481,13 @@ fn a_token_file_others_can_read_is_refused_at_start() -> Result<()> {
     std::fs::write(&token, READ_TOKEN)?;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644))?;
     for flag in ["--state-token-file", "--admin-token-file"] {
-        let log = dir.path().join("stderr");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
-            .args(["--grpc-server-addr", "127.0.0.1:1"])
-            .args(["--monitoring-server-host", "127.0.0.1"])
-            .args(["--monitoring-server-port", "0"])
-            .arg("--executor-cache-path")
-            .arg(dir.path())
-            .arg(flag)
-            .arg(&token)
-            .env("PATH", support::path_with_venv())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()?;
-        // A Steward that accepted the file would run on: it must exit.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        // A Steward that accepted the file would run on: it is killed.
+        let token = token.to_str().expect("a UTF-8 temp path");
+        let (status, stderr) = support::steward_refusal(&[flag, token])?;
         assert!(
             status.is_some_and(|s| !s.success()),
             "{flag}: started with a token file others can read"
         );
-        let stderr = std::fs::read_to_string(&log)?;
         assert!(
             stderr.contains(flag) && stderr.contains("mode 644") && stderr.contains("chmod 600"),
             "{flag}: {stderr}"
