@@ -129,7 +129,9 @@ fn a_record_that_does_not_prove_the_group_is_the_workers_is_never_signalled() {
         "0"
     };
     other_boot.replace_range(0..1, digit);
-    let cases: [(&str, fn(&Group, &str) -> String, &str); 3] = [
+    // (name, the record written for the group and this boot, the reason it is skipped)
+    type Case = (&'static str, fn(&Group, &str) -> String, &'static str);
+    let cases: [Case; 3] = [
         // The format of an older Steward: "<pgid> <start>", right in both.
         (
             "old",
