@@ -546,21 +546,32 @@ pub const MAX_SHARED_ENTRIES: usize = 100_000;
 /// the group) and a default ACL giving that group `rwx`, which new files
 /// and directories inherit in place of the workers' umask 077. What is
 /// already below it joins the group too (group `rw`, directories `rwx`
-/// with the same default ACL; symlinks are not followed), up to
-/// [`MAX_SHARED_ENTRIES`]. Every worker then reaches every blob under the
-/// root, as with any `file://` store. Returns what still keeps workers
-/// from the root where something does (a directory above it they cannot
-/// search, entries past the bound).
+/// with the same default ACL), up to [`MAX_SHARED_ENTRIES`]. Every worker
+/// then reaches every blob under the root, as with any `file://` store.
+/// Returns what still keeps workers from the root where something does (a
+/// directory above it they cannot search, entries past the bound, files
+/// left alone).
+///
+/// Workers write below the root, and Steward walks it as root, so the walk
+/// never resolves a path a worker could change: each entry is opened
+/// relative to its parent's descriptor without following a symlink
+/// (`O_NOFOLLOW`, and `O_PATH` until it is known to be a plain file or a
+/// directory), and changed through that descriptor (`fchown`, `fchmod`,
+/// `fsetxattr`). A worker that swaps an entry for a symlink to `/etc`
+/// mid-walk changes nothing outside the root. A plain file with more than
+/// one link (a hard link to a file elsewhere) is left alone.
 pub fn share_with_workers(dir: &Path, gid: u32) -> Result<Option<String>, String> {
     let at = |p: &Path, what: &str, e: std::io::Error| format!("{}: {what}: {e}", p.display());
-    std::os::unix::fs::chown(dir, None, Some(gid)).map_err(|e| at(dir, "chown", e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o2770))
+    let top = open_at(None, dir.as_os_str(), Open::Change).map_err(|e| at(dir, "open", e))?;
+    std::os::unix::fs::fchown(&top, None, Some(gid)).map_err(|e| at(dir, "chown", e))?;
+    top.set_permissions(std::fs::Permissions::from_mode(0o2770))
         .map_err(|e| at(dir, "chmod 2770", e))?;
-    set_default_acl(dir).map_err(|e| at(dir, "default ACL", e))?;
+    set_default_acl(&top).map_err(|e| at(dir, "default ACL", e))?;
     let mut budget = MAX_SHARED_ENTRIES;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+    let mut linked = 0usize;
+    let mut stack = vec![(dir.to_path_buf(), top)];
+    while let Some((d, dfd)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(fd_path(&dfd)) else {
             continue;
         };
         for e in entries.filter_map(Result::ok) {
@@ -571,28 +582,35 @@ pub fn share_with_workers(dir: &Path, gid: u32) -> Result<Option<String>, String
                 )));
             }
             budget -= 1;
-            let p = e.path();
-            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            let name = e.file_name();
+            let p = d.join(&name);
+            let Ok(Some((f, meta))) = open_entry(&dfd, &name) else {
                 continue;
             };
             let (extra, is_dir) = if meta.is_dir() {
                 (0o2070, true)
-            } else if meta.is_file() {
-                (0o060, false)
-            } else {
+            } else if meta.nlink() > 1 {
+                linked += 1;
                 continue;
+            } else {
+                (0o060, false)
             };
-            std::os::unix::fs::lchown(&p, None, Some(gid)).map_err(|e| at(&p, "chown", e))?;
-            std::fs::set_permissions(
-                &p,
-                std::fs::Permissions::from_mode((meta.mode() & 0o7777) | extra),
-            )
+            std::os::unix::fs::fchown(&f, None, Some(gid)).map_err(|e| at(&p, "chown", e))?;
+            f.set_permissions(std::fs::Permissions::from_mode(
+                (meta.mode() & 0o7777) | extra,
+            ))
             .map_err(|e| at(&p, "chmod", e))?;
             if is_dir {
-                set_default_acl(&p).map_err(|e| at(&p, "default ACL", e))?;
-                stack.push(p);
+                set_default_acl(&f).map_err(|e| at(&p, "default ACL", e))?;
+                stack.push((p, f));
             }
         }
+    }
+    if linked > 0 {
+        return Ok(Some(format!(
+            "{linked} file(s) below {} have more than one link (a hard link to a file elsewhere?): they keep their group and modes, and workers may not reach them",
+            dir.display()
+        )));
     }
     let mut above = dir.parent();
     while let Some(p) = above {
@@ -609,6 +627,68 @@ pub fn share_with_workers(dir: &Path, gid: u32) -> Result<Option<String>, String
         above = p.parent();
     }
     Ok(None)
+}
+
+/// `/proc/self/fd/<fd>`: the open file itself, whatever its path now leads to.
+fn fd_path(f: &File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
+/// How [`open_at`] opens.
+#[derive(Clone, Copy)]
+enum Open {
+    /// A handle (`O_PATH`) on the entry itself, never a symlink's target.
+    Handle,
+    /// For reading and changing (`fchmod`, `fchown`), following the path
+    /// (the blob root as configured, or `/proc/self/fd/<handle>`).
+    Change,
+}
+
+/// Opens `name`, relative to `parent` where given.
+fn open_at(parent: Option<&File>, name: &std::ffi::OsStr, how: Open) -> std::io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| std::io::Error::other("NUL in path"))?;
+    let flags = libc::O_CLOEXEC
+        | libc::O_NOCTTY
+        | match how {
+            Open::Handle => libc::O_PATH | libc::O_NOFOLLOW,
+            Open::Change => libc::O_RDONLY | libc::O_NONBLOCK,
+        };
+    let dirfd = parent.map_or(libc::AT_FDCWD, |p| p.as_raw_fd());
+    #[allow(unsafe_code)]
+    // SAFETY: a NUL-terminated name and a descriptor `parent` keeps open.
+    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Entry `name` of the directory `parent`, opened for changing its owner
+/// and mode, when it is a plain file or a directory (`None` for anything
+/// else: symlinks, devices, sockets, FIFOs). Opened `O_PATH` first, so a
+/// device is never opened for reading, then reopened through that
+/// descriptor, so the file checked is the file changed.
+fn open_entry(
+    parent: &File,
+    name: &std::ffi::OsStr,
+) -> std::io::Result<Option<(File, std::fs::Metadata)>> {
+    let handle = open_at(Some(parent), name, Open::Handle)?;
+    let meta = handle.metadata()?;
+    if !meta.is_dir() && !meta.is_file() {
+        return Ok(None);
+    }
+    let f = open_at(None, fd_path(&handle).as_os_str(), Open::Change)?;
+    let again = f.metadata()?;
+    if (again.dev(), again.ino()) != (meta.dev(), meta.ino()) {
+        return Ok(None);
+    }
+    Ok(Some((f, again)))
 }
 
 /// Why a worker under its own uid could not run `program` (resolved on
@@ -683,16 +763,15 @@ fn default_acl() -> Vec<u8> {
     v
 }
 
-fn set_default_acl(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("NUL in path"))?;
+fn set_default_acl(dir: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let value = default_acl();
     #[allow(unsafe_code)]
-    // SAFETY: NUL-terminated strings and a buffer of `value.len()` bytes.
+    // SAFETY: an open descriptor, a NUL-terminated name and a buffer of
+    // `value.len()` bytes.
     let rc = unsafe {
-        libc::setxattr(
-            path.as_ptr(),
+        libc::fsetxattr(
+            dir.as_raw_fd(),
             c"system.posix_acl_default".as_ptr(),
             value.as_ptr().cast(),
             value.len(),
@@ -884,6 +963,54 @@ mod tests {
             unreachable_by_workers(&script).is_some(),
             "a script others cannot read"
         );
+    }
+
+    #[test]
+    fn sharing_a_blob_root_changes_nothing_outside_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let root = tmp.path().join("blobs");
+        let outside = tmp.path().join("outside");
+        for d in [&root, &outside, &root.join("sub")] {
+            std::fs::create_dir(d).expect("mkdir");
+        }
+        let secret = outside.join("secret");
+        let other = outside.join("other");
+        for f in [&secret, &other] {
+            std::fs::write(f, b"s").expect("write");
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let blob = root.join("sub/blob");
+        std::fs::write(&blob, b"b").expect("write");
+        std::fs::set_permissions(&blob, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        // What a worker may plant: a hard link to a file elsewhere, and
+        // symlinks to a file and a directory elsewhere.
+        std::fs::hard_link(&secret, root.join("sub/linked")).expect("link");
+        std::os::unix::fs::symlink(&other, root.join("to-file")).expect("symlink");
+        std::os::unix::fs::symlink(&outside, root.join("to-dir")).expect("symlink");
+        let gid = std::fs::metadata(tmp.path()).expect("meta").gid();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let outside_mode = std::fs::metadata(&outside).expect("meta").mode() & 0o7777;
+        let said = match share_with_workers(&root, gid) {
+            Ok(said) => said,
+            // No ACL support on this file system: nothing to check here.
+            Err(e) if e.contains("default ACL") => return,
+            Err(e) => panic!("{e}"),
+        };
+        let mode = |p: &Path| std::fs::symlink_metadata(p).expect("meta").mode() & 0o7777;
+        assert_eq!(mode(&root), 0o2770);
+        assert_eq!(mode(&root.join("sub")) & 0o2070, 0o2070);
+        assert_eq!(mode(&blob), 0o660, "a blob joins the group");
+        for f in [&secret, &other] {
+            assert_eq!(mode(f), 0o600, "{} is outside the root", f.display());
+        }
+        assert_eq!(
+            mode(&outside),
+            outside_mode,
+            "a symlinked directory is not entered"
+        );
+        let said = said.expect("the hard link is named");
+        assert!(said.contains("more than one link"), "{said}");
     }
 
     #[test]
