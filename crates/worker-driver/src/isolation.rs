@@ -217,7 +217,12 @@ impl WorkerDir {
             // The mode is set again: the umask may have taken bits off.
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| at("chmod 0700", p, e))?;
-            if let Some(uid) = owner {
+        }
+        // `home` is given away before its parent: until the parent is the
+        // worker's, no process of that uid can swap `home` for a symlink that
+        // the by-path chown would follow.
+        if let Some(uid) = owner {
+            for p in [&home, &dir.path] {
                 std::os::unix::fs::chown(p, Some(uid), Some(uid)).map_err(|e| at("chown", p, e))?;
             }
         }

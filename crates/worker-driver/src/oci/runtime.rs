@@ -148,6 +148,23 @@ fn tail(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[start..]).trim().to_string()
 }
 
+/// At most the last [`ERROR_OUTPUT_BYTES`] of the file at `path` (empty when
+/// it cannot be read): a log is never read whole, whatever its size.
+fn read_tail(path: &Path) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let keep = ERROR_OUTPUT_BYTES as u64;
+    if f.seek(SeekFrom::Start(len.saturating_sub(keep))).is_err() {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(ERROR_OUTPUT_BYTES);
+    let _ = f.take(keep).read_to_end(&mut out);
+    out
+}
+
 /// Runs `cmd` (`bin` `command`) within `limit`: what it left, or why it
 /// did not finish.
 fn finish(
@@ -275,7 +292,7 @@ impl Runtime {
                 runtime: self.bin.clone(),
                 command: "create".into(),
                 status: crate::describe_status(&s),
-                output: tail(&std::fs::read(log).unwrap_or_default()),
+                output: tail(&read_tail(log)),
             }),
         }
     }
@@ -330,6 +347,19 @@ pub fn parse_list(out: &[u8]) -> Result<Vec<Container>, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_the_tail_of_a_large_log_is_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let mut body = vec![b'a'; 10 * ERROR_OUTPUT_BYTES];
+        body.extend_from_slice(b"the error");
+        std::fs::write(&log, &body).expect("write");
+        let got = read_tail(&log);
+        assert_eq!(got.len(), ERROR_OUTPUT_BYTES);
+        assert!(got.ends_with(b"the error"));
+        assert!(read_tail(&dir.path().join("missing")).is_empty());
+    }
+
     use super::*;
 
     #[test]
