@@ -92,6 +92,10 @@ pub enum BundleError {
     Io { path: PathBuf, error: io::Error },
     #[error("{0}: something is still mounted under it; not removed")]
     Mounted(PathBuf),
+    #[error(
+        "refusing to run a worker as uid {uid} gid {gid}: root without capabilities still owns root's files (/etc/shadow, host keys) and passes peer checks that trust uid 0; run Steward with worker identities (--worker-uid-range)"
+    )]
+    Root { uid: u32, gid: u32 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
@@ -119,10 +123,25 @@ fn tmpfs(at: &str, options: &[&str]) -> Mount {
     m
 }
 
-/// The mounts: the runtime's usual `/proc`, `/dev`, `/sys`, then a private
-/// `/tmp`, the read-only binds, the writable binds and the GPUs' devices.
+/// Masked (made unreadable) besides the runtime's defaults: the RAPL
+/// energy counters, a power side channel on the host's other tenants
+/// (PLATYPUS, CVE-2020-8694), masked by Docker and containerd too.
+pub const EXTRA_MASKED_PATHS: &[&str] = &["/sys/devices/virtual/powercap"];
+
+/// Options of `/proc` (the runtime's default mount has none).
+const PROC_OPTIONS: &[&str] = &["nosuid", "noexec", "nodev"];
+
+/// The mounts: the runtime's usual `/proc` (nosuid, noexec, nodev), `/dev`,
+/// `/sys`, then a private `/tmp`, the read-only binds, the writable binds
+/// and the GPUs' devices.
 fn mounts(b: &Bundle) -> Vec<Mount> {
     let mut all = get_default_mounts();
+    for m in all
+        .iter_mut()
+        .filter(|m| m.typ().as_deref() == Some("proc"))
+    {
+        m.set_options(Some(PROC_OPTIONS.iter().map(|o| o.to_string()).collect()));
+    }
     all.push(tmpfs("/tmp", &["nosuid", "nodev", "mode=1777"]));
     for p in &b.read_only {
         // `rro`: read-only all the way down, submounts included.
@@ -208,7 +227,9 @@ fn namespaces(network: Network) -> Vec<LinuxNamespace> {
 /// Syscalls an unprivileged worker has no business making, each a kernel
 /// attack surface: new namespaces (user namespaces above all), keyrings,
 /// BPF, perf, userfaultfd, io_uring, tracing other processes, handles that
-/// bypass path checks, and what needs privileges it does not have anyway.
+/// bypass path checks, the kernel log (`syslog`: kernel addresses where
+/// `dmesg_restrict` is 0), `uselib`, and what needs privileges it does not
+/// have anyway.
 /// runc applies no seccomp profile of its own (Docker's default lives in
 /// Docker), so Steward's is in every bundle: allow by default, refuse
 /// these with EPERM (`clone3` with ENOSYS, so that libc falls back to
@@ -246,8 +267,10 @@ pub const DENIED_SYSCALLS: &[&str] = &[
     "setns",
     "swapoff",
     "swapon",
+    "syslog",
     "umount2",
     "unshare",
+    "uselib",
     "userfaultfd",
 ];
 
@@ -299,8 +322,15 @@ pub fn seccomp() -> Result<LinuxSeccomp, BundleError> {
     Ok(s)
 }
 
-/// The runtime spec of a worker's container.
+/// The runtime spec of a worker's container; refused for uid or gid 0
+/// (no worker runs as root, even without capabilities).
 pub fn spec(b: &Bundle) -> Result<Spec, BundleError> {
+    if b.uid == 0 || b.gid == 0 {
+        return Err(BundleError::Root {
+            uid: b.uid,
+            gid: b.gid,
+        });
+    }
     let user = UserBuilder::default()
         .uid(b.uid)
         .gid(b.gid)
@@ -340,7 +370,12 @@ pub fn spec(b: &Bundle) -> Result<Spec, BundleError> {
         .namespaces(namespaces(b.network))
         .resources(resources(b))
         .seccomp(seccomp()?)
-        .masked_paths(get_default_maskedpaths())
+        .masked_paths(
+            get_default_maskedpaths()
+                .into_iter()
+                .chain(EXTRA_MASKED_PATHS.iter().map(|p| p.to_string()))
+                .collect::<Vec<_>>(),
+        )
         .readonly_paths(get_default_readonly_paths())
         .build()?;
     let mut linux = linux;

@@ -111,6 +111,10 @@ pub enum OciError {
     Channel,
     #[error("the worker run directory: {0}")]
     RunDir(String),
+    #[error(
+        "Steward runs as root but worker identities are not separated ({0}), so its containers would run as uid 0: root without capabilities still reads root's files through the read-only binds (/etc/shadow, host keys) and passes peer checks that trust uid 0; give workers their own uids (--worker-uid-range within Steward's uid map, no --no-worker-identities)"
+    )]
+    RootWorkers(String),
 }
 
 /// Workers as OCI containers (see the module docs).
@@ -184,6 +188,11 @@ impl OciDriver {
     pub fn new(config: OciDriverConfig) -> Result<OciDriver, OciError> {
         if config.network == Network::None && config.isolation.channel == ChannelKind::Tcp {
             return Err(OciError::Channel);
+        }
+        if let crate::identity::IdentitySetup::NotSeparated(why) = &config.isolation.identities
+            && identity::steward_uid() == 0
+        {
+            return Err(OciError::RootWorkers(why.clone()));
         }
         let version = runtime::version(&config.runtime).map_err(|error| OciError::Runtime {
             runtime: config.runtime.clone(),

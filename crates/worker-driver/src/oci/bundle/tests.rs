@@ -281,3 +281,56 @@ fn bundles_are_written_and_removed_but_never_through_a_mount() {
     assert!(mounted_under(mountinfo, Path::new("/data/oci/bundles/b1")));
     assert!(!mounted_under(mountinfo, Path::new("/data/oci/bundles/b2")));
 }
+
+#[test]
+fn no_worker_runs_as_root_and_proc_and_the_kernels_side_channels_are_closed() {
+    // Root without capabilities still owns root's files and passes peer
+    // checks that trust uid 0: refused, whatever the identity setup.
+    for (uid, gid) in [(0, 0), (0, 2_000_000_007), (2_000_000_007, 0)] {
+        let mut b = bundle();
+        b.uid = uid;
+        b.gid = gid;
+        let e = spec(&b).expect_err("a root worker is refused");
+        assert!(
+            matches!(e, BundleError::Root { .. }),
+            "uid {uid} gid {gid}: {e}"
+        );
+    }
+    let j = json(&bundle());
+    let proc = mount(&j, "/proc").expect("/proc");
+    let o = strings(&proc["options"]);
+    for opt in ["nosuid", "noexec", "nodev"] {
+        assert!(o.contains(&opt.to_string()), "/proc {opt}: {o:?}");
+    }
+    let masked = strings(&j["linux"]["maskedPaths"]);
+    for p in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/sys/firmware",
+        "/sys/devices/virtual/powercap",
+    ] {
+        assert!(masked.contains(&p.to_string()), "{p} masked: {masked:?}");
+    }
+    let read_only = strings(&j["linux"]["readonlyPaths"]);
+    for p in [
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/proc/bus",
+        "/proc/fs",
+        "/proc/irq",
+    ] {
+        assert!(read_only.contains(&p.to_string()), "{p} read-only");
+    }
+    let denied = strings(&j["linux"]["seccomp"]["syscalls"][0]["names"]);
+    for name in [
+        "syslog",
+        "uselib",
+        "open_by_handle_at",
+        "kexec_load",
+        "init_module",
+    ] {
+        assert!(denied.contains(&name.to_string()), "{name}");
+    }
+}
