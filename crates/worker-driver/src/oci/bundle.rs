@@ -18,8 +18,9 @@ use oci_spec::runtime::{
     Arch, LinuxBuilder, LinuxCapabilities, LinuxCpu, LinuxDeviceCgroup, LinuxDeviceType,
     LinuxMemory, LinuxNamespace, LinuxNamespaceType, LinuxPids, LinuxResources, LinuxSeccomp,
     LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompArgBuilder, LinuxSeccompOperator,
-    LinuxSyscall, Mount, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
-    get_default_maskedpaths, get_default_mounts, get_default_readonly_paths,
+    LinuxSyscall, Mount, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    SpecBuilder, UserBuilder, get_default_maskedpaths, get_default_mounts,
+    get_default_readonly_paths,
 };
 
 use crate::Limits;
@@ -363,9 +364,16 @@ pub fn spec(b: &Bundle) -> Result<Spec, BundleError> {
         .no_new_privileges(true)
         .build()?;
     // The process driver's workers inherit Steward's limits (open files…);
-    // so do these: no rlimits in the spec means the runtime's own.
+    // so do these, but for core files: a crashing worker must not write a
+    // core as large as its memory into its home, which no quota bounds.
     let mut process = process;
-    process.set_rlimits(None);
+    process.set_rlimits(Some(vec![
+        PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitCore)
+            .hard(0u64)
+            .soft(0u64)
+            .build()?,
+    ]));
     let linux = LinuxBuilder::default()
         .namespaces(namespaces(b.network))
         .resources(resources(b))

@@ -115,6 +115,26 @@ pub enum OciError {
         "Steward runs as root but worker identities are not separated ({0}), so its containers would run as uid 0: root without capabilities still reads root's files through the read-only binds (/etc/shadow, host keys) and passes peer checks that trust uid 0; give workers their own uids (--worker-uid-range within Steward's uid map, no --no-worker-identities)"
     )]
     RootWorkers(String),
+    #[error(
+        "--oci-bind-ro {0}: not an absolute path, or it is / or holds one of /proc, /dev, /sys, /tmp, /run, which each container makes its own and a bind over them would hide"
+    )]
+    BindOverPrivate(PathBuf),
+}
+
+/// Where each container has its own mounts: a read-only bind of one of
+/// them, or of a directory above one, would hide it.
+const PRIVATE_MOUNTS: [&str; 5] = ["/proc", "/dev", "/sys", "/tmp", "/run"];
+
+/// Refuses an `--oci-bind-ro` path that is relative, `/`, or at or above a
+/// container's private mounts.
+fn check_bind_ro(p: &Path) -> Result<(), OciError> {
+    let clashes = PRIVATE_MOUNTS
+        .iter()
+        .any(|m| p.starts_with(m) || Path::new(m).starts_with(p));
+    if !p.is_absolute() || clashes {
+        return Err(OciError::BindOverPrivate(p.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// Workers as OCI containers (see the module docs).
@@ -214,6 +234,7 @@ impl OciDriver {
         }
         let (mut base_binds, links) = host::runtime_dirs(Path::new("/"));
         for p in &config.read_only {
+            check_bind_ro(p)?;
             if !base_binds.iter().any(|b| p.starts_with(b)) {
                 base_binds.push(p.clone());
             }
@@ -1039,6 +1060,30 @@ impl Drop for OciWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_only_bind_cannot_hide_a_containers_private_mounts() {
+        for bad in [
+            "/",
+            "relative/cuda",
+            "/proc",
+            "/dev/nvidia0",
+            "/sys/fs",
+            "/tmp",
+            "/run/x",
+        ] {
+            assert!(
+                matches!(
+                    check_bind_ro(Path::new(bad)),
+                    Err(OciError::BindOverPrivate(_))
+                ),
+                "{bad} was accepted"
+            );
+        }
+        for good in ["/opt/cuda", "/usr/local/cuda-12", "/srv/models"] {
+            assert!(check_bind_ro(Path::new(good)).is_ok(), "{good} was refused");
+        }
+    }
 
     #[test]
     fn container_ids_keep_the_runtimes_rules_and_the_executor_id() {

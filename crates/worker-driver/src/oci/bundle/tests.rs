@@ -89,9 +89,10 @@ fn the_root_is_read_only_and_the_worker_has_no_privileges() {
             "no capability in {set}"
         );
     }
-    assert!(
-        p.get("rlimits").is_none(),
-        "Steward's own limits are inherited"
+    assert_eq!(
+        p["rlimits"],
+        serde_json::json!([{"type": "RLIMIT_CORE", "hard": 0, "soft": 0}]),
+        "Steward's own limits are inherited, but for core files"
     );
     assert_eq!(strings(&p["args"])[1], "__oci-worker-init");
     assert_eq!(p["cwd"], "/run/steward/e-1/w7/home");
