@@ -871,6 +871,24 @@ async fn reload_on_sighup(
 /// Removes the worker driver's parent cgroup when dropped.
 struct DriverShutdown(Arc<dyn wd::WorkerDriver>);
 
+/// This Steward's worker run directory, removed when dropped before a
+/// driver took it over (a start that failed in between).
+struct RunDirUntilDriver(Option<wd::Isolation>);
+
+impl RunDirUntilDriver {
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RunDirUntilDriver {
+    fn drop(&mut self) {
+        if let Some(isolation) = self.0.take() {
+            isolation.remove();
+        }
+    }
+}
+
 impl Drop for DriverShutdown {
     fn drop(&mut self) {
         self.0.shutdown();
@@ -1191,6 +1209,9 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.gpu_pool = Arc::new(GpuPoolAdapter(allocator.clone()));
     config.worker_defaults = worker_defaults(&args)?;
     let isolation = worker_isolation(&args, &executor_id)?;
+    // Until a driver owns it (its shutdown removes it), the run directory
+    // goes with a failed start: nothing of it outlives the process.
+    let run_dir = RunDirUntilDriver(Some(isolation.clone()));
     let driver: Arc<dyn wd::WorkerDriver> = match args.worker_driver {
         DriverKind::Process => Arc::new(worker_driver(&args, &config.data_dir, isolation)),
         DriverKind::Oci => Arc::new(oci_driver(
@@ -1200,6 +1221,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             isolation,
         )?),
     };
+    run_dir.handed_over();
     config.driver = driver.clone();
     // Steward's parent cgroup goes however this function returns (a taken
     // port, a bad address): nothing of it outlives the process.

@@ -285,6 +285,37 @@ fn a_runtime_that_does_not_answer_version_is_refused_at_start() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_start_refused_after_the_run_directory_was_made_leaves_none_behind() -> Result<()> {
+    support::oci::require_runc();
+    let runs = tempfile::tempdir()?;
+    let runs_dir = runs.path().to_str().expect("a UTF-8 temp path");
+    // The driver refuses the bind once the run directory exists.
+    let (status, stderr) = support::steward_refusal(&[
+        "--worker-driver",
+        "oci",
+        "--oci-runtime",
+        support::oci::RUNC,
+        "--oci-bind-ro",
+        "/",
+        "--worker-run-dir",
+        runs_dir,
+        "--no-cgroups",
+    ])?;
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "Steward must refuse to start: {status:?} {stderr}"
+    );
+    assert!(stderr.contains("--oci-bind-ro"), "{stderr}");
+    let left: Vec<String> = std::fs::read_dir(runs.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("e-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    Ok(())
+}
+
 /// Deploys `tests/apps/sandbox` as application `sandbox`.
 async fn deploy_sandbox(plane: &Plane, options: FunctionOptions) -> Result<()> {
     support::venv();

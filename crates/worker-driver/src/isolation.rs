@@ -166,8 +166,9 @@ impl Isolation {
         removed
     }
 
-    /// Removes this Steward's directory once every worker is gone.
-    pub(crate) fn remove(&self) {
+    /// Removes this Steward's directory once every worker is gone (also
+    /// by the agent when its start fails after [`Isolation::prepare`]).
+    pub fn remove(&self) {
         self.sweep();
         let _ = std::fs::remove_dir(&self.run_dir);
     }
