@@ -177,11 +177,7 @@ impl Isolation {
 /// This Steward's directory name: its executor id, hashed (FNV-1a), so any
 /// id makes a short, safe name.
 fn instance_name(executor_id: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in executor_id.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("e-{h:016x}")
+    format!("e-{:016x}", crate::fnv1a(executor_id))
 }
 
 /// One live worker's directory: `0700`, owned by the worker's uid where it

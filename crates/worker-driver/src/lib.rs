@@ -46,6 +46,14 @@ pub use leftovers::Leftover;
 pub use oci::{Network, OciDriver, OciDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig, describe_status};
 
+/// FNV-1a of `s`: a short, stable name part for an id of any length
+/// (cgroup, container and directory names).
+pub(crate) fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// Resource limits a worker runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Limits {

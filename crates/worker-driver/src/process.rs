@@ -109,10 +109,7 @@ fn cgroup_name(id: &str) -> String {
     if id.len() <= 200 {
         return format!("fe-{id}.{}-{n}", std::process::id());
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
-    for b in id.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = crate::fnv1a(id);
     let head: String = id.chars().take(180).collect();
     format!("fe-{head}-{h:016x}.{}-{n}", std::process::id())
 }

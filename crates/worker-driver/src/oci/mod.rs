@@ -182,10 +182,7 @@ fn name_part(s: &str, max: usize) -> String {
     if clean.len() <= max && clean == s {
         return clean;
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a of the original
-    for b in s.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = crate::fnv1a(s); // of the original
     let head: String = clean.chars().take(max.saturating_sub(17)).collect();
     format!("{head}-{h:016x}")
 }
