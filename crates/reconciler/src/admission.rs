@@ -98,6 +98,18 @@ pub fn limits(claim: &Claim, defaults: &WorkerDefaults) -> Limits {
     }
 }
 
+/// What workers may hold now: the host's resources less what the
+/// operator reserved (changeable at runtime, in `settings`).
+pub(crate) fn allocatable_in(
+    config: &crate::AgentConfig,
+    settings: &crate::settings::Settings,
+) -> pb::HostResources {
+    settings.allocatable(
+        &config.total_resources,
+        config.function_executor_resources.gpu,
+    )
+}
+
 /// What workers may hold in all, from the host's allocatable resources.
 pub fn allocatable(h: &pb::HostResources) -> Claim {
     Claim {

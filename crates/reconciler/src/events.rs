@@ -22,10 +22,33 @@ pub struct Event {
 impl Event {
     pub fn now(kind: &'static str, subject: &str, message: String) -> Self {
         Event {
-            at_unix_ms: crate::state::unix_ms(SystemTime::now()),
+            at_unix_ms: unix_ms(SystemTime::now()),
             kind,
             subject: subject.to_string(),
             message,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// One step in a worker's or an allocation's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelineEntry {
+    pub at_unix_ms: u64,
+    pub what: String,
+}
+
+impl TimelineEntry {
+    pub fn now(what: impl Into<String>) -> Self {
+        TimelineEntry {
+            at_unix_ms: unix_ms(SystemTime::now()),
+            what: what.into(),
         }
     }
 }

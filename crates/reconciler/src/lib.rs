@@ -20,12 +20,15 @@ mod admission;
 mod desired;
 mod events;
 mod fe;
+mod handle;
+mod lifecycle;
 mod metering;
 mod metrics;
 mod mode;
 mod pressure;
 mod reconcile;
 mod report;
+mod server;
 mod settings;
 mod state;
 mod stream;
@@ -35,6 +38,7 @@ pub mod testing;
 mod testing_support;
 mod validate;
 mod watches;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,16 +48,17 @@ use std::time::Duration;
 pub use admission::{Claim, WorkerDefaults};
 pub use desired::Desired;
 pub use events::{Event, EventLog, MAX_EVENT_MESSAGE, MAX_EVENT_SUBJECT, shorten};
+pub use handle::{AgentHandle, Snapshot};
 pub use metering::{MeteredAllocation, MeteredWorker, Metering};
 pub use metrics::Metrics;
 pub use mode::{HostMode, ModeCommand};
 pub use pressure::{Eviction, MemorySample, MemorySource};
-pub use report::{server_url, state_hash};
+pub use server::server_url;
 pub use settings::{Settings, SettingsError, SettingsPatch, parse_allowed_function};
-pub use state::{AgentHandle, Snapshot};
 pub use steward_proto::executor_api_pb as pb;
 pub use steward_proto::function_executor_service as fe_pb;
 pub use validate::{validate_allocation, validate_function_executor};
+pub use wire::state_hash;
 
 use steward_blob_store::BlobStore;
 use tokio_util::sync::CancellationToken;
@@ -319,7 +324,7 @@ impl Agent {
                 source,
             })?;
         }
-        let channel = report::channel(&config.server_addr, config.server_tls.as_ref())?;
+        let channel = server::channel(&config.server_addr, config.server_tls.as_ref())?;
         let code_dir = config.data_dir.join("code");
         let code_cache =
             steward_blob_store::CodeCache::open(&code_dir, config.code_cache_max_bytes).map_err(

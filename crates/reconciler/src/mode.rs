@@ -11,9 +11,9 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::fe::FeCommand;
+use crate::lifecycle::{FeCommand, FePhase, FeSlot};
 use crate::pb;
-use crate::state::{AllocPhase, Shared};
+use crate::state::Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -126,33 +126,38 @@ pub(crate) fn observe(shared: &Shared, now: HostMode) {
 /// One step of a drain: once no allocation is queued or running, every
 /// worker is asked to stop; once none is left, the host is disabled.
 pub(crate) fn drain_step(shared: &Shared) {
-    let mut st = shared.state.lock();
-    if st.mode != HostMode::Draining {
-        return;
-    }
-    let busy = st
-        .allocations
-        .values()
-        .any(|a| a.phase != AllocPhase::Finished);
+    let busy = {
+        let st = shared.state.lock();
+        if st.mode != HostMode::Draining {
+            return;
+        }
+        st.any_busy()
+    };
     if busy {
         return;
     }
     let mut live = false;
-    for fe in st.fes.values_mut() {
-        // Refused or terminated entries have no process: they stay
-        // (reported) until the server drops them.
-        if fe.tx.is_none() || fe.status == pb::FunctionExecutorStatus::Terminated {
+    for slot in shared.workers().values().filter(|s| !s.gone()) {
+        // Refused, rejected or terminated workers have no process: they
+        // stay (reported) until the server drops them.
+        let Some(c) = slot.controlled() else {
+            continue;
+        };
+        let (terminated, stopping) = {
+            let v = c.view.borrow();
+            let stopping = matches!(v.phase, FePhase::Stopping { .. });
+            (v.phase.termination().is_some(), stopping)
+        };
+        if terminated {
             continue;
         }
         live = true;
-        if !fe.removing {
-            fe.removing = true;
-            if let Some(tx) = &fe.tx {
-                let _ = tx.send(FeCommand::Shutdown);
-            }
+        if matches!(slot, FeSlot::Wanted(_)) && !stopping {
+            let _ = c.tx.send(FeCommand::Shutdown(
+                "draining: the operator drains the host",
+            ));
         }
     }
-    drop(st);
     if !live {
         set(shared, HostMode::Disabled, "drain finished");
     }

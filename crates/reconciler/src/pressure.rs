@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::fe::FeCommand;
-use crate::pb;
+use crate::lifecycle::{FeCommand, FeMap, FePhase, FeSlot};
 use crate::state::{Shared, State};
 
 /// The host's memory at one moment.
@@ -68,15 +67,17 @@ impl Eviction {
 }
 
 /// The idle workers that may be evicted, least recently used first.
-pub(crate) fn candidates(st: &State) -> Vec<String> {
-    let mut idle: Vec<(Instant, &String)> = st
-        .fes
+pub(crate) fn candidates(workers: &FeMap, st: &State) -> Vec<String> {
+    let mut idle: Vec<(Instant, &String)> = workers
         .iter()
-        .filter(|(_, f)| {
-            f.status == pb::FunctionExecutorStatus::Running && f.tx.is_some() && !f.removing
+        .filter_map(|(id, slot)| match slot {
+            FeSlot::Wanted(c) if !c.closed() => {
+                let v = c.view.borrow();
+                matches!(v.phase, FePhase::Running(_)).then_some((v.last_used, id))
+            }
+            _ => None,
         })
-        .filter(|(id, _)| !st.busy(id))
-        .map(|(id, f)| (f.last_used, id))
+        .filter(|(_, id)| !st.busy(id))
         .collect();
     idle.sort();
     idle.into_iter().map(|(_, id)| id.clone()).collect()
@@ -108,11 +109,11 @@ pub(crate) fn step(shared: &Shared, source: &dyn MemorySource, say_idle: bool) -
     let Some(why) = source.sample().and_then(|s| thresholds.pressure(&s)) else {
         return Step::Calm;
     };
-    let st = shared.state.lock();
-    let victim = candidates(&st)
+    let workers = shared.workers();
+    let idle = candidates(&workers, &shared.state.lock());
+    let victim = idle
         .into_iter()
-        .find_map(|id| Some((st.fes.get(&id)?.tx.clone()?, id)));
-    drop(st);
+        .find_map(|id| Some((workers.get(&id)?.controlled()?.tx.clone(), id)));
     match victim {
         Some((tx, id)) if tx.send(FeCommand::Evict(why.clone())).is_ok() => Step::Evicting(id),
         _ => {
@@ -144,12 +145,12 @@ pub(crate) async fn run_loop(
             _ = tick.tick() => {}
         }
         if let Some((id, since)) = &in_flight {
-            let gone = shared
-                .state
-                .lock()
-                .fes
-                .get(id)
-                .is_none_or(|f| f.status == pb::FunctionExecutorStatus::Terminated);
+            let gone = shared.workers().get(id).is_none_or(|slot| {
+                slot.gone()
+                    || slot
+                        .controlled()
+                        .is_none_or(|c| c.view.borrow().phase.termination().is_some())
+            });
             if !gone && since.elapsed() < Duration::from_secs(30) {
                 continue;
             }
@@ -167,7 +168,7 @@ pub(crate) async fn run_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{AllocEntry, AllocPhase, FeEntry};
+    use crate::state::{AllocEntry, AllocPhase};
     use parking_lot::Mutex;
 
     struct FakeMemory(Mutex<MemorySample>);
@@ -214,24 +215,29 @@ mod tests {
         let shared = shared();
         let base = Instant::now();
         let mut rxs = std::collections::HashMap::new();
+        let mut views = std::collections::HashMap::new();
         {
             let mut st = shared.state.lock();
             // "busy" was used longest ago but runs an allocation; "starting"
             // is not running yet; "old" and "new" are idle.
-            for (id, age_s, status) in [
-                ("busy", 300, pb::FunctionExecutorStatus::Running),
-                ("new", 10, pb::FunctionExecutorStatus::Running),
-                ("old", 200, pb::FunctionExecutorStatus::Running),
-                ("starting", 400, pb::FunctionExecutorStatus::Pending),
+            let mut fes = FeMap::new();
+            for (id, age_s, running) in [
+                ("busy", 300, true),
+                ("new", 10, true),
+                ("old", 200, true),
+                ("starting", 400, false),
             ] {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let phase = match running {
+                    true => crate::lifecycle::testing::running(),
+                    false => FePhase::Pending,
+                };
+                let (c, rx, view) = crate::lifecycle::testing::controlled(phase);
+                view.send_modify(|s| s.last_used = base - Duration::from_secs(age_s));
                 rxs.insert(id, rx);
-                let mut e = FeEntry::new(pb::FunctionExecutorDescription::default(), "test");
-                e.status = status;
-                e.tx = Some(tx);
-                e.last_used = base - Duration::from_secs(age_s);
-                st.fes.insert(id.into(), e);
+                views.insert(id, view);
+                fes.insert(id.into(), FeSlot::Wanted(c));
             }
+            shared.workers.send_replace(Arc::new(fes));
             st.allocations.insert(
                 "a1".into(),
                 AllocEntry {
@@ -258,13 +264,9 @@ mod tests {
             _ => panic!("old was not asked to go"),
         }
         // Once "old" is terminated, "new" is next; "busy" never while it runs.
-        if let Some(f) = shared.state.lock().fes.get_mut("old") {
-            f.status = pb::FunctionExecutorStatus::Terminated;
-        }
+        views["old"].send_modify(|s| s.phase = crate::lifecycle::testing::terminated());
         assert_eq!(step(&shared, &memory, true), Step::Evicting("new".into()));
-        if let Some(f) = shared.state.lock().fes.get_mut("new") {
-            f.status = pb::FunctionExecutorStatus::Terminated;
-        }
+        views["new"].send_modify(|s| s.phase = crate::lifecycle::testing::terminated());
         assert_eq!(step(&shared, &memory, true), Step::NothingIdle);
         let events = shared.events.recent();
         assert!(

@@ -11,15 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::AgentError;
 use crate::desired::BytesCodec;
 use crate::pb;
-use crate::pb::executor_api_client::ExecutorApiClient;
+use crate::server::{channel, describe_status};
 use crate::state::{Shared, State, TimelineEntry};
+use crate::wire::encode_fe_state;
 
 /// Results are packed into one report while it stays under this size (or
 /// under the server message limit, if smaller); a larger result goes alone,
@@ -78,162 +77,9 @@ fn classify(status: &tonic::Status) -> Failure {
     }
 }
 
-/// The URL to connect to for the server address `addr`. With TLS
-/// configured (`use_tls`) every address is TLS or refused: a bare
-/// `host:port` is `https://` (the reference executor opens a secure channel
-/// to it too), an `https://` one (any case) is kept, and any other scheme
-/// (`http://` in any case, `grpc://`, ...) is refused with the reason,
-/// never connected to in plaintext. Without TLS a bare address is
-/// `http://`, and only `http://` and `https://` are understood.
-pub fn server_url(addr: &str, tls: bool) -> Result<String, String> {
-    let Some((scheme, rest)) = addr.split_once("://") else {
-        let scheme = if tls { "https" } else { "http" };
-        return Ok(format!("{scheme}://{addr}"));
-    };
-    match (scheme.to_ascii_lowercase().as_str(), tls) {
-        ("https", _) => Ok(format!("https://{rest}")),
-        ("http", false) => Ok(format!("http://{rest}")),
-        ("http", true) => Err(
-            "TLS is configured (use_tls) but the address says http://: give https:// or a bare host:port"
-                .into(),
-        ),
-        (_, true) => Err(format!(
-            "TLS is configured (use_tls) but the address's scheme {scheme:?} is not https: give https:// or a bare host:port"
-        )),
-        (_, false) => Err(format!(
-            "unknown scheme {scheme:?}: give http://, https:// or a bare host:port"
-        )),
-    }
-}
-
-/// A lazily connecting channel to the server.
-pub(crate) fn channel(addr: &str, tls: Option<&crate::ServerTls>) -> Result<Channel, AgentError> {
-    let bad = |reason: String| AgentError::ServerAddr {
-        addr: addr.to_string(),
-        reason,
-    };
-    let url = server_url(addr, tls.is_some()).map_err(bad)?;
-    let mut endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls.client_config())
-            .map_err(|e| bad(format!("TLS: {e}")))?;
-    }
-    Ok(endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
-
-/// A status with the chain of errors under it (a TLS failure is several
-/// levels down a "transport error").
-pub(crate) fn describe_status(status: &tonic::Status) -> String {
-    let mut out = format!("{}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
-}
-
-/// A client of the server with the configured message size limit both
-/// ways: a larger desired state fails its stream (reopened with backoff,
-/// an event names the limit), a larger report is not sent.
-pub(crate) fn client(channel: Channel, max_message_bytes: usize) -> ExecutorApiClient<Channel> {
-    ExecutorApiClient::new(channel)
-        .max_decoding_message_size(max_message_bytes)
-        .max_encoding_message_size(max_message_bytes)
-}
-
-/// Hex SHA-256 of the deterministic encoding of `state` without its
-/// `state_hash` and `server_clock`: the same bytes a report is built from
-/// (every field but the worker states in prost's order, then each worker
-/// state), so it equals the hash reports carry.
-pub fn state_hash(state: &pb::ExecutorState) -> String {
-    let mut base = state.clone();
-    base.state_hash = None;
-    base.server_clock = None;
-    let fes = std::mem::take(&mut base.function_executor_states);
-    let mut body = base.encode_to_vec();
-    for fe in &fes {
-        let description = fe
-            .description
-            .as_ref()
-            .map(Message::encode_to_vec)
-            .unwrap_or_default();
-        encode_fe_state(
-            &description,
-            fe.status,
-            fe.termination_reason,
-            &fe.allocation_ids_caused_termination,
-            &mut body,
-        );
-    }
-    hex::encode(Sha256::digest(&body))
-}
-
-/// Appends one `function_executor_states` entry (field 9) of an
-/// `ExecutorState`, its description given already encoded: descriptions
-/// are immutable per worker, so each is encoded once, when it arrives.
-fn encode_fe_state(
-    description: &[u8],
-    status: Option<i32>,
-    termination_reason: Option<i32>,
-    blamed: &[String],
-    out: &mut Vec<u8>,
-) {
-    use prost::encoding::{
-        WireType, encode_key, encode_varint, encoded_len_varint, int32, key_len, string,
-    };
-    let description_len =
-        key_len(1) + encoded_len_varint(description.len() as u64) + description.len();
-    let len = description_len
-        + status.map_or(0, |v| int32::encoded_len(2, &v))
-        + termination_reason.map_or(0, |v| int32::encoded_len(3, &v))
-        + string::encoded_len_repeated(4, blamed);
-    encode_key(9, WireType::LengthDelimited, out);
-    encode_varint(len as u64, out);
-    encode_key(1, WireType::LengthDelimited, out);
-    encode_varint(description.len() as u64, out);
-    out.extend_from_slice(description);
-    if let Some(v) = status {
-        int32::encode(2, &v, out);
-    }
-    if let Some(v) = termination_reason {
-        int32::encode(3, &v, out);
-    }
-    string::encode_repeated(4, blamed, out);
-}
-
-/// The hash of the last state body, kept so an unchanged state (most
-/// reports: only results or the clock differ) is compared, not rehashed.
-#[derive(Default)]
-pub(crate) struct HashCache {
-    body: Vec<u8>,
-    hash: String,
-}
-
-impl HashCache {
-    fn hash_of(&mut self, body: &[u8]) -> String {
-        if body != self.body.as_slice() || self.hash.is_empty() {
-            self.hash = hex::encode(Sha256::digest(body));
-            self.body = body.to_vec();
-        }
-        self.hash.clone()
-    }
-}
-
 /// The encoded `ExecutorState` without hash and clock: every field but
 /// the worker states in prost's order, then the worker states.
-fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
+fn state_body(shared: &Shared, st: &State, workers: &crate::lifecycle::FeMap) -> Vec<u8> {
     let c = &shared.config;
     let mut labels = st.settings.labels.clone();
     labels.insert("os".into(), std::env::consts::OS.into());
@@ -248,7 +94,7 @@ fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
         version: Some(c.version.clone()),
         status: Some(st.status as i32),
         total_resources: Some(c.total_resources),
-        total_function_executor_resources: Some(crate::state::allocatable_in(c, st)),
+        total_function_executor_resources: Some(crate::admission::allocatable_in(c, &st.settings)),
         allowed_functions: st.settings.allowed_pb(),
         function_executor_states: Vec::new(),
         labels,
@@ -258,19 +104,19 @@ fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
         function_call_watches: st.watches.reported(),
         proxy_address: None,
     };
-    let described: usize = st
-        .fes
+    let described: usize = workers
         .values()
-        .map(|f| f.description_bytes.len() + 64)
+        .map(|f| f.description_bytes().len() + 64)
         .sum();
     let mut body = Vec::with_capacity(base.encoded_len() + described);
     base.encode_raw(&mut body);
-    for fe in st.fes.values() {
+    for slot in workers.values().filter(|slot| !slot.gone()) {
+        let (status, reason, blamed) = slot.reported();
         encode_fe_state(
-            &fe.description_bytes,
-            Some(fe.status as i32),
-            fe.termination_reason.map(|r| r as i32),
-            &fe.blamed,
+            slot.description_bytes(),
+            Some(status as i32),
+            reason.map(|r| r as i32),
+            &blamed,
             &mut body,
         );
     }
@@ -280,7 +126,8 @@ fn state_body(shared: &Shared, st: &State) -> Vec<u8> {
 /// The encoded `ExecutorState`, hash and clock included.
 fn encoded_state(shared: &Shared, st: &mut State) -> Vec<u8> {
     use prost::encoding::{string, uint64};
-    let mut state = state_body(shared, st);
+    let workers = shared.workers();
+    let mut state = state_body(shared, st, &workers);
     let hash = st.hash_cache.hash_of(&state);
     string::encode(11, &hash, &mut state);
     uint64::encode(12, &st.server_clock, &mut state);
@@ -301,7 +148,8 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    /// The report as a message (for `/state/reported` and tests).
+    /// The report as a message (for tests).
+    #[cfg(test)]
     pub fn decode(&self) -> pb::ReportExecutorStateRequest {
         pb::ReportExecutorStateRequest::decode(self.bytes.clone()).unwrap_or_default()
     }
@@ -516,7 +364,7 @@ pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: Canc
                     }
                     more_results = carried.full;
                     shared.metrics.pending_results.set(st.results.len() as i64);
-                    st.last_report = Some((request, SystemTime::now()));
+                    st.last_report = Some((request.bytes.clone(), SystemTime::now()));
                 }
                 {
                     let mut h = shared.health.lock();
@@ -637,6 +485,10 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::AgentError;
+    use crate::server::server_url;
+    use crate::wire::{HashCache, state_hash};
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn with_tls_configured_every_server_address_is_tls_or_refused() {

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::fe::FeCommand;
-use crate::state::{AllocEntry, AllocPhase, FeEntry, Shared, TimelineEntry};
+use crate::lifecycle::{FeCommand, FeMap, FeSlot, FeState};
+use crate::reconcile::Reconciler;
+use crate::state::{AllocEntry, AllocPhase, Shared, TimelineEntry};
 use crate::{AgentHandle, pb};
 
 /// A populated agent state and the desired state that matches it.
@@ -16,7 +17,9 @@ pub struct Synthetic {
     pub handle: AgentHandle,
     pub desired: Arc<pb::DesiredExecutorState>,
     shared: Arc<Shared>,
+    reconciler: parking_lot::Mutex<Reconciler>,
     _receivers: Vec<mpsc::UnboundedReceiver<FeCommand>>,
+    _views: Vec<tokio::sync::watch::Sender<FeState>>,
 }
 
 fn function(i: usize) -> pb::FunctionRef {
@@ -110,27 +113,31 @@ impl Synthetic {
     pub fn new(fes: usize, allocs: usize, results: usize) -> Synthetic {
         let shared = crate::testing_support::shared();
         let mut receivers = Vec::new();
+        let mut views = Vec::new();
+        let mut reconciler = Reconciler::new(shared.clone());
         let desired = pb::DesiredExecutorState {
             function_executors: (0..fes).map(description).collect(),
             allocations: (0..allocs).map(|i| allocation(i, fes)).collect(),
             clock: Some(7),
             function_call_results: Vec::new(),
         };
+        let mut fes = FeMap::new();
+        for d in &desired.function_executors {
+            let running = crate::lifecycle::testing::running();
+            let (c, rx, view) = crate::lifecycle::testing::described(Arc::new(d.clone()), running);
+            receivers.push(rx);
+            views.push(view);
+            fes.insert(d.id.clone().unwrap_or_default(), FeSlot::Wanted(c));
+        }
+        shared.workers.send_replace(Arc::new(fes));
+        for a in &desired.allocations {
+            reconciler.hold(
+                a.allocation_id.clone().unwrap_or_default(),
+                a.function_executor_id.clone().unwrap_or_default(),
+            );
+        }
         {
             let mut st = shared.state.lock();
-            for d in &desired.function_executors {
-                let (tx, rx) = mpsc::unbounded_channel();
-                receivers.push(rx);
-                st.fes.insert(
-                    d.id.clone().unwrap_or_default(),
-                    FeEntry {
-                        status: pb::FunctionExecutorStatus::Running,
-                        tx: Some(tx),
-                        pid: Some(1),
-                        ..FeEntry::new(d.clone(), "RUNNING")
-                    },
-                );
-            }
             for a in &desired.allocations {
                 st.allocations.insert(
                     a.allocation_id.clone().unwrap_or_default(),
@@ -159,7 +166,9 @@ impl Synthetic {
             handle: AgentHandle::new(shared.clone()),
             desired: Arc::new(desired),
             shared,
+            reconciler: parking_lot::Mutex::new(reconciler),
             _receivers: receivers,
+            _views: views,
         }
     }
 
@@ -170,7 +179,9 @@ impl Synthetic {
 
     /// Applies `desired` (the steady state: everything already matches).
     pub fn apply(&self, desired: &Arc<crate::Desired>) {
-        crate::reconcile::apply(&self.shared, desired, std::time::Instant::now());
+        self.reconciler
+            .lock()
+            .apply(desired, std::time::Instant::now());
     }
 
     /// Builds the next state report.

@@ -38,6 +38,6 @@ pub(crate) fn shared_with(change: impl FnOnce(&mut AgentConfig)) -> Arc<Shared> 
             })
             .enter()
     });
-    let server = crate::report::channel(&config.server_addr, None).expect("a valid address");
+    let server = crate::server::channel(&config.server_addr, None).expect("a valid address");
     Shared::new(config, metrics, cache, server)
 }

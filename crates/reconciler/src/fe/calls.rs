@@ -212,7 +212,7 @@ pub(crate) async fn send(
     request: pb::FunctionCallRequest,
 ) -> Result<(), Refused> {
     let started = Instant::now();
-    let mut client = crate::report::client(
+    let mut client = crate::server::client(
         shared.server.clone(),
         shared.config.max_server_message_bytes,
     );

@@ -1,0 +1,827 @@
+//! A worker's controller: an actor that owns its worker process, its
+//! queue and running allocations, and its lifecycle. It publishes the
+//! lifecycle as a [`FeState`] through a `watch` and reads commands from
+//! its channel; it never looks itself up in shared state.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_worker_driver::{Exit, WorkerUsage};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::Live;
+use super::allocation::{self, AllocOutcome, failed_result};
+use super::startup::{self, Failed};
+use crate::fe_pb;
+use crate::lifecycle::{FeCommand, FePhase, FeState, Reason, Termination};
+use crate::pb;
+use crate::state::{AllocPhase, Shared, TimelineEntry};
+
+/// An allocation waiting for a slot on its worker.
+struct Queued {
+    alloc: pb::Allocation,
+    /// When it could have started: its arrival if a slot was free then;
+    /// `None` while it waits for a slot or the worker (the wait is the
+    /// worker's, not the agent's share of the cycle).
+    ready: Option<Instant>,
+}
+
+struct Running {
+    alloc: pb::Allocation,
+    task: tokio::task::AbortHandle,
+}
+
+/// What became of an allocation task.
+type Joined = Result<(String, AllocOutcome), tokio::task::JoinError>;
+
+/// The controller's own side of the lifecycle: what it holds in each
+/// phase. (Starting holds nothing here: the startup future owns the
+/// half-started worker, so a shutdown drops both together.)
+enum Phase {
+    Starting,
+    Running(Live),
+    Terminated {
+        /// Why the worker never started, for allocations that reach it
+        /// after the startup failed (they race the failure; the reason is
+        /// the same). `None` for a worker that ran.
+        startup_failure: Option<pb::AllocationFailureReason>,
+    },
+}
+
+pub(super) struct Controller {
+    shared: Arc<Shared>,
+    id: String,
+    desc: Arc<pb::FunctionExecutorDescription>,
+    queue: VecDeque<Queued>,
+    running: HashMap<String, Running>,
+    tasks: JoinSet<(String, AllocOutcome)>,
+    phase: Phase,
+    /// The published view of the lifecycle.
+    view: watch::Sender<FeState>,
+    /// Why it will be terminated, in words, said before the termination.
+    message: Option<String>,
+    /// Usage read just before the worker was stopped.
+    last_usage: Option<WorkerUsage>,
+    /// Whether the usage was kept (and metering told the worker stopped).
+    usage_kept: bool,
+    /// Why admission refused this worker, if it did.
+    refusal: Option<String>,
+}
+
+impl Controller {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        desc: Arc<pb::FunctionExecutorDescription>,
+        refusal: Option<String>,
+        view: watch::Sender<FeState>,
+    ) -> Self {
+        Controller {
+            shared,
+            id: desc.id.clone().unwrap_or_default(),
+            desc,
+            queue: VecDeque::new(),
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            phase: Phase::Starting,
+            view,
+            message: None,
+            last_usage: None,
+            usage_kept: false,
+            refusal,
+        }
+    }
+
+    fn live(&self) -> Option<&Live> {
+        match &self.phase {
+            Phase::Running(live) => Some(live),
+            _ => None,
+        }
+    }
+
+    fn live_mut(&mut self) -> Option<&mut Live> {
+        match &mut self.phase {
+            Phase::Running(live) => Some(live),
+            _ => None,
+        }
+    }
+
+    /// Takes the live worker out to stop it; the phase that follows is
+    /// set by the caller (terminated, or the controller ends).
+    fn take_live(&mut self) -> Option<Live> {
+        if !matches!(self.phase, Phase::Running(_)) {
+            return None;
+        }
+        let was = std::mem::replace(
+            &mut self.phase,
+            Phase::Terminated {
+                startup_failure: None,
+            },
+        );
+        match was {
+            Phase::Running(live) => Some(live),
+            _ => None,
+        }
+    }
+
+    fn terminated(&self) -> bool {
+        matches!(self.phase, Phase::Terminated { .. })
+    }
+
+    fn max_concurrency(&self) -> usize {
+        self.desc.max_concurrency.unwrap_or(1).max(1) as usize
+    }
+
+    fn allocation_timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(
+            self.desc.allocation_timeout_ms.unwrap_or(300_000),
+        ))
+    }
+
+    fn note(&self, what: String) {
+        self.view
+            .send_modify(|s| s.timeline.push(TimelineEntry::now(what)));
+    }
+
+    fn alloc_note(&self, id: &str, phase: AllocPhase, what: &str) {
+        self.shared
+            .state
+            .lock()
+            .note_allocation(id, Some(phase), what.to_string());
+    }
+
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<FeCommand>) {
+        self.shared.metrics.fe_creations.inc();
+        if self.starting(&mut rx).await {
+            self.serve(&mut rx).await;
+            self.stop_serving().await;
+        }
+        self.shared.config.gpu_pool.release(&self.id);
+        self.finish(rx);
+    }
+
+    /// Phase 1: starts the worker, queueing allocations meanwhile. Returns
+    /// whether it goes on to serve (false: told to shut down meanwhile).
+    async fn starting(&mut self, rx: &mut mpsc::UnboundedReceiver<FeCommand>) -> bool {
+        let started = Instant::now();
+        // Boxed so that a shutdown can drop it (and the worker in it) early.
+        let mut startup = Box::pin(startup::start(
+            self.shared.clone(),
+            self.desc.clone(),
+            self.refusal.take(),
+            self.view.clone(),
+        ));
+        loop {
+            tokio::select! {
+                // Commands first: an allocation that arrived with the worker
+                // is queued (and blamed) before a startup failure is handled.
+                biased;
+                cmd = rx.recv() => match cmd {
+                    Some(FeCommand::Run(a, _)) => self.queue.push_back(Queued { alloc: Arc::unwrap_or_clone(a), ready: None }),
+                    Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
+                    Some(FeCommand::Evict(_)) => {} // Not idle: it is starting.
+                    Some(FeCommand::Shutdown(why)) => {
+                        self.stopping(why);
+                        break;
+                    }
+                    None => break,
+                },
+                r = &mut startup => {
+                    match r {
+                        Ok(live) => self.started(live, started),
+                        Err(failed) => self.startup_failed(failed),
+                    }
+                    return true;
+                }
+            }
+        }
+        // A half-started worker goes with the startup future: dropping
+        // it kills the worker, its group and its cgroup (its usage is
+        // read first).
+        self.keep_last_usage();
+        drop(startup);
+        self.fail_queued(pb::AllocationFailureReason::FunctionExecutorTerminated);
+        false
+    }
+
+    fn started(&mut self, live: Live, started: Instant) {
+        self.shared
+            .metrics
+            .fe_startup_latency
+            .observe(started.elapsed().as_secs_f64());
+        self.shared.event(
+            "function_executor_running",
+            &self.id,
+            format!(
+                "worker pid {} on {} initialized in {} ms (log: {})",
+                live.worker.pid(),
+                live.worker.address(),
+                started.elapsed().as_millis(),
+                live.worker.log_path().display()
+            ),
+        );
+        self.view.send_modify(|s| {
+            if let FePhase::Starting(spawned) = &s.phase {
+                s.phase = FePhase::Running(spawned.clone());
+            }
+            s.timeline.push(TimelineEntry::now("RUNNING"));
+            s.last_used = Instant::now();
+        });
+        self.shared.report_now.notify_one();
+        self.phase = Phase::Running(live);
+    }
+
+    fn startup_failed(&mut self, (reason, message): Failed) {
+        self.shared.event(
+            "function_executor_startup_failed",
+            &self.id,
+            message.clone(),
+        );
+        self.message = Some(message);
+        let startup_reason = match reason {
+            Reason::StartupFailedFunctionError => {
+                pb::AllocationFailureReason::StartupFailedFunctionError
+            }
+            Reason::StartupFailedFunctionTimeout => {
+                pb::AllocationFailureReason::StartupFailedFunctionTimeout
+            }
+            Reason::Oom => pb::AllocationFailureReason::Oom,
+            _ => pb::AllocationFailureReason::StartupFailedInternalError,
+        };
+        let blamed: Vec<String> = self
+            .queue
+            .iter()
+            .filter_map(|q| q.alloc.allocation_id.clone())
+            .collect();
+        self.fail_queued(startup_reason);
+        // The process (if one was spawned) went with the startup.
+        self.keep_last_usage();
+        self.mark_terminated(reason, blamed);
+        self.phase = Phase::Terminated {
+            startup_failure: Some(startup_reason),
+        };
+    }
+
+    /// Phase 2: runs allocations until told to shut down.
+    async fn serve(&mut self, rx: &mut mpsc::UnboundedReceiver<FeCommand>) {
+        let mut health = tokio::time::interval(self.shared.config.health_check_interval);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        health.tick().await;
+        loop {
+            self.start_queued();
+            let alive = self.live().is_some();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(FeCommand::Run(a, received)) => self.take(a, received),
+                    Some(FeCommand::Cancel(id)) => self.cancel(id).await,
+                    Some(FeCommand::Evict(why)) => self.evict(why).await,
+                    Some(FeCommand::Shutdown(why)) => {
+                        self.stopping(why);
+                        return;
+                    }
+                    None => return,
+                },
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Some((id, outcome)) = self.account(joined) {
+                        self.finish_allocation(id, outcome).await;
+                    }
+                }
+                exit = async {
+                    match &mut self.phase {
+                        Phase::Running(live) => live.worker.exited().await,
+                        _ => std::future::pending().await,
+                    }
+                }, if alive => {
+                    self.shared.event("function_executor_exited", &self.id, format!("worker {}", exit.description));
+                    let reason = self.note_oom(&exit).unwrap_or(Reason::Unhealthy);
+                    let blamed = self.running.keys().cloned().collect();
+                    self.kill(reason, blamed, None).await;
+                }
+                _ = health.tick(), if alive && self.shared.config.health_checks_enabled => {
+                    if let Err(why) = self.check_health().await {
+                        self.shared.event("function_executor_unhealthy", &self.id, why);
+                        let blamed = self.running.keys().cloned().collect();
+                        self.kill(Reason::Unhealthy, blamed, None).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// An allocation for this worker: queued, or failed at once when the
+    /// worker is terminated.
+    fn take(&mut self, a: Arc<pb::Allocation>, received: Instant) {
+        if let Phase::Terminated { startup_failure } = self.phase {
+            let id = a.allocation_id.as_deref().unwrap_or("");
+            self.alloc_note(id, AllocPhase::Finished, "function executor is terminated");
+            let why =
+                startup_failure.unwrap_or(pb::AllocationFailureReason::FunctionExecutorTerminated);
+            self.shared.push_result(failed_result(&a, why, None));
+            return;
+        }
+        let free = self.queue.is_empty() && self.running.len() < self.max_concurrency();
+        self.queue.push_back(Queued {
+            alloc: Arc::unwrap_or_clone(a),
+            ready: free.then_some(received),
+        });
+    }
+
+    async fn cancel(&mut self, id: String) {
+        if self.running.contains_key(&id) {
+            self.kill(Reason::FunctionCancelled, vec![id.clone()], Some(&id))
+                .await;
+        } else {
+            self.cancel_queued(&id);
+        }
+    }
+
+    /// Told to shut down: the view says so (the server keeps hearing the
+    /// status it had until the worker is gone).
+    fn stopping(&self, why: &'static str) {
+        self.view.send_modify(|s| {
+            if s.phase.termination().is_none() {
+                let was = s.phase.status();
+                let spawned = s.phase.spawned().cloned();
+                s.phase = FePhase::Stopping { was, spawned };
+            }
+            s.timeline.push(TimelineEntry::now(why));
+        });
+    }
+
+    /// Shutdown: keeps what already finished, stops the worker, and
+    /// reports the rest terminated (a task that fails because the worker
+    /// is gone is not an error of its function).
+    async fn stop_serving(&mut self) {
+        self.collect_finished();
+        self.tasks.abort_all();
+        if let Some(mut live) = self.take_live() {
+            self.keep_last_usage();
+            live.worker
+                .stop(self.shared.config.function_executor_stop_grace)
+                .await;
+        }
+        for (_, r) in std::mem::take(&mut self.running) {
+            self.shared.push_result(failed_result(
+                &r.alloc,
+                pb::AllocationFailureReason::FunctionExecutorTerminated,
+                None,
+            ));
+        }
+        self.fail_queued(pb::AllocationFailureReason::FunctionExecutorTerminated);
+    }
+
+    /// Fails every queued allocation with `why`.
+    fn fail_queued(&mut self, why: pb::AllocationFailureReason) {
+        for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
+            self.shared.push_result(failed_result(&a, why, None));
+        }
+    }
+
+    /// The controller ends: allocations still in its channel fail (none
+    /// can be sent after it is closed: the sender then fails them), its
+    /// view closes (the reconciler forgets the worker and may recreate
+    /// the id), and the server hears at once.
+    fn finish(self, mut rx: mpsc::UnboundedReceiver<FeCommand>) {
+        rx.close();
+        while let Ok(cmd) = rx.try_recv() {
+            if let FeCommand::Run(a, _) = cmd {
+                let id = a.allocation_id.as_deref().unwrap_or("");
+                self.alloc_note(id, AllocPhase::Finished, "function executor is gone");
+                self.shared.push_result(failed_result(
+                    &a,
+                    pb::AllocationFailureReason::FunctionExecutorTerminated,
+                    None,
+                ));
+            }
+        }
+        let shared = self.shared.clone();
+        let id = self.id.clone();
+        drop(self);
+        shared.event("function_executor_removed", &id, "controller stopped");
+        shared.report_now.notify_one();
+        shared.reconcile_now.notify_one();
+    }
+
+    /// Marks the worker as used now (eviction takes the least recently used).
+    fn touch(&self) {
+        self.view.send_modify(|s| s.last_used = Instant::now());
+    }
+
+    fn set_termination_message(&mut self, message: String) {
+        self.message = Some(message);
+    }
+
+    /// Keeps the worker's usage as last read, before its cgroup goes, and
+    /// tells metering the worker stops (once per worker: the monitor is
+    /// taken).
+    fn keep_last_usage(&mut self) {
+        if self.usage_kept {
+            return;
+        }
+        let Some(monitor) = self
+            .view
+            .borrow()
+            .phase
+            .spawned()
+            .map(|s| s.monitor.clone())
+        else {
+            return;
+        };
+        self.usage_kept = true;
+        // Read outside the view's lock (cgroup files).
+        self.last_usage = monitor.usage().or(self.last_usage);
+        if let Some(metering) = &self.shared.config.metering {
+            metering.worker_stopped(&self.id);
+        }
+    }
+
+    /// For an exit the kernel's OOM killer caused: says so (event, message,
+    /// metric) and returns the OOM reason.
+    fn note_oom(&mut self, exit: &Exit) -> Option<Reason> {
+        let oom = exit.oom.as_ref()?;
+        self.shared.metrics.worker_oom_kills.inc();
+        self.shared
+            .event("function_executor_oom", &self.id, oom.clone());
+        self.set_termination_message(oom.clone());
+        Some(Reason::Oom)
+    }
+
+    /// An OOM kill inside a live worker's cgroup, as an exit-like verdict.
+    fn oom_inside(&self) -> Option<Exit> {
+        let monitor = self.live()?.worker.monitor();
+        let kills = monitor.usage()?.oom_kills;
+        let limit = monitor.limits()?.memory_bytes;
+        (kills > 0).then(|| Exit {
+            description: "alive, but a process of it was OOM-killed".into(),
+            oom: Some(format!(
+                "OOM-killed: a process of the worker reached its cgroup memory limit of {limit} bytes (oom_kill count {kills})"
+            )),
+        })
+    }
+
+    /// Stops an idle worker under memory pressure; a busy one stays (the
+    /// eviction loop looks again).
+    async fn evict(&mut self, why: String) {
+        if !self.running.is_empty() || !self.queue.is_empty() || self.terminated() {
+            return;
+        }
+        // An allocation the reconciler already accepted for this worker
+        // may still be on its way here: then it is not idle.
+        let busy = self.shared.state.lock().busy(&self.id);
+        if busy {
+            return;
+        }
+        let Some(mut live) = self.take_live() else {
+            return;
+        };
+        let freed = live
+            .worker
+            .monitor()
+            .usage()
+            .map(|u| u.memory_current_bytes);
+        self.keep_last_usage();
+        // Idle: nothing to finish, so no grace (which would also leave a
+        // window for new allocations to be routed to a worker going away).
+        live.worker.stop(Duration::ZERO).await;
+        let freed = match freed {
+            Some(b) => format!("freed {b} bytes of memory (its cgroup's use)"),
+            None => "freed its memory (not measured: no cgroup)".to_string(),
+        };
+        let message = format!("evicted while idle: {why}; {freed}");
+        self.shared.metrics.fe_evictions.inc();
+        self.shared
+            .event("function_executor_evicted", &self.id, message.clone());
+        self.set_termination_message(message);
+        self.mark_terminated(Reason::Unhealthy, Vec::new());
+        self.note("worker process stopped (evicted)".into());
+    }
+
+    /// Terminated: the view says why and whom to blame; the server hears
+    /// at once. The phase stays terminated until the controller ends.
+    fn mark_terminated(&mut self, reason: Reason, blamed: Vec<String>) {
+        if !self.terminated() {
+            self.phase = Phase::Terminated {
+                startup_failure: None,
+            };
+        }
+        self.shared
+            .metrics
+            .fe_terminations
+            .get_or_create(&vec![("reason", reason_label(reason))])
+            .inc();
+        self.shared.config.gpu_pool.release(&self.id);
+        let message = self.message.take();
+        let usage = self.last_usage;
+        self.view.send_modify(|s| {
+            let spawned = s.phase.spawned().cloned();
+            s.phase = FePhase::Terminated(Termination {
+                reason,
+                message,
+                blamed,
+                pid: spawned.as_ref().map(|p| p.pid),
+                gpus: spawned.map(|p| p.gpus).unwrap_or_default(),
+                usage,
+            });
+            let what = format!("TERMINATED: {}", reason.as_str_name());
+            s.timeline.push(TimelineEntry::now(what));
+        });
+        self.shared.report_now.notify_one();
+    }
+
+    fn cancel_queued(&mut self, id: &str) {
+        if let Some(pos) = self
+            .queue
+            .iter()
+            .position(|q| q.alloc.allocation_id.as_deref() == Some(id))
+            && let Some(Queued { alloc: a, .. }) = self.queue.remove(pos)
+        {
+            self.shared.push_result(failed_result(
+                &a,
+                pb::AllocationFailureReason::AllocationCancelled,
+                None,
+            ));
+        }
+    }
+
+    fn start_queued(&mut self) {
+        let client = match &self.phase {
+            Phase::Running(live) => live.client.clone(),
+            _ => return,
+        };
+        while self.running.len() < self.max_concurrency() {
+            let Some(Queued { alloc: a, ready }) = self.queue.pop_front() else {
+                break;
+            };
+            let ready = ready.unwrap_or_else(Instant::now);
+            let id = a.allocation_id.clone().unwrap_or_default();
+            self.shared.metrics.allocations_started.inc();
+            self.shared.metrics.allocations_running.inc();
+            self.alloc_note(&id, AllocPhase::Running, "running");
+            if let Some(metering) = &self.shared.config.metering {
+                metering.allocation_started(&self.id, &id);
+            }
+            // Boxed where it is made: the allocation's state machine is
+            // large, and moving it into the task by value copied it three
+            // times (a quarter of the agent's instructions, by callgrind).
+            let fut = Box::pin(allocation::run(
+                self.shared.clone(),
+                client.clone(),
+                self.allocation_timeout(),
+                a.clone(),
+                ready,
+            ));
+            let task_id = id.clone();
+            let handle = self.tasks.spawn(async move { (task_id, fut.await) });
+            self.running.insert(
+                id,
+                Running {
+                    alloc: a,
+                    task: handle,
+                },
+            );
+        }
+    }
+
+    /// A joined allocation task: its outcome, or, for a task that panicked,
+    /// a failed result pushed here (an aborted task was accounted for by
+    /// whoever aborted it).
+    fn account(&mut self, joined: Joined) -> Option<(String, AllocOutcome)> {
+        let e = match joined {
+            Ok(done) => return Some(done),
+            Err(e) => e,
+        };
+        if !e.is_panic() {
+            return None;
+        }
+        let id = self
+            .running
+            .iter()
+            .find(|(_, r)| r.task.id() == e.id())
+            .map(|(id, _)| id.clone())?;
+        let r = self.running.remove(&id)?;
+        self.shared.metrics.allocations_running.dec();
+        self.shared.event(
+            "allocation_failed",
+            &id,
+            "the agent's task running this allocation panicked",
+        );
+        self.shared.push_result(failed_result(
+            &r.alloc,
+            pb::AllocationFailureReason::InternalError,
+            None,
+        ));
+        None
+    }
+
+    /// Takes the results of allocation tasks that already finished, so a
+    /// kill or shutdown that follows does not overwrite them with failures.
+    fn collect_finished(&mut self) {
+        while let Some(joined) = self.tasks.try_join_next() {
+            let Some((id, outcome)) = self.account(joined) else {
+                continue;
+            };
+            if self.running.remove(&id).is_some() {
+                self.shared.metrics.allocations_running.dec();
+                self.shared.push_result(outcome.result);
+            }
+        }
+    }
+
+    async fn finish_allocation(&mut self, id: String, mut outcome: AllocOutcome) {
+        if self.running.remove(&id).is_none() {
+            return; // Already accounted for by a kill.
+        }
+        self.shared.metrics.allocations_running.dec();
+        self.touch();
+        let failed = outcome.result.outcome_code != Some(pb::AllocationOutcomeCode::Success as i32);
+        // A worker lost under a running allocation may have been OOM-killed:
+        // then the allocation and the worker are OOM, not a function error.
+        let mut oom = None;
+        if outcome.kill_fe == Some(Reason::Unhealthy) {
+            let exit = match self.exit_soon().await {
+                Some(exit) => Some(exit),
+                // Alive, but one of its processes was OOM-killed (cgroup v1
+                // kills one process, not the whole worker).
+                None => self.oom_inside(),
+            };
+            oom = exit.and_then(|e| self.note_oom(&e));
+            if oom.is_some() {
+                outcome.result.failure_reason = Some(pb::AllocationFailureReason::Oom as i32);
+            }
+        }
+        self.shared.push_result(outcome.result);
+        if let Some(reason) = oom.or(outcome.kill_fe) {
+            self.kill(reason, vec![id], None).await;
+        } else if failed && self.live().is_some() && self.shared.config.health_checks_enabled {
+            // A failure may mean a broken worker: check once right away.
+            if let Err(why) = self.check_health().await {
+                self.shared
+                    .event("function_executor_unhealthy", &self.id, why);
+                let blamed = self.running.keys().cloned().collect();
+                self.kill(Reason::Unhealthy, blamed, None).await;
+            }
+        }
+    }
+
+    async fn check_health(&mut self) -> Result<(), String> {
+        let Some(live) = self.live_mut() else {
+            return Ok(());
+        };
+        let call = live.client.check_health(fe_pb::HealthCheckRequest {});
+        let verdict = match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                if r.healthy == Some(true) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "worker says it is unhealthy: {}",
+                        r.status_message.unwrap_or_default()
+                    ))
+                }
+            }
+            Ok(Err(s)) => Err(format!(
+                "health check failed: {}: {}",
+                s.code(),
+                s.message()
+            )),
+            Err(_) => Err("health check got no answer within 5s".to_string()),
+        };
+        let label = if verdict.is_ok() {
+            "healthy"
+        } else {
+            "unhealthy"
+        };
+        self.shared
+            .metrics
+            .fe_health_checks
+            .get_or_create(&vec![("result", label)])
+            .inc();
+        verdict
+    }
+
+    /// The worker's exit if it has exited or does within a moment (a failed
+    /// RPC can be how a dying worker is first noticed).
+    async fn exit_soon(&mut self) -> Option<Exit> {
+        let live = self.live_mut()?;
+        if let Some(exit) = live.worker.try_exit() {
+            return Some(exit);
+        }
+        // (The wait also covers removing its cgroup: an exit seen in time
+        // but not yet cleaned up still counts.)
+        let waited = tokio::time::timeout(Duration::from_millis(50), live.worker.exited())
+            .await
+            .ok();
+        waited.or_else(|| live.worker.try_exit())
+    }
+
+    /// Kills the worker and reports it terminated with `reason`, blaming
+    /// `blamed`. Allocations running on it fail; `cancelled` (if any) is
+    /// reported as cancelled, the others as function errors.
+    async fn kill(&mut self, reason: Reason, blamed: Vec<String>, cancelled: Option<&str>) {
+        self.collect_finished();
+        let mut reason = reason;
+        if let Some(live) = self.live_mut() {
+            // A failed RPC can be how a dead worker is first noticed: say so.
+            // (It may still be closing down: give it a moment when unhealthy.)
+            let exited = match live.worker.try_exit() {
+                Some(exit) => Some(exit),
+                None if reason == Reason::Unhealthy => self.exit_soon().await,
+                None => None,
+            };
+            if let Some(exit) = exited {
+                self.shared.event(
+                    "function_executor_exited",
+                    &self.id,
+                    format!("worker {}", exit.description),
+                );
+                if reason == Reason::Unhealthy
+                    && let Some(oom) = self.note_oom(&exit)
+                {
+                    reason = oom;
+                }
+            }
+        }
+        if let Some(mut live) = self.take_live() {
+            self.keep_last_usage();
+            let exit = live.worker.stop(Duration::ZERO).await;
+            // An OOM kill of one of its processes (the worker itself alive,
+            // as cgroup v1 kills one process) is still the worker's OOM.
+            if reason == Reason::Unhealthy
+                && let Some(oom) = exit.as_ref().and_then(|e| self.note_oom(e))
+            {
+                reason = oom;
+            }
+        }
+        // (Tasks that ended while the worker was being stopped ended
+        // because it was: they are reported below as the kill decides.)
+        for (id, r) in std::mem::take(&mut self.running) {
+            r.task.abort();
+            self.shared.metrics.allocations_running.dec();
+            let why = sibling_reason(&id, reason, &blamed, cancelled);
+            self.shared.push_result(failed_result(&r.alloc, why, None));
+        }
+        for Queued { alloc: a, .. } in std::mem::take(&mut self.queue) {
+            self.shared.push_result(failed_result(
+                &a,
+                pb::AllocationFailureReason::FunctionExecutorTerminated,
+                None,
+            ));
+        }
+        self.shared.event(
+            "function_executor_terminated",
+            &self.id,
+            format!(
+                "{} (blamed: {})",
+                reason.as_str_name(),
+                if blamed.is_empty() {
+                    "none".to_string()
+                } else {
+                    blamed.join(", ")
+                }
+            ),
+        );
+        self.mark_terminated(reason, blamed);
+        self.note("worker process stopped".into());
+    }
+}
+
+/// The failure of an allocation running on a worker killed for `reason`:
+/// the cancelled one is cancelled, the ones blamed fail by the reason, and
+/// the others had their worker terminated under them.
+fn sibling_reason(
+    id: &str,
+    reason: Reason,
+    blamed: &[String],
+    cancelled: Option<&str>,
+) -> pb::AllocationFailureReason {
+    use pb::AllocationFailureReason as F;
+    if Some(id) == cancelled {
+        return F::AllocationCancelled;
+    }
+    if reason == Reason::Oom {
+        return F::Oom;
+    }
+    if !blamed.iter().any(|b| b == id) {
+        return F::FunctionExecutorTerminated;
+    }
+    match reason {
+        Reason::FunctionTimeout => F::FunctionTimeout,
+        _ => F::FunctionError,
+    }
+}
+
+fn reason_label(r: Reason) -> &'static str {
+    match r {
+        Reason::Unknown => "unknown",
+        Reason::StartupFailedInternalError => "startup_failed_internal_error",
+        Reason::StartupFailedFunctionError => "startup_failed_function_error",
+        Reason::StartupFailedFunctionTimeout => "startup_failed_function_timeout",
+        Reason::Unhealthy => "unhealthy",
+        Reason::InternalError => "internal_error",
+        Reason::FunctionTimeout => "function_timeout",
+        Reason::FunctionCancelled => "function_cancelled",
+        Reason::Oom => "oom",
+    }
+}

@@ -1,0 +1,534 @@
+//! The agent as monitoring and tests see it: [`AgentHandle`] (health,
+//! snapshots and pages of workers and allocations, events, settings and
+//! the operator's commands) and the views it returns. Worker views are
+//! copied from the published registry and each controller's `watch`,
+//! usage read from cgroups after every lock is let go.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::events::{Event, TimelineEntry};
+use crate::lifecycle::{FeMap, FePhase, FeSlot};
+use crate::state::{AllocEntry, AllocPhase, Shared, State, function_label};
+use crate::{Metrics, pb};
+
+/// A worker, as shown on `/state/function-executors`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FeView {
+    pub id: String,
+    pub function: String,
+    pub status: String,
+    pub termination_reason: Option<String>,
+    pub allocation_ids_caused_termination: Vec<String>,
+    pub removing: bool,
+    pub pid: Option<u32>,
+    pub gpus: Vec<String>,
+    pub cpu_ms_per_sec: Option<u32>,
+    pub memory_bytes: Option<u64>,
+    pub max_concurrency: Option<u32>,
+    /// What it holds on this host (defaults applied), `None` if refused.
+    pub resources: Option<crate::admission::Claim>,
+    /// Resources given the agent's defaults because the description left them unset.
+    pub defaulted: Vec<&'static str>,
+    /// Limits enforced on it (its cgroup), `None` where none are.
+    pub limits: Option<steward_worker_driver::Limits>,
+    /// Usage read from its cgroup (now, or just before it stopped).
+    pub usage: Option<steward_worker_driver::WorkerUsage>,
+    pub termination_message: Option<String>,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// An allocation, as shown on `/state/allocations`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AllocView {
+    pub id: String,
+    pub function_executor_id: String,
+    pub function: String,
+    pub phase: AllocPhase,
+    pub timeline: Vec<TimelineEntry>,
+}
+
+/// Point-in-time copy of what monitoring shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub executor_id: String,
+    pub server_clock: u64,
+    pub pending_results: usize,
+    pub function_executors: Vec<FeView>,
+    pub allocations: Vec<AllocView>,
+}
+
+/// Read access to the running agent, for monitoring and tests.
+#[derive(Clone)]
+pub struct AgentHandle {
+    shared: Arc<Shared>,
+}
+
+impl AgentHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        AgentHandle { shared }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn executor_id(&self) -> &str {
+        &self.shared.config.executor_id
+    }
+
+    /// (ready, why): ready once registered and the first desired state was applied.
+    pub fn startup(&self) -> (bool, String) {
+        if self.shared.started.load(Ordering::Acquire) {
+            return (
+                true,
+                "registered with the server and applied the first desired state".into(),
+            );
+        }
+        let h = self.shared.health.lock();
+        let why = match (&h.last_report_ok, &h.last_report_error) {
+            (None, Some(e)) => format!("not registered yet: last report failed: {e}"),
+            (None, None) => "not registered yet: first report in flight".into(),
+            (Some(_), _) => "registered; waiting for the first desired state".into(),
+        };
+        (false, why)
+    }
+
+    /// (healthy, why), judged against `report_grace` and `reconcile_watchdog`.
+    pub fn health(
+        &self,
+        report_grace: std::time::Duration,
+        reconcile_watchdog: std::time::Duration,
+    ) -> (bool, String) {
+        let now = Instant::now();
+        let h = self.shared.health.lock();
+        if let Some(busy) = h.reconcile_busy_since {
+            let stuck = now.duration_since(busy);
+            if stuck > reconcile_watchdog {
+                return (
+                    false,
+                    format!(
+                        "reconcile loop is stuck applying a desired state for {}s",
+                        stuck.as_secs()
+                    ),
+                );
+            }
+        }
+        let last_beat = h.last_reconcile_progress.unwrap_or(self.shared.started_at);
+        if now.duration_since(last_beat) > reconcile_watchdog {
+            return (
+                false,
+                format!(
+                    "reconcile loop has shown no sign of life for {}s",
+                    now.duration_since(last_beat).as_secs()
+                ),
+            );
+        }
+        // Judged by the age of the last good report, so a report loop that
+        // died or hangs is seen as surely as one whose reports fail.
+        let since_ok = now.duration_since(h.last_report_ok.unwrap_or(self.shared.started_at));
+        if since_ok > report_grace {
+            return (
+                false,
+                format!(
+                    "no state report has succeeded for {}s ({} failed in a row): {}",
+                    since_ok.as_secs(),
+                    h.consecutive_report_failures,
+                    h.last_report_error
+                        .as_deref()
+                        .unwrap_or("no report attempt failed: the report loop is stuck")
+                ),
+            );
+        }
+        (
+            true,
+            "state reports are succeeding and the reconcile loop is responsive".into(),
+        )
+    }
+
+    /// The last report sent and when, if any.
+    pub fn last_report(&self) -> Option<(pb::ReportExecutorStateRequest, SystemTime)> {
+        let last = self.shared.state.lock().last_report.clone();
+        last.map(|(bytes, at)| {
+            let r = prost::Message::decode(bytes).unwrap_or_default();
+            (r, at)
+        })
+    }
+
+    /// The last desired state received and when, if any.
+    pub fn last_desired(&self) -> Option<(Arc<crate::Desired>, SystemTime)> {
+        self.shared.state.lock().last_desired.clone()
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.shared.events.recent()
+    }
+
+    /// Events `[offset, offset + limit)`, oldest first, and how many the
+    /// ring holds.
+    pub fn events_page(&self, offset: usize, limit: usize) -> (Vec<Event>, usize) {
+        self.shared.events.page(offset, limit)
+    }
+
+    /// Everything `/state/function-executors` and `/state/allocations` show.
+    pub fn snapshot(&self) -> Snapshot {
+        let (allocations, pending_results, server_clock) = {
+            let st = self.shared.state.lock();
+            let (allocations, _) = alloc_views(&st, 0, usize::MAX);
+            (allocations, st.results.len(), st.server_clock)
+        };
+        let function_executors = fe_views(&self.shared.workers(), 0, usize::MAX);
+        Snapshot {
+            executor_id: self.shared.config.executor_id.clone(),
+            server_clock,
+            pending_results,
+            function_executors: with_usage(function_executors),
+            allocations,
+        }
+    }
+
+    /// Function executors `[offset, offset + limit)` by id, and how many
+    /// there are. Copied from the published registry and the workers'
+    /// views (no lock of the agent's state); usage is read from the
+    /// workers' cgroups after each view is let go.
+    pub fn function_executors_page(&self, offset: usize, limit: usize) -> (Vec<FeView>, usize) {
+        let workers = self.shared.workers();
+        let live = workers.values().filter(|s| !s.gone()).count();
+        (with_usage(fe_views(&workers, offset, limit)), live)
+    }
+
+    /// Allocations `[offset, offset + limit)` (those the agent holds, by
+    /// id, then the recently dropped ones, newest first), how many there
+    /// are, and how many results wait for the server.
+    pub fn allocations_page(&self, offset: usize, limit: usize) -> (Vec<AllocView>, usize, usize) {
+        let st = self.shared.state.lock();
+        let (views, total) = alloc_views(&st, offset, limit);
+        (views, total, st.results.len())
+    }
+
+    /// Brings the admitted-resource and worker-usage gauges up to date
+    /// (read from the workers' cgroups; called before each scrape).
+    pub fn refresh_worker_metrics(&self) {
+        let workers = self.shared.workers();
+        let held = crate::lifecycle::admitted(&workers);
+        let monitors: Vec<_> = workers
+            .values()
+            .filter_map(FeSlot::controlled)
+            .filter_map(|c| c.view.borrow().phase.spawned().map(|s| s.monitor.clone()))
+            .collect();
+        let m = &self.shared.metrics;
+        for (name, v) in [
+            ("cpu_ms_per_sec", held.cpu_ms_per_sec),
+            ("memory_bytes", held.memory_bytes),
+            ("disk_bytes", held.disk_bytes),
+            ("gpus", held.gpus),
+        ] {
+            m.admitted
+                .get_or_create(&vec![("resource", name)])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        let (mut mem, mut cpu_us, mut pids) = (0u64, 0u64, 0u64);
+        for u in monitors.iter().filter_map(|m| m.usage()) {
+            mem = mem.saturating_add(u.memory_current_bytes);
+            cpu_us = cpu_us.saturating_add(u.cpu_usec);
+            pids = pids.saturating_add(u.pids_current.unwrap_or(0));
+        }
+        m.workers_memory_bytes
+            .set(i64::try_from(mem).unwrap_or(i64::MAX));
+        m.workers_cpu_seconds.set(cpu_us as f64 / 1e6);
+        m.workers_pids.set(i64::try_from(pids).unwrap_or(i64::MAX));
+    }
+
+    /// How workers are confined and admitted, for `/state/host`: the
+    /// driver and what it enforces (and why not), the defaults, the
+    /// eviction thresholds, and admitted against allocatable resources.
+    pub fn workers_document(&self) -> serde_json::Value {
+        let c = &self.shared.config;
+        let held = crate::lifecycle::admitted(&self.shared.workers());
+        serde_json::json!({
+            "driver": c.driver.name(),
+            "limits": c.driver.enforcement(),
+            "defaults": {
+                "cpu_ms_per_sec": c.worker_defaults.cpu_ms_per_sec,
+                "memory_bytes": c.worker_defaults.memory_bytes,
+                "pids_max": c.worker_defaults.pids_max,
+            },
+            "eviction": {
+                "enabled": c.eviction.source.is_some(),
+                "memory_available_bytes": c.eviction.memory_available_bytes,
+                "psi_some_avg10_percent": c.eviction.psi_some_avg10,
+            },
+            "admitted": held,
+            "allocatable": crate::admission::allocatable(&self.shared.allocatable()),
+        })
+    }
+
+    /// The runtime-changeable settings now.
+    pub fn settings(&self) -> crate::settings::Settings {
+        self.shared.state.lock().settings.clone()
+    }
+
+    /// Applies a settings change as a whole, or nothing; a change is an
+    /// event and reaches the server with the next report, sent at once.
+    pub fn update_settings(
+        &self,
+        patch: &crate::settings::SettingsPatch,
+        by: &str,
+    ) -> Result<crate::settings::Settings, crate::settings::SettingsError> {
+        let (next, changed) = {
+            let mut st = self.shared.state.lock();
+            let next = st
+                .settings
+                .patched(patch, &self.shared.config.total_resources)?;
+            let changed = next.changed_from(&st.settings);
+            st.settings = next.clone();
+            (next, changed)
+        };
+        if !changed.is_empty() {
+            self.shared.event(
+                "settings_changed",
+                &self.shared.config.executor_id,
+                format!("{} ({by})", changed.join(", ")),
+            );
+            self.shared.report_now.notify_one();
+        }
+        Ok(next)
+    }
+
+    /// The host's operator mode.
+    pub fn mode(&self) -> crate::mode::HostMode {
+        self.shared.state.lock().mode
+    }
+
+    /// Applies an operator's command (pause, unpause, drain); returns the
+    /// modes before and after.
+    pub fn command(
+        &self,
+        cmd: crate::mode::ModeCommand,
+    ) -> (crate::mode::HostMode, crate::mode::HostMode) {
+        crate::mode::command(&self.shared, cmd)
+    }
+
+    /// Records an event (for the binary: admin calls and their outcome).
+    pub fn event(&self, kind: &'static str, subject: &str, message: impl Into<String>) {
+        self.shared.event(kind, subject, message);
+    }
+
+    /// Records an event strangers can cause, rate-limited per `class`
+    /// ([`crate::events::EventLog::push_limited`]).
+    pub fn event_limited(
+        &self,
+        class: &'static str,
+        kind: &'static str,
+        subject: &str,
+        message: impl Into<String>,
+    ) {
+        self.shared.event_limited(class, kind, subject, message);
+    }
+
+    /// OpenMetrics text of the agent's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+}
+
+/// A worker's usage monitor and the usage read before it stopped.
+type UsageSource = (
+    Option<Arc<dyn steward_worker_driver::WorkerMonitor>>,
+    Option<steward_worker_driver::WorkerUsage>,
+);
+
+/// Views of function executors `[offset, offset + limit)` (those not
+/// gone) without their usage, and where to read it (a cgroup read each,
+/// made after every view is let go).
+fn fe_views(workers: &FeMap, offset: usize, limit: usize) -> Vec<(FeView, UsageSource)> {
+    workers
+        .iter()
+        .filter(|(_, slot)| !slot.gone())
+        .skip(offset)
+        .take(limit)
+        .map(|(id, slot)| fe_view(id, slot))
+        .collect()
+}
+
+/// One worker's view, copied from its slot and its controller's `watch`.
+fn fe_view(id: &str, slot: &FeSlot) -> (FeView, UsageSource) {
+    let d = slot.description();
+    let res = d.resources.as_ref();
+    let (status, reason, blamed) = slot.reported();
+    let mut view = FeView {
+        id: id.to_string(),
+        function: function_label(d.function.as_ref()),
+        status: format!("{status:?}").to_uppercase(),
+        termination_reason: reason.map(|r| format!("{r:?}")),
+        allocation_ids_caused_termination: blamed,
+        removing: matches!(slot, FeSlot::Removing(_)),
+        pid: None,
+        gpus: Vec::new(),
+        cpu_ms_per_sec: res.and_then(|r| r.cpu_ms_per_sec),
+        memory_bytes: res.and_then(|r| r.memory_bytes),
+        max_concurrency: d.max_concurrency,
+        resources: None,
+        defaulted: Vec::new(),
+        limits: None,
+        usage: None,
+        termination_message: None,
+        timeline: Vec::new(),
+    };
+    let c = match slot {
+        FeSlot::Rejected(r) => {
+            view.termination_message = Some(r.message.clone());
+            view.timeline = r.timeline.clone();
+            return (view, (None, None));
+        }
+        FeSlot::Wanted(c) | FeSlot::Removing(c) => c,
+    };
+    view.resources = c.claim;
+    view.defaulted = c.defaulted.clone();
+    let state = c.view.borrow();
+    view.timeline = state.timeline.clone();
+    let mut source: UsageSource = (None, None);
+    match &state.phase {
+        FePhase::Pending => {}
+        FePhase::Starting(s)
+        | FePhase::Running(s)
+        | FePhase::Stopping {
+            spawned: Some(s), ..
+        } => {
+            view.removing |= matches!(state.phase, FePhase::Stopping { .. });
+            view.pid = Some(s.pid);
+            view.gpus = s.gpus.clone();
+            view.limits = s.monitor.limits();
+            source.0 = Some(s.monitor.clone());
+        }
+        FePhase::Stopping { spawned: None, .. } => view.removing = true,
+        FePhase::Terminated(t) => {
+            view.pid = t.pid;
+            view.gpus = t.gpus.clone();
+            view.termination_message = t.message.clone();
+            source.1 = t.usage;
+        }
+    }
+    (view, source)
+}
+
+/// The views with their usage read (live workers now, else the last read).
+fn with_usage(views: Vec<(FeView, UsageSource)>) -> Vec<FeView> {
+    views
+        .into_iter()
+        .map(|(mut v, (monitor, last))| {
+            v.usage = monitor.as_ref().and_then(|m| m.usage()).or(last);
+            v
+        })
+        .collect()
+}
+
+/// Views of allocations `[offset, offset + limit)`: the held ones by id,
+/// then the recently dropped ones, newest first; and how many there are.
+fn alloc_views(st: &State, offset: usize, limit: usize) -> (Vec<AllocView>, usize) {
+    let mut held: Vec<(&String, &AllocEntry)> = st.allocations.iter().collect();
+    held.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let total = held.len() + st.recent_allocations.len();
+    let views = held
+        .into_iter()
+        .chain(st.recent_allocations.iter().rev().map(|(id, a)| (id, a)))
+        .skip(offset)
+        .take(limit)
+        .map(|(id, a)| AllocView {
+            id: id.clone(),
+            function_executor_id: a.fe_id.clone(),
+            function: a.function.clone(),
+            phase: a.phase,
+            timeline: a.timeline.clone(),
+        })
+        .collect();
+    (views, total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker monitor that notes whether the agent's state lock was
+    /// held while it was read (a cgroup read each, in a real one).
+    struct LockProbe {
+        shared: std::sync::Weak<Shared>,
+        reads: std::sync::atomic::AtomicUsize,
+        under_lock: std::sync::atomic::AtomicUsize,
+    }
+
+    impl steward_worker_driver::WorkerMonitor for LockProbe {
+        fn usage(&self) -> Option<steward_worker_driver::WorkerUsage> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let shared = self.shared.upgrade()?;
+            self.reads.fetch_add(1, SeqCst);
+            if shared.state.try_lock().is_none() {
+                self.under_lock.fetch_add(1, SeqCst);
+            }
+            Some(steward_worker_driver::WorkerUsage::default())
+        }
+        fn limits(&self) -> Option<steward_worker_driver::Limits> {
+            None
+        }
+    }
+
+    #[test]
+    fn worker_usage_is_read_after_the_state_lock_is_let_go_and_pages_are_copied() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let shared = crate::testing_support::shared();
+        let probe = Arc::new(LockProbe {
+            shared: Arc::downgrade(&shared),
+            reads: Default::default(),
+            under_lock: Default::default(),
+        });
+        let mut views = Vec::new();
+        {
+            let mut fes = FeMap::new();
+            let mut st = shared.state.lock();
+            for i in 0..5 {
+                let spawned = crate::lifecycle::testing::spawned(Some(probe.clone()));
+                let (c, _rx, view) =
+                    crate::lifecycle::testing::controlled(FePhase::Running(spawned));
+                views.push(view);
+                fes.insert(format!("fe-{i}"), FeSlot::Wanted(c));
+                st.allocations.insert(
+                    format!("a-{}", 4 - i),
+                    AllocEntry {
+                        fe_id: format!("fe-{i}"),
+                        function: "ns/app/f".into(),
+                        phase: AllocPhase::Running,
+                        timeline: Vec::new(),
+                    },
+                );
+            }
+            shared.workers.send_replace(Arc::new(fes));
+        }
+        let handle = AgentHandle::new(shared.clone());
+        let (page, total) = handle.function_executors_page(1, 2);
+        assert_eq!(total, 5);
+        let ids: Vec<&str> = page.iter().map(|f| f.id.as_str()).collect();
+        assert_eq!(ids, ["fe-1", "fe-2"]);
+        assert!(page.iter().all(|f| f.usage.is_some()));
+        let snapshot = handle.snapshot();
+        assert_eq!(snapshot.function_executors.len(), 5);
+        assert_eq!(
+            probe.reads.load(SeqCst),
+            7,
+            "two for the page, five for the snapshot"
+        );
+        assert_eq!(
+            probe.under_lock.load(SeqCst),
+            0,
+            "read under the state lock"
+        );
+        // Allocations are paged in one order: by id.
+        let (page, total, _) = handle.allocations_page(0, 3);
+        let ids: Vec<&str> = page.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!((ids, total), (vec!["a-0", "a-1", "a-2"], 5));
+        let (page, _, _) = handle.allocations_page(3, 3);
+        assert_eq!(page.len(), 2);
+    }
+}

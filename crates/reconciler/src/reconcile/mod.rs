@@ -1,0 +1,517 @@
+//! Applying a desired state: [`plan`] decides, without acting, what it
+//! asks (workers to start, refuse, reject or stop; allocations to run,
+//! reject or drop); [`Reconciler::apply`] checks the new items first
+//! (validation and admission read the filesystem for `file://` locations),
+//! then executes the plan: controllers are spawned and told what to do
+//! outside any lock, the new registry is published whole, and the shared
+//! state's lock is taken once, to swap allocation entries. Rejected items
+//! are reported back to the server so nothing waits forever on them.
+
+pub(crate) mod plan;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::desired::Desired;
+use crate::fe::{self, failed_result};
+use crate::lifecycle::{Controlled, FeCommand, FeMap, FeSlot, Refused};
+use crate::pb;
+use crate::state::{AllocEntry, AllocPhase, Shared, State, TimelineEntry, function_label};
+use crate::validate::{
+    Rejection, admit_allocation, admit_function_executor, bound_function_call_result, bound_inputs,
+    validate_allocation, validate_function_executor,
+};
+use plan::{Current, Plan, Verdicts};
+
+fn fe_verdict(
+    shared: &Shared,
+    allocatable: &pb::HostResources,
+    d: &pb::FunctionExecutorDescription,
+) -> Result<(), Rejection> {
+    validate_function_executor(d)
+        .and_then(|()| admit_function_executor(d, allocatable, &shared.config.blob_store))
+}
+
+fn allocation_verdict(shared: &Shared, a: &pb::Allocation) -> Result<(), Rejection> {
+    let blobs = &shared.config.blob_store;
+    validate_allocation(a)
+        .and_then(|()| bound_inputs(a, shared.config.max_input_blob_bytes, blobs))
+        .and_then(|()| admit_allocation(a, blobs))
+}
+
+/// Verdicts on the items of `desired` that are new to the agent.
+fn precheck(shared: &Shared, desired: &Desired, current: &Current<'_>) -> Verdicts {
+    Verdicts {
+        fes: desired
+            .function_executors
+            .iter()
+            .map(|d| plan::new_fe(current, d).then(|| fe_verdict(shared, &current.allocatable, d)))
+            .collect(),
+        allocations: desired
+            .allocations
+            .iter()
+            .map(|a| plan::new_allocation(current, a).then(|| allocation_verdict(shared, a)))
+            .collect(),
+    }
+}
+
+/// The failure watchers get instead of a result the agent refuses to hand over.
+fn refused_result(r: &pb::FunctionCallResult) -> pb::FunctionCallResult {
+    pb::FunctionCallResult {
+        namespace: r.namespace.clone(),
+        request_id: r.request_id.clone(),
+        function_call_id: r.function_call_id.clone(),
+        outcome_code: Some(pb::AllocationOutcomeCode::Failure as i32),
+        failure_reason: Some(pb::AllocationFailureReason::InternalError as i32),
+        return_value: None,
+        request_error: None,
+    }
+}
+
+/// A desired state and when its message arrived.
+pub(crate) type Received = (Arc<Desired>, Instant);
+
+/// How often an idle reconcile loop proves it is alive.
+pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+
+pub(crate) async fn run_loop(
+    shared: Arc<Shared>,
+    mut desired_rx: watch::Receiver<Option<Received>>,
+    cancel: CancellationToken,
+) {
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut reconciler = Reconciler::new(shared.clone());
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = desired_rx.changed() => if r.is_err() { return },
+            _ = shared.reconcile_now.notified() => {}
+            _ = heartbeat.tick() => {
+                // Proves to the health check that this loop is alive while idle.
+                shared.health.lock().last_reconcile_progress = Some(Instant::now());
+                continue;
+            }
+        }
+        let Some((desired, received)) = desired_rx.borrow_and_update().clone() else {
+            continue;
+        };
+        reconciler.pass(&desired, received);
+    }
+}
+
+/// Owns the worker registry and the set of allocations held: nobody else
+/// inserts or removes entries.
+pub(crate) struct Reconciler {
+    shared: Arc<Shared>,
+    /// Allocation id to worker id, for every allocation held.
+    allocations: HashMap<String, String>,
+}
+
+/// The effects of a plan that wait until the shared state's lock is let go.
+#[derive(Default)]
+struct AfterLock {
+    events: Vec<(&'static str, String, String)>,
+    results: Vec<pb::AllocationResult>,
+    cancel: Vec<(String, String)>,
+}
+
+impl Reconciler {
+    pub fn new(shared: Arc<Shared>) -> Reconciler {
+        Reconciler {
+            shared,
+            allocations: HashMap::new(),
+        }
+    }
+
+    /// Holds allocation `id` on worker `fe_id` (a state built without a
+    /// desired state: the synthetic benchmark's).
+    #[cfg(feature = "testing")]
+    pub(crate) fn hold(&mut self, id: String, fe_id: String) {
+        self.allocations.insert(id, fe_id);
+    }
+
+    /// One timed pass of the loop: applies `desired`, then says it is
+    /// alive, ready (the first time) and, when workers changed, reports.
+    fn pass(&mut self, desired: &Arc<Desired>, received: Instant) {
+        let shared = self.shared.clone();
+        let started = Instant::now();
+        shared.health.lock().reconcile_busy_since = Some(started);
+        let fes_changed = self.apply(desired, received);
+        shared.metrics.reconciliations.inc();
+        shared
+            .metrics
+            .reconciliation_latency
+            .observe(started.elapsed().as_secs_f64());
+        {
+            let mut h = shared.health.lock();
+            h.reconcile_busy_since = None;
+            h.last_reconcile_progress = Some(Instant::now());
+        }
+        let first = !shared.started.swap(true, Ordering::AcqRel);
+        if first {
+            shared.event(
+                "started",
+                &shared.config.executor_id,
+                "first desired state applied; agent is ready",
+            );
+        }
+        // New or removed workers are reported at once; a desired state that
+        // only moved allocations is echoed (its clock) by the next report,
+        // as the reference does, saving an RPC per allocation.
+        if first || fes_changed {
+            shared.report_now.notify_one();
+        }
+    }
+
+    /// Applies one desired state. Never blocks: workers are started and
+    /// stopped by their own tasks. Returns whether the set of workers
+    /// changed (a state the server should hear about at once); result
+    /// reports are triggered separately.
+    pub fn apply(&mut self, desired: &Arc<Desired>, received: Instant) -> bool {
+        let shared = self.shared.clone();
+        let fes = self.sweep();
+        let (mode, allocatable) = {
+            let st = shared.state.lock();
+            let allocatable = crate::admission::allocatable_in(&shared.config, &st.settings);
+            (st.mode, allocatable)
+        };
+        let current = Current {
+            fes: &fes,
+            allocations: &self.allocations,
+            mode,
+            allocatable,
+            defaults: &shared.config.worker_defaults,
+        };
+        let verdicts = precheck(&shared, desired, &current);
+        let plan = plan::plan(desired, &current, verdicts);
+        let fes_changed = plan.fes_changed();
+        self.execute(desired, plan, &fes, received);
+        fes_changed
+    }
+
+    /// Forgets workers whose controllers ended; returns the registry.
+    fn sweep(&self) -> Arc<FeMap> {
+        let fes = self.shared.workers();
+        if !fes.values().any(FeSlot::gone) {
+            return fes;
+        }
+        let kept: FeMap = fes
+            .iter()
+            .filter(|(_, slot)| !slot.gone())
+            .map(|(id, slot)| (id.clone(), slot.clone()))
+            .collect();
+        let kept = Arc::new(kept);
+        self.shared.workers.send_replace(kept.clone());
+        kept
+    }
+
+    fn execute(&mut self, desired: &Arc<Desired>, plan: Plan, fes: &FeMap, received: Instant) {
+        let mut after = AfterLock::default();
+        let fes = self.execute_fes(&plan, fes, &mut after);
+        let entries = self.allocation_entries(&plan, &mut after);
+        self.swap_allocations(desired, &plan, entries, &fes, &mut after);
+        self.send(plan.run, &fes, received);
+        for (alloc_id, fe_id) in after.cancel {
+            if let Some(c) = fes.get(&fe_id).and_then(FeSlot::controlled) {
+                let _ = c.tx.send(FeCommand::Cancel(alloc_id));
+            }
+        }
+        for (kind, subject, message) in after.events {
+            self.shared.event(kind, &subject, message);
+        }
+        for r in after.results {
+            self.shared.push_result(r);
+        }
+    }
+
+    /// Starts, refuses, stops and forgets workers; publishes the registry.
+    fn execute_fes(&self, plan: &Plan, fes: &FeMap, after: &mut AfterLock) -> Arc<FeMap> {
+        let shared = &self.shared;
+        let changed = plan.fes_changed();
+        let mut next = if changed { fes.clone() } else { FeMap::new() };
+        for s in &plan.start {
+            if let Some(r) = &s.refusal {
+                shared.metrics.admission_refused(r.resource);
+            }
+            let refusal = s.refusal.as_ref().map(|r| r.message.clone());
+            let (tx, view) = fe::spawn(shared.clone(), s.description.clone(), refusal);
+            let controlled = Controlled {
+                description_bytes: prost::Message::encode_to_vec(&*s.description).into(),
+                description: s.description.clone(),
+                claim: s.claim,
+                defaulted: s.defaulted.clone(),
+                tx,
+                view,
+            };
+            next.insert(s.id.clone(), FeSlot::Wanted(controlled));
+        }
+        for r in &plan.reject_fes {
+            shared
+                .metrics
+                .rejected("function_executor", r.rejection.code);
+            let message = r.rejection.message.clone();
+            after
+                .events
+                .push(("function_executor_rejected", r.id.clone(), message.clone()));
+            if r.id.is_empty() {
+                continue;
+            }
+            let refused = Refused {
+                description_bytes: prost::Message::encode_to_vec(&*r.description).into(),
+                description: r.description.clone(),
+                timeline: vec![TimelineEntry::now(format!("rejected: {message}"))],
+                message,
+            };
+            next.insert(r.id.clone(), FeSlot::Rejected(refused));
+        }
+        for id in &plan.stop {
+            if let Some(FeSlot::Wanted(c)) = next.remove(id) {
+                let _ =
+                    c.tx.send(FeCommand::Shutdown("removing: absent from desired state"));
+                next.insert(id.clone(), FeSlot::Removing(c));
+            }
+        }
+        for id in &plan.forget {
+            next.remove(id);
+        }
+        if !changed {
+            return self.shared.workers();
+        }
+        shared.metrics.function_executors.set(next.len() as i64);
+        let next = Arc::new(next);
+        shared.workers.send_replace(next.clone());
+        next
+    }
+
+    /// The entries of new allocations, built before the lock is taken;
+    /// rejected ones finished, with their failed results.
+    fn allocation_entries(
+        &mut self,
+        plan: &Plan,
+        after: &mut AfterLock,
+    ) -> Vec<(String, AllocEntry)> {
+        let mut entries = Vec::with_capacity(plan.run.len() + plan.reject_allocations.len());
+        let entry = |a: &pb::Allocation| AllocEntry {
+            fe_id: a.function_executor_id.clone().unwrap_or_default(),
+            function: function_label(a.function.as_ref()),
+            phase: AllocPhase::Queued,
+            timeline: vec![TimelineEntry::now("queued: accepted from desired state")],
+        };
+        for (fe_id, a) in &plan.run {
+            let id = a.allocation_id.clone().unwrap_or_default();
+            self.allocations.insert(id.clone(), fe_id.clone());
+            entries.push((id, entry(a)));
+        }
+        for r in &plan.reject_allocations {
+            self.shared.metrics.rejected("allocation", r.code);
+            let id = r.allocation.allocation_id.clone().unwrap_or_default();
+            after
+                .events
+                .push(("allocation_rejected", id.clone(), r.message.clone()));
+            if id.is_empty() {
+                continue;
+            }
+            let mut e = entry(&r.allocation);
+            e.phase = AllocPhase::Finished;
+            e.timeline
+                .push(TimelineEntry::now(format!("rejected: {}", r.message)));
+            after
+                .results
+                .push(failed_result(&r.allocation, r.reason, None));
+            self.allocations.insert(id.clone(), e.fe_id.clone());
+            entries.push((id, e));
+        }
+        for (id, _) in &plan.dropped {
+            self.allocations.remove(id);
+        }
+        entries
+    }
+
+    /// The one hold of the shared state's lock in a pass: the clock, new
+    /// and dropped allocation entries, function call results routed.
+    fn swap_allocations(
+        &self,
+        desired: &Arc<Desired>,
+        plan: &Plan,
+        entries: Vec<(String, AllocEntry)>,
+        fes: &FeMap,
+        after: &mut AfterLock,
+    ) {
+        let shared = &self.shared;
+        let mut st = shared.state.lock();
+        let locked = Instant::now();
+        st.server_clock = desired.clock.unwrap_or(0);
+        st.last_desired = Some((desired.clone(), SystemTime::now()));
+        st.allocations.reserve(entries.len());
+        st.allocations.extend(entries);
+        for (id, fe_id) in &plan.dropped {
+            let Some(mut entry) = st.allocations.remove(id) else {
+                continue;
+            };
+            if entry.phase != AllocPhase::Finished && fes.contains_key(fe_id) {
+                after.cancel.push((id.clone(), fe_id.clone()));
+            }
+            entry
+                .timeline
+                .push(TimelineEntry::now("dropped from desired state"));
+            if st.recent_allocations.len() == crate::state::RECENT_ALLOCATIONS {
+                st.recent_allocations.pop_front();
+            }
+            st.recent_allocations.push_back((id.clone(), entry));
+        }
+        route_call_results(shared, &mut st, desired, after);
+        shared
+            .metrics
+            .reconcile_lock_hold
+            .observe(locked.elapsed().as_secs_f64());
+        drop(st);
+        shared
+            .metrics
+            .last_desired_function_executors
+            .set(desired.function_executors.len() as i64);
+        shared
+            .metrics
+            .last_desired_allocations
+            .set(desired.allocations.len() as i64);
+    }
+
+    /// Hands new allocations to their controllers; one whose controller
+    /// has already ended fails at once (it would otherwise wait for ever).
+    fn send(&self, run: Vec<(String, Arc<pb::Allocation>)>, fes: &FeMap, received: Instant) {
+        for (fe_id, a) in run {
+            let sent = fes
+                .get(&fe_id)
+                .and_then(FeSlot::controlled)
+                .map(|c| c.tx.send(FeCommand::Run(a.clone(), received)).is_ok());
+            if sent != Some(true) {
+                let id = a.allocation_id.as_deref().unwrap_or("");
+                self.shared.state.lock().note_allocation(
+                    id,
+                    Some(AllocPhase::Finished),
+                    "function executor is terminated".into(),
+                );
+                self.shared.push_result(failed_result(
+                    &a,
+                    pb::AllocationFailureReason::FunctionExecutorTerminated,
+                    None,
+                ));
+            }
+        }
+    }
+}
+
+/// Function call results, after allocations so a cancelled allocation has
+/// already left the registry's waiters... as far as its task has run; a
+/// late delivery to it is dropped unread.
+fn route_call_results(shared: &Shared, st: &mut State, desired: &Desired, after: &mut AfterLock) {
+    for r in &desired.function_call_results {
+        // One the agent will not hand over reaches its watchers as a
+        // failure naming why (they would otherwise wait for ever).
+        let refused = bound_function_call_result(r, shared.config.max_input_blob_bytes).err();
+        let routed = match &refused {
+            None => st.watches.route(r),
+            Some(_) => st.watches.route(&refused_result(r)),
+        };
+        if let (Some(why), crate::watches::Routed::Delivered(n)) = (&refused, routed) {
+            shared.metrics.rejected("function_call_result", why.code);
+            after.events.push((
+                "function_call_result_rejected",
+                r.function_call_id.clone().unwrap_or_default(),
+                format!("{}; {n} waiting watcher(s) get a failure", why.message),
+            ));
+        }
+        let label = match routed {
+            crate::watches::Routed::Delivered(_) => "delivered",
+            crate::watches::Routed::Kept => "kept",
+            crate::watches::Routed::NotFinal => "not_final",
+        };
+        shared
+            .metrics
+            .function_call_results
+            .get_or_create(&vec![("routing", label)])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A result naming a 2^63-byte value reaches its watcher as a failure,
+    /// and an event names the bound: handing the value over would make
+    /// about 10^11 read URLs.
+    #[tokio::test]
+    async fn an_oversized_function_call_result_reaches_its_watcher_as_a_failure() {
+        let shared = crate::testing_support::shared();
+        let watch = |call: &str| pb::FunctionCallWatch {
+            namespace: Some("ns".into()),
+            application: Some("app".into()),
+            request_id: Some("r".into()),
+            function_call_id: Some(call.into()),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for call in ["huge", "fine"] {
+            let waiter = crate::watches::Waiter {
+                allocation_id: "a".into(),
+                watcher_id: call.into(),
+                tx: tx.clone(),
+            };
+            let added = shared.state.lock().watches.add(
+                &watch(call),
+                waiter,
+                crate::watches::WatchBudget::UNLIMITED,
+            );
+            assert!(added.is_ok());
+        }
+        let result = |call: &str, size: u64| {
+            Arc::new(pb::FunctionCallResult {
+                namespace: Some("ns".into()),
+                request_id: Some("r".into()),
+                function_call_id: Some(call.into()),
+                outcome_code: Some(pb::AllocationOutcomeCode::Success as i32),
+                failure_reason: None,
+                return_value: Some(pb::DataPayload {
+                    uri: Some("file:///blobs/v".into()),
+                    offset: Some(0),
+                    size: Some(size),
+                    ..Default::default()
+                }),
+                request_error: None,
+            })
+        };
+        let desired = Arc::new(Desired {
+            function_executors: Vec::new(),
+            allocations: Vec::new(),
+            clock: Some(1),
+            function_call_results: vec![result("huge", 1 << 63), result("fine", 10)],
+        });
+        Reconciler::new(shared.clone()).apply(&desired, Instant::now());
+
+        let mut got = std::collections::HashMap::new();
+        while let Ok(d) = rx.try_recv() {
+            got.insert(d.watcher_id.clone(), d.result);
+        }
+        let huge = got.get("huge").expect("the huge result's watcher hears");
+        assert_eq!(huge.outcome_code(), pb::AllocationOutcomeCode::Failure);
+        assert!(huge.return_value.is_none());
+        let fine = got.get("fine").expect("the other watcher hears");
+        assert_eq!(fine.outcome_code(), pb::AllocationOutcomeCode::Success);
+        assert_eq!(fine.return_value.as_ref().and_then(|v| v.size), Some(10));
+        let events = shared.events.recent();
+        let rejected = events
+            .iter()
+            .find(|e| e.kind == "function_call_result_rejected")
+            .expect("an event names the refusal");
+        assert_eq!(rejected.subject, "huge");
+        assert!(
+            rejected.message.contains("(--max-input-blob-bytes)"),
+            "{}",
+            rejected.message
+        );
+    }
+}
