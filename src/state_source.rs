@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prost::Message;
-use steward_monitoring::{AdminAnswer, Document, Format, Page, ProbeResult, StateSource};
+use steward_monitoring::{
+    AdminAnswer, Document, Format, Page, ProbeResult, QueryError, StateSource,
+};
 use steward_reconciler::{AgentHandle, ModeCommand};
 
 /// Largest part of a protobuf document (the desired state, the last
@@ -69,7 +71,7 @@ impl AgentStateSource {
                 "unknown parameter {k:?}: since, until, group_by, limit, offset"
             ));
         }
-        let page = Page::from_query(query)?;
+        let page = Page::from_query(query).map_err(|e| e.to_string())?;
         let time = |k: &str| {
             query
                 .get(k)
@@ -298,7 +300,7 @@ impl StateSource for AgentStateSource {
         name: &str,
         format: Format,
         query: &BTreeMap<String, String>,
-    ) -> Option<Result<Document, String>> {
+    ) -> Option<Result<Document, QueryError>> {
         let page = match Page::from_query(query) {
             Ok(p) => p,
             Err(e) if name != "host" && name != "reported" => return Some(Err(e)),
@@ -306,7 +308,11 @@ impl StateSource for AgentStateSource {
         };
         let json = |v| Some(Ok(Document::Json(v)));
         match name {
-            "usage" => Some(self.usage(query).map(Document::Json)),
+            "usage" => Some(
+                self.usage(query)
+                    .map(Document::Json)
+                    .map_err(QueryError::Parameter),
+            ),
             "activity" => json(self.activity(page)),
             "reported" => Some(Ok(self.reported(format))),
             "desired" => Some(Ok(self.desired(format, page))),

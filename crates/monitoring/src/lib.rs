@@ -134,7 +134,7 @@ pub trait StateSource: Send + Sync + 'static {
         name: &str,
         format: Format,
         _query: &BTreeMap<String, String>,
-    ) -> Option<Result<Document, String>> {
+    ) -> Option<Result<Document, QueryError>> {
         self.document(name, format).map(Ok)
     }
     /// An authenticated `/admin/{action}` call (`method` GET, POST or
@@ -160,6 +160,24 @@ pub struct AdminAnswer {
     pub body: serde_json::Value,
 }
 
+/// Why a state document's query is refused (HTTP 400, this text in the
+/// body's `error`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    #[error("{name} {value:?}: a whole number")]
+    NotANumber { name: &'static str, value: String },
+    #[error("limit {0}: from 1 to {MAX_PAGE_LIMIT}")]
+    Limit(usize),
+    /// A parameter the document itself refuses, in its words.
+    #[error("{0}")]
+    Parameter(String),
+}
+
+/// A bearer token shorter than [`BearerToken::new`] accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a token must be at least 16 characters")]
+pub struct TokenTooShort;
+
 /// A bearer token: the admin token of `/admin/*`, or the read token of
 /// `/state/*` and the metrics.
 #[derive(Clone)]
@@ -170,10 +188,10 @@ pub type AdminToken = BearerToken;
 
 impl BearerToken {
     /// A token of at least 16 bytes (surrounding whitespace is not part of it).
-    pub fn new(token: &str) -> Result<BearerToken, String> {
+    pub fn new(token: &str) -> Result<BearerToken, TokenTooShort> {
         let t = token.trim();
         if t.len() < 16 {
-            return Err("a token must be at least 16 characters".into());
+            return Err(TokenTooShort);
         }
         Ok(BearerToken(Arc::new(t.as_bytes().to_vec())))
     }
@@ -293,19 +311,21 @@ impl Page {
     };
 
     /// The page a query asks for; `Err` names a bad `limit` or `offset`.
-    pub fn from_query(query: &BTreeMap<String, String>) -> Result<Page, String> {
-        let number = |k: &str| -> Result<Option<usize>, String> {
+    pub fn from_query(query: &BTreeMap<String, String>) -> Result<Page, QueryError> {
+        let number = |name: &'static str| -> Result<Option<usize>, QueryError> {
             query
-                .get(k)
+                .get(name)
                 .map(|v| {
-                    v.parse::<usize>()
-                        .map_err(|_| format!("{k} {v:?}: a whole number"))
+                    v.parse::<usize>().map_err(|_| QueryError::NotANumber {
+                        name,
+                        value: v.clone(),
+                    })
                 })
                 .transpose()
         };
         let limit = number("limit")?.unwrap_or(DEFAULT_PAGE_LIMIT);
         if !(1..=MAX_PAGE_LIMIT).contains(&limit) {
-            return Err(format!("limit {limit}: from 1 to {MAX_PAGE_LIMIT}"));
+            return Err(QueryError::Limit(limit));
         }
         Ok(Page {
             offset: number("offset")?.unwrap_or(0),
@@ -799,7 +819,10 @@ async fn state_document(
     match doc {
         Some(Ok(Document::Json(v))) => json(StatusCode::OK, v),
         Some(Ok(Document::Text(t))) => t.into_response(),
-        Some(Err(why)) => json(StatusCode::BAD_REQUEST, serde_json::json!({"error": why})),
+        Some(Err(why)) => json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": why.to_string()}),
+        ),
         None => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no state document {name:?}"), "documents": app.src.document_names()}),

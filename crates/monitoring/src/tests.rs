@@ -429,12 +429,13 @@ fn pages_are_checked_and_say_where_the_next_one_starts() {
     assert_eq!(p.info(5)["next_offset"], serde_json::Value::Null);
     assert_eq!(p.range(2), 2..2);
     assert_eq!(p.slice(&[1, 2, 3, 4]), &[4]);
-    for bad in [
-        ("limit", "0"),
-        ("limit", "10001"),
-        ("offset", "-1"),
-        ("limit", "x"),
+    for (bad, says) in [
+        (("limit", "0"), "limit 0: from 1 to 10000"),
+        (("limit", "10001"), "limit 10001: from 1 to 10000"),
+        (("offset", "-1"), r#"offset "-1": a whole number"#),
+        (("limit", "x"), r#"limit "x": a whole number"#),
     ] {
-        assert!(Page::from_query(&q(&[bad])).is_err(), "{bad:?}");
+        let e = Page::from_query(&q(&[bad])).expect_err("refused");
+        assert_eq!(e.to_string(), says, "{bad:?}");
     }
 }

@@ -105,13 +105,16 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), SettingsError> 
     Ok(())
 }
 
+/// A text that is not `namespace:application:function[:version]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not namespace:application:function[:version]")]
+pub struct NotAnAllowedFunction(pub String);
+
 /// `namespace:application:function[:version]` as the server's message.
-pub fn parse_allowed_function(f: &str) -> Result<pb::AllowedFunction, String> {
+pub fn parse_allowed_function(f: &str) -> Result<pb::AllowedFunction, NotAnAllowedFunction> {
     let parts: Vec<&str> = f.split(':').collect();
     if f.len() > 512 || !(3..=4).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
-        return Err(format!(
-            "{f:?} is not namespace:application:function[:version]"
-        ));
+        return Err(NotAnAllowedFunction(f.to_string()));
     }
     Ok(pb::AllowedFunction {
         namespace: Some(parts[0].into()),
@@ -220,7 +223,8 @@ impl Settings {
                 ));
             }
             for (i, f) in list.iter().enumerate() {
-                parse_allowed_function(f).map_err(|e| bad(format!("allowed_functions[{i}]"), e))?;
+                parse_allowed_function(f)
+                    .map_err(|e| bad(format!("allowed_functions[{i}]"), e.to_string()))?;
             }
             next.allowed_functions = list.clone();
         }

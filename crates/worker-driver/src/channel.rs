@@ -131,7 +131,38 @@ pub enum ConnectError {
     NotYet(io::Error),
     /// Something listens that is not the worker: never try again.
     #[error("refused the worker's channel {address}: {reason}")]
-    Refused { address: String, reason: String },
+    Refused { address: String, reason: PeerError },
+}
+
+/// Why what listens on a worker's channel is not taken for the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("no peer credentials: {0}")]
+    NoCredentials(io::Error),
+    #[error("the socket's listener runs as uid {uid}, the worker as uid {worker_uid}")]
+    Uid { uid: u32, worker_uid: u32 },
+    #[error(
+        "the socket's listener is pid {pid}, which is not in worker {worker}'s process group or cgroup"
+    )]
+    Pid { pid: u32, worker: u32 },
+    #[error("the kernel gave no pid for the socket's listener")]
+    NoPid,
+    #[error("nothing listens on port {0} any more")]
+    NothingListens(u16),
+    #[error(
+        "a socket listening on port {port} belongs to uid {uid}, the worker runs as uid {worker_uid}"
+    )]
+    PortUid {
+        port: u16,
+        uid: u32,
+        worker_uid: u32,
+    },
+    #[error(
+        "a socket listening on port {port} (inode {inode}) is not open in any of the worker's processes"
+    )]
+    NotTheWorkers { port: u16, inode: u64 },
+    #[error("the check did not finish: {0}")]
+    Unfinished(tokio::task::JoinError),
 }
 
 /// Who must be listening: the worker's uid, its leader (whose process
@@ -231,7 +262,7 @@ pub async fn connect(target: Target, expected: Expected) -> Result<WorkerStream,
             };
             let cred = stream
                 .peer_cred()
-                .map_err(|e| refused(format!("no peer credentials: {e}")))?;
+                .map_err(|e| refused(PeerError::NoCredentials(e)))?;
             let pid = cred.pid().and_then(|p| u32::try_from(p).ok());
             check_unix_peer(cred.uid(), pid, &expected, |p| expected.owns(p)).map_err(refused)?;
             Ok(WorkerStream::Unix(stream))
@@ -244,7 +275,7 @@ pub async fn connect(target: Target, expected: Expected) -> Result<WorkerStream,
             let check = expected.clone();
             let verdict = tokio::task::spawn_blocking(move || tcp_peer_check(port, &check))
                 .await
-                .unwrap_or_else(|e| Err(format!("the check did not finish: {e}")));
+                .unwrap_or_else(|e| Err(PeerError::Unfinished(e)));
             verdict.map_err(|reason| ConnectError::Refused {
                 address: format!("127.0.0.1:{port}"),
                 reason,
@@ -261,20 +292,20 @@ fn check_unix_peer(
     pid: Option<u32>,
     expected: &Expected,
     owns: impl Fn(u32) -> bool,
-) -> Result<(), String> {
+) -> Result<(), PeerError> {
     if uid != expected.uid {
-        return Err(format!(
-            "the socket's listener runs as uid {uid}, the worker as uid {}",
-            expected.uid
-        ));
+        return Err(PeerError::Uid {
+            uid,
+            worker_uid: expected.uid,
+        });
     }
     match pid {
         Some(p) if owns(p) => Ok(()),
-        Some(p) => Err(format!(
-            "the socket's listener is pid {p}, which is not in worker {}'s process group or cgroup",
-            expected.pid
-        )),
-        None => Err("the kernel gave no pid for the socket's listener".into()),
+        Some(p) => Err(PeerError::Pid {
+            pid: p,
+            worker: expected.pid,
+        }),
+        None => Err(PeerError::NoPid),
     }
 }
 
@@ -314,23 +345,24 @@ fn check_tcp_listeners(
     all: &[Listener],
     uid: u32,
     worker_sockets: &HashSet<u64>,
-) -> Result<(), String> {
+) -> Result<(), PeerError> {
     let on_port: Vec<&Listener> = all.iter().filter(|l| l.port == port).collect();
     if on_port.is_empty() {
-        return Err(format!("nothing listens on port {port} any more"));
+        return Err(PeerError::NothingListens(port));
     }
     for l in on_port {
         if l.uid != uid {
-            return Err(format!(
-                "a socket listening on port {port} belongs to uid {}, the worker runs as uid {uid}",
-                l.uid
-            ));
+            return Err(PeerError::PortUid {
+                port,
+                uid: l.uid,
+                worker_uid: uid,
+            });
         }
         if !worker_sockets.contains(&l.inode) {
-            return Err(format!(
-                "a socket listening on port {port} (inode {}) is not open in any of the worker's processes",
-                l.inode
-            ));
+            return Err(PeerError::NotTheWorkers {
+                port,
+                inode: l.inode,
+            });
         }
     }
     Ok(())
@@ -354,7 +386,7 @@ fn sockets_of(pid: u32, into: &mut HashSet<u64>) {
     }
 }
 
-fn tcp_peer_check(port: u16, expected: &Expected) -> Result<(), String> {
+fn tcp_peer_check(port: u16, expected: &Expected) -> Result<(), PeerError> {
     let mut all = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         if let Ok(t) = std::fs::read_to_string(table) {
@@ -448,9 +480,13 @@ mod tests {
         let owns = |p| p == 500 || p == 501;
         assert!(check_unix_peer(2_000_000_001, Some(500), &e, owns).is_ok());
         assert!(check_unix_peer(2_000_000_001, Some(501), &e, owns).is_ok());
-        let other_uid = check_unix_peer(2_000_000_002, Some(500), &e, owns).expect_err("uid");
+        let other_uid = check_unix_peer(2_000_000_002, Some(500), &e, owns)
+            .expect_err("uid")
+            .to_string();
         assert!(other_uid.contains("uid 2000000002"), "{other_uid}");
-        let other_pid = check_unix_peer(2_000_000_001, Some(900), &e, owns).expect_err("pid");
+        let other_pid = check_unix_peer(2_000_000_001, Some(900), &e, owns)
+            .expect_err("pid")
+            .to_string();
         assert!(other_pid.contains("pid 900"), "{other_pid}");
         assert!(check_unix_peer(2_000_000_001, None, &e, owns).is_err());
     }
@@ -502,7 +538,9 @@ mod tests {
         assert!(check_tcp_listeners(8080, &[mine], 7, &sockets).is_ok());
         // A listener that bound the port before or beside the worker.
         let squatter = Listener { inode: 2, ..mine };
-        let e = check_tcp_listeners(8080, &[mine, squatter], 7, &sockets).expect_err("squatter");
+        let e = check_tcp_listeners(8080, &[mine, squatter], 7, &sockets)
+            .expect_err("squatter")
+            .to_string();
         assert!(e.contains("inode 2"), "{e}");
         let other_uid = Listener { uid: 0, ..mine };
         assert!(check_tcp_listeners(8080, &[other_uid], 7, &sockets).is_err());

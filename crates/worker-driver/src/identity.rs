@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// First id of the default worker range. The range sits above what
@@ -512,25 +512,56 @@ pub fn worker_env(
     env
 }
 
+/// Why Steward's data directory cannot be made private, or a blob root
+/// shared with workers.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{path} belongs to uid {uid}, not to Steward's uid {euid}: another user could read or change what Steward keeps there"
+    )]
+    NotStewards { path: PathBuf, uid: u32, euid: u32 },
+    #[error("{path} is mode {mode:04o} and cannot be made 0700: {error}")]
+    Private {
+        path: PathBuf,
+        mode: u32,
+        error: std::io::Error,
+    },
+    /// A step of [`share_with_workers`] ("chown", "default ACL", ...) failed.
+    #[error("{path}: {step}: {error}")]
+    Share {
+        path: PathBuf,
+        step: &'static str,
+        error: std::io::Error,
+    },
+}
+
 /// Makes `dir` (Steward's data directory) `0700` and checks it is Steward's:
 /// workers must not enter it (the ledger, records, code cache, logs).
-pub fn private_dir(dir: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn private_dir(dir: &Path) -> Result<(), DirError> {
+    let meta = std::fs::metadata(dir).map_err(|error| DirError::Io {
+        path: dir.to_path_buf(),
+        error,
+    })?;
     let euid = steward_uid();
     if meta.uid() != euid {
-        return Err(format!(
-            "{} belongs to uid {}, not to Steward's uid {euid}: another user could read or change what Steward keeps there",
-            dir.display(),
-            meta.uid()
-        ));
+        return Err(DirError::NotStewards {
+            path: dir.to_path_buf(),
+            uid: meta.uid(),
+            euid,
+        });
     }
     if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            format!(
-                "{} is mode {:04o} and cannot be made 0700: {e}",
-                dir.display(),
-                meta.mode() & 0o7777
-            )
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|error| {
+            DirError::Private {
+                path: dir.to_path_buf(),
+                mode: meta.mode() & 0o7777,
+                error,
+            }
         })?;
         tracing::info!(dir = %dir.display(), was = format!("{:04o}", meta.mode() & 0o7777), "data directory made 0700: no worker may enter it");
     }
@@ -560,8 +591,12 @@ pub const MAX_SHARED_ENTRIES: usize = 100_000;
 /// `fsetxattr`). A worker that swaps an entry for a symlink to `/etc`
 /// mid-walk changes nothing outside the root. A plain file with more than
 /// one link (a hard link to a file elsewhere) is left alone.
-pub fn share_with_workers(dir: &Path, gid: u32) -> Result<Option<String>, String> {
-    let at = |p: &Path, what: &str, e: std::io::Error| format!("{}: {what}: {e}", p.display());
+pub fn share_with_workers(dir: &Path, gid: u32) -> Result<Option<String>, DirError> {
+    let at = |p: &Path, step, error| DirError::Share {
+        path: p.to_path_buf(),
+        step,
+        error,
+    };
     let top = open_at(None, dir.as_os_str(), Open::Change).map_err(|e| at(dir, "open", e))?;
     std::os::unix::fs::fchown(&top, None, Some(gid)).map_err(|e| at(dir, "chown", e))?;
     top.set_permissions(std::fs::Permissions::from_mode(0o2770))
@@ -994,7 +1029,10 @@ mod tests {
         let said = match share_with_workers(&root, gid) {
             Ok(said) => said,
             // No ACL support on this file system: nothing to check here.
-            Err(e) if e.contains("default ACL") => return,
+            Err(DirError::Share {
+                step: "default ACL",
+                ..
+            }) => return,
             Err(e) => panic!("{e}"),
         };
         let mode = |p: &Path| std::fs::symlink_metadata(p).expect("meta").mode() & 0o7777;

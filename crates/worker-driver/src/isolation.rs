@@ -20,6 +20,39 @@ use crate::identity::{EnvAllow, IdentitySetup};
 /// Name of a worker's socket in its directory.
 const SOCKET: &str = "fe.sock";
 
+/// Why the worker run directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RunDirError {
+    #[error("creating {path}: {error}")]
+    Create {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{path} belongs to uid {uid}, not to Steward's uid {euid}")]
+    NotStewards { path: PathBuf, uid: u32, euid: u32 },
+    #[error("chmod 0711 {path}: {error}")]
+    Chmod {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{path} is mode {mode:04o}: workers, running under their own uids, could not reach their directories below it (choose another --worker-run-dir)"
+    )]
+    Unreachable { path: PathBuf, mode: u32 },
+    #[error(
+        "{0} is too long for a Unix socket path ({max} bytes at most): choose a shorter --worker-run-dir",
+        max = crate::channel::MAX_SOCKET_PATH
+    )]
+    TooLong(PathBuf),
+}
+
 /// How workers are kept apart (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Isolation {
@@ -81,30 +114,40 @@ impl Isolation {
     /// writable by nobody else (or another user could swap a worker's
     /// directory), every directory above it searchable by workers, and a
     /// socket path must fit `sun_path`. Idempotent.
-    pub fn prepare(&self) -> Result<(), String> {
+    pub fn prepare(&self) -> Result<(), RunDirError> {
         let euid = crate::identity::steward_uid();
         let separated = self.identities.range().is_some();
         for dir in std::iter::once(&self.base).chain(std::iter::once(&self.run_dir)) {
+            let path = || dir.to_path_buf();
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o711)
                 .create(dir)
-                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            let meta =
-                std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                .map_err(|error| RunDirError::Create {
+                    path: path(),
+                    error,
+                })?;
+            let meta = std::fs::symlink_metadata(dir).map_err(|error| RunDirError::Io {
+                path: path(),
+                error,
+            })?;
             if !meta.is_dir() {
-                return Err(format!("{} is not a directory", dir.display()));
+                return Err(RunDirError::NotADirectory(path()));
             }
             if meta.uid() != euid {
-                return Err(format!(
-                    "{} belongs to uid {}, not to Steward's uid {euid}",
-                    dir.display(),
-                    meta.uid()
-                ));
+                return Err(RunDirError::NotStewards {
+                    path: path(),
+                    uid: meta.uid(),
+                    euid,
+                });
             }
             if meta.mode() & 0o7777 != 0o711 {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-                    .map_err(|e| format!("chmod 0711 {}: {e}", dir.display()))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(
+                    |error| RunDirError::Chmod {
+                        path: path(),
+                        error,
+                    },
+                )?;
             }
         }
         if let Some(locks) = self.lock_dir() {
@@ -115,7 +158,10 @@ impl Isolation {
                     std::io::ErrorKind::AlreadyExists => Ok(()),
                     _ => Err(e),
                 })
-                .map_err(|e| format!("creating {}: {e}", locks.display()))?;
+                .map_err(|error| RunDirError::Create {
+                    path: locks.clone(),
+                    error,
+                })?;
         }
         if separated {
             let mut above = self.base.parent();
@@ -123,22 +169,17 @@ impl Isolation {
                 if let Ok(m) = std::fs::metadata(p)
                     && m.mode() & 0o001 == 0
                 {
-                    return Err(format!(
-                        "{} is mode {:04o}: workers, running under their own uids, could not reach their directories below it (choose another --worker-run-dir)",
-                        p.display(),
-                        m.mode() & 0o7777
-                    ));
+                    return Err(RunDirError::Unreachable {
+                        path: p.to_path_buf(),
+                        mode: m.mode() & 0o7777,
+                    });
                 }
                 above = p.parent();
             }
         }
         let longest = self.run_dir.join(format!("w{}", u32::MAX)).join(SOCKET);
         if !socket_path_fits(&longest) {
-            return Err(format!(
-                "{} is too long for a Unix socket path ({} bytes at most): choose a shorter --worker-run-dir",
-                longest.display(),
-                crate::channel::MAX_SOCKET_PATH
-            ));
+            return Err(RunDirError::TooLong(longest));
         }
         Ok(())
     }
@@ -281,7 +322,8 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tmp");
         let iso = Isolation::unseparated(&tmp.path().join("x".repeat(90)), "test");
         let e = iso.prepare().expect_err("too long");
-        assert!(e.contains("too long"), "{e}");
+        assert!(matches!(e, RunDirError::TooLong(_)), "{e}");
+        assert!(e.to_string().contains("too long"), "{e}");
     }
 
     #[test]

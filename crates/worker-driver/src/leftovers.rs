@@ -69,6 +69,58 @@ impl Leftover {
     }
 }
 
+/// Why a file in the records directory is not a record (it is skipped).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecordError {
+    #[error("a record of an older Steward (no boot id): its process group cannot be verified")]
+    OlderSteward,
+    #[error("not a worker record (no {RECORD_MAGIC:?} line)")]
+    NoMagic,
+    #[error("a line without a value")]
+    NoValue,
+    /// A field whose value does not parse ("pgid", "start time", ...).
+    #[error("a bad {0}")]
+    Bad(&'static str),
+    #[error("field {0} given twice")]
+    Twice(String),
+    #[error("an unknown field")]
+    UnknownField,
+    /// A required field that is missing.
+    #[error("no {0}")]
+    Missing(&'static str),
+    #[error("unreadable: {0}")]
+    Unreadable(std::io::Error),
+    #[error("not a regular file: not a worker record")]
+    NotAFile,
+    #[error("{0} bytes, more than a worker record's {MAX_RECORD_BYTES}")]
+    Size(u64),
+    #[error("more than a worker record's {MAX_RECORD_BYTES} bytes")]
+    TooLong,
+    #[error("not text: not a worker record")]
+    NotText,
+}
+
+/// Why the processes of a record are not acted on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotTheWorker {
+    #[error("process group {0} is never a worker's (0 and 1 are not)")]
+    ReservedGroup(u32),
+    #[error("process group {0} is Steward's own")]
+    StewardsGroup(u32),
+    #[error("this host's boot id cannot be read: the record cannot be verified")]
+    NoBootId,
+    #[error("recorded in another boot ({0}): its processes are long gone")]
+    OtherBoot(String),
+    #[error(
+        "process {pid} started at tick {started}, not {recorded} as recorded: the id was reused, it is not the worker"
+    )]
+    Reused {
+        pid: u32,
+        started: u64,
+        recorded: u64,
+    },
+}
+
 /// One worker as recorded while it ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
@@ -93,53 +145,49 @@ impl Record {
     }
 
     /// A record, or why the text is not one.
-    pub(crate) fn parse(text: &str) -> Result<Record, String> {
+    pub(crate) fn parse(text: &str) -> Result<Record, RecordError> {
         let mut lines = text.lines();
         if lines.next() != Some(RECORD_MAGIC) {
             return Err(if plain_old_record(text) {
-                "a record of an older Steward (no boot id): its process group cannot be verified"
-                    .into()
+                RecordError::OlderSteward
             } else {
-                format!("not a worker record (no {RECORD_MAGIC:?} line)")
+                RecordError::NoMagic
             });
         }
         let (mut pgid, mut start, mut boot_id, mut cgroup) = (None, None, None, None);
         for line in lines {
-            let (key, value) = line
-                .split_once(' ')
-                .ok_or_else(|| "a line without a value".to_string())?;
+            let (key, value) = line.split_once(' ').ok_or(RecordError::NoValue)?;
+            let bad = |what| move |_| RecordError::Bad(what);
             match key {
-                "pgid" => set(&mut pgid, key, value.parse().map_err(|_| "a bad pgid")?)?,
-                "start" => set(
-                    &mut start,
-                    key,
-                    value.parse().map_err(|_| "a bad start time")?,
-                )?,
+                "pgid" => set(&mut pgid, key, value.parse().map_err(bad("pgid"))?)?,
+                "start" => set(&mut start, key, value.parse().map_err(bad("start time"))?)?,
                 "boot" => set(
                     &mut boot_id,
                     key,
-                    valid_boot_id(value).ok_or("a bad boot id")?.to_string(),
+                    valid_boot_id(value)
+                        .ok_or(RecordError::Bad("boot id"))?
+                        .to_string(),
                 )?,
                 "cgroup" if crate::cgroup::worker_cgroup_name(value) => {
                     set(&mut cgroup, key, value.to_string())?
                 }
-                "cgroup" => return Err("a bad cgroup name".into()),
-                _ => return Err("an unknown field".into()),
+                "cgroup" => return Err(RecordError::Bad("cgroup name")),
+                _ => return Err(RecordError::UnknownField),
             }
         }
         Ok(Record {
-            pgid: pgid.ok_or("no pgid")?,
-            start: start.ok_or("no start time")?,
-            boot_id: boot_id.ok_or("no boot id")?,
+            pgid: pgid.ok_or(RecordError::Missing("pgid"))?,
+            start: start.ok_or(RecordError::Missing("start time"))?,
+            boot_id: boot_id.ok_or(RecordError::Missing("boot id"))?,
             cgroup,
         })
     }
 }
 
 /// Fills a field of a record being parsed, once.
-fn set<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<(), String> {
+fn set<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<(), RecordError> {
     match slot.replace(value) {
-        Some(_) => Err(format!("field {key} given twice")),
+        Some(_) => Err(RecordError::Twice(key.to_string())),
         None => Ok(()),
     }
 }
@@ -234,22 +282,16 @@ impl Host {
 
 /// Whether record `r` may be acted on at all here: its group is not 0, 1
 /// or Steward's own, and it was written in this boot.
-pub(crate) fn check(r: &Record, host: &Host) -> Result<(), String> {
+pub(crate) fn check(r: &Record, host: &Host) -> Result<(), NotTheWorker> {
     if r.pgid < 2 {
-        return Err(format!(
-            "process group {} is never a worker's (0 and 1 are not)",
-            r.pgid
-        ));
+        return Err(NotTheWorker::ReservedGroup(r.pgid));
     }
     if r.pgid == host.own_pid || r.pgid == host.own_pgid {
-        return Err(format!("process group {} is Steward's own", r.pgid));
+        return Err(NotTheWorker::StewardsGroup(r.pgid));
     }
     match &host.boot_id {
-        None => Err("this host's boot id cannot be read: the record cannot be verified".into()),
-        Some(b) if *b != r.boot_id => Err(format!(
-            "recorded in another boot ({}): its processes are long gone",
-            r.boot_id
-        )),
+        None => Err(NotTheWorker::NoBootId),
+        Some(b) if *b != r.boot_id => Err(NotTheWorker::OtherBoot(r.boot_id.clone())),
         Some(_) => Ok(()),
     }
 }
@@ -269,15 +311,16 @@ fn in_cgroup(cgroups: &str, name: &str) -> bool {
 /// a live leader is the one recorded; then each member that started no
 /// earlier than the leader, is not Steward, is not yet a zombie and sits
 /// in the recorded cgroup (where one was recorded).
-pub(crate) fn targets(r: &Record, host: &Host, procs: &[Proc]) -> Result<Vec<u32>, String> {
+pub(crate) fn targets(r: &Record, host: &Host, procs: &[Proc]) -> Result<Vec<u32>, NotTheWorker> {
     check(r, host)?;
     if let Some(leader) = procs.iter().find(|p| p.pid == r.pgid)
         && leader.start != r.start
     {
-        return Err(format!(
-            "process {} started at tick {}, not {} as recorded: the id was reused, it is not the worker",
-            r.pgid, leader.start, r.start
-        ));
+        return Err(NotTheWorker::Reused {
+            pid: r.pgid,
+            started: leader.start,
+            recorded: r.start,
+        });
     }
     Ok(procs
         .iter()
@@ -344,7 +387,7 @@ pub(crate) fn take_records(dir: &Path) -> Vec<Found> {
             .collect();
         let path = e.path();
         let read = match std::fs::symlink_metadata(&path) {
-            Err(e) => Err(format!("unreadable: {e}")),
+            Err(e) => Err(RecordError::Unreadable(e)),
             Ok(m) if m.is_dir() => {
                 found.push(Found::Skipped(Leftover::skipped(
                     worker,
@@ -353,17 +396,14 @@ pub(crate) fn take_records(dir: &Path) -> Vec<Found> {
                 )));
                 continue;
             }
-            Ok(m) if !m.is_file() => Err("not a regular file: not a worker record".into()),
-            Ok(m) if m.len() > MAX_RECORD_BYTES => Err(format!(
-                "{} bytes, more than a worker record's {MAX_RECORD_BYTES}",
-                m.len()
-            )),
+            Ok(m) if !m.is_file() => Err(RecordError::NotAFile),
+            Ok(m) if m.len() > MAX_RECORD_BYTES => Err(RecordError::Size(m.len())),
             Ok(_) => read_bounded(&path),
         };
         let _ = std::fs::remove_file(&path);
         found.push(match read.and_then(|text| Record::parse(&text)) {
             Ok(record) => Found::Record { worker, record },
-            Err(why) => Found::Skipped(Leftover::skipped(worker, "record", why)),
+            Err(why) => Found::Skipped(Leftover::skipped(worker, "record", why.to_string())),
         });
     }
     found
@@ -371,29 +411,27 @@ pub(crate) fn take_records(dir: &Path) -> Vec<Found> {
 
 /// The file's text, without following a link or blocking on a FIFO, and
 /// never more than [`MAX_RECORD_BYTES`].
-fn read_bounded(path: &Path) -> Result<String, String> {
+fn read_bounded(path: &Path) -> Result<String, RecordError> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| format!("unreadable: {e}"))?;
+        .map_err(RecordError::Unreadable)?;
     let mut bytes = Vec::new();
     file.take(MAX_RECORD_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("unreadable: {e}"))?;
+        .map_err(RecordError::Unreadable)?;
     if bytes.len() as u64 > MAX_RECORD_BYTES {
-        return Err(format!(
-            "more than a worker record's {MAX_RECORD_BYTES} bytes"
-        ));
+        return Err(RecordError::TooLong);
     }
-    String::from_utf8(bytes).map_err(|_| "not text: not a worker record".into())
+    String::from_utf8(bytes).map_err(|_| RecordError::NotText)
 }
 
 /// Kills what is left of the worker of record `r` (processes forked by
 /// user code survive their worker, keeping its group), checking each
 /// process as [`targets`] says; returns how many were killed, or why
 /// nothing was done.
-pub(crate) fn reap_group(r: &Record, host: &Host) -> Result<usize, String> {
+pub(crate) fn reap_group(r: &Record, host: &Host) -> Result<usize, NotTheWorker> {
     let deadline = Instant::now() + REAP_GROUP_WITHIN;
     let mut pause = Duration::from_millis(1);
     let mut killed: Vec<u32> = Vec::new();
@@ -504,9 +542,9 @@ mod tests {
     #[test]
     fn records_round_trip_and_anything_else_is_refused_with_a_reason() {
         let r = record(4242);
-        assert_eq!(Record::parse(&r.encode()), Ok(r.clone()));
+        assert_eq!(Record::parse(&r.encode()).expect("round trip"), r);
         let bare = Record { cgroup: None, ..r };
-        assert_eq!(Record::parse(&bare.encode()), Ok(bare.clone()));
+        assert_eq!(Record::parse(&bare.encode()).expect("round trip"), bare);
         let cases = [
             ("4242 1000\n", "older Steward"),
             ("", "not a worker record"),
@@ -539,7 +577,7 @@ mod tests {
             ),
         ];
         for (text, why) in cases {
-            let e = Record::parse(text).expect_err(text);
+            let e = Record::parse(text).expect_err(text).to_string();
             assert!(e.contains(why), "{text:?}: {e}");
         }
     }
@@ -561,7 +599,9 @@ mod tests {
                 proc(pgid, pgid, 1000, "fe-w1.4000-0"),
                 proc(77, pgid, 1001, "fe-w1.4000-0"),
             ];
-            let e = targets(&record(pgid), &h, &procs).expect_err("never a worker's group");
+            let e = targets(&record(pgid), &h, &procs)
+                .expect_err("never a worker's group")
+                .to_string();
             assert!(e.contains(&format!("process group {pgid}")), "{e}");
         }
     }
@@ -573,13 +613,17 @@ mod tests {
             boot_id: OTHER_BOOT.into(),
             ..record(4242)
         };
-        let e = targets(&other, &host(), &procs).expect_err("another boot");
+        let e = targets(&other, &host(), &procs)
+            .expect_err("another boot")
+            .to_string();
         assert!(e.contains("another boot"), "{e}");
         let unknown = Host {
             boot_id: None,
             ..host()
         };
-        let e = targets(&record(4242), &unknown, &procs).expect_err("no boot id");
+        let e = targets(&record(4242), &unknown, &procs)
+            .expect_err("no boot id")
+            .to_string();
         assert!(e.contains("boot id cannot be read"), "{e}");
     }
 
@@ -589,7 +633,9 @@ mod tests {
             proc(4242, 4242, 5000, "fe-w1.4000-0"),
             proc(4243, 4242, 5001, "fe-w1.4000-0"),
         ];
-        let e = targets(&record(4242), &host(), &procs).expect_err("reused");
+        let e = targets(&record(4242), &host(), &procs)
+            .expect_err("reused")
+            .to_string();
         assert!(e.contains("reused"), "{e}");
     }
 

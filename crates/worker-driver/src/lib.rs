@@ -41,7 +41,7 @@ use serde::Serialize;
 pub use cgroup::{CgroupSetup, CgroupVersion, Cgroups};
 pub use channel::{ChannelKind, ConnectError, WorkerStream};
 pub use identity::{EnvAllow, IdentitySetup, UidRange};
-pub use isolation::Isolation;
+pub use isolation::{Isolation, RunDirError};
 pub use leftovers::Leftover;
 pub use oci::{Network, OciDriver, OciDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig, describe_status};

@@ -227,7 +227,7 @@ impl WorkerDriver for ProcessDriver {
                     processes_killed: killed,
                     skipped: None,
                 },
-                Err(why) => Leftover::skipped(worker, "process group", why),
+                Err(why) => Leftover::skipped(worker, "process group", why.to_string()),
             });
         }
         // Their processes are gone: their directories (sockets, scratch

@@ -144,8 +144,19 @@ fn parent_dir(m: &files::CgroupMount, own: &str, parent: &str) -> Option<PathBuf
     Some(dir_in_mount(m, own)?.join(parent))
 }
 
+/// Why workers cannot be confined in cgroups here.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("cgroup parent {0:?} must be path components of [A-Za-z0-9._-] (no '..')")]
+    BadParent(String),
+    #[error("own cgroup {0} is outside the mounted hierarchy")]
+    Outside(String),
+    #[error("no cgroup hierarchy with the memory controller is mounted")]
+    NoMemoryController,
+}
+
 /// Checks a `--cgroup-parent`: path components of `[A-Za-z0-9._-]`, no `..`.
-pub fn check_parent(parent: &str) -> Result<(), String> {
+pub fn check_parent(parent: &str) -> Result<(), PlanError> {
     let ok = |c: &str| {
         !c.is_empty()
             && c != "."
@@ -155,9 +166,7 @@ pub fn check_parent(parent: &str) -> Result<(), String> {
     };
     let rel = parent.strip_prefix('/').unwrap_or(parent);
     if rel.is_empty() || !rel.split('/').all(ok) {
-        return Err(format!(
-            "cgroup parent {parent:?} must be path components of [A-Za-z0-9._-] (no '..')"
-        ));
+        return Err(PlanError::BadParent(parent.to_string()));
     }
     Ok(())
 }
@@ -168,7 +177,7 @@ fn plan(
     sources: &Sources,
     parent: &str,
     controllers_of: &dyn Fn(&Path) -> Option<String>,
-) -> Result<(CgroupVersion, Vec<Tree>, Vec<&'static str>), String> {
+) -> Result<(CgroupVersion, Vec<Tree>, Vec<&'static str>), PlanError> {
     let mounts = files::parse_mountinfo(&sources.mountinfo);
     // v2 when the unified hierarchy carries the memory controller.
     if let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") {
@@ -185,7 +194,7 @@ fn plan(
         } else {
             dir_in_mount(m, &own)
         }
-        .ok_or_else(|| format!("own cgroup {own} is outside the mounted hierarchy"))?;
+        .ok_or_else(|| PlanError::Outside(own.clone()))?;
         let available = controllers_of(&top).unwrap_or_default();
         let has = |c: &str| available.split_whitespace().any(|a| a == c);
         if has("memory") {
@@ -194,8 +203,7 @@ fn plan(
                 .filter(|c| has(c))
                 .collect();
             let missing = ["cpu", "pids"].into_iter().filter(|c| !has(c)).collect();
-            let dir = parent_dir(m, &own, parent)
-                .ok_or_else(|| format!("own cgroup {own} is outside the mounted hierarchy"))?;
+            let dir = parent_dir(m, &own, parent).ok_or_else(|| PlanError::Outside(own.clone()))?;
             return Ok((
                 CgroupVersion::V2,
                 vec![Tree {
@@ -232,7 +240,7 @@ fn plan(
         }
     }
     if missing.contains(&"memory") {
-        return Err("no cgroup hierarchy with the memory controller is mounted".into());
+        return Err(PlanError::NoMemoryController);
     }
     Ok((CgroupVersion::V1, trees, missing))
 }
@@ -250,12 +258,12 @@ impl Cgroups {
 
     pub fn detect_from(sources: &Sources, parent: &str) -> CgroupSetup {
         if let Err(e) = check_parent(parent) {
-            return CgroupSetup::Unavailable(e);
+            return CgroupSetup::Unavailable(e.to_string());
         }
         let read = |p: &Path| fs::read_to_string(p.join("cgroup.controllers")).ok();
         let (version, trees, missing) = match plan(sources, parent, &read) {
             Ok(p) => p,
-            Err(e) => return CgroupSetup::Unavailable(e),
+            Err(e) => return CgroupSetup::Unavailable(e.to_string()),
         };
         let mut cg = Cgroups {
             version,

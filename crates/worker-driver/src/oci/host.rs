@@ -147,7 +147,11 @@ fn gpu_information(text: &str) -> Option<(String, u32)> {
 /// The device nodes of the GPUs `uuids` (and the control nodes they all
 /// need), looked up under `proc` (`/proc`) and `dev` (`/dev`); an unknown
 /// UUID is an error naming it.
-pub fn gpu_devices(uuids: &[String], proc: &Path, dev: &Path) -> Result<Vec<DeviceNode>, String> {
+pub fn gpu_devices(
+    uuids: &[String],
+    proc: &Path,
+    dev: &Path,
+) -> Result<Vec<DeviceNode>, DeviceError> {
     if uuids.is_empty() {
         return Ok(Vec::new());
     }
@@ -166,11 +170,9 @@ pub fn gpu_devices(uuids: &[String], proc: &Path, dev: &Path) -> Result<Vec<Devi
             .iter()
             .find(|(u, _)| u.eq_ignore_ascii_case(uuid))
             .map(|(_, m)| *m)
-            .ok_or_else(|| {
-                format!(
-                    "GPU {uuid}: no {}/*/information names it, so its device node is unknown",
-                    gpus_dir.display()
-                )
+            .ok_or_else(|| DeviceError::UnknownGpu {
+                uuid: uuid.clone(),
+                gpus_dir: gpus_dir.clone(),
             })?;
         nodes.push(device_node(&dev.join(format!("nvidia{minor}")))?);
     }
@@ -183,12 +185,29 @@ pub fn gpu_devices(uuids: &[String], proc: &Path, dev: &Path) -> Result<Vec<Devi
     Ok(nodes)
 }
 
+/// Why a GPU's device nodes cannot go into a container.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("GPU {uuid}: no {gpus_dir}/*/information names it, so its device node is unknown")]
+    UnknownGpu { uuid: String, gpus_dir: PathBuf },
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0} is not a character device")]
+    NotACharDevice(PathBuf),
+}
+
 /// A character device's node: its path and numbers.
-fn device_node(path: &Path) -> Result<DeviceNode, String> {
+fn device_node(path: &Path) -> Result<DeviceNode, DeviceError> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let m = fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let m = fs::metadata(path).map_err(|error| DeviceError::Io {
+        path: path.to_path_buf(),
+        error,
+    })?;
     if !m.file_type().is_char_device() {
-        return Err(format!("{} is not a character device", path.display()));
+        return Err(DeviceError::NotACharDevice(path.to_path_buf()));
     }
     let rdev = m.rdev();
     Ok(DeviceNode {
@@ -345,10 +364,10 @@ mod tests {
             ]
         );
         let unknown = gpu_devices(&["GPU-cccc".into()], &proc, &dev).expect_err("unknown");
-        assert!(unknown.contains("GPU-cccc"), "{unknown}");
+        assert!(unknown.to_string().contains("GPU-cccc"), "{unknown}");
         // GPU-aaaa's node is missing: said, not skipped.
         assert!(gpu_devices(&["GPU-aaaa".into()], &proc, &dev).is_err());
-        assert_eq!(gpu_devices(&[], &proc, &dev), Ok(Vec::new()));
+        assert!(gpu_devices(&[], &proc, &dev).expect("none").is_empty());
     }
 
     #[test]

@@ -110,7 +110,7 @@ pub enum OciError {
     )]
     Channel,
     #[error("the worker run directory: {0}")]
-    RunDir(String),
+    RunDir(crate::isolation::RunDirError),
     #[error(
         "Steward runs as root but worker identities are not separated ({0}), so its containers would run as uid 0: root without capabilities still reads root's files through the read-only binds (/etc/shadow, host keys) and passes peer checks that trust uid 0; give workers their own uids (--worker-uid-range within Steward's uid map, no --no-worker-identities)"
     )]
@@ -287,11 +287,22 @@ impl OciDriver {
     }
 }
 
+/// Why a container with this Steward's id prefix is not one of its own.
+#[derive(Debug, thiserror::Error)]
+enum NotOurs {
+    #[error("annotated with executor id {id:?}, not this Steward's {ours:?}")]
+    Annotated { id: String, ours: String },
+    #[error("its bundle is annotated with executor id {0:?}, not this Steward's")]
+    Bundle(String),
+    #[error("no executor id annotation")]
+    NoAnnotation,
+}
+
 impl Setup {
     /// Whether `c` is one of this Steward's containers: our id prefix and
     /// our executor id in its annotation; `Err` says why one with our
     /// prefix is not.
-    fn ours(&self, c: &runtime::Container) -> Option<Result<(), String>> {
+    fn ours(&self, c: &runtime::Container) -> Option<Result<(), NotOurs>> {
         let rest = c.id.strip_prefix(&self.prefix)?;
         if !rest.starts_with("fe-") {
             return None;
@@ -302,18 +313,16 @@ impl Setup {
             .and_then(|a| a.get(bundle::EXECUTOR_ANNOTATION));
         Some(match annotated {
             Some(e) if *e == self.executor_id => Ok(()),
-            Some(e) => Err(format!(
-                "annotated with executor id {e:?}, not this Steward's {:?}",
-                self.executor_id
-            )),
+            Some(e) => Err(NotOurs::Annotated {
+                id: e.clone(),
+                ours: self.executor_id.clone(),
+            }),
             // An older runtime that lists no annotations: the bundle's own
             // config says whose it is.
             None => match annotation_in_bundle(&c.bundle) {
                 Some(e) if e == self.executor_id => Ok(()),
-                Some(e) => Err(format!(
-                    "its bundle is annotated with executor id {e:?}, not this Steward's"
-                )),
-                None => Err("no executor id annotation".into()),
+                Some(e) => Err(NotOurs::Bundle(e)),
+                None => Err(NotOurs::NoAnnotation),
             },
         })
     }
@@ -509,7 +518,11 @@ impl Setup {
                 None => kept.push(c.bundle.clone()),
                 Some(Err(why)) => {
                     kept.push(c.bundle.clone());
-                    found.push(Leftover::skipped(c.id.clone(), "container", why));
+                    found.push(Leftover::skipped(
+                        c.id.clone(),
+                        "container",
+                        why.to_string(),
+                    ));
                 }
                 Some(Ok(())) => match self.runtime.delete(&c.id) {
                     Ok(()) => found.push(Leftover {

@@ -50,7 +50,7 @@ pub enum RuntimeError {
     Parse {
         runtime: PathBuf,
         command: String,
-        error: String,
+        error: serde_json::Error,
     },
 }
 
@@ -336,13 +336,13 @@ impl Runtime {
 }
 
 /// `list --format json`: an array of containers, or `null` when there are none.
-pub fn parse_list(out: &[u8]) -> Result<Vec<Container>, String> {
+pub fn parse_list(out: &[u8]) -> Result<Vec<Container>, serde_json::Error> {
     let text = String::from_utf8_lossy(out);
     let text = text.trim();
     if text.is_empty() || text == "null" {
         return Ok(Vec::new());
     }
-    serde_json::from_str::<Vec<Container>>(text).map_err(|e| e.to_string())
+    serde_json::from_str::<Vec<Container>>(text)
 }
 
 #[cfg(test)]
