@@ -101,7 +101,7 @@ pub fn limits(claim: &Claim, defaults: &WorkerDefaults) -> Limits {
 /// What workers may hold now: the host's resources less what the
 /// operator reserved (changeable at runtime, in `settings`).
 pub(crate) fn allocatable_in(
-    config: &crate::AgentConfig,
+    config: &crate::config::AgentConfig,
     settings: &crate::settings::Settings,
 ) -> pb::HostResources {
     settings.allocatable(

@@ -6,6 +6,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+#[cfg(test)]
+use std::time::Duration;
 use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
@@ -309,7 +311,7 @@ impl AgentHandle {
         &self,
         cmd: crate::mode::ModeCommand,
     ) -> (crate::mode::HostMode, crate::mode::HostMode) {
-        crate::mode::command(&self.shared, cmd)
+        crate::operator::command(&self.shared, cmd)
     }
 
     /// Records an event (for the binary: admin calls and their outcome).
@@ -530,5 +532,127 @@ mod tests {
         assert_eq!((ids, total), (vec!["a-0", "a-1", "a-2"], 5));
         let (page, _, _) = handle.allocations_page(3, 3);
         assert_eq!(page.len(), 2);
+    }
+
+    /// A monitor whose usage read stalls until the test lets it go: a
+    /// `/state` reader caught in the middle of a snapshot.
+    struct StalledRead {
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl steward_worker_driver::WorkerMonitor for StalledRead {
+        fn usage(&self) -> Option<steward_worker_driver::WorkerUsage> {
+            let _ = self.entered.try_send(());
+            let _ = self.release.lock().recv();
+            None
+        }
+        fn limits(&self) -> Option<steward_worker_driver::Limits> {
+            None
+        }
+    }
+
+    /// A writer that takes nothing until the test lets it go: a reader
+    /// whose connection does not drain while its document is serialised.
+    struct StalledWriter {
+        entered: std::sync::mpsc::SyncSender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl std::io::Write for StalledWriter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.try_send(());
+            let _ = self.release.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What an allocation's end does on the way to the server: the
+    /// controller marks its worker used (its view), the result is queued
+    /// and the next report carries it. Run on another thread: `Some` with
+    /// the report's allocation ids, `None` if it was still blocked after
+    /// a minute (a reader holding a writer's lock).
+    fn finish_allocation(
+        shared: &Arc<Shared>,
+        view: &tokio::sync::watch::Sender<crate::lifecycle::FeState>,
+        id: &str,
+    ) -> Option<Vec<String>> {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let (shared, view, id) = (shared.clone(), view.clone(), id.to_string());
+        std::thread::spawn(move || {
+            view.send_modify(|s| s.last_used = Instant::now());
+            shared.push_result(pb::AllocationResult {
+                allocation_id: Some(id),
+                outcome_code: Some(pb::AllocationOutcomeCode::Success as i32),
+                ..Default::default()
+            });
+            let (report, carried) = crate::report::build_request(&shared, false);
+            let request: pb::ReportExecutorStateRequest =
+                prost::Message::decode(report.bytes).unwrap_or_default();
+            let ids: Vec<String> = request
+                .executor_update
+                .map(|u| u.allocation_results)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|r| r.allocation_id)
+                .collect();
+            shared.state.lock().results.drain(..carried.count);
+            let _ = done_tx.send(ids);
+        });
+        done_rx.recv_timeout(Duration::from_secs(60)).ok()
+    }
+
+    /// A slow `/state` reader, stalled while it copies the workers' views
+    /// (a cgroup read) and then while its document is serialised, delays
+    /// no allocation's result: readers copy and let go, they never hold
+    /// what a controller, the result queue or the reporter writes.
+    #[test]
+    fn a_stalled_state_reader_does_not_delay_an_allocation_result() {
+        use std::sync::mpsc::sync_channel;
+        let shared = crate::testing_support::shared();
+        let (entered_tx, entered) = sync_channel(8);
+        let (release_tx, release_rx) = sync_channel(8);
+        let monitor = Arc::new(StalledRead {
+            entered: entered_tx.clone(),
+            release: parking_lot::Mutex::new(release_rx),
+        });
+        let spawned = crate::lifecycle::testing::spawned(Some(monitor));
+        let (c, _rx, view) = crate::lifecycle::testing::controlled(FePhase::Running(spawned));
+        shared.workers.send_replace(Arc::new(FeMap::from([(
+            "fe-0".to_string(),
+            FeSlot::Wanted(c),
+        )])));
+        let handle = AgentHandle::new(shared.clone());
+        let reader = std::thread::spawn(move || handle.snapshot());
+        entered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the reader reaches the worker's usage");
+        assert_eq!(
+            finish_allocation(&shared, &view, "a-1"),
+            Some(vec!["a-1".to_string()]),
+            "the result waited for a reader stalled in a snapshot"
+        );
+        release_tx.send(()).expect("the reader waits");
+        let snapshot = reader.join().expect("the reader ends");
+        // Hold the snapshot and stall its serialisation.
+        let (write_release_tx, write_release) = sync_channel(1);
+        let writer = StalledWriter {
+            entered: entered_tx,
+            release: write_release,
+        };
+        let serialiser = std::thread::spawn(move || serde_json::to_writer(writer, &snapshot));
+        entered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the serialiser writes");
+        assert_eq!(
+            finish_allocation(&shared, &view, "a-2"),
+            Some(vec!["a-2".to_string()]),
+            "the result waited for a stalled serialiser"
+        );
+        drop(write_release_tx);
+        assert!(serialiser.join().is_ok());
     }
 }

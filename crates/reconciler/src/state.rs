@@ -13,11 +13,13 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
+use crate::config::AgentConfig;
 pub(crate) use crate::events::TimelineEntry;
 use crate::events::{Event, EventLog};
 use crate::lifecycle::FeMap;
+use crate::metrics::Metrics;
+use crate::pb;
 use crate::watches::WatchRegistry;
-use crate::{AgentConfig, Metrics, pb};
 
 /// One allocation the agent has accepted and not yet forgotten.
 /// How many dropped allocations `/state/allocations` still shows.
@@ -74,7 +76,7 @@ pub(crate) struct State {
     pub mode: crate::mode::HostMode,
     /// Labels and eviction thresholds, changeable at runtime.
     pub settings: crate::settings::Settings,
-    pub last_desired: Option<(Arc<crate::Desired>, SystemTime)>,
+    pub last_desired: Option<(Arc<crate::desired::Desired>, SystemTime)>,
     /// The last report sent (encoded) and when.
     pub last_report: Option<(bytes::Bytes, SystemTime)>,
     /// The last reported state's hash, reused while the state is unchanged.

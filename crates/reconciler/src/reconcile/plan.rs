@@ -305,3 +305,326 @@ fn mode_admits(mode: HostMode) -> Result<(), Refused> {
         pb::AllocationFailureReason::FunctionExecutorTerminated,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The plan alone: no runtime, no controllers; registry entries are
+    //! channels whose other ends the test holds.
+    use super::*;
+    use crate::lifecycle::testing::{described, running};
+    use crate::lifecycle::{Controlled, FeSlot, Refused};
+
+    fn description(id: &str, memory_gib: u64) -> Arc<pb::FunctionExecutorDescription> {
+        Arc::new(pb::FunctionExecutorDescription {
+            id: Some(id.into()),
+            resources: Some(pb::FunctionExecutorResources {
+                cpu_ms_per_sec: Some(1000),
+                memory_bytes: Some(memory_gib << 30),
+                disk_bytes: Some(1 << 30),
+                gpu: None,
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn allocation(id: &str, fe: &str) -> Arc<pb::Allocation> {
+        Arc::new(pb::Allocation {
+            allocation_id: Some(id.into()),
+            function_executor_id: Some(fe.into()),
+            ..Default::default()
+        })
+    }
+
+    fn desired(
+        fes: &[Arc<pb::FunctionExecutorDescription>],
+        allocs: &[Arc<pb::Allocation>],
+    ) -> Desired {
+        Desired {
+            function_executors: fes.to_vec(),
+            allocations: allocs.to_vec(),
+            clock: Some(1),
+            function_call_results: Vec::new(),
+        }
+    }
+
+    /// A host with 8 CPUs, 10 GiB of memory and 100 GiB of disk.
+    fn host() -> pb::HostResources {
+        pb::HostResources {
+            cpu_count: Some(8),
+            memory_bytes: Some(10 << 30),
+            disk_bytes: Some(100 << 30),
+            gpu: None,
+        }
+    }
+
+    /// A registry entry in `phase`, keeping its channels' other ends.
+    struct Held {
+        fes: FeMap,
+        _ends: Vec<Box<dyn std::any::Any>>,
+    }
+
+    fn registry(entries: Vec<(&str, &str, FePhase)>) -> Held {
+        let mut fes = FeMap::new();
+        let mut ends: Vec<Box<dyn std::any::Any>> = Vec::new();
+        for (id, kind, phase) in entries {
+            let (mut c, rx, view): (Controlled, _, _) = described(description(id, 1), phase);
+            c.claim =
+                Some(crate::admission::effective(&c.description, &WorkerDefaults::default()).claim);
+            ends.push(Box::new(rx));
+            ends.push(Box::new(view));
+            let slot = match kind {
+                "wanted" => FeSlot::Wanted(c),
+                "removing" => FeSlot::Removing(c),
+                _ => FeSlot::Rejected(Refused {
+                    description: c.description.clone(),
+                    description_bytes: c.description_bytes.clone(),
+                    message: "bad".into(),
+                    timeline: Vec::new(),
+                }),
+            };
+            fes.insert(id.into(), slot);
+        }
+        Held { fes, _ends: ends }
+    }
+
+    /// Every new item valid.
+    fn all_valid(d: &Desired, current: &Current<'_>) -> Verdicts {
+        Verdicts {
+            fes: d
+                .function_executors
+                .iter()
+                .map(|f| new_fe(current, f).then_some(Ok(())))
+                .collect(),
+            allocations: d
+                .allocations
+                .iter()
+                .map(|a| new_allocation(current, a).then_some(Ok(())))
+                .collect(),
+        }
+    }
+
+    fn current<'a>(
+        fes: &'a FeMap,
+        allocations: &'a HashMap<String, String>,
+        mode: HostMode,
+        defaults: &'a WorkerDefaults,
+    ) -> Current<'a> {
+        Current {
+            fes,
+            allocations,
+            mode,
+            allocatable: host(),
+            defaults,
+        }
+    }
+
+    fn codes(p: &Plan) -> Vec<(&str, &'static str)> {
+        p.reject_allocations
+            .iter()
+            .map(|r| (r.allocation.allocation_id.as_deref().unwrap_or(""), r.code))
+            .collect()
+    }
+
+    #[test]
+    fn new_workers_start_known_ones_stay_and_missing_ones_stop_or_are_forgotten() {
+        let held = registry(vec![
+            ("kept", "wanted", running()),
+            ("gone", "wanted", running()),
+            ("leaving", "removing", running()),
+            ("bad", "rejected", FePhase::Pending),
+        ]);
+        let allocations = HashMap::new();
+        let defaults = WorkerDefaults::default();
+        let c = current(&held.fes, &allocations, HostMode::Active, &defaults);
+        let d = desired(
+            &[
+                description("kept", 1),
+                description("new", 1),
+                description("new", 1),
+            ],
+            &[],
+        );
+        let p = plan(&d, &c, all_valid(&d, &c));
+        let started: Vec<&str> = p.start.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(started, ["new"], "a repeated id starts once");
+        assert!(p.start[0].refusal.is_none() && p.start[0].claim.is_some());
+        assert_eq!(p.stop, ["gone"]);
+        assert_eq!(p.forget, ["bad"]);
+        assert!(p.fes_changed());
+        // The same desired state again, as if applied: nothing to do.
+        let d = desired(&[description("kept", 1), description("leaving", 1)], &[]);
+        let p = plan(&d, &c, all_valid(&d, &c));
+        assert!(
+            p.start.is_empty(),
+            "an id being removed is recreated once gone"
+        );
+        assert_eq!(p.stop, ["gone"]);
+    }
+
+    #[test]
+    fn a_rejected_description_is_reported_and_its_allocations_fail() {
+        let held = registry(vec![]);
+        let allocations = HashMap::new();
+        let defaults = WorkerDefaults::default();
+        let c = current(&held.fes, &allocations, HostMode::Active, &defaults);
+        let d = desired(
+            &[description("bad", 1), description("", 1)],
+            &[allocation("a1", "bad")],
+        );
+        let mut v = all_valid(&d, &c);
+        v.fes = vec![
+            Some(Err(Rejection {
+                code: "missing_field",
+                message: "application is missing".into(),
+            })),
+            Some(Err(Rejection {
+                code: "missing_field",
+                message: "id is missing".into(),
+            })),
+        ];
+        let p = plan(&d, &c, v);
+        assert!(p.start.is_empty());
+        let ids: Vec<&str> = p.reject_fes.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["bad", ""], "one without an id is an event only");
+        assert_eq!(codes(&p), [("a1", "function_executor_terminated")]);
+        assert!(p.fes_changed());
+    }
+
+    #[test]
+    fn allocations_run_on_live_workers_and_are_rejected_with_a_named_reason_otherwise() {
+        let stopping = FePhase::Stopping {
+            was: pb::FunctionExecutorStatus::Running,
+            spawned: None,
+        };
+        let held = registry(vec![
+            ("up", "wanted", running()),
+            ("starting", "wanted", FePhase::Pending),
+            ("leaving", "removing", running()),
+            ("draining", "wanted", stopping),
+            ("bad", "rejected", FePhase::Pending),
+            ("undesired", "wanted", running()),
+        ]);
+        let mut allocations = HashMap::new();
+        allocations.insert("old".to_string(), "up".to_string());
+        allocations.insert("dropped".to_string(), "up".to_string());
+        let defaults = WorkerDefaults::default();
+        let c = current(&held.fes, &allocations, HostMode::Active, &defaults);
+        let fes: Vec<_> = ["up", "starting", "leaving", "draining", "bad"]
+            .iter()
+            .map(|id| description(id, 1))
+            .collect();
+        let d = desired(
+            &fes,
+            &[
+                allocation("old", "up"),
+                allocation("a-up", "up"),
+                allocation("a-up", "up"),
+                allocation("a-starting", "starting"),
+                allocation("a-leaving", "leaving"),
+                allocation("a-draining", "draining"),
+                allocation("a-bad", "bad"),
+                allocation("a-nowhere", "nowhere"),
+                allocation("a-undesired", "undesired"),
+                allocation("a-invalid", "up"),
+            ],
+        );
+        let mut v = all_valid(&d, &c);
+        v.allocations[9] = Some(Err(Rejection {
+            code: "missing_field",
+            message: "function is missing".into(),
+        }));
+        let p = plan(&d, &c, v);
+        let run: Vec<(&str, &str)> = p
+            .run
+            .iter()
+            .map(|(fe, a)| (fe.as_str(), a.allocation_id.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(
+            run,
+            [("up", "a-up"), ("starting", "a-starting")],
+            "a repeated id runs once; known ones stay"
+        );
+        assert_eq!(
+            codes(&p),
+            [
+                ("a-leaving", "function_executor_terminated"),
+                ("a-draining", "function_executor_terminated"),
+                ("a-bad", "function_executor_terminated"),
+                ("a-nowhere", "unknown_function_executor"),
+                ("a-undesired", "function_executor_terminated"),
+                ("a-invalid", "missing_field"),
+            ]
+        );
+        assert_eq!(
+            p.stop,
+            ["undesired"],
+            "stopped in this plan: it takes no allocation"
+        );
+        assert_eq!(
+            p.reject_allocations[5].reason,
+            pb::AllocationFailureReason::InternalError,
+            "an invalid allocation is the agent's refusal"
+        );
+        assert_eq!(p.dropped, [("dropped".to_string(), "up".to_string())]);
+        assert!(p.fes_changed());
+    }
+
+    #[test]
+    fn admission_refuses_what_does_not_fit_next_to_what_is_held_and_planned() {
+        // 10 GiB allocatable: 4 GiB held, then 4 GiB fits, then 4 GiB more does not.
+        let held = registry(vec![]);
+        let mut fes = held.fes.clone();
+        let (mut c4, _rx, _view) = described(description("held", 4), running());
+        c4.claim =
+            Some(crate::admission::effective(&c4.description, &WorkerDefaults::default()).claim);
+        fes.insert("held".into(), FeSlot::Wanted(c4));
+        let allocations = HashMap::new();
+        let defaults = WorkerDefaults::default();
+        let c = current(&fes, &allocations, HostMode::Active, &defaults);
+        let d = desired(
+            &[
+                description("held", 4),
+                description("fits", 4),
+                description("full", 4),
+            ],
+            &[allocation("a", "full")],
+        );
+        let p = plan(&d, &c, all_valid(&d, &c));
+        assert_eq!(p.start.len(), 2);
+        assert!(p.start[0].refusal.is_none() && p.start[0].claim.is_some());
+        let refusal = p.start[1].refusal.as_ref().expect("the third does not fit");
+        assert_eq!(refusal.resource, "memory");
+        assert!(p.start[1].claim.is_none(), "a refused worker holds nothing");
+        // Its controller fails its startup: allocations still go to it and
+        // fail with the startup's reason there.
+        assert_eq!(p.run.len(), 1);
+    }
+
+    #[test]
+    fn paused_and_draining_hosts_start_nothing_and_accept_no_allocation() {
+        let held = registry(vec![("up", "wanted", running())]);
+        let allocations = HashMap::new();
+        let defaults = WorkerDefaults::default();
+        for mode in [HostMode::Paused, HostMode::Draining, HostMode::Disabled] {
+            let c = current(&held.fes, &allocations, mode, &defaults);
+            let d = desired(
+                &[description("up", 1), description("new", 1)],
+                &[allocation("a", "up")],
+            );
+            let p = plan(&d, &c, all_valid(&d, &c));
+            let refusal = p.start[0].refusal.as_ref().expect("no new worker starts");
+            assert_eq!(refusal.resource, "host_mode");
+            assert!(
+                refusal.message.contains(mode.as_str()),
+                "{}",
+                refusal.message
+            );
+            assert_eq!(codes(&p), [("a", "host_not_active")]);
+            assert_eq!(
+                p.reject_allocations[0].reason,
+                pb::AllocationFailureReason::FunctionExecutorTerminated
+            );
+            assert!(p.stop.is_empty(), "a mode stops nothing by itself");
+        }
+    }
+}
