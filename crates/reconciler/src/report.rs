@@ -17,7 +17,7 @@ use tonic::transport::Channel;
 use crate::desired::BytesCodec;
 use crate::pb;
 use crate::server::{channel, describe_status};
-use crate::state::{Shared, State, TimelineEntry};
+use crate::state::{Shared, State};
 use crate::wire::encode_fe_state;
 
 /// Results are packed into one report while it stays under this size (or
@@ -196,49 +196,90 @@ fn undeliverable(r: &pb::AllocationResult) -> pb::AllocationResult {
 /// first one alone), and in place of a result that cannot fit even alone,
 /// a failure of its allocation.
 pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
-    use prost::encoding::{WireType, encode_key, encode_varint, message, string};
+    use prost::encoding::string;
     let durable = if all {
         u64::MAX
     } else {
         shared.durable_ticket()
     };
-    let limit = shared.config.max_server_message_bytes;
-    let target = MAX_REPORT_BYTES.min(limit);
-    let mut st = shared.state.lock();
-    let state = encoded_state(shared, &mut st);
     let mut update = Vec::new();
     string::encode(1, &shared.config.executor_id, &mut update);
+    let (state, packed) = {
+        let mut st = shared.state.lock();
+        let state = encoded_state(shared, &mut st);
+        let packed = pack_results(shared, &mut st, state.len(), durable, &mut update);
+        note_packed(shared, &mut st, &packed, state.len());
+        (state, packed)
+    };
+    (
+        Report {
+            bytes: assemble(&state, &update).into(),
+        },
+        packed.carried,
+    )
+}
+
+/// What [`pack_results`] put in a report's update.
+struct Packed {
+    carried: Carried,
+    /// Allocations whose results went out for the first time, and how
+    /// long after they were ready.
+    first_sends: Vec<(String, Duration)>,
+    /// Allocations whose results could fit no report (and their sizes):
+    /// their failures went instead.
+    replaced: Vec<(String, usize)>,
+}
+
+/// Appends to `update` the oldest buffered results whose usage records
+/// are durable (ticket ≤ `durable`), while the report stays under the
+/// packing target (a larger first one alone, under the server limit); a
+/// result that cannot fit even alone is replaced by its failure.
+fn pack_results(
+    shared: &Shared,
+    st: &mut State,
+    state_len: usize,
+    durable: u64,
+    update: &mut Vec<u8>,
+) -> Packed {
+    use prost::encoding::message;
+    let limit = shared.config.max_server_message_bytes;
+    let target = MAX_REPORT_BYTES.min(limit);
     let bare = update.len();
-    let mut carried = 0;
-    let mut full = false;
-    let mut held = false;
-    let mut first_sends = Vec::new();
-    let mut replaced: Vec<(String, usize)> = Vec::new();
+    let mut packed = Packed {
+        carried: Carried::default(),
+        first_sends: Vec::new(),
+        replaced: Vec::new(),
+    };
     for p in st.results.iter_mut() {
         // In order: one not yet durable holds back those behind it.
         if p.ticket > durable {
-            held = true;
+            packed.carried.held = true;
             break;
         }
         let mut len = message::encoded_len(2, &p.result);
-        if request_len(state.len(), bare + len) > limit {
+        if request_len(state_len, bare + len) > limit {
             // Never sendable, so it would block every result behind it.
-            replaced.push((p.result.allocation_id.clone().unwrap_or_default(), len));
+            let id = p.result.allocation_id.clone().unwrap_or_default();
+            packed.replaced.push((id, len));
             p.result = undeliverable(&p.result);
             len = message::encoded_len(2, &p.result);
-            if request_len(state.len(), bare + len) > limit {
+            if request_len(state_len, bare + len) > limit {
                 // The state leaves no room at all; the report fails and says why.
                 break;
             }
         }
         // A first result over the packing target goes alone.
-        let max = if carried == 0 { limit } else { target };
-        if request_len(state.len(), update.len() + len) > max {
-            full = true;
+        let max = if packed.carried.count == 0 {
+            limit
+        } else {
+            target
+        };
+        if request_len(state_len, update.len() + len) > max {
+            packed.carried.full = true;
             break;
         }
-        carried += 1;
-        message::encode(2, &p.result, &mut update);
+        packed.carried.count += 1;
+        message::encode(2, &p.result, update);
         if !p.sent {
             p.sent = true;
             let took = p.ready.elapsed();
@@ -247,46 +288,43 @@ pub(crate) fn build_request(shared: &Shared, all: bool) -> (Report, Carried) {
                 .cycle_result_to_wire
                 .observe(took.as_secs_f64());
             if let Some(id) = p.result.allocation_id.clone() {
-                first_sends.push((id, took));
+                packed.first_sends.push((id, took));
             }
         }
     }
-    for (id, took) in first_sends {
-        if let Some(a) = st.allocations.get_mut(&id) {
-            a.timeline.push(TimelineEntry::now(format!(
-                "reported: result on the wire {} µs after it was ready",
-                took.as_micros()
-            )));
-        }
-    }
-    for (id, len) in replaced {
-        let message = format!(
-            "its result is {len} bytes and cannot fit a report next to the state ({} bytes) under the server message limit of {limit} bytes (--max-server-message-bytes); the server hears FUNCTION_ERROR instead",
-            state.len()
+    packed
+}
+
+/// Timeline entries (and events) for what a report first carries.
+fn note_packed(shared: &Shared, st: &mut State, packed: &Packed, state_len: usize) {
+    for (id, took) in &packed.first_sends {
+        let what = format!(
+            "reported: result on the wire {} µs after it was ready",
+            took.as_micros()
         );
-        if let Some(a) = st.allocations.get_mut(&id) {
-            a.timeline.push(TimelineEntry::now(message.clone()));
-        }
-        shared.event("allocation_failed", &id, message);
+        st.note_allocation(id, None, what);
     }
-    drop(st);
+    let limit = shared.config.max_server_message_bytes;
+    for (id, len) in &packed.replaced {
+        let message = format!(
+            "its result is {len} bytes and cannot fit a report next to the state ({state_len} bytes) under the server message limit of {limit} bytes (--max-server-message-bytes); the server hears FUNCTION_ERROR instead"
+        );
+        st.note_allocation(id, None, message.clone());
+        shared.event("allocation_failed", id, message);
+    }
+}
+
+/// A `ReportExecutorStateRequest`: the encoded state, then the update.
+fn assemble(state: &[u8], update: &[u8]) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint};
     let mut request = Vec::with_capacity(request_len(state.len(), update.len()));
     encode_key(1, WireType::LengthDelimited, &mut request);
     encode_varint(state.len() as u64, &mut request);
-    request.extend_from_slice(&state);
+    request.extend_from_slice(state);
     encode_key(2, WireType::LengthDelimited, &mut request);
     encode_varint(update.len() as u64, &mut request);
-    request.extend_from_slice(&update);
-    (
-        Report {
-            bytes: request.into(),
-        },
-        Carried {
-            count: carried,
-            full,
-            held,
-        },
-    )
+    request.extend_from_slice(update);
+    request
 }
 
 /// Sends one encoded report.
@@ -319,103 +357,136 @@ fn report_client(channel: Channel, max_message_bytes: usize) -> tonic::client::G
 /// backoff, changes (such as new results) wait for the next attempt.
 pub(crate) async fn run_loop(shared: Arc<Shared>, channel: Channel, cancel: CancellationToken) {
     let mut client = report_client(channel, shared.config.max_server_message_bytes);
-    let mut interval;
-    let mut backoff = report_backoff(&shared.config);
-    let mut fast = unreachable_backoff();
-    let mut failing;
+    let mut pacing = Pacing::new(&shared.config);
     loop {
         if cancel.is_cancelled() {
             return;
         }
         let (request, carried) = build_request(&shared, false);
-        let started = Instant::now();
-        shared.metrics.state_reports.inc();
-        shared
-            .metrics
-            .state_report_size
-            .observe(request.bytes.len() as f64);
-        // A report in flight is finished (bounded by its deadline), never
-        // dropped on shutdown: a dropped one can still reach the server
-        // after the final STOPPED report and undo it.
-        let call = send(&mut client, request.clone());
-        let outcome = tokio::time::timeout(REPORT_RPC_TIMEOUT, call).await;
-        shared
-            .metrics
-            .state_report_latency
-            .observe(started.elapsed().as_secs_f64());
-        let error = match outcome {
-            Ok(Ok(_)) => None,
-            Ok(Err(status)) => Some((classify(&status), describe_status(&status))),
-            // A server that takes the call and never answers is not one
-            // that refused it: no long backoff either.
-            Err(_) => Some((
-                Failure::Unreachable,
-                format!("no answer within {}s", REPORT_RPC_TIMEOUT.as_secs()),
-            )),
-        };
-        let more_results;
-        match error {
+        let next = match report_once(&shared, &mut client, &request).await {
             None => {
-                let was_failing;
-                {
-                    let mut st = shared.state.lock();
-                    for _ in 0..carried.count {
-                        st.results.pop_front();
-                    }
-                    more_results = carried.full;
-                    shared.metrics.pending_results.set(st.results.len() as i64);
-                    st.last_report = Some((request.bytes.clone(), SystemTime::now()));
+                took(&shared, &request, carried);
+                pacing = Pacing::new(&shared.config);
+                // Results left behind by the size limit go out right away.
+                if carried.full {
+                    continue;
                 }
-                {
-                    let mut h = shared.health.lock();
-                    was_failing = h.consecutive_report_failures > 0;
-                    h.last_report_ok = Some(Instant::now());
-                    h.consecutive_report_failures = 0;
-                    h.last_report_error = None;
-                }
-                if was_failing {
-                    shared.event(
-                        "server_connection_restored",
-                        &shared.config.server_addr,
-                        "state reports succeed again",
-                    );
-                }
-                shared.reports_ok.send_modify(|n| *n += 1);
-                interval = shared.config.report_interval;
-                backoff = report_backoff(&shared.config);
-                fast = unreachable_backoff();
-                failing = false;
+                Next::Wait(shared.config.report_interval)
             }
             Some((kind, e)) => {
-                more_results = false;
-                failing = true;
                 shared.metrics.state_report_errors.inc();
                 note_failure(&shared, &e);
-                interval = match kind {
-                    Failure::Unreachable => fast.next(),
-                    Failure::Refused => backoff.next(),
-                }
-                .unwrap_or(shared.config.report_backoff_max);
+                Next::Backoff(pacing.after(kind, &shared.config))
             }
-        }
-        if more_results {
-            // Results left behind by the size limit go out right away.
-            continue;
-        }
-        if failing {
-            // A backoff is not cut short by changes: they ride the next try.
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+        };
+        let woken = async {
+            match next {
+                // A backoff is not cut short by changes: they ride the next try.
+                Next::Backoff(interval) => tokio::time::sleep(interval).await,
+                Next::Wait(interval) => tokio::select! {
+                    _ = shared.report_now.notified() => {}
+                    _ = tokio::time::sleep(interval) => {}
+                },
             }
-            continue;
-        }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = shared.report_now.notified() => {}
-            _ = tokio::time::sleep(interval) => {}
+            _ = woken => {}
         }
     }
+}
+
+/// When the next report goes after this one.
+enum Next {
+    /// After a failure: the backoff, whatever changes.
+    Backoff(Duration),
+    /// After a success: the interval, or at once on a change.
+    Wait(Duration),
+}
+
+/// The backoffs of failing reports: short while the server is
+/// unreachable, growing ×3 while it refuses.
+struct Pacing {
+    refused: backon::ExponentialBackoff,
+    unreachable: backon::ExponentialBackoff,
+}
+
+impl Pacing {
+    fn new(config: &crate::AgentConfig) -> Pacing {
+        Pacing {
+            refused: report_backoff(config),
+            unreachable: unreachable_backoff(),
+        }
+    }
+
+    fn after(&mut self, kind: Failure, config: &crate::AgentConfig) -> Duration {
+        match kind {
+            Failure::Unreachable => self.unreachable.next(),
+            Failure::Refused => self.refused.next(),
+        }
+        .unwrap_or(config.report_backoff_max)
+    }
+}
+
+/// Sends one report, timed; why it failed, if it did.
+async fn report_once(
+    shared: &Shared,
+    client: &mut tonic::client::Grpc<Channel>,
+    request: &Report,
+) -> Option<(Failure, String)> {
+    let started = Instant::now();
+    shared.metrics.state_reports.inc();
+    shared
+        .metrics
+        .state_report_size
+        .observe(request.bytes.len() as f64);
+    // A report in flight is finished (bounded by its deadline), never
+    // dropped on shutdown: a dropped one can still reach the server
+    // after the final STOPPED report and undo it.
+    let call = send(client, request.clone());
+    let outcome = tokio::time::timeout(REPORT_RPC_TIMEOUT, call).await;
+    shared
+        .metrics
+        .state_report_latency
+        .observe(started.elapsed().as_secs_f64());
+    match outcome {
+        Ok(Ok(_)) => None,
+        Ok(Err(status)) => Some((classify(&status), describe_status(&status))),
+        // A server that takes the call and never answers is not one
+        // that refused it: no long backoff either.
+        Err(_) => Some((
+            Failure::Unreachable,
+            format!("no answer within {}s", REPORT_RPC_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+/// The server took a report: what it carried leaves the buffer, health
+/// says so (an event if reports had been failing), the stream hears.
+fn took(shared: &Shared, request: &Report, carried: Carried) {
+    {
+        let mut st = shared.state.lock();
+        let carried = carried.count.min(st.results.len());
+        st.results.drain(..carried);
+        shared.metrics.pending_results.set(st.results.len() as i64);
+        st.last_report = Some((request.bytes.clone(), SystemTime::now()));
+    }
+    let was_failing = {
+        let mut h = shared.health.lock();
+        let was_failing = h.consecutive_report_failures > 0;
+        h.last_report_ok = Some(Instant::now());
+        h.consecutive_report_failures = 0;
+        h.last_report_error = None;
+        was_failing
+    };
+    if was_failing {
+        shared.event(
+            "server_connection_restored",
+            &shared.config.server_addr,
+            "state reports succeed again",
+        );
+    }
+    shared.reports_ok.send_modify(|n| *n += 1);
 }
 
 /// Records a failed report; the first failure, and every change of reason

@@ -293,8 +293,66 @@ async fn initialize(
 ) -> Result<(), Failed> {
     let init_timeout =
         Duration::from_millis(u64::from(desc.initialization_timeout_ms.unwrap_or(0)));
+    let mut req = tonic::Request::new(initialize_request(desc, app, code));
+    req.set_timeout(init_timeout);
+    let init_started = Instant::now();
+    let outcome = tokio::time::timeout(
+        init_timeout + Duration::from_secs(1),
+        client.initialize(req),
+    )
+    .await;
+    let timed_out = || {
+        Err((
+            Reason::StartupFailedFunctionTimeout,
+            format!(
+                "initialize took longer than {} ms",
+                init_timeout.as_millis()
+            ),
+        ))
+    };
+    match outcome {
+        Err(_) => timed_out(),
+        // A worker may answer an expired deadline with CANCELLED.
+        Ok(Err(s))
+            if matches!(
+                s.code(),
+                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+            ) || init_started.elapsed() >= init_timeout =>
+        {
+            timed_out()
+        }
+        Ok(Err(s)) => Err((
+            Reason::StartupFailedFunctionError,
+            format!("initialize failed: {}: {}", s.code(), s.message()),
+        )),
+        Ok(Ok(r)) => initialized(&r.into_inner(), process),
+    }
+}
+
+/// The worker's answer to `initialize`, as a verdict.
+fn initialized(r: &fe_pb::InitializeResponse, process: &dyn Worker) -> Result<(), Failed> {
+    if r.outcome_code == Some(fe_pb::InitializationOutcomeCode::Success as i32) {
+        return Ok(());
+    }
+    Err((
+        Reason::StartupFailedFunctionError,
+        format!(
+            "initialize answered {:?} ({:?}); see {}",
+            r.outcome_code(),
+            r.failure_reason(),
+            process.log_path().display()
+        ),
+    ))
+}
+
+/// The function and its code, as the worker is given them.
+fn initialize_request(
+    desc: &pb::FunctionExecutorDescription,
+    app: &pb::DataPayload,
+    code: Vec<u8>,
+) -> fe_pb::InitializeRequest {
     let sha = hex::encode(Sha256::digest(&code));
-    let request = fe_pb::InitializeRequest {
+    fe_pb::InitializeRequest {
         function: desc.function.as_ref().map(to_fe_ref),
         application_code: Some(fe_pb::SerializedObject {
             manifest: Some(fe_pb::SerializedObjectManifest {
@@ -308,62 +366,6 @@ async fn initialize(
             }),
             data: Some(code),
         }),
-    };
-    let mut req = tonic::Request::new(request);
-    req.set_timeout(init_timeout);
-    let init_started = Instant::now();
-    let outcome = tokio::time::timeout(
-        init_timeout + Duration::from_secs(1),
-        client.initialize(req),
-    )
-    .await;
-    let failure = match outcome {
-        Err(_) => Some((
-            Reason::StartupFailedFunctionTimeout,
-            format!(
-                "initialize took longer than {} ms",
-                init_timeout.as_millis()
-            ),
-        )),
-        // A worker may answer an expired deadline with CANCELLED.
-        Ok(Err(s))
-            if matches!(
-                s.code(),
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ) || init_started.elapsed() >= init_timeout =>
-        {
-            Some((
-                Reason::StartupFailedFunctionTimeout,
-                format!(
-                    "initialize took longer than {} ms",
-                    init_timeout.as_millis()
-                ),
-            ))
-        }
-        Ok(Err(s)) => Some((
-            Reason::StartupFailedFunctionError,
-            format!("initialize failed: {}: {}", s.code(), s.message()),
-        )),
-        Ok(Ok(r)) => {
-            let r = r.into_inner();
-            if r.outcome_code == Some(fe_pb::InitializationOutcomeCode::Success as i32) {
-                None
-            } else {
-                Some((
-                    Reason::StartupFailedFunctionError,
-                    format!(
-                        "initialize answered {:?} ({:?}); see {}",
-                        r.outcome_code(),
-                        r.failure_reason(),
-                        process.log_path().display()
-                    ),
-                ))
-            }
-        }
-    };
-    match failure {
-        Some(f) => Err(f),
-        None => Ok(()),
     }
 }
 
