@@ -589,7 +589,7 @@ mod tests {
             ("grpc://indexify:8901", false, "unknown scheme"),
         ];
         for (addr, tls, why) in refused {
-            let e = server_url(addr, tls).expect_err(addr);
+            let e = server_url(addr, tls).expect_err(addr).to_string();
             assert!(e.contains(why), "{addr} {tls}: {e}");
         }
     }

@@ -17,7 +17,7 @@ use crate::pb::executor_api_client::ExecutorApiClient;
 /// (`http://` in any case, `grpc://`, ...) is refused with the reason,
 /// never connected to in plaintext. Without TLS a bare address is
 /// `http://`, and only `http://` and `https://` are understood.
-pub fn server_url(addr: &str, tls: bool) -> Result<String, String> {
+pub fn server_url(addr: &str, tls: bool) -> Result<String, AddressError> {
     let Some((scheme, rest)) = addr.split_once("://") else {
         let scheme = if tls { "https" } else { "http" };
         return Ok(format!("{scheme}://{addr}"));
@@ -25,17 +25,25 @@ pub fn server_url(addr: &str, tls: bool) -> Result<String, String> {
     match (scheme.to_ascii_lowercase().as_str(), tls) {
         ("https", _) => Ok(format!("https://{rest}")),
         ("http", false) => Ok(format!("http://{rest}")),
-        ("http", true) => Err(
-            "TLS is configured (use_tls) but the address says http://: give https:// or a bare host:port"
-                .into(),
-        ),
-        (_, true) => Err(format!(
-            "TLS is configured (use_tls) but the address's scheme {scheme:?} is not https: give https:// or a bare host:port"
-        )),
-        (_, false) => Err(format!(
-            "unknown scheme {scheme:?}: give http://, https:// or a bare host:port"
-        )),
+        ("http", true) => Err(AddressError::PlaintextWithTls),
+        (_, true) => Err(AddressError::NotHttpsWithTls(scheme.to_string())),
+        (_, false) => Err(AddressError::UnknownScheme(scheme.to_string())),
     }
+}
+
+/// Why a server address is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error(
+        "TLS is configured (use_tls) but the address says http://: give https:// or a bare host:port"
+    )]
+    PlaintextWithTls,
+    #[error(
+        "TLS is configured (use_tls) but the address's scheme {0:?} is not https: give https:// or a bare host:port"
+    )]
+    NotHttpsWithTls(String),
+    #[error("unknown scheme {0:?}: give http://, https:// or a bare host:port")]
+    UnknownScheme(String),
 }
 
 /// A lazily connecting channel to the server.
@@ -44,7 +52,7 @@ pub(crate) fn channel(addr: &str, tls: Option<&crate::ServerTls>) -> Result<Chan
         addr: addr.to_string(),
         reason,
     };
-    let url = server_url(addr, tls.is_some()).map_err(bad)?;
+    let url = server_url(addr, tls.is_some()).map_err(|e| bad(e.to_string()))?;
     let mut endpoint = Endpoint::from_shared(url).map_err(|e| bad(e.to_string()))?;
     if let Some(tls) = tls {
         endpoint = endpoint

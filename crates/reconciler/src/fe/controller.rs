@@ -300,7 +300,7 @@ impl Controller {
                 }
                 _ = health.tick(), if alive && self.shared.config.health_checks_enabled => {
                     if let Err(why) = self.check_health().await {
-                        self.shared.event("function_executor_unhealthy", &self.id, why);
+                        self.shared.event("function_executor_unhealthy", &self.id, why.to_string());
                         let blamed = self.running.keys().cloned().collect();
                         self.kill(Reason::Unhealthy, blamed, None).await;
                     }
@@ -657,14 +657,14 @@ impl Controller {
             // A failure may mean a broken worker: check once right away.
             if let Err(why) = self.check_health().await {
                 self.shared
-                    .event("function_executor_unhealthy", &self.id, why);
+                    .event("function_executor_unhealthy", &self.id, why.to_string());
                 let blamed = self.running.keys().cloned().collect();
                 self.kill(Reason::Unhealthy, blamed, None).await;
             }
         }
     }
 
-    async fn check_health(&mut self) -> Result<(), String> {
+    async fn check_health(&mut self) -> Result<(), Unhealthy> {
         let Some(live) = self.live_mut() else {
             return Ok(());
         };
@@ -675,18 +675,11 @@ impl Controller {
                 if r.healthy == Some(true) {
                     Ok(())
                 } else {
-                    Err(format!(
-                        "worker says it is unhealthy: {}",
-                        r.status_message.unwrap_or_default()
-                    ))
+                    Err(Unhealthy::Says(r.status_message.unwrap_or_default()))
                 }
             }
-            Ok(Err(s)) => Err(format!(
-                "health check failed: {}: {}",
-                s.code(),
-                s.message()
-            )),
-            Err(_) => Err("health check got no answer within 5s".to_string()),
+            Ok(Err(s)) => Err(Unhealthy::Failed(s.code(), s.message().to_string())),
+            Err(_) => Err(Unhealthy::NoAnswer),
         };
         let label = if verdict.is_ok() {
             "healthy"
@@ -785,6 +778,17 @@ impl Controller {
         self.mark_terminated(reason, blamed);
         self.note("worker process stopped".into());
     }
+}
+
+/// Why a health check failed.
+#[derive(Debug, thiserror::Error)]
+enum Unhealthy {
+    #[error("worker says it is unhealthy: {0}")]
+    Says(String),
+    #[error("health check failed: {0}: {1}")]
+    Failed(tonic::Code, String),
+    #[error("health check got no answer within 5s")]
+    NoAnswer,
 }
 
 /// The failure of an allocation running on a worker killed for `reason`:
