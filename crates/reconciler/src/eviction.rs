@@ -43,11 +43,11 @@ pub(crate) enum Step {
 /// evict an event (the loop says it at most every 30 s).
 pub(crate) fn step(shared: &Shared, source: &dyn MemorySource, say_idle: bool) -> Step {
     let thresholds = {
-        let st = shared.state.lock();
+        let settings = shared.settings.borrow();
         Eviction {
             source: None,
-            memory_available_bytes: st.settings.eviction_memory_available,
-            psi_some_avg10: st.settings.eviction_memory_pressure,
+            memory_available_bytes: settings.eviction_memory_available,
+            psi_some_avg10: settings.eviction_memory_pressure,
             interval: shared.config.eviction.interval,
         }
     };

@@ -153,7 +153,7 @@ impl AgentHandle {
 
     /// The last report sent and when, if any.
     pub fn last_report(&self) -> Option<(pb::ReportExecutorStateRequest, SystemTime)> {
-        let last = self.shared.state.lock().last_report.clone();
+        let last = self.shared.last_report.borrow().clone();
         last.map(|(bytes, at)| {
             let r = prost::Message::decode(bytes).unwrap_or_default();
             (r, at)
@@ -162,7 +162,7 @@ impl AgentHandle {
 
     /// The last desired state received and when, if any.
     pub fn last_desired(&self) -> Option<(Arc<crate::Desired>, SystemTime)> {
-        self.shared.state.lock().last_desired.clone()
+        self.shared.last_desired.borrow().clone()
     }
 
     pub fn events(&self) -> Vec<Event> {
@@ -270,7 +270,7 @@ impl AgentHandle {
 
     /// The runtime-changeable settings now.
     pub fn settings(&self) -> crate::settings::Settings {
-        self.shared.state.lock().settings.clone()
+        self.shared.settings.borrow().clone()
     }
 
     /// Applies a settings change as a whole, or nothing; a change is an
@@ -280,15 +280,24 @@ impl AgentHandle {
         patch: &crate::settings::SettingsPatch,
         by: &str,
     ) -> Result<crate::settings::Settings, crate::settings::SettingsError> {
-        let (next, changed) = {
-            let mut st = self.shared.state.lock();
-            let next = st
-                .settings
-                .patched(patch, &self.shared.config.total_resources)?;
-            let changed = next.changed_from(&st.settings);
-            st.settings = next.clone();
-            (next, changed)
-        };
+        let mut outcome = None;
+        self.shared.settings.send_if_modified(|settings| {
+            match settings.patched(patch, &self.shared.config.total_resources) {
+                Ok(next) => {
+                    let changed = next.changed_from(settings);
+                    *settings = next.clone();
+                    let modified = !changed.is_empty();
+                    outcome = Some(Ok((next, changed)));
+                    modified
+                }
+                Err(e) => {
+                    outcome = Some(Err(e));
+                    false
+                }
+            }
+        });
+        // (The closure always runs: `outcome` is set.)
+        let (next, changed) = outcome.unwrap_or_else(|| Ok((self.settings(), Vec::new())))?;
         if !changed.is_empty() {
             self.shared.event(
                 "settings_changed",
@@ -302,7 +311,7 @@ impl AgentHandle {
 
     /// The host's operator mode.
     pub fn mode(&self) -> crate::mode::HostMode {
-        self.shared.state.lock().mode
+        *self.shared.mode.borrow()
     }
 
     /// Applies an operator's command (pause, unpause, drain); returns the

@@ -9,12 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lifecycle::{FeCommand, FePhase, FeSlot};
 use crate::mode::{HostMode, ModeCommand};
-use crate::pb;
 use crate::state::Shared;
 
 /// Applies an operator's command; returns (from, to).
 pub(crate) fn command(shared: &Shared, cmd: ModeCommand) -> (HostMode, HostMode) {
-    let from = shared.state.lock().mode;
+    let from = *shared.mode.borrow();
     let to = cmd.target(from);
     set(shared, to, "operator");
     (from, to)
@@ -22,15 +21,7 @@ pub(crate) fn command(shared: &Shared, cmd: ModeCommand) -> (HostMode, HostMode)
 
 /// Moves the host to `to` (an event, the metric, a report at once).
 pub(crate) fn set(shared: &Shared, to: HostMode, by: &str) {
-    let from = {
-        let mut st = shared.state.lock();
-        let from = st.mode;
-        st.mode = to;
-        if st.status != pb::ExecutorStatus::Stopped {
-            st.status = to.executor_status();
-        }
-        from
-    };
+    let from = shared.mode.send_replace(to);
     observe(shared, to);
     if from != to {
         shared.event(
@@ -57,13 +48,10 @@ pub(crate) fn observe(shared: &Shared, now: HostMode) {
 /// One step of a drain: once no allocation is queued or running, every
 /// worker is asked to stop; once none is left, the host is disabled.
 pub(crate) fn drain_step(shared: &Shared) {
-    let busy = {
-        let st = shared.state.lock();
-        if st.mode != HostMode::Draining {
-            return;
-        }
-        st.any_busy()
-    };
+    if *shared.mode.borrow() != HostMode::Draining {
+        return;
+    }
+    let busy = shared.state.lock().any_busy();
     if busy {
         return;
     }

@@ -81,10 +81,11 @@ fn classify(status: &tonic::Status) -> Failure {
 /// the worker states in prost's order, then the worker states.
 fn state_body(shared: &Shared, st: &State, workers: &crate::lifecycle::FeMap) -> Vec<u8> {
     let c = &shared.config;
-    let mut labels = st.settings.labels.clone();
+    let settings = shared.settings.borrow().clone();
+    let mut labels = settings.labels.clone();
     labels.insert("os".into(), std::env::consts::OS.into());
     labels.insert("architecture".into(), std::env::consts::ARCH.into());
-    if let Some((major, minor)) = &st.python_version {
+    if let Some((major, minor)) = &*shared.python_version.borrow() {
         labels.insert("python_major_version".into(), major.clone());
         labels.insert("python_minor_version".into(), minor.clone());
     }
@@ -92,10 +93,10 @@ fn state_body(shared: &Shared, st: &State, workers: &crate::lifecycle::FeMap) ->
         executor_id: Some(c.executor_id.clone()),
         hostname: Some(c.hostname.clone()),
         version: Some(c.version.clone()),
-        status: Some(st.status as i32),
+        status: Some(shared.status() as i32),
         total_resources: Some(c.total_resources),
-        total_function_executor_resources: Some(crate::admission::allocatable_in(c, &st.settings)),
-        allowed_functions: st.settings.allowed_pb(),
+        total_function_executor_resources: Some(crate::admission::allocatable_in(c, &settings)),
+        allowed_functions: settings.allowed_pb(),
         function_executor_states: Vec::new(),
         labels,
         state_hash: None,
@@ -469,8 +470,10 @@ fn took(shared: &Shared, request: &Report, carried: Carried) {
         let carried = carried.count.min(st.results.len());
         st.results.drain(..carried);
         shared.metrics.pending_results.set(st.results.len() as i64);
-        st.last_report = Some((request.bytes.clone(), SystemTime::now()));
     }
+    shared
+        .last_report
+        .send_replace(Some((request.bytes.clone(), SystemTime::now())));
     let was_failing = {
         let mut h = shared.health.lock();
         let was_failing = h.consecutive_report_failures > 0;
@@ -519,7 +522,9 @@ fn note_failure(shared: &Shared, error: &str) {
 /// One last report with status STOPPED so the server forgets this agent at
 /// once, carrying any results still buffered.
 pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
-    shared.state.lock().status = pb::ExecutorStatus::Stopped;
+    shared
+        .stopped
+        .store(true, std::sync::atomic::Ordering::Release);
     let Ok(channel) = channel(
         &shared.config.server_addr,
         shared.config.server_tls.as_ref(),

@@ -71,21 +71,14 @@ pub(crate) struct State {
     /// Results not yet taken by the server, oldest first.
     pub results: VecDeque<PendingResult>,
     pub server_clock: u64,
-    pub status: pb::ExecutorStatus,
-    /// What the operator has put the host in.
-    pub mode: crate::mode::HostMode,
-    /// Labels and eviction thresholds, changeable at runtime.
-    pub settings: crate::settings::Settings,
-    pub last_desired: Option<(Arc<crate::desired::Desired>, SystemTime)>,
-    /// The last report sent (encoded) and when.
-    pub last_report: Option<(bytes::Bytes, SystemTime)>,
     /// The last reported state's hash, reused while the state is unchanged.
     pub hash_cache: crate::wire::HashCache,
     /// Function call results the running allocations wait for.
     pub watches: WatchRegistry,
-    /// (major, minor) of the workers' Python, reported as labels.
-    pub python_version: Option<(String, String)>,
 }
+
+/// A value and when it was set.
+pub(crate) type Stamped<T> = Option<(T, SystemTime)>;
 
 #[derive(Default)]
 pub(crate) struct Health {
@@ -104,6 +97,19 @@ pub(crate) struct Shared {
     pub metrics: Arc<Metrics>,
     pub events: EventLog,
     pub state: Mutex<State>,
+    /// What the operator has put the host in (the operator's commands
+    /// write it; the reconciler and the report read it).
+    pub mode: watch::Sender<crate::mode::HostMode>,
+    /// Labels, reservations and eviction thresholds, changeable at runtime.
+    pub settings: watch::Sender<crate::settings::Settings>,
+    /// Set by the final report: the server hears STOPPED from then on.
+    pub stopped: AtomicBool,
+    /// (major, minor) of the workers' Python, reported as labels.
+    pub python_version: watch::Sender<Option<(String, String)>>,
+    /// The last desired state applied (the reconciler writes it).
+    pub last_desired: watch::Sender<Stamped<Arc<crate::desired::Desired>>>,
+    /// The last report the server took, encoded (the report loop writes it).
+    pub last_report: watch::Sender<Stamped<bytes::Bytes>>,
     /// The worker registry, published whole by the reconciler after each
     /// change; readers take the current version without blocking it.
     pub workers: watch::Sender<Arc<FeMap>>,
@@ -122,8 +128,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// What workers may hold now (the reserved part can change at runtime).
     pub fn allocatable(&self) -> pb::HostResources {
-        let settings = &self.state.lock().settings;
-        crate::admission::allocatable_in(&self.config, settings)
+        crate::admission::allocatable_in(&self.config, &self.settings.borrow())
     }
 
     /// The current worker registry (a cheap copy of its pointer).
@@ -175,15 +180,15 @@ impl Shared {
                 recent_allocations: VecDeque::new(),
                 results: VecDeque::new(),
                 server_clock: 0,
-                status: pb::ExecutorStatus::Running,
-                mode: crate::mode::HostMode::Active,
-                settings,
-                last_desired: None,
-                last_report: None,
                 hash_cache: Default::default(),
                 watches: WatchRegistry::default(),
-                python_version: None,
             }),
+            mode: watch::Sender::new(crate::mode::HostMode::Active),
+            settings: watch::Sender::new(settings),
+            stopped: AtomicBool::new(false),
+            python_version: watch::Sender::new(None),
+            last_desired: watch::Sender::new(None),
+            last_report: watch::Sender::new(None),
             workers: watch::Sender::new(Arc::new(FeMap::new())),
             health: Mutex::new(Health::default()),
             report_now: Notify::new(),
@@ -332,6 +337,17 @@ fn short_event(kind: &'static str, subject: &str, message: String) -> Event {
         message
     };
     Event::now(kind, &shorten(subject, MAX_EVENT_SUBJECT), message)
+}
+
+impl Shared {
+    /// The executor status the server hears: STOPPED after the final
+    /// report, DRAINED unless the host is active.
+    pub fn status(&self) -> pb::ExecutorStatus {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return pb::ExecutorStatus::Stopped;
+        }
+        self.mode.borrow().executor_status()
+    }
 }
 
 impl State {

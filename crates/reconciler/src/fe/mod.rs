@@ -39,13 +39,13 @@ pub(crate) async fn probe_python(shared: Arc<Shared>) {
     let Some(v) = python::probe_python_version(&shared.config.function_executor_bin).await else {
         return;
     };
-    let set = {
-        let mut st = shared.state.lock();
-        st.python_version
-            .is_none()
-            .then(|| st.python_version = Some(v))
-            .is_some()
-    };
+    let set = shared.python_version.send_if_modified(|known| {
+        let unknown = known.is_none();
+        if unknown {
+            *known = Some(v);
+        }
+        unknown
+    });
     if set {
         shared.report_now.notify_one();
     }
@@ -93,8 +93,9 @@ fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
             .filter(|(_, a)| a.fe_id == fe_id && a.phase != AllocPhase::Finished)
             .map(|(id, _)| id.clone())
             .collect();
-        let orphans = st
+        let orphans = shared
             .last_desired
+            .borrow()
             .iter()
             .flat_map(|(d, _)| d.allocations.iter())
             .filter(|a| {

@@ -41,12 +41,11 @@ fn note_python_version(shared: &Shared, info: &fe_pb::InfoResponse) {
     let Some(v) = python_version(info) else {
         return;
     };
-    let changed = {
-        let mut st = shared.state.lock();
-        let changed = st.python_version.as_ref() != Some(&v);
-        st.python_version = Some(v);
+    let changed = shared.python_version.send_if_modified(|known| {
+        let changed = known.as_ref() != Some(&v);
+        *known = Some(v);
         changed
-    };
+    });
     if changed {
         shared.report_now.notify_one();
     }

@@ -175,11 +175,8 @@ impl Reconciler {
     pub fn apply(&mut self, desired: &Arc<Desired>, received: Instant) -> bool {
         let shared = self.shared.clone();
         let fes = self.sweep();
-        let (mode, allocatable) = {
-            let st = shared.state.lock();
-            let allocatable = crate::admission::allocatable_in(&shared.config, &st.settings);
-            (st.mode, allocatable)
-        };
+        let mode = *shared.mode.borrow();
+        let allocatable = shared.allocatable();
         let current = Current {
             fes: &fes,
             allocations: &self.allocations,
@@ -346,7 +343,6 @@ impl Reconciler {
         let mut st = shared.state.lock();
         let locked = Instant::now();
         st.server_clock = desired.clock.unwrap_or(0);
-        st.last_desired = Some((desired.clone(), SystemTime::now()));
         st.allocations.reserve(entries.len());
         st.allocations.extend(entries);
         for (id, fe_id) in &plan.dropped {
@@ -370,6 +366,9 @@ impl Reconciler {
             .reconcile_lock_hold
             .observe(locked.elapsed().as_secs_f64());
         drop(st);
+        shared
+            .last_desired
+            .send_replace(Some((desired.clone(), SystemTime::now())));
         shared
             .metrics
             .last_desired_function_executors
