@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use steward_host_resources as hr;
-use steward_reconciler::{Agent, AgentConfig, GpuPool, Metrics, pb};
+use steward_reconciler::{Agent, AgentConfig, GpuPool, GpuRefusal, Metrics, pb};
 use steward_worker_driver as wd;
 
 const VERSION: &str = env!("STEWARD_VERSION");
@@ -781,14 +781,14 @@ fn gpu_model(m: hr::GpuModel) -> pb::GpuModel {
 struct GpuPoolAdapter(Arc<hr::GpuAllocator>);
 
 impl GpuPool for GpuPoolAdapter {
-    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, String> {
+    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, GpuRefusal> {
         if count == 0 {
             return Ok(Vec::new());
         }
         self.0
             .allocate(owner, count)
             .map(|a| a.uuids)
-            .map_err(|e| e.to_string())
+            .map_err(|e| GpuRefusal::Pool(Box::new(e)))
     }
     fn release(&self, owner: &str) {
         self.0.release(owner);

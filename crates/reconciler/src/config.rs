@@ -17,11 +17,21 @@ use crate::pressure::Eviction;
 
 /// Hands whole GPUs to workers; implemented over the host-resources allocator.
 pub trait GpuPool: Send + Sync + 'static {
-    /// Reserves `count` GPUs for `owner` and returns their UUIDs, or a
-    /// reason why not.
-    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, String>;
+    /// Reserves `count` GPUs for `owner` and returns their UUIDs, or why
+    /// not (said in the worker's startup failure).
+    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, GpuRefusal>;
     /// Returns `owner`'s GPUs; harmless when it holds none.
     fn release(&self, owner: &str);
+}
+
+/// Why a pool gave no GPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuRefusal {
+    #[error("worker {owner} asks for {count} GPU(s) but this host has none")]
+    NoGpus { owner: String, count: u32 },
+    /// The pool's own reason (its allocator's error).
+    #[error(transparent)]
+    Pool(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A pool with no GPUs: every request for one is refused.
@@ -29,13 +39,14 @@ pub trait GpuPool: Send + Sync + 'static {
 pub struct NoGpus;
 
 impl GpuPool for NoGpus {
-    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, String> {
+    fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, GpuRefusal> {
         if count == 0 {
             Ok(Vec::new())
         } else {
-            Err(format!(
-                "worker {owner} asks for {count} GPU(s) but this host has none"
-            ))
+            Err(GpuRefusal::NoGpus {
+                owner: owner.to_string(),
+                count,
+            })
         }
     }
     fn release(&self, _owner: &str) {}

@@ -125,7 +125,7 @@ fn allocate_gpus(
         .config
         .gpu_pool
         .allocate(id, gpu_count)
-        .map_err(internal)
+        .map_err(|e| internal(e.to_string()))
 }
 
 /// The application code (from the cache or the blob store), with its
