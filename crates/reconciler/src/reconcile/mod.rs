@@ -130,7 +130,7 @@ impl Reconciler {
 
     /// Holds allocation `id` on worker `fe_id` (a state built without a
     /// desired state: the synthetic benchmark's).
-    #[cfg(feature = "testing")]
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn hold(&mut self, id: String, fe_id: String) {
         self.allocations.insert(id, fe_id);
     }
@@ -329,8 +329,11 @@ impl Reconciler {
         entries
     }
 
-    /// The one hold of the shared state's lock in a pass: the clock, new
-    /// and dropped allocation entries, function call results routed.
+    /// The shared state's lock in a pass: once to set the clock, insert
+    /// new allocation entries, take out dropped ones and route function
+    /// call results; once more, only if allocations were dropped, to keep
+    /// the newest of them as recent. Timelines are stamped, and entries
+    /// past the recent bound freed, outside it.
     fn swap_allocations(
         &self,
         desired: &Arc<Desired>,
@@ -340,32 +343,28 @@ impl Reconciler {
         after: &mut AfterLock,
     ) {
         let shared = &self.shared;
-        let mut st = shared.state.lock();
-        let locked = Instant::now();
-        st.server_clock = desired.clock.unwrap_or(0);
-        st.allocations.reserve(entries.len());
-        st.allocations.extend(entries);
-        for (id, fe_id) in &plan.dropped {
-            let Some(mut entry) = st.allocations.remove(id) else {
-                continue;
-            };
-            if entry.phase != AllocPhase::Finished && fes.contains_key(fe_id) {
-                after.cancel.push((id.clone(), fe_id.clone()));
+        let mut dropped = Vec::with_capacity(plan.dropped.len());
+        {
+            let mut st = shared.state.lock();
+            let locked = Instant::now();
+            st.server_clock = desired.clock.unwrap_or(0);
+            st.allocations.extend(entries);
+            for (id, fe_id) in &plan.dropped {
+                let Some(entry) = st.allocations.remove(id) else {
+                    continue;
+                };
+                if entry.phase != AllocPhase::Finished && fes.contains_key(fe_id) {
+                    after.cancel.push((id.clone(), fe_id.clone()));
+                }
+                dropped.push((id.clone(), entry));
             }
-            entry
-                .timeline
-                .push(TimelineEntry::now("dropped from desired state"));
-            if st.recent_allocations.len() == crate::state::RECENT_ALLOCATIONS {
-                st.recent_allocations.pop_front();
-            }
-            st.recent_allocations.push_back((id.clone(), entry));
+            route_call_results(shared, &mut st, desired, after);
+            shared
+                .metrics
+                .reconcile_lock_hold
+                .observe(locked.elapsed().as_secs_f64());
         }
-        route_call_results(shared, &mut st, desired, after);
-        shared
-            .metrics
-            .reconcile_lock_hold
-            .observe(locked.elapsed().as_secs_f64());
-        drop(st);
+        self.keep_recent(dropped);
         shared
             .last_desired
             .send_replace(Some((desired.clone(), SystemTime::now())));
@@ -377,6 +376,40 @@ impl Reconciler {
             .metrics
             .last_desired_allocations
             .set(desired.allocations.len() as i64);
+    }
+
+    /// Keeps the newest of the dropped allocations (at most
+    /// [`crate::state::RECENT_ALLOCATIONS`]) for operators to read.
+    fn keep_recent(&self, mut dropped: Vec<(String, AllocEntry)>) {
+        if dropped.is_empty() {
+            return;
+        }
+        let keep = dropped.len().min(crate::state::RECENT_ALLOCATIONS);
+        let newest = dropped.split_off(dropped.len() - keep);
+        drop(dropped);
+        let mut newest: Vec<(String, AllocEntry)> = newest
+            .into_iter()
+            .map(|(id, mut entry)| {
+                entry
+                    .timeline
+                    .push(TimelineEntry::now("dropped from desired state"));
+                (id, entry)
+            })
+            .collect();
+        let overflow: Vec<(String, AllocEntry)> = {
+            let mut st = self.shared.state.lock();
+            let locked = Instant::now();
+            let over = (st.recent_allocations.len() + newest.len())
+                .saturating_sub(crate::state::RECENT_ALLOCATIONS);
+            let overflow = st.recent_allocations.drain(..over).collect();
+            st.recent_allocations.extend(newest.drain(..));
+            self.shared
+                .metrics
+                .reconcile_lock_hold
+                .observe(locked.elapsed().as_secs_f64());
+            overflow
+        };
+        drop(overflow);
     }
 
     /// Hands new allocations to their controllers; one whose controller
@@ -440,6 +473,60 @@ fn route_call_results(shared: &Shared, st: &mut State, desired: &Desired, after:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Allocations held with no worker, as if the server had placed them.
+    fn held(r: &mut Reconciler, ids: impl Iterator<Item = String>) {
+        let shared = r.shared.clone();
+        let mut st = shared.state.lock();
+        for id in ids {
+            r.hold(id.clone(), "fe".into());
+            let entry = AllocEntry {
+                fe_id: "fe".into(),
+                function: "ns/app/f".into(),
+                phase: AllocPhase::Finished,
+                timeline: Vec::new(),
+            };
+            st.allocations.insert(id, entry);
+        }
+    }
+
+    /// Dropped allocations leave the held ones, stamped; the newest 1,000
+    /// stay readable as recent, older ones go.
+    #[test]
+    fn dropped_allocations_keep_the_newest_as_recent_within_the_bound() {
+        let shared = crate::testing_support::shared();
+        let mut r = Reconciler::new(shared.clone());
+        let nothing = |clock| {
+            Arc::new(Desired {
+                function_executors: Vec::new(),
+                allocations: Vec::new(),
+                clock: Some(clock),
+                function_call_results: Vec::new(),
+            })
+        };
+        held(&mut r, (0..1500).map(|i| format!("a{i}")));
+        r.apply(&nothing(2), Instant::now());
+        held(&mut r, (0..10).map(|i| format!("late{i}")));
+        r.apply(&nothing(3), Instant::now());
+        let st = shared.state.lock();
+        assert!(st.allocations.is_empty() && r.allocations.is_empty());
+        assert_eq!(
+            st.recent_allocations.len(),
+            crate::state::RECENT_ALLOCATIONS
+        );
+        let newest: Vec<&str> = st
+            .recent_allocations
+            .iter()
+            .rev()
+            .take(10)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        assert!(newest.iter().all(|id| id.starts_with("late")), "{newest:?}");
+        assert!(st.recent_allocations.iter().all(|(_, a)| {
+            a.timeline.last().map(|t| t.what.as_str()) == Some("dropped from desired state")
+        }));
+        assert_eq!(st.server_clock, 3);
+    }
 
     /// A result naming a 2^63-byte value reaches its watcher as a failure,
     /// and an event names the bound: handing the value over would make
