@@ -1,7 +1,9 @@
 //! `steward-bench`: runs each scenario against Steward and against the
 //! reference Python executor (`indexify-cli executor` from the venv), on the
 //! same dev control plane code, alternating agents, for several rounds, and
-//! prints a table of medians, spread and the Steward/reference ratio.
+//! prints a table of medians, spread and the Steward/reference ratio. With
+//! `--baseline-steward` a second Steward binary (an older build) runs next
+//! to them, in its own column, with a Steward/baseline ratio.
 //! `cargo xtask bench` builds everything in release mode and runs it.
 //!
 //! Must not know about: Steward's internals; it drives both agents from the
@@ -20,7 +22,26 @@ use steward_devserver::{DevServer, DevServerConfig, FunctionOptions, client};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Agent {
     Steward,
+    /// The `--baseline-steward` binary, driven as Steward is.
+    Baseline,
     Reference,
+}
+
+impl Agent {
+    /// Steward, this build or the baseline one.
+    fn is_steward(self) -> bool {
+        matches!(self, Agent::Steward | Agent::Baseline)
+    }
+
+    /// The agents a run compares, in the order an even round takes them.
+    fn compared(baseline: bool) -> Vec<Agent> {
+        let mut agents = vec![Agent::Steward];
+        if baseline {
+            agents.push(Agent::Baseline);
+        }
+        agents.push(Agent::Reference);
+        agents
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -31,6 +52,8 @@ enum Worker {
 
 struct Env {
     steward: PathBuf,
+    /// A second `steward` binary measured as [`Agent::Baseline`].
+    baseline: Option<PathBuf>,
     fake_worker: PathBuf,
     venv: PathBuf,
     repo: PathBuf,
@@ -336,14 +359,19 @@ impl AgentProc {
         };
         let path = format!("{path}:{}", std::env::var("PATH").unwrap_or_default());
         let mut cmd = match agent {
-            Agent::Steward => {
+            Agent::Steward | Agent::Baseline => {
+                let bin = match (agent, &env.baseline) {
+                    (Agent::Baseline, Some(b)) => b,
+                    (Agent::Baseline, None) => bail!("no --baseline-steward given"),
+                    _ => &env.steward,
+                };
                 let mut c = match wrapper.split_first() {
                     Some((program, args)) => {
                         let mut c = Command::new(program);
-                        c.args(args).arg(&env.steward);
+                        c.args(args).arg(bin);
                         c
                     }
-                    None => Command::new(&env.steward),
+                    None => Command::new(bin),
                 };
                 c.args([
                     "--grpc-server-addr",
@@ -397,7 +425,7 @@ impl AgentProc {
             child,
             monitoring: format!("http://127.0.0.1:{port}"),
             _data: data,
-            cgroup_parent: (agent == Agent::Steward).then(|| format!("steward-bench-{port}")),
+            cgroup_parent: agent.is_steward().then(|| format!("steward-bench-{port}")),
             oci_runtime: env.oci_runtime.clone(),
         })
     }
@@ -543,9 +571,13 @@ impl AgentProc {
 struct Table {
     rows: BTreeMap<(usize, String), Row>,
     order: usize,
+    /// Whether a baseline Steward runs: its columns are shown.
+    baseline: bool,
 }
 
-type Row = (String, Vec<f64>, Vec<f64>, Option<String>);
+/// A metric's unit, its samples (Steward's, the reference's, the baseline
+/// Steward's) and a failure note.
+type Row = (String, Vec<f64>, Vec<f64>, Vec<f64>, Option<String>);
 
 impl Table {
     /// The row for `metric`, created (in first-seen order) when new.
@@ -559,7 +591,7 @@ impl Table {
         };
         self.rows
             .entry(key)
-            .or_insert_with(|| (unit.to_string(), Vec::new(), Vec::new(), None))
+            .or_insert_with(|| (unit.to_string(), Vec::new(), Vec::new(), Vec::new(), None))
     }
 
     fn add(&mut self, metric: &str, unit: &str, agent: Agent, value: f64) {
@@ -567,11 +599,12 @@ impl Table {
         match agent {
             Agent::Steward => row.1.push(value),
             Agent::Reference => row.2.push(value),
+            Agent::Baseline => row.3.push(value),
         }
     }
 
     fn fail(&mut self, metric: &str, agent: Agent, why: &str) {
-        self.row(metric, "").3 = Some(format!("{agent:?}: {why}"));
+        self.row(metric, "").4 = Some(format!("{agent:?}: {why}"));
     }
 
     fn render(&self) -> String {
@@ -593,22 +626,30 @@ impl Table {
             s.sort_by(|a, b| a.total_cmp(b));
             s.get(s.len() / 2).copied()
         };
-        let mut out = String::from(
-            "| metric | unit | Steward median (min–max) | reference median (min–max) | Steward / reference |\n|---|---|---|---|---|\n",
-        );
-        for ((_, metric), (unit, st, re, note)) in &self.rows {
-            let ratio = match (median(st), median(re)) {
-                (Some(a), Some(b)) if b != 0.0 => format!("{:.3}", a / b),
-                _ => "-".into(),
-            };
+        let ratio = |a: &[f64], b: &[f64]| match (median(a), median(b)) {
+            (Some(a), Some(b)) if b != 0.0 => format!("{:.3}", a / b),
+            _ => "-".into(),
+        };
+        let mut out = String::from(if self.baseline {
+            "| metric | unit | Steward median (min–max) | baseline Steward median (min–max) | Steward / baseline | reference median (min–max) | Steward / reference |\n|---|---|---|---|---|---|---|\n"
+        } else {
+            "| metric | unit | Steward median (min–max) | reference median (min–max) | Steward / reference |\n|---|---|---|---|---|\n"
+        });
+        for ((_, metric), (unit, st, re, base, note)) in &self.rows {
             let note = note
                 .as_deref()
                 .map(|n| format!(" ({n})"))
                 .unwrap_or_default();
+            let baseline = if self.baseline {
+                format!(" {} | {} |", stat(base), ratio(st, base))
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "| {metric}{note} | {unit} | {} | {} | {ratio} |\n",
+                "| {metric}{note} | {unit} | {} |{baseline} {} | {} |\n",
                 stat(st),
-                stat(re)
+                stat(re),
+                ratio(st, re)
             ));
         }
         out
@@ -1259,7 +1300,7 @@ async fn metrics_text(proc: &AgentProc) -> Option<String> {
 /// Mean reconcile pass time from an agent's own metrics, in ms.
 async fn reconcile_mean_ms(proc: &AgentProc, agent: Agent) -> Option<f64> {
     let name = match agent {
-        Agent::Steward => "steward_reconciliation_latency_seconds",
+        Agent::Steward | Agent::Baseline => "steward_reconciliation_latency_seconds",
         Agent::Reference => "state_reconciliation_latency_seconds",
     };
     histogram_mean_ms(&metrics_text(proc).await?, name)
@@ -1297,10 +1338,10 @@ fn histogram_mean_ms(text: &str, name: &str) -> Option<f64> {
     (count > 0.0).then(|| sum / count * 1000.0)
 }
 
-/// Steward only: how long reconcile passes hold the state lock, next to
-/// how long whole passes take (which is what the lock was held for before
-/// admission moved out of it).
-async fn lock_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
+/// Steward only (`agent`, this build or the baseline): how long reconcile
+/// passes hold the state lock, next to how long whole passes take (which
+/// is what the lock was held for before admission moved out of it).
+async fn lock_rows(proc: &AgentProc, agent: Agent, label: &str, t: &mut Table) -> Option<()> {
     let text = metrics_text(proc).await?;
     let pass = "steward_reconciliation_latency_seconds";
     let lock = "steward_reconcile_lock_hold_seconds";
@@ -1312,12 +1353,12 @@ async fn lock_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
             t.add(
                 &format!("{label}: longest {what} (bucket bound)"),
                 "ms",
-                Agent::Steward,
+                agent,
                 ms,
             );
         }
         if let Some(ms) = histogram_mean_ms(&text, name) {
-            t.add(&format!("{label}: mean {what}"), "ms", Agent::Steward, ms);
+            t.add(&format!("{label}: mean {what}"), "ms", agent, ms);
         }
     }
     Some(())
@@ -1422,8 +1463,8 @@ async fn scale(
     if let Some(ms) = reconcile_mean_ms(&proc, agent).await {
         t.add(&format!("{label}: mean reconcile pass"), "ms", agent, ms);
     }
-    if agent == Agent::Steward {
-        lock_rows(&proc, &label, t).await;
+    if agent.is_steward() {
+        lock_rows(&proc, agent, &label, t).await;
     }
     t.add(
         &format!("{label}: agent peak memory"),
@@ -1520,8 +1561,8 @@ async fn concurrent(
             (after - before) / n,
         );
     }
-    if agent == Agent::Steward {
-        cycle_rows(&proc, &label, t).await;
+    if agent.is_steward() {
+        cycle_rows(&proc, agent, &label, t).await;
     }
     drop(proc);
     plane.stop().await;
@@ -1533,9 +1574,10 @@ async fn published(plane: &Plane) -> Option<f64> {
     plane.stats().await.ok()?["desired_states_published"].as_f64()
 }
 
-/// Steward only: the agent's own share of each worker cycle, from its
-/// `steward_agent_cycle_seconds` histogram (p99 as a bucket bound).
-async fn cycle_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> {
+/// Steward only (`agent`, this build or the baseline): the agent's own
+/// share of each worker cycle, from its `steward_agent_cycle_seconds`
+/// histogram (p99 as a bucket bound).
+async fn cycle_rows(proc: &AgentProc, agent: Agent, label: &str, t: &mut Table) -> Option<()> {
     let text = metrics_text(proc).await?;
     for (leg, what) in [
         (
@@ -1551,7 +1593,7 @@ async fn cycle_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> 
             t.add(
                 &format!("{label}: agent share, {what}, mean"),
                 "ms",
-                Agent::Steward,
+                agent,
                 ms,
             );
         }
@@ -1559,7 +1601,7 @@ async fn cycle_rows(proc: &AgentProc, label: &str, t: &mut Table) -> Option<()> 
             t.add(
                 &format!("{label}: agent share, {what}, p99 (bucket bound)"),
                 "ms",
-                Agent::Steward,
+                agent,
                 ms,
             );
         }
@@ -1700,7 +1742,7 @@ impl AgentChoice {
     fn admits(choice: Option<AgentChoice>, agent: Agent) -> bool {
         match choice {
             None => true,
-            Some(AgentChoice::Steward) => agent == Agent::Steward,
+            Some(AgentChoice::Steward) => agent.is_steward(),
             Some(AgentChoice::Reference) => agent == Agent::Reference,
         }
     }
@@ -1765,9 +1807,17 @@ struct Cli {
     /// the profiler too
     #[arg(long)]
     steward_wrapper: Option<String>,
-    /// Measure one agent only (a quick look; ratios need both)
+    /// Measure one agent only (a quick look; ratios need both); `steward`
+    /// keeps the baseline Steward
     #[arg(long, value_enum)]
     agent: Option<AgentChoice>,
+    /// Also measure this second `steward` binary (an older build), driven
+    /// as Steward is (same flags, wrapper and fake worker), in the
+    /// scenarios that compare agents (latency, composed, recovery,
+    /// concurrent, throughput, scale): its own column and a
+    /// Steward / baseline ratio
+    #[arg(long)]
+    baseline_steward: Option<PathBuf>,
     /// Also write the table to this file
     #[arg(long)]
     out: Option<PathBuf>,
@@ -1814,6 +1864,7 @@ async fn run(cli: Cli) -> Result<()> {
     std::os::unix::fs::symlink(&fake_worker, fake_path_dir.path().join("function-executor"))?;
     let env = Env {
         steward,
+        baseline: cli.baseline_steward.clone(),
         fake_worker,
         venv,
         repo,
@@ -1827,16 +1878,22 @@ async fn run(cli: Cli) -> Result<()> {
     };
     check(&env.steward)?;
     check(&env.fake_worker)?;
+    if let Some(b) = &env.baseline {
+        check(b)?;
+    }
 
     let started = Instant::now();
-    let mut t = Table::default();
+    let mut t = Table {
+        baseline: env.baseline.is_some(),
+        ..Table::default()
+    };
+    let agents = Agent::compared(env.baseline.is_some());
     for round in 0..rounds {
         // Alternate which agent goes first.
-        let order = if round % 2 == 0 {
-            [Agent::Steward, Agent::Reference]
-        } else {
-            [Agent::Reference, Agent::Steward]
-        };
+        let mut order = agents.clone();
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for agent in order {
             if !AgentChoice::admits(cli.agent, agent) {
                 continue;
@@ -1928,7 +1985,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     // Scale once per agent: it is the longest scenario.
-    for agent in [Agent::Steward, Agent::Reference] {
+    for agent in agents {
         if !wanted(Scenario::Scale) {
             break;
         }
@@ -1950,8 +2007,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
     }
     let table = t.render();
+    let baseline = env
+        .baseline
+        .as_ref()
+        .map(|b| format!("; baseline Steward {}", b.display()))
+        .unwrap_or_default();
     let header = format!(
-        "{} round(s), {} latency samples, scale {} workers / {} allocations; harness ran {:.0} s on {} CPU(s)\n\n",
+        "{} round(s), {} latency samples, scale {} workers / {} allocations{baseline}; harness ran {:.0} s on {} CPU(s)\n\n",
         rounds,
         latency_n,
         scale_workers,
@@ -1977,4 +2039,28 @@ fn check(p: &Path) -> Result<()> {
         bail!("{} is missing; run `cargo xtask bench`", p.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_baseline_steward_gets_its_own_column_and_ratio() {
+        let mut t = Table::default();
+        t.add("cpu", "s", Agent::Steward, 1.0);
+        t.add("cpu", "s", Agent::Reference, 4.0);
+        let without = t.render();
+        assert_eq!(
+            without.lines().nth(2),
+            Some("| cpu | s | 1.00 | 4.00 | 0.250 |")
+        );
+        t.baseline = true;
+        t.add("cpu", "s", Agent::Baseline, 2.0);
+        let with = t.render();
+        let lines: Vec<&str> = with.lines().collect();
+        assert_eq!(lines[2], "| cpu | s | 1.00 | 2.00 | 0.500 | 4.00 | 0.250 |");
+        let cells = |l: &str| l.matches('|').count();
+        assert!(lines.iter().all(|l| cells(l) == cells(lines[0])), "{with}");
+    }
 }
