@@ -63,76 +63,17 @@ pub(crate) async fn run_loop(
     let mut backoff = stream_backoff();
     loop {
         // Wait for a report that succeeded after the last stream failure.
-        loop {
-            if *reports_ok.borrow_and_update() >= required_reports {
-                break;
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = reports_ok.changed() => if r.is_err() { return },
-            }
+        if !report_succeeded(&mut reports_ok, required_reports, &cancel).await {
+            return;
         }
         shared.metrics.desired_state_streams.inc();
-        let request = pb::GetDesiredExecutorStatesRequest {
-            executor_id: Some(shared.config.executor_id.clone()),
+        let mut follower = Follower {
+            shared: &shared,
+            desired_tx: &desired_tx,
+            backoff: &mut backoff,
         };
-        let opened = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(10), open(&mut grpc, request)) => r,
-        };
-        let reason = match opened {
-            Err(_) => "opening the stream timed out".to_string(),
-            Ok(Err(status)) => format!(
-                "opening the stream failed: {}: {}",
-                status.code(),
-                status.message()
-            ),
-            Ok(Ok(response)) => {
-                let mut stream = response.into_inner();
-                let mut decoder = Decoder::default();
-                loop {
-                    let next = tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        n = tokio::time::timeout(shared.config.stream_idle_timeout, stream.message()) => n,
-                    };
-                    match next {
-                        Err(_) => {
-                            break format!(
-                                "no message for {}s; reopening",
-                                shared.config.stream_idle_timeout.as_secs()
-                            );
-                        }
-                        Ok(Err(status)) => {
-                            break format!(
-                                "stream failed: {}: {}",
-                                status.code(),
-                                status.message()
-                            );
-                        }
-                        Ok(Ok(None)) => break "server closed the stream".to_string(),
-                        Ok(Ok(Some(raw))) => {
-                            let received = std::time::Instant::now();
-                            let desired = match decoder.decode(raw) {
-                                Ok((desired, stats)) => {
-                                    shared
-                                        .metrics
-                                        .desired_state_items
-                                        .inc_by(stats.items as u64);
-                                    shared
-                                        .metrics
-                                        .desired_state_items_decoded
-                                        .inc_by(stats.decoded as u64);
-                                    desired
-                                }
-                                Err(e) => break format!("undecodable desired state: {e}"),
-                            };
-                            backoff = stream_backoff();
-                            shared.metrics.desired_states_received.inc();
-                            desired_tx.send_replace(Some((std::sync::Arc::new(desired), received)));
-                        }
-                    }
-                }
-            }
+        let Some(reason) = follower.session(&mut grpc, &cancel).await else {
+            return;
         };
         shared.metrics.desired_state_stream_errors.inc();
         tracing::warn!(reason = %crate::events::shorten(&reason, crate::events::MAX_EVENT_MESSAGE), "desired state stream interrupted");
@@ -143,5 +84,107 @@ pub(crate) async fn run_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Waits until at least `required` reports have succeeded; false when
+/// cancelled or the report loop is gone.
+async fn report_succeeded(
+    reports_ok: &mut watch::Receiver<u64>,
+    required: u64,
+    cancel: &CancellationToken,
+) -> bool {
+    loop {
+        if *reports_ok.borrow_and_update() >= required {
+            return true;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            r = reports_ok.changed() => if r.is_err() { return false },
+        }
+    }
+}
+
+/// Opens the stream and hands its messages to the reconciler.
+struct Follower<'a> {
+    shared: &'a Shared,
+    desired_tx: &'a watch::Sender<Option<crate::reconcile::Received>>,
+    /// Reset by every message received.
+    backoff: &'a mut backon::ExponentialBackoff,
+}
+
+impl Follower<'_> {
+    /// Opens the stream and follows it; why it stopped, or none when
+    /// cancelled.
+    async fn session(
+        &mut self,
+        grpc: &mut tonic::client::Grpc<Channel>,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        let request = pb::GetDesiredExecutorStatesRequest {
+            executor_id: Some(self.shared.config.executor_id.clone()),
+        };
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = tokio::time::timeout(Duration::from_secs(10), open(grpc, request)) => r,
+        };
+        match opened {
+            Err(_) => Some("opening the stream timed out".to_string()),
+            Ok(Err(status)) => Some(format!(
+                "opening the stream failed: {}: {}",
+                status.code(),
+                status.message()
+            )),
+            Ok(Ok(response)) => self.follow(response.into_inner(), cancel).await,
+        }
+    }
+
+    /// Follows `stream` until it fails, ends or goes idle; why it stopped,
+    /// or none when cancelled.
+    async fn follow(
+        &mut self,
+        mut stream: tonic::codec::Streaming<bytes::Bytes>,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        let idle = self.shared.config.stream_idle_timeout;
+        let mut decoder = Decoder::default();
+        loop {
+            let next = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                n = tokio::time::timeout(idle, stream.message()) => n,
+            };
+            let reason = match next {
+                Err(_) => format!("no message for {}s; reopening", idle.as_secs()),
+                Ok(Err(status)) => {
+                    format!("stream failed: {}: {}", status.code(), status.message())
+                }
+                Ok(Ok(None)) => "server closed the stream".to_string(),
+                Ok(Ok(Some(raw))) => match self.publish(&mut decoder, raw) {
+                    Ok(()) => continue,
+                    Err(e) => format!("undecodable desired state: {e}"),
+                },
+            };
+            return Some(reason);
+        }
+    }
+
+    /// Decodes one message and makes it the newest desired state.
+    fn publish(
+        &mut self,
+        decoder: &mut Decoder,
+        raw: bytes::Bytes,
+    ) -> Result<(), prost::DecodeError> {
+        let received = std::time::Instant::now();
+        let (desired, stats) = decoder.decode(raw)?;
+        let metrics = &self.shared.metrics;
+        metrics.desired_state_items.inc_by(stats.items as u64);
+        metrics
+            .desired_state_items_decoded
+            .inc_by(stats.decoded as u64);
+        *self.backoff = stream_backoff();
+        metrics.desired_states_received.inc();
+        self.desired_tx
+            .send_replace(Some((std::sync::Arc::new(desired), received)));
+        Ok(())
     }
 }

@@ -129,6 +129,17 @@ pub(crate) fn etags(blob: &fe_pb::Blob) -> Vec<String> {
         .collect()
 }
 
+/// Why an input cannot be handed to the worker.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    /// Past `--max-input-blob-bytes`, or an extent that overflows.
+    #[error("{}", .0.message)]
+    TooLarge(crate::validate::Rejection),
+    /// No read URL could be made.
+    #[error(transparent)]
+    Presign(#[from] steward_blob_store::BlobError),
+}
+
 /// What the worker needs to read `p`: its manifest and presigned chunks
 /// covering everything up to its end, which must be within `max_bytes`
 /// (`--max-input-blob-bytes`; checked before any URL is made).
@@ -137,15 +148,12 @@ async fn readable(
     p: &pb::DataPayload,
     valid_for: Duration,
     max_bytes: u64,
-) -> Result<(fe_pb::SerializedObjectInsideBlob, fe_pb::Blob), String> {
+) -> Result<(fe_pb::SerializedObjectInsideBlob, fe_pb::Blob), Unreadable> {
     let uri = p.uri.as_deref().unwrap_or("");
     let offset = p.offset.unwrap_or(0);
     let covered =
-        crate::validate::input_extent(p, "the payload", max_bytes).map_err(|r| r.message)?;
-    let chunks = blobs
-        .presign_read(uri, covered, valid_for)
-        .await
-        .map_err(|e| e.to_string())?;
+        crate::validate::input_extent(p, "the payload", max_bytes).map_err(Unreadable::TooLarge)?;
+    let chunks = blobs.presign_read(uri, covered, valid_for).await?;
     Ok((
         fe_pb::SerializedObjectInsideBlob {
             manifest: Some(manifest_of(p)),
@@ -173,6 +181,9 @@ fn ceil_ms(d: Duration) -> u64 {
     d.as_nanos().div_ceil(1_000_000) as u64
 }
 
+/// Runs `alloc` on its worker, in four phases: [`prepare`] its inputs,
+/// [`drive`] the worker to a result, [`finish`] the uploads, [`report`]
+/// the result in the server's form.
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut client: WorkerClient,
@@ -180,40 +191,117 @@ pub(crate) async fn run(
     alloc: pb::Allocation,
     ready: Instant,
 ) -> AllocOutcome {
-    let blobs = &shared.config.blob_store;
     let alloc_id = alloc.allocation_id.clone().unwrap_or_default();
     let fail = |reason, duration, kill| AllocOutcome {
         result: failed_result(&alloc, reason, duration),
         kill_fe: kill,
     };
+    let (request, request_error) = match prepare(&shared, &alloc, allocation_timeout).await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            shared.event("allocation_input_error", &alloc_id, e.to_string());
+            return fail(pb::AllocationFailureReason::InternalError, None, None);
+        }
+    };
+    let (outcome, mut guard, duration_ms) = drive(
+        &shared,
+        &mut client,
+        &alloc,
+        allocation_timeout,
+        request,
+        &request_error,
+        ready,
+    )
+    .await;
+    let uploads = guard.disarm();
+    let fe_result = match outcome {
+        Ok(r) => r,
+        Err(d) => {
+            shared.event("allocation_failed", &alloc_id, d.message);
+            abort_all(&shared, uploads, Some(request_error)).await;
+            return fail(d.reason, Some(duration_ms), d.kill);
+        }
+    };
+    let kept = match finish(&shared, &alloc_id, &fe_result, uploads, request_error).await {
+        Ok(kept) => kept,
+        Err(reason) => return fail(reason, Some(duration_ms), None),
+    };
+    match report(&alloc, &fe_result, &kept, duration_ms) {
+        Ok(result) => AllocOutcome {
+            result,
+            kill_fe: None,
+        },
+        Err(e) => {
+            shared.event("allocation_failed", &alloc_id, e.to_string());
+            let reason = pb::AllocationFailureReason::FunctionError;
+            fail(reason, Some(duration_ms), None)
+        }
+    }
+}
 
-    // Prepare inputs.
+/// Why an allocation's inputs could not be prepared.
+#[derive(Debug, thiserror::Error)]
+enum InputError {
+    #[error("args[{index}]: {source}")]
+    Arg { index: usize, source: Unreadable },
+    #[error("request error blob: {0}")]
+    RequestErrorBlob(#[from] steward_blob_store::BlobError),
+}
+
+/// Phase 1: read URLs for the arguments and an open upload for a request
+/// error; the request that starts the allocation on the worker, and that
+/// upload (completed or aborted by the caller).
+async fn prepare(
+    shared: &Shared,
+    alloc: &pb::Allocation,
+    allocation_timeout: Duration,
+) -> Result<(fe_pb::CreateAllocationRequest, Upload), InputError> {
+    let blobs = &shared.config.blob_store;
     let mut args = Vec::new();
     let mut arg_blobs = Vec::new();
-    for (i, p) in alloc.args.iter().enumerate() {
-        match readable(
+    for (index, p) in alloc.args.iter().enumerate() {
+        let (arg, blob) = readable(
             blobs,
             p,
             allocation_timeout,
             shared.config.max_input_blob_bytes,
         )
         .await
-        {
-            Ok((arg, blob)) => {
-                args.push(arg);
-                arg_blobs.push(blob);
-            }
-            Err(e) => {
-                shared.event(
-                    "allocation_input_error",
-                    &alloc_id,
-                    format!("args[{i}]: {e}"),
-                );
-                return fail(pb::AllocationFailureReason::InternalError, None, None);
-            }
-        }
+        .map_err(|source| InputError::Arg { index, source })?;
+        args.push(arg);
+        arg_blobs.push(blob);
     }
-    let request_error_uri = format!(
+    let (request_error, chunks) = open_request_error(blobs, alloc, allocation_timeout).await?;
+    let inputs = fe_pb::FunctionInputs {
+        args,
+        arg_blobs,
+        request_error_blob: Some(fe_pb::Blob {
+            id: Some("request_error_blob".into()),
+            chunks: to_chunks(chunks),
+        }),
+        function_call_metadata: Some(alloc.function_call_metadata.clone().unwrap_or_default()),
+    };
+    let request = fe_pb::CreateAllocationRequest {
+        allocation: Some(fe_pb::Allocation {
+            request_id: alloc.request_id.clone(),
+            function_call_id: alloc.function_call_id.clone(),
+            allocation_id: alloc.allocation_id.clone(),
+            inputs: Some(inputs),
+            result: None,
+        }),
+    };
+    Ok((request, request_error))
+}
+
+/// Opens the upload of the allocation's request error, with write URLs
+/// for up to [`REQUEST_ERROR_BLOB_BYTES`]; aborted again when the URLs
+/// cannot be made.
+async fn open_request_error(
+    blobs: &steward_blob_store::BlobStore,
+    alloc: &pb::Allocation,
+    allocation_timeout: Duration,
+) -> Result<(Upload, Vec<steward_blob_store::Chunk>), steward_blob_store::BlobError> {
+    let uri = format!(
         "{}.{}.req_error",
         alloc
             .request_error_payload_uri_prefix
@@ -221,62 +309,36 @@ pub(crate) async fn run(
             .unwrap_or(""),
         alloc.request_id.as_deref().unwrap_or("")
     );
-    let request_error_upload = match blobs.create_multipart(&request_error_uri).await {
-        Ok(upload_id) => Upload {
-            uri: request_error_uri.clone(),
-            upload_id,
-        },
-        Err(e) => {
-            shared.event(
-                "allocation_input_error",
-                &alloc_id,
-                format!("request error blob: {e}"),
-            );
-            return fail(pb::AllocationFailureReason::InternalError, None, None);
-        }
-    };
-    let request_error_chunks = match blobs
+    let upload_id = blobs.create_multipart(&uri).await?;
+    match blobs
         .presign_write_parts(
-            &request_error_uri,
-            &request_error_upload.upload_id,
+            &uri,
+            &upload_id,
             REQUEST_ERROR_BLOB_BYTES,
             allocation_timeout,
         )
         .await
     {
-        Ok(c) => c,
+        Ok(chunks) => Ok((Upload { uri, upload_id }, chunks)),
         Err(e) => {
-            let _ = blobs
-                .abort_multipart(&request_error_uri, &request_error_upload.upload_id)
-                .await;
-            shared.event(
-                "allocation_input_error",
-                &alloc_id,
-                format!("request error blob: {e}"),
-            );
-            return fail(pb::AllocationFailureReason::InternalError, None, None);
+            let _ = blobs.abort_multipart(&uri, &upload_id).await;
+            Err(e)
         }
-    };
-    let request = fe_pb::CreateAllocationRequest {
-        allocation: Some(fe_pb::Allocation {
-            request_id: alloc.request_id.clone(),
-            function_call_id: alloc.function_call_id.clone(),
-            allocation_id: alloc.allocation_id.clone(),
-            inputs: Some(fe_pb::FunctionInputs {
-                args,
-                arg_blobs,
-                request_error_blob: Some(fe_pb::Blob {
-                    id: Some("request_error_blob".into()),
-                    chunks: to_chunks(request_error_chunks),
-                }),
-                function_call_metadata: Some(
-                    alloc.function_call_metadata.clone().unwrap_or_default(),
-                ),
-            }),
-            result: None,
-        }),
-    };
+    }
+}
 
+/// Phase 2: runs the allocation on the worker until it has a result. The
+/// open uploads come back with the outcome, in their guard, and how long
+/// the worker took in ms (also the run latency metric).
+async fn drive(
+    shared: &Arc<Shared>,
+    client: &mut WorkerClient,
+    alloc: &pb::Allocation,
+    allocation_timeout: Duration,
+    request: fe_pb::CreateAllocationRequest,
+    request_error: &Upload,
+    ready: Instant,
+) -> (Result<fe_pb::AllocationResult, Driven>, OpenUploads, u64) {
     let started = Instant::now();
     // Owns the open uploads while the worker runs: if this task is dropped
     // (allocation cancelled, worker killed) they are aborted, not leaked.
@@ -284,176 +346,188 @@ pub(crate) async fn run(
         shared: shared.clone(),
         map: HashMap::new(),
         state_writes: HashMap::new(),
-        request_error: Some(request_error_upload.clone()),
+        request_error: Some(request_error.clone()),
     };
-    let mut runner = Runner::new(
-        shared.clone(),
-        &mut client,
-        &alloc,
-        allocation_timeout,
-        guard,
-    );
-    note_handed_over(&shared, &alloc_id, ready);
+    let mut runner = Runner::new(shared.clone(), client, alloc, allocation_timeout, guard);
+    note_handed_over(shared, &runner.alloc_id, ready);
     let outcome = runner.drive(request).await;
-    let mut guard = runner.into_uploads();
-    let mut uploads = guard.disarm();
-    let duration_ms = ceil_ms(started.elapsed());
+    let uploads = runner.into_uploads();
+    let took = started.elapsed();
     shared
         .metrics
         .allocation_run_latency
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took.as_secs_f64());
+    (outcome, uploads, ceil_ms(took))
+}
 
-    let (fe_result, kill) = match outcome {
-        Ok(r) => (r, None),
+/// The uploads an allocation's result refers to, once completed.
+struct Kept {
+    outputs_uri: Option<String>,
+    request_error_uri: Option<String>,
+}
+
+/// Phase 3: completes the uploads the worker used and aborts the rest. A
+/// failure is told as an event; the allocation then fails for the reason
+/// returned.
+async fn finish(
+    shared: &Arc<Shared>,
+    alloc_id: &str,
+    fe_result: &fe_pb::AllocationResult,
+    mut uploads: HashMap<String, Upload>,
+    request_error: Upload,
+) -> Result<Kept, pb::AllocationFailureReason> {
+    let outputs_uri = match complete_outputs(shared, fe_result, &mut uploads).await {
+        Ok(uri) => uri,
         Err(Driven {
-            reason,
-            kill,
-            message,
+            reason, message, ..
         }) => {
-            shared.event("allocation_failed", &alloc_id, message);
-            abort_all(&shared, uploads, Some(request_error_upload)).await;
-            return fail(reason, Some(duration_ms), kill);
+            shared.event("allocation_failed", alloc_id, message);
+            abort_all(shared, uploads, Some(request_error)).await;
+            return Err(reason);
         }
     };
+    let request_error_uri =
+        complete_request_error(shared, alloc_id, fe_result, &request_error).await;
+    let unused = request_error_uri.is_none().then_some(request_error);
+    abort_all(shared, uploads, unused).await;
+    Ok(Kept {
+        outputs_uri,
+        request_error_uri,
+    })
+}
 
-    // Finish uploads: complete the ones the worker used, abort the rest.
-    let mut result = pb::AllocationResult {
-        function: alloc.function.clone().map(with_version),
-        allocation_id: alloc.allocation_id.clone(),
-        function_call_id: alloc.function_call_id.clone(),
-        request_id: alloc.request_id.clone(),
-        outcome_code: None,
-        failure_reason: None,
-        return_value: None,
-        request_error: None,
-        execution_duration_ms: Some(duration_ms),
+/// Completes the output blob the worker reported, taking it from `uploads`;
+/// its URI, or none when the worker reported none.
+async fn complete_outputs(
+    shared: &Shared,
+    fe_result: &fe_pb::AllocationResult,
+    uploads: &mut HashMap<String, Upload>,
+) -> Result<Option<String>, Driven> {
+    let Some(blob) = &fe_result.uploaded_function_outputs_blob else {
+        return Ok(None);
     };
-    let mut outputs_uri = None;
-    if let Some(blob) = &fe_result.uploaded_function_outputs_blob {
-        let id = blob.id.clone().unwrap_or_default();
-        match uploads.remove(&id) {
-            Some(up) => {
-                if let Err(e) = blobs
-                    .complete_multipart(&up.uri, &up.upload_id, &etags(blob))
-                    .await
-                {
-                    shared.event(
-                        "allocation_failed",
-                        &alloc_id,
-                        format!("completing output upload: {e}"),
-                    );
-                    abort_all(&shared, uploads, Some(request_error_upload)).await;
-                    return fail(
-                        pb::AllocationFailureReason::InternalError,
-                        Some(duration_ms),
-                        None,
-                    );
-                }
-                outputs_uri = Some(up.uri);
-            }
-            None => {
-                shared.event(
-                    "allocation_failed",
-                    &alloc_id,
-                    format!("worker reported output blob {id:?} that was never requested"),
-                );
-                abort_all(&shared, uploads, Some(request_error_upload)).await;
-                return fail(
-                    pb::AllocationFailureReason::FunctionError,
-                    Some(duration_ms),
-                    None,
-                );
-            }
-        }
-    }
-    let mut request_error_kept = None;
-    if fe_result.uploaded_request_error_blob.is_some() {
-        let etags: Vec<String> = fe_result
-            .uploaded_request_error_blob
-            .iter()
-            .flat_map(|b| b.chunks.iter().map(|c| c.etag.clone().unwrap_or_default()))
-            .collect();
-        match blobs
-            .complete_multipart(
-                &request_error_upload.uri,
-                &request_error_upload.upload_id,
-                &etags,
+    let failed = |reason, message| Driven {
+        reason,
+        kill: None,
+        message,
+    };
+    let id = blob.id.clone().unwrap_or_default();
+    let Some(up) = uploads.remove(&id) else {
+        return Err(failed(
+            pb::AllocationFailureReason::FunctionError,
+            format!("worker reported output blob {id:?} that was never requested"),
+        ));
+    };
+    shared
+        .config
+        .blob_store
+        .complete_multipart(&up.uri, &up.upload_id, &etags(blob))
+        .await
+        .map_err(|e| {
+            failed(
+                pb::AllocationFailureReason::InternalError,
+                format!("completing output upload: {e}"),
             )
-            .await
-        {
-            Ok(()) => request_error_kept = Some(request_error_upload.uri.clone()),
-            Err(e) => {
-                tracing::warn!(allocation = %alloc_id, error = %e, "completing request error upload failed")
-            }
+        })?;
+    Ok(Some(up.uri))
+}
+
+/// Completes the request error upload when the worker wrote one; its URI
+/// when that worked (a failure is logged: the result goes on without it).
+async fn complete_request_error(
+    shared: &Shared,
+    alloc_id: &str,
+    fe_result: &fe_pb::AllocationResult,
+    upload: &Upload,
+) -> Option<String> {
+    let blob = fe_result.uploaded_request_error_blob.as_ref()?;
+    match shared
+        .config
+        .blob_store
+        .complete_multipart(&upload.uri, &upload.upload_id, &etags(blob))
+        .await
+    {
+        Ok(()) => Some(upload.uri.clone()),
+        Err(e) => {
+            tracing::warn!(allocation = %alloc_id, error = %e, "completing request error upload failed");
+            None
         }
     }
-    abort_all(
-        &shared,
-        uploads,
-        if request_error_kept.is_some() {
-            None
-        } else {
-            Some(request_error_upload)
-        },
-    )
-    .await;
+}
 
+/// Why what the worker wrote cannot go to the server; the function's error.
+#[derive(Debug, thiserror::Error)]
+enum Unsendable {
+    #[error("the function's value cannot be sent to the server: {0}")]
+    Value(plan::PlanError),
+    #[error("the function's tail call cannot be sent to the server: {0}")]
+    TailCall(plan::PlanError),
+    #[error("the function returned a value but never uploaded it (no outputs blob)")]
+    ValueNotUploaded,
+    #[error("the function's request error cannot be sent to the server: {0}")]
+    RequestError(plan::PlanError),
+}
+
+/// Phase 4: the worker's result in the server's form. What the worker
+/// wrote is checked (and bounded) before it is copied: anything the server
+/// cannot take fails this allocation alone.
+fn report(
+    alloc: &pb::Allocation,
+    fe_result: &fe_pb::AllocationResult,
+    kept: &Kept,
+    duration_ms: u64,
+) -> Result<pb::AllocationResult, Unsendable> {
     use fe_pb::AllocationFailureReason as F;
     let success = fe_result.outcome_code == Some(fe_pb::AllocationOutcomeCode::Success as i32);
-    if success {
-        result.outcome_code = Some(pb::AllocationOutcomeCode::Success as i32);
+    let (outcome, failure_reason) = if success {
+        (pb::AllocationOutcomeCode::Success, None)
     } else {
-        result.outcome_code = Some(pb::AllocationOutcomeCode::Failure as i32);
         let reason = match F::try_from(fe_result.failure_reason.unwrap_or(0)) {
             Ok(F::RequestError) => pb::AllocationFailureReason::RequestError,
             // A worker-side internal error is a grey failure: attributed to the function.
             _ => pb::AllocationFailureReason::FunctionError,
         };
-        result.failure_reason = Some(reason as i32);
-    }
-    // What the worker wrote is checked (and bounded) before it is copied:
-    // anything the server cannot take fails this allocation alone.
-    let return_value = match (&fe_result.outputs, &outputs_uri) {
-        (Some(fe_pb::allocation_result::Outputs::Value(v)), Some(uri)) => {
-            plan::payload_in_blob(v, uri)
-                .map(|p| Some(pb::allocation_result::ReturnValue::Value(p)))
-                .map_err(|e| format!("the function's value cannot be sent to the server: {e}"))
-        }
-        (Some(fe_pb::allocation_result::Outputs::Updates(u)), _) => {
-            let own = namespace_of(&alloc);
-            plan::check_namespace(u, own)
-                .and_then(|()| plan::convert_updates(u, outputs_uri.as_deref()))
-                .map(|u| Some(pb::allocation_result::ReturnValue::Updates(u)))
-                .map_err(|e| format!("the function's tail call cannot be sent to the server: {e}"))
-        }
-        (Some(fe_pb::allocation_result::Outputs::Value(_)), None) if success => {
-            Err("the function returned a value but never uploaded it (no outputs blob)".to_string())
-        }
-        _ => Ok(None),
+        (pb::AllocationOutcomeCode::Failure, Some(reason as i32))
     };
-    let request_error = match (&fe_result.request_error_output, &request_error_kept) {
-        (Some(out), Some(uri)) => plan::payload_in_blob(out, uri)
-            .map(Some)
-            .map_err(|e| format!("the function's request error cannot be sent to the server: {e}")),
-        _ => Ok(None),
+    let return_value = return_value(alloc, fe_result, kept.outputs_uri.as_deref(), success)?;
+    let request_error = match (&fe_result.request_error_output, &kept.request_error_uri) {
+        (Some(out), Some(uri)) => {
+            Some(plan::payload_in_blob(out, uri).map_err(Unsendable::RequestError)?)
+        }
+        _ => None,
     };
-    match return_value.and_then(|v| request_error.map(|e| (v, e))) {
-        Ok((value, error)) => {
-            result.return_value = value;
-            result.request_error = error;
-        }
-        Err(message) => {
-            shared.event("allocation_failed", &alloc_id, message);
-            return fail(
-                pb::AllocationFailureReason::FunctionError,
-                Some(duration_ms),
-                None,
-            );
-        }
-    }
-    AllocOutcome {
-        result,
-        kill_fe: kill,
+    Ok(pb::AllocationResult {
+        function: alloc.function.clone().map(with_version),
+        allocation_id: alloc.allocation_id.clone(),
+        function_call_id: alloc.function_call_id.clone(),
+        request_id: alloc.request_id.clone(),
+        outcome_code: Some(outcome as i32),
+        failure_reason,
+        return_value,
+        request_error,
+        execution_duration_ms: Some(duration_ms),
+    })
+}
+
+/// The function's value or tail call in the server's form.
+fn return_value(
+    alloc: &pb::Allocation,
+    fe_result: &fe_pb::AllocationResult,
+    outputs_uri: Option<&str>,
+    success: bool,
+) -> Result<Option<pb::allocation_result::ReturnValue>, Unsendable> {
+    use fe_pb::allocation_result::Outputs;
+    use pb::allocation_result::ReturnValue;
+    match (&fe_result.outputs, outputs_uri) {
+        (Some(Outputs::Value(v)), Some(uri)) => plan::payload_in_blob(v, uri)
+            .map(|p| Some(ReturnValue::Value(p)))
+            .map_err(Unsendable::Value),
+        (Some(Outputs::Updates(u)), _) => plan::check_namespace(u, namespace_of(alloc))
+            .and_then(|()| plan::convert_updates(u, outputs_uri))
+            .map(|u| Some(ReturnValue::Updates(u)))
+            .map_err(Unsendable::TailCall),
+        (Some(Outputs::Value(_)), None) if success => Err(Unsendable::ValueNotUploaded),
+        _ => Ok(None),
     }
 }
 
@@ -565,7 +639,7 @@ fn breach(message: String) -> Driven {
 /// request-state operations) are each at most [`plan::MAX_ID_BYTES`]: they
 /// are remembered until the allocation ends, and an output blob's id
 /// becomes part of the URI reported to the server.
-fn check_request_ids(state: &fe_pb::AllocationState) -> Result<(), String> {
+fn check_request_ids(state: &fe_pb::AllocationState) -> Result<(), plan::PlanError> {
     for r in &state.output_blob_requests {
         plan::bounded_id("an output blob id", r.id.as_deref().unwrap_or(""))?;
     }
@@ -621,6 +695,22 @@ async fn next_call(calls: &mut Option<calls::Sender>) -> (String, Result<(), cal
     }
 }
 
+/// The next state from the worker's stream; its end or failure ends the
+/// allocation.
+fn next_state(
+    next: Result<Option<fe_pb::AllocationState>, tonic::Status>,
+) -> Result<fe_pb::AllocationState, Driven> {
+    match next {
+        Ok(Some(s)) => Ok(s),
+        Ok(None) => Err(Driven {
+            reason: pb::AllocationFailureReason::FunctionError,
+            kill: None,
+            message: "worker ended the state stream without a result".into(),
+        }),
+        Err(status) => Err(rpc_failure("watch_allocation_state", &status)),
+    }
+}
+
 impl<'a> Runner<'a> {
     fn new(
         shared: Arc<Shared>,
@@ -660,17 +750,28 @@ impl<'a> Runner<'a> {
         let watch = fe_pb::WatchAllocationStateRequest {
             allocation_id: Some(self.alloc_id.clone()),
         };
-        let mut stream = with_deadline(
+        let stream = with_deadline(
             "watch_allocation_state",
             self.client.watch_allocation_state(watch),
         )
         .await?;
+        let result = self.follow(stream).await?;
+        self.forget();
+        Ok(result)
+    }
+
+    /// Follows the worker's state stream, answering its requests and
+    /// watching the deadline, until the worker has a result.
+    async fn follow(
+        &mut self,
+        mut stream: tonic::Streaming<fe_pb::AllocationState>,
+    ) -> Result<fe_pb::AllocationResult, Driven> {
         let mut clock = Deadline::new(
             self.allocation_timeout,
             self.shared.config.max_function_call_wait,
         );
         let mut last_progress: Option<(u32, u32)> = None;
-        let result = loop {
+        loop {
             // The function waits on the agent or the server, not on itself.
             let calls_busy = self.calls.as_ref().is_some_and(calls::Sender::busy);
             clock.waiting(self.watchers.pending() || calls_busy);
@@ -691,17 +792,7 @@ impl<'a> Runner<'a> {
                 }
                 _ = tokio::time::sleep_until(clock.wake_at()) => return Err(clock.expired()),
             };
-            let state = match next {
-                Ok(Some(s)) => s,
-                Ok(None) => {
-                    return Err(Driven {
-                        reason: pb::AllocationFailureReason::FunctionError,
-                        kill: None,
-                        message: "worker ended the state stream without a result".into(),
-                    });
-                }
-                Err(status) => return Err(rpc_failure("watch_allocation_state", &status)),
-            };
+            let state = next_state(next)?;
             let progress = state
                 .progress
                 .map(|p| (p.current.to_bits(), p.total.to_bits()));
@@ -714,12 +805,15 @@ impl<'a> Runner<'a> {
             // Time spent on the agent's side does not count against the function.
             clock.extend(work_started.elapsed());
             if let Some(r) = state.result {
-                break r;
+                return Ok(r);
             }
-        };
-        // The worker forgets the allocation while its result goes on: the
-        // result does not wait a round trip for the acknowledgement (the
-        // call ends within RPC_TIMEOUT, or with the worker's connection).
+        }
+    }
+
+    /// Tells the worker to forget the allocation while its result goes on:
+    /// the result does not wait a round trip for the acknowledgement (the
+    /// call ends within RPC_TIMEOUT, or with the worker's connection).
+    fn forget(&self) {
         let delete = fe_pb::DeleteAllocationRequest {
             allocation_id: Some(self.alloc_id.clone()),
         };
@@ -732,14 +826,13 @@ impl<'a> Runner<'a> {
                 tracing::warn!(allocation = %alloc_id, error = %crate::events::shorten(&d.message, crate::events::MAX_EVENT_MESSAGE), "delete_allocation failed");
             }
         });
-        Ok(result)
     }
 
     /// Answers every request in `state` not answered before, in the
     /// reference's order: output blobs, function calls, watchers, request
     /// state reads, then writes and commits.
     async fn answer(&mut self, state: &fe_pb::AllocationState) -> Result<(), Driven> {
-        check_request_ids(state).map_err(breach)?;
+        check_request_ids(state).map_err(|e| breach(e.to_string()))?;
         for req in &state.output_blob_requests {
             self.output_blob(req).await?;
         }
@@ -878,7 +971,7 @@ impl<'a> Runner<'a> {
                 self.calls
                     .get_or_insert_with(|| calls::Sender::new(shared.clone()))
                     .push(id, request)
-                    .map_err(breach)
+                    .map_err(|e| breach(e.to_string()))
             }
             Err(refused) => self.answer_call(id, Err(refused)).await,
         }
@@ -933,7 +1026,7 @@ impl<'a> Runner<'a> {
             request_error_output: None,
             request_error_blob: None,
         };
-        let unreadable = |what: &str, e: String| Driven {
+        let unreadable = |what: &str, e: Unreadable| Driven {
             reason: pb::AllocationFailureReason::InternalError,
             kill: None,
             message: format!(
@@ -1125,7 +1218,7 @@ impl Watchers {
             kill: Some(pb::FunctionExecutorTerminationReason::Unhealthy),
             message,
         };
-        check_watchers(list).map_err(over_bound)?;
+        check_watchers(list).map_err(|e| over_bound(e.to_string()))?;
         let budget = crate::watches::budget(self.shared.config.max_server_message_bytes);
         let mut refused = None;
         let mut now = Vec::new();
@@ -1224,14 +1317,22 @@ impl Watchers {
     }
 }
 
+/// A watcher list over a per-allocation bound.
+#[derive(Debug, thiserror::Error)]
+enum WatcherListError {
+    #[error(
+        "the worker lists {0} function call watchers, over the bound of {MAX_WATCHERS} per allocation (MAX_WATCHERS)"
+    )]
+    TooMany(usize),
+    #[error(transparent)]
+    Id(#[from] plan::PlanError),
+}
+
 /// The per-allocation bounds on a watcher list: at most [`MAX_WATCHERS`]
 /// entries, every id at most [`plan::MAX_ID_BYTES`].
-fn check_watchers(list: &[fe_pb::AllocationFunctionCallWatcher]) -> Result<(), String> {
+fn check_watchers(list: &[fe_pb::AllocationFunctionCallWatcher]) -> Result<(), WatcherListError> {
     if list.len() > MAX_WATCHERS {
-        return Err(format!(
-            "the worker lists {} function call watchers, over the bound of {MAX_WATCHERS} per allocation (MAX_WATCHERS)",
-            list.len()
-        ));
+        return Err(WatcherListError::TooMany(list.len()));
     }
     for w in list {
         for (what, id) in [

@@ -51,6 +51,20 @@ impl Refused {
     }
 }
 
+/// A call not queued: with it, the calls waiting for the server would hold
+/// more than [`MAX_QUEUED_CALL_BYTES`]. The allocation then fails.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{pending} function call(s) and this one would hold {total} bytes waiting for the server, \
+     over the {MAX_QUEUED_CALL_BYTES}-byte bound (MAX_QUEUED_CALL_BYTES)"
+)]
+pub(crate) struct QueueFull {
+    /// Calls already waiting.
+    pub pending: usize,
+    /// Their bytes and this call's.
+    pub total: usize,
+}
+
 /// One allocation's calls on their way to the server, in order; outcomes
 /// come back as (allocation function call id, outcome). Dropping it stops
 /// the calls not yet sent. The queue is bounded by the bytes it holds
@@ -90,16 +104,15 @@ impl Sender {
     /// Queues a call behind the ones already queued; refused (the
     /// allocation then fails) when the queue would hold more than
     /// [`MAX_QUEUED_CALL_BYTES`].
-    pub fn push(&mut self, id: String, request: pb::FunctionCallRequest) -> Result<(), String> {
+    pub fn push(&mut self, id: String, request: pb::FunctionCallRequest) -> Result<(), QueueFull> {
         use prost::Message;
         let bytes = request.encoded_len();
         let total = self.pending_bytes.saturating_add(bytes);
         if total > MAX_QUEUED_CALL_BYTES {
-            return Err(format!(
-                "{} function call(s) and this one would hold {total} bytes waiting for the server, \
-                 over the {MAX_QUEUED_CALL_BYTES}-byte bound (MAX_QUEUED_CALL_BYTES)",
-                self.pending
-            ));
+            return Err(QueueFull {
+                pending: self.pending,
+                total,
+            });
         }
         if self.queue.send((id, bytes, request)).is_ok() {
             self.pending += 1;
@@ -145,7 +158,8 @@ pub(crate) async fn prepare(
         Some(blob) => Some(complete_args_blob(shared, blob, uploads).await?),
         None => None,
     };
-    let updates = plan::convert_updates(updates, args_uri.as_deref()).map_err(Refused::local)?;
+    let updates = plan::convert_updates(updates, args_uri.as_deref())
+        .map_err(|e| Refused::local(e.to_string()))?;
     let function = alloc.function.clone().unwrap_or_default();
     Ok(pb::FunctionCallRequest {
         namespace: function.namespace,

@@ -25,34 +25,82 @@ pub(crate) const MAX_NAME_BYTES: usize = 256;
 /// A value's `sha256_hash`: exactly this many hex digits, or absent.
 pub(crate) const SHA256_HEX_DIGITS: usize = 64;
 
+/// Why something a worker wrote (a plan, a value's manifest, an id) is not
+/// sent to the server; the message names the item and, where one applies,
+/// the bound (the constant's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PlanError {
+    /// A worker-chosen string longer than its bound.
+    #[error("{what} is {len} bytes, over the {max}-byte bound ({bound})")]
+    TooLong {
+        what: String,
+        len: usize,
+        max: usize,
+        bound: &'static str,
+    },
+    /// A value's `sha256_hash` that is not [`SHA256_HEX_DIGITS`] hex digits.
+    #[error(
+        "the value's sha256_hash is not {SHA256_HEX_DIGITS} hex digits ({len} bytes; SHA256_HEX_DIGITS)"
+    )]
+    BadHash { len: usize },
+    /// Anything else the server would refuse (or the agent: a call into
+    /// another namespace), described.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<&str> for PlanError {
+    fn from(message: &str) -> Self {
+        PlanError::Invalid(message.to_string())
+    }
+}
+
+impl From<String> for PlanError {
+    fn from(message: String) -> Self {
+        PlanError::Invalid(message)
+    }
+}
+
+#[cfg(test)]
+impl PlanError {
+    /// Whether the message says `part` (what the tests look for).
+    pub(crate) fn contains(&self, part: &str) -> bool {
+        self.to_string().contains(part)
+    }
+}
+
 /// Refuses `value` when it is longer than `max` bytes, naming what it is,
 /// its length and the bound (`bound`, the constant's name).
-pub(crate) fn bounded(what: &str, value: &str, max: usize, bound: &str) -> Result<(), String> {
+pub(crate) fn bounded(
+    what: &str,
+    value: &str,
+    max: usize,
+    bound: &'static str,
+) -> Result<(), PlanError> {
     if value.len() > max {
-        return Err(format!(
-            "{what} is {} bytes, over the {max}-byte bound ({bound})",
-            value.len()
-        ));
+        return Err(PlanError::TooLong {
+            what: what.to_string(),
+            len: value.len(),
+            max,
+            bound,
+        });
     }
     Ok(())
 }
 
 /// Refuses an id longer than [`MAX_ID_BYTES`].
-pub(crate) fn bounded_id(what: &str, id: &str) -> Result<(), String> {
+pub(crate) fn bounded_id(what: &str, id: &str) -> Result<(), PlanError> {
     bounded(what, id, MAX_ID_BYTES, "MAX_ID_BYTES")
 }
 
 /// The checks on what a worker wrote into a value's manifest, before any
 /// of it is copied: a hash of exactly 64 hex digits (or none), a short
 /// content type and source call id.
-fn check_manifest(m: &fe_pb::SerializedObjectManifest) -> Result<(), String> {
+fn check_manifest(m: &fe_pb::SerializedObjectManifest) -> Result<(), PlanError> {
     if let Some(h) = &m.sha256_hash
         && (h.len() != SHA256_HEX_DIGITS || !h.bytes().all(|b| b.is_ascii_hexdigit()))
     {
-        return Err(format!(
-            "the value's sha256_hash is not {SHA256_HEX_DIGITS} hex digits ({} bytes; SHA256_HEX_DIGITS)",
-            h.len()
-        ));
+        return Err(PlanError::BadHash { len: h.len() });
     }
     if let Some(t) = &m.content_type {
         bounded(
@@ -73,7 +121,7 @@ fn check_manifest(m: &fe_pb::SerializedObjectManifest) -> Result<(), String> {
 pub(crate) fn payload_in_blob(
     so: &fe_pb::SerializedObjectInsideBlob,
     uri: &str,
-) -> Result<pb::DataPayload, String> {
+) -> Result<pb::DataPayload, PlanError> {
     if let Some(m) = &so.manifest {
         check_manifest(m)?;
     }
@@ -108,7 +156,10 @@ fn convert_ref(f: &fe_pb::FunctionRef) -> pb::FunctionRef {
     }
 }
 
-fn convert_arg(a: &fe_pb::FunctionArg, blob_uri: Option<&str>) -> Result<pb::FunctionArg, String> {
+fn convert_arg(
+    a: &fe_pb::FunctionArg,
+    blob_uri: Option<&str>,
+) -> Result<pb::FunctionArg, PlanError> {
     use fe_pb::function_arg::Source as S;
     let source = match &a.source {
         Some(S::FunctionCallId(id)) => pb::function_arg::Source::FunctionCallId(id.clone()),
@@ -133,7 +184,7 @@ fn convert_arg(a: &fe_pb::FunctionArg, blob_uri: Option<&str>) -> Result<pb::Fun
 fn convert_args(
     args: &[fe_pb::FunctionArg],
     blob_uri: Option<&str>,
-) -> Result<Vec<pb::FunctionArg>, String> {
+) -> Result<Vec<pb::FunctionArg>, PlanError> {
     args.iter().map(|a| convert_arg(a, blob_uri)).collect()
 }
 
@@ -142,7 +193,7 @@ fn convert_args(
 pub(crate) fn convert_updates(
     u: &fe_pb::ExecutionPlanUpdates,
     blob_uri: Option<&str>,
-) -> Result<pb::ExecutionPlanUpdates, String> {
+) -> Result<pb::ExecutionPlanUpdates, PlanError> {
     use fe_pb::execution_plan_update::Op as FOp;
     use pb::execution_plan_update::Op;
     let mut updates = Vec::with_capacity(u.updates.len().min(MAX_PLAN_UPDATES + 1));
@@ -179,7 +230,7 @@ pub(crate) fn convert_updates(
 pub(crate) fn check_namespace(
     u: &fe_pb::ExecutionPlanUpdates,
     namespace: &str,
-) -> Result<(), String> {
+) -> Result<(), PlanError> {
     use fe_pb::execution_plan_update::Op as FOp;
     for (i, up) in u.updates.iter().enumerate() {
         let target = match &up.op {
@@ -191,10 +242,10 @@ pub(crate) fn check_namespace(
             && !ns.is_empty()
             && ns != namespace
         {
-            return Err(format!(
+            return Err(PlanError::Invalid(format!(
                 "plan entry {i} calls a function in namespace {:?}, not the allocation's own {namespace:?}",
                 ns.chars().take(64).collect::<String>()
-            ));
+            )));
         }
     }
     Ok(())
@@ -204,10 +255,12 @@ fn nonempty(v: &Option<String>) -> bool {
     v.as_deref().is_some_and(|s| !s.is_empty())
 }
 
-fn check_ref(what: &str, f: Option<&pb::FunctionRef>) -> Result<(), String> {
+fn check_ref(what: &str, f: Option<&pb::FunctionRef>) -> Result<(), PlanError> {
     let f = f.ok_or_else(|| format!("{what} has no target function"))?;
     if !nonempty(&f.namespace) || !nonempty(&f.function_name) {
-        return Err(format!("{what} names no namespace or function"));
+        return Err(PlanError::Invalid(format!(
+            "{what} names no namespace or function"
+        )));
     }
     for (field, v) in [
         ("namespace", &f.namespace),
@@ -225,7 +278,7 @@ fn check_ref(what: &str, f: Option<&pb::FunctionRef>) -> Result<(), String> {
     Ok(())
 }
 
-fn check_args(what: &str, args: &[pb::FunctionArg]) -> Result<(), String> {
+fn check_args(what: &str, args: &[pb::FunctionArg]) -> Result<(), PlanError> {
     for a in args {
         if let Some(pb::function_arg::Source::FunctionCallId(id)) = &a.source {
             bounded_id(&format!("{what}'s argument call id"), id)?;
@@ -236,9 +289,9 @@ fn check_args(what: &str, args: &[pb::FunctionArg]) -> Result<(), String> {
                 || !nonempty(&p.sha256_hash)
                 || p.encoding.is_none())
         {
-            return Err(format!(
+            return Err(PlanError::Invalid(format!(
                 "{what} has an inline argument without uri, size, sha256 or encoding"
-            ));
+            )));
         }
     }
     Ok(())
@@ -246,7 +299,7 @@ fn check_args(what: &str, args: &[pb::FunctionArg]) -> Result<(), String> {
 
 /// The checks the server makes (it answers INTERNAL for the whole call or
 /// report otherwise), plus the reference's size limits.
-pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
+pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), PlanError> {
     use pb::execution_plan_update::Op;
     if !nonempty(&plan.root_function_call_id) {
         return Err("the plan has no root function call id".into());
@@ -256,23 +309,25 @@ pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
         plan.root_function_call_id.as_deref().unwrap_or(""),
     )?;
     if plan.updates.len() > MAX_PLAN_UPDATES {
-        return Err(format!(
+        return Err(PlanError::Invalid(format!(
             "the plan has {} entries; at most {MAX_PLAN_UPDATES} are allowed",
             plan.updates.len()
-        ));
+        )));
     }
     let bytes = plan.encoded_len();
     if bytes > MAX_PLAN_BYTES {
-        return Err(format!(
+        return Err(PlanError::Invalid(format!(
             "the plan is {bytes} bytes; at most {MAX_PLAN_BYTES} are allowed"
-        ));
+        )));
     }
     for (i, up) in plan.updates.iter().enumerate() {
         let what = format!("plan entry {i}");
         match &up.op {
             Some(Op::FunctionCall(c)) => {
                 if !nonempty(&c.id) {
-                    return Err(format!("{what} (function call) has no id"));
+                    return Err(PlanError::Invalid(format!(
+                        "{what} (function call) has no id"
+                    )));
                 }
                 bounded_id(&format!("{what}'s id"), c.id.as_deref().unwrap_or(""))?;
                 check_ref(&what, c.target.as_ref())?;
@@ -280,13 +335,13 @@ pub(crate) fn validate(plan: &pb::ExecutionPlanUpdates) -> Result<(), String> {
             }
             Some(Op::Reduce(r)) => {
                 if !nonempty(&r.id) {
-                    return Err(format!("{what} (reduce) has no id"));
+                    return Err(PlanError::Invalid(format!("{what} (reduce) has no id")));
                 }
                 bounded_id(&format!("{what}'s id"), r.id.as_deref().unwrap_or(""))?;
                 check_ref(&what, r.reducer.as_ref())?;
                 check_args(&what, &r.collection)?;
             }
-            None => return Err(format!("{what} has no operation")),
+            None => return Err(PlanError::Invalid(format!("{what} has no operation"))),
         }
     }
     Ok(())

@@ -37,17 +37,31 @@ pub(crate) fn quote(key: &str) -> String {
     out
 }
 
+/// Why a request state key names no object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum KeyError {
+    #[error("request state key is empty")]
+    Empty,
+    #[error("request state key is {0} bytes once encoded; at most {MAX_KEY_BYTES} are allowed")]
+    TooLong(usize),
+}
+
+#[cfg(test)]
+impl KeyError {
+    /// Whether the message says `part` (what the tests look for).
+    fn contains(&self, part: &str) -> bool {
+        self.to_string().contains(part)
+    }
+}
+
 /// The object holding `key`'s value for the request whose data lives under `prefix`.
-pub(crate) fn state_uri(prefix: &str, key: &str) -> Result<String, String> {
+pub(crate) fn state_uri(prefix: &str, key: &str) -> Result<String, KeyError> {
     if key.is_empty() {
-        return Err("request state key is empty".into());
+        return Err(KeyError::Empty);
     }
     let quoted = quote(key);
     if quoted.len() > MAX_KEY_BYTES {
-        return Err(format!(
-            "request state key is {} bytes once encoded; at most {MAX_KEY_BYTES} are allowed",
-            quoted.len()
-        ));
+        return Err(KeyError::TooLong(quoted.len()));
     }
     Ok(format!("{prefix}/state/{quoted}"))
 }
@@ -110,7 +124,7 @@ async fn prepare_read(
 ) -> Served {
     let uri = match state_uri(prefix, key) {
         Ok(u) => u,
-        Err(e) => return (CODE_INTERNAL, e, read_result(None)),
+        Err(e) => return (CODE_INTERNAL, e.to_string(), read_result(None)),
     };
     let size = match blobs.head(&uri).await {
         Ok(Some(size)) => size,
@@ -163,7 +177,7 @@ async fn prepare_write(
     }
     let uri = match state_uri(prefix, key) {
         Ok(u) => u,
-        Err(e) => return (CODE_INTERNAL, e, write_result(None)),
+        Err(e) => return (CODE_INTERNAL, e.to_string(), write_result(None)),
     };
     let upload_id = match blobs.create_multipart(&uri).await {
         Ok(u) => u,
