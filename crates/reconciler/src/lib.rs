@@ -59,7 +59,9 @@ pub use metrics::Metrics;
 pub use mode::{HostMode, ModeCommand};
 pub use pressure::{Eviction, MemorySample, MemorySource};
 pub use server::{AddressError, server_url};
-pub use settings::{Settings, SettingsError, SettingsPatch, parse_allowed_function};
+pub use settings::{
+    NotAnAllowedFunction, Settings, SettingsError, SettingsPatch, parse_allowed_function,
+};
 pub use steward_proto::executor_api_pb as pb;
 pub use steward_proto::function_executor_service as fe_pb;
 pub use validate::{validate_allocation, validate_function_executor};

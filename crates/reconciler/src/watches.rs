@@ -136,6 +136,19 @@ pub(crate) enum Routed {
     NotFinal,
 }
 
+/// Why a watch was not registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OverBudget {
+    #[error(
+        "the allocation's watches would take {bytes} bytes, over its share of {share} bytes of the host's watch budget (1/{ALLOCATION_WATCH_SHARE_DIVISOR} of a quarter of --max-server-message-bytes; ALLOCATION_WATCH_SHARE_DIVISOR)"
+    )]
+    Allocation { bytes: usize, share: usize },
+    #[error(
+        "the host's reported watches would take {bytes} bytes, over the watch budget of {budget} bytes (a quarter of --max-server-message-bytes; WATCH_BUDGET_DIVISOR)"
+    )]
+    Host { bytes: usize, budget: usize },
+}
+
 #[derive(Default)]
 pub(crate) struct WatchRegistry {
     reported: BTreeMap<WatchTuple, usize>,
@@ -173,7 +186,7 @@ impl WatchRegistry {
         watch: &pb::FunctionCallWatch,
         waiter: Waiter,
         budget: WatchBudget,
-    ) -> Result<(bool, Option<Arc<pb::FunctionCallResult>>), String> {
+    ) -> Result<(bool, Option<Arc<pb::FunctionCallResult>>), OverBudget> {
         let t = tuple(watch);
         let bytes = reported_len(&t);
         let mine = self
@@ -182,19 +195,17 @@ impl WatchRegistry {
             .copied()
             .unwrap_or(0);
         if mine + bytes > budget.allocation {
-            return Err(format!(
-                "the allocation's watches would take {} bytes, over its share of {} bytes of the host's watch budget (1/{ALLOCATION_WATCH_SHARE_DIVISOR} of a quarter of --max-server-message-bytes; ALLOCATION_WATCH_SHARE_DIVISOR)",
-                mine + bytes,
-                budget.allocation
-            ));
+            return Err(OverBudget::Allocation {
+                bytes: mine + bytes,
+                share: budget.allocation,
+            });
         }
         if !self.reported.contains_key(&t) {
             if self.reported_bytes + bytes > budget.host {
-                return Err(format!(
-                    "the host's reported watches would take {} bytes, over the watch budget of {} bytes (a quarter of --max-server-message-bytes; WATCH_BUDGET_DIVISOR)",
-                    self.reported_bytes + bytes,
-                    budget.host
-                ));
+                return Err(OverBudget::Host {
+                    bytes: self.reported_bytes + bytes,
+                    budget: budget.host,
+                });
             }
             self.reported_bytes += bytes;
         }
@@ -467,7 +478,7 @@ mod tests {
         let e = reg
             .add(&watch("d3"), w, budget)
             .expect_err("over the budget");
-        assert!(e.contains("watch budget"), "{e}");
+        assert!(e.to_string().contains("watch budget"), "{e}");
         assert_eq!(reg.reported().len(), 3, "nothing registered");
         // A watch already reported costs nothing more.
         let (w, _r) = waiter("b", "w0");
@@ -506,7 +517,10 @@ mod tests {
         }
         let (at, e) = refused.expect("the hostile allocation is refused");
         assert_eq!(at, 4, "after its share of four watches");
-        assert!(e.contains("ALLOCATION_WATCH_SHARE_DIVISOR"), "{e}");
+        assert!(
+            e.to_string().contains("ALLOCATION_WATCH_SHARE_DIVISOR"),
+            "{e}"
+        );
         // Another allocation's watch still registers.
         let (w, _r) = waiter("innocent", "w0");
         assert!(reg.add(&watch("e00"), w, budget).is_ok());

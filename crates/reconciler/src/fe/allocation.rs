@@ -1282,7 +1282,7 @@ impl Watchers {
         }
         self.settle(count, changed);
         match refused {
-            Some(e) => Err(over_bound(e)),
+            Some(e) => Err(over_bound(e.to_string())),
             None => Ok(now),
         }
     }
