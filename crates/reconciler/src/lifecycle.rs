@@ -40,6 +40,9 @@ pub(crate) enum FeCommand {
     Shutdown(&'static str),
     /// Stop if idle (host memory pressure); the text says why.
     Evict(String),
+    /// Panic (tests of what a panicked controller leaves behind).
+    #[cfg(test)]
+    Panic,
 }
 
 /// A worker process as its view shows it.

@@ -51,6 +51,7 @@ pub(crate) fn drain_step(shared: &Shared) {
     if *shared.mode.borrow() != HostMode::Draining {
         return;
     }
+    let _pass = shared.passes.lock();
     let busy = shared.state.lock().any_busy();
     if busy {
         return;

@@ -114,6 +114,10 @@ pub(crate) struct Shared {
     /// change; readers take the current version without blocking it.
     pub workers: watch::Sender<Arc<FeMap>>,
     pub health: Mutex<Health>,
+    /// Serializes reconcile passes with drain steps: a drain judges the
+    /// allocations a pass accepted, never a pass between its plan (which
+    /// read the mode) and its execution.
+    pub passes: Mutex<()>,
     /// Wakes the report loop for an immediate report.
     pub report_now: Notify,
     /// Wakes the reconcile loop to re-apply the last desired state.
@@ -191,6 +195,7 @@ impl Shared {
             last_report: watch::Sender::new(None),
             workers: watch::Sender::new(Arc::new(FeMap::new())),
             health: Mutex::new(Health::default()),
+            passes: Mutex::new(()),
             report_now: Notify::new(),
             reconcile_now: Notify::new(),
             started: AtomicBool::new(false),

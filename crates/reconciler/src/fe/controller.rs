@@ -181,6 +181,8 @@ impl Controller {
                     Some(FeCommand::Run(a, _)) => self.queue.push_back(Queued { alloc: Arc::unwrap_or_clone(a), ready: None }),
                     Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
                     Some(FeCommand::Evict(_)) => {} // Not idle: it is starting.
+                    #[cfg(test)]
+                    Some(FeCommand::Panic) => panic!("a test asked this controller to panic"),
                     Some(FeCommand::Shutdown(why)) => {
                         self.stopping(why);
                         break;
@@ -225,7 +227,8 @@ impl Controller {
             if let FePhase::Starting(spawned) = &s.phase {
                 s.phase = FePhase::Running(spawned.clone());
             }
-            s.timeline.push(TimelineEntry::now("RUNNING"));
+            let what = pb::FunctionExecutorStatus::Running.as_str_name();
+            s.timeline.push(TimelineEntry::now(what));
             s.last_used = Instant::now();
         });
         self.shared.report_now.notify_one();
@@ -276,6 +279,8 @@ impl Controller {
                     Some(FeCommand::Run(a, received)) => self.take(a, received),
                     Some(FeCommand::Cancel(id)) => self.cancel(id).await,
                     Some(FeCommand::Evict(why)) => self.evict(why).await,
+                    #[cfg(test)]
+                    Some(FeCommand::Panic) => panic!("a test asked this controller to panic"),
                     Some(FeCommand::Shutdown(why)) => {
                         self.stopping(why);
                         return;
@@ -379,9 +384,9 @@ impl Controller {
     }
 
     /// The controller ends: allocations still in its channel fail (none
-    /// can be sent after it is closed: the sender then fails them), its
-    /// view closes (the reconciler forgets the worker and may recreate
-    /// the id), and the server hears at once.
+    /// can be sent after it is closed: the sender then fails them). Its
+    /// view closes once the task that watches it has seen it end (see
+    /// [`super::spawn`]): then the reconciler forgets the worker.
     fn finish(self, mut rx: mpsc::UnboundedReceiver<FeCommand>) {
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
@@ -395,12 +400,8 @@ impl Controller {
                 ));
             }
         }
-        let shared = self.shared.clone();
-        let id = self.id.clone();
-        drop(self);
-        shared.event("function_executor_removed", &id, "controller stopped");
-        shared.report_now.notify_one();
-        shared.reconcile_now.notify_one();
+        self.shared
+            .event("function_executor_removed", &self.id, "controller stopped");
     }
 
     /// Marks the worker as used now (eviction takes the least recently used).
@@ -523,7 +524,11 @@ impl Controller {
                 gpus: spawned.map(|p| p.gpus).unwrap_or_default(),
                 usage,
             });
-            let what = format!("TERMINATED: {}", reason.as_str_name());
+            let what = format!(
+                "{}: {}",
+                pb::FunctionExecutorStatus::Terminated.as_str_name(),
+                reason.as_str_name()
+            );
             s.timeline.push(TimelineEntry::now(what));
         });
         self.shared.report_now.notify_one();

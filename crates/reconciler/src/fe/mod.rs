@@ -62,6 +62,10 @@ pub(crate) fn spawn(
     let (tx, rx) = mpsc::unbounded_channel();
     let (view, view_rx) = watch::channel(FeState::new("pending: accepted from desired state"));
     let id = desc.id.clone().unwrap_or_default();
+    // Held until the controller's end is accounted for: the view closes
+    // (and the id may be started again) only after a panicked controller's
+    // allocations have their results and its GPUs are back.
+    let open = view.clone();
     let controller = tokio::spawn(Controller::new(shared.clone(), desc, refusal, view).run(rx));
     // A controller that panics must not take its allocations with it.
     tokio::spawn(async move {
@@ -70,6 +74,9 @@ pub(crate) fn spawn(
         {
             controller_panicked(&shared, &id);
         }
+        drop(open);
+        shared.report_now.notify_one();
+        shared.reconcile_now.notify_one();
     });
     (tx, view_rx)
 }
@@ -121,8 +128,6 @@ fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
         ));
     }
     shared.config.gpu_pool.release(fe_id);
-    shared.report_now.notify_one();
-    shared.reconcile_now.notify_one();
 }
 
 /// Asks every controller to stop and waits until all are gone (their
@@ -159,4 +164,75 @@ pub(crate) async fn shutdown_all(shared: &Arc<Shared>) {
         .map(|(id, slot)| (id.clone(), slot.clone()))
         .collect();
     shared.workers.send_replace(Arc::new(left));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::AllocEntry;
+
+    /// A controller that panics: its unfinished allocations get one failed
+    /// result each before its view closes (so before its id can be
+    /// started again), and an allocation the reconciler then cannot send
+    /// it is not failed a second time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicked_controller_fails_its_allocations_once_before_its_view_closes() {
+        let shared = crate::testing_support::shared();
+        let desc = Arc::new(pb::FunctionExecutorDescription {
+            id: Some("fe".into()),
+            ..Default::default()
+        });
+        let allocation = Arc::new(pb::Allocation {
+            allocation_id: Some("a1".into()),
+            function_executor_id: Some("fe".into()),
+            ..Default::default()
+        });
+        let desired = crate::desired::Desired {
+            function_executors: vec![desc.clone()],
+            allocations: vec![allocation.clone()],
+            clock: Some(1),
+            function_call_results: Vec::new(),
+        };
+        shared
+            .last_desired
+            .send_replace(Some((Arc::new(desired), std::time::SystemTime::now())));
+        shared.state.lock().allocations.insert(
+            "a1".into(),
+            AllocEntry {
+                fe_id: "fe".into(),
+                function: "ns/app/f".into(),
+                phase: AllocPhase::Queued,
+                timeline: Vec::new(),
+            },
+        );
+        // Refused at admission: its startup fails at once, no process.
+        let (tx, view) = spawn(shared.clone(), desc, Some("a test refuses it".into()));
+        assert!(tx.send(FeCommand::Panic).is_ok());
+        // Watched without yielding, from the moment it closes.
+        tokio::task::block_in_place(|| {
+            while view.has_changed().is_ok() {
+                std::hint::spin_loop();
+            }
+        });
+        let results: Vec<String> = {
+            let st = shared.state.lock();
+            st.results
+                .iter()
+                .filter_map(|p| p.result.allocation_id.clone())
+                .collect()
+        };
+        assert_eq!(results, ["a1"], "failed once, before the view closed");
+        // The reconciler, finding the controller gone, fails nothing twice.
+        let r = crate::reconcile::Reconciler::new(shared.clone());
+        let registry = crate::lifecycle::FeMap::new();
+        r.send_for_test(vec![("fe".into(), allocation)], &registry);
+        assert_eq!(shared.state.lock().results.len(), 1);
+        assert!(
+            shared
+                .events
+                .recent()
+                .iter()
+                .any(|e| e.kind == "function_executor_controller_panicked")
+        );
+    }
 }

@@ -174,6 +174,7 @@ impl Reconciler {
     /// reports are triggered separately.
     pub fn apply(&mut self, desired: &Arc<Desired>, received: Instant) -> bool {
         let shared = self.shared.clone();
+        let _pass = shared.passes.lock();
         let fes = self.sweep();
         let mode = *shared.mode.borrow();
         let allocatable = shared.allocatable();
@@ -188,6 +189,8 @@ impl Reconciler {
         let plan = plan::plan(desired, &current, verdicts);
         let fes_changed = plan.fes_changed();
         self.execute(desired, plan, &fes, received);
+        let registered = shared.workers.borrow().len();
+        shared.metrics.function_executors.set(registered as i64);
         fes_changed
     }
 
@@ -279,7 +282,6 @@ impl Reconciler {
         if !changed {
             return self.shared.workers();
         }
-        shared.metrics.function_executors.set(next.len() as i64);
         let next = Arc::new(next);
         shared.workers.send_replace(next.clone());
         next
@@ -412,6 +414,29 @@ impl Reconciler {
         drop(overflow);
     }
 
+    /// [`Reconciler::send`], for tests.
+    #[cfg(test)]
+    pub(crate) fn send_for_test(&self, run: Vec<(String, Arc<pb::Allocation>)>, fes: &FeMap) {
+        self.send(run, fes, Instant::now());
+    }
+
+    /// Marks an allocation that could not be sent finished, unless another
+    /// path (a panicked controller's accounting) already did: whether its
+    /// failure is still to be pushed.
+    fn finish_unsent(&self, a: &pb::Allocation) -> bool {
+        let id = a.allocation_id.as_deref().unwrap_or("");
+        let mut st = self.shared.state.lock();
+        let open = st
+            .allocations
+            .get(id)
+            .is_some_and(|e| e.phase != AllocPhase::Finished);
+        if open {
+            let what = "function executor is terminated".to_string();
+            st.note_allocation(id, Some(AllocPhase::Finished), what);
+        }
+        open
+    }
+
     /// Hands new allocations to their controllers; one whose controller
     /// has already ended fails at once (it would otherwise wait for ever).
     fn send(&self, run: Vec<(String, Arc<pb::Allocation>)>, fes: &FeMap, received: Instant) {
@@ -420,13 +445,7 @@ impl Reconciler {
                 .get(&fe_id)
                 .and_then(FeSlot::controlled)
                 .map(|c| c.tx.send(FeCommand::Run(a.clone(), received)).is_ok());
-            if sent != Some(true) {
-                let id = a.allocation_id.as_deref().unwrap_or("");
-                self.shared.state.lock().note_allocation(
-                    id,
-                    Some(AllocPhase::Finished),
-                    "function executor is terminated".into(),
-                );
+            if sent != Some(true) && self.finish_unsent(&a) {
                 self.shared.push_result(failed_result(
                     &a,
                     pb::AllocationFailureReason::FunctionExecutorTerminated,
