@@ -143,6 +143,7 @@ fn children() -> MutexGuard<'static, Vec<Tracked>> {
 /// Spawns `cmd` and tracks the child until [`untrack`].
 fn spawn_tracked(cmd: &mut Command, name: &'static str, grace: Duration) -> Result<Child> {
     let mut running = children();
+    stop_with_parent(cmd);
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     running.push(Tracked {
         pid: child.id(),
@@ -150,6 +151,30 @@ fn spawn_tracked(cmd: &mut Command, name: &'static str, grace: Duration) -> Resu
         grace,
     });
     Ok(child)
+}
+
+/// Makes the child get SIGTERM when xtask dies, however it dies (a
+/// SIGKILL runs no handler of ours): a tracked child is in a process group
+/// of its own, so a signal to xtask's group does not reach it, and without
+/// this an agent or dev control plane would outlive a killed demo or bench.
+/// SIGTERM, not SIGKILL: the agent then stops its workers and removes their
+/// cgroups itself. (The signal follows the forking thread: children are
+/// spawned from xtask's main thread, which lives until xtask exits.)
+fn stop_with_parent(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl,
+    // getppid and kill are system calls.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // xtask died before the prctl: the signal would never come.
+            if nix::unistd::getppid() != parent {
+                kill(nix::unistd::getpid(), Signal::SIGTERM)?;
+            }
+            Ok(())
+        });
+    }
 }
 
 fn untrack(running: &mut Vec<Tracked>, pid: u32) {
