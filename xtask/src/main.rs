@@ -764,3 +764,79 @@ fn demo(once: bool, worker_driver: &str) -> Result<()> {
     let status = agent.0.wait()?;
     bail!("steward exited on its own with {status}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Set in the copy of this test binary that plays xtask.
+    const PLAY_XTASK: &str = "XTASK_TEST_PLAY_PARENT";
+
+    /// Plays xtask (run only as the child of the test below): spawns a
+    /// tracked child, says its pid, and waits to be killed.
+    #[test]
+    #[ignore = "run by a_tracked_child_gets_sigterm_when_xtask_is_sigkilled"]
+    fn play_xtask_with_a_tracked_child() {
+        if std::env::var_os(PLAY_XTASK).is_none() {
+            return;
+        }
+        let child = spawn_tracked(
+            Command::new("sleep").arg("600"),
+            "a sleeping child",
+            Duration::from_secs(1),
+        )
+        .expect("spawn");
+        println!("child {}", child.id());
+        std::thread::sleep(Duration::from_secs(600));
+    }
+
+    /// A SIGKILLed xtask runs no handler; its tracked children, each in a
+    /// process group of its own, still get SIGTERM from the kernel.
+    #[test]
+    fn a_tracked_child_gets_sigterm_when_xtask_is_sigkilled() -> Result<()> {
+        let mut parent = Command::new(std::env::current_exe()?)
+            .args([
+                "--exact",
+                "tests::play_xtask_with_a_tracked_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(PLAY_XTASK, "1")
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = parent.stdout.take().context("stdout")?;
+        let mut child = None;
+        for line in BufReader::new(out).lines() {
+            // (The harness prints the test's name on the same line.)
+            if let Some((_, pid)) = line?.rsplit_once("child ") {
+                child = Some(Pid::from_raw(pid.trim().parse()?));
+                break;
+            }
+        }
+        let child = child.context("the playing parent never said its child")?;
+        parent.kill()?;
+        parent.wait()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // The child is not ours to reap: it is gone once signal 0 fails
+        // (or it is a zombie, when no init reaps it here).
+        while kill(child, None).is_ok() && !zombie(child) {
+            if Instant::now() > deadline {
+                let _ = kill(child, Signal::SIGKILL);
+                bail!("the tracked child outlived its SIGKILLed parent");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn zombie(pid: Pid) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+}
