@@ -73,10 +73,27 @@ fn spec(dir: &Path, id: &str, script: &str) -> WorkerSpec {
 /// A driver whose run directory is under `dir` (made searchable, as a
 /// worker under its own uid must reach its directory), with cgroups where
 /// the machine has them (the worker joins its cgroup before it drops root).
-fn driver(dir: &Path, channel: ChannelKind, test: &str) -> ProcessDriver {
+/// A driver that removes its parent cgroup when dropped, so a test that
+/// fails half-way (its workers killed on drop first) leaves no cgroup.
+struct Driver(ProcessDriver);
+
+impl std::ops::Deref for Driver {
+    type Target = ProcessDriver;
+    fn deref(&self) -> &ProcessDriver {
+        &self.0
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+fn driver(dir: &Path, channel: ChannelKind, test: &str) -> Driver {
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o711))
         .expect("chmod");
-    ProcessDriver::new(ProcessDriverConfig {
+    Driver(ProcessDriver::new(ProcessDriverConfig {
         records_dir: dir.join("workers"),
         cgroups: Cgroups::detect(&format!(
             "steward-identity-test-{}-{test}",
@@ -89,7 +106,7 @@ fn driver(dir: &Path, channel: ChannelKind, test: &str) -> ProcessDriver {
             channel,
             EnvAllow::default(),
         ),
-    })
+    }))
 }
 
 fn root() -> bool {
