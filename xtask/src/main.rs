@@ -9,6 +9,10 @@
 //!   (`crates/bench`) against the reference executor; the table also goes to
 //!   `target/bench/results.md`. Not part of `test`. `cargo xtask bench
 //!   --help` lists the harness's flags.
+//! - `cargo xtask package [--profile P]`: the .deb (`package.rs`), from
+//!   the release profile by default. `test` also builds one (from the dev
+//!   profile) and, as root, installs, upgrades and purges it (`package
+//!   --check` alone).
 //! - `cargo xtask fuzz [--seeds N]`: the hostile-worker fuzz test
 //!   (`tests/worker_fuzz.rs`) with many seeds; `test` runs 40. Then report
 //!   building with hostile results (`report_fuzz` in the reconciler), as
@@ -34,6 +38,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+
+mod package;
 
 /// The reference packages every test and benchmark runs against.
 const PINS: &[&str] = &["indexify==0.4.56", "tensorlake==0.3.9"];
@@ -87,6 +93,18 @@ enum Task {
     },
     /// Creates `.venv` with the pinned packages and prints its path
     Venv,
+    /// The .deb (binary without the dev control plane, systemd unit,
+    /// /etc/steward conffiles) with cargo-deb, installed once if missing;
+    /// prints its path
+    Package {
+        /// The cargo profile to build with
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Instead, the check `test` runs: a package from the dev profile
+        /// installed, upgraded, removed and purged on this host (as root)
+        #[arg(long, conflicts_with = "profile")]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +122,10 @@ fn main() -> ExitCode {
         Task::Bench { args } => bench(&args),
         Task::Fuzz { seeds } => fuzz(seeds),
         Task::Venv => ensure_venv().map(|p| println!("{}", p.display())),
+        Task::Package { check: true, .. } => package::check(),
+        Task::Package { profile, .. } => {
+            package::build(&profile).map(|p| println!("{}", p.display()))
+        }
     };
     if STOPPING.load(Ordering::SeqCst) {
         // A signal came: the signal thread stops the children and exits.
@@ -411,7 +433,14 @@ fn test(extra: &[String]) -> Result<()> {
         .current_dir(root())
         .args(["test", "--workspace", "--all-targets", "--all-features"])
         .args(extra)
-        .env("STEWARD_VENV", &venv))
+        .env("STEWARD_VENV", &venv))?;
+    // The package check builds the binary without the dev control plane
+    // into target/debug (sharing the test build's dependencies); the
+    // build after it puts the tests' steward back there.
+    package::check()?;
+    run(cargo()
+        .current_dir(root())
+        .args(["build", "--workspace", "--bins", "--all-features"]))
 }
 
 fn fuzz(seeds: u64) -> Result<()> {
@@ -585,22 +614,27 @@ fn demo_usage(bin: &Path, data_dir: &Path) {
 }
 
 fn steward_json(bin: &Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = run_stdout(Command::new(bin).args(args), "a steward devserver command")
+        .with_context(|| format!("steward {} failed", args.join(" ")))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Runs `cmd` to completion (stopped with the rest on a signal) and
+/// returns its standard output; its standard error is xtask's.
+fn run_stdout(cmd: &mut Command, name: &'static str) -> Result<String> {
     let child = spawn_tracked(
-        Command::new(bin)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit()),
-        "a steward devserver command",
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()),
+        name,
         Duration::from_secs(5),
     )?;
     let pid = child.id();
     let out = child.wait_with_output();
     untrack(&mut children(), pid);
-    let out = out?;
+    let out = out.with_context(|| format!("running {name}"))?;
     if !out.status.success() {
-        bail!("steward {} failed", args.join(" "));
+        bail!("{name} failed with {}", out.status);
     }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn demo(once: bool, worker_driver: &str) -> Result<()> {
