@@ -57,7 +57,7 @@ enum Command {
     /// Return a paused, draining or disabled agent to active.
     Unpause(operator::AgentClientArgs),
     /// Pause, then stop every worker once the last allocation finishes (then disabled).
-    Drain(operator::AgentClientArgs),
+    Drain(operator::DrainArgs),
     /// Show (`get`) or change (`set KEY=VALUE...`) a running agent's labels, eviction thresholds, log level.
     Config(operator::ConfigArgs),
     /// The usage ledger: `usage export --since --until --format csv|jsonl`.
@@ -521,7 +521,7 @@ async fn async_main(cli: Cli) -> Result<()> {
         Some(Command::Status(args)) => operator::status(&args).await,
         Some(Command::Pause(args)) => operator::action(&args, "pause").await,
         Some(Command::Unpause(args)) => operator::action(&args, "unpause").await,
-        Some(Command::Drain(args)) => operator::action(&args, "drain").await,
+        Some(Command::Drain(args)) => operator::drain(&args).await,
         Some(Command::Config(args)) => operator::config(&args).await,
         Some(Command::Usage(args)) => usage::run(args),
         None => {

@@ -23,6 +23,22 @@ pub struct AgentClientArgs {
     pub state_token_file: Option<PathBuf>,
 }
 
+/// `steward drain`: the agent's address and tokens, and how long to wait.
+#[derive(Args, Debug)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub agent: AgentClientArgs,
+    /// Then wait, at most this many seconds, until the agent is disabled
+    /// (its last allocation finished, every worker stopped) and no result
+    /// waits for the server; fail if it is not by then. 0 returns once the
+    /// drain has begun. A Kubernetes `preStop` hook waits this way.
+    #[arg(long, default_value_t = 0)]
+    pub wait_s: u64,
+}
+
+/// How often `steward drain --wait-s` asks the agent how far it is.
+const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Pages of one list `steward status` reads at most (of
 /// [`steward_monitoring::MAX_PAGE_LIMIT`] items each).
 const STATUS_MAX_PAGES: usize = 100;
@@ -59,6 +75,46 @@ pub async fn action(args: &AgentClientArgs, action: &str) -> Result<()> {
         body["mode"].as_str().unwrap_or("?")
     );
     Ok(())
+}
+
+/// `steward drain [--wait-s N]`: begins the drain, then (with a wait)
+/// polls the agent until it is disabled with no result waiting for the
+/// server, or the wait is over. The admin token reads `/state` too.
+pub async fn drain(args: &DrainArgs) -> Result<()> {
+    action(&args.agent, "drain").await?;
+    if args.wait_s == 0 {
+        return Ok(());
+    }
+    let path = args
+        .agent
+        .admin_token_file
+        .as_deref()
+        .context("--admin-token-file is required for admin actions")?;
+    let token = read_token(path)?;
+    let base = args.agent.agent_url.as_str();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_s);
+    loop {
+        let mode = get(base, "/admin/mode", Some(&token)).await?;
+        let mode = mode["mode"].as_str().unwrap_or("?").to_string();
+        let allocs = get(base, "/state/allocations?limit=1", Some(&token)).await?;
+        let waiting = allocs["pending_results"].as_u64();
+        match (mode.as_str(), waiting) {
+            ("disabled", Some(0)) => {
+                println!("drained: disabled, no result waiting for the server");
+                return Ok(());
+            }
+            ("draining" | "disabled", _) => {}
+            (other, _) => bail!("the agent left the drain: it is {other} (unpaused?)"),
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "not drained within {} s: the agent is {mode}, {} result(s) wait for the server",
+                args.wait_s,
+                waiting.map_or("?".to_string(), |n| n.to_string())
+            );
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
 }
 
 async fn get(base: &str, path: &str, token: Option<&str>) -> Result<Value> {
