@@ -165,7 +165,7 @@ pub fn apply_settings(
     let level = match fields.remove("log_level") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(l)) => Some(
-            crate::parse_log_level(&l)
+            crate::logging::parse_log_level(&l)
                 .map(|f| (l, f))
                 .map_err(|e| format!("log_level: {e}"))?,
         ),
@@ -179,7 +179,7 @@ pub fn apply_settings(
         .update_settings(&patch, by)
         .map_err(|e| e.to_string())?;
     if let Some((text, filter)) = level {
-        crate::set_log_filter(filter)?;
+        crate::logging::set_log_filter(filter)?;
         if let Ok(mut l) = LOG_LEVEL.lock() {
             *l = Some(text);
         }

@@ -9,6 +9,7 @@ mod config_file;
 mod devserver;
 mod host;
 mod init;
+mod logging;
 mod metering;
 mod operator;
 mod state_source;
@@ -96,6 +97,11 @@ struct AgentArgs {
     /// More logging (-v debug, -vv trace).
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines as `text` or `json` (one object a line, with the
+    /// executor, worker and allocation ids as fields); `auto`: text when
+    /// stderr, where the log goes, is a terminal, else JSON.
+    #[arg(long, value_enum, default_value_t = logging::LogFormat::Auto, env = "STEWARD_LOG_FORMAT")]
+    log_format: logging::LogFormat,
     /// Executor id; by default one is generated once and kept in the data directory.
     #[arg(long)]
     executor_id: Option<String>,
@@ -407,52 +413,6 @@ fn expand_home(p: &str) -> PathBuf {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{default},h2=warn,hyper=warn,tower=warn"))
-    });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let _ = LOG_FILTER.set(handle);
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(ansi)
-                .with_writer(std::io::stderr),
-        )
-        .init();
-}
-
-/// The log filter, changeable at runtime (`/admin/config` `log_level`).
-static LOG_FILTER: std::sync::OnceLock<
-    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
-> = std::sync::OnceLock::new();
-
-/// Parses a log filter (`info`, `debug,h2=warn`, …) without applying it.
-pub fn parse_log_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
-    if level.len() > 1024 {
-        return Err("a log filter is at most 1024 characters".into());
-    }
-    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())
-}
-
-/// Applies a parsed log filter.
-pub fn set_log_filter(filter: tracing_subscriber::EnvFilter) -> Result<(), String> {
-    LOG_FILTER
-        .get()
-        .ok_or_else(|| "logging is not reloadable".to_string())?
-        .reload(filter)
-        .map_err(|e| e.to_string())
-}
-
 fn main() -> Result<()> {
     // Inside a worker's container Steward's binary is the first process
     // (`--worker-driver oci`): it runs the worker, and nothing else.
@@ -515,7 +475,7 @@ async fn async_main(cli: Cli) -> Result<()> {
     match cli.command {
         #[cfg(feature = "devserver")]
         Some(Command::Devserver(args)) => {
-            init_logging(0);
+            logging::init(0, logging::LogFormat::Text);
             devserver::run(*args).await
         }
         Some(Command::Status(args)) => operator::status(&args).await,
@@ -525,7 +485,7 @@ async fn async_main(cli: Cli) -> Result<()> {
         Some(Command::Config(args)) => operator::config(&args).await,
         Some(Command::Usage(args)) => usage::run(args),
         None => {
-            init_logging(cli.agent.verbose);
+            logging::init(cli.agent.verbose, cli.agent.log_format);
             run_agent(cli.agent).await
         }
     }
@@ -934,10 +894,12 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let data_dir = expand_home(&args.executor_cache_path);
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    // Known before anything is logged: every line carries it.
+    let executor_id = executor_id(args.executor_id.clone(), &data_dir)?;
+    logging::set_executor_id(&executor_id);
     // No worker may enter it: the ledger, records, code cache and logs.
     wd::identity::private_dir(&data_dir)
         .map_err(|e| anyhow::anyhow!("--executor-cache-path: {e}"))?;
-    let executor_id = executor_id(args.executor_id.clone(), &data_dir)?;
     let labels = parse_labels(&args.labels)?;
     let allowed_functions = parse_allowlist(&args.functions)?;
 

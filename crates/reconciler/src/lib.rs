@@ -24,6 +24,7 @@ mod eviction;
 mod fe;
 mod handle;
 mod lifecycle;
+mod log_ids;
 mod metering;
 mod metrics;
 mod mode;

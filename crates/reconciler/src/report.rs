@@ -311,7 +311,15 @@ fn note_packed(shared: &Shared, st: &mut State, packed: &Packed, state_len: usiz
             "its result is {len} bytes and cannot fit a report next to the state ({state_len} bytes) under the server message limit of {limit} bytes (--max-server-message-bytes); the server hears FUNCTION_ERROR instead"
         );
         st.note_allocation(id, None, message.clone());
-        shared.event("allocation_failed", id, message);
+        let fe_id = st.allocations.get(id).map(|a| a.fe_id.as_str());
+        shared.event_about(
+            "allocation_failed",
+            crate::log_ids::About::Allocation {
+                fe_id,
+                allocation_id: id,
+            },
+            message,
+        );
     }
 }
 

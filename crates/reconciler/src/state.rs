@@ -17,6 +17,7 @@ use crate::config::AgentConfig;
 pub(crate) use crate::events::TimelineEntry;
 use crate::events::{Event, EventLog};
 use crate::lifecycle::FeMap;
+use crate::log_ids::About;
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::watches::WatchRegistry;
@@ -209,6 +210,15 @@ impl Shared {
     pub fn event(&self, kind: &'static str, subject: &str, message: impl Into<String>) {
         let e = short_event(kind, subject, message.into());
         tracing::info!(kind, subject = %e.subject, "{}", e.message);
+        self.events.push(e);
+    }
+
+    /// As [`Shared::event`], for an event about a worker or an allocation
+    /// logged outside its span: the line carries the ids as fields
+    /// ([`About`]); the subject is the most specific one.
+    pub fn event_about(&self, kind: &'static str, about: About<'_>, message: impl Into<String>) {
+        let e = short_event(kind, about.subject(), message.into());
+        about.log(kind, &e.subject, &e.message);
         self.events.push(e);
     }
 

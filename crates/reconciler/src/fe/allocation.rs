@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::conn::WorkerClient;
 use super::{calls, plan, request_state};
@@ -73,13 +74,16 @@ impl Drop for OpenUploads {
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let shared = self.shared.clone();
-            rt.spawn(async move {
-                for up in open {
-                    if let Err(e) = shared.config.blob_store.abort_multipart(&up.uri, &up.upload_id).await {
-                        tracing::warn!(uri = %up.uri, error = %e, "aborting an abandoned upload failed");
+            rt.spawn(
+                async move {
+                    for up in open {
+                        if let Err(e) = shared.config.blob_store.abort_multipart(&up.uri, &up.upload_id).await {
+                            tracing::warn!(uri = %up.uri, error = %e, "aborting an abandoned upload failed");
+                        }
                     }
                 }
-            });
+                .in_current_span(),
+            );
         }
     }
 }
@@ -819,13 +823,16 @@ impl<'a> Runner<'a> {
         };
         let mut client = self.client.clone();
         let alloc_id = self.alloc_id.clone();
-        tokio::spawn(async move {
-            if let Err(d) =
-                with_deadline("delete_allocation", client.delete_allocation(delete)).await
-            {
-                tracing::warn!(allocation = %alloc_id, error = %crate::events::shorten(&d.message, crate::events::MAX_EVENT_MESSAGE), "delete_allocation failed");
+        tokio::spawn(
+            async move {
+                if let Err(d) =
+                    with_deadline("delete_allocation", client.delete_allocation(delete)).await
+                {
+                    tracing::warn!(allocation = %alloc_id, error = %crate::events::shorten(&d.message, crate::events::MAX_EVENT_MESSAGE), "delete_allocation failed");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 
     /// Answers every request in `state` not answered before, in the

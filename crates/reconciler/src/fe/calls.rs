@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
+use tracing::Instrument;
 
 use super::allocation::{Upload, etags};
 use super::plan;
@@ -84,14 +85,17 @@ impl Sender {
     pub fn new(shared: Arc<Shared>) -> Sender {
         let (queue, mut requests) = tokio::sync::mpsc::unbounded_channel();
         let (done_tx, done) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Some((id, bytes, request)) = requests.recv().await {
-                let outcome = send(&shared, request).await;
-                if done_tx.send((id, bytes, outcome)).is_err() {
-                    return;
+        let task = tokio::spawn(
+            async move {
+                while let Some((id, bytes, request)) = requests.recv().await {
+                    let outcome = send(&shared, request).await;
+                    if done_tx.send((id, bytes, outcome)).is_err() {
+                        return;
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Sender {
             queue,
             done,

@@ -16,6 +16,7 @@ use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response, Uri};
+use tracing::Instrument;
 
 use crate::fe_pb;
 
@@ -176,11 +177,14 @@ pub(crate) async fn connect(
     let (send, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "worker connection ended");
+    tokio::spawn(
+        async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "worker connection ended");
+            }
         }
-    });
+        .in_current_span(),
+    );
     // The `:authority` of every call; the worker has no name to check.
     let origin = Uri::from_static("http://localhost");
     Ok(WorkerClient {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use steward_worker_driver::{Exit, WorkerUsage};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use super::Live;
 use super::allocation::{self, AllocOutcome, failed_result};
@@ -577,7 +578,11 @@ impl Controller {
                 ready,
             ));
             let task_id = id.clone();
-            let handle = self.tasks.spawn(async move { (task_id, fut.await) });
+            // Inside the worker's span: the allocation's lines carry both ids.
+            let span = crate::log_ids::allocation_span(&id);
+            let handle = self
+                .tasks
+                .spawn(async move { (task_id, fut.await) }.instrument(span));
             self.running.insert(
                 id,
                 Running {

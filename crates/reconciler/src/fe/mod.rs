@@ -19,11 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 pub(crate) use allocation::failed_result;
 use controller::Controller;
 
 use crate::lifecycle::{FeCommand, FeState};
+use crate::log_ids::{About, worker_span};
 use crate::pb;
 use crate::state::{AllocPhase, Shared};
 
@@ -66,7 +68,11 @@ pub(crate) fn spawn(
     // (and the id may be started again) only after a panicked controller's
     // allocations have their results and its GPUs are back.
     let open = view.clone();
-    let controller = tokio::spawn(Controller::new(shared.clone(), desc, refusal, view).run(rx));
+    let controller = tokio::spawn(
+        Controller::new(shared.clone(), desc, refusal, view)
+            .run(rx)
+            .instrument(worker_span(&id)),
+    );
     // A controller that panics must not take its allocations with it.
     tokio::spawn(async move {
         if let Err(e) = controller.await
@@ -87,9 +93,9 @@ pub(crate) fn spawn(
 /// not finished gets a failed result, marked finished under the same lock
 /// that finds it so no other path fails it again.
 fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
-    shared.event(
+    shared.event_about(
         "function_executor_controller_panicked",
-        fe_id,
+        About::Worker(fe_id),
         "the controller of this worker panicked; its worker is gone and its allocations failed",
     );
     let orphans: Vec<pb::Allocation> = {

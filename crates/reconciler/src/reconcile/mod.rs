@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::desired::Desired;
 use crate::fe::{self, failed_result};
 use crate::lifecycle::{Controlled, FeCommand, FeMap, FeSlot, Refused};
+use crate::log_ids::About;
 use crate::pb;
 use crate::state::{AllocEntry, AllocPhase, Shared, State, TimelineEntry, function_label};
 use crate::validate::{
@@ -112,10 +113,17 @@ pub(crate) struct Reconciler {
     allocations: HashMap<String, String>,
 }
 
+/// Whom an event of a pass is about (its log line's ids).
+enum Subject {
+    Worker(String),
+    Allocation { fe_id: Option<String>, id: String },
+    Other(String),
+}
+
 /// The effects of a plan that wait until the shared state's lock is let go.
 #[derive(Default)]
 struct AfterLock {
-    events: Vec<(&'static str, String, String)>,
+    events: Vec<(&'static str, Subject, String)>,
     results: Vec<pb::AllocationResult>,
     cancel: Vec<(String, String)>,
 }
@@ -222,7 +230,18 @@ impl Reconciler {
             }
         }
         for (kind, subject, message) in after.events {
-            self.shared.event(kind, &subject, message);
+            match subject {
+                Subject::Worker(id) => self.shared.event_about(kind, About::Worker(&id), message),
+                Subject::Allocation { fe_id, id } => self.shared.event_about(
+                    kind,
+                    About::Allocation {
+                        fe_id: fe_id.as_deref(),
+                        allocation_id: &id,
+                    },
+                    message,
+                ),
+                Subject::Other(subject) => self.shared.event(kind, &subject, message),
+            }
         }
         for r in after.results {
             self.shared.push_result(r);
@@ -255,9 +274,11 @@ impl Reconciler {
                 .metrics
                 .rejected("function_executor", r.rejection.code);
             let message = r.rejection.message.clone();
-            after
-                .events
-                .push(("function_executor_rejected", r.id.clone(), message.clone()));
+            after.events.push((
+                "function_executor_rejected",
+                Subject::Worker(r.id.clone()),
+                message.clone(),
+            ));
             if r.id.is_empty() {
                 continue;
             }
@@ -309,9 +330,14 @@ impl Reconciler {
         for r in &plan.reject_allocations {
             self.shared.metrics.rejected("allocation", r.code);
             let id = r.allocation.allocation_id.clone().unwrap_or_default();
-            after
-                .events
-                .push(("allocation_rejected", id.clone(), r.message.clone()));
+            after.events.push((
+                "allocation_rejected",
+                Subject::Allocation {
+                    fe_id: r.allocation.function_executor_id.clone(),
+                    id: id.clone(),
+                },
+                r.message.clone(),
+            ));
             if id.is_empty() {
                 continue;
             }
@@ -472,7 +498,7 @@ fn route_call_results(shared: &Shared, st: &mut State, desired: &Desired, after:
             shared.metrics.rejected("function_call_result", why.code);
             after.events.push((
                 "function_call_result_rejected",
-                r.function_call_id.clone().unwrap_or_default(),
+                Subject::Other(r.function_call_id.clone().unwrap_or_default()),
                 format!("{}; {n} waiting watcher(s) get a failure", why.message),
             ));
         }
