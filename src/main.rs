@@ -13,6 +13,7 @@ mod logging;
 mod metering;
 mod operator;
 mod state_source;
+mod systemd;
 mod usage;
 
 use std::collections::BTreeMap;
@@ -249,6 +250,11 @@ struct AgentArgs {
     /// (a slow disk).
     #[arg(long, default_value_t = 0, hide = true)]
     usage_commit_delay_ms: u64,
+    /// Fault injection for tests only: once this file exists, the
+    /// reconcile loop stops doing anything (a wedged loop: the systemd
+    /// watchdog pings stop).
+    #[arg(long, hide = true)]
+    test_wedge_reconcile_file: Option<PathBuf>,
     /// How long a result waits for its usage record when the ledger's
     /// disk hangs or its writes keep failing (100 to 600000); past it
     /// results go without waiting until a write succeeds again.
@@ -1044,6 +1050,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.metering = recorder
         .clone()
         .map(|r| Arc::new(metering::RecorderMetering(r)) as Arc<dyn steward_reconciler::Metering>);
+    config.wedge_reconcile_when = args.test_wedge_reconcile_file.clone();
+    // Under systemd's watchdog the reconcile loop's own heartbeat pings it.
+    let notifier = systemd::Notifier::from_env();
+    if let Some((every, ping)) = notifier.as_ref().and_then(|n| n.watchdog()) {
+        config.reconcile_heartbeat = every;
+        config.on_reconcile_beat = Some(ping);
+    }
     let metrics = Arc::new(metrics);
     let monitoring_addr = format!(
         "{}:{}",
@@ -1138,7 +1151,12 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         },
         stop.clone().cancelled_owned(),
     ));
+    let notifying = notifier.map(|n| (n, tokio::spawn(n.run(agent.handle()))));
     shutdown_signal().await;
+    if let Some((n, status)) = notifying {
+        status.abort();
+        n.stopping();
+    }
     agent.shutdown(Duration::from_secs(5)).await;
     if let Some(r) = recorder {
         // Live workers' idle time and the activity file, then the thread ends.

@@ -199,6 +199,18 @@ pub struct AgentConfig {
     pub eviction: Eviction,
     /// Usage metering; each result waits until its usage record is durable.
     pub metering: Option<Arc<dyn Metering>>,
+    /// How often the reconcile loop proves it is alive while idle (at
+    /// most 5 s): it then marks its progress for the health check and
+    /// calls [`AgentConfig::on_reconcile_beat`].
+    pub reconcile_heartbeat: Duration,
+    /// Called on the reconcile loop itself at each of its heartbeats, so a
+    /// wedged loop calls it no more (the binary's systemd watchdog pings).
+    /// Must be quick: the loop waits for it.
+    pub on_reconcile_beat: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Fault injection for tests only: once this file exists the reconcile
+    /// loop, at its next heartbeat, stops doing anything (no pass, no
+    /// heartbeat) until the agent shuts down: a wedged loop.
+    pub wedge_reconcile_when: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -254,6 +266,9 @@ impl AgentConfig {
             worker_defaults: WorkerDefaults::default(),
             eviction: Eviction::default(),
             metering: None,
+            reconcile_heartbeat: Duration::from_secs(5),
+            on_reconcile_beat: None,
+            wedge_reconcile_when: None,
             data_dir,
         }
     }

@@ -77,15 +77,43 @@ fn refused_result(r: &pb::FunctionCallResult) -> pb::FunctionCallResult {
 /// A desired state and when its message arrived.
 pub(crate) type Received = (Arc<Desired>, Instant);
 
-/// How often an idle reconcile loop proves it is alive.
+/// How often an idle reconcile loop proves it is alive, at most (the
+/// default of [`crate::AgentConfig::reconcile_heartbeat`]).
 pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+/// ... and at least.
+const MIN_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The test-only fault ([`crate::AgentConfig::wedge_reconcile_when`]):
+/// whether the loop is to wedge now (said once, in an event).
+fn wedge_injected(shared: &Shared) -> bool {
+    let Some(path) = &shared.config.wedge_reconcile_when else {
+        return false;
+    };
+    if !path.exists() {
+        return false;
+    }
+    shared.event(
+        "reconcile_wedged",
+        &shared.config.executor_id,
+        format!(
+            "fault injected ({} exists): the reconcile loop does nothing more",
+            path.display()
+        ),
+    );
+    true
+}
 
 pub(crate) async fn run_loop(
     shared: Arc<Shared>,
     mut desired_rx: watch::Receiver<Option<Received>>,
     cancel: CancellationToken,
 ) {
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut heartbeat = tokio::time::interval(
+        shared
+            .config
+            .reconcile_heartbeat
+            .clamp(MIN_HEARTBEAT, HEARTBEAT),
+    );
     let mut reconciler = Reconciler::new(shared.clone());
     loop {
         tokio::select! {
@@ -93,8 +121,16 @@ pub(crate) async fn run_loop(
             r = desired_rx.changed() => if r.is_err() { return },
             _ = shared.reconcile_now.notified() => {}
             _ = heartbeat.tick() => {
-                // Proves to the health check that this loop is alive while idle.
+                if wedge_injected(&shared) {
+                    cancel.cancelled().await;
+                    return;
+                }
+                // Proves to the health check (and systemd's watchdog,
+                // through the hook) that this loop is alive while idle.
                 shared.health.lock().last_reconcile_progress = Some(Instant::now());
+                if let Some(beat) = &shared.config.on_reconcile_beat {
+                    beat();
+                }
                 continue;
             }
         }
