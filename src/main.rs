@@ -252,7 +252,9 @@ struct AgentArgs {
     usage_commit_delay_ms: u64,
     /// Fault injection for tests only: once this file exists, the
     /// reconcile loop stops doing anything (a wedged loop: the systemd
-    /// watchdog pings stop).
+    /// watchdog pings stop). Not in the package's binary (built without
+    /// the `devserver` feature, which carries dev and test code).
+    #[cfg(feature = "devserver")]
     #[arg(long, hide = true)]
     test_wedge_reconcile_file: Option<PathBuf>,
     /// How long a result waits for its usage record when the ledger's
@@ -1050,7 +1052,10 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.metering = recorder
         .clone()
         .map(|r| Arc::new(metering::RecorderMetering(r)) as Arc<dyn steward_reconciler::Metering>);
-    config.wedge_reconcile_when = args.test_wedge_reconcile_file.clone();
+    #[cfg(feature = "devserver")]
+    {
+        config.wedge_reconcile_when = args.test_wedge_reconcile_file.clone();
+    }
     // Under systemd's watchdog the reconcile loop's own heartbeat pings it.
     let notifier = systemd::Notifier::from_env();
     if let Some((every, ping)) = notifier.as_ref().and_then(|n| n.watchdog()) {
