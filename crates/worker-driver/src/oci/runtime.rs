@@ -208,6 +208,23 @@ pub fn version(bin: &Path) -> Result<String, RuntimeError> {
     Ok(first)
 }
 
+/// What systemd hands Steward (its notify socket, watchdog, socket
+/// activation) is Steward's, never the runtime's: runc given
+/// `NOTIFY_SOCKET` passes a socket into the container and `runc start`
+/// waits for the container to say READY=1, which a worker never does.
+fn without_service_manager(c: &mut Command) {
+    for var in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+    ] {
+        c.env_remove(var);
+    }
+}
+
 impl Runtime {
     pub fn new(bin: PathBuf, root: PathBuf) -> Runtime {
         Runtime { bin, root }
@@ -220,6 +237,7 @@ impl Runtime {
     fn command(&self) -> Command {
         let mut c = Command::new(&self.bin);
         c.arg("--root").arg(&self.root).stdin(Stdio::null());
+        without_service_manager(&mut c);
         c
     }
 
@@ -250,6 +268,7 @@ impl Runtime {
         log: &Path,
     ) -> Result<(), RuntimeError> {
         let mut c = Command::new(&self.bin);
+        without_service_manager(&mut c);
         c.arg("--root")
             .arg(&self.root)
             .arg("--log")
