@@ -189,10 +189,13 @@ fn stop_with_parent(cmd: &mut Command) {
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
+            // xtask's own SIGTERM handler, inherited by the fork, would
+            // catch the parent-death signal before exec: default first.
+            nix::sys::signal::signal(Signal::SIGTERM, nix::sys::signal::SigHandler::SigDfl)?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
             // xtask died before the prctl: the signal would never come.
             if nix::unistd::getppid() != parent {
-                kill(nix::unistd::getpid(), Signal::SIGTERM)?;
+                return Err(std::io::Error::other("xtask is gone"));
             }
             Ok(())
         });

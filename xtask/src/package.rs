@@ -115,7 +115,15 @@ pub fn check() -> Result<()> {
         eprintln!("xtask: package check skipped: {why}");
         return Ok(());
     }
-    let deb = build("dev")?;
+    // Kept aside: cargo-deb may replace what it wrote into its output
+    // directory when it writes the upgrade there (seen in CI: the -1
+    // package was gone once the -2 one was written).
+    let built = build("dev")?;
+    let deb = target_dir().join("debian/check/steward-first.deb");
+    if let Some(dir) = deb.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::copy(&built, &deb).with_context(|| format!("keeping {} aside", built.display()))?;
     let upgrade = rebuild_as("dev", "2")?;
     systemd_calls(&deb)?;
     let user_before = user_exists("steward");
