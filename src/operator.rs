@@ -92,7 +92,9 @@ pub async fn drain(args: &DrainArgs) -> Result<()> {
         .context("--admin-token-file is required for admin actions")?;
     let token = read_token(path)?;
     let base = args.agent.agent_url.as_str();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_s);
+    let deadline = std::time::Instant::now()
+        .checked_add(std::time::Duration::from_secs(args.wait_s))
+        .context("--wait-s is too large")?;
     loop {
         let mode = get(base, "/admin/mode", Some(&token)).await?;
         let mode = mode["mode"].as_str().unwrap_or("?").to_string();
