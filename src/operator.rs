@@ -38,6 +38,8 @@ pub struct DrainArgs {
 
 /// How often `steward drain --wait-s` asks the agent how far it is.
 const DRAIN_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest one poll of `steward drain --wait-s` may take.
+const DRAIN_POLL_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Pages of one list `steward status` reads at most (of
 /// [`steward_monitoring::MAX_PAGE_LIMIT`] items each).
@@ -96,27 +98,44 @@ pub async fn drain(args: &DrainArgs) -> Result<()> {
         .checked_add(std::time::Duration::from_secs(args.wait_s))
         .context("--wait-s is too large")?;
     loop {
-        let mode = get(base, "/admin/mode", Some(&token)).await?;
-        let mode = mode["mode"].as_str().unwrap_or("?").to_string();
-        let allocs = get(base, "/state/allocations?limit=1", Some(&token)).await?;
-        let waiting = allocs["pending_results"].as_u64();
-        match (mode.as_str(), waiting) {
-            ("disabled", Some(0)) => {
-                println!("drained: disabled, no result waiting for the server");
-                return Ok(());
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // One poll at most as long as what is left (10 s at most): a hung
+        // agent does not hold the hook past its deadline; an error or a
+        // reply that is not the agent's is retried until then.
+        let poll = tokio::time::timeout(left.min(DRAIN_POLL_LIMIT), drain_state(base, &token));
+        // What this poll saw, said if the deadline passes.
+        let last = match poll.await {
+            Ok(Ok((mode, waiting))) => {
+                match (mode.as_str(), waiting) {
+                    ("disabled", Some(0)) => {
+                        println!("drained: disabled, no result waiting for the server");
+                        return Ok(());
+                    }
+                    ("draining" | "disabled", _) => {}
+                    ("active" | "paused", _) => {
+                        bail!("the agent left the drain: it is {mode} (unpaused?)")
+                    }
+                    _ => {}
+                }
+                let waiting = waiting.map_or("?".to_string(), |n| n.to_string());
+                format!("the agent is {mode}, {waiting} result(s) wait for the server")
             }
-            ("draining" | "disabled", _) => {}
-            (other, _) => bail!("the agent left the drain: it is {other} (unpaused?)"),
-        }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(_) => "the agent did not answer in time".to_string(),
+        };
         if std::time::Instant::now() >= deadline {
-            bail!(
-                "not drained within {} s: the agent is {mode}, {} result(s) wait for the server",
-                args.wait_s,
-                waiting.map_or("?".to_string(), |n| n.to_string())
-            );
+            bail!("not drained within {} s: {last}", args.wait_s);
         }
         tokio::time::sleep(DRAIN_POLL).await;
     }
+}
+
+/// The agent's mode and how many results wait for the server.
+async fn drain_state(base: &str, token: &str) -> Result<(String, Option<u64>)> {
+    let mode = get(base, "/admin/mode", Some(token)).await?;
+    let mode = mode["mode"].as_str().unwrap_or("?").to_string();
+    let allocs = get(base, "/state/allocations?limit=1", Some(token)).await?;
+    Ok((mode, allocs["pending_results"].as_u64()))
 }
 
 async fn get(base: &str, path: &str, token: Option<&str>) -> Result<Value> {
