@@ -77,6 +77,11 @@ fn refused_result(r: &pb::FunctionCallResult) -> pb::FunctionCallResult {
 /// A desired state and when its message arrived.
 pub(crate) type Received = (Arc<Desired>, Instant);
 
+/// How many allocation entries one hold of the state lock inserts, and
+/// how many it takes out: a pass that accepts or drops tens of thousands
+/// of allocations holds the lock once per batch, never for all of them.
+const SWAP_BATCH: usize = 1024;
+
 /// How often an idle reconcile loop proves it is alive, at most (the
 /// default of [`crate::AgentConfig::reconcile_heartbeat`]).
 pub(crate) const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -393,9 +398,10 @@ impl Reconciler {
         entries
     }
 
-    /// The shared state's lock in a pass: once to set the clock, insert
-    /// new allocation entries, take out dropped ones and route function
-    /// call results; once more, only if allocations were dropped, to keep
+    /// The shared state's lock in a pass: once per batch of at most
+    /// [`SWAP_BATCH`] new and dropped allocation entries (the clock set,
+    /// entries inserted and taken out; the last batch also routes function
+    /// call results); once more, only if allocations were dropped, to keep
     /// the newest of them as recent. Timelines are stamped, and entries
     /// past the recent bound freed, outside it.
     fn swap_allocations(
@@ -408,12 +414,16 @@ impl Reconciler {
     ) {
         let shared = &self.shared;
         let mut dropped = Vec::with_capacity(plan.dropped.len());
-        {
+        let mut entries = entries.into_iter();
+        let mut leaving = plan.dropped.iter();
+        // In batches: a pass that inserts or drops tens of thousands of
+        // allocations takes the lock once per batch, never for all of them.
+        loop {
             let mut st = shared.state.lock();
             let locked = Instant::now();
             st.server_clock = desired.clock.unwrap_or(0);
-            st.allocations.extend(entries);
-            for (id, fe_id) in &plan.dropped {
+            st.allocations.extend(entries.by_ref().take(SWAP_BATCH));
+            for (id, fe_id) in leaving.by_ref().take(SWAP_BATCH) {
                 let Some(entry) = st.allocations.remove(id) else {
                     continue;
                 };
@@ -422,11 +432,17 @@ impl Reconciler {
                 }
                 dropped.push((id.clone(), entry));
             }
-            route_call_results(shared, &mut st, desired, after);
+            let last = entries.len() == 0 && leaving.len() == 0;
+            if last {
+                route_call_results(shared, &mut st, desired, after);
+            }
             shared
                 .metrics
                 .reconcile_lock_hold
                 .observe(locked.elapsed().as_secs_f64());
+            if last {
+                break;
+            }
         }
         self.keep_recent(dropped);
         shared
