@@ -598,16 +598,7 @@ mod tests {
                 outcome_code: Some(pb::AllocationOutcomeCode::Success as i32),
                 ..Default::default()
             });
-            let (report, carried) = crate::report::build_request(&shared, false);
-            let request: pb::ReportExecutorStateRequest =
-                prost::Message::decode(report.bytes).unwrap_or_default();
-            let ids: Vec<String> = request
-                .executor_update
-                .map(|u| u.allocation_results)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|r| r.allocation_id)
-                .collect();
+            let (ids, carried) = crate::report::carried_ids(&shared, false);
             shared.state.lock().results.drain(..carried.count);
             let _ = done_tx.send(ids);
         });

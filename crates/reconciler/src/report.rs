@@ -562,6 +562,22 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
     }
 }
 
+/// The allocation ids the next report carries, and what it carried (for
+/// tests).
+#[cfg(test)]
+pub(crate) fn carried_ids(shared: &Shared, all: bool) -> (Vec<String>, Carried) {
+    let (report, carried) = build_request(shared, all);
+    let ids = report
+        .decode()
+        .executor_update
+        .map(|u| u.allocation_results)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.allocation_id)
+        .collect();
+    (ids, carried)
+}
+
 #[cfg(test)]
 #[path = "report_fuzz.rs"]
 mod fuzz;
@@ -681,19 +697,6 @@ mod tests {
             allocation_id: Some(id.into()),
             ..Default::default()
         }
-    }
-
-    fn carried_ids(shared: &Shared, all: bool) -> (Vec<String>, Carried) {
-        let (report, carried) = build_request(shared, all);
-        let ids = report
-            .decode()
-            .executor_update
-            .map(|u| u.allocation_results)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|r| r.allocation_id)
-            .collect();
-        (ids, carried)
     }
 
     #[test]
