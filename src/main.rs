@@ -197,6 +197,13 @@ struct AgentArgs {
     /// Do not put workers in cgroups (their limits are then not enforced).
     #[arg(long)]
     no_cgroups: bool,
+    /// Workers outlive Steward: a SIGKILL, a crash, or a stop in this mode
+    /// (SIGTERM) leaves them running, and the next Steward on the same data
+    /// directory adopts them with their running allocations. `false`:
+    /// every worker dies with Steward (the process driver only; OCI
+    /// sandboxes are reaped at the next start either way).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "STEWARD_ADOPT_WORKERS")]
+    adopt_workers: bool,
     /// Ids workers run under, `START:COUNT` as in /etc/subuid: the first
     /// is the group through which workers share `file://` blob roots, each
     /// other one the uid and gid of one live worker. The default block lies
@@ -753,6 +760,7 @@ fn worker_driver(
         records_dir: data_dir.join("workers"),
         cgroups: worker_cgroups(args),
         isolation,
+        adoptable: args.adopt_workers,
     })
 }
 
@@ -995,6 +1003,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.function_executor_resources = allocatable;
     config.function_executor_bin = args.function_executor_bin.clone();
     config.health_checks_enabled = !args.disable_function_executor_health_checks;
+    config.adopt_workers = args.adopt_workers && args.worker_driver == DriverKind::Process;
     config.report_interval = Duration::from_secs(args.report_interval_s.max(1));
     config.stream_idle_timeout = Duration::from_secs(args.stream_idle_timeout_s.max(1));
     config.max_function_call_wait = Duration::from_secs(args.max_function_call_wait_s.max(1));

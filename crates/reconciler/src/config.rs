@@ -261,6 +261,7 @@ impl AgentConfig {
                         &data_dir.join("run"),
                         "worker identities were not configured",
                     ),
+                    adoptable: false,
                 },
             )),
             worker_defaults: WorkerDefaults::default(),

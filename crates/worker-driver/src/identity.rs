@@ -266,6 +266,28 @@ pub fn lease(
     )))
 }
 
+/// Leases id `id` again for a worker being adopted (started by an earlier
+/// run of Steward, whose locks died with it): refused if a live worker of
+/// this process holds it or another Steward has it locked.
+pub fn lease_exact(id: u32, lock_dir: Option<&Path>) -> std::io::Result<UidLease> {
+    let mut leased = LEASED
+        .lock()
+        .map_err(|_| std::io::Error::other("uid lease table poisoned"))?;
+    if leased.contains(&id) {
+        return Err(std::io::Error::other(format!(
+            "id {id} is leased to another worker of this Steward"
+        )));
+    }
+    let lock = match lock_dir {
+        Some(dir) => Some(try_lock(&dir.join(id.to_string()))?.ok_or_else(|| {
+            std::io::Error::other(format!("id {id} is locked by another Steward"))
+        })?),
+        None => None,
+    };
+    leased.insert(id);
+    Ok(UidLease { id, _lock: lock })
+}
+
 /// An exclusive, non-blocking `flock` on `path` (created if missing);
 /// `None` when someone else holds it.
 fn try_lock(path: &Path) -> std::io::Result<Option<File>> {

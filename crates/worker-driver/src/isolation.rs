@@ -187,11 +187,23 @@ impl Isolation {
     /// Removes what workers of an earlier run of this Steward left in its
     /// directory (after their processes were killed).
     pub(crate) fn sweep(&self) -> usize {
+        self.sweep_except(&[])
+    }
+
+    /// [`Isolation::sweep`], sparing the worker directories named in
+    /// `spare` (`w<lease>` of adopted workers).
+    pub(crate) fn sweep_except(&self, spare: &[String]) -> usize {
         let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
             return 0;
         };
         let mut removed = 0;
         for e in entries.filter_map(Result::ok) {
+            if spare
+                .iter()
+                .any(|s| std::ffi::OsStr::new(s) == e.file_name())
+            {
+                continue;
+            }
             let path = e.path();
             let gone = match e.file_type() {
                 Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
@@ -236,7 +248,7 @@ impl WorkerDir {
         id: u32,
         owner: Option<u32>,
     ) -> std::io::Result<WorkerDir> {
-        let path = run_dir.join(format!("w{id}"));
+        let path = run_dir.join(Self::name(id));
         let at = |what: &str, p: &Path, e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
         };
@@ -265,6 +277,30 @@ impl WorkerDir {
             }
         }
         Ok(dir)
+    }
+
+    /// The directory of an adopted worker (`w<lease>` under `run_dir`),
+    /// as it is: it must exist, be a directory and not a link.
+    pub(crate) fn existing(run_dir: &Path, lease: u32) -> std::io::Result<WorkerDir> {
+        let path = run_dir.join(Self::name(lease));
+        let meta = std::fs::symlink_metadata(&path)?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::other(format!(
+                "{} is not a directory",
+                path.display()
+            )));
+        }
+        Ok(WorkerDir { path })
+    }
+
+    /// The name of the directory of the worker holding `lease`.
+    pub(crate) fn name(lease: u32) -> String {
+        format!("w{lease}")
+    }
+
+    /// Leaves the directory where it is (its worker lives on, detached).
+    pub(crate) fn keep(self) {
+        std::mem::forget(self);
     }
 
     /// The scratch directory: `HOME` and `TMPDIR`.

@@ -35,7 +35,9 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 /// The first line of every record; a file without it is not one.
-const RECORD_MAGIC: &str = "steward-worker-record 2";
+const RECORD_MAGIC: &str = "steward-worker-record 3";
+/// Records of the Steward before adoption: reaped, never adopted.
+const RECORD_MAGIC_V2: &str = "steward-worker-record 2";
 /// A record is a few short lines: a larger file is not one.
 pub(crate) const MAX_RECORD_BYTES: u64 = 4096;
 /// Names of skipped files are shown up to this many characters.
@@ -130,6 +132,120 @@ pub(crate) struct Record {
     pub(crate) boot_id: String,
     /// The name of the worker's cgroup directory, if it had one.
     pub(crate) cgroup: Option<String>,
+    /// What a new Steward needs to adopt the worker (absent in records of
+    /// a Steward before adoption: those are only reaped).
+    pub(crate) adopt: Option<AdoptFacts>,
+}
+
+/// What a record keeps for adoption besides the process: the lease (the
+/// worker's uid where identities are separated, else the number naming its
+/// directory), whether it runs as that uid, where it listens, its limits
+/// and its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AdoptFacts {
+    pub(crate) lease: u32,
+    /// The uid it runs as.
+    pub(crate) uid: u32,
+    pub(crate) separated: bool,
+    pub(crate) socket: std::path::PathBuf,
+    pub(crate) limits: crate::Limits,
+    pub(crate) log: std::path::PathBuf,
+}
+
+impl AdoptFacts {
+    fn encode(&self, text: &mut String) {
+        let l = &self.limits;
+        text.push_str(&format!(
+            "lease {}\nuid {} {}\nlimits {} {} {}\n",
+            self.lease,
+            self.uid,
+            if self.separated { "own" } else { "stewards" },
+            l.cpu_ms_per_sec,
+            l.memory_bytes,
+            l.pids_max
+        ));
+        // Paths last: they may hold spaces (never a newline: refused).
+        text.push_str(&format!(
+            "socket {}\nlog {}\n",
+            self.socket.display(),
+            self.log.display()
+        ));
+    }
+}
+
+/// The adoption fields of a record as they are parsed.
+#[derive(Default)]
+struct AdoptFields {
+    lease: Option<u32>,
+    uid: Option<(u32, bool)>,
+    limits: Option<crate::Limits>,
+    socket: Option<std::path::PathBuf>,
+    log: Option<std::path::PathBuf>,
+}
+
+impl AdoptFields {
+    fn take(&mut self, key: &str, value: &str) -> Result<bool, RecordError> {
+        let bad = |what| move |_| RecordError::Bad(what);
+        match key {
+            "lease" => set(&mut self.lease, key, value.parse().map_err(bad("lease"))?)?,
+            "uid" => {
+                let (uid, whose) = value.split_once(' ').ok_or(RecordError::Bad("uid"))?;
+                let separated = match whose {
+                    "own" => true,
+                    "stewards" => false,
+                    _ => return Err(RecordError::Bad("uid")),
+                };
+                set(
+                    &mut self.uid,
+                    key,
+                    (uid.parse().map_err(bad("uid"))?, separated),
+                )?
+            }
+            "limits" => {
+                let n: Vec<u64> = value
+                    .split(' ')
+                    .map(|v| v.parse().map_err(bad("limits")))
+                    .collect::<Result<_, _>>()?;
+                let [cpu, memory_bytes, pids_max] = n[..] else {
+                    return Err(RecordError::Bad("limits"));
+                };
+                let cpu_ms_per_sec = u32::try_from(cpu).map_err(|_| RecordError::Bad("limits"))?;
+                set(
+                    &mut self.limits,
+                    key,
+                    crate::Limits {
+                        cpu_ms_per_sec,
+                        memory_bytes,
+                        pids_max,
+                    },
+                )?
+            }
+            "socket" if value.starts_with('/') => set(&mut self.socket, key, value.into())?,
+            "log" if value.starts_with('/') => set(&mut self.log, key, value.into())?,
+            "socket" | "log" => return Err(RecordError::Bad("path")),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// All of them, none of them (a record that cannot be adopted), or a
+    /// bad record.
+    fn finish(self) -> Result<Option<AdoptFacts>, RecordError> {
+        match (self.lease, self.uid, self.limits, self.socket, self.log) {
+            (Some(lease), Some((uid, separated)), Some(limits), Some(socket), Some(log)) => {
+                Ok(Some(AdoptFacts {
+                    lease,
+                    uid,
+                    separated,
+                    socket,
+                    limits,
+                    log,
+                }))
+            }
+            (None, None, None, None, None) => Ok(None),
+            _ => Err(RecordError::Missing("adoption field")),
+        }
+    }
 }
 
 impl Record {
@@ -141,20 +257,23 @@ impl Record {
         if let Some(c) = &self.cgroup {
             text.push_str(&format!("cgroup {c}\n"));
         }
+        if let Some(a) = &self.adopt {
+            a.encode(&mut text);
+        }
         text
     }
 
     /// A record, or why the text is not one.
     pub(crate) fn parse(text: &str) -> Result<Record, RecordError> {
         let mut lines = text.lines();
-        if lines.next() != Some(RECORD_MAGIC) {
-            return Err(if plain_old_record(text) {
-                RecordError::OlderSteward
-            } else {
-                RecordError::NoMagic
-            });
-        }
+        let adoptable = match lines.next() {
+            Some(RECORD_MAGIC) => true,
+            Some(RECORD_MAGIC_V2) => false,
+            _ if plain_old_record(text) => return Err(RecordError::OlderSteward),
+            _ => return Err(RecordError::NoMagic),
+        };
         let (mut pgid, mut start, mut boot_id, mut cgroup) = (None, None, None, None);
+        let mut adopt = AdoptFields::default();
         for line in lines {
             let (key, value) = line.split_once(' ').ok_or(RecordError::NoValue)?;
             let bad = |what| move |_| RecordError::Bad(what);
@@ -172,6 +291,7 @@ impl Record {
                     set(&mut cgroup, key, value.to_string())?
                 }
                 "cgroup" => return Err(RecordError::Bad("cgroup name")),
+                _ if adoptable && adopt.take(key, value)? => {}
                 _ => return Err(RecordError::UnknownField),
             }
         }
@@ -180,6 +300,7 @@ impl Record {
             start: start.ok_or(RecordError::Missing("start time"))?,
             boot_id: boot_id.ok_or(RecordError::Missing("boot id"))?,
             cgroup,
+            adopt: adopt.finish()?,
         })
     }
 }
@@ -298,7 +419,7 @@ pub(crate) fn check(r: &Record, host: &Host) -> Result<(), NotTheWorker> {
 
 /// Whether `cgroups` (a `/proc/<pid>/cgroup` text) places the process in
 /// the cgroup named `name` (in any hierarchy).
-fn in_cgroup(cgroups: &str, name: &str) -> bool {
+pub(crate) fn in_cgroup(cgroups: &str, name: &str) -> bool {
     cgroups.lines().any(|l| {
         let path = l.splitn(3, ':').nth(2).unwrap_or("");
         let path = path.strip_suffix(" (deleted)").unwrap_or(path);
@@ -338,19 +459,48 @@ fn is_member(r: &Record, host: &Host, p: &Proc) -> bool {
 
 /// Records a running worker in `dir` (nothing where its start time or the
 /// boot id cannot be read: such a record could never be verified).
-pub(crate) fn record(dir: &Path, name: &str, pid: u32, cgroup: Option<String>) {
+pub(crate) fn record(
+    dir: &Path,
+    name: &str,
+    pid: u32,
+    cgroup: Option<String>,
+    adopt: Option<AdoptFacts>,
+) {
     let (Some(p), Some(boot_id)) = (proc_of(pid), boot_id()) else {
         return;
     };
+    // A path with a line break cannot be written as a record line: such a
+    // worker is recorded for cleanup, not for adoption.
+    let adopt = adopt.filter(|a| {
+        [&a.socket, &a.log]
+            .iter()
+            .all(|p| !p.as_os_str().as_encoded_bytes().contains(&b'\n'))
+    });
     let r = Record {
         pgid: pid,
         start: p.start,
         boot_id,
         cgroup,
+        adopt,
     };
     if std::fs::create_dir_all(dir).is_ok() {
         let _ = std::fs::write(dir.join(name), r.encode());
     }
+}
+
+/// Reads the record of worker `name` in `dir` without removing it.
+pub(crate) fn read_record(dir: &Path, name: &str) -> Result<Record, RecordError> {
+    let path = dir.join(name);
+    let meta = std::fs::symlink_metadata(&path).map_err(RecordError::Unreadable)?;
+    if !meta.is_file() {
+        return Err(RecordError::NotAFile);
+    }
+    Record::parse(&read_bounded(&path)?)
+}
+
+/// Process `pid` as `/proc` shows it now.
+pub(crate) fn process(pid: u32) -> Option<Proc> {
+    proc_of(pid)
 }
 
 pub(crate) fn forget(dir: &Path, name: &str) {
@@ -373,12 +523,18 @@ pub(crate) enum Found {
 /// Reads and removes every record in `dir`. What is not a record of this
 /// Steward's comes back skipped, with the reason; a directory is left
 /// where it is, a symbolic link is removed without being followed.
-pub(crate) fn take_records(dir: &Path) -> Vec<Found> {
+pub(crate) fn take_records(dir: &Path, spare: &[String]) -> Vec<Found> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return found;
     };
     for e in entries.flatten() {
+        if spare
+            .iter()
+            .any(|s| std::ffi::OsStr::new(s) == e.file_name())
+        {
+            continue; // An adopted worker's: it lives on.
+        }
         let worker: String = e
             .file_name()
             .to_string_lossy()
@@ -526,6 +682,7 @@ mod tests {
             start: 1000,
             boot_id: BOOT.into(),
             cgroup: Some("fe-w1.4000-0".into()),
+            adopt: None,
         }
     }
 
@@ -543,8 +700,54 @@ mod tests {
     fn records_round_trip_and_anything_else_is_refused_with_a_reason() {
         let r = record(4242);
         assert_eq!(Record::parse(&r.encode()).expect("round trip"), r);
-        let bare = Record { cgroup: None, ..r };
+        let bare = Record {
+            cgroup: None,
+            ..r.clone()
+        };
         assert_eq!(Record::parse(&bare.encode()).expect("round trip"), bare);
+        let adoptable = Record {
+            adopt: Some(AdoptFacts {
+                lease: 2_000_000_007,
+                uid: 2_000_000_007,
+                separated: true,
+                socket: "/var/lib/steward workers/e-1/w7/fe.sock".into(),
+                limits: crate::Limits {
+                    cpu_ms_per_sec: 1500,
+                    memory_bytes: 1 << 30,
+                    pids_max: 512,
+                },
+                log: "/data/fe logs/w.log".into(),
+            }),
+            ..r
+        };
+        assert_eq!(
+            Record::parse(&adoptable.encode()).expect("round trip"),
+            adoptable
+        );
+        // A record of the Steward before adoption is still read (to be
+        // reaped), never with adoption fields.
+        let v2 = bare.encode().replace("record 3", "record 2");
+        assert_eq!(Record::parse(&v2).expect("v2"), bare);
+        let v2_with = adoptable.encode().replace("record 3", "record 2");
+        assert!(
+            Record::parse(&v2_with)
+                .expect_err("v2 adopts nothing")
+                .to_string()
+                .contains("unknown field")
+        );
+        // Adoption fields come all together or not at all.
+        let partial: String = adoptable
+            .encode()
+            .lines()
+            .filter(|l| !l.starts_with("log "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            Record::parse(&partial)
+                .expect_err("partial")
+                .to_string()
+                .contains("no adoption field")
+        );
         let cases = [
             ("4242 1000\n", "older Steward"),
             ("", "not a worker record"),
@@ -679,7 +882,7 @@ mod tests {
         std::fs::create_dir(dir.join("subdir")).expect("mkdir");
         let good = record(4242).encode();
         std::fs::write(dir.join("w1"), &good).expect("write");
-        let found = take_records(dir);
+        let found = take_records(dir, &[]);
         let mut skipped: Vec<(String, String)> = found
             .iter()
             .filter_map(|f| match f {

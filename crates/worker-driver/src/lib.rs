@@ -45,6 +45,7 @@ pub use isolation::{Isolation, RunDirError};
 pub use leftovers::Leftover;
 pub use oci::{Network, OciDriver, OciDriverConfig};
 pub use process::{ProcessDriver, ProcessDriverConfig, describe_status};
+mod adopt;
 
 /// FNV-1a of `s`: a short, stable name part for an id of any length
 /// (cgroup, container and directory names).
@@ -155,6 +156,35 @@ pub trait Worker: Send + Sync {
     /// worker and everything it started; resolves once it is gone and its
     /// cgroup removed. `None` if it could not be waited for.
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, Option<Exit>>;
+    /// Lets go of the worker without stopping it, for the next Steward to
+    /// adopt: its record, directory and cgroup stay. Returns whether it
+    /// was left running; a worker that cannot be adopted later (not
+    /// started for adoption) is stopped as if dropped.
+    fn detach(self: Box<Self>) -> bool {
+        false
+    }
+}
+
+/// Why a recorded worker is not adopted. Nothing of it is signalled for
+/// these reasons; what is left is reaped with the usual checks.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("the {0} driver does not adopt workers")]
+    Unsupported(&'static str),
+    #[error("no usable record: {0}")]
+    Record(String),
+    #[error(
+        "recorded without what adoption needs (started by a Steward that did not adopt, or on the TCP channel)"
+    )]
+    NotAdoptable,
+    #[error("not the recorded worker: {0}")]
+    NotTheWorker(String),
+    #[error("the worker is gone (process {0} is no longer running)")]
+    Gone(u32),
+    #[error("started under another configuration: {0}")]
+    Changed(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Starts workers and cleans up after them.
@@ -164,8 +194,16 @@ pub trait WorkerDriver: Send + Sync + 'static {
     /// Starts a worker. The blocking parts (creating its cgroup, fork,
     /// moving it into the cgroup, exec) run off the caller's runtime.
     fn start(&self, spec: WorkerSpec) -> BoxFuture<'static, Result<Box<dyn Worker>, DriverError>>;
+    /// Takes over worker `id`, started by an earlier run of Steward that
+    /// let go of it (SIGKILLed, or stopped in adoption mode), if its record
+    /// proves it is the same process (pid, start time, boot, uid, cgroup).
+    /// Call before [`WorkerDriver::reap_leftovers`], which spares it.
+    fn adopt(&self, id: &str) -> Result<Box<dyn Worker>, AdoptError> {
+        let _ = id;
+        Err(AdoptError::Unsupported(self.name()))
+    }
     /// Kills and removes what workers of a previous run left behind (after
-    /// a SIGKILLed agent); returns what was found.
+    /// a SIGKILLed agent), sparing adopted workers; returns what was found.
     fn reap_leftovers(&self) -> Vec<Leftover>;
     /// What is enforced on workers and, where nothing is, why.
     fn enforcement(&self) -> Enforcement;

@@ -36,13 +36,19 @@ pub struct ProcessDriverConfig {
     pub cgroups: CgroupSetup,
     /// Identities, channel, environment and directories of workers.
     pub isolation: Isolation,
+    /// Start workers to outlive Steward (their own session, no parent-death
+    /// signal) and record what a later Steward needs to adopt them.
+    pub adoptable: bool,
 }
 
 /// Workers as processes (see the module docs).
 pub struct ProcessDriver {
-    records_dir: PathBuf,
-    cgroups: CgroupSetup,
-    isolation: Arc<Isolation>,
+    pub(crate) records_dir: PathBuf,
+    pub(crate) cgroups: CgroupSetup,
+    pub(crate) isolation: Arc<Isolation>,
+    adoptable: bool,
+    /// What adopted workers hold, spared by the leftover sweep.
+    pub(crate) spared: std::sync::Mutex<crate::adopt::Spared>,
 }
 
 impl ProcessDriver {
@@ -53,6 +59,8 @@ impl ProcessDriver {
             records_dir: config.records_dir,
             cgroups: config.cgroups,
             isolation: Arc::new(config.isolation),
+            adoptable: config.adoptable,
+            spared: std::sync::Mutex::default(),
         }
     }
 }
@@ -63,7 +71,7 @@ impl ProcessDriver {
 pub(crate) struct Held {
     pub(crate) dir: WorkerDir,
     pub(crate) endpoint: Endpoint,
-    _lease: UidLease,
+    pub(crate) lease: UidLease,
 }
 
 /// Leases the worker's uid, makes its directory and picks its endpoint
@@ -93,7 +101,7 @@ pub(crate) fn prepare(iso: &Isolation) -> Result<(Held, Option<u32>), DriverErro
         Held {
             dir,
             endpoint,
-            _lease: lease,
+            lease,
         },
         uid,
     ))
@@ -123,6 +131,8 @@ impl WorkerDriver for ProcessDriver {
         let cgroups = self.cgroups.clone();
         let records_dir = self.records_dir.clone();
         let iso = self.isolation.clone();
+        let adoptable = self.adoptable;
+        let separated = self.isolation.identities.range().is_some();
         async move {
             let runtime = tokio::runtime::Handle::current();
             // Everything that may block goes to the spawner thread: moving
@@ -134,7 +144,7 @@ impl WorkerDriver for ProcessDriver {
                     move || {
                         let _entered = runtime.enter();
                         let (held, uid) = prepare(&iso)?;
-                        spawn_confined(&spec, &cgroups, &held, uid, &iso)
+                        spawn_confined(&spec, &cgroups, &held, uid, &iso, adoptable)
                             .map(|(c, g)| (c, g, spec, held, uid))
                     },
                     // The start was abandoned (its worker removed, or the
@@ -160,9 +170,13 @@ impl WorkerDriver for ProcessDriver {
             };
             let pid = child.id().unwrap_or(0);
             let cgroup_name = cgroup.as_ref().and_then(|c| c.name());
-            leftovers::record(&records_dir, &spec.id, pid, cgroup_name);
+            let facts = adoptable
+                .then(|| crate::adopt::facts(&held, uid, &spec, separated))
+                .flatten();
+            leftovers::record(&records_dir, &spec.id, pid, cgroup_name, facts);
             let worker: Box<dyn Worker> = Box::new(ProcessWorker {
-                child,
+                process: Process::Child(child),
+                adoptable,
                 pid,
                 uid: uid.unwrap_or_else(crate::identity::steward_uid),
                 address: held.endpoint.address(),
@@ -174,6 +188,7 @@ impl WorkerDriver for ProcessDriver {
                 id: spec.id,
                 exit: None,
                 teardown: Teardown::default(),
+                detached: false,
             });
             Ok(worker)
         }
@@ -182,9 +197,10 @@ impl WorkerDriver for ProcessDriver {
 
     fn reap_leftovers(&self) -> Vec<Leftover> {
         let host = leftovers::Host::this();
+        let spared = self.spared.lock().map(|s| s.clone()).unwrap_or_default();
         let mut records = Vec::new();
         let mut found = Vec::new();
-        for f in leftovers::take_records(&self.records_dir) {
+        for f in leftovers::take_records(&self.records_dir, &spared.ids) {
             match f {
                 leftovers::Found::Record { worker, record } => records.push((worker, record)),
                 leftovers::Found::Skipped(l) => found.push(l),
@@ -206,7 +222,7 @@ impl WorkerDriver for ProcessDriver {
                 ));
             }
             found.extend(
-                c.reap_leftovers()
+                c.reap_leftovers_except(&spared.cgroups)
                     .into_iter()
                     .map(|(name, killed)| cgroup(name, killed)),
             );
@@ -232,11 +248,15 @@ impl WorkerDriver for ProcessDriver {
         }
         // Their processes are gone: their directories (sockets, scratch
         // files) go too.
-        let dirs = self.isolation.sweep();
+        let dirs = self.isolation.sweep_except(&spared.dirs);
         if dirs > 0 {
             tracing::info!(dirs, run_dir = %self.isolation.run_dir.display(), "removed leftover worker directories");
         }
         found
+    }
+
+    fn adopt(&self, id: &str) -> Result<Box<dyn Worker>, crate::AdoptError> {
+        crate::adopt::adopt(self, id)
     }
 
     fn enforcement(&self) -> Enforcement {
@@ -245,13 +265,18 @@ impl WorkerDriver for ProcessDriver {
 
     fn shutdown(&self) {
         wait_for_spawns(Duration::from_secs(10));
-        if let CgroupSetup::Enabled(c) = &self.cgroups {
+        let detached = DETACHED.load(std::sync::atomic::Ordering::Acquire);
+        if let CgroupSetup::Enabled(c) = &self.cgroups
+            && !detached
+        {
             // Every worker is gone by now; anything left under our parent
             // is a straggler of ours.
             c.reap_leftovers();
             c.remove_parents();
         }
-        self.isolation.remove();
+        if !detached {
+            self.isolation.remove();
+        }
     }
 }
 
@@ -297,6 +322,7 @@ fn spawn_confined(
     held: &Held,
     uid: Option<u32>,
     iso: &Isolation,
+    adoptable: bool,
 ) -> Result<(Child, Option<Arc<WorkerCgroup>>), DriverError> {
     let log_err = |error| DriverError::Log {
         path: spec.log_path.clone(),
@@ -321,8 +347,7 @@ fn spawn_confined(
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         .current_dir(&home)
-        .process_group(0)
-        .kill_on_drop(true)
+        .kill_on_drop(!adoptable)
         .env_clear()
         .envs(identity::worker_env(
             &iso.env_allow,
@@ -333,14 +358,22 @@ fn spawn_confined(
         ));
     let creds = Creds::new(uid, iso.identities.range());
     let spawned = (|| {
-        // In this order in the child: into the cgroup (as Steward), then
-        // the worker's identity, then the parent-death signal (which a
-        // change of uid clears).
+        // In this order in the child: its own group (or, to outlive
+        // Steward, its own session), into the cgroup (as Steward), then the
+        // worker's identity, then the parent-death signal (which a change
+        // of uid clears) unless it is to outlive Steward.
+        if adoptable {
+            new_session(&mut cmd);
+        } else {
+            cmd.process_group(0);
+        }
         if let Some(cg) = &cgroup {
             confine(&mut cmd, cg)?;
         }
         take_identity(&mut cmd, creds);
-        set_parent_death_signal(&mut cmd);
+        if !adoptable {
+            set_parent_death_signal(&mut cmd);
+        }
         cmd.spawn()
     })();
     match spawned {
@@ -399,23 +432,80 @@ impl WorkerMonitor for CgroupMonitor {
     }
 }
 
-struct ProcessWorker {
-    child: Child,
-    pid: u32,
+/// The worker's process: a child of this Steward, or one adopted from an
+/// earlier run (not a child: its end is seen through a pidfd, and its exit
+/// status is not known).
+pub(crate) enum Process {
+    Child(Child),
+    Adopted(tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>),
+}
+
+/// How the process ended.
+enum Ended {
+    Status(ExitStatus),
+    /// An adopted worker's: its parent is not Steward, which never learns
+    /// the status.
+    Unknown,
+}
+
+impl Process {
+    fn try_wait(&mut self) -> Option<Ended> {
+        match self {
+            Process::Child(c) => c.try_wait().ok()?.map(Ended::Status),
+            Process::Adopted(fd) => pidfd_exited(fd.get_ref()).then_some(Ended::Unknown),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<Ended> {
+        match self {
+            Process::Child(c) => c.wait().await.map(Ended::Status),
+            Process::Adopted(fd) => {
+                // A pidfd turns readable when its process ends.
+                let _ = fd.readable().await?;
+                Ok(Ended::Unknown)
+            }
+        }
+    }
+}
+
+/// Whether the process of a pidfd has ended (a poll that does not block).
+fn pidfd_exited(fd: &std::os::fd::OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: one pollfd on the stack, a descriptor we own, no waiting.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
+/// Set once a worker is detached: the driver's stop then leaves its parent
+/// cgroup and directories to the next Steward.
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) struct ProcessWorker {
+    pub(crate) process: Process,
+    /// Started (or adopted) to outlive Steward: it can be detached.
+    pub(crate) adoptable: bool,
+    pub(crate) pid: u32,
     /// The uid it runs as (Steward's own where identities are not separated).
-    uid: u32,
-    address: String,
-    target: Target,
-    log_path: PathBuf,
+    pub(crate) uid: u32,
+    pub(crate) address: String,
+    pub(crate) target: Target,
+    pub(crate) log_path: PathBuf,
     /// Its directory, endpoint and uid, kept from every other worker while
     /// this one lives; given back once its processes are gone.
-    held: Option<Held>,
-    monitor: Arc<CgroupMonitor>,
-    records_dir: PathBuf,
-    id: String,
-    exit: Option<Exit>,
+    pub(crate) held: Option<Held>,
+    pub(crate) monitor: Arc<CgroupMonitor>,
+    pub(crate) records_dir: PathBuf,
+    pub(crate) id: String,
+    pub(crate) exit: Option<Exit>,
     /// The removal of the cgroup, once started, for `stop`/`exited` to await.
-    teardown: Teardown,
+    pub(crate) teardown: Teardown,
+    /// Let go of, alive: nothing of it is killed or removed when dropped.
+    pub(crate) detached: bool,
 }
 
 /// The OOM verdict of a worker's exit, for reports and events: set when
@@ -468,9 +558,16 @@ impl ProcessWorker {
     }
 
     /// The exit as reported: an OOM kill counted by the worker's cgroup makes it OOM.
-    fn exit_of(&self, status: &ExitStatus) -> Exit {
+    fn exit_of(&self, ended: &Ended) -> Exit {
+        let description = match ended {
+            Ended::Status(status) => describe_status(status),
+            Ended::Unknown => {
+                "exited (status unknown: adopted from an earlier run, it is not Steward's child)"
+                    .to_string()
+            }
+        };
         Exit {
-            description: describe_status(status),
+            description,
             oom: oom_verdict(self.cgroup().as_deref()),
         }
     }
@@ -501,7 +598,7 @@ impl ProcessWorker {
         self.teardown.finished().await;
     }
 
-    async fn finish(&mut self, status: ExitStatus) -> Exit {
+    async fn finish(&mut self, status: Ended) -> Exit {
         let exit = self.exit_of(&status);
         self.exit = Some(exit.clone());
         self.cleaned_up().await;
@@ -543,7 +640,7 @@ impl Worker for ProcessWorker {
         if let Some(e) = &self.exit {
             return Some(e.clone());
         }
-        let status = self.child.try_wait().ok()??;
+        let status = self.process.try_wait()?;
         let exit = self.exit_of(&status);
         self.exit = Some(exit.clone());
         self.cleanup();
@@ -556,7 +653,7 @@ impl Worker for ProcessWorker {
                 self.cleaned_up().await;
                 return e;
             }
-            match self.child.wait().await {
+            match self.process.wait().await {
                 Ok(status) => self.finish(status).await,
                 Err(e) => Exit {
                     description: format!("could not be waited for: {e}"),
@@ -575,7 +672,7 @@ impl Worker for ProcessWorker {
             }
             if !grace.is_zero() {
                 signal_group(self.pid, Signal::SIGTERM);
-                if let Ok(Ok(status)) = tokio::time::timeout(grace, self.child.wait()).await {
+                if let Ok(Ok(status)) = tokio::time::timeout(grace, self.process.wait()).await {
                     return Some(self.finish(status).await);
                 }
             }
@@ -583,7 +680,7 @@ impl Worker for ProcessWorker {
             if let Some(cg) = self.cgroup() {
                 cg.kill_all();
             }
-            let status = tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            let status = tokio::time::timeout(Duration::from_secs(10), self.process.wait())
                 .await
                 .ok()
                 .and_then(Result::ok)?;
@@ -591,10 +688,27 @@ impl Worker for ProcessWorker {
         }
         .boxed()
     }
+
+    fn detach(mut self: Box<Self>) -> bool {
+        if !self.adoptable || self.exit.is_some() || self.process.try_wait().is_some() {
+            return false; // Dropped: stopped and cleaned up.
+        }
+        self.detached = true;
+        DETACHED.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(held) = self.held.take() {
+            // Its directory (with its socket) stays; its uid lease is
+            // released with Steward's lock, and taken again on adoption.
+            held.dir.keep();
+        }
+        true
+    }
 }
 
 impl Drop for ProcessWorker {
     fn drop(&mut self) {
+        if self.detached {
+            return; // Left running for the next Steward.
+        }
         // A worker dropped without being stopped (a startup abandoned, a
         // controller that panicked): nothing of it may stay.
         self.cleanup();
@@ -760,6 +874,22 @@ fn confine(cmd: &mut Command, cg: &WorkerCgroup) -> std::io::Result<()> {
         });
     }
     Ok(())
+}
+
+/// Makes the child the leader of a new session (and process group), so
+/// that it outlives Steward's session and terminal.
+fn new_session(cmd: &mut Command) {
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setsid, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Switches the child to the worker's credentials before exec.

@@ -106,6 +106,7 @@ fn driver(dir: &Path, channel: ChannelKind, test: &str) -> Driver {
             channel,
             EnvAllow::default(),
         ),
+        adoptable: false,
     }))
 }
 

@@ -108,6 +108,7 @@ fn reap(dir: &Path, records: &[(&str, String)]) -> Vec<Leftover> {
         records_dir: workers,
         cgroups: CgroupSetup::Unavailable("not needed here".into()),
         isolation: Isolation::unseparated(&dir.join("run"), "not needed here"),
+        adoptable: false,
     });
     driver.reap_leftovers()
 }

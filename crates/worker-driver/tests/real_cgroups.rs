@@ -34,6 +34,7 @@ fn driver(dir: &Path, test: &str) -> (ProcessDriver, Option<String>) {
         records_dir: dir.join("workers"),
         cgroups: setup,
         isolation: Isolation::unseparated(&dir.join("run"), "not what these tests are about"),
+        adoptable: false,
     });
     (d, why)
 }

@@ -385,6 +385,12 @@ impl Cgroups {
     /// parent is touched, and nothing at all under a parent that is not
     /// Steward's (see [`Cgroups::unowned_parents`]).
     pub fn reap_leftovers(&self) -> Vec<(String, usize)> {
+        self.reap_leftovers_except(&[])
+    }
+
+    /// [`Cgroups::reap_leftovers`], sparing the cgroups named in `spare`
+    /// (those of adopted workers).
+    pub fn reap_leftovers_except(&self, spare: &[String]) -> Vec<(String, usize)> {
         let mut names: Vec<String> = Vec::new();
         for t in self.trees.iter().filter(|t| t.owned) {
             for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
@@ -392,6 +398,7 @@ impl Cgroups {
                 if worker_cgroup_name(&name)
                     && e.path().is_dir()
                     && !names.contains(&name)
+                    && !spare.contains(&name)
                     && !of_another_live_steward(&name)
                 {
                     names.push(name);
@@ -454,6 +461,17 @@ impl Cgroups {
                 .collect(),
             limits,
         }
+    }
+
+    /// The cgroup `name` of a worker started by an earlier run (one being
+    /// adopted), with the limits it was given; `None` unless its directory
+    /// exists in every hierarchy.
+    pub fn reopen(&self, name: &str, limits: Limits) -> Option<WorkerCgroup> {
+        if !worker_cgroup_name(name) {
+            return None;
+        }
+        let cg = self.worker_cgroup(name, limits, |_| true);
+        cg.dirs.iter().all(|(_, d)| d.is_dir()).then_some(cg)
     }
 
     /// The parent directories that are not Steward's (it did not create
