@@ -1171,14 +1171,21 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         status.abort();
         n.stopping();
     }
-    agent.shutdown(Duration::from_secs(5)).await;
+    let left_running = agent.shutdown(Duration::from_secs(5)).await;
     if let Some(r) = recorder {
         // Live workers' idle time and the activity file, then the thread ends.
         let _ = tokio::task::spawn_blocking(move || r.stop(Duration::from_secs(5))).await;
     }
     stop.cancel();
     let _ = monitoring.await;
-    tracing::info!("steward stopped");
+    if left_running > 0 {
+        tracing::info!(
+            workers = left_running,
+            "steward stopped; workers were left running for the next steward on this data directory to adopt (--adopt-workers)"
+        );
+    } else {
+        tracing::info!("steward stopped");
+    }
     Ok(())
 }
 

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward_metering::{FinishedAllocation, PriceCard, Probe, Reading, Recorder, WorkerInfo};
+use steward_metering::{
+    FinishedAllocation, PriceCard, Probe, Reading, Recorder, Sample, WorkerInfo,
+};
 use steward_reconciler::{MeteredAllocation, MeteredWorker, Metering};
 use steward_worker_driver::WorkerMonitor;
 
@@ -23,23 +25,43 @@ impl Probe for MonitorProbe {
     }
 }
 
+fn info_of(w: MeteredWorker) -> WorkerInfo {
+    WorkerInfo {
+        fe_id: w.fe_id,
+        namespace: w.namespace,
+        application: w.application,
+        function: w.function,
+        gpu_models: w.gpu_models,
+        gpu_uuids: w.gpu_uuids,
+    }
+}
+
+/// (unix ms, CPU µs, memory bytes) as the meter's sample.
+fn sample((at_ms, cpu_usec, memory_bytes): (u64, u64, u64)) -> Sample {
+    Sample {
+        at_ms,
+        cpu_usec,
+        memory_bytes,
+    }
+}
+
 impl Metering for RecorderMetering {
     fn worker_started(&self, w: MeteredWorker) {
-        self.0.worker_started(
-            WorkerInfo {
-                fe_id: w.fe_id,
-                namespace: w.namespace,
-                application: w.application,
-                function: w.function,
-                gpu_models: w.gpu_models,
-                gpu_uuids: w.gpu_uuids,
-            },
-            Arc::new(MonitorProbe(w.monitor)),
-        );
+        let probe: Arc<dyn Probe> = Arc::new(MonitorProbe(w.monitor.clone()));
+        self.0.worker_started(info_of(w), probe);
     }
 
     fn worker_stopped(&self, fe_id: &str) {
         self.0.worker_stopped(fe_id);
+    }
+
+    fn worker_adopted(&self, w: MeteredWorker, since: Option<(u64, u64, u64)>) {
+        let probe: Arc<dyn Probe> = Arc::new(MonitorProbe(w.monitor.clone()));
+        self.0.worker_adopted(info_of(w), probe, since.map(sample));
+    }
+
+    fn allocation_resumed(&self, fe_id: &str, alloc_id: &str, at: Option<(u64, u64, u64)>) {
+        self.0.allocation_resumed(fe_id, alloc_id, at.map(sample));
     }
 
     fn allocation_started(&self, fe_id: &str, alloc_id: &str) {

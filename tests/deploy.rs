@@ -437,6 +437,8 @@ fn start(
 ) -> Result<AgentProc> {
     let log = std::fs::File::create(data.path().join("steward.log"))?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+        // Workers die with this agent unless a test adopts them.
+        .env("STEWARD_ADOPT_WORKERS", "false")
         .args(args)
         .env("PATH", support::path_with_venv())
         .env("RUST_LOG", "info")

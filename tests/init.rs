@@ -51,6 +51,7 @@ async fn as_pid_1_steward_reaps_orphans_and_forwards_sigterm() -> Result<()> {
         .arg("--blob-root")
         .arg(plane.blob_dir.path())
         .env("PATH", support::path_with_venv())
+        .env("STEWARD_ADOPT_WORKERS", "false")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -220,6 +220,8 @@ async fn with_tls_configured_a_plaintext_address_is_refused_at_start() -> Result
         let addr = format!("{scheme}://{}", plane.grpc);
         let data = tempfile::tempdir()?;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+            // Workers die with this agent unless a test adopts them.
+            .env("STEWARD_ADOPT_WORKERS", "false")
             .args(["--grpc-server-addr", &addr])
             .args(["--monitoring-server-port", "0", "--no-cgroups"])
             .args(["--config-path", &config])

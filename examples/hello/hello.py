@@ -60,6 +60,17 @@ def orphan_sleeper(seconds: float) -> int:
 
 
 @application()
+@function(description="Runs until the file `path` exists, then returns its text (a long function, released when a test says so)")
+def wait_for_file(path: str) -> str:
+    import time
+
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    with open(path) as f:
+        return f.read()
+
+
+@application()
 @function(description="Allocates and touches `mib` MiB (used to test memory limits)")
 def hog(mib: int) -> int:
     data = bytearray(b"x") * (mib << 20)

@@ -384,6 +384,8 @@ pub fn steward_refusal(args: &[&str]) -> Result<(Option<std::process::ExitStatus
     let data = tempfile::tempdir()?;
     let log = data.path().join("steward.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+        // Workers die with this agent unless a test adopts them.
+        .env("STEWARD_ADOPT_WORKERS", "false")
         .args(["--grpc-server-addr", "127.0.0.1:1"])
         .args(["--monitoring-server-host", "127.0.0.1"])
         .args(["--monitoring-server-port", "0"])
@@ -599,6 +601,21 @@ impl AgentProc {
         envs: &[(&str, &str)],
         data_dir: tempfile::TempDir,
     ) -> Result<AgentProc> {
+        let bin = Path::new(env!("CARGO_BIN_EXE_steward"));
+        Self::steward_bin(bin, grpc, blob_root, extra, path, envs, data_dir)
+    }
+
+    /// [`AgentProc::steward_full`] with the binary at `bin` (an upgrade to
+    /// another path).
+    pub fn steward_bin(
+        bin: &Path,
+        grpc: &str,
+        blob_root: &Path,
+        extra: &[&str],
+        path: &str,
+        envs: &[(&str, &str)],
+        data_dir: tempfile::TempDir,
+    ) -> Result<AgentProc> {
         let log = std::fs::File::create(data_dir.path().join("steward.log"))?;
         let has = |flag: &str| extra.iter().any(|a| a.starts_with(flag));
         let mut defaults: Vec<String> = Vec::new();
@@ -623,7 +640,9 @@ impl AgentProc {
         if !has("--total-disk-bytes") {
             defaults.extend(["--total-disk-bytes".into(), (1u64 << 40).to_string()]);
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+        let mut child = Command::new(bin)
+            // Workers die with this agent unless a test adopts them.
+            .env("STEWARD_ADOPT_WORKERS", "false")
             .args([
                 "--grpc-server-addr",
                 grpc,

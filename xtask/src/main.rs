@@ -691,6 +691,9 @@ fn demo(once: bool, worker_driver: &str) -> Result<()> {
             ])
             .arg("--executor-cache-path")
             .arg(work.join("agent"))
+            // Workers die with the demo's agent: an interrupted demo
+            // leaves none behind.
+            .env("STEWARD_ADOPT_WORKERS", "false")
             .arg("--blob-root")
             .arg(work.join("blobs"))
             // The dev control plane places every function's worker here

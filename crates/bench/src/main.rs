@@ -392,7 +392,9 @@ impl AgentProc {
                 .args(["--total-disk-bytes", &(1u64 << 50).to_string()])
                 .args(["--cgroup-parent", &format!("steward-bench-{port}")])
                 .args(extra)
-                .env("RUST_LOG", "warn");
+                .env("RUST_LOG", "warn")
+                // Workers die with the agent (a killed run leaves none).
+                .env("STEWARD_ADOPT_WORKERS", "false");
                 if worker == Worker::Fake {
                     c.arg("--function-executor-bin").arg(&env.fake_worker);
                 }

@@ -719,6 +719,36 @@ impl Recorder {
         });
     }
 
+    /// A worker adopted from an earlier run that never said it stopped:
+    /// metered from `since` (a reading the earlier run kept) instead of
+    /// now, so the allocations running on it are metered from their start.
+    pub fn worker_adopted(&self, info: WorkerInfo, probe: Arc<dyn Probe>, since: Option<Sample>) {
+        let Some(first) = since else {
+            return self.worker_started(info, probe);
+        };
+        self.with_books(|b, inner| {
+            if b.meter.knows(&info.fe_id) {
+                b.worker_stopped(&info.fe_id, first.at_ms, None, inner);
+            }
+            b.meter
+                .worker_started(&info.fe_id, info.gpu_models.clone(), first);
+            let util = b.utilization_of(&info.gpu_uuids);
+            b.meter.set_gpu_utilization(&info.fe_id, util);
+            b.probes.insert(info.fe_id.clone(), probe);
+            b.infos.insert(info.fe_id.clone(), info);
+            b.nudge(inner);
+        });
+    }
+
+    /// An allocation that was running on an adopted worker, metered from
+    /// the reading `at` its start left on record (now, without one).
+    pub fn allocation_resumed(&self, fe_id: &str, alloc_id: &str, at: Option<Sample>) {
+        let Some(at) = at else {
+            return self.allocation_started(fe_id, alloc_id);
+        };
+        self.with_books(|b, _| b.meter.allocation_started(fe_id, alloc_id, at));
+    }
+
     pub fn worker_stopped(&self, fe_id: &str) {
         self.with_books(|b, inner| {
             let at = now_ms();

@@ -160,6 +160,10 @@ pub struct AgentConfig {
     pub report_backoff_max: Duration,
     pub health_check_interval: Duration,
     pub health_checks_enabled: bool,
+    /// Workers outlive the agent and are adopted at its next start
+    /// ([`crate::adoption`]); the driver must start them so
+    /// (`ProcessDriverConfig::adoptable`). Off: every worker dies with it.
+    pub adopt_workers: bool,
     /// How long a new worker may take to accept gRPC connections.
     pub function_executor_connect_timeout: Duration,
     /// SIGTERM-to-SIGKILL grace when stopping a worker.
@@ -238,6 +242,7 @@ impl AgentConfig {
             report_backoff_max: Duration::from_secs(300),
             health_check_interval: Duration::from_secs(5),
             health_checks_enabled: true,
+            adopt_workers: false,
             function_executor_connect_timeout: Duration::from_secs(60),
             function_executor_stop_grace: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(300),

@@ -17,6 +17,7 @@
 //! `steward-blob-store` API.
 
 mod admission;
+mod adoption;
 mod config;
 mod desired;
 mod events;
@@ -117,6 +118,11 @@ impl Agent {
                 }
             }));
         }
+        // Before the sweep, which spares what is adopted.
+        let adopted = reconcile::adopted::adopt_left_workers(&shared);
+        if adopted > 0 {
+            tracing::info!(adopted, "adopted workers left running by an earlier run");
+        }
         for l in shared.config.driver.reap_leftovers() {
             match &l.skipped {
                 None => shared.event(
@@ -171,17 +177,26 @@ impl Agent {
     }
 
     /// Stops taking work, terminates every worker, sends a final STOPPED
-    /// report (best effort, bounded by `report_timeout`) and returns.
-    pub async fn shutdown(mut self, report_timeout: Duration) {
+    /// report (best effort, bounded by `report_timeout`) and returns. In
+    /// adoption mode ([`AgentConfig::adopt_workers`]) workers are left
+    /// running instead, with their allocations, for the next agent to
+    /// adopt, and the last report does not say STOPPED (the server is to
+    /// keep them); returns how many were left running.
+    pub async fn shutdown(mut self, report_timeout: Duration) -> usize {
         self.cancel.cancel();
         while self.tasks.join_next().await.is_some() {}
         let shared = self.handle.shared();
-        fe::shutdown_all(shared).await;
+        let detach = shared.config.adopt_workers;
+        shared
+            .detaching
+            .store(detach, std::sync::atomic::Ordering::Release);
+        let left = fe::shutdown_all(shared).await;
         if let Some(m) = shared.config.metering.clone() {
             // Every result pushed so far reaches the final report.
             let _ = tokio::task::spawn_blocking(move || m.flush(report_timeout)).await;
         }
         shared.config.driver.shutdown();
-        report::send_final(shared, report_timeout).await;
+        report::send_final(shared, report_timeout, left == 0).await;
+        left
     }
 }

@@ -15,6 +15,10 @@
 //!    └──── Shutdown (any phase but Terminated) ─────┴──▶ Stopping ─▶ (view closed)
 //! ```
 //!
+//! A worker adopted from an earlier run starts at Starting (reconnecting)
+//! and goes on to Running, or to Terminated if it is gone. Detach leaves a
+//! Running worker alive and closes the view without Terminated.
+//!
 //! A closed view (the controller's sender dropped: it finished, or
 //! panicked) means the worker is gone; the reconciler then forgets its slot.
 
@@ -40,6 +44,10 @@ pub(crate) enum FeCommand {
     Shutdown(&'static str),
     /// Stop if idle (host memory pressure); the text says why.
     Evict(String),
+    /// Let go of the worker alive, with its running allocations, for the
+    /// next agent to adopt (a stop in adoption mode); a worker that cannot
+    /// be adopted is stopped as by `Shutdown`.
+    Detach,
     /// Panic (tests of what a panicked controller leaves behind).
     #[cfg(test)]
     Panic,

@@ -52,6 +52,19 @@ pub trait Metering: Send + Sync + 'static {
     fn worker_started(&self, worker: MeteredWorker);
     fn worker_stopped(&self, fe_id: &str);
     fn allocation_started(&self, fe_id: &str, alloc_id: &str);
+    /// A worker adopted from an earlier run, which never said it stopped:
+    /// metered as running since `since` (unix ms, CPU µs, memory bytes:
+    /// its recorded start), so its life is metered once, without a gap.
+    fn worker_adopted(&self, worker: MeteredWorker, since: Option<(u64, u64, u64)>) {
+        let _ = since;
+        self.worker_started(worker);
+    }
+    /// An allocation that ran on an adopted worker before the restart,
+    /// metered from its recorded start `at` (as in `worker_adopted`).
+    fn allocation_resumed(&self, fe_id: &str, alloc_id: &str, at: Option<(u64, u64, u64)>) {
+        let _ = at;
+        self.allocation_started(fe_id, alloc_id);
+    }
     /// Meters `allocation` and queues its usage record: the commit ticket
     /// its result waits for (0 waits for nothing).
     fn allocation_finished(&self, allocation: MeteredAllocation) -> u64;

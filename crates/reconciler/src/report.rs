@@ -149,8 +149,7 @@ pub(crate) struct Report {
 }
 
 impl Report {
-    /// The report as a message (for tests).
-    #[cfg(test)]
+    /// The report as a message (for tests, and the final report's results).
     pub fn decode(&self) -> pb::ReportExecutorStateRequest {
         pb::ReportExecutorStateRequest::decode(self.bytes.clone()).unwrap_or_default()
     }
@@ -473,11 +472,21 @@ async fn report_once(
 /// The server took a report: what it carried leaves the buffer, health
 /// says so (an event if reports had been failing), the stream hears.
 fn took(shared: &Shared, request: &Report, carried: Carried) {
-    {
+    let taken: Vec<String> = {
         let mut st = shared.state.lock();
         let carried = carried.count.min(st.results.len());
-        st.results.drain(..carried);
+        let taken = st
+            .results
+            .drain(..carried)
+            .filter(|_| shared.adoption.is_some())
+            .filter_map(|p| p.result.allocation_id)
+            .collect();
         shared.metrics.pending_results.set(st.results.len() as i64);
+        taken
+    };
+    if let Some(store) = &shared.adoption {
+        // The server has them: no restart sends them again.
+        store.taken(&taken);
     }
     shared
         .last_report
@@ -529,10 +538,12 @@ fn note_failure(shared: &Shared, error: &str) {
 
 /// One last report with status STOPPED so the server forgets this agent at
 /// once, carrying any results still buffered.
-pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
+pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration, stopped: bool) {
+    // Workers left running for the next agent: the server is not told
+    // STOPPED, so it keeps them (and their allocations) for it.
     shared
         .stopped
-        .store(true, std::sync::atomic::Ordering::Release);
+        .store(stopped, std::sync::atomic::Ordering::Release);
     let Ok(channel) = channel(
         &shared.config.server_addr,
         shared.config.server_tls.as_ref(),
@@ -551,15 +562,34 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
         }
         request = build_request(shared, true).0;
     }
+    let results = result_ids(&request);
     match tokio::time::timeout(timeout, send(&mut client, request)).await {
-        Ok(Ok(_)) => shared.event(
-            "stopped",
-            &shared.config.executor_id,
-            "final STOPPED report sent",
-        ),
+        Ok(Ok(_)) => {
+            if let Some(store) = &shared.adoption {
+                store.taken(&results);
+            }
+            let what = if stopped {
+                "final STOPPED report sent"
+            } else {
+                "last report sent; workers left running for the next agent"
+            };
+            shared.event("stopped", &shared.config.executor_id, what);
+        }
         Ok(Err(s)) => tracing::warn!(error = %s, "final STOPPED report failed"),
         Err(_) => tracing::warn!("final STOPPED report timed out"),
     }
+}
+
+/// The allocation ids of the results `request` carries.
+fn result_ids(request: &Report) -> Vec<String> {
+    request
+        .decode()
+        .executor_update
+        .map(|u| u.allocation_results)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.allocation_id)
+        .collect()
 }
 
 /// The allocation ids the next report carries, and what it carried (for

@@ -128,6 +128,27 @@ pub(crate) struct Shared {
     pub started_at: Instant,
     /// Count of successful reports; the stream loop waits on it.
     pub reports_ok: tokio::sync::watch::Sender<u64>,
+    /// Adoption records of live workers, where workers are adopted.
+    pub adoption: Option<crate::adoption::Store>,
+    /// What adoption brought back at start, for the reconcile loop's
+    /// first pass (see [`Adopted`]).
+    pub adopted: Mutex<Adopted>,
+    /// Set when Steward lets go of its workers alive (a stop in adoption
+    /// mode): nothing of theirs is aborted or removed from then on.
+    pub detaching: AtomicBool,
+    /// Workers let go of alive so far.
+    pub detached_workers: std::sync::atomic::AtomicUsize,
+}
+
+/// What adoption brought back at start.
+#[derive(Default)]
+pub(crate) struct Adopted {
+    /// Allocations held on adopted workers (allocation id, worker id): the
+    /// reconciler knows them from its first pass.
+    pub allocations: Vec<(String, String)>,
+    /// Results an earlier run had, perhaps already taken by the server:
+    /// sent only if the first desired state still holds their allocations.
+    pub results: Vec<pb::AllocationResult>,
 }
 
 impl Shared {
@@ -174,6 +195,8 @@ impl Shared {
             eviction_memory_available: config.eviction.memory_available_bytes,
             eviction_memory_pressure: config.eviction.psi_some_avg10,
         };
+        let adoption = config.adopt_workers;
+        let adoption_dir = config.data_dir.join("adoption");
         Arc::new(Shared {
             config,
             server,
@@ -202,6 +225,10 @@ impl Shared {
             started: AtomicBool::new(false),
             started_at: Instant::now(),
             reports_ok: tokio::sync::watch::Sender::new(0),
+            adoption: adoption.then(|| crate::adoption::Store::new(adoption_dir)),
+            adopted: Mutex::new(Adopted::default()),
+            detaching: AtomicBool::new(false),
+            detached_workers: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -242,6 +269,10 @@ impl Shared {
     /// A final result: metered (its usage record queued for the ledger),
     /// then queued for a report that goes once the record is durable.
     pub fn push_result(&self, result: pb::AllocationResult) {
+        if let Some(store) = &self.adoption {
+            // Kept until the server takes it, through a restart.
+            store.result(&result);
+        }
         let outcome = outcome_label(&result);
         self.metrics.allocation_completed(outcome.0, outcome.1);
         let (ran, fe_id) = {
@@ -294,7 +325,7 @@ impl Shared {
 
     /// Queues a result for a report, and wakes the reporter if the result
     /// may go now (otherwise metering wakes it when its record is durable).
-    fn queue_result(&self, result: pb::AllocationResult, ticket: u64) {
+    pub(crate) fn queue_result(&self, result: pb::AllocationResult, ticket: u64) {
         {
             let mut st = self.state.lock();
             st.results.push_back(PendingResult::new(result, ticket));

@@ -32,6 +32,9 @@ pub(crate) struct AllocOutcome {
     pub result: pb::AllocationResult,
     /// Set when the worker must be killed (timeout, broken worker).
     pub kill_fe: Option<pb::FunctionExecutorTerminationReason>,
+    /// The worker holds the allocation, finished: it is told to forget it
+    /// once the result is kept ([`forget`]), not before.
+    pub on_worker: bool,
 }
 
 #[derive(Clone)]
@@ -69,7 +72,14 @@ impl Drop for OpenUploads {
             .map(|(_, u)| u)
             .chain(self.request_error.take())
             .collect();
-        if open.is_empty() {
+        // Let go of alive with its worker (adoption mode): the worker may
+        // still write to them; the next agent completes or aborts them.
+        if open.is_empty()
+            || self
+                .shared
+                .detaching
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -190,31 +200,168 @@ fn ceil_ms(d: Duration) -> u64 {
 /// the result in the server's form.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut client: WorkerClient,
+    client: WorkerClient,
     allocation_timeout: Duration,
     alloc: pb::Allocation,
     ready: Instant,
+    started: Option<crate::adoption::StartReading>,
 ) -> AllocOutcome {
     let alloc_id = alloc.allocation_id.clone().unwrap_or_default();
-    let fail = |reason, duration, kill| AllocOutcome {
-        result: failed_result(&alloc, reason, duration),
-        kill_fe: kill,
-    };
     let (request, request_error) = match prepare(&shared, &alloc, allocation_timeout).await {
         Ok(prepared) => prepared,
         Err(e) => {
             shared.event("allocation_input_error", &alloc_id, e.to_string());
-            return fail(pb::AllocationFailureReason::InternalError, None, None);
+            let reason = pb::AllocationFailureReason::InternalError;
+            return fail(&alloc, reason, None, None);
         }
     };
+    if let Some(store) = &shared.adoption {
+        // On record before the worker hears of it.
+        store.allocation_started(
+            &alloc,
+            record_of(REQUEST_ERROR_BLOB, &request_error),
+            started,
+        );
+    }
+    let start = Start {
+        create: Some(request),
+        uploads: HashMap::new(),
+        ready,
+    };
+    finish_run(
+        shared,
+        client,
+        allocation_timeout,
+        alloc,
+        request_error,
+        start,
+    )
+    .await
+}
+
+/// Follows an allocation that an adopted worker already has (its record
+/// from the earlier run): no `create_allocation`; its open uploads are
+/// the recorded ones; then as [`run`].
+pub(crate) async fn resume(
+    shared: Arc<Shared>,
+    client: WorkerClient,
+    allocation_timeout: Duration,
+    record: crate::adoption::AllocRecord,
+    ready: Instant,
+) -> AllocOutcome {
+    let alloc = record.allocation.clone().unwrap_or_default();
+    let Some(request_error) = record.request_error.as_ref().map(upload_of) else {
+        shared.event(
+            "allocation_failed",
+            record.id(),
+            "its record from the earlier run has no request-error upload",
+        );
+        return fail(
+            &alloc,
+            pb::AllocationFailureReason::InternalError,
+            None,
+            None,
+        );
+    };
+    let start = Start {
+        create: None,
+        uploads: record
+            .outputs
+            .iter()
+            .map(|u| (u.blob_id.clone(), upload_of(u)))
+            .collect(),
+        ready,
+    };
+    finish_run(
+        shared,
+        client,
+        allocation_timeout,
+        alloc,
+        request_error,
+        start,
+    )
+    .await
+}
+
+/// The blob id the request error's upload is known by in records.
+const REQUEST_ERROR_BLOB: &str = "request_error_blob";
+
+fn record_of(blob_id: &str, u: &Upload) -> crate::adoption::UploadRecord {
+    crate::adoption::UploadRecord {
+        blob_id: blob_id.to_string(),
+        uri: u.uri.clone(),
+        upload_id: u.upload_id.clone(),
+    }
+}
+
+fn upload_of(u: &crate::adoption::UploadRecord) -> Upload {
+    Upload {
+        uri: u.uri.clone(),
+        upload_id: u.upload_id.clone(),
+    }
+}
+
+/// How an allocation begins on its worker: created (a new one) or
+/// followed (an adopted one, with the uploads it already has).
+struct Start {
+    create: Option<fe_pb::CreateAllocationRequest>,
+    uploads: HashMap<String, Upload>,
+    ready: Instant,
+}
+
+fn fail(
+    alloc: &pb::Allocation,
+    reason: pb::AllocationFailureReason,
+    duration: Option<u64>,
+    kill: Option<pb::FunctionExecutorTerminationReason>,
+) -> AllocOutcome {
+    AllocOutcome {
+        result: failed_result(alloc, reason, duration),
+        kill_fe: kill,
+        on_worker: false,
+    }
+}
+
+/// Tells the worker to forget finished allocation `alloc_id`, once its
+/// result is kept (in the adoption record too): the result does not wait
+/// a round trip for the acknowledgement (the call ends within
+/// RPC_TIMEOUT, or with the worker's connection).
+pub(crate) fn forget(client: &WorkerClient, alloc_id: &str) {
+    let delete = fe_pb::DeleteAllocationRequest {
+        allocation_id: Some(alloc_id.to_string()),
+    };
+    let mut client = client.clone();
+    let alloc_id = alloc_id.to_string();
+    tokio::spawn(
+        async move {
+            if let Err(d) =
+                with_deadline("delete_allocation", client.delete_allocation(delete)).await
+            {
+                tracing::warn!(allocation = %alloc_id, error = %crate::events::shorten(&d.message, crate::events::MAX_EVENT_MESSAGE), "delete_allocation failed");
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+/// Phases 2 to 4 of [`run`] and [`resume`].
+async fn finish_run(
+    shared: Arc<Shared>,
+    mut client: WorkerClient,
+    allocation_timeout: Duration,
+    alloc: pb::Allocation,
+    request_error: Upload,
+    start: Start,
+) -> AllocOutcome {
+    let alloc_id = alloc.allocation_id.clone().unwrap_or_default();
+    let fail = |reason, duration, kill| fail(&alloc, reason, duration, kill);
     let (outcome, mut guard, duration_ms) = drive(
         &shared,
         &mut client,
         &alloc,
         allocation_timeout,
-        request,
+        start,
         &request_error,
-        ready,
     )
     .await;
     let uploads = guard.disarm();
@@ -228,19 +375,27 @@ pub(crate) async fn run(
     };
     let kept = match finish(&shared, &alloc_id, &fe_result, uploads, request_error).await {
         Ok(kept) => kept,
-        Err(reason) => return fail(reason, Some(duration_ms), None),
+        Err(reason) => {
+            return AllocOutcome {
+                on_worker: true,
+                ..fail(reason, Some(duration_ms), None)
+            };
+        }
     };
-    match report(&alloc, &fe_result, &kept, duration_ms) {
+    let mut outcome = match report(&alloc, &fe_result, &kept, duration_ms) {
         Ok(result) => AllocOutcome {
             result,
             kill_fe: None,
+            on_worker: false,
         },
         Err(e) => {
             shared.event("allocation_failed", &alloc_id, e.to_string());
             let reason = pb::AllocationFailureReason::FunctionError;
             fail(reason, Some(duration_ms), None)
         }
-    }
+    };
+    outcome.on_worker = true;
+    outcome
 }
 
 /// Why an allocation's inputs could not be prepared.
@@ -339,22 +494,21 @@ async fn drive(
     client: &mut WorkerClient,
     alloc: &pb::Allocation,
     allocation_timeout: Duration,
-    request: fe_pb::CreateAllocationRequest,
+    start: Start,
     request_error: &Upload,
-    ready: Instant,
 ) -> (Result<fe_pb::AllocationResult, Driven>, OpenUploads, u64) {
     let started = Instant::now();
     // Owns the open uploads while the worker runs: if this task is dropped
     // (allocation cancelled, worker killed) they are aborted, not leaked.
     let guard = OpenUploads {
         shared: shared.clone(),
-        map: HashMap::new(),
+        map: start.uploads,
         state_writes: HashMap::new(),
         request_error: Some(request_error.clone()),
     };
     let mut runner = Runner::new(shared.clone(), client, alloc, allocation_timeout, guard);
-    note_handed_over(shared, &runner.alloc_id, ready);
-    let outcome = runner.drive(request).await;
+    note_handed_over(shared, &runner.alloc_id, start.ready);
+    let outcome = runner.drive(start.create).await;
     let uploads = runner.into_uploads();
     let took = started.elapsed();
     shared
@@ -748,9 +902,11 @@ impl<'a> Runner<'a> {
     /// Runs the allocation on the worker until it has a result.
     async fn drive(
         &mut self,
-        request: fe_pb::CreateAllocationRequest,
+        create: Option<fe_pb::CreateAllocationRequest>,
     ) -> Result<fe_pb::AllocationResult, Driven> {
-        with_deadline("create_allocation", self.client.create_allocation(request)).await?;
+        if let Some(request) = create {
+            with_deadline("create_allocation", self.client.create_allocation(request)).await?;
+        }
         let watch = fe_pb::WatchAllocationStateRequest {
             allocation_id: Some(self.alloc_id.clone()),
         };
@@ -759,9 +915,7 @@ impl<'a> Runner<'a> {
             self.client.watch_allocation_state(watch),
         )
         .await?;
-        let result = self.follow(stream).await?;
-        self.forget();
-        Ok(result)
+        self.follow(stream).await
     }
 
     /// Follows the worker's state stream, answering its requests and
@@ -812,27 +966,6 @@ impl<'a> Runner<'a> {
                 return Ok(r);
             }
         }
-    }
-
-    /// Tells the worker to forget the allocation while its result goes on:
-    /// the result does not wait a round trip for the acknowledgement (the
-    /// call ends within RPC_TIMEOUT, or with the worker's connection).
-    fn forget(&self) {
-        let delete = fe_pb::DeleteAllocationRequest {
-            allocation_id: Some(self.alloc_id.clone()),
-        };
-        let mut client = self.client.clone();
-        let alloc_id = self.alloc_id.clone();
-        tokio::spawn(
-            async move {
-                if let Err(d) =
-                    with_deadline("delete_allocation", client.delete_allocation(delete)).await
-                {
-                    tracing::warn!(allocation = %alloc_id, error = %crate::events::shorten(&d.message, crate::events::MAX_EVENT_MESSAGE), "delete_allocation failed");
-                }
-            }
-            .in_current_span(),
-        );
     }
 
     /// Answers every request in `state` not answered before, in the
@@ -921,9 +1054,12 @@ impl<'a> Runner<'a> {
         .await;
         let update = match prepared {
             Ok((upload_id, chunks)) => {
-                self.uploads
-                    .map
-                    .insert(id.clone(), Upload { uri, upload_id });
+                let upload = Upload { uri, upload_id };
+                if let Some(store) = &self.shared.adoption {
+                    // On record before the worker gets its URLs.
+                    store.output_created(&self.alloc_id, record_of(&id, &upload));
+                }
+                self.uploads.map.insert(id.clone(), upload);
                 fe_pb::AllocationOutputBlob {
                     status: Some(status(0, "")),
                     blob: Some(fe_pb::Blob {

@@ -136,6 +136,11 @@ impl WorkerClient {
         fe_pb::HealthCheckResponse
     );
     unary!(get_info, fe_pb::InfoRequest, fe_pb::InfoResponse);
+    unary!(
+        list_allocations,
+        fe_pb::ListAllocationsRequest,
+        fe_pb::ListAllocationsResponse
+    );
 
     pub(crate) async fn watch_allocation_state(
         &mut self,

@@ -15,6 +15,7 @@ use tracing::Instrument;
 use super::Live;
 use super::allocation::{self, AllocOutcome, failed_result};
 use super::startup::{self, Failed};
+use crate::adoption::StartReading;
 use crate::fe_pb;
 use crate::lifecycle::{FeCommand, FePhase, FeState, Reason, Termination};
 use crate::pb;
@@ -23,6 +24,8 @@ use crate::state::{AllocPhase, Shared, TimelineEntry};
 /// An allocation waiting for a slot on its worker.
 struct Queued {
     alloc: pb::Allocation,
+    /// An allocation already on an adopted worker: followed, not created.
+    resume: Option<crate::adoption::AllocRecord>,
     /// When it could have started: its arrival if a slot was free then;
     /// `None` while it waits for a slot or the worker (the wait is the
     /// worker's, not the agent's share of the cycle).
@@ -33,6 +36,9 @@ struct Running {
     alloc: pb::Allocation,
     task: tokio::task::AbortHandle,
 }
+
+/// An allocation's task, boxed.
+type AllocTask = std::pin::Pin<Box<dyn std::future::Future<Output = AllocOutcome> + Send>>;
 
 /// What became of an allocation task.
 type Joined = Result<(String, AllocOutcome), tokio::task::JoinError>;
@@ -69,6 +75,8 @@ pub(super) struct Controller {
     usage_kept: bool,
     /// Why admission refused this worker, if it did.
     refusal: Option<String>,
+    /// Told to let go of its worker alive (see [`FeCommand::Detach`]).
+    detaching: bool,
 }
 
 impl Controller {
@@ -91,6 +99,7 @@ impl Controller {
             last_usage: None,
             usage_kept: false,
             refusal,
+            detaching: false,
         }
     }
 
@@ -155,11 +164,80 @@ impl Controller {
     pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<FeCommand>) {
         self.shared.metrics.fe_creations.inc();
         if self.starting(&mut rx).await {
-            self.serve(&mut rx).await;
-            self.stop_serving().await;
+            self.serve_then_stop(&mut rx).await;
         }
-        self.shared.config.gpu_pool.release(&self.id);
+        self.end(rx);
+    }
+
+    /// The controller of a worker an earlier run left: reattaches to it
+    /// (or, where it is gone, reports it terminated and fails what ran on
+    /// it), then serves as any other.
+    pub(super) async fn run_adopted(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<FeCommand>,
+        worker: Result<Box<dyn steward_worker_driver::Worker>, String>,
+        record: crate::adoption::WorkerRecord,
+    ) {
+        let started = Instant::now();
+        match super::adopt::reattach(self.shared.clone(), &self.desc, worker, &record, &self.view)
+            .await
+        {
+            Ok((live, on_worker)) => self.adopted(live, record, &on_worker, started),
+            Err(failed) => self.adoption_failed(failed, &record),
+        }
+        self.serve_then_stop(&mut rx).await;
+        self.end(rx);
+    }
+
+    async fn serve_then_stop(&mut self, rx: &mut mpsc::UnboundedReceiver<FeCommand>) {
+        self.serve(rx).await;
+        if self.detaching && self.let_go() {
+            return;
+        }
+        self.stop_serving().await;
+    }
+
+    /// The controller ends: what it held goes back, unless its worker was
+    /// let go of alive (its GPUs and record are the next agent's).
+    fn end(self, rx: mpsc::UnboundedReceiver<FeCommand>) {
+        if !self.detaching {
+            self.shared.config.gpu_pool.release(&self.id);
+            if let Some(store) = &self.shared.adoption {
+                store.worker_gone(&self.id);
+            }
+        }
         self.finish(rx);
+    }
+
+    /// Lets go of the worker alive (adoption mode, agent stopping): its
+    /// running allocations stay on it, recorded, for the next agent, and
+    /// so do queued ones (the server still wants them: the next agent
+    /// hears of them again). Returns false where the worker cannot outlive
+    /// the agent (it is then stopped as at any shutdown).
+    fn let_go(&mut self) -> bool {
+        let Some(live) = self.take_live() else {
+            self.detaching = false;
+            return false;
+        };
+        // Their uploads stay open (`Shared::detaching`): the worker may be
+        // writing to them.
+        self.tasks.abort_all();
+        if !live.worker.detach() {
+            self.detaching = false;
+            return false;
+        }
+        let running = self.running.len();
+        self.shared
+            .detached_workers
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.running.clear();
+        self.queue.clear();
+        self.shared.event(
+            "function_executor_detached",
+            &self.id,
+            format!("left running for the next agent to adopt, with {running} allocation(s) on it"),
+        );
+        true
     }
 
     /// Phase 1: starts the worker, queueing allocations meanwhile. Returns
@@ -179,9 +257,14 @@ impl Controller {
                 // is queued (and blamed) before a startup failure is handled.
                 biased;
                 cmd = rx.recv() => match cmd {
-                    Some(FeCommand::Run(a, _)) => self.queue.push_back(Queued { alloc: Arc::unwrap_or_clone(a), ready: None }),
+                    Some(FeCommand::Run(a, _)) => self.queue.push_back(Queued { alloc: Arc::unwrap_or_clone(a), resume: None, ready: None }),
                     Some(FeCommand::Cancel(id)) => self.cancel_queued(&id),
                     Some(FeCommand::Evict(_)) => {} // Not idle: it is starting.
+                    // Not yet worth keeping: it stops with the agent.
+                    Some(FeCommand::Detach) => {
+                        self.stopping("agent stopping");
+                        break;
+                    }
                     #[cfg(test)]
                     Some(FeCommand::Panic) => panic!("a test asked this controller to panic"),
                     Some(FeCommand::Shutdown(why)) => {
@@ -209,6 +292,17 @@ impl Controller {
     }
 
     fn started(&mut self, live: Live, started: Instant) {
+        if let Some(store) = &self.shared.adoption {
+            let gpus = self
+                .view
+                .borrow()
+                .phase
+                .spawned()
+                .map(|s| s.gpus.clone())
+                .unwrap_or_default();
+            let reading = StartReading::now(live.worker.monitor().as_ref());
+            store.worker_running(&self.desc, &gpus, reading);
+        }
         self.shared
             .metrics
             .fe_startup_latency
@@ -234,6 +328,97 @@ impl Controller {
         });
         self.shared.report_now.notify_one();
         self.phase = Phase::Running(live);
+    }
+
+    /// Reattached to a worker of an earlier run: the allocations it still
+    /// has are followed where they are; those it never got (the earlier
+    /// run stopped between its record and `create_allocation`) are handed
+    /// to it now. Results the record kept are the agent's, not the
+    /// controller's (see `adopt_workers`).
+    fn adopted(
+        &mut self,
+        live: Live,
+        record: crate::adoption::WorkerRecord,
+        on_worker: &std::collections::HashSet<String>,
+        started: Instant,
+    ) {
+        let (mut resumed, mut again) = (Vec::new(), Vec::new());
+        for a in record.allocations {
+            if a.result.is_some() {
+                continue;
+            }
+            let Some(alloc) = a.allocation.clone() else {
+                continue;
+            };
+            if on_worker.contains(a.id()) {
+                resumed.push(Queued {
+                    alloc,
+                    resume: Some(a),
+                    ready: None,
+                });
+            } else {
+                again.push(Queued {
+                    alloc,
+                    resume: None,
+                    ready: None,
+                });
+            }
+        }
+        self.shared.event(
+            "function_executor_adopted",
+            &self.id,
+            format!(
+                "worker pid {} of an earlier run adopted on {} in {} ms: {} running allocation(s) followed, {} handed to it again (it never got them)",
+                live.worker.pid(),
+                live.worker.address(),
+                started.elapsed().as_millis(),
+                resumed.len(),
+                again.len()
+            ),
+        );
+        self.queue.extend(resumed);
+        self.queue.extend(again);
+        self.view.send_modify(|s| {
+            if let FePhase::Starting(spawned) = &s.phase {
+                s.phase = FePhase::Running(spawned.clone());
+            }
+            s.timeline.push(TimelineEntry::now("RUNNING (adopted)"));
+            s.last_used = Instant::now();
+        });
+        self.shared.report_now.notify_one();
+        self.phase = Phase::Running(live);
+    }
+
+    /// A worker of an earlier run that could not be adopted (gone, or not
+    /// the one recorded): reported terminated, and what ran on it failed
+    /// as on a worker lost under its allocations.
+    fn adoption_failed(
+        &mut self,
+        (reason, message): Failed,
+        record: &crate::adoption::WorkerRecord,
+    ) {
+        self.shared
+            .event("function_executor_lost", &self.id, message.clone());
+        self.message = Some(message);
+        let lost: Vec<pb::Allocation> = record
+            .allocations
+            .iter()
+            .filter(|a| a.result.is_none())
+            .filter_map(|a| a.allocation.clone())
+            .collect();
+        let blamed: Vec<String> = lost
+            .iter()
+            .filter_map(|a| a.allocation_id.clone())
+            .collect();
+        for a in &lost {
+            self.shared.push_result(failed_result(
+                a,
+                pb::AllocationFailureReason::FunctionExecutorTerminated,
+                None,
+            ));
+        }
+        self.keep_last_usage();
+        self.mark_terminated(reason, blamed);
     }
 
     fn startup_failed(&mut self, (reason, message): Failed) {
@@ -286,6 +471,10 @@ impl Controller {
                         self.stopping(why);
                         return;
                     }
+                    Some(FeCommand::Detach) => {
+                        self.detaching = true;
+                        return;
+                    }
                     None => return,
                 },
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
@@ -329,6 +518,7 @@ impl Controller {
         let free = self.queue.is_empty() && self.running.len() < self.max_concurrency();
         self.queue.push_back(Queued {
             alloc: Arc::unwrap_or_clone(a),
+            resume: None,
             ready: free.then_some(received),
         });
     }
@@ -391,6 +581,10 @@ impl Controller {
     fn finish(self, mut rx: mpsc::UnboundedReceiver<FeCommand>) {
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
+            // Let go of alive: the next agent hears of them again.
+            if self.detaching {
+                break;
+            }
             if let FeCommand::Run(a, _) = cmd {
                 let id = a.allocation_id.as_deref().unwrap_or("");
                 self.alloc_note(id, AllocPhase::Finished, "function executor is gone");
@@ -401,8 +595,10 @@ impl Controller {
                 ));
             }
         }
-        self.shared
-            .event("function_executor_removed", &self.id, "controller stopped");
+        if !self.detaching {
+            self.shared
+                .event("function_executor_removed", &self.id, "controller stopped");
+        }
     }
 
     /// Marks the worker as used now (eviction takes the least recently used).
@@ -551,12 +747,17 @@ impl Controller {
     }
 
     fn start_queued(&mut self) {
-        let client = match &self.phase {
-            Phase::Running(live) => live.client.clone(),
+        let (client, monitor) = match &self.phase {
+            Phase::Running(live) => (live.client.clone(), live.worker.monitor()),
             _ => return,
         };
         while self.running.len() < self.max_concurrency() {
-            let Some(Queued { alloc: a, ready }) = self.queue.pop_front() else {
+            let Some(Queued {
+                alloc: a,
+                resume,
+                ready,
+            }) = self.queue.pop_front()
+            else {
                 break;
             };
             let ready = ready.unwrap_or_else(Instant::now);
@@ -564,19 +765,10 @@ impl Controller {
             self.shared.metrics.allocations_started.inc();
             self.shared.metrics.allocations_running.inc();
             self.alloc_note(&id, AllocPhase::Running, "running");
-            if let Some(metering) = &self.shared.config.metering {
-                metering.allocation_started(&self.id, &id);
-            }
-            // Boxed where it is made: the allocation's state machine is
-            // large, and moving it into the task by value copied it three
-            // times (a quarter of the agent's instructions, by callgrind).
-            let fut = Box::pin(allocation::run(
-                self.shared.clone(),
-                client.clone(),
-                self.allocation_timeout(),
-                a.clone(),
-                ready,
-            ));
+            let fut = match resume {
+                Some(record) => self.resumed(record, ready, client.clone()),
+                None => self.fresh(a.clone(), ready, client.clone(), monitor.as_ref()),
+            };
             let task_id = id.clone();
             // Inside the worker's span: the allocation's lines carry both ids.
             let span = crate::log_ids::allocation_span(&id);
@@ -591,6 +783,59 @@ impl Controller {
                 },
             );
         }
+    }
+
+    /// The task of a new allocation. Boxed where it is made: the
+    /// allocation's state machine is large, and moving it into the task by
+    /// value copied it three times (a quarter of the agent's instructions,
+    /// by callgrind).
+    fn fresh(
+        &self,
+        a: pb::Allocation,
+        ready: Instant,
+        client: super::conn::WorkerClient,
+        monitor: &dyn steward_worker_driver::WorkerMonitor,
+    ) -> AllocTask {
+        let id = a.allocation_id.clone().unwrap_or_default();
+        if let Some(metering) = &self.shared.config.metering {
+            metering.allocation_started(&self.id, &id);
+        }
+        let started = self
+            .shared
+            .adoption
+            .as_ref()
+            .and_then(|_| StartReading::now(monitor));
+        Box::pin(allocation::run(
+            self.shared.clone(),
+            client,
+            self.allocation_timeout(),
+            a,
+            ready,
+            started,
+        ))
+    }
+
+    /// The task following an allocation that was already on the adopted
+    /// worker; metered from the reading it started at.
+    fn resumed(
+        &self,
+        record: crate::adoption::AllocRecord,
+        ready: Instant,
+        client: super::conn::WorkerClient,
+    ) -> AllocTask {
+        if let Some(metering) = &self.shared.config.metering {
+            let at = record
+                .started
+                .map(|s| (s.at_ms, s.cpu_usec, s.memory_bytes));
+            metering.allocation_resumed(&self.id, record.id(), at);
+        }
+        Box::pin(allocation::resume(
+            self.shared.clone(),
+            client,
+            self.allocation_timeout(),
+            record,
+            ready,
+        ))
     }
 
     /// A joined allocation task: its outcome, or, for a task that panicked,
@@ -661,6 +906,12 @@ impl Controller {
             }
         }
         self.shared.push_result(outcome.result);
+        if outcome.on_worker
+            && let Some(live) = self.live()
+        {
+            // Kept now (and on record): the worker may let it go.
+            allocation::forget(&live.client, &id);
+        }
         if let Some(reason) = oom.or(outcome.kill_fe) {
             self.kill(reason, vec![id], None).await;
         } else if failed && self.live().is_some() && self.shared.config.health_checks_enabled {

@@ -6,6 +6,7 @@
 //! the only writer of its lifecycle ([`crate::lifecycle::FePhase`]), which
 //! it publishes through a `watch`; the reconciler only sends it commands.
 
+mod adopt;
 mod allocation;
 mod calls;
 mod conn;
@@ -61,18 +62,46 @@ pub(crate) fn spawn(
     desc: Arc<pb::FunctionExecutorDescription>,
     refusal: Option<String>,
 ) -> (mpsc::UnboundedSender<FeCommand>, watch::Receiver<FeState>) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let (view, view_rx) = watch::channel(FeState::new("pending: accepted from desired state"));
     let id = desc.id.clone().unwrap_or_default();
+    let controller = Controller::new(shared.clone(), desc, refusal, view.clone());
+    (launch(shared, id, view, |rx| controller.run(rx)), view_rx)
+}
+
+/// Starts the controller of a worker an earlier run left: `worker` is
+/// the driver's adoption of it (or why it failed), `record` the agent's
+/// record of it.
+pub(crate) fn spawn_adopted(
+    shared: Arc<Shared>,
+    desc: Arc<pb::FunctionExecutorDescription>,
+    worker: Result<Box<dyn steward_worker_driver::Worker>, String>,
+    record: crate::adoption::WorkerRecord,
+) -> (mpsc::UnboundedSender<FeCommand>, watch::Receiver<FeState>) {
+    let (view, view_rx) = watch::channel(FeState::new("pending: left by an earlier run"));
+    let id = desc.id.clone().unwrap_or_default();
+    let controller = Controller::new(shared.clone(), desc, None, view.clone());
+    (
+        launch(shared, id, view, |rx| {
+            controller.run_adopted(rx, worker, record)
+        }),
+        view_rx,
+    )
+}
+
+/// Runs a controller in its own task, in its worker's span, and a task
+/// that accounts for it if it panics; returns its command channel.
+fn launch<F: std::future::Future<Output = ()> + Send + 'static>(
+    shared: Arc<Shared>,
+    id: String,
+    view: watch::Sender<FeState>,
+    run: impl FnOnce(mpsc::UnboundedReceiver<FeCommand>) -> F,
+) -> mpsc::UnboundedSender<FeCommand> {
+    let (tx, rx) = mpsc::unbounded_channel();
     // Held until the controller's end is accounted for: the view closes
     // (and the id may be started again) only after a panicked controller's
     // allocations have their results and its GPUs are back.
-    let open = view.clone();
-    let controller = tokio::spawn(
-        Controller::new(shared.clone(), desc, refusal, view)
-            .run(rx)
-            .instrument(worker_span(&id)),
-    );
+    let open = view;
+    let controller = tokio::spawn(run(rx).instrument(worker_span(&id)));
     // A controller that panics must not take its allocations with it.
     tokio::spawn(async move {
         if let Err(e) = controller.await
@@ -84,7 +113,7 @@ pub(crate) fn spawn(
         shared.report_now.notify_one();
         shared.reconcile_now.notify_one();
     });
-    (tx, view_rx)
+    tx
 }
 
 /// Accounts for a controller that panicked: its worker is gone (the
@@ -136,14 +165,22 @@ fn controller_panicked(shared: &Arc<Shared>, fe_id: &str) {
     shared.config.gpu_pool.release(fe_id);
 }
 
-/// Asks every controller to stop and waits until all are gone (their
-/// views closed), at most the stop grace and 15 s more.
-pub(crate) async fn shutdown_all(shared: &Arc<Shared>) {
+/// Asks every controller to stop (or, when detaching, to let go of its
+/// worker alive) and waits until all are gone (their views closed), at
+/// most the stop grace and 15 s more; returns how many workers were left
+/// running.
+pub(crate) async fn shutdown_all(shared: &Arc<Shared>) -> usize {
     let workers = shared.workers();
     let mut views = Vec::new();
     for slot in workers.values() {
         if let Some(c) = slot.controlled() {
-            let _ = c.tx.send(FeCommand::Shutdown("agent shutting down"));
+            // In adoption mode, workers are let go of alive.
+            let cmd = if shared.detaching.load(std::sync::atomic::Ordering::Acquire) {
+                FeCommand::Detach
+            } else {
+                FeCommand::Shutdown("agent shutting down")
+            };
+            let _ = c.tx.send(cmd);
             views.push(c.view.clone());
         }
     }
@@ -170,6 +207,9 @@ pub(crate) async fn shutdown_all(shared: &Arc<Shared>) {
         .map(|(id, slot)| (id.clone(), slot.clone()))
         .collect();
     shared.workers.send_replace(Arc::new(left));
+    shared
+        .detached_workers
+        .load(std::sync::atomic::Ordering::Acquire)
 }
 
 #[cfg(test)]

@@ -197,7 +197,10 @@ fn publish_spawned(
 
 /// Connects to the worker, retrying while it starts; gives up (and stops
 /// it) if it exits, if something else listens there, or at the deadline.
-async fn connect(shared: &Shared, process: &mut dyn Worker) -> Result<conn::WorkerClient, Failed> {
+pub(super) async fn connect(
+    shared: &Shared,
+    process: &mut dyn Worker,
+) -> Result<conn::WorkerClient, Failed> {
     let deadline = Instant::now() + shared.config.function_executor_connect_timeout;
     let mut retry = Duration::from_millis(2);
     loop {
@@ -253,7 +256,10 @@ async fn connect(shared: &Shared, process: &mut dyn Worker) -> Result<conn::Work
 }
 
 /// Asks the worker what it is; an incomplete answer is a failed startup.
-async fn get_info(shared: &Shared, client: &mut conn::WorkerClient) -> Result<(), Failed> {
+pub(super) async fn get_info(
+    shared: &Shared,
+    client: &mut conn::WorkerClient,
+) -> Result<(), Failed> {
     let info = match tokio::time::timeout(
         Duration::from_secs(10),
         client.get_info(fe_pb::InfoRequest {}),

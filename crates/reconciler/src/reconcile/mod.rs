@@ -7,6 +7,7 @@
 //! state's lock is taken once, to swap allocation entries. Rejected items
 //! are reported back to the server so nothing waits forever on them.
 
+pub(crate) mod adopted;
 pub(crate) mod plan;
 
 use std::collections::HashMap;
@@ -120,6 +121,11 @@ pub(crate) async fn run_loop(
             .clamp(MIN_HEARTBEAT, HEARTBEAT),
     );
     let mut reconciler = Reconciler::new(shared.clone());
+    // Allocations on adopted workers: known from the first pass.
+    for (id, fe_id) in std::mem::take(&mut shared.adopted.lock().allocations) {
+        reconciler.allocations.insert(id, fe_id);
+    }
+    let mut first = true;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -142,6 +148,9 @@ pub(crate) async fn run_loop(
         let Some((desired, received)) = desired_rx.borrow_and_update().clone() else {
             continue;
         };
+        if std::mem::take(&mut first) {
+            adopted::release_results(&shared, &desired);
+        }
         reconciler.pass(&desired, received);
     }
 }

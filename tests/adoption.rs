@@ -1,0 +1,258 @@
+//! Adoption of live workers across a restart of Steward, with the real
+//! worker and the dev control plane: a function is running when Steward is
+//! SIGKILLed (or stopped with SIGTERM, or replaced by a binary at another
+//! path); the next Steward on the same data directory adopts the worker
+//! (same pid), follows the allocation to its end, and the plane gets its
+//! result once and never hears the worker terminated; its usage is metered
+//! once. A worker that died while no Steward ran is reported terminated,
+//! with its allocation failed. (Adoption off keeps the worker dying with
+//! Steward: `end_to_end::sigkill_of_steward_leaves_no_worker_behind`,
+//! whose agents run with `STEWARD_ADOPT_WORKERS=false`.)
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::json;
+use steward_devserver::FunctionOptions;
+use support::{AgentProc, Plane, alive, path_with_venv, worker_pids};
+
+const ADOPT: &[&str] = &["--adopt-workers=true"];
+
+/// A directory the workers (other uids) can read, for the file that
+/// releases `wait_for_file`.
+fn gate() -> Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let release = dir.path().join("release");
+    Ok((dir, release))
+}
+
+fn release(path: &Path) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, "released")?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn executor_id(steward: &AgentProc) -> Result<String> {
+    Ok(
+        std::fs::read_to_string(steward.data_dir.path().join("executor_id"))?
+            .trim()
+            .to_string(),
+    )
+}
+
+/// Starts `wait_for_file` and waits until Steward runs it; its request id
+/// and the worker's pid.
+async fn start_long(plane: &Plane, steward: &AgentProc, gate: &Path) -> Result<(String, u32)> {
+    let rid = plane
+        .start_request("hello", "wait_for_file", json!(gate))
+        .await?;
+    steward
+        .wait_json("/state/allocations", Duration::from_secs(120), |_, v| {
+            v["allocations"][0]["phase"] == "running"
+        })
+        .await?;
+    let pids = worker_pids(&executor_id(steward)?);
+    ensure!(pids.len() == 1, "one worker expected, found {pids:?}");
+    Ok((rid, pids[0]))
+}
+
+/// Waits until the agent has an event of `kind`; its message.
+async fn event(steward: &AgentProc, kind: &str) -> Result<String> {
+    let (_, v) = steward
+        .wait_json("/state/events", Duration::from_secs(60), |_, v| {
+            v["events"]
+                .as_array()
+                .is_some_and(|es| es.iter().any(|e| e["kind"] == kind))
+        })
+        .await?;
+    let e = v["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["kind"] == kind)
+        .context("event")?;
+    Ok(e["message"].as_str().unwrap_or_default().to_string())
+}
+
+/// How many results the plane got (each test's plane runs one request of
+/// one allocation), and whether it heard a worker of `function` terminated.
+async fn plane_saw(plane: &Plane, function: &str) -> Result<(usize, bool)> {
+    let log = plane.log().await?;
+    let results = log["results"].as_array().map_or(0, Vec::len);
+    let terminated = log["terminations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| t["function"] == function);
+    Ok((results, terminated))
+}
+
+/// The usage records of allocations of `function` (`steward usage export`).
+fn usage_records(data_dir: &Path, function: &str) -> Result<Vec<serde_json::Value>> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args([
+            "usage",
+            "export",
+            "--format",
+            "jsonl",
+            "--executor-cache-path",
+        ])
+        .arg(data_dir)
+        .output()?;
+    ensure!(out.status.success(), "export: {out:?}");
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["function"] == function && r["kind"] == "allocation")
+        .collect())
+}
+
+/// The next Steward on `data`, adopting.
+fn restart(plane: &Plane, data: tempfile::TempDir, bin: Option<&Path>) -> Result<AgentProc> {
+    let bin = bin.unwrap_or(Path::new(env!("CARGO_BIN_EXE_steward")));
+    AgentProc::steward_bin(
+        bin,
+        &plane.grpc,
+        plane.blob_dir.path(),
+        ADOPT,
+        &path_with_venv(),
+        &[],
+        data,
+    )
+}
+
+/// After the restart: the same worker (pid) runs the allocation on, which
+/// finishes once released; the plane gets one result and no termination.
+async fn finishes_on_the_adopted_worker(
+    plane: &Plane,
+    steward: &AgentProc,
+    rid: &str,
+    pid: u32,
+    gate: &Path,
+) -> Result<()> {
+    let adopted = event(steward, "function_executor_adopted").await?;
+    ensure!(adopted.contains(&format!("pid {pid}")), "{adopted}");
+    ensure!(
+        adopted.contains("1 running allocation(s) followed"),
+        "{adopted}"
+    );
+    ensure!(
+        worker_pids(&executor_id(steward)?) == [pid],
+        "the same worker runs on"
+    );
+    release(gate)?;
+    let out = plane.outcome(rid).await?;
+    ensure!(out.status == "success", "{out:?}");
+    ensure!(out.output == Some(json!("released")), "{out:?}");
+    let (results, terminated) = plane_saw(plane, "wait_for_file").await?;
+    ensure!(results == 1, "the plane got {results} results for it");
+    ensure!(!terminated, "the plane heard the adopted worker terminated");
+    ensure!(alive(pid), "the worker stays for the next allocation");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_outlives_a_sigkilled_steward_and_is_adopted_with_its_allocation() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let (_g, gate) = gate()?;
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
+    plane.wait_executors(1).await?;
+    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
+    let data = steward.into_data_dir()?; // SIGKILL
+    ensure!(alive(pid), "the worker outlived the SIGKILLed agent");
+    let steward = restart(&plane, data, None)?;
+    finishes_on_the_adopted_worker(&plane, &steward, &rid, pid, &gate).await?;
+    // Metered once, from its start before the restart.
+    let records = usage_records(steward.data_dir.path(), "wait_for_file")?;
+    ensure!(records.len() == 1, "usage records: {records:?}");
+    let started = records[0]["started_unix_ms"].as_u64().unwrap_or(u64::MAX);
+    ensure!(started < killed_at, "metered from its start: {records:?}");
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_adoption_mode_leaves_the_worker_for_an_upgraded_binary() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let (_g, gate) = gate()?;
+    let mut steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
+    plane.wait_executors(1).await?;
+    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+
+    steward.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = steward
+        .wait_exit(Duration::from_secs(30))
+        .context("steward exits on SIGTERM")?;
+    ensure!(status.success(), "{status:?}");
+    let log = steward.log();
+    let last = log.lines().last().unwrap_or_default();
+    ensure!(
+        last.contains("workers were left running"),
+        "last log line: {last}"
+    );
+    ensure!(alive(pid), "the worker outlived the stopped agent");
+    // The plane was not told STOPPED: it keeps the worker and allocation.
+    let (results, terminated) = plane_saw(&plane, "wait_for_file").await?;
+    ensure!(
+        results == 0 && !terminated,
+        "{results} results, terminated: {terminated}"
+    );
+
+    // An upgrade: another binary, at another path, on the same data.
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let upgraded = dir.path().join("steward-upgraded");
+    std::fs::copy(env!("CARGO_BIN_EXE_steward"), &upgraded)?;
+    let data = steward.into_data_dir()?;
+    let steward = restart(&plane, data, Some(&upgraded))?;
+    finishes_on_the_adopted_worker(&plane, &steward, &rid, pid, &gate).await?;
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_died_while_no_steward_ran_is_reported_terminated() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let (_g, gate) = gate()?;
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
+    plane.wait_executors(1).await?;
+    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+    let data = steward.into_data_dir()?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        if std::time::Instant::now() > deadline {
+            bail!("worker {pid} did not die");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let steward = restart(&plane, data, None)?;
+    let lost = event(&steward, "function_executor_lost").await?;
+    ensure!(lost.contains("gone"), "{lost}");
+    let t = plane.wait_termination("wait_for_file").await?;
+    ensure!(t.to_string().contains("UNHEALTHY"), "{t}");
+    let out = plane.outcome(&rid).await?;
+    ensure!(out.status != "success", "{out:?}");
+    let (results, _) = plane_saw(&plane, "wait_for_file").await?;
+    ensure!(results == 1, "the plane got {results} results for it");
+    drop(steward);
+    plane.stop().await;
+    Ok(())
+}
