@@ -22,11 +22,11 @@ use support::{AgentProc, Plane, alive, path_with_venv, worker_pids};
 
 const ADOPT: &[&str] = &["--adopt-workers=true"];
 
-/// A directory the workers (other uids) can read, for the file that
-/// releases `wait_for_file`.
+/// A directory the workers (other uids) can use, for the file that
+/// releases `wait_for_file` (which removes it).
 fn gate() -> Result<(tempfile::TempDir, PathBuf)> {
     let dir = tempfile::tempdir()?;
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
     let release = dir.path().join("release");
     Ok((dir, release))
 }
@@ -179,6 +179,42 @@ async fn a_worker_outlives_a_sigkilled_steward_and_is_adopted_with_its_allocatio
     ensure!(records.len() == 1, "usage records: {records:?}");
     let started = records[0]["started_unix_ms"].as_u64().unwrap_or(u64::MAX);
     ensure!(started < killed_at, "metered from its start: {records:?}");
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_made_while_no_steward_ran_is_collected_and_sent_once() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let (_g, gate) = gate()?;
+    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
+    plane.wait_executors(1).await?;
+    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+    let data = steward.into_data_dir()?; // SIGKILL
+    release(&gate)?;
+    // The function removes the file on its way out: it has finished (or
+    // is about to) while no agent runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while gate.exists() {
+        if std::time::Instant::now() > deadline {
+            bail!("the function never took its release");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let steward = restart(&plane, data, None)?;
+    let adopted = event(&steward, "function_executor_adopted").await?;
+    ensure!(adopted.contains(&format!("pid {pid}")), "{adopted}");
+    let out = plane.outcome(&rid).await?;
+    ensure!(out.status == "success", "{out:?}");
+    ensure!(out.output == Some(json!("released")), "{out:?}");
+    let (results, terminated) = plane_saw(&plane, "wait_for_file").await?;
+    ensure!(
+        results == 1 && !terminated,
+        "{results} results, terminated: {terminated}"
+    );
+    let records = usage_records(steward.data_dir.path(), "wait_for_file")?;
+    ensure!(records.len() == 1, "usage records: {records:?}");
     plane.stop().await;
     Ok(())
 }

@@ -60,14 +60,16 @@ def orphan_sleeper(seconds: float) -> int:
 
 
 @application()
-@function(description="Runs until the file `path` exists, then returns its text (a long function, released when a test says so)")
+@function(description="Runs until the file `path` exists, then removes it and returns its text (a long function, released when a test says so)")
 def wait_for_file(path: str) -> str:
     import time
 
     while not os.path.exists(path):
         time.sleep(0.05)
     with open(path) as f:
-        return f.read()
+        text = f.read()
+    os.remove(path)
+    return text
 
 
 @application()

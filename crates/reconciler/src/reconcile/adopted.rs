@@ -19,6 +19,14 @@ use crate::state::{AllocEntry, AllocPhase, Shared, TimelineEntry, function_label
 /// Adopts what the records name; returns how many workers were taken over.
 pub(crate) fn adopt_left_workers(shared: &Arc<Shared>) -> usize {
     let Some(store) = &shared.adoption else {
+        // Without adoption no worker outlives the agent: records of an
+        // earlier run that adopted describe workers the sweep now kills.
+        let dir = shared.config.data_dir.join("adoption");
+        if dir.exists() {
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), %error, "cannot remove adoption records");
+            }
+        }
         return 0;
     };
     let (records, bad) = store.load();
@@ -163,5 +171,86 @@ pub(crate) fn release_results(shared: &Shared, desired: &crate::desired::Desired
     }
     if let Some(store) = &shared.adoption {
         store.taken(&taken);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adoption::{AllocRecord, VERSION};
+
+    fn alloc(id: &str) -> pb::Allocation {
+        pb::Allocation {
+            allocation_id: Some(id.into()),
+            function_executor_id: Some("fe".into()),
+            ..Default::default()
+        }
+    }
+
+    fn result(id: &str) -> pb::AllocationResult {
+        pb::AllocationResult {
+            allocation_id: Some(id.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Results an earlier run kept (perhaps already taken by the server,
+    /// which then no longer holds their allocations) go only where the
+    /// first desired state still holds their allocation; the others leave
+    /// the records. Meanwhile no pass runs them again: they are known.
+    #[tokio::test]
+    async fn kept_results_go_only_for_allocations_still_desired() {
+        let data = tempfile::tempdir().expect("tmp");
+        let shared = crate::testing_support::shared_with(|c| {
+            c.adopt_workers = true;
+            c.data_dir = data.path().to_path_buf();
+        });
+        let record = WorkerRecord {
+            version: VERSION,
+            description: Some(pb::FunctionExecutorDescription {
+                id: Some("fe".into()),
+                ..Default::default()
+            }),
+            gone: true,
+            allocations: ["taken", "owed"]
+                .into_iter()
+                .map(|id| AllocRecord {
+                    allocation: Some(alloc(id)),
+                    result: Some(result(id)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let store = shared.adoption.as_ref().expect("adoption on");
+        store.adopt(record.clone());
+        hold_results(&shared, &record);
+        let held: Vec<String> = shared
+            .adopted
+            .lock()
+            .allocations
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect();
+        assert_eq!(held, ["taken", "owed"], "known to the reconciler");
+        let desired = crate::desired::Desired {
+            function_executors: Vec::new(),
+            allocations: vec![Arc::new(alloc("owed"))],
+            clock: Some(1),
+            function_call_results: Vec::new(),
+        };
+        release_results(&shared, &desired);
+        let queued: Vec<String> = shared
+            .state
+            .lock()
+            .results
+            .iter()
+            .filter_map(|p| p.result.allocation_id.clone())
+            .collect();
+        assert_eq!(queued, ["owed"]);
+        // Taken again by the server, the last one empties the record.
+        store.taken(&["owed".into()]);
+        let (left, _) = crate::adoption::Store::new(data.path().join("adoption")).load();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
