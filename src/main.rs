@@ -604,6 +604,15 @@ impl GpuPool for GpuPoolAdapter {
     fn release(&self, owner: &str) {
         self.0.release(owner);
     }
+    fn reserve(&self, owner: &str, uuids: &[String]) -> Result<(), GpuRefusal> {
+        if uuids.is_empty() {
+            return Ok(());
+        }
+        self.0
+            .reserve(owner, uuids)
+            .map(|_| ())
+            .map_err(|e| GpuRefusal::Pool(Box::new(e)))
+    }
 }
 
 /// Applies the `steward:` section of the config file; a bad file or value

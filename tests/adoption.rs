@@ -50,8 +50,17 @@ fn executor_id(steward: &AgentProc) -> Result<String> {
 /// Starts `wait_for_file` and waits until Steward runs it; its request id
 /// and the worker's pid.
 async fn start_long(plane: &Plane, steward: &AgentProc, gate: &Path) -> Result<(String, u32)> {
+    start_long_in(plane, steward, "hello", gate).await
+}
+
+async fn start_long_in(
+    plane: &Plane,
+    steward: &AgentProc,
+    app: &str,
+    gate: &Path,
+) -> Result<(String, u32)> {
     let rid = plane
-        .start_request("hello", "wait_for_file", json!(gate))
+        .start_request(app, "wait_for_file", json!(gate))
         .await?;
     steward
         .wait_json("/state/allocations", Duration::from_secs(120), |_, v| {
@@ -116,13 +125,22 @@ fn usage_records(data_dir: &Path, function: &str) -> Result<Vec<serde_json::Valu
 
 /// The next Steward on `data`, adopting.
 fn restart(plane: &Plane, data: tempfile::TempDir, bin: Option<&Path>) -> Result<AgentProc> {
+    restart_with(plane, data, bin, &path_with_venv())
+}
+
+fn restart_with(
+    plane: &Plane,
+    data: tempfile::TempDir,
+    bin: Option<&Path>,
+    path: &str,
+) -> Result<AgentProc> {
     let bin = bin.unwrap_or(Path::new(env!("CARGO_BIN_EXE_steward")));
     AgentProc::steward_bin(
         bin,
         &plane.grpc,
         plane.blob_dir.path(),
         ADOPT,
-        &path_with_venv(),
+        path,
         &[],
         data,
     )
@@ -289,6 +307,53 @@ async fn a_worker_that_died_while_no_steward_ran_is_reported_terminated() -> Res
     let (results, _) = plane_saw(&plane, "wait_for_file").await?;
     ensure!(results == 1, "the plane got {results} results for it");
     drop(steward);
+    plane.stop().await;
+    Ok(())
+}
+
+/// An adopted worker keeps its GPU: a worker started after the restart
+/// gets the other one, never the adopted worker's. (A fake `nvidia-smi`
+/// with two GPUs, as in `tests/gpus.rs`; the rest is real.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_worker_keeps_its_gpu_from_the_next_worker() -> Result<()> {
+    const GPU0: &str = "GPU-0a0a0a0a-1111-2222-3333-444444444444";
+    const GPU1: &str = "GPU-1b1b1b1b-5555-6666-7777-888888888888";
+    let bin = tempfile::tempdir()?;
+    support::fake_nvidia_smi(
+        bin.path(),
+        &[
+            &format!("0, {GPU0}, Tesla T4, 15360, 3, 0"),
+            &format!("1, {GPU1}, Tesla T4, 15360, 0, 7"),
+        ],
+    )?;
+    let path = format!("{}:{}", bin.path().display(), path_with_venv());
+    let plane = Plane::start().await?;
+    let one_gpu = FunctionOptions {
+        gpus: 1,
+        ..FunctionOptions::default()
+    };
+    for app in ["gpu-a", "gpu-b"] {
+        plane.deploy_hello_as(app, one_gpu.clone()).await?;
+    }
+    let (_g, gate) = gate()?;
+    let steward = AgentProc::steward_with_path(&plane.grpc, plane.blob_dir.path(), ADOPT, &path)?;
+    plane.wait_executors(1).await?;
+    let (rid, _pid) = start_long_in(&plane, &steward, "gpu-a", &gate).await?;
+    let data = steward.into_data_dir()?; // SIGKILL
+    let steward = restart_with(&plane, data, None, &path)?;
+    event(&steward, "function_executor_adopted").await?;
+    let b = plane.invoke_app("gpu-b", "visible_gpus", json!("")).await?;
+    ensure!(b.status == "success", "{b:?}");
+    // The adopted worker started first and got the first GPU.
+    ensure!(
+        b.output == Some(json!(GPU1)),
+        "the next worker got {:?}",
+        b.output
+    );
+    let (_, host) = steward.get_json("/state/host").await?;
+    ensure!(host["gpus_free"] == json!(0), "{host}");
+    release(&gate)?;
+    ensure!(plane.outcome(&rid).await?.status == "success");
     plane.stop().await;
     Ok(())
 }

@@ -228,8 +228,9 @@ async fn invoke_at(
     let url = format!(
         "{url}/v1/namespaces/default/applications/{app}/functions/{function}?wait=true&timeout_s=300"
     );
-    let out: steward_devserver::RequestOutcome =
-        http.post(url).json(&input).send().await?.json().await?;
+    let body = http.post(url).json(&input).send().await?.text().await?;
+    let out: steward_devserver::RequestOutcome = serde_json::from_str(&body)
+        .with_context(|| format!("{app}/{function} answered: {body}"))?;
     if out.status != "success" {
         bail!("{app}/{function} did not succeed: {out:?}");
     }
@@ -267,6 +268,18 @@ impl Drop for AgentProc {
             let _ = killpg(agent, Signal::SIGKILL);
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        // The workers' directories a killed Steward (or one that left its
+        // workers to adoption) leaves under the worker run directory.
+        if let Ok(id) = std::fs::read_to_string(self._data.path().join("executor_id")) {
+            let run = steward_worker_driver::Isolation::new(
+                &steward_worker_driver::Isolation::default_base(),
+                id.trim(),
+                steward_worker_driver::IdentitySetup::NotSeparated(String::new()),
+                steward_worker_driver::ChannelKind::Unix,
+                steward_worker_driver::EnvAllow::default(),
+            );
+            let _ = std::fs::remove_dir_all(&run.run_dir);
         }
         for id in self.containers(&self.oci_runtime) {
             let _ = Command::new(&self.oci_runtime)
@@ -343,8 +356,59 @@ impl AgentProc {
         wrapper: &[String],
         extra: &[&str],
     ) -> Result<AgentProc> {
-        use std::os::unix::process::CommandExt;
         let data = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let cgroup_parent = format!("steward-bench-{port}");
+        Self::start_in(
+            env,
+            agent,
+            plane,
+            worker,
+            wrapper,
+            extra,
+            data,
+            cgroup_parent,
+        )
+    }
+
+    /// SIGKILLs the agent alone (whatever it started stays, as after a
+    /// crash) and starts it again on the same data directory and parent
+    /// cgroup, with `extra`; the monitoring port is new.
+    fn restart(&mut self, env: &Env, plane: &Plane, extra: &[&str]) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The old one is dead; what it leaves to its drop (an empty data
+        // directory, no parent cgroup) touches nothing the new one runs.
+        let data = std::mem::replace(&mut self._data, tempfile::tempdir()?);
+        let parent = self.cgroup_parent.take().unwrap_or_default();
+        let next = Self::start_in(
+            env,
+            Agent::Steward,
+            plane,
+            Worker::Real,
+            &[],
+            extra,
+            data,
+            parent,
+        )?;
+        drop(std::mem::replace(self, next));
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_in(
+        env: &Env,
+        agent: Agent,
+        plane: &Plane,
+        worker: Worker,
+        wrapper: &[String],
+        extra: &[&str],
+        data: tempfile::TempDir,
+        cgroup_parent: String,
+    ) -> Result<AgentProc> {
+        use std::os::unix::process::CommandExt;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -390,7 +454,7 @@ impl AgentProc {
                 .args(["--total-cpus", "100000"])
                 .args(["--total-memory-bytes", &(1u64 << 50).to_string()])
                 .args(["--total-disk-bytes", &(1u64 << 50).to_string()])
-                .args(["--cgroup-parent", &format!("steward-bench-{port}")])
+                .args(["--cgroup-parent", &cgroup_parent])
                 .args(extra)
                 .env("RUST_LOG", "warn")
                 // Workers die with the agent (a killed run leaves none).
@@ -427,7 +491,7 @@ impl AgentProc {
             child,
             monitoring: format!("http://127.0.0.1:{port}"),
             _data: data,
-            cgroup_parent: agent.is_steward().then(|| format!("steward-bench-{port}")),
+            cgroup_parent: agent.is_steward().then_some(cgroup_parent),
             oci_runtime: env.oci_runtime.clone(),
         })
     }
@@ -719,6 +783,88 @@ async fn cgroups(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
                 }
                 drop(proc);
             }
+        }
+    }
+    Ok(())
+}
+
+/// The functions of `examples/hello` the restart scenario keeps warm: one
+/// real worker each.
+fn restart_functions() -> Vec<(&'static str, Value)> {
+    vec![
+        ("greet", json!("bench")),
+        ("sum_of_squares", json!([1, 2, 3])),
+        ("echo_twice", json!("x")),
+        ("visible_gpus", json!("x")),
+    ]
+}
+
+/// Calls every function of `fns` at once and waits until all answered.
+async fn invoke_all(plane: &Plane, fns: &[(&'static str, Value)]) -> Result<()> {
+    let mut calls = tokio::task::JoinSet::new();
+    for (f, input) in fns {
+        let (http, url, f, input) = (plane.http.clone(), plane.url.clone(), *f, input.clone());
+        calls.spawn(async move { invoke_at(&http, &url, "hello", f, input).await });
+    }
+    while let Some(r) = calls.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// Steward SIGKILLed with four warm real workers and started again on the
+/// same data directory: with adoption the new one takes the workers over,
+/// without it they died with the old one and start cold. Timed from the
+/// SIGKILL: the new Steward ready (its first report made and the first
+/// desired state applied: `/monitoring/startup` 200), and every function
+/// answering again.
+async fn restart(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
+    let fns = restart_functions();
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for adopt in order {
+            let plane = Plane::start().await?;
+            plane
+                .deploy(env, "examples/hello", "hello", &FunctionOptions::default())
+                .await?;
+            let flag = if adopt {
+                "--adopt-workers=true"
+            } else {
+                "--adopt-workers=false"
+            };
+            let mut proc =
+                AgentProc::start_full(env, Agent::Steward, &plane, Worker::Real, &[], &[flag])?;
+            proc.wait_startup().await?;
+            plane.wait_executor().await?;
+            invoke_all(&plane, &fns).await?;
+            let killed = Instant::now();
+            proc.restart(env, &plane, &[flag])?;
+            proc.wait_startup().await?;
+            let ready = killed.elapsed();
+            invoke_all(&plane, &fns).await?;
+            let serving = killed.elapsed();
+            let label = if adopt {
+                "adopting its 4 workers"
+            } else {
+                "cold: its 4 workers died with it"
+            };
+            t.add(
+                &format!("14. restart: SIGKILL → new Steward ready, first report made ({label})"),
+                "ms",
+                Agent::Steward,
+                ready.as_secs_f64() * 1000.0,
+            );
+            t.add(
+                &format!("14. restart: SIGKILL → all 4 functions answer again ({label})"),
+                "ms",
+                Agent::Steward,
+                serving.as_secs_f64() * 1000.0,
+            );
+            drop(proc);
         }
     }
     Ok(())
@@ -1763,6 +1909,7 @@ enum Scenario {
     Cgroups,
     Metering,
     Sandbox,
+    Restart,
 }
 
 /// Runs each scenario against Steward and the reference executor, alternating
@@ -1973,6 +2120,15 @@ async fn run(cli: Cli) -> Result<()> {
         eprintln!("metering: Steward throughput with and without");
         if let Err(e) = metering(&env, rounds.max(3), &mut t).await {
             t.fail("12. metering", Agent::Steward, &e.to_string());
+        }
+    }
+    // A SIGKILLed Steward replaced, adopting its workers or not (Steward only).
+    if cli.only == Some(Scenario::Restart)
+        || (cli.only.is_none() && AgentChoice::admits(cli.agent, Agent::Steward))
+    {
+        eprintln!("restart: Steward SIGKILLed and replaced, with and without adoption");
+        if let Err(e) = restart(&env, rounds.max(3), &mut t).await {
+            t.fail("14. restart", Agent::Steward, &e.to_string());
         }
     }
     // Callgrind once (Steward only): instruction counts repeat exactly.

@@ -184,8 +184,12 @@ impl LocalRoots {
             uri: uri.to_string(),
             source,
         };
-        // Write then rename, so a reader never sees a half-written blob.
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        // Write then rename, so a reader never sees a half-written blob;
+        // the temporary name is this write's own (two writes of the same
+        // blob at once each rename a whole file).
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
         tokio::fs::write(&tmp, &data).await.map_err(io)?;
         tokio::fs::rename(&tmp, &path).await.map_err(io)
     }
@@ -255,7 +259,7 @@ impl LocalRoots {
     }
 
     /// Publishes a staged upload as the blob (an upload the worker never
-    /// wrote to becomes an empty blob).
+    /// wrote to becomes an empty blob; one completed before is left as it is).
     pub async fn complete_upload(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
         let staged = self.resolve(&self.staging_uri(uri, upload_id)?)?;
         let path = self.resolve(uri)?;
@@ -267,6 +271,8 @@ impl LocalRoots {
         // when the worker wrote anything.
         match std::fs::rename(&staged, &path) {
             Ok(()) => Ok(()),
+            // Completed already (again after a restart): the blob stays.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_file() => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let path = self.prepare_write(uri).await?;
                 std::fs::write(&path, b"").map_err(io)
@@ -482,5 +488,50 @@ mod tests {
         roots.remove(&uri).await.expect("remove");
         roots.remove(&uri).await.expect("remove twice");
         assert!(roots.get(&uri).await.is_err());
+    }
+
+    /// An upload completed twice (again after a restart of the agent that
+    /// completed it) keeps the blob; it used to be emptied.
+    #[tokio::test]
+    async fn completing_an_upload_again_keeps_the_blob() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let roots = LocalRoots::new(vec![root.path().to_path_buf()]);
+        let uri = format!("file://{}/out/blob", root.path().display());
+        let id = roots.create_upload(&uri).await.expect("upload");
+        let staged = roots.staging_uri(&uri, &id).expect("staging");
+        roots
+            .put(&staged, Bytes::from_static(b"output"))
+            .await
+            .expect("part");
+        roots.complete_upload(&uri, &id).await.expect("complete");
+        roots
+            .complete_upload(&uri, &id)
+            .await
+            .expect("complete again");
+        assert_eq!(
+            roots.get(&uri).await.expect("get"),
+            Bytes::from_static(b"output")
+        );
+    }
+
+    /// Writes of the same blob at once (two requests with one input) each
+    /// land whole; the old shared temporary name made all but one fail.
+    #[tokio::test]
+    async fn the_same_blob_written_at_once_is_written_whole() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let roots = std::sync::Arc::new(LocalRoots::new(vec![root.path().to_path_buf()]));
+        let uri = format!("file://{}/inputs/same", root.path().display());
+        let mut writes = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (roots, uri) = (roots.clone(), uri.clone());
+            writes.spawn(async move { roots.put(&uri, Bytes::from_static(b"same")).await });
+        }
+        while let Some(w) = writes.join_next().await {
+            w.expect("joined").expect("every write succeeds");
+        }
+        assert_eq!(
+            roots.get(&uri).await.expect("get"),
+            Bytes::from_static(b"same")
+        );
     }
 }

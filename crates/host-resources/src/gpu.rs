@@ -285,6 +285,10 @@ pub enum GpuAllocatorError {
     },
     #[error("worker {0} already holds GPUs")]
     AlreadyHolds(String),
+    #[error("GPU {uuid} is not on this host (or is reserved for the system)")]
+    Unknown { uuid: String },
+    #[error("GPU {uuid} is held by worker {holder}")]
+    Held { uuid: String, holder: String },
 }
 
 /// Hands out whole GPUs; a GPU belongs to at most one worker at a time.
@@ -364,6 +368,49 @@ impl GpuAllocator {
             .collect();
         Ok(GpuAllocation {
             uuids,
+            indices: taken,
+        })
+    }
+
+    /// Takes exactly the GPUs `uuids` for `owner` (a worker adopted from an
+    /// earlier run, which still uses them): refused, taking none, unless
+    /// every one is here and free.
+    pub fn reserve(
+        &self,
+        owner: &str,
+        uuids: &[String],
+    ) -> Result<GpuAllocation, GpuAllocatorError> {
+        let mut inner = self.inner.lock();
+        if inner.owners.contains_key(owner) {
+            return Err(GpuAllocatorError::AlreadyHolds(owner.to_string()));
+        }
+        let mut taken = Vec::with_capacity(uuids.len());
+        for uuid in uuids {
+            let Some(g) = self.gpus.iter().find(|g| g.uuid == *uuid) else {
+                return Err(GpuAllocatorError::Unknown { uuid: uuid.clone() });
+            };
+            if !inner.free.contains(&g.index) {
+                let holder = inner
+                    .owners
+                    .iter()
+                    .find(|(_, held)| held.contains(&g.index))
+                    .map(|(o, _)| o.clone());
+                return Err(match holder {
+                    Some(holder) => GpuAllocatorError::Held {
+                        uuid: uuid.clone(),
+                        holder,
+                    },
+                    None => GpuAllocatorError::Unknown { uuid: uuid.clone() },
+                });
+            }
+            taken.push(g.index);
+        }
+        for i in &taken {
+            inner.free.remove(i);
+        }
+        inner.owners.insert(owner.to_string(), taken.clone());
+        Ok(GpuAllocation {
+            uuids: uuids.to_vec(),
             indices: taken,
         })
     }
@@ -502,6 +549,37 @@ mod tests {
             alloc.allocate("fe-c", 1).expect("after release").uuids,
             a.uuids
         );
+    }
+
+    /// An adopted worker takes back exactly its GPUs; the next worker gets
+    /// another one, and none is taken twice or from the system's.
+    #[test]
+    fn an_adopted_worker_reserves_exactly_its_gpus() {
+        let alloc = GpuAllocator::new(vec![gpu(0), gpu(1), gpu(2), gpu(3)], 1);
+        let kept = alloc
+            .reserve("fe-old", &["GPU-3".into()])
+            .expect("reserved");
+        assert_eq!(kept.indices, vec![3]);
+        assert_eq!(
+            alloc.allocate("fe-new", 1).expect("another").uuids,
+            ["GPU-1"]
+        );
+        let held = alloc
+            .reserve("fe-x", &["GPU-2".into(), "GPU-1".into()])
+            .expect_err("held");
+        assert_eq!(held.to_string(), "GPU GPU-1 is held by worker fe-new");
+        assert_eq!(alloc.free_count(), 1, "a refusal takes nothing");
+        let system = alloc
+            .reserve("fe-y", &["GPU-0".into()])
+            .expect_err("reserved");
+        assert!(
+            system.to_string().contains("reserved for the system"),
+            "{system}"
+        );
+        let gone = alloc
+            .reserve("fe-z", &["GPU-9".into()])
+            .expect_err("unknown");
+        assert!(gone.to_string().contains("not on this host"), "{gone}");
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub(crate) struct UploadRecord {
     pub uri: String,
     #[prost(string, tag = "3")]
     pub upload_id: String,
+    /// Completed already: a restart must not complete it again.
+    #[prost(bool, tag = "4")]
+    pub completed: bool,
 }
 
 /// A worker's CPU time and memory at a moment (unix ms).
@@ -264,6 +267,23 @@ impl Store {
         });
     }
 
+    /// Output `blob_id` of allocation `alloc_id` was completed.
+    pub fn upload_completed(&self, alloc_id: &str, blob_id: &str) {
+        let Some(fe_id) = self.worker_of(alloc_id) else {
+            return;
+        };
+        self.change(&fe_id, |r| {
+            if let Some(u) = r
+                .allocations
+                .iter_mut()
+                .find(|a| a.id() == alloc_id)
+                .and_then(|a| a.outputs.iter_mut().find(|u| u.blob_id == blob_id))
+            {
+                u.completed = true;
+            }
+        });
+    }
+
     /// Allocation `result` is final: kept until the server takes it.
     pub fn result(&self, result: &pb::AllocationResult) {
         let id = result.allocation_id.as_deref().unwrap_or("");
@@ -409,6 +429,7 @@ mod tests {
             blob_id: blob.into(),
             uri: format!("file:///b/{blob}"),
             upload_id: format!("u-{blob}"),
+            completed: false,
         }
     }
 
@@ -429,6 +450,12 @@ mod tests {
         assert_eq!(r.gpus, ["GPU-1"]);
         assert_eq!(r.allocations.len(), 2);
         assert_eq!(r.allocations[0].outputs, [upload("out")]);
+        store.upload_completed("a1", "out");
+        let (loaded, _) = Store::new(tmp.path().join("adoption")).load();
+        assert!(
+            loaded[0].allocations[0].outputs[0].completed,
+            "never completed twice"
+        );
         // A result is kept through the worker's end, until taken.
         store.result(&pb::AllocationResult {
             allocation_id: Some("a1".into()),

@@ -22,6 +22,18 @@ pub trait GpuPool: Send + Sync + 'static {
     fn allocate(&self, owner: &str, count: u32) -> Result<Vec<String>, GpuRefusal>;
     /// Returns `owner`'s GPUs; harmless when it holds none.
     fn release(&self, owner: &str);
+    /// Takes exactly the GPUs `uuids` for `owner`, a worker adopted from an
+    /// earlier run that still uses them; refused (taking none) unless each
+    /// is here and free.
+    fn reserve(&self, owner: &str, uuids: &[String]) -> Result<(), GpuRefusal> {
+        if uuids.is_empty() {
+            return Ok(());
+        }
+        Err(GpuRefusal::NoGpus {
+            owner: owner.to_string(),
+            count: uuids.len() as u32,
+        })
+    }
 }
 
 /// Why a pool gave no GPUs.

@@ -180,8 +180,8 @@ impl Agent {
     /// report (best effort, bounded by `report_timeout`) and returns. In
     /// adoption mode ([`AgentConfig::adopt_workers`]) workers are left
     /// running instead, with their allocations, for the next agent to
-    /// adopt, and the last report does not say STOPPED (the server is to
-    /// keep them); returns how many were left running.
+    /// adopt, and the server is not told STOPPED (it is to
+    /// keep them: no final report is sent); returns how many were left running.
     pub async fn shutdown(mut self, report_timeout: Duration) -> usize {
         self.cancel.cancel();
         while self.tasks.join_next().await.is_some() {}
@@ -196,7 +196,20 @@ impl Agent {
             let _ = tokio::task::spawn_blocking(move || m.flush(report_timeout)).await;
         }
         shared.config.driver.shutdown();
-        report::send_final(shared, report_timeout, left == 0).await;
+        if left == 0 {
+            report::send_final(shared, report_timeout).await;
+        } else {
+            // No last report: one without the workers let go of (their
+            // controllers are gone) could have the server drop them and
+            // their allocations. The server hears nothing, as after a
+            // SIGKILL, until the next agent reports them adopted; results
+            // not yet sent are on record for it.
+            shared.event(
+                "stopped",
+                &shared.config.executor_id,
+                format!("{left} worker(s) left running for the next agent; no final report"),
+            );
+        }
         left
     }
 }

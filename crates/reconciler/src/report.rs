@@ -538,12 +538,10 @@ fn note_failure(shared: &Shared, error: &str) {
 
 /// One last report with status STOPPED so the server forgets this agent at
 /// once, carrying any results still buffered.
-pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration, stopped: bool) {
-    // Workers left running for the next agent: the server is not told
-    // STOPPED, so it keeps them (and their allocations) for it.
+pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration) {
     shared
         .stopped
-        .store(stopped, std::sync::atomic::Ordering::Release);
+        .store(true, std::sync::atomic::Ordering::Release);
     let Ok(channel) = channel(
         &shared.config.server_addr,
         shared.config.server_tls.as_ref(),
@@ -568,12 +566,11 @@ pub(crate) async fn send_final(shared: &Arc<Shared>, timeout: Duration, stopped:
             if let Some(store) = &shared.adoption {
                 store.taken(&results);
             }
-            let what = if stopped {
-                "final STOPPED report sent"
-            } else {
-                "last report sent; workers left running for the next agent"
-            };
-            shared.event("stopped", &shared.config.executor_id, what);
+            shared.event(
+                "stopped",
+                &shared.config.executor_id,
+                "final STOPPED report sent",
+            );
         }
         Ok(Err(s)) => tracing::warn!(error = %s, "final STOPPED report failed"),
         Err(_) => tracing::warn!("final STOPPED report timed out"),

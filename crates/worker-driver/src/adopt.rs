@@ -12,7 +12,6 @@
 //! Must not know about: gRPC, the server, allocations (the agent keeps
 //! its own record of what ran on the worker).
 
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use crate::AdoptError;
@@ -75,8 +74,12 @@ pub(crate) fn adopt(driver: &ProcessDriver, id: &str) -> Result<Box<dyn Worker>,
         }
         (_, None) => None,
     };
-    let dir = WorkerDir::existing(&driver.isolation.run_dir, facts.lease)?;
-    if facts.socket != dir.socket() {
+    let expected = driver
+        .isolation
+        .run_dir
+        .join(WorkerDir::name(facts.lease))
+        .join(crate::isolation::SOCKET);
+    if facts.socket != expected {
         return Err(AdoptError::Changed(format!(
             "its socket {} is not in its directory",
             facts.socket.display()
@@ -91,6 +94,8 @@ pub(crate) fn adopt(driver: &ProcessDriver, id: &str) -> Result<Box<dyn Worker>,
         tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
     }
     .map_err(std::io::Error::from)?;
+    // Last: dropped, a `WorkerDir` removes the directory of a live worker.
+    let dir = WorkerDir::existing(&driver.isolation.run_dir, facts.lease)?;
     let worker = ProcessWorker {
         process: Process::Adopted(watched),
         adoptable: true,
@@ -147,6 +152,19 @@ fn check_configuration(facts: &AdoptFacts, iso: &Isolation) -> Result<(), AdoptE
     Ok(())
 }
 
+/// The real uid of process `pid` (`Uid:` in its status: the owner of
+/// `/proc/<pid>` is root for a process that is not dumpable).
+fn real_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// A pidfd to the recorded worker, if the process with its pid is the one
 /// recorded: this boot, alive, started at the recorded tick, leading its
 /// own group, of the recorded uid and in the recorded cgroup. The checks
@@ -175,7 +193,7 @@ fn same_process(record: &Record, facts: &AdoptFacts) -> Result<std::os::fd::Owne
             "process {pid} no longer leads its process group"
         )));
     }
-    let owner = std::fs::metadata(format!("/proc/{pid}"))?.uid();
+    let owner = real_uid(pid).ok_or(AdoptError::Gone(pid))?;
     if owner != facts.uid {
         return Err(AdoptError::NotTheWorker(format!(
             "process {pid} runs as uid {owner}, not the worker's {}",

@@ -18,7 +18,7 @@ use crate::channel::{ChannelKind, socket_path_fits};
 use crate::identity::{EnvAllow, IdentitySetup};
 
 /// Name of a worker's socket in its directory.
-const SOCKET: &str = "fe.sock";
+pub(crate) const SOCKET: &str = "fe.sock";
 
 /// Why the worker run directory cannot be used.
 #[derive(Debug, thiserror::Error)]

@@ -459,15 +459,17 @@ fn is_member(r: &Record, host: &Host, p: &Proc) -> bool {
 
 /// Records a running worker in `dir` (nothing where its start time or the
 /// boot id cannot be read: such a record could never be verified).
+/// Returns whether the record written can be adopted from (it holds the
+/// adoption facts).
 pub(crate) fn record(
     dir: &Path,
     name: &str,
     pid: u32,
     cgroup: Option<String>,
     adopt: Option<AdoptFacts>,
-) {
+) -> bool {
     let (Some(p), Some(boot_id)) = (proc_of(pid), boot_id()) else {
-        return;
+        return false;
     };
     // A path with a line break cannot be written as a record line: such a
     // worker is recorded for cleanup, not for adoption.
@@ -483,9 +485,10 @@ pub(crate) fn record(
         cgroup,
         adopt,
     };
-    if std::fs::create_dir_all(dir).is_ok() {
-        let _ = std::fs::write(dir.join(name), r.encode());
-    }
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(dir.join(name), r.encode()))
+        .is_ok();
+    written && r.adopt.is_some()
 }
 
 /// Reads the record of worker `name` in `dir` without removing it.

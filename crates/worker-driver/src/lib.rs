@@ -163,6 +163,11 @@ pub trait Worker: Send + Sync {
     fn detach(self: Box<Self>) -> bool {
         false
     }
+    /// Whether [`Worker::detach`] would leave it running: started for
+    /// adoption, recorded so that it can be adopted, and alive.
+    fn can_detach(&self) -> bool {
+        false
+    }
 }
 
 /// Why a recorded worker is not adopted. Nothing of it is signalled for

@@ -173,7 +173,8 @@ impl WorkerDriver for ProcessDriver {
             let facts = adoptable
                 .then(|| crate::adopt::facts(&held, uid, &spec, separated))
                 .flatten();
-            leftovers::record(&records_dir, &spec.id, pid, cgroup_name, facts);
+            // Left running at a stop only if a later Steward can adopt it.
+            let adoptable = leftovers::record(&records_dir, &spec.id, pid, cgroup_name, facts);
             let worker: Box<dyn Worker> = Box::new(ProcessWorker {
                 process: Process::Child(child),
                 adoptable,
@@ -572,13 +573,36 @@ impl ProcessWorker {
         }
     }
 
+    /// Sends `sig` to the worker's process group. An adopted worker is not
+    /// Steward's child: once it has exited, its pid (and group id) may be
+    /// anyone's, so it is signalled through its pidfd, and its group only
+    /// while it lives (a group id is not reused while its leader lives);
+    /// what is left of it then is its cgroup's to kill.
+    fn signal(&self, sig: Signal) {
+        match &self.process {
+            Process::Child(_) => signal_group(self.pid, sig),
+            Process::Adopted(fd) => {
+                if pidfd_exited(fd.get_ref()) {
+                    if sig == Signal::SIGKILL
+                        && let Some(cg) = self.cgroup()
+                    {
+                        cg.kill_all();
+                    }
+                    return;
+                }
+                leftovers::pidfd_signal(fd.get_ref(), sig);
+                signal_group(self.pid, sig);
+            }
+        }
+    }
+
     /// Kills what is left of the worker (its group, its cgroup) and removes
     /// the cgroup, off the async threads.
     fn cleanup(&mut self) {
         if self.teardown.started() {
             return;
         }
-        signal_group(self.pid, Signal::SIGKILL);
+        self.signal(Signal::SIGKILL);
         leftovers::forget(&self.records_dir, &self.id);
         let cgroup = self.cgroup();
         let held = self.held.take();
@@ -671,12 +695,12 @@ impl Worker for ProcessWorker {
                 return Some(e);
             }
             if !grace.is_zero() {
-                signal_group(self.pid, Signal::SIGTERM);
+                self.signal(Signal::SIGTERM);
                 if let Ok(Ok(status)) = tokio::time::timeout(grace, self.process.wait()).await {
                     return Some(self.finish(status).await);
                 }
             }
-            signal_group(self.pid, Signal::SIGKILL);
+            self.signal(Signal::SIGKILL);
             if let Some(cg) = self.cgroup() {
                 cg.kill_all();
             }
@@ -689,8 +713,12 @@ impl Worker for ProcessWorker {
         .boxed()
     }
 
+    fn can_detach(&self) -> bool {
+        self.adoptable && self.exit.is_none()
+    }
+
     fn detach(mut self: Box<Self>) -> bool {
-        if !self.adoptable || self.exit.is_some() || self.process.try_wait().is_some() {
+        if !self.can_detach() || self.process.try_wait().is_some() {
             return false; // Dropped: stopped and cleaned up.
         }
         self.detached = true;

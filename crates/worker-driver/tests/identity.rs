@@ -16,6 +16,10 @@ use steward_worker_driver::{
 
 /// Ids of these tests, apart from the default range that Stewards running
 /// beside them lease from.
+/// Uid leases are per process: tests leasing at once would take each
+/// other's "lowest free" uid.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const RANGE: UidRange = UidRange {
     first: 2_100_000_000,
     count: 1_000,
@@ -158,6 +162,7 @@ fn mode_and_owner(p: &Path) -> (u32, u32) {
 
 #[tokio::test]
 async fn a_worker_runs_as_its_own_uid_without_privileges_in_a_private_directory() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let driver = driver(tmp.path(), ChannelKind::Unix, "identity");
     let mut a = driver
@@ -268,6 +273,7 @@ async fn a_worker_runs_as_its_own_uid_without_privileges_in_a_private_directory(
 /// listener is not the worker, so Steward sends nothing.
 #[tokio::test]
 async fn a_socket_that_another_process_listens_on_is_refused() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let driver = driver(tmp.path(), ChannelKind::Unix, "decoy");
     let decoy_dir = tmp.path().join("decoy");
@@ -307,6 +313,7 @@ time.sleep(60)
 
 #[tokio::test]
 async fn over_tcp_only_a_port_the_worker_listens_on_is_accepted() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let driver = driver(tmp.path(), ChannelKind::Tcp, "tcp");
     assert_eq!(driver.enforcement().channel, "tcp");

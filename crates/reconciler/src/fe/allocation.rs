@@ -41,6 +41,19 @@ pub(crate) struct AllocOutcome {
 pub(crate) struct Upload {
     pub uri: String,
     pub upload_id: String,
+    /// Completed already (by the run before a restart, as its record
+    /// says): never completed or aborted again.
+    pub completed: bool,
+}
+
+impl Upload {
+    pub(crate) fn open(uri: String, upload_id: String) -> Upload {
+        Upload {
+            uri,
+            upload_id,
+            completed: false,
+        }
+    }
 }
 
 /// Open uploads of a running allocation, aborted if dropped while armed.
@@ -71,6 +84,7 @@ impl Drop for OpenUploads {
             .chain(self.state_writes.drain())
             .map(|(_, u)| u)
             .chain(self.request_error.take())
+            .filter(|u| !u.completed)
             .collect();
         // Let go of alive with its worker (adoption mode): the worker may
         // still write to them; the next agent completes or aborts them.
@@ -291,6 +305,7 @@ fn record_of(blob_id: &str, u: &Upload) -> crate::adoption::UploadRecord {
         blob_id: blob_id.to_string(),
         uri: u.uri.clone(),
         upload_id: u.upload_id.clone(),
+        completed: u.completed,
     }
 }
 
@@ -298,6 +313,7 @@ fn upload_of(u: &crate::adoption::UploadRecord) -> Upload {
     Upload {
         uri: u.uri.clone(),
         upload_id: u.upload_id.clone(),
+        completed: u.completed,
     }
 }
 
@@ -478,7 +494,7 @@ async fn open_request_error(
         )
         .await
     {
-        Ok(chunks) => Ok((Upload { uri, upload_id }, chunks)),
+        Ok(chunks) => Ok((Upload::open(uri, upload_id), chunks)),
         Err(e) => {
             let _ = blobs.abort_multipart(&uri, &upload_id).await;
             Err(e)
@@ -534,7 +550,7 @@ async fn finish(
     mut uploads: HashMap<String, Upload>,
     request_error: Upload,
 ) -> Result<Kept, pb::AllocationFailureReason> {
-    let outputs_uri = match complete_outputs(shared, fe_result, &mut uploads).await {
+    let outputs_uri = match complete_outputs(shared, alloc_id, fe_result, &mut uploads).await {
         Ok(uri) => uri,
         Err(Driven {
             reason, message, ..
@@ -558,6 +574,7 @@ async fn finish(
 /// its URI, or none when the worker reported none.
 async fn complete_outputs(
     shared: &Shared,
+    alloc_id: &str,
     fe_result: &fe_pb::AllocationResult,
     uploads: &mut HashMap<String, Upload>,
 ) -> Result<Option<String>, Driven> {
@@ -576,6 +593,9 @@ async fn complete_outputs(
             format!("worker reported output blob {id:?} that was never requested"),
         ));
     };
+    if up.completed {
+        return Ok(Some(up.uri)); // By the run before a restart.
+    }
     shared
         .config
         .blob_store
@@ -587,6 +607,10 @@ async fn complete_outputs(
                 format!("completing output upload: {e}"),
             )
         })?;
+    if let Some(store) = &shared.adoption {
+        // A restart from here on must not complete it again.
+        store.upload_completed(alloc_id, &id);
+    }
     Ok(Some(up.uri))
 }
 
@@ -1054,7 +1078,7 @@ impl<'a> Runner<'a> {
         .await;
         let update = match prepared {
             Ok((upload_id, chunks)) => {
-                let upload = Upload { uri, upload_id };
+                let upload = Upload::open(uri, upload_id);
                 if let Some(store) = &self.shared.adoption {
                     // On record before the worker gets its URLs.
                     store.output_created(&self.alloc_id, record_of(&id, &upload));
@@ -1545,7 +1569,7 @@ pub(crate) fn status(code: i32, message: impl Into<String>) -> steward_proto::go
 }
 
 async fn abort_all(shared: &Arc<Shared>, uploads: HashMap<String, Upload>, extra: Option<Upload>) {
-    for up in uploads.into_values().chain(extra) {
+    for up in uploads.into_values().chain(extra).filter(|u| !u.completed) {
         if let Err(e) = shared
             .config
             .blob_store

@@ -215,6 +215,13 @@ impl Controller {
     /// hears of them again). Returns false where the worker cannot outlive
     /// the agent (it is then stopped as at any shutdown).
     fn let_go(&mut self) -> bool {
+        if !self.live().is_some_and(|l| l.worker.can_detach()) {
+            self.detaching = false;
+            return false;
+        }
+        // What already finished is kept (on record, and told to the
+        // worker to forget) before the rest is let go of.
+        self.collect_finished();
         let Some(live) = self.take_live() else {
             self.detaching = false;
             return false;
@@ -223,6 +230,7 @@ impl Controller {
         // writing to them.
         self.tasks.abort_all();
         if !live.worker.detach() {
+            // It exited just now: what ran on it fails as at any stop.
             self.detaching = false;
             return false;
         }
@@ -230,7 +238,9 @@ impl Controller {
         self.shared
             .detached_workers
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.running.clear();
+        for _ in self.running.drain() {
+            self.shared.metrics.allocations_running.dec();
+        }
         self.queue.clear();
         self.shared.event(
             "function_executor_detached",
@@ -345,6 +355,10 @@ impl Controller {
         let (mut resumed, mut again) = (Vec::new(), Vec::new());
         for a in record.allocations {
             if a.result.is_some() {
+                // Kept for the server already; the worker may let it go.
+                if on_worker.contains(a.id()) {
+                    allocation::forget(&live.client, a.id());
+                }
                 continue;
             }
             let Some(alloc) = a.allocation.clone() else {
@@ -879,6 +893,11 @@ impl Controller {
             if self.running.remove(&id).is_some() {
                 self.shared.metrics.allocations_running.dec();
                 self.shared.push_result(outcome.result);
+                if outcome.on_worker
+                    && let Some(live) = self.live()
+                {
+                    allocation::forget(&live.client, &id);
+                }
             }
         }
     }

@@ -183,7 +183,7 @@ async fn prepare_write(
         Ok(u) => u,
         Err(e) => return (CODE_INTERNAL, e.to_string(), write_result(None)),
     };
-    let upload = Upload { uri, upload_id };
+    let upload = Upload::open(uri, upload_id);
     match blobs
         .presign_write_parts(&upload.uri, &upload.upload_id, size, valid_for)
         .await

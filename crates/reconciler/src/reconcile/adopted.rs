@@ -22,10 +22,10 @@ pub(crate) fn adopt_left_workers(shared: &Arc<Shared>) -> usize {
         // Without adoption no worker outlives the agent: records of an
         // earlier run that adopted describe workers the sweep now kills.
         let dir = shared.config.data_dir.join("adoption");
-        if dir.exists() {
-            if let Err(error) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(path = %dir.display(), %error, "cannot remove adoption records");
-            }
+        if dir.exists()
+            && let Err(error) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(path = %dir.display(), %error, "cannot remove adoption records");
         }
         return 0;
     };
@@ -46,7 +46,21 @@ pub(crate) fn adopt_left_workers(shared: &Arc<Shared>) -> usize {
             continue;
         }
         let id = fe_id_of(&record).to_string();
-        let worker = shared.config.driver.adopt(&id).map_err(|e| e.to_string());
+        let worker = shared
+            .config
+            .driver
+            .adopt(&id)
+            .map_err(|e| e.to_string())
+            .and_then(|w| {
+                // Its GPUs are its own again, or it cannot be kept (it is
+                // stopped when `w` goes).
+                shared
+                    .config
+                    .gpu_pool
+                    .reserve(&id, &record.gpus)
+                    .map(|()| w)
+                    .map_err(|e| format!("its GPUs cannot be taken back: {e}"))
+            });
         if let Err(why) = &worker {
             tracing::warn!(worker = %id, %why, "a worker of an earlier run is not adopted");
         } else {
