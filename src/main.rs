@@ -769,8 +769,18 @@ fn worker_driver(
         records_dir: data_dir.join("workers"),
         cgroups: worker_cgroups(args),
         isolation,
-        adoptable: args.adopt_workers,
+        // A TCP port cannot be proved the worker's again after a restart.
+        adoptable: adopting(args),
     })
+}
+
+/// Whether workers are started to be adopted: `--adopt-workers` under the
+/// process driver on the Unix channel (OCI sandboxes and TCP workers are
+/// not adopted: they die with Steward or are reaped at its next start).
+fn adopting(args: &AgentArgs) -> bool {
+    args.adopt_workers
+        && args.worker_driver == DriverKind::Process
+        && args.worker_channel == wd::ChannelKind::Unix
 }
 
 /// The OCI driver (`--worker-driver oci`): refused here, before anything
@@ -1012,7 +1022,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     config.function_executor_resources = allocatable;
     config.function_executor_bin = args.function_executor_bin.clone();
     config.health_checks_enabled = !args.disable_function_executor_health_checks;
-    config.adopt_workers = args.adopt_workers && args.worker_driver == DriverKind::Process;
+    config.adopt_workers = adopting(&args);
     config.report_interval = Duration::from_secs(args.report_interval_s.max(1));
     config.stream_idle_timeout = Duration::from_secs(args.stream_idle_timeout_s.max(1));
     config.max_function_call_wait = Duration::from_secs(args.max_function_call_wait_s.max(1));

@@ -118,6 +118,7 @@ pub(crate) fn adopt(driver: &ProcessDriver, id: &str) -> Result<Box<dyn Worker>,
         exit: None,
         teardown: Teardown::default(),
         detached: false,
+        driver_detached: driver.detached.clone(),
     };
     if let Ok(mut spared) = driver.spared.lock() {
         spared.ids.push(id.to_string());

@@ -104,6 +104,15 @@ impl Isolation {
         }
     }
 
+    /// This Steward's instance name (`e-<hash of its executor id>`), as its
+    /// directory and its workers' cgroups are marked.
+    pub(crate) fn instance(&self) -> String {
+        self.run_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// Where uid leases are locked, host-wide; `None` without identities.
     pub(crate) fn lock_dir(&self) -> Option<PathBuf> {
         self.identities.range().map(|_| self.base.join("uids"))

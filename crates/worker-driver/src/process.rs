@@ -49,6 +49,9 @@ pub struct ProcessDriver {
     adoptable: bool,
     /// What adopted workers hold, spared by the leftover sweep.
     pub(crate) spared: std::sync::Mutex<crate::adopt::Spared>,
+    /// Set once one of its workers is detached: its stop then leaves the
+    /// parent cgroup and the directories to the next Steward.
+    pub(crate) detached: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ProcessDriver {
@@ -61,6 +64,7 @@ impl ProcessDriver {
             isolation: Arc::new(config.isolation),
             adoptable: config.adoptable,
             spared: std::sync::Mutex::default(),
+            detached: Arc::default(),
         }
     }
 }
@@ -132,6 +136,7 @@ impl WorkerDriver for ProcessDriver {
         let records_dir = self.records_dir.clone();
         let iso = self.isolation.clone();
         let adoptable = self.adoptable;
+        let driver_detached = self.detached.clone();
         let separated = self.isolation.identities.range().is_some();
         async move {
             let runtime = tokio::runtime::Handle::current();
@@ -190,6 +195,7 @@ impl WorkerDriver for ProcessDriver {
                 exit: None,
                 teardown: Teardown::default(),
                 detached: false,
+                driver_detached,
             });
             Ok(worker)
         }
@@ -223,7 +229,7 @@ impl WorkerDriver for ProcessDriver {
                 ));
             }
             found.extend(
-                c.reap_leftovers_except(&spared.cgroups)
+                c.reap_leftovers_except(&spared.cgroups, Some(&self.isolation.instance()))
                     .into_iter()
                     .map(|(name, killed)| cgroup(name, killed)),
             );
@@ -266,13 +272,13 @@ impl WorkerDriver for ProcessDriver {
 
     fn shutdown(&self) {
         wait_for_spawns(Duration::from_secs(10));
-        let detached = DETACHED.load(std::sync::atomic::Ordering::Acquire);
+        let detached = self.detached.load(std::sync::atomic::Ordering::Acquire);
         if let CgroupSetup::Enabled(c) = &self.cgroups
             && !detached
         {
             // Every worker is gone by now; anything left under our parent
-            // is a straggler of ours.
-            c.reap_leftovers();
+            // is a straggler of ours (another instance's are left alone).
+            c.reap_leftovers_except(&[], Some(&self.isolation.instance()));
             c.remove_parents();
         }
         if !detached {
@@ -337,7 +343,11 @@ fn spawn_confined(
     let log2 = log.try_clone().map_err(log_err)?;
     let home = held.dir.home();
     let cgroup = match cgroups {
-        CgroupSetup::Enabled(c) => Some(Arc::new(c.create(&cgroup_name(&spec.id), &spec.limits)?)),
+        CgroupSetup::Enabled(c) => {
+            let cg = c.create(&cgroup_name(&spec.id), &spec.limits)?;
+            cg.mark_instance(&iso.instance());
+            Some(Arc::new(cg))
+        }
         CgroupSetup::Unavailable(_) => None,
     };
     let mut cmd = Command::new(&spec.program);
@@ -482,10 +492,6 @@ fn pidfd_exited(fd: &std::os::fd::OwnedFd) -> bool {
     n > 0 && p.revents & libc::POLLIN != 0
 }
 
-/// Set once a worker is detached: the driver's stop then leaves its parent
-/// cgroup and directories to the next Steward.
-static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 pub(crate) struct ProcessWorker {
     pub(crate) process: Process,
     /// Started (or adopted) to outlive Steward: it can be detached.
@@ -507,6 +513,8 @@ pub(crate) struct ProcessWorker {
     pub(crate) teardown: Teardown,
     /// Let go of, alive: nothing of it is killed or removed when dropped.
     pub(crate) detached: bool,
+    /// Its driver's: set when it is detached (see `ProcessDriver::detached`).
+    pub(crate) driver_detached: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The OOM verdict of a worker's exit, for reports and events: set when
@@ -722,7 +730,8 @@ impl Worker for ProcessWorker {
             return false; // Dropped: stopped and cleaned up.
         }
         self.detached = true;
-        DETACHED.store(true, std::sync::atomic::Ordering::Release);
+        self.driver_detached
+            .store(true, std::sync::atomic::Ordering::Release);
         if let Some(held) = self.held.take() {
             // Its directory (with its socket) stays; its uid lease is
             // released with Steward's lock, and taken again on adoption.

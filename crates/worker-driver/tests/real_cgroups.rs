@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use steward_worker_driver::{
-    CgroupSetup, Cgroups, Isolation, Limits, ProcessDriver, ProcessDriverConfig, WorkerDriver,
-    WorkerSpec,
+    CgroupSetup, Cgroups, ChannelKind, EnvAllow, IdentitySetup, Isolation, Limits, ProcessDriver,
+    ProcessDriverConfig, WorkerDriver, WorkerSpec,
 };
 
 fn spec(dir: &Path, id: &str, script: &str, limits: Limits) -> WorkerSpec {
@@ -39,6 +39,10 @@ fn driver(dir: &Path, test: &str) -> (ProcessDriver, Option<String>) {
     (d, why)
 }
 
+/// Uid (directory) leases are per process: a test adopting a worker takes
+/// its lease again, which a test starting workers beside it could take.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const LIMITS: Limits = Limits {
     cpu_ms_per_sec: 500,
     memory_bytes: 64 << 20,
@@ -47,6 +51,7 @@ const LIMITS: Limits = Limits {
 
 #[tokio::test]
 async fn a_worker_is_confined_from_its_first_instruction_and_its_cgroup_goes_with_it() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let (driver, unavailable) = driver(tmp.path(), "confined");
     // The script reads its own cgroup membership as its first act.
@@ -105,6 +110,7 @@ async fn a_worker_is_confined_from_its_first_instruction_and_its_cgroup_goes_wit
 
 #[tokio::test]
 async fn a_worker_past_its_memory_limit_is_reported_oom_by_its_cgroup() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let (driver, unavailable) = driver(tmp.path(), "oom");
     if let Some(why) = unavailable {
@@ -126,6 +132,7 @@ async fn a_worker_past_its_memory_limit_is_reported_oom_by_its_cgroup() {
 
 #[tokio::test]
 async fn leftovers_of_a_vanished_agent_are_killed_and_removed() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let (driver, unavailable) = driver(tmp.path(), "leftovers");
     if let Some(why) = unavailable {
@@ -166,6 +173,7 @@ async fn leftovers_of_a_vanished_agent_are_killed_and_removed() {
 
 #[tokio::test]
 async fn an_abandoned_start_leaves_no_process_and_no_cgroup() {
+    let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let (driver, _) = driver(tmp.path(), "abandoned");
     let parents = driver.enforcement().cgroup_parents;
@@ -199,4 +207,58 @@ async fn an_abandoned_start_leaves_no_process_and_no_cgroup() {
         sleepers.is_empty(),
         "workers of abandoned starts live: {sleepers:?}"
     );
+}
+
+/// Two Stewards (two executor ids) share a parent cgroup: a worker the
+/// first let go of alive (for its next run to adopt) carries the name of a
+/// dead Steward's pid, yet the second neither sweeps it at its start nor
+/// at its stop; the first's next run adopts it.
+#[tokio::test]
+async fn another_stewards_worker_under_a_shared_parent_is_spared_for_its_adoption() {
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let parent = format!("steward-driver-test-{}-shared", std::process::id());
+    let make = |executor: &str| {
+        ProcessDriver::new(ProcessDriverConfig {
+            records_dir: tmp.path().join(executor).join("workers"),
+            cgroups: Cgroups::detect(&parent),
+            isolation: Isolation::new(
+                &tmp.path().join("run"),
+                executor,
+                IdentitySetup::NotSeparated("not what this test is about".into()),
+                ChannelKind::Unix,
+                EnvAllow::default(),
+            ),
+            adoptable: true,
+        })
+    };
+    let a = make("executor-a");
+    if a.enforcement().cgroup_version.is_none() {
+        eprintln!("cgroups unavailable here; nothing to check");
+        return;
+    }
+    let w = a
+        .start(spec(tmp.path(), "kept", "exec sleep 30", LIMITS))
+        .await
+        .expect("start");
+    let pid = w.pid();
+    assert!(w.detach(), "let go of alive");
+    a.shutdown();
+    let alive =
+        || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"));
+    let b = make("executor-b");
+    let found = b.reap_leftovers();
+    assert!(found.iter().all(|l| l.processes_killed == 0), "{found:?}");
+    b.shutdown();
+    assert!(alive(), "another Steward's worker survived its sweeps");
+    let a_again = make("executor-a");
+    let mut adopted = a_again.adopt("kept").expect("adopted by its own Steward");
+    assert_eq!(adopted.pid(), pid);
+    adopted.stop(Duration::ZERO).await;
+    a_again.shutdown();
+    assert!(!alive());
+    if let CgroupSetup::Enabled(c) = Cgroups::detect(&parent) {
+        c.reap_leftovers();
+        c.remove_parents();
+    }
 }

@@ -41,6 +41,11 @@ const CONTROLLERS: [&str; 4] = ["cpu", "cpuacct", "memory", "pids"];
 const AGENT_LEAF: &str = "steward-agent";
 /// The extended attribute that marks a parent cgroup as Steward's, and its value.
 pub const OWNER_XATTR: &str = "user.steward.owner";
+/// The extended attribute naming the Steward instance (its executor id,
+/// hashed) a worker cgroup belongs to: another Steward sharing the parent
+/// never sweeps it, even once the pid in its name is dead (its worker may
+/// have been adopted by a later run of that Steward).
+pub const INSTANCE_XATTR: &str = "user.steward.instance";
 const OWNER_VALUE: &[u8] = b"steward";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -385,12 +390,22 @@ impl Cgroups {
     /// parent is touched, and nothing at all under a parent that is not
     /// Steward's (see [`Cgroups::unowned_parents`]).
     pub fn reap_leftovers(&self) -> Vec<(String, usize)> {
-        self.reap_leftovers_except(&[])
+        self.reap_leftovers_except(&[], None)
     }
 
     /// [`Cgroups::reap_leftovers`], sparing the cgroups named in `spare`
-    /// (those of adopted workers).
-    pub fn reap_leftovers_except(&self, spare: &[String]) -> Vec<(String, usize)> {
+    /// (those of adopted workers) and, given the `instance` sweeping, those
+    /// marked as another instance's ([`INSTANCE_XATTR`]).
+    pub fn reap_leftovers_except(
+        &self,
+        spare: &[String],
+        instance: Option<&str>,
+    ) -> Vec<(String, usize)> {
+        let anothers = |dir: &Path| {
+            instance.is_some_and(|mine| {
+                get_xattr(dir, INSTANCE_XATTR).is_some_and(|theirs| theirs != mine.as_bytes())
+            })
+        };
         let mut names: Vec<String> = Vec::new();
         for t in self.trees.iter().filter(|t| t.owned) {
             for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
@@ -399,6 +414,7 @@ impl Cgroups {
                     && e.path().is_dir()
                     && !names.contains(&name)
                     && !spare.contains(&name)
+                    && !anothers(&e.path())
                     && !of_another_live_steward(&name)
                 {
                     names.push(name);
@@ -554,26 +570,26 @@ pub fn steward_parent(dir: &Path) -> bool {
         })
 }
 
-/// `dir` and [`OWNER_XATTR`] as C strings.
-fn xattr_names(dir: &Path) -> io::Result<(std::ffi::CString, std::ffi::CString)> {
+/// `dir` and the attribute `attr` as C strings.
+fn xattr_names(dir: &Path, attr: &str) -> io::Result<(std::ffi::CString, std::ffi::CString)> {
     use std::os::unix::ffi::OsStrExt;
     Ok((
         std::ffi::CString::new(dir.as_os_str().as_bytes())?,
-        std::ffi::CString::new(OWNER_XATTR)?,
+        std::ffi::CString::new(attr)?,
     ))
 }
 
-/// Marks `dir` as Steward's with [`OWNER_XATTR`].
-pub(crate) fn mark_owned(dir: &Path) -> io::Result<()> {
-    let (path, name) = xattr_names(dir)?;
+/// Sets extended attribute `attr` of `dir` to `value`.
+fn set_xattr(dir: &Path, attr: &str, value: &[u8]) -> io::Result<()> {
+    let (path, name) = xattr_names(dir, attr)?;
     // SAFETY: both strings are NUL-terminated and the value's length is its own.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setxattr(
             path.as_ptr(),
             name.as_ptr(),
-            OWNER_VALUE.as_ptr().cast(),
-            OWNER_VALUE.len(),
+            value.as_ptr().cast(),
+            value.len(),
             0,
         )
     };
@@ -584,12 +600,10 @@ pub(crate) fn mark_owned(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Whether `dir` carries Steward's mark ([`OWNER_XATTR`]): Steward created it.
-pub fn owned_parent(dir: &Path) -> bool {
-    let Ok((path, name)) = xattr_names(dir) else {
-        return false;
-    };
-    let mut buf = [0u8; 16];
+/// Extended attribute `attr` of `dir` (at most 64 bytes), if set.
+fn get_xattr(dir: &Path, attr: &str) -> Option<Vec<u8>> {
+    let (path, name) = xattr_names(dir, attr).ok()?;
+    let mut buf = [0u8; 64];
     // SAFETY: both strings are NUL-terminated; the kernel writes at most
     // `buf.len()` bytes into `buf`.
     #[allow(unsafe_code)]
@@ -601,7 +615,18 @@ pub fn owned_parent(dir: &Path) -> bool {
             buf.len(),
         )
     };
-    usize::try_from(n).is_ok_and(|n| buf.get(..n) == Some(OWNER_VALUE))
+    let n = usize::try_from(n).ok()?;
+    buf.get(..n).map(<[u8]>::to_vec)
+}
+
+/// Marks `dir` as Steward's with [`OWNER_XATTR`].
+pub(crate) fn mark_owned(dir: &Path) -> io::Result<()> {
+    set_xattr(dir, OWNER_XATTR, OWNER_VALUE)
+}
+
+/// Whether `dir` carries Steward's mark ([`OWNER_XATTR`]): Steward created it.
+pub fn owned_parent(dir: &Path) -> bool {
+    get_xattr(dir, OWNER_XATTR).as_deref() == Some(OWNER_VALUE)
 }
 
 /// Whether `name` is a worker cgroup's as the driver names them:
@@ -741,6 +766,15 @@ impl WorkerCgroup {
     pub fn name(&self) -> Option<String> {
         let (_, dir) = self.dirs.first()?;
         Some(dir.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// Marks the cgroup as `instance`'s ([`INSTANCE_XATTR`]); where the
+    /// kernel keeps no user attributes on cgroups (before 5.7) it stays
+    /// unmarked.
+    pub fn mark_instance(&self, instance: &str) {
+        for (_, d) in &self.dirs {
+            let _ = set_xattr(d, INSTANCE_XATTR, instance.as_bytes());
+        }
     }
 
     /// The `cgroup.procs` files a new worker writes its pid to before exec.
