@@ -107,7 +107,13 @@ async fn steward_and_reference_executor_give_the_same_results() -> Result<()> {
 async fn sigkill_of_steward_leaves_no_worker_behind() -> Result<()> {
     let plane = Plane::start().await?;
     plane.deploy_hello(FunctionOptions::default()).await?;
-    let mut steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &[])?;
+    // Adoption off: workers die with Steward (with it on, they are left
+    // for the next Steward to adopt: tests/adoption.rs).
+    let mut steward = AgentProc::steward(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &["--adopt-workers=false"],
+    )?;
     plane.wait_executors(1).await?;
     assert_eq!(plane.invoke("greet", json!("x")).await?.status, "success");
     let executor_id = std::fs::read_to_string(steward.data_dir.path().join("executor_id"))?;
@@ -135,7 +141,12 @@ async fn sigkill_of_steward_leaves_no_worker_behind() -> Result<()> {
 async fn sigterm_stops_workers_and_deregisters() -> Result<()> {
     let plane = Plane::start().await?;
     plane.deploy_hello(FunctionOptions::default()).await?;
-    let mut steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &[])?;
+    // Adoption off: a stop stops the workers and says STOPPED.
+    let mut steward = AgentProc::steward(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &["--adopt-workers=false"],
+    )?;
     plane.wait_executors(1).await?;
     assert_eq!(
         plane.invoke("sum_of_squares", json!([2])).await?.output,
