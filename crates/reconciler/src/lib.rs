@@ -83,6 +83,28 @@ pub enum AgentError {
     },
 }
 
+/// Kills and removes what an earlier run left that was not adopted, each
+/// said in an event.
+fn sweep_leftovers(shared: &state::Shared) {
+    for l in shared.config.driver.reap_leftovers() {
+        match &l.skipped {
+            None => shared.event(
+                "leftover_cleaned",
+                &l.worker,
+                format!(
+                    "a previous run left worker {} behind ({}); killed {} leftover process(es)",
+                    l.worker, l.kind, l.processes_killed
+                ),
+            ),
+            Some(why) => shared.event(
+                "leftover_skipped",
+                &l.worker,
+                format!("{} {}: not cleaned up, {why}", l.kind, l.worker),
+            ),
+        }
+    }
+}
+
 /// The running agent.
 pub struct Agent {
     handle: AgentHandle,
@@ -123,23 +145,7 @@ impl Agent {
         if adopted > 0 {
             tracing::info!(adopted, "adopted workers left running by an earlier run");
         }
-        for l in shared.config.driver.reap_leftovers() {
-            match &l.skipped {
-                None => shared.event(
-                    "leftover_cleaned",
-                    &l.worker,
-                    format!(
-                        "a previous run left worker {} behind ({}); killed {} leftover process(es)",
-                        l.worker, l.kind, l.processes_killed
-                    ),
-                ),
-                Some(why) => shared.event(
-                    "leftover_skipped",
-                    &l.worker,
-                    format!("{} {}: not cleaned up, {why}", l.kind, l.worker),
-                ),
-            }
-        }
+        sweep_leftovers(&shared);
         let cancel = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(fe::probe_python(shared.clone()));
