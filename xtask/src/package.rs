@@ -422,15 +422,16 @@ fn systemd_calls(deb: &Path) -> Result<()> {
         l.gone_after_removal()?;
     } else {
         eprintln!(
-            "xtask: no cgroup v2 here: the removal's kill of what Steward left is not checked"
+            "xtask: no writable cgroup hierarchy of systemd's here: the removal's kill of what Steward left is not checked"
         );
     }
     Ok(())
 }
 
 /// A process in a cgroup of its own, standing in for a worker that a
-/// stopped Steward left running in its unit's cgroup (adoption); `None`
-/// without a writable cgroup v2 hierarchy.
+/// stopped Steward left running in its unit's cgroup (adoption), in the
+/// hierarchy systemd keeps units in: the unified one (v2, or hybrid) or
+/// its named v1 one; `None` without one that is writable.
 struct LeftInUnit {
     /// The cgroup as `systemctl show -p ControlGroup` names it.
     cgroup_path: String,
@@ -440,10 +441,19 @@ struct LeftInUnit {
 
 impl LeftInUnit {
     fn start() -> Result<Option<LeftInUnit>> {
-        let root = Path::new("/sys/fs/cgroup");
-        if !root.join("cgroup.controllers").exists() {
+        let roots = [
+            ("/sys/fs/cgroup", "cgroup.controllers"),
+            ("/sys/fs/cgroup/unified", "cgroup.controllers"),
+            ("/sys/fs/cgroup/systemd", "cgroup.procs"),
+        ];
+        let Some(root) = roots
+            .iter()
+            .map(|(r, marker)| (Path::new(r), marker))
+            .find(|(r, marker)| r.join(marker).exists())
+            .map(|(r, _)| r)
+        else {
             return Ok(None);
-        }
+        };
         let cgroup_path = format!("/steward-pkgcheck-{}", std::process::id());
         let dir = root.join(&cgroup_path[1..]);
         if std::fs::create_dir(&dir).is_err() {

@@ -259,7 +259,7 @@ impl LocalRoots {
     }
 
     /// Publishes a staged upload as the blob (an upload the worker never
-    /// wrote to becomes an empty blob; one completed before is left as it is).
+    /// wrote to becomes an empty blob).
     pub async fn complete_upload(&self, uri: &str, upload_id: &str) -> Result<(), BlobError> {
         let staged = self.resolve(&self.staging_uri(uri, upload_id)?)?;
         let path = self.resolve(uri)?;
@@ -271,8 +271,6 @@ impl LocalRoots {
         // when the worker wrote anything.
         match std::fs::rename(&staged, &path) {
             Ok(()) => Ok(()),
-            // Completed already (again after a restart): the blob stays.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_file() => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let path = self.prepare_write(uri).await?;
                 std::fs::write(&path, b"").map_err(io)
@@ -488,30 +486,6 @@ mod tests {
         roots.remove(&uri).await.expect("remove");
         roots.remove(&uri).await.expect("remove twice");
         assert!(roots.get(&uri).await.is_err());
-    }
-
-    /// An upload completed twice (again after a restart of the agent that
-    /// completed it) keeps the blob; it used to be emptied.
-    #[tokio::test]
-    async fn completing_an_upload_again_keeps_the_blob() {
-        let root = tempfile::tempdir().expect("tempdir");
-        let roots = LocalRoots::new(vec![root.path().to_path_buf()]);
-        let uri = format!("file://{}/out/blob", root.path().display());
-        let id = roots.create_upload(&uri).await.expect("upload");
-        let staged = roots.staging_uri(&uri, &id).expect("staging");
-        roots
-            .put(&staged, Bytes::from_static(b"output"))
-            .await
-            .expect("part");
-        roots.complete_upload(&uri, &id).await.expect("complete");
-        roots
-            .complete_upload(&uri, &id)
-            .await
-            .expect("complete again");
-        assert_eq!(
-            roots.get(&uri).await.expect("get"),
-            Bytes::from_static(b"output")
-        );
     }
 
     /// Writes of the same blob at once (two requests with one input) each

@@ -267,18 +267,22 @@ impl Store {
         });
     }
 
-    /// Output `blob_id` of allocation `alloc_id` was completed.
+    /// Upload `blob_id` (an output, or the request error) of allocation
+    /// `alloc_id` was completed.
     pub fn upload_completed(&self, alloc_id: &str, blob_id: &str) {
         let Some(fe_id) = self.worker_of(alloc_id) else {
             return;
         };
         self.change(&fe_id, |r| {
-            if let Some(u) = r
-                .allocations
+            let Some(a) = r.allocations.iter_mut().find(|a| a.id() == alloc_id) else {
+                return;
+            };
+            let upload = a
+                .outputs
                 .iter_mut()
-                .find(|a| a.id() == alloc_id)
-                .and_then(|a| a.outputs.iter_mut().find(|u| u.blob_id == blob_id))
-            {
+                .chain(a.request_error.iter_mut())
+                .find(|u| u.blob_id == blob_id);
+            if let Some(u) = upload {
                 u.completed = true;
             }
         });

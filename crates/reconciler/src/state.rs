@@ -138,6 +138,8 @@ pub(crate) struct Shared {
     pub detaching: AtomicBool,
     /// Workers let go of alive so far.
     pub detached_workers: std::sync::atomic::AtomicUsize,
+    /// The ids of those workers: the uploads of their allocations stay open.
+    pub let_go_of: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What adoption brought back at start.
@@ -155,6 +157,11 @@ impl Shared {
     /// What workers may hold now (the reserved part can change at runtime).
     pub fn allocatable(&self) -> pb::HostResources {
         crate::admission::allocatable_in(&self.config, &self.settings.borrow())
+    }
+
+    /// Whether worker `fe_id` was let go of alive (see `Shared::let_go_of`).
+    pub fn let_go(&self, fe_id: &str) -> bool {
+        self.let_go_of.lock().contains(fe_id)
     }
 
     /// The current worker registry (a cheap copy of its pointer).
@@ -229,6 +236,7 @@ impl Shared {
             adopted: Mutex::new(Adopted::default()),
             detaching: AtomicBool::new(false),
             detached_workers: std::sync::atomic::AtomicUsize::new(0),
+            let_go_of: Mutex::new(std::collections::HashSet::new()),
         })
     }
 

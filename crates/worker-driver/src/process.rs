@@ -137,6 +137,7 @@ impl WorkerDriver for ProcessDriver {
         let iso = self.isolation.clone();
         let adoptable = self.adoptable;
         let driver_detached = self.detached.clone();
+        let instance = self.isolation.instance();
         let separated = self.isolation.identities.range().is_some();
         async move {
             let runtime = tokio::runtime::Handle::current();
@@ -178,8 +179,12 @@ impl WorkerDriver for ProcessDriver {
             let facts = adoptable
                 .then(|| crate::adopt::facts(&held, uid, &spec, separated))
                 .flatten();
-            // Left running at a stop only if a later Steward can adopt it.
+            // Left running at a stop only if a later Steward can adopt it;
+            // then its cgroup is this instance's alone to sweep.
             let adoptable = leftovers::record(&records_dir, &spec.id, pid, cgroup_name, facts);
+            if adoptable && let Some(cg) = &cgroup {
+                cg.mark_instance(&instance);
+            }
             let worker: Box<dyn Worker> = Box::new(ProcessWorker {
                 process: Process::Child(child),
                 adoptable,
@@ -221,6 +226,13 @@ impl WorkerDriver for ProcessDriver {
                 processes_killed: killed,
                 skipped: None,
             };
+            for (name, theirs) in c.other_instances(&self.isolation.instance()) {
+                found.push(Leftover::skipped(
+                    name,
+                    "cgroup",
+                    format!("another Steward's (instance {theirs}): left for it to adopt or sweep"),
+                ));
+            }
             for parent in c.unowned_parents() {
                 found.push(Leftover::skipped(
                     parent.display().to_string(),
@@ -343,11 +355,7 @@ fn spawn_confined(
     let log2 = log.try_clone().map_err(log_err)?;
     let home = held.dir.home();
     let cgroup = match cgroups {
-        CgroupSetup::Enabled(c) => {
-            let cg = c.create(&cgroup_name(&spec.id), &spec.limits)?;
-            cg.mark_instance(&iso.instance());
-            Some(Arc::new(cg))
-        }
+        CgroupSetup::Enabled(c) => Some(Arc::new(c.create(&cgroup_name(&spec.id), &spec.limits)?)),
         CgroupSetup::Unavailable(_) => None,
     };
     let mut cmd = Command::new(&spec.program);

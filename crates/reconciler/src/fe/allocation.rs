@@ -59,6 +59,8 @@ impl Upload {
 /// Open uploads of a running allocation, aborted if dropped while armed.
 struct OpenUploads {
     shared: Arc<Shared>,
+    /// The worker the allocation runs on.
+    fe_id: String,
     /// Output blobs by the worker's blob id.
     map: HashMap<String, Upload>,
     /// Prepared, not yet committed request-state writes by operation id.
@@ -88,12 +90,7 @@ impl Drop for OpenUploads {
             .collect();
         // Let go of alive with its worker (adoption mode): the worker may
         // still write to them; the next agent completes or aborts them.
-        if open.is_empty()
-            || self
-                .shared
-                .detaching
-                .load(std::sync::atomic::Ordering::Acquire)
-        {
+        if open.is_empty() || self.shared.let_go(&self.fe_id) {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -518,6 +515,7 @@ async fn drive(
     // (allocation cancelled, worker killed) they are aborted, not leaked.
     let guard = OpenUploads {
         shared: shared.clone(),
+        fe_id: alloc.function_executor_id.clone().unwrap_or_default(),
         map: start.uploads,
         state_writes: HashMap::new(),
         request_error: Some(request_error.clone()),
@@ -623,13 +621,21 @@ async fn complete_request_error(
     upload: &Upload,
 ) -> Option<String> {
     let blob = fe_result.uploaded_request_error_blob.as_ref()?;
+    if upload.completed {
+        return Some(upload.uri.clone()); // By the run before a restart.
+    }
     match shared
         .config
         .blob_store
         .complete_multipart(&upload.uri, &upload.upload_id, &etags(blob))
         .await
     {
-        Ok(()) => Some(upload.uri.clone()),
+        Ok(()) => {
+            if let Some(store) = &shared.adoption {
+                store.upload_completed(alloc_id, REQUEST_ERROR_BLOB);
+            }
+            Some(upload.uri.clone())
+        }
         Err(e) => {
             tracing::warn!(allocation = %alloc_id, error = %e, "completing request error upload failed");
             None

@@ -226,14 +226,16 @@ impl Controller {
             self.detaching = false;
             return false;
         };
-        // Their uploads stay open (`Shared::detaching`): the worker may be
-        // writing to them.
-        self.tasks.abort_all();
         if !live.worker.detach() {
             // It exited just now: what ran on it fails as at any stop.
             self.detaching = false;
+            self.keep_last_usage();
             return false;
         }
+        // Their uploads stay open (`Shared::let_go_of`): the worker may be
+        // writing to them.
+        self.shared.let_go_of.lock().insert(self.id.clone());
+        self.tasks.abort_all();
         let running = self.running.len();
         self.shared
             .detached_workers

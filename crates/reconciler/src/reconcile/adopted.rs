@@ -21,11 +21,16 @@ pub(crate) fn adopt_left_workers(shared: &Arc<Shared>) -> usize {
     let Some(store) = &shared.adoption else {
         // Without adoption no worker outlives the agent: records of an
         // earlier run that adopted describe workers the sweep now kills.
+        // The results they kept still go (if still desired), then they go.
         let dir = shared.config.data_dir.join("adoption");
-        if dir.exists()
-            && let Err(error) = std::fs::remove_dir_all(&dir)
-        {
-            tracing::warn!(path = %dir.display(), %error, "cannot remove adoption records");
+        if dir.exists() {
+            let (records, _) = crate::adoption::Store::new(dir.clone()).load();
+            for record in &records {
+                hold_results(shared, record);
+            }
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), %error, "cannot remove adoption records");
+            }
         }
         return 0;
     };

@@ -479,6 +479,27 @@ impl Cgroups {
         }
     }
 
+    /// Worker cgroups under Steward's parents marked as another instance's
+    /// ([`INSTANCE_XATTR`]), which [`Cgroups::reap_leftovers_except`]
+    /// leaves: (name, the other instance).
+    pub fn other_instances(&self, instance: &str) -> Vec<(String, String)> {
+        let mut found: Vec<(String, String)> = Vec::new();
+        for t in self.trees.iter().filter(|t| t.owned) {
+            for e in fs::read_dir(&t.parent).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !worker_cgroup_name(&name) || found.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
+                if let Some(theirs) = get_xattr(&e.path(), INSTANCE_XATTR)
+                    && theirs != instance.as_bytes()
+                {
+                    found.push((name, String::from_utf8_lossy(&theirs).into_owned()));
+                }
+            }
+        }
+        found
+    }
+
     /// The cgroup `name` of a worker started by an earlier run (one being
     /// adopted), with the limits it was given; `None` unless its directory
     /// exists in every hierarchy.
