@@ -7,11 +7,14 @@
 //! was given), the reading it started at (for metering), and, once it has
 //! one, its result until the server has taken it.
 //!
-//! A record is a protobuf message, written whole to a temporary file and
-//! renamed over the old one at each change, so a reader sees the old or
-//! the new record, never half of one. A file that is too large, does not
-//! decode, or is of another version is never acted on: it is set aside
-//! with the reason.
+//! A record is a journal: the whole record (a protobuf message) first,
+//! then one length-prefixed entry per change, each one `write` to a file
+//! kept open for appending (no fsync: what it guards against is a crash of
+//! the agent, not of the host, whose reboot ends every worker anyway).
+//! Past a bound the journal is rewritten as one snapshot, by rename. A
+//! torn last entry is ignored; a file that is too large, does not start
+//! with a whole record, or is of another version is never acted on: it is
+//! set aside with the reason.
 //!
 //! Invariants: an allocation is in its worker's record before the worker
 //! hears of it (`create_allocation`), an output upload before the worker
@@ -30,7 +33,7 @@ use parking_lot::Mutex;
 use crate::pb;
 
 /// The format of a record file; a file of another version is set aside.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 /// The largest record read back (a worker's allocations with their
 /// arguments' descriptions; far above any real one).
 const MAX_RECORD_BYTES: u64 = 64 << 20;
@@ -68,6 +71,9 @@ pub(crate) struct AllocRecord {
     pub result: Option<pb::AllocationResult>,
     #[prost(message, optional, tag = "5")]
     pub started: Option<StartReading>,
+    /// Nested calls the server created (a restart does not send them again).
+    #[prost(string, repeated, tag = "6")]
+    pub calls_created: Vec<String>,
 }
 
 impl AllocRecord {
@@ -117,6 +123,102 @@ impl StartReading {
     }
 }
 
+/// One change to a worker's record, appended to its journal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Entry {
+    #[prost(oneof = "Change", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    pub change: Option<Change>,
+}
+
+/// What an [`Entry`] changes.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub(crate) enum Change {
+    /// The whole record: a journal's first entry.
+    #[prost(message, tag = "1")]
+    Snapshot(WorkerRecord),
+    /// An allocation about to be handed to the worker.
+    #[prost(message, tag = "2")]
+    Started(AllocRecord),
+    /// An output upload about to be given to the worker.
+    #[prost(message, tag = "3")]
+    Output(OfAllocation),
+    /// An upload (named by its blob id) was completed.
+    #[prost(message, tag = "4")]
+    Completed(OfAllocation),
+    /// The server created a nested call (named by its id).
+    #[prost(message, tag = "5")]
+    Call(OfAllocation),
+    #[prost(message, tag = "6")]
+    Result(pb::AllocationResult),
+    /// The server took the allocation's result.
+    #[prost(string, tag = "7")]
+    Taken(String),
+    /// The worker is gone (not let go of): only results stay.
+    #[prost(bool, tag = "8")]
+    Gone(bool),
+}
+
+/// A change about one allocation: its id, and an upload or a name.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct OfAllocation {
+    #[prost(string, tag = "1")]
+    pub alloc_id: String,
+    #[prost(message, optional, tag = "2")]
+    pub upload: Option<UploadRecord>,
+    #[prost(string, tag = "3")]
+    pub name: String,
+}
+
+impl WorkerRecord {
+    fn allocation(&mut self, id: &str) -> Option<&mut AllocRecord> {
+        self.allocations.iter_mut().find(|a| a.id() == id)
+    }
+
+    /// The record after `change`.
+    pub(crate) fn apply(&mut self, change: Change) {
+        match change {
+            Change::Snapshot(r) => *self = r,
+            Change::Started(a) => {
+                let id = a.id().to_string();
+                self.allocations.retain(|x| x.id() != id);
+                self.allocations.push(a);
+            }
+            Change::Output(o) => {
+                if let (Some(a), Some(u)) = (self.allocation(&o.alloc_id), o.upload) {
+                    a.outputs.push(u);
+                }
+            }
+            Change::Completed(o) => {
+                if let Some(a) = self.allocation(&o.alloc_id) {
+                    for u in a.outputs.iter_mut().chain(a.request_error.iter_mut()) {
+                        u.completed |= u.blob_id == o.name;
+                    }
+                }
+            }
+            Change::Call(o) => {
+                if let Some(a) = self.allocation(&o.alloc_id) {
+                    a.calls_created.push(o.name);
+                }
+            }
+            Change::Result(r) => {
+                let id = r.allocation_id.clone().unwrap_or_default();
+                if let Some(a) = self.allocation(&id) {
+                    a.result = Some(r);
+                    // Its uploads are completed or aborted by now.
+                    a.outputs.clear();
+                    a.request_error = None;
+                    a.calls_created.clear();
+                }
+            }
+            Change::Taken(id) => self.allocations.retain(|a| a.id() != id),
+            Change::Gone(_) => {
+                self.gone = true;
+                self.allocations.retain(|a| a.result.is_some());
+            }
+        }
+    }
+}
+
 /// Why a record file was set aside.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BadRecord {
@@ -126,17 +228,39 @@ pub(crate) enum BadRecord {
     TooLarge(u64),
     #[error("not a record: {0}")]
     Decode(prost::DecodeError),
+    #[error("not a record: it does not start with the whole record")]
+    NoSnapshot,
     #[error("version {0}, not {VERSION}")]
     Version(u32),
     #[error("no worker id")]
     NoId,
 }
 
+/// One worker's record in memory and its journal on disk: each change is
+/// one append (a length-prefixed [`Entry`], one `write`); past a bound the
+/// journal is rewritten as a single snapshot, by rename.
+struct Journal {
+    record: WorkerRecord,
+    /// Open for appending; `None` until the first snapshot is written
+    /// (or after a failed write: the next change rewrites it whole).
+    file: Option<std::fs::File>,
+    /// Entries appended since the snapshot.
+    appended: usize,
+}
+
+impl Journal {
+    /// Rewriting is due: appends outnumber what the record holds (so the
+    /// journal stays within a few times the record's size).
+    fn due(&self) -> bool {
+        self.file.is_none() || self.appended > 64 + 4 * self.record.allocations.len()
+    }
+}
+
 /// The records of this agent's workers, in memory and on disk.
 pub(crate) struct Store {
     dir: PathBuf,
-    /// Worker id to its record.
-    workers: Mutex<HashMap<String, Arc<Mutex<WorkerRecord>>>>,
+    /// Worker id to its journal.
+    workers: Mutex<HashMap<String, Arc<Mutex<Journal>>>>,
     /// Allocation id to the worker whose record holds it.
     index: Mutex<HashMap<String, String>>,
 }
@@ -180,7 +304,8 @@ impl Store {
         (good, bad)
     }
 
-    /// Takes a record loaded at start as this run's (its allocations indexed).
+    /// Takes a record loaded at start as this run's (its allocations
+    /// indexed); its journal is rewritten at its first change.
     pub fn adopt(&self, record: WorkerRecord) {
         let fe_id = fe_id_of(&record).to_string();
         {
@@ -189,9 +314,14 @@ impl Store {
                 index.insert(a.id().to_string(), fe_id.clone());
             }
         }
+        let journal = Journal {
+            record,
+            file: None,
+            appended: 0,
+        };
         self.workers
             .lock()
-            .insert(fe_id, Arc::new(Mutex::new(record)));
+            .insert(fe_id, Arc::new(Mutex::new(journal)));
     }
 
     /// A worker is running: its record starts (any record of a worker of
@@ -203,30 +333,80 @@ impl Store {
         started: Option<StartReading>,
     ) {
         let fe_id = desc.id.clone().unwrap_or_default();
-        let record = self
+        let journal = self
             .workers
             .lock()
             .entry(fe_id.clone())
-            .or_insert_with(|| Arc::new(Mutex::new(WorkerRecord::default())))
+            .or_insert_with(|| {
+                Arc::new(Mutex::new(Journal {
+                    record: WorkerRecord::default(),
+                    file: None,
+                    appended: 0,
+                }))
+            })
             .clone();
-        let mut r = record.lock();
-        r.version = VERSION;
-        r.description = Some(desc.clone());
-        r.gpus = gpus.to_vec();
-        r.started = started;
-        r.gone = false;
-        self.write(&fe_id, &r);
+        let mut j = journal.lock();
+        j.record.version = VERSION;
+        j.record.description = Some(desc.clone());
+        j.record.gpus = gpus.to_vec();
+        j.record.started = started;
+        j.record.gone = false;
+        self.snapshot(&fe_id, &mut j);
     }
 
-    /// Changes the record of the worker holding allocation `alloc_id` (or
-    /// of worker `fe_id` for a new one) and writes it.
-    fn change(&self, fe_id: &str, f: impl FnOnce(&mut WorkerRecord)) {
-        let Some(record) = self.workers.lock().get(fe_id).cloned() else {
+    /// Applies `change` to worker `fe_id`'s record and appends it to its
+    /// journal (or rewrites the journal, when due).
+    fn change(&self, fe_id: &str, change: Change) {
+        let Some(journal) = self.workers.lock().get(fe_id).cloned() else {
             return;
         };
-        let mut r = record.lock();
-        f(&mut r);
-        self.write(fe_id, &r);
+        let mut j = journal.lock();
+        j.record.apply(change.clone());
+        if j.due() {
+            self.snapshot(fe_id, &mut j);
+            return;
+        }
+        let written = match j.file.as_mut() {
+            Some(f) => std::io::Write::write_all(
+                f,
+                &frame(&Entry {
+                    change: Some(change),
+                }),
+            ),
+            None => Ok(()),
+        };
+        match written {
+            Ok(()) => j.appended += 1,
+            Err(error) => {
+                tracing::warn!(worker = %fe_id, %error, "cannot append to a worker's adoption record; rewriting it at the next change");
+                j.file = None;
+            }
+        }
+    }
+
+    /// Rewrites worker `fe_id`'s journal as one snapshot, by rename, and
+    /// keeps it open for appending (a failure is said; the next change
+    /// tries again).
+    fn snapshot(&self, fe_id: &str, j: &mut Journal) {
+        let path = self.path(fe_id);
+        let tmp = path.with_extension("tmp");
+        let bytes = frame(&Entry {
+            change: Some(Change::Snapshot(j.record.clone())),
+        });
+        let opened = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| std::fs::write(&tmp, &bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .and_then(|()| std::fs::OpenOptions::new().append(true).open(&path));
+        match opened {
+            Ok(f) => {
+                j.file = Some(f);
+                j.appended = 0;
+            }
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot write a worker's adoption record: a restart would not adopt it");
+                j.file = None;
+            }
+        }
     }
 
     fn worker_of(&self, alloc_id: &str) -> Option<String> {
@@ -242,49 +422,58 @@ impl Store {
     ) {
         let fe_id = alloc.function_executor_id.clone().unwrap_or_default();
         let id = alloc.allocation_id.clone().unwrap_or_default();
-        self.index.lock().insert(id.clone(), fe_id.clone());
-        self.change(&fe_id, |r| {
-            r.allocations.retain(|a| a.id() != id);
-            r.allocations.push(AllocRecord {
-                allocation: Some(alloc.clone()),
-                request_error: Some(request_error),
-                outputs: Vec::new(),
-                result: None,
-                started,
-            });
-        });
+        self.index.lock().insert(id, fe_id.clone());
+        let record = AllocRecord {
+            allocation: Some(alloc.clone()),
+            request_error: Some(request_error),
+            outputs: Vec::new(),
+            result: None,
+            started,
+            calls_created: Vec::new(),
+        };
+        self.change(&fe_id, Change::Started(record));
+    }
+
+    /// A change about allocation `alloc_id`, to its worker's record.
+    fn of_allocation(&self, alloc_id: &str, f: impl FnOnce(OfAllocation) -> Change) {
+        let Some(fe_id) = self.worker_of(alloc_id) else {
+            return;
+        };
+        let of = OfAllocation {
+            alloc_id: alloc_id.to_string(),
+            ..OfAllocation::default()
+        };
+        self.change(&fe_id, f(of));
     }
 
     /// The worker is about to get the URLs of an output upload.
     pub fn output_created(&self, alloc_id: &str, upload: UploadRecord) {
-        let Some(fe_id) = self.worker_of(alloc_id) else {
-            return;
-        };
-        self.change(&fe_id, |r| {
-            if let Some(a) = r.allocations.iter_mut().find(|a| a.id() == alloc_id) {
-                a.outputs.push(upload);
-            }
+        self.of_allocation(alloc_id, |o| {
+            Change::Output(OfAllocation {
+                upload: Some(upload),
+                ..o
+            })
         });
     }
 
     /// Upload `blob_id` (an output, or the request error) of allocation
     /// `alloc_id` was completed.
     pub fn upload_completed(&self, alloc_id: &str, blob_id: &str) {
-        let Some(fe_id) = self.worker_of(alloc_id) else {
-            return;
-        };
-        self.change(&fe_id, |r| {
-            let Some(a) = r.allocations.iter_mut().find(|a| a.id() == alloc_id) else {
-                return;
-            };
-            let upload = a
-                .outputs
-                .iter_mut()
-                .chain(a.request_error.iter_mut())
-                .find(|u| u.blob_id == blob_id);
-            if let Some(u) = upload {
-                u.completed = true;
-            }
+        self.of_allocation(alloc_id, |o| {
+            Change::Completed(OfAllocation {
+                name: blob_id.to_string(),
+                ..o
+            })
+        });
+    }
+
+    /// The server created nested call `call_id` of allocation `alloc_id`.
+    pub fn call_created(&self, alloc_id: &str, call_id: &str) {
+        self.of_allocation(alloc_id, |o| {
+            Change::Call(OfAllocation {
+                name: call_id.to_string(),
+                ..o
+            })
         });
     }
 
@@ -294,30 +483,25 @@ impl Store {
         let Some(fe_id) = self.worker_of(id) else {
             return;
         };
-        self.change(&fe_id, |r| {
-            if let Some(a) = r.allocations.iter_mut().find(|a| a.id() == id) {
-                a.result = Some(result.clone());
-                // Its uploads are completed or aborted by now.
-                a.outputs.clear();
-                a.request_error = None;
-            }
-        });
+        self.change(&fe_id, Change::Result(result.clone()));
     }
 
     /// The server took these results (or no longer wants them): their
     /// entries go, and the records of gone workers left empty with them.
     pub fn taken(&self, alloc_ids: &[String]) {
-        let mut by_worker: HashMap<String, Vec<&str>> = HashMap::new();
+        let mut by_worker: HashMap<String, Vec<String>> = HashMap::new();
         {
             let mut index = self.index.lock();
             for id in alloc_ids {
                 if let Some(fe) = index.remove(id) {
-                    by_worker.entry(fe).or_default().push(id);
+                    by_worker.entry(fe).or_default().push(id.clone());
                 }
             }
         }
         for (fe_id, ids) in by_worker {
-            self.change(&fe_id, |r| r.allocations.retain(|a| !ids.contains(&a.id())));
+            for id in ids {
+                self.change(&fe_id, Change::Taken(id));
+            }
             self.forget_if_done(&fe_id);
         }
     }
@@ -325,17 +509,18 @@ impl Store {
     /// The worker ended (not let go of): allocations without a result go
     /// (they get theirs from the controller); results stay for the server.
     pub fn worker_gone(&self, fe_id: &str) {
-        let mut dropped = Vec::new();
-        self.change(fe_id, |r| {
-            r.gone = true;
-            r.allocations.retain(|a| {
-                let keep = a.result.is_some();
-                if !keep {
-                    dropped.push(a.id().to_string());
-                }
-                keep
-            });
-        });
+        let dropped: Vec<String> = match self.workers.lock().get(fe_id) {
+            Some(j) => j
+                .lock()
+                .record
+                .allocations
+                .iter()
+                .filter(|a| a.result.is_none())
+                .map(|a| a.id().to_string())
+                .collect(),
+            None => return,
+        };
+        self.change(fe_id, Change::Gone(true));
         {
             let mut index = self.index.lock();
             for id in &dropped {
@@ -348,28 +533,46 @@ impl Store {
     /// Removes the record of a gone worker with nothing left in it.
     fn forget_if_done(&self, fe_id: &str) {
         let mut workers = self.workers.lock();
-        let done = workers.get(fe_id).is_some_and(|r| {
-            let r = r.lock();
-            r.gone && r.allocations.is_empty()
+        let done = workers.get(fe_id).is_some_and(|j| {
+            let j = j.lock();
+            j.record.gone && j.record.allocations.is_empty()
         });
         if done {
             workers.remove(fe_id);
             let _ = std::fs::remove_file(self.path(fe_id));
         }
     }
+}
 
-    /// Writes `r` whole, by rename (a failure is said and the old record stays).
-    fn write(&self, fe_id: &str, r: &WorkerRecord) {
-        let path = self.path(fe_id);
-        let tmp = path.with_extension("tmp");
-        let bytes = prost::Message::encode_to_vec(r);
-        let written = std::fs::create_dir_all(&self.dir)
-            .and_then(|()| std::fs::write(&tmp, &bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(error) = written {
-            tracing::warn!(path = %path.display(), %error, "cannot write a worker's adoption record: a restart would not adopt it");
+/// `entry`, length-prefixed (4 bytes, little-endian).
+fn frame(entry: &Entry) -> Vec<u8> {
+    let body = prost::Message::encode_to_vec(entry);
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The entries of a journal's bytes; a torn or undecodable last part (a
+/// write cut short) ends them.
+fn entries(mut bytes: &[u8]) -> Vec<Result<Entry, prost::DecodeError>> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&bytes[..4]);
+        let len = u32::from_le_bytes(len) as usize;
+        let Some(body) = bytes.get(4..4 + len) else {
+            break; // Torn: the rest was never written.
+        };
+        let decoded = prost::Message::decode(body);
+        let failed = decoded.is_err();
+        out.push(decoded);
+        if failed {
+            break;
         }
+        bytes = &bytes[4 + len..];
     }
+    out
 }
 
 /// The worker id a record is about.
@@ -380,7 +583,8 @@ pub(crate) fn fe_id_of(r: &WorkerRecord) -> &str {
         .unwrap_or("")
 }
 
-/// Reads one record file, bounded.
+/// Reads one record (its journal) file, bounded: its snapshot, then each
+/// change in order.
 fn read(path: &Path) -> Result<WorkerRecord, BadRecord> {
     use std::io::Read;
     let meta = std::fs::symlink_metadata(path).map_err(BadRecord::Unreadable)?;
@@ -399,12 +603,26 @@ fn read(path: &Path) -> Result<WorkerRecord, BadRecord> {
     if bytes.len() as u64 > MAX_RECORD_BYTES {
         return Err(BadRecord::TooLarge(bytes.len() as u64));
     }
-    let r: WorkerRecord = prost::Message::decode(bytes.as_slice()).map_err(BadRecord::Decode)?;
+    let mut entries = entries(&bytes).into_iter();
+    let first = entries.next().ok_or(BadRecord::NoSnapshot)?;
+    let Some(Change::Snapshot(mut r)) = first.map_err(BadRecord::Decode)?.change else {
+        return Err(BadRecord::NoSnapshot);
+    };
     if r.version != VERSION {
         return Err(BadRecord::Version(r.version));
     }
     if fe_id_of(&r).is_empty() {
         return Err(BadRecord::NoId);
+    }
+    for e in entries {
+        match e.map(|e| e.change) {
+            Ok(Some(Change::Snapshot(_))) | Ok(None) => {}
+            Ok(Some(change)) => r.apply(change),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "an adoption record ends in a damaged entry; what came before is kept");
+                break;
+            }
+        }
     }
     Ok(r)
 }
@@ -486,24 +704,63 @@ mod tests {
             description: Some(desc("x")),
             ..Default::default()
         };
-        std::fs::write(dir.join("fe-later"), prost::Message::encode_to_vec(&other)).expect("w");
+        let snapshot = |r: WorkerRecord| {
+            frame(&Entry {
+                change: Some(Change::Snapshot(r)),
+            })
+        };
+        std::fs::write(dir.join("fe-later"), snapshot(other)).expect("w");
         let nameless = WorkerRecord {
             version: VERSION,
             ..Default::default()
         };
-        std::fs::write(
-            dir.join("fe-nameless"),
-            prost::Message::encode_to_vec(&nameless),
-        )
-        .expect("w");
+        std::fs::write(dir.join("fe-nameless"), snapshot(nameless)).expect("w");
         let (good, bad) = Store::new(dir.clone()).load();
         assert!(good.is_empty());
         let mut why: Vec<String> = bad.iter().map(|(n, e)| format!("{n}: {e}")).collect();
         why.sort();
         assert!(why[0].contains("not a record"), "{why:?}");
-        assert!(why[1].contains("version 2"), "{why:?}");
+        assert!(why[1].contains(&format!("version {}", VERSION + 1)), "{why:?}");
         assert!(why[2].contains("no worker id"), "{why:?}");
         assert!(dir.join("fe-garbage.bad").exists());
         assert!(Store::new(dir).load().1.is_empty(), "never read again");
+    }
+
+    /// Changes are appended, a torn last entry (a write cut short) is
+    /// ignored, and rewriting the journal as a snapshot keeps the record.
+    #[test]
+    fn the_journal_survives_a_torn_tail_and_its_rewrites() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("adoption");
+        let store = Store::new(dir.clone());
+        store.worker_running(&desc("fe1"), &[], None);
+        for i in 0..200 {
+            let id = format!("a{i}");
+            store.allocation_started(&alloc(&id, "fe1"), upload("req"), None);
+            store.output_created(&id, upload("out"));
+            store.result(&pb::AllocationResult {
+                allocation_id: Some(id.clone()),
+                ..Default::default()
+            });
+            if i < 199 {
+                store.taken(&[id]);
+            }
+        }
+        store.allocation_started(&alloc("last", "fe1"), upload("req"), None);
+        let path = store.path("fe1");
+        let size = std::fs::metadata(&path).expect("journal").len();
+        assert!(size < 16 << 10, "rewritten as it grew: {size} bytes");
+        // A write cut short: half an entry at the end.
+        let mut bytes = std::fs::read(&path).expect("read");
+        let torn = frame(&Entry {
+            change: Some(Change::Taken("last".into())),
+        });
+        bytes.extend_from_slice(&torn[..torn.len() - 2]);
+        std::fs::write(&path, bytes).expect("write");
+        let (loaded, bad) = Store::new(dir).load();
+        assert!(bad.is_empty(), "{bad:?}");
+        let ids: Vec<&str> = loaded[0].allocations.iter().map(AllocRecord::id).collect();
+        assert_eq!(ids, ["a199", "last"], "the torn change is not applied");
+        assert!(loaded[0].allocations[0].result.is_some());
     }
 }

@@ -237,6 +237,7 @@ pub(crate) async fn run(
     let start = Start {
         create: Some(request),
         uploads: HashMap::new(),
+        created_calls: HashSet::new(),
         ready,
     };
     finish_run(
@@ -281,6 +282,7 @@ pub(crate) async fn resume(
             .iter()
             .map(|u| (u.blob_id.clone(), upload_of(u)))
             .collect(),
+        created_calls: record.calls_created.iter().cloned().collect(),
         ready,
     };
     finish_run(
@@ -319,6 +321,8 @@ fn upload_of(u: &crate::adoption::UploadRecord) -> Upload {
 struct Start {
     create: Option<fe_pb::CreateAllocationRequest>,
     uploads: HashMap<String, Upload>,
+    /// Nested calls the server created before a restart.
+    created_calls: HashSet<String>,
     ready: Instant,
 }
 
@@ -521,6 +525,7 @@ async fn drive(
         request_error: Some(request_error.clone()),
     };
     let mut runner = Runner::new(shared.clone(), client, alloc, allocation_timeout, guard);
+    runner.created_before = start.created_calls;
     note_handed_over(shared, &runner.alloc_id, start.ready);
     let outcome = runner.drive(start.create).await;
     let uploads = runner.into_uploads();
@@ -772,6 +777,9 @@ struct Runner<'a> {
     calls: Option<calls::Sender>,
     /// How many requests of each [`Capped`] kind the worker made.
     counts: [usize; 4],
+    /// Nested calls the server created before a restart (a resumed
+    /// allocation's record): answered, never sent again.
+    created_before: HashSet<String>,
 }
 
 /// The kinds of request capped per allocation (`AllocationLimits`).
@@ -922,6 +930,7 @@ impl<'a> Runner<'a> {
             deliveries,
             calls: None,
             counts: [0; 4],
+            created_before: HashSet::new(),
         }
     }
 
@@ -1134,6 +1143,11 @@ impl<'a> Runner<'a> {
             return Ok(());
         }
         self.count(Capped::FunctionCall)?;
+        if self.created_before.remove(&id) {
+            // The server created it before the restart; the worker never
+            // heard: it hears now.
+            return self.answer_call(id, Ok(())).await;
+        }
         if let Some(u) = &call.updates {
             plan::check_namespace(u, namespace_of(self.alloc))
                 .map_err(|e| breach(format!("a nested function call: {e}")))?;
@@ -1157,7 +1171,13 @@ impl<'a> Runner<'a> {
         outcome: Result<(), calls::Refused>,
     ) -> Result<(), Driven> {
         let status = match outcome {
-            Ok(()) => status(0, ""),
+            Ok(()) => {
+                if let Some(store) = &self.shared.adoption {
+                    // After a restart the server is not asked again.
+                    store.call_created(&self.alloc_id, &id);
+                }
+                status(0, "")
+            }
             Err(r) => {
                 self.shared.event(
                     "function_call_refused",
