@@ -1075,10 +1075,21 @@ impl<'a> Runner<'a> {
             if size > max {
                 return Err(format!("a {size}-byte output is over the {max}-byte limit"));
             }
-            let upload_id = blobs
-                .create_multipart(&uri)
-                .await
-                .map_err(|e| e.to_string())?;
+            // Asked again after a restart (the answer never reached it):
+            // the recorded upload is given again, not a second one.
+            let recorded = self
+                .uploads
+                .map
+                .get(&id)
+                .filter(|u| !u.completed && u.uri == uri)
+                .map(|u| u.upload_id.clone());
+            let upload_id = match recorded {
+                Some(upload_id) => upload_id,
+                None => blobs
+                    .create_multipart(&uri)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
             match blobs
                 .presign_write_parts(&uri, &upload_id, size, self.allocation_timeout)
                 .await
