@@ -9,6 +9,7 @@ mod config_file;
 mod devserver;
 mod host;
 mod init;
+mod load;
 mod logging;
 mod metering;
 mod operator;
@@ -1072,8 +1073,13 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         capacity,
         reserved,
         gpus.clone(),
-        allocator,
+        allocator.clone(),
     ));
+    let load_sources = load::Sources {
+        handle_driver: config.driver.clone(),
+        gpus: allocator,
+    };
+    let load = Arc::new(load::LoadView::open(config.data_dir.join("load-history")));
     host.register_metrics(metrics.registry_mut());
     let recorder = start_metering(&args, &config.data_dir, &mut metrics)?;
     let monitoring_metrics = steward_monitoring::ServerMetrics::register(metrics.registry_mut());
@@ -1157,7 +1163,12 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
             recorder.clone(),
         ));
     }
+    tokio::spawn(load::sample_loop(
+        load.clone(),
+        load_sources.with(agent.handle()),
+    ));
     let source = Arc::new(state_source::AgentStateSource {
+        load: Some(load),
         host: host.clone(),
         handle: agent.handle(),
         report_grace: Duration::from_secs(args.health_report_grace_s),

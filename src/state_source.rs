@@ -27,6 +27,8 @@ pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
 const REFUSED_EVENTS: &str = "refused_request";
 
 pub struct AgentStateSource {
+    /// The host's load over time (`/state/load`).
+    pub load: Option<std::sync::Arc<crate::load::LoadView>>,
     pub host: std::sync::Arc<crate::host::HostView>,
     pub handle: AgentHandle,
     pub report_grace: Duration,
@@ -292,6 +294,7 @@ impl StateSource for AgentStateSource {
             "events",
             "usage",
             "activity",
+            "load",
         ]
     }
 
@@ -308,6 +311,14 @@ impl StateSource for AgentStateSource {
         };
         let json = |v| Some(Ok(Document::Json(v)));
         match name {
+            "load" => {
+                let load = self.load.as_ref()?;
+                Some(
+                    load.document(query.get("range").map(String::as_str))
+                        .map(Document::Json)
+                        .map_err(QueryError::Parameter),
+                )
+            }
             "usage" => Some(
                 self.usage(query)
                     .map(Document::Json)

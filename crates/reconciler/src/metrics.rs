@@ -48,6 +48,10 @@ pub struct Metrics {
     pub allocations_completed: Family<Labels, Counter>,
     pub allocation_run_latency: Histogram,
     pub allocations_running: Gauge,
+    /// Allocations finished, and of them failed, so far (not exported: the
+    /// host's load history counts them per second).
+    pub finished: Counter,
+    pub failed: Counter,
     pub pending_results: Gauge,
     pub healthy: Gauge,
     pub function_calls: Family<Labels, Counter>,
@@ -180,6 +184,8 @@ impl Metrics {
             allocations_completed: Family::default(),
             allocation_run_latency: slow_histogram(),
             allocations_running: Gauge::default(),
+            finished: Counter::default(),
+            failed: Counter::default(),
             pending_results: Gauge::default(),
             healthy: Gauge::default(),
             function_calls: Family::default(),
@@ -436,6 +442,10 @@ impl Metrics {
         self.allocations_completed
             .get_or_create(&vec![("outcome", outcome), ("failure_reason", reason)])
             .inc();
+        self.finished.inc();
+        if outcome != "success" {
+            self.failed.inc();
+        }
     }
 
     pub(crate) fn function_call(&self, result: &'static str, took: std::time::Duration) {

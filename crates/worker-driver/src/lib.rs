@@ -212,6 +212,11 @@ pub trait WorkerDriver: Send + Sync + 'static {
     fn reap_leftovers(&self) -> Vec<Leftover>;
     /// What is enforced on workers and, where nothing is, why.
     fn enforcement(&self) -> Enforcement;
+    /// CPU time and memory of all its workers together (their parent
+    /// cgroups' counters, one read each); `None` without cgroups.
+    fn workers_reading(&self) -> Option<Reading> {
+        None
+    }
     /// Removes the driver's own parent cgroup once the last worker is gone.
     fn shutdown(&self);
 }

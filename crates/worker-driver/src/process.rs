@@ -282,6 +282,13 @@ impl WorkerDriver for ProcessDriver {
         enforcement(&self.cgroups, &self.isolation)
     }
 
+    fn workers_reading(&self) -> Option<Reading> {
+        match &self.cgroups {
+            CgroupSetup::Enabled(c) => c.parents_reading(),
+            CgroupSetup::Unavailable(_) => None,
+        }
+    }
+
     fn shutdown(&self) {
         wait_for_spawns(Duration::from_secs(10));
         let detached = self.detached.load(std::sync::atomic::Ordering::Acquire);

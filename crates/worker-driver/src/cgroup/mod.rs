@@ -107,6 +107,8 @@ pub struct Cgroups {
     /// Controllers wanted but absent, said in `/state/host`.
     missing: Vec<&'static str>,
     swap_off: bool,
+    /// The parents' own counters (every worker's together), opened once.
+    parents: std::sync::OnceLock<WorkerCgroup>,
 }
 
 /// Where the kernel tells a process about its cgroups.
@@ -275,6 +277,7 @@ impl Cgroups {
             trees,
             missing,
             swap_off: false,
+            parents: std::sync::OnceLock::new(),
         };
         match cg.prepare(parent.starts_with('/')) {
             Ok(()) => CgroupSetup::Enabled(std::sync::Arc::new(cg)),
@@ -498,6 +501,19 @@ impl Cgroups {
             }
         }
         found
+    }
+
+    /// CPU time and memory of every worker together, from the parents'
+    /// own counters (hierarchical: they include every worker cgroup below).
+    pub fn parents_reading(&self) -> Option<crate::Reading> {
+        let none = Limits {
+            cpu_ms_per_sec: 0,
+            memory_bytes: 0,
+            pids_max: 0,
+        };
+        self.parents
+            .get_or_init(|| self.worker_cgroup("", none, |_| true))
+            .reading()
     }
 
     /// The cgroup `name` of a worker started by an earlier run (one being
