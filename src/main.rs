@@ -13,6 +13,7 @@ mod load;
 mod logging;
 mod metering;
 mod operator;
+mod page;
 mod state_source;
 mod systemd;
 mod usage;
@@ -1168,6 +1169,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
         load_sources.with(agent.handle()),
     ));
     let source = Arc::new(state_source::AgentStateSource {
+        started: std::time::SystemTime::now(),
         load: Some(load),
         host: host.clone(),
         handle: agent.handle(),

@@ -27,6 +27,8 @@ pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
 const REFUSED_EVENTS: &str = "refused_request";
 
 pub struct AgentStateSource {
+    /// When the agent started (the page's uptime).
+    pub started: SystemTime,
     /// The host's load over time (`/state/load`).
     pub load: Option<std::sync::Arc<crate::load::LoadView>>,
     pub host: std::sync::Arc<crate::host::HostView>,
@@ -385,6 +387,21 @@ impl StateSource for AgentStateSource {
                 }
                 Some(Document::Json(doc))
             }
+            _ => None,
+        }
+    }
+
+    fn page(&self, query: &BTreeMap<String, String>) -> Option<String> {
+        Some(crate::page::render(self, query))
+    }
+
+    fn asset(&self, name: &str) -> Option<(&'static str, &'static [u8])> {
+        match name {
+            "page.js" => Some((
+                "text/javascript; charset=utf-8",
+                crate::page::SCRIPT.as_bytes(),
+            )),
+            "page.css" => Some(("text/css; charset=utf-8", crate::page::STYLE.as_bytes())),
             _ => None,
         }
     }

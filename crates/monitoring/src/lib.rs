@@ -146,6 +146,16 @@ pub trait StateSource: Send + Sync + 'static {
     /// (`status` 401 or 403), for the agent to record (strangers can call
     /// this as often as they like: record it rate-limited).
     fn admin_refused(&self, _action: &str, _status: u16) {}
+    /// The host's page (`/` and `/dashboard`) as HTML, made with the query
+    /// parameters (`fragment=1`: only the part a live page swaps in);
+    /// `None`: there is no page.
+    fn page(&self, _query: &BTreeMap<String, String>) -> Option<String> {
+        None
+    }
+    /// A file the page loads (`/assets/{name}`): its content type and bytes.
+    fn asset(&self, _name: &str) -> Option<(&'static str, &'static [u8])> {
+        None
+    }
     /// A read of `path` (`/state/…`, the metrics) refused for a missing
     /// (401) or wrong (403) read token; rate-limit it as
     /// [`StateSource::admin_refused`].
@@ -583,6 +593,9 @@ pub fn router_with(source: Arc<dyn StateSource>, config: ServerConfig) -> Router
         .route("/monitoring/metrics", get(metrics))
         .route("/state", get(state_index))
         .route("/state/{name}", get(state_document))
+        .route("/", get(page))
+        .route("/dashboard", get(page))
+        .route("/assets/{name}", get(asset))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             read_guard,
@@ -826,6 +839,45 @@ async fn state_document(
         None => json(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("no state document {name:?}"), "documents": app.src.document_names()}),
+        ),
+    }
+}
+
+/// What the host's page may load: only what the agent serves itself.
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+async fn page(State(app): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+    let src = app.src.clone();
+    match off_runtime(&app, move || src.page(&q)).await.flatten() {
+        Some(html) => (
+            [
+                (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            html,
+        )
+            .into_response(),
+        None => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": "this agent serves no page"}),
+        ),
+    }
+}
+
+async fn asset(State(app): State<Shared>, Path(name): Path<String>) -> Response {
+    match app.src.asset(&name) {
+        Some((content_type, bytes)) => (
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::CACHE_CONTROL, "max-age=300"),
+            ],
+            bytes,
+        )
+            .into_response(),
+        None => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("no asset {name:?}")}),
         ),
     }
 }

@@ -218,6 +218,8 @@ async fn another_stewards_worker_under_a_shared_parent_is_spared_for_its_adoptio
     let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let parent = format!("steward-driver-test-{}-shared", std::process::id());
+    // Whatever the test's end, nothing of it stays.
+    let _cleanup = RemoveParent(parent.clone());
     let make = |executor: &str| {
         ProcessDriver::new(ProcessDriverConfig {
             records_dir: tmp.path().join(executor).join("workers"),
@@ -257,8 +259,16 @@ async fn another_stewards_worker_under_a_shared_parent_is_spared_for_its_adoptio
     adopted.stop(Duration::ZERO).await;
     a_again.shutdown();
     assert!(!alive());
-    if let CgroupSetup::Enabled(c) = Cgroups::detect(&parent) {
-        c.reap_leftovers();
-        c.remove_parents();
+}
+
+/// Kills and removes everything under a test's parent cgroup when dropped.
+struct RemoveParent(String);
+
+impl Drop for RemoveParent {
+    fn drop(&mut self) {
+        if let CgroupSetup::Enabled(c) = Cgroups::detect(&self.0) {
+            c.reap_leftovers();
+            c.remove_parents();
+        }
     }
 }

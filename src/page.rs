@@ -1,0 +1,475 @@
+//! The host's own page (`/` and `/dashboard`), rendered here as HTML from
+//! the same documents `/state/*` serves, so that its numbers are theirs and
+//! it reads whole without JavaScript: the status header (mode in the words
+//! operators of compute servers use, server connection, price card), LOAD
+//! (charts drawn here as SVG from the load history), NODES (what the host
+//! has, keeps back, can distribute, has admitted and has free, and what a
+//! new worker could still get), the workers and the recent allocations.
+//! Its one script (`/assets/page.js`) swaps in a fresh body every two
+//! seconds while the page is visible; with no page open nothing is done.
+//! Nothing is loaded from elsewhere (the server's policy forbids it).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde_json::Value;
+use steward_load_history::{FIELDS, Range, Series};
+use steward_monitoring::{Format, StateSource};
+
+use crate::state_source::AgentStateSource;
+
+pub const SCRIPT: &str = include_str!("page/page.js");
+pub const STYLE: &str = include_str!("page/page.css");
+
+/// The whole page, or (`fragment=1`) only its live part.
+pub fn render(src: &AgentStateSource, query: &BTreeMap<String, String>) -> String {
+    let range = query
+        .get("range")
+        .and_then(|r| Range::parse(r))
+        .unwrap_or(Range::Hour);
+    let body = live(src, range);
+    if query.get("fragment").is_some_and(|f| f == "1") {
+        return body;
+    }
+    let id = esc(src.handle.executor_id());
+    format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Steward · {id}</title><link rel=\"stylesheet\" href=\"/assets/page.css\"></head>\
+         <body><main id=\"live\" data-range=\"{}\">{body}</main>\
+         <script src=\"/assets/page.js\"></script></body></html>\n",
+        range_name(range)
+    )
+}
+
+fn range_name(r: Range) -> &'static str {
+    match r {
+        Range::Hour => "hour",
+        Range::Day => "day",
+        Range::Month => "month",
+    }
+}
+
+/// The part of the page that changes.
+fn live(src: &AgentStateSource, range: Range) -> String {
+    let host = match src.document("host", Format::Json) {
+        Some(steward_monitoring::Document::Json(v)) => v,
+        _ => Value::Null,
+    };
+    let mut out = String::new();
+    header(src, &mut out);
+    load(src, range, &mut out);
+    nodes(&host, &mut out);
+    workers(src, &mut out);
+    allocations(src, &mut out);
+    out
+}
+
+/// HTML-escaped text.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The mode as operators of compute servers name it.
+fn mode_words(mode: &str) -> &'static str {
+    match mode {
+        "active" => "Active",
+        "paused" => "Suspended",
+        "draining" => "Draining",
+        "disabled" => "Disabled",
+        _ => "Unknown",
+    }
+}
+
+fn header(src: &AgentStateSource, out: &mut String) {
+    let h = &src.handle;
+    let mode = serde_json::to_value(h.mode())
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let labels: Vec<String> = h
+        .settings()
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{}={}", esc(k), esc(v)))
+        .collect();
+    let health = src.health();
+    let report = h
+        .last_report()
+        .map(|(_, at)| ago(at))
+        .unwrap_or_else(|| "none yet".into());
+    let uptime = src.started.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    let _ = write!(
+        out,
+        "<header><h1>{}</h1><p class=\"mode mode-{}\" id=\"mode\">{}</p>\
+         <dl><dt>version</dt><dd>{}</dd><dt>labels</dt><dd>{}</dd>\
+         <dt>server</dt><dd class=\"{}\">{}</dd><dt>last good report</dt><dd>{report}</dd>\
+         <dt>uptime</dt><dd>{}</dd></dl></header>",
+        esc(h.executor_id()),
+        esc(&mode),
+        mode_words(&mode),
+        esc(env!("CARGO_PKG_VERSION")),
+        labels.join(", "),
+        if health.ok { "ok" } else { "failing" },
+        esc(&health.message),
+        duration(uptime)
+    );
+    prices(src, out);
+}
+
+/// "12 s ago".
+fn ago(t: std::time::SystemTime) -> String {
+    let s = t.elapsed().map(|d| d.as_secs()).unwrap_or(0);
+    format!("{} ago", duration(s))
+}
+
+fn duration(s: u64) -> String {
+    match s {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s < 172_800 => format!("{} h", s / 3600),
+        s => format!("{} days", s / 86_400),
+    }
+}
+
+fn prices(src: &AgentStateSource, out: &mut String) {
+    let Some(card) = src.metering.as_ref().and_then(|m| m.price_card()) else {
+        out.push_str("<section id=\"prices\"><h2>Prices</h2><p>No price card.</p></section>");
+        return;
+    };
+    let unit = |v: u64| {
+        let scale = 10f64.powi(i32::try_from(card.scale).unwrap_or(0));
+        format!("{:.6} {}", v as f64 / scale, esc(&card.currency))
+    };
+    let _ = write!(
+        out,
+        "<section id=\"prices\"><h2>Prices</h2><table><tr><th>per task</th><td>{}</td></tr>\
+         <tr><th>per CPU core-second</th><td>{}</td></tr><tr><th>per MB-second</th><td>{}</td></tr>\
+         <tr><th>per wall second</th><td>{}</td></tr>",
+        unit(card.per_task),
+        unit(card.per_cpu_core_second),
+        unit(card.per_mb_second),
+        unit(card.per_wall_second)
+    );
+    for (model, price) in &card.per_gpu_second {
+        let _ = write!(
+            out,
+            "<tr><th>per GPU-second, {}</th><td>{}</td></tr>",
+            esc(model),
+            unit(*price)
+        );
+    }
+    out.push_str("</table></section>");
+}
+
+/// The LOAD charts of `range`.
+fn load(src: &AgentStateSource, range: Range, out: &mut String) {
+    out.push_str("<section id=\"load\"><h2>LOAD</h2><nav>");
+    for r in ["hour", "day", "month"] {
+        let _ = write!(out, "<a href=\"?range={r}\">last {r}</a> ");
+    }
+    out.push_str("</nav>");
+    let Some(view) = &src.load else {
+        out.push_str("<p>No load history.</p></section>");
+        return;
+    };
+    let s = view.series(range);
+    chart(&s, "Allocations", &["running", "finished", "failed"], out);
+    chart(&s, "CPU, cores", &["host_cpu", "workers_cpu"], out);
+    chart(&s, "Memory, bytes", &["host_memory", "workers_memory"], out);
+    chart(&s, "GPUs held", &["gpus_held"], out);
+    out.push_str("</section>");
+}
+
+const W: f64 = 640.0;
+const H: f64 = 120.0;
+
+/// One SVG chart of `fields` (a polyline each, scaled to the largest
+/// value); each line's title gives its last, mean and largest value.
+fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
+    let idx: Vec<usize> = fields
+        .iter()
+        .filter_map(|f| FIELDS.iter().position(|x| x.name == *f))
+        .collect();
+    let top = s
+        .points
+        .iter()
+        .flat_map(|p| idx.iter().map(|i| f64::from(p.value[*i])))
+        .fold(0f64, f64::max)
+        .max(1e-9);
+    let n = s.points.len().max(2) as f64 - 1.0;
+    let _ = write!(
+        out,
+        "<figure class=\"chart\" data-points=\"{}\"><figcaption>{}</figcaption>\
+         <svg viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\">",
+        s.points.len(),
+        esc(title),
+        esc(title)
+    );
+    for (k, i) in idx.iter().enumerate() {
+        // At most one point per unit of width: the mean of each bucket
+        // (an hour of seconds is 3,600 points; the page stays small).
+        let per = (s.points.len() as f64 / W).ceil().max(1.0) as usize;
+        let pts: Vec<String> = s
+            .points
+            .chunks(per)
+            .enumerate()
+            .map(|(j, bucket)| {
+                let mean = bucket.iter().map(|p| f64::from(p.value[*i])).sum::<f64>()
+                    / bucket.len() as f64;
+                let x = (j * per) as f64 / n * W;
+                let y = H - mean / top * (H - 4.0);
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        let vals: Vec<f64> = s.points.iter().map(|p| f64::from(p.value[*i])).collect();
+        let last = vals.last().copied().unwrap_or(0.0);
+        let mean = vals.iter().sum::<f64>() / vals.len().max(1) as f64;
+        let max = vals.iter().copied().fold(0.0, f64::max);
+        let _ = write!(
+            out,
+            "<polyline class=\"s{k}\" data-field=\"{}\" points=\"{}\"><title>{}: last {last:.3}, mean {mean:.3}, largest {max:.3}</title></polyline>",
+            FIELDS[*i].name,
+            pts.join(" "),
+            FIELDS[*i].name
+        );
+    }
+    out.push_str("</svg></figure>");
+}
+
+/// NODES: the host's resources and what a new worker could still get.
+fn nodes(host: &Value, out: &mut String) {
+    let n = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let cap = &host["capacity"];
+    let res = &host["reserved"];
+    let alloc = &host["allocatable"];
+    let adm = &host["workers"]["admitted"];
+    let gpus_total = host["gpus"].as_array().map_or(0, Vec::len) as f64;
+    let rows = [
+        (
+            "CPU, cores",
+            n(&cap["cpu_count"]),
+            n(&res["cpu_count"]),
+            n(&alloc["cpu_count"]),
+            n(&adm["cpu_ms_per_sec"]) / 1000.0,
+        ),
+        (
+            "memory, bytes",
+            n(&cap["memory_bytes"]),
+            n(&res["memory_bytes"]),
+            n(&alloc["memory_bytes"]),
+            n(&adm["memory_bytes"]),
+        ),
+        (
+            "disk, bytes",
+            n(&cap["disk_bytes"]),
+            n(&res["disk_bytes"]),
+            n(&alloc["disk_bytes"]),
+            n(&adm["disk_bytes"]),
+        ),
+        (
+            "GPUs",
+            gpus_total,
+            n(&res["gpu_count"]),
+            (gpus_total - n(&res["gpu_count"])).max(0.0),
+            n(&adm["gpus"]),
+        ),
+    ];
+    out.push_str(
+        "<section id=\"nodes\"><h2>NODES</h2><h3>Node Resources</h3><table id=\"node-resources\">\
+         <tr><th></th><th>total</th><th>reserved</th><th>distributable</th><th>admitted</th><th>free</th></tr>",
+    );
+    for (name, total, reserved, distributable, admitted) in rows {
+        let free = (distributable - admitted).max(0.0);
+        let _ = write!(out, "<tr data-resource=\"{name}\"><th>{name}</th>");
+        for v in [total, reserved, distributable, admitted, free] {
+            let _ = write!(out, "<td data-v=\"{v}\">{}</td>", human(name, v));
+        }
+        out.push_str("</tr>");
+    }
+    out.push_str("</table>");
+    gpus(host, out);
+    distributable(&rows, out);
+    out.push_str("</section>");
+}
+
+/// Each GPU: model, memory, and the worker holding it.
+fn gpus(host: &Value, out: &mut String) {
+    let Some(gpus) = host["gpus"].as_array().filter(|g| !g.is_empty()) else {
+        return;
+    };
+    out.push_str(
+        "<table id=\"gpus\"><tr><th>GPU</th><th>model</th><th>memory</th><th>held by</th></tr>",
+    );
+    for g in gpus {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            g["index"],
+            esc(g["product_name"].as_str().unwrap_or("")),
+            human("bytes", g["memory_bytes"].as_f64().unwrap_or(0.0)),
+            esc(g["function_executor"].as_str().unwrap_or("free"))
+        );
+    }
+    out.push_str("</table>");
+}
+
+/// What a new worker could still get: every resource's free part (the
+/// largest worker that fits takes all of it).
+fn distributable(rows: &[(&str, f64, f64, f64, f64)], out: &mut String) {
+    out.push_str(
+        "<h3>Distributable Resources</h3><table id=\"distributable\"><tr><th></th><th>a new worker could get</th></tr>",
+    );
+    for (name, _, _, distributable, admitted) in rows {
+        let free = (distributable - admitted).max(0.0);
+        let _ = write!(
+            out,
+            "<tr data-resource=\"{name}\"><th>{name}</th><td data-v=\"{free}\">{}</td></tr>",
+            human(name, free)
+        );
+    }
+    out.push_str("</table>");
+}
+
+/// `v` for people: bytes in GiB, the rest as numbers.
+fn human(what: &str, v: f64) -> String {
+    if what.contains("bytes") {
+        format!("{:.2} GiB", v / f64::from(1u32 << 30))
+    } else if v.fract() == 0.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn workers(src: &AgentStateSource, out: &mut String) {
+    let (fes, total) = src.handle.function_executors_page(0, 200);
+    let _ = write!(
+        out,
+        "<section id=\"workers\"><h2>Workers ({total})</h2><table><tr><th>id</th><th>function</th>\
+         <th>status</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th><th>memory used</th></tr>"
+    );
+    for f in fes {
+        let usage = f.usage.unwrap_or_default();
+        let _ = write!(
+            out,
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
+            if f.termination_reason.is_some() {
+                "failed"
+            } else {
+                ""
+            },
+            esc(&f.id),
+            esc(&f.function),
+            esc(&f.status),
+            f.pid.map(|p| p.to_string()).unwrap_or_default(),
+            f.limits
+                .map(|l| format!("{:.2} cores", f64::from(l.cpu_ms_per_sec) / 1000.0))
+                .unwrap_or_default(),
+            f.limits
+                .map(|l| human("bytes", l.memory_bytes as f64))
+                .unwrap_or_default(),
+            usage.cpu_usec as f64 / 1e6,
+            human("bytes", usage.memory_current_bytes as f64)
+        );
+    }
+    out.push_str("</table></section>");
+}
+
+/// The latest allocations, failures marked.
+fn allocations(src: &AgentStateSource, out: &mut String) {
+    let (_, total, _) = src.handle.allocations_page(0, 1);
+    let from = total.saturating_sub(50);
+    let (allocs, _, _) = src.handle.allocations_page(from, 50);
+    let _ = write!(
+        out,
+        "<section id=\"allocations\"><h2>Recent allocations</h2><table><tr><th>id</th><th>function</th>\
+         <th>worker</th><th>phase</th><th>last step</th></tr>"
+    );
+    for a in allocs.iter().rev() {
+        let last = a.timeline.last().map(|t| t.what.as_str()).unwrap_or("");
+        let failed = last.contains("failure");
+        let phase = serde_json::to_value(a.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let _ = write!(
+            out,
+            "<tr class=\"{}\" data-allocation=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if failed { "failed" } else { "" },
+            esc(&a.id),
+            esc(&a.id),
+            esc(&a.function),
+            esc(&a.function_executor_id),
+            esc(&phase),
+            esc(last)
+        );
+    }
+    out.push_str("</table></section>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_load_history::{History, N, Sample};
+
+    /// A full hour of seconds draws at most one point per unit of width:
+    /// the four charts stay small, and every line has its points.
+    #[test]
+    fn a_full_hour_of_charts_stays_small() {
+        let mut h = History::new();
+        for s in 0..3600u64 {
+            h.record(Sample {
+                at_unix_s: 1_000_000 + s,
+                values: [(s % 97) as f32; N],
+            });
+        }
+        let series = h.series(Range::Hour);
+        let mut out = String::new();
+        chart(
+            &series,
+            "Allocations",
+            &["running", "finished", "failed"],
+            &mut out,
+        );
+        chart(
+            &series,
+            "CPU, cores",
+            &["host_cpu", "workers_cpu"],
+            &mut out,
+        );
+        chart(
+            &series,
+            "Memory, bytes",
+            &["host_memory", "workers_memory"],
+            &mut out,
+        );
+        chart(&series, "GPUs held", &["gpus_held"], &mut out);
+        assert!(out.len() < 80 << 10, "{} bytes", out.len());
+        let lines = out.matches("<polyline").count();
+        assert_eq!(lines, 8);
+        let first = out
+            .split(" points=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap_or("");
+        let points = first.split(' ').count();
+        assert!((600..=W as usize).contains(&points), "{points} points");
+    }
+
+    #[test]
+    fn text_from_workers_and_the_server_is_escaped() {
+        assert_eq!(esc("<script>&\"'"), "&lt;script&gt;&amp;&quot;&#39;");
+    }
+}

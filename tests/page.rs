@@ -1,0 +1,166 @@
+//! The host's page over real HTTP (issue 28's first part; the test in a
+//! real browser is still to come): served at `/` and `/dashboard` with a
+//! policy that lets it load nothing from elsewhere and no URL of elsewhere
+//! in it; its NODES table has the numbers `/state/host` has; a finished
+//! allocation appears in the live fragment the page swaps in; its assets
+//! are served; a read token guards it.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use serde_json::json;
+use steward_devserver::FunctionOptions;
+
+async fn get(steward: &support::AgentProc, path: &str) -> Result<reqwest::Response> {
+    let url = format!(
+        "{}{path}",
+        steward.monitoring_url.as_deref().context("url")?
+    );
+    Ok(reqwest::get(url).await?)
+}
+
+/// The five `data-v` numbers of the NODES row `resource` (total, reserved,
+/// distributable, admitted, free).
+fn row(html: &str, resource: &str) -> Result<Vec<f64>> {
+    let start = html
+        .find(&format!("<tr data-resource=\"{resource}\">"))
+        .with_context(|| format!("no row {resource}"))?;
+    let end = start + html[start..].find("</tr>").context("row end")?;
+    html[start..end]
+        .split("data-v=\"")
+        .skip(1)
+        .map(|s| {
+            let v = s.split('"').next().unwrap_or_default();
+            v.parse::<f64>().with_context(|| format!("{v:?}"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> Result<()> {
+    let (plane, steward) = support::fake_setup(FunctionOptions::default(), &[]).await?;
+    let out = plane.invoke_app("fake", "echo", json!(1)).await?;
+    ensure!(out.status == "success", "{out:?}");
+
+    let resp = get(&steward, "/").await?;
+    ensure!(resp.status() == 200);
+    let policy = resp
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    ensure!(policy.contains("default-src 'none'"), "{policy}");
+    let html = resp.text().await?;
+    ensure!(!html.contains("://"), "a URL of elsewhere in the page");
+    for section in [
+        "id=\"load\"",
+        "id=\"node-resources\"",
+        "id=\"distributable\"",
+        "id=\"workers\"",
+    ] {
+        ensure!(html.contains(section), "no {section}");
+    }
+    // The same numbers as /state/host.
+    let (_, host) = steward.get_json("/state/host").await?;
+    let cpu = row(&html, "CPU, cores")?;
+    let n = |v: &serde_json::Value| v.as_f64().unwrap_or(-1.0);
+    ensure!(
+        cpu[0] == n(&host["capacity"]["cpu_count"]),
+        "{cpu:?} {host}"
+    );
+    ensure!(
+        cpu[1] == n(&host["reserved"]["cpu_count"]),
+        "{cpu:?} {host}"
+    );
+    ensure!(
+        cpu[2] == n(&host["allocatable"]["cpu_count"]),
+        "{cpu:?} {host}"
+    );
+    let admitted = n(&host["workers"]["admitted"]["cpu_ms_per_sec"]) / 1000.0;
+    ensure!(cpu[3] == admitted && admitted > 0.0, "{cpu:?} {host}");
+    ensure!(cpu[4] == cpu[2] - cpu[3], "{cpu:?}");
+    let memory = row(&html, "memory, bytes")?;
+    ensure!(
+        memory[0] == n(&host["capacity"]["memory_bytes"]),
+        "{memory:?}"
+    );
+    ensure!(
+        memory[3] == n(&host["workers"]["admitted"]["memory_bytes"]),
+        "{memory:?}"
+    );
+
+    // A finished allocation is in the fragment a live page swaps in.
+    let out = plane.invoke_app("fake", "echo", json!(2)).await?;
+    ensure!(out.status == "success", "{out:?}");
+    let (_, allocs) = steward.get_json("/state/allocations").await?;
+    let ids: Vec<String> = allocs["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["id"].as_str().map(String::from))
+        .collect();
+    ensure!(ids.len() == 2, "{allocs}");
+    let fragment = get(&steward, "/dashboard?fragment=1").await?.text().await?;
+    ensure!(!fragment.contains("<html"), "only the live part");
+    for id in &ids {
+        ensure!(
+            fragment.contains(&format!("data-allocation=\"{id}\"")),
+            "{id} missing"
+        );
+    }
+    // The charts get points as the seconds pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = get(&steward, "/dashboard?fragment=1&range=hour")
+            .await?
+            .text()
+            .await?;
+        if page.contains("data-points=\"") && !page.contains("data-points=\"0\"") {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no chart points within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its own assets, and nothing else under /assets.
+    let js = get(&steward, "/assets/page.js").await?;
+    ensure!(js.status() == 200);
+    ensure!(
+        !js.text().await?.contains("://"),
+        "the script names no other place"
+    );
+    ensure!(get(&steward, "/assets/other.js").await?.status() == 404);
+    plane.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_token_guards_the_page() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("state-token");
+    let secret = "a-page-read-token-0123456789";
+    support::write_secret(&token, format!("{secret}\n"))?;
+    let token = token.to_str().context("path")?;
+    let (plane, steward) =
+        support::fake_setup(FunctionOptions::default(), &["--state-token-file", token]).await?;
+    for path in ["/", "/dashboard", "/assets/page.js"] {
+        ensure!(
+            get(&steward, path).await?.status() == 401,
+            "{path} unguarded"
+        );
+    }
+    let url = format!("{}/", steward.monitoring_url.as_deref().context("url")?);
+    let ok = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(secret)
+        .send()
+        .await?;
+    ensure!(ok.status() == 200);
+    plane.stop().await;
+    Ok(())
+}
