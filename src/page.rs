@@ -212,7 +212,7 @@ fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
     let _ = write!(
         out,
         "<figure class=\"chart\" data-points=\"{}\"><figcaption>{}</figcaption>\
-         <svg viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{}\">",
+         <svg viewBox=\"0 0 {W} {H}\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{}\">",
         s.points.len(),
         esc(title),
         esc(title)
@@ -387,17 +387,16 @@ fn workers(src: &AgentStateSource, out: &mut String) {
     out.push_str("</table></section>");
 }
 
-/// The latest allocations, failures marked.
+/// The allocations held, then the ones dropped most recently (at most 50),
+/// failures marked.
 fn allocations(src: &AgentStateSource, out: &mut String) {
-    let (_, total, _) = src.handle.allocations_page(0, 1);
-    let from = total.saturating_sub(50);
-    let (allocs, _, _) = src.handle.allocations_page(from, 50);
+    let (allocs, _, _) = src.handle.allocations_page(0, 50);
     let _ = write!(
         out,
         "<section id=\"allocations\"><h2>Recent allocations</h2><table><tr><th>id</th><th>function</th>\
          <th>worker</th><th>phase</th><th>last step</th></tr>"
     );
-    for a in allocs.iter().rev() {
+    for a in &allocs {
         let last = a.timeline.last().map(|t| t.what.as_str()).unwrap_or("");
         let failed = last.contains("failure");
         let phase = serde_json::to_value(a.phase)

@@ -407,26 +407,56 @@ fn target_dir() -> PathBuf {
 /// elsewhere says what is missing and goes on (those tests then fail,
 /// naming it).
 fn ensure_runc() -> Result<()> {
-    if which("runc").is_some() || Path::new("/usr/sbin/runc").is_file() {
+    if which("runc").is_some() {
         return Ok(());
     }
+    ensure_debian(&[("/usr/sbin/runc", "runc")], "the OCI driver")
+}
+
+/// Installs Debian's `chromium` and `chromium-driver` where they are
+/// missing, as root: the host page's test drives a real headless browser.
+fn ensure_browser() -> Result<()> {
+    ensure_debian(
+        &[
+            ("/usr/bin/chromium", "chromium"),
+            ("/usr/bin/chromedriver", "chromium-driver"),
+        ],
+        "the host page's browser test",
+    )
+}
+
+/// Installs the Debian packages of `needed` (a file each provides, the
+/// package) whose file is missing, as root; elsewhere says what is missing
+/// and goes on (the tests that need them then fail, naming it).
+fn ensure_debian(needed: &[(&str, &str)], for_what: &str) -> Result<()> {
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(file, _)| !Path::new(file).is_file())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
     let as_root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
     if !as_root {
         eprintln!(
-            "xtask: runc is not installed and this is not root: the OCI driver's tests will fail (apt-get install runc)"
+            "xtask: {list} not installed and this is not root: {for_what}'s tests will fail (apt-get install {list})"
         );
         return Ok(());
     }
-    eprintln!("xtask: installing runc (apt-get install -y runc) for the OCI driver");
+    eprintln!("xtask: installing {list} (apt-get install -y) for {for_what}");
     run(Command::new("apt-get").arg("update"))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "runc"])
+        .args(["install", "-y"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn test(extra: &[String]) -> Result<()> {
     let venv = ensure_venv()?;
     ensure_runc()?;
+    ensure_browser()?;
     // The binaries the tests spawn (steward, steward-fake-worker), with the
     // same features as the test build so nothing compiles twice.
     run(cargo()

@@ -1,0 +1,230 @@
+//! The host's page in a real browser: Debian's headless Chromium, driven
+//! through chromedriver by fantoccini (WebDriver), against a running
+//! Steward whose fake workers do real allocations. The charts have data
+//! points, the NODES table shows `/state/host`'s numbers, an allocation
+//! that finishes after the page loaded appears without a reload (the
+//! page's script), and light and dark screenshots are saved under
+//! `target/page/`. `cargo xtask test` installs `chromium` and
+//! `chromium-driver` as root; without them this test fails, naming what is
+//! missing.
+
+mod support;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+use steward_devserver::FunctionOptions;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+/// chromedriver on a port of its own, killed when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Driver {
+    fn start() -> Result<Driver> {
+        for needed in [CHROMIUM, CHROMEDRIVER] {
+            ensure!(
+                Path::new(needed).is_file(),
+                "{needed} is missing: install Debian's chromium and chromium-driver (cargo xtask test does, as root)"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting chromedriver")?;
+        let driver = Driver {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "chromedriver did not listen within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(driver)
+    }
+
+    /// A headless browser session; `dark`: the page is asked for its dark scheme.
+    async fn browser(&self, dark: bool) -> Result<Client> {
+        let mut args = vec![
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,2400",
+        ];
+        if dark {
+            args.push("--force-dark-mode");
+            args.push("--blink-settings=preferredColorScheme=0");
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({"binary": CHROMIUM, "args": args}),
+        );
+        ClientBuilder::rustls()?
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .context("a chromium session through chromedriver")
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn screenshots_dir() -> Result<PathBuf> {
+    let dir = support::repo_root().join("target/page");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The `data-v` numbers of the NODES row `resource`, as the browser sees them.
+async fn row(c: &Client, resource: &str) -> Result<Vec<f64>> {
+    let cells = c
+        .find_all(Locator::Css(&format!(
+            "#node-resources tr[data-resource=\"{resource}\"] td"
+        )))
+        .await?;
+    let mut out = Vec::new();
+    for cell in cells {
+        let v = cell.attr("data-v").await?.unwrap_or_default();
+        out.push(v.parse::<f64>().with_context(|| format!("{v:?}"))?);
+    }
+    Ok(out)
+}
+
+/// The ids `/state/allocations` lists.
+async fn allocation_ids(steward: &support::AgentProc) -> Result<Vec<String>> {
+    let (_, allocs) = steward.get_json("/state/allocations").await?;
+    Ok(allocs["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["id"].as_str().map(String::from))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
+    let driver = Driver::start()?;
+    let (plane, steward) = support::fake_setup(FunctionOptions::default(), &[]).await?;
+    let out = plane.invoke_app("fake", "echo", json!(1)).await?;
+    ensure!(out.status == "success", "{out:?}");
+    let page = format!("{}/", steward.monitoring_url.as_deref().context("url")?);
+    let c = driver.browser(false).await?;
+    let checked = async {
+        c.goto(&page).await?;
+        // NODES: the numbers /state/host has.
+        let (_, host) = steward.get_json("/state/host").await?;
+        let cpu = row(&c, "CPU, cores").await?;
+        ensure!(cpu.len() == 5, "{cpu:?}");
+        ensure!(
+            cpu[0] == host["capacity"]["cpu_count"].as_f64().unwrap_or(-1.0),
+            "{cpu:?}"
+        );
+        let admitted = host["workers"]["admitted"]["cpu_ms_per_sec"]
+            .as_f64()
+            .unwrap_or(-1.0)
+            / 1000.0;
+        ensure!(cpu[3] == admitted, "{cpu:?} {host}");
+        // An allocation finished after the page loaded appears without a reload.
+        let before = allocation_ids(&steward).await?;
+        let out = plane.invoke_app("fake", "echo", json!(2)).await?;
+        ensure!(out.status == "success", "{out:?}");
+        let newest = allocation_ids(&steward)
+            .await?
+            .into_iter()
+            .find(|id| !before.contains(id))
+            .context("the new allocation")?;
+        ensure!(
+            c.find_all(Locator::Css(&format!("tr[data-allocation=\"{newest}\"]")))
+                .await?
+                .is_empty(),
+            "the page knew {newest} before it ran"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = c
+                .find_all(Locator::Css(&format!("tr[data-allocation=\"{newest}\"]")))
+                .await?;
+            if !found.is_empty() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "allocation {newest} never appeared on the open page"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // The charts have points, more as the seconds pass (the page
+        // swaps in fresh charts by itself).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let charts = c.find_all(Locator::Css("figure.chart")).await?;
+            ensure!(charts.len() == 4, "{} charts", charts.len());
+            let points = charts[0].attr("data-points").await?.unwrap_or_default();
+            if points.parse::<usize>().unwrap_or(0) >= 5 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the charts did not fill: {points:?} points"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        std::fs::write(
+            screenshots_dir()?.join("page-light.png"),
+            c.screenshot().await?,
+        )?;
+        anyhow::Ok(())
+    }
+    .await;
+    c.close().await?;
+    checked?;
+    let dark = driver.browser(true).await?;
+    let shot = async {
+        dark.goto(&page).await?;
+        let bg = dark
+            .execute(
+                "return getComputedStyle(document.body).backgroundColor",
+                vec![],
+            )
+            .await?;
+        let bg = bg.as_str().unwrap_or_default().to_string();
+        std::fs::write(
+            screenshots_dir()?.join("page-dark.png"),
+            dark.screenshot().await?,
+        )?;
+        if bg != "rgb(13, 17, 23)" {
+            bail!("the dark scheme was not applied: background {bg}");
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    dark.close().await?;
+    shot?;
+    plane.stop().await;
+    Ok(())
+}
