@@ -61,7 +61,10 @@ fn live(src: &AgentStateSource, range: Range) -> String {
     load(src, range, &mut out);
     nodes(&host, &mut out);
     workers(src, &mut out);
+    money(src, &mut out);
+    activity(src, &mut out);
     allocations(src, &mut out);
+    events(src, &mut out);
     out
 }
 
@@ -387,6 +390,184 @@ fn workers(src: &AgentStateSource, out: &mut String) {
     out.push_str("</table></section>");
 }
 
+/// Unix ms now, at the start of today (UTC) and of this month.
+fn day_and_month_starts(now_ms: u64) -> (u64, u64) {
+    const DAY: u64 = 86_400_000;
+    let today = now_ms - now_ms % DAY;
+    // The day of the month, from the civil date of `today` (Howard
+    // Hinnant's days-to-civil, for days since 1970-01-01).
+    let z = (today / DAY) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day_of_month = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    (today, today - (day_of_month - 1) * DAY)
+}
+
+/// Usage and cost by function, today and this month (UTC), from the same
+/// summary as `/state/usage` (so the same numbers as `steward usage export`).
+fn money(src: &AgentStateSource, out: &mut String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let (today, month) = day_and_month_starts(now);
+    out.push_str("<section id=\"money\"><h2>Usage and cost</h2>");
+    for (title, id, since) in [
+        ("Today", "usage-today", today),
+        ("This month", "usage-month", month),
+    ] {
+        let query = BTreeMap::from([
+            ("since".to_string(), since.to_string()),
+            ("group_by".to_string(), "function".to_string()),
+        ]);
+        let doc = match src.usage(&query) {
+            Ok(doc) => doc,
+            Err(e) => {
+                let _ = write!(out, "<p>{}</p>", esc(&e));
+                continue;
+            }
+        };
+        usage_table(title, id, &doc, out);
+    }
+    out.push_str("</section>");
+}
+
+fn usage_table(title: &str, id: &str, doc: &Value, out: &mut String) {
+    let card = &doc["price_card"];
+    let scale = 10f64.powi(card["scale"].as_i64().unwrap_or(0).clamp(0, 18) as i32);
+    let currency = esc(card["currency"].as_str().unwrap_or(""));
+    let _ = write!(
+        out,
+        "<h3>{title}</h3><table id=\"{id}\"><tr><th>function</th><th>tasks</th><th>failed</th>\
+         <th>CPU, core-s</th><th>memory, MB-s</th><th>wall, s</th><th>cost</th></tr>"
+    );
+    let groups = doc["summary"]["groups"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    for (function, t) in &groups {
+        let n = |k: &str| t[k].as_f64().unwrap_or(0.0);
+        let cost = t["cost_minor"].as_i64().unwrap_or(0);
+        let _ = write!(
+            out,
+            "<tr data-function=\"{f}\"><th>{f}</th><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td>\
+             <td>{:.3}</td><td>{:.1}</td><td>{:.3}</td><td data-cost-minor=\"{cost}\">{:.6} {currency}</td></tr>",
+            n("tasks"),
+            n("tasks"),
+            n("failed"),
+            n("failed"),
+            n("cpu_core_us") / 1e6,
+            n("memory_mb_ms") / 1e3,
+            n("wall_ms") / 1e3,
+            cost as f64 / scale,
+            f = esc(function),
+        );
+    }
+    out.push_str("</table>");
+}
+
+/// The year of activity as a heat map: a square per day, darker with
+/// more allocations; each square's title says the date and the counts.
+fn activity(src: &AgentStateSource, out: &mut String) {
+    let doc = src.activity(steward_monitoring::Page {
+        offset: 0,
+        limit: 366,
+    });
+    let days = doc["days"].as_array().cloned().unwrap_or_default();
+    let top = days
+        .iter()
+        .filter_map(|d| d["tasks"].as_u64())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let _ = write!(
+        out,
+        "<section id=\"activity\"><h2>Activity, a year</h2>\
+         <svg class=\"heat\" viewBox=\"0 0 {} 84\" role=\"img\" aria-label=\"allocations per day\">",
+        53 * 12
+    );
+    // Today is bottom right; columns are weeks, the grid a year long.
+    for back in 0..(53 * 7) {
+        let _ = write!(
+            out,
+            "<rect class=\"h0\" x=\"{}\" y=\"{}\" width=\"10\" height=\"10\"/>",
+            (52 - back / 7) * 12,
+            (6 - back % 7) * 12
+        );
+    }
+    let today = unix_days(std::time::SystemTime::now());
+    for d in &days {
+        let date = d["date"].as_str().unwrap_or("");
+        let Some(back) = civil_days(date).and_then(|day| today.checked_sub(day)) else {
+            continue;
+        };
+        if back >= 53 * 7 {
+            continue;
+        }
+        let tasks = d["tasks"].as_u64().unwrap_or(0);
+        let level = if tasks == 0 {
+            0
+        } else {
+            1 + (tasks * 3 / top).min(3)
+        };
+        let _ = write!(
+            out,
+            "<rect class=\"h{level}\" data-date=\"{}\" x=\"{}\" y=\"{}\" width=\"10\" height=\"10\"><title>{}: {tasks} allocations, {} failed</title></rect>",
+            esc(date),
+            (52 - back / 7) * 12,
+            (6 - back % 7) * 12,
+            esc(date),
+            d["failed"].as_u64().unwrap_or(0)
+        );
+    }
+    out.push_str("</svg></section>");
+}
+
+/// Days since 1970-01-01 of `t` (UTC).
+fn unix_days(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0)
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date (Howard Hinnant's
+/// days-from-civil); `None` for anything else.
+fn civil_days(date: &str) -> Option<u64> {
+    let mut parts = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, d) = (parts.next()??, parts.next()??, parts.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    u64::try_from(era * 146_097 + doe - 719_468).ok()
+}
+
+/// The latest events.
+fn events(src: &AgentStateSource, out: &mut String) {
+    let (_, total) = src.handle.events_page(0, 1);
+    let (events, _) = src.handle.events_page(total.saturating_sub(30), 30);
+    out.push_str("<section id=\"events\"><h2>Events</h2><table><tr><th>kind</th><th>subject</th><th>message</th></tr>");
+    for e in events.iter().rev() {
+        let e = serde_json::to_value(e).unwrap_or_default();
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(e["kind"].as_str().unwrap_or("")),
+            esc(e["subject"].as_str().unwrap_or("")),
+            esc(e["message"].as_str().unwrap_or(""))
+        );
+    }
+    out.push_str("</table></section>");
+}
+
 /// The allocations held, then the ones dropped most recently (at most 50),
 /// failures marked.
 fn allocations(src: &AgentStateSource, out: &mut String) {
@@ -465,6 +646,29 @@ mod tests {
             .unwrap_or("");
         let points = first.split(' ').count();
         assert!((600..=W as usize).contains(&points), "{points} points");
+    }
+
+    #[test]
+    fn today_and_this_month_start_at_utc_midnights() {
+        assert_eq!(
+            day_and_month_starts(1_796_560_496_000),
+            (1_796_515_200_000, 1_796_083_200_000),
+            "2026-12-06 12:34:56"
+        );
+        assert_eq!(
+            day_and_month_starts(1_709_251_199_000),
+            (1_709_164_800_000, 1_706_745_600_000),
+            "2024-02-29 23:59:59"
+        );
+    }
+
+    #[test]
+    fn dates_count_days_from_1970() {
+        assert_eq!(civil_days("1970-01-01"), Some(0));
+        assert_eq!(civil_days("2026-12-06"), Some(1_796_515_200 / 86_400));
+        assert_eq!(civil_days("2024-02-29"), Some(1_709_164_800 / 86_400));
+        assert_eq!(civil_days("2024-13-01"), None);
+        assert_eq!(civil_days("garbage"), None);
     }
 
     #[test]

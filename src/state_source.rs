@@ -64,7 +64,10 @@ fn timestamped<T: serde::Serialize>(
 impl AgentStateSource {
     /// `/state/usage?since=&until=&group_by=`: ledger totals over a time
     /// range (by when records ended, as `steward usage export` filters).
-    fn usage(&self, query: &BTreeMap<String, String>) -> Result<serde_json::Value, String> {
+    pub(crate) fn usage(
+        &self,
+        query: &BTreeMap<String, String>,
+    ) -> Result<serde_json::Value, String> {
         if let Some(k) = query.keys().find(|k| {
             !matches!(
                 k.as_str(),
@@ -124,7 +127,7 @@ impl AgentStateSource {
     }
 
     /// `/state/activity`: tasks and usage per UTC day, the last 366 days.
-    fn activity(&self, page: Page) -> serde_json::Value {
+    pub(crate) fn activity(&self, page: Page) -> serde_json::Value {
         match &self.metering {
             Some(m) => {
                 let days = m.activity();

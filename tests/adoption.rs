@@ -105,20 +105,8 @@ async fn plane_saw(plane: &Plane, function: &str) -> Result<(usize, bool)> {
 
 /// The usage records of allocations of `function` (`steward usage export`).
 fn usage_records(data_dir: &Path, function: &str) -> Result<Vec<serde_json::Value>> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
-        .args([
-            "usage",
-            "export",
-            "--format",
-            "jsonl",
-            "--executor-cache-path",
-        ])
-        .arg(data_dir)
-        .output()?;
-    ensure!(out.status.success(), "export: {out:?}");
-    Ok(String::from_utf8(out.stdout)?
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    Ok(support::usage_export(data_dir)?
+        .into_iter()
         .filter(|r| r["function"] == function && r["kind"] == "allocation")
         .collect())
 }

@@ -126,10 +126,41 @@ async fn allocation_ids(steward: &support::AgentProc) -> Result<Vec<String>> {
         .collect())
 }
 
+/// A price card (the config file's `steward.price_card`), so that costs
+/// are not all zero.
+const CARD: &str = "currency = \"USD\"\nscale = 6\nper_task = 100\nper_cpu_core_second = 20\nper_mb_second = 1\nper_wall_second = 3\n";
+
+/// The cost `steward usage export` gives function `key`
+/// (`namespace/application/function`), in minor units.
+fn exported_cost(steward: &support::AgentProc, key: &str) -> Result<i64> {
+    let key_of = |r: &serde_json::Value| {
+        let part = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        format!(
+            "{}/{}/{}",
+            part("namespace"),
+            part("application"),
+            part("function")
+        )
+    };
+    Ok(support::usage_export(steward.data_dir.path())?
+        .iter()
+        .filter(|r| key_of(r) == key)
+        .filter_map(|r| r["cost_minor"].as_i64())
+        .sum())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
     let driver = Driver::start()?;
-    let (plane, steward) = support::fake_setup(FunctionOptions::default(), &[]).await?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("steward.yaml");
+    let indented: String = CARD.lines().map(|l| format!("    {l}\n")).collect();
+    std::fs::write(&config, format!("steward:\n  price_card: |\n{indented}"))?;
+    let (plane, steward) = support::fake_setup(
+        FunctionOptions::default(),
+        &["--config-path", config.to_str().context("path")?],
+    )
+    .await?;
     let out = plane.invoke_app("fake", "echo", json!(1)).await?;
     ensure!(out.status == "success", "{out:?}");
     let page = format!("{}/", steward.monitoring_url.as_deref().context("url")?);
@@ -194,6 +225,26 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        // The cost shown for the function is the export's (today's usage:
+        // every record of this test ended today).
+        c.goto(&page).await?;
+        let key = "default/fake/echo";
+        let cell = c
+            .find(Locator::Css(&format!(
+                "#usage-today tr[data-function=\"{key}\"] td[data-cost-minor]"
+            )))
+            .await?;
+        let shown: i64 = cell
+            .attr("data-cost-minor")
+            .await?
+            .unwrap_or_default()
+            .parse()?;
+        let exported = exported_cost(&steward, key)?;
+        ensure!(exported > 0, "the card prices the allocations");
+        ensure!(
+            shown == exported,
+            "the page shows {shown}, the export says {exported}"
+        );
         std::fs::write(
             screenshots_dir()?.join("page-light.png"),
             c.screenshot().await?,

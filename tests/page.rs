@@ -127,6 +127,21 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Today's square of the year's heat map is lit (the activity file's day).
+    let (_, activity) = steward.get_json("/state/activity").await?;
+    let today = activity["days"]
+        .as_array()
+        .and_then(|d| d.last())
+        .and_then(|d| d["date"].as_str())
+        .context("a day of activity")?
+        .to_string();
+    let page = get(&steward, "/").await?.text().await?;
+    let square = page
+        .split("<rect ")
+        .find(|r| r.contains(&format!("data-date=\"{today}\"")))
+        .with_context(|| format!("no square for {today}"))?;
+    ensure!(!square.starts_with("class=\"h0\""), "{square}");
+    ensure!(square.contains("2 allocations"), "{square}");
     // Its own assets, and nothing else under /assets.
     let js = get(&steward, "/assets/page.js").await?;
     ensure!(js.status() == 200);

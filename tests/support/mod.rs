@@ -871,3 +871,24 @@ pub fn worker_pids(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// Every usage record of the data directory `data_dir`, as `steward usage
+/// export --format jsonl` prints them.
+#[allow(dead_code)]
+pub fn usage_export(data_dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let out = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args([
+            "usage",
+            "export",
+            "--format",
+            "jsonl",
+            "--executor-cache-path",
+        ])
+        .arg(data_dir)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "export: {out:?}");
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
