@@ -27,7 +27,7 @@ pub fn render(src: &AgentStateSource, query: &BTreeMap<String, String>) -> Strin
         .get("range")
         .and_then(|r| Range::parse(r))
         .unwrap_or(Range::Hour);
-    let body = live(src, range);
+    let body = live(src, range, query);
     if query.get("fragment").is_some_and(|f| f == "1") {
         return body;
     }
@@ -51,7 +51,7 @@ fn range_name(r: Range) -> &'static str {
 }
 
 /// The part of the page that changes.
-fn live(src: &AgentStateSource, range: Range) -> String {
+fn live(src: &AgentStateSource, range: Range, query: &BTreeMap<String, String>) -> String {
     let host = match src.document("host", Format::Json) {
         Some(steward_monitoring::Document::Json(v)) => v,
         _ => Value::Null,
@@ -61,7 +61,7 @@ fn live(src: &AgentStateSource, range: Range) -> String {
     load(src, range, &mut out);
     nodes(&host, &mut out);
     workers(src, &mut out);
-    money(src, &mut out);
+    money(src, query, &mut out);
     activity(src, &mut out);
     allocations(src, &mut out);
     events(src, &mut out);
@@ -408,7 +408,7 @@ fn day_and_month_starts(now_ms: u64) -> (u64, u64) {
 
 /// Usage and cost by function, today and this month (UTC), from the same
 /// summary as `/state/usage` (so the same numbers as `steward usage export`).
-fn money(src: &AgentStateSource, out: &mut String) {
+fn money(src: &AgentStateSource, page_query: &BTreeMap<String, String>, out: &mut String) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -419,20 +419,44 @@ fn money(src: &AgentStateSource, out: &mut String) {
         ("Today", "usage-today", today),
         ("This month", "usage-month", month),
     ] {
-        let query = BTreeMap::from([
-            ("since".to_string(), since.to_string()),
-            ("group_by".to_string(), "function".to_string()),
-        ]);
-        let doc = match src.usage(&query) {
-            Ok(doc) => doc,
-            Err(e) => {
-                let _ = write!(out, "<p>{}</p>", esc(&e));
-                continue;
-            }
-        };
-        usage_table(title, id, &doc, out);
+        let query = BTreeMap::from([("since".to_string(), since.to_string())]);
+        usage_section(src, title, id, query, out);
+    }
+    // A range of the reader's choosing (dates or unix ms, as the export takes).
+    let chosen: BTreeMap<String, String> = page_query
+        .iter()
+        .filter(|(k, v)| (*k == "since" || *k == "until") && !v.is_empty())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let value = |k: &str| esc(chosen.get(k).map(String::as_str).unwrap_or(""));
+    let _ = write!(
+        out,
+        "<form method=\"get\" action=\"/dashboard\"><label>from <input name=\"since\" placeholder=\"YYYY-MM-DD\" value=\"{}\"></label> \
+         <label>to <input name=\"until\" placeholder=\"YYYY-MM-DD\" value=\"{}\"></label> <button>show</button></form>",
+        value("since"),
+        value("until")
+    );
+    if !chosen.is_empty() {
+        usage_section(src, "Chosen range", "usage-range", chosen, out);
     }
     out.push_str("</section>");
+}
+
+/// One usage table, grouped by function, for `query`'s range.
+fn usage_section(
+    src: &AgentStateSource,
+    title: &str,
+    id: &str,
+    mut query: BTreeMap<String, String>,
+    out: &mut String,
+) {
+    query.insert("group_by".into(), "function".into());
+    match src.usage(&query) {
+        Ok(doc) => usage_table(title, id, &doc, out),
+        Err(e) => {
+            let _ = write!(out, "<h3>{title}</h3><p class=\"failing\">{}</p>", esc(&e));
+        }
+    }
 }
 
 fn usage_table(title: &str, id: &str, doc: &Value, out: &mut String) {

@@ -142,6 +142,26 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
         .with_context(|| format!("no square for {today}"))?;
     ensure!(!square.starts_with("class=\"h0\""), "{square}");
     ensure!(square.contains("2 allocations"), "{square}");
+    // A chosen range (the export's date form), and a bad one said, escaped.
+    let ranged = get(&steward, &format!("/dashboard?since={today}"))
+        .await?
+        .text()
+        .await?;
+    let table = ranged
+        .split("id=\"usage-range\"")
+        .nth(1)
+        .context("no table of the chosen range")?;
+    ensure!(
+        table.contains("data-function=\"default/fake/echo\""),
+        "{table}"
+    );
+    let bad = get(&steward, "/dashboard?since=%3Cscript%3E").await?;
+    ensure!(bad.status() == 200);
+    let bad = bad.text().await?;
+    ensure!(
+        !bad.contains("<script>") && bad.contains("&lt;script&gt;"),
+        "unescaped"
+    );
     // Its own assets, and nothing else under /assets.
     let js = get(&steward, "/assets/page.js").await?;
     ensure!(js.status() == 200);

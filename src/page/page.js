@@ -10,8 +10,10 @@
     if (busy || document.visibilityState !== "visible") return;
     busy = true;
     try {
-      const range = main.dataset.range || "hour";
-      const r = await fetch("/dashboard?fragment=1&range=" + encodeURIComponent(range), {
+      // The same view (range, chosen dates) as the page was asked for.
+      const query = new URLSearchParams(location.search);
+      query.set("fragment", "1");
+      const r = await fetch("/dashboard?" + query.toString(), {
         cache: "no-store",
         credentials: "same-origin",
       });

@@ -844,7 +844,7 @@ async fn state_document(
 }
 
 /// What the host's page may load: only what the agent serves itself.
-const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 async fn page(State(app): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
     let src = app.src.clone();
