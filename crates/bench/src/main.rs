@@ -870,6 +870,84 @@ async fn restart(env: &Env, rounds: usize, t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// The host's page with `workers` fake workers running: how long the whole
+/// page takes to come (its first data), its weight, and the agent's CPU
+/// over 20 s with no page open and with one open (polling its live
+/// fragment every 2 s, as the page's script does), one after the other in
+/// one run.
+async fn page(env: &Env, workers: usize, t: &mut Table) -> Result<()> {
+    let plane = Plane::start().await?;
+    let apps: Vec<String> = (0..workers).map(|i| format!("p{i}")).collect();
+    for app in &apps {
+        plane
+            .deploy(env, "examples/fake", app, &FunctionOptions::default())
+            .await?;
+    }
+    let proc = AgentProc::start(env, Agent::Steward, &plane, Worker::Fake)?;
+    proc.wait_startup().await?;
+    plane.wait_executor().await?;
+    for app in &apps {
+        plane.batch(app, "noop", 1).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while (plane.stats().await?["function_executors_running"]
+        .as_u64()
+        .unwrap_or(0) as usize)
+        < workers
+    {
+        if Instant::now() > deadline {
+            bail!("{workers} workers not running within 240 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    plane.drain(Duration::from_secs(120)).await?;
+    let label = format!("15. page at {workers} workers");
+    let url = format!("{}/", proc.monitoring);
+    for _ in 0..5 {
+        let started = Instant::now();
+        let body = plane.http.get(&url).send().await?.text().await?;
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        t.add(
+            &format!("{label}: whole page served (first data)"),
+            "ms",
+            Agent::Steward,
+            ms,
+        );
+        t.add(
+            &format!("{label}: page weight"),
+            "KiB",
+            Agent::Steward,
+            body.len() as f64 / 1024.0,
+        );
+    }
+    let window = Duration::from_secs(20);
+    let cpu0 = proc.cpu_seconds();
+    tokio::time::sleep(window).await;
+    let idle = (proc.cpu_seconds() - cpu0) / window.as_secs_f64() * 1000.0;
+    let fragment = format!("{}/dashboard?fragment=1", proc.monitoring);
+    let cpu1 = proc.cpu_seconds();
+    let started = Instant::now();
+    while started.elapsed() < window {
+        plane.http.get(&fragment).send().await?.text().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let open = (proc.cpu_seconds() - cpu1) / started.elapsed().as_secs_f64() * 1000.0;
+    t.add(
+        &format!("{label}: agent CPU per second, no page open"),
+        "ms",
+        Agent::Steward,
+        idle,
+    );
+    t.add(
+        &format!("{label}: agent CPU per second, one page open"),
+        "ms",
+        Agent::Steward,
+        open,
+    );
+    drop(proc);
+    Ok(())
+}
+
 impl Worker {
     /// The app, function and input a scenario runs on this worker, and its label.
     fn hello_app(
@@ -1910,6 +1988,7 @@ enum Scenario {
     Metering,
     Sandbox,
     Restart,
+    Page,
 }
 
 /// Runs each scenario against Steward and the reference executor, alternating
@@ -2129,6 +2208,15 @@ async fn run(cli: Cli) -> Result<()> {
         eprintln!("restart: Steward SIGKILLed and replaced, with and without adoption");
         if let Err(e) = restart(&env, rounds.max(3), &mut t).await {
             t.fail("14. restart", Agent::Steward, &e.to_string());
+        }
+    }
+    // The host's page at 200 workers (Steward only).
+    if cli.only == Some(Scenario::Page)
+        || (cli.only.is_none() && AgentChoice::admits(cli.agent, Agent::Steward))
+    {
+        eprintln!("page: the host's page at {scale_workers} workers");
+        if let Err(e) = page(&env, scale_workers, &mut t).await {
+            t.fail("15. page", Agent::Steward, &e.to_string());
         }
     }
     // Callgrind once (Steward only): instruction counts repeat exactly.
