@@ -361,13 +361,23 @@ fn workers(src: &AgentStateSource, out: &mut String) {
     let _ = write!(
         out,
         "<section id=\"workers\"><h2>Workers ({total})</h2><table><tr><th>id</th><th>function</th>\
-         <th>status</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th><th>memory used</th></tr>"
+         <th>status</th><th>up</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th><th>memory used</th></tr>"
     );
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     for f in fes {
         let usage = f.usage.unwrap_or_default();
+        // Since its first step (accepted, or adopted from an earlier run).
+        let up = f
+            .timeline
+            .first()
+            .map(|t| duration(now_ms.saturating_sub(t.at_unix_ms) / 1000))
+            .unwrap_or_default();
         let _ = write!(
             out,
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
             if f.termination_reason.is_some() {
                 "failed"
             } else {
@@ -420,8 +430,17 @@ fn money(src: &AgentStateSource, page_query: &BTreeMap<String, String>, out: &mu
         ("This month", "usage-month", month),
     ] {
         let query = BTreeMap::from([("since".to_string(), since.to_string())]);
-        usage_section(src, title, id, query, out);
+        usage_section(src, title, id, "function", query, out);
     }
+    let query = BTreeMap::from([("since".to_string(), month.to_string())]);
+    usage_section(
+        src,
+        "This month, by application",
+        "usage-month-apps",
+        "application",
+        query,
+        out,
+    );
     // A range of the reader's choosing (dates or unix ms, as the export takes).
     let chosen: BTreeMap<String, String> = page_query
         .iter()
@@ -437,47 +456,48 @@ fn money(src: &AgentStateSource, page_query: &BTreeMap<String, String>, out: &mu
         value("until")
     );
     if !chosen.is_empty() {
-        usage_section(src, "Chosen range", "usage-range", chosen, out);
+        usage_section(src, "Chosen range", "usage-range", "function", chosen, out);
     }
     out.push_str("</section>");
 }
 
-/// One usage table, grouped by function, for `query`'s range.
+/// One usage table, grouped `by` function or application, for `query`'s range.
 fn usage_section(
     src: &AgentStateSource,
     title: &str,
     id: &str,
+    by: &'static str,
     mut query: BTreeMap<String, String>,
     out: &mut String,
 ) {
-    query.insert("group_by".into(), "function".into());
+    query.insert("group_by".into(), by.into());
     match src.usage(&query) {
-        Ok(doc) => usage_table(title, id, &doc, out),
+        Ok(doc) => usage_table(title, id, by, &doc, out),
         Err(e) => {
             let _ = write!(out, "<h3>{title}</h3><p class=\"failing\">{}</p>", esc(&e));
         }
     }
 }
 
-fn usage_table(title: &str, id: &str, doc: &Value, out: &mut String) {
+fn usage_table(title: &str, id: &str, by: &str, doc: &Value, out: &mut String) {
     let card = &doc["price_card"];
     let scale = 10f64.powi(card["scale"].as_i64().unwrap_or(0).clamp(0, 18) as i32);
     let currency = esc(card["currency"].as_str().unwrap_or(""));
     let _ = write!(
         out,
-        "<h3>{title}</h3><table id=\"{id}\"><tr><th>function</th><th>tasks</th><th>failed</th>\
+        "<h3>{title}</h3><table id=\"{id}\"><tr><th>{by}</th><th>tasks</th><th>failed</th>\
          <th>CPU, core-s</th><th>memory, MB-s</th><th>wall, s</th><th>cost</th></tr>"
     );
     let groups = doc["summary"]["groups"]
         .as_object()
         .cloned()
         .unwrap_or_default();
-    for (function, t) in &groups {
+    for (key, t) in &groups {
         let n = |k: &str| t[k].as_f64().unwrap_or(0.0);
         let cost = t["cost_minor"].as_i64().unwrap_or(0);
         let _ = write!(
             out,
-            "<tr data-function=\"{f}\"><th>{f}</th><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td>\
+            "<tr data-{by}=\"{f}\"><th>{f}</th><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td>\
              <td>{:.3}</td><td>{:.1}</td><td>{:.3}</td><td data-cost-minor=\"{cost}\">{:.6} {currency}</td></tr>",
             n("tasks"),
             n("tasks"),
@@ -487,7 +507,7 @@ fn usage_table(title: &str, id: &str, doc: &Value, out: &mut String) {
             n("memory_mb_ms") / 1e3,
             n("wall_ms") / 1e3,
             cost as f64 / scale,
-            f = esc(function),
+            f = esc(key),
         );
     }
     out.push_str("</table>");

@@ -153,7 +153,8 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
         .context("no table of the chosen range")?;
     ensure!(
         table.contains("data-function=\"default/fake/echo\""),
-        "{table}"
+        "{}",
+        table.chars().take(400).collect::<String>()
     );
     let bad = get(&steward, "/dashboard?since=%3Cscript%3E").await?;
     ensure!(bad.status() == 200);
@@ -161,6 +162,16 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
     ensure!(
         !bad.contains("<script>") && bad.contains("&lt;script&gt;"),
         "unescaped"
+    );
+    // This month's usage by application.
+    let apps = page
+        .split("id=\"usage-month-apps\"")
+        .nth(1)
+        .context("no table by application")?;
+    ensure!(
+        apps.contains("data-application=\"default/fake\""),
+        "{}",
+        apps.chars().take(400).collect::<String>()
     );
     // Its own assets, and nothing else under /assets.
     let js = get(&steward, "/assets/page.js").await?;
