@@ -47,8 +47,9 @@ fn executor_id(steward: &AgentProc) -> Result<String> {
     )
 }
 
-/// Starts `wait_for_file` and waits until Steward runs it; its request id
-/// and the worker's pid.
+/// Starts `wait_for_file` and waits until the worker runs it (its mark:
+/// Steward's phase "running" comes before the worker has the allocation);
+/// its request id and the worker's pid.
 async fn start_long(plane: &Plane, steward: &AgentProc, gate: &Path) -> Result<(String, u32)> {
     start_long_in(plane, steward, "hello", gate).await
 }
@@ -67,9 +68,25 @@ async fn start_long_in(
             v["allocations"][0]["phase"] == "running"
         })
         .await?;
+    let started = PathBuf::from(format!("{}.started", gate.display()));
+    until_exists(&started, Duration::from_secs(60)).await?;
     let pids = worker_pids(&executor_id(steward)?);
     ensure!(pids.len() == 1, "one worker expected, found {pids:?}");
     Ok((rid, pids[0]))
+}
+
+/// Polls until `path` exists.
+async fn until_exists(path: &Path, limit: Duration) -> Result<()> {
+    let end = std::time::Instant::now() + limit;
+    while !path.exists() {
+        ensure!(
+            std::time::Instant::now() < end,
+            "{} did not appear in {limit:?}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
 
 /// Waits until the agent has an event of `kind`; its message.

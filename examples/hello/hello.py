@@ -60,10 +60,12 @@ def orphan_sleeper(seconds: float) -> int:
 
 
 @application()
-@function(description="Runs until the file `path` exists, then removes it and returns its text (a long function, released when a test says so)")
+@function(description="Marks that it started (`path`.started), runs until the file `path` exists, then removes it and returns its text (a long function, released when a test says so)")
 def wait_for_file(path: str) -> str:
     import time
 
+    with open(path + ".started", "w"):
+        pass
     while not os.path.exists(path):
         time.sleep(0.05)
     with open(path) as f:
