@@ -110,6 +110,23 @@ impl HostView {
         *self.usage.lock() = Some(u);
     }
 
+    /// The GPUs' busy share summed (in GPUs) and their memory used, from
+    /// the latest usage sample (`None` before one, or without GPUs).
+    pub fn gpu_reading(&self) -> Option<(f32, f64)> {
+        let usage = self.usage.lock();
+        let gpus = &usage.as_ref()?.gpus;
+        if gpus.is_empty() {
+            return None;
+        }
+        let busy = gpus
+            .iter()
+            .filter_map(|g| g.utilization_percent)
+            .map(|p| p.min(100) as f32 / 100.0)
+            .sum();
+        let memory = gpus.iter().filter_map(|g| g.memory_used_bytes).sum::<u64>() as f64;
+        Some((busy, memory))
+    }
+
     pub fn document(&self) -> serde_json::Value {
         let owners = self.allocator.owners();
         self.gpus_allocated

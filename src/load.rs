@@ -1,7 +1,8 @@
 //! The host's load over time, for its page and `/state/load`: a sample a
 //! second (allocations running, finished and failed; CPU and memory of the
 //! host from `/proc` and of all workers from their parent cgroups; GPUs
-//! held) into the rings of `steward-load-history`, whose day and month
+//! held by workers, and the GPUs' busy share and memory from the host's
+//! latest usage sample) into the rings of `steward-load-history`, whose day and month
 //! tiers are saved to `<data dir>/load-history` once a minute and read back
 //! at start. Each sample is a few small reads: two `/proc` files, two
 //! cgroup counters, two atomic counters.
@@ -53,6 +54,7 @@ impl LoadView {
 pub struct Sources {
     pub handle_driver: Arc<dyn steward_worker_driver::WorkerDriver>,
     pub gpus: Arc<steward_host_resources::GpuAllocator>,
+    pub host: Arc<crate::host::HostView>,
 }
 
 impl Sources {
@@ -62,6 +64,7 @@ impl Sources {
             handle,
             driver: self.handle_driver,
             gpus: self.gpus,
+            host: self.host,
         }
     }
 }
@@ -71,6 +74,7 @@ pub struct Running {
     handle: steward_reconciler::AgentHandle,
     driver: Arc<dyn steward_worker_driver::WorkerDriver>,
     gpus: Arc<steward_host_resources::GpuAllocator>,
+    host: Arc<crate::host::HostView>,
 }
 
 /// Samples every second until the runtime stops; saves the coarser tiers
@@ -136,6 +140,10 @@ impl Previous {
             values[index("workers_memory")] = r.memory_bytes as f32;
         }
         values[index("gpus_held")] = src.gpus.owners().values().map(Vec::len).sum::<usize>() as f32;
+        if let Some((busy, memory)) = src.host.gpu_reading() {
+            values[index("gpu_busy")] = busy;
+            values[index("gpu_memory")] = memory as f32;
+        }
         let at_unix_s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()?

@@ -1079,6 +1079,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     let load_sources = load::Sources {
         handle_driver: config.driver.clone(),
         gpus: allocator,
+        host: host.clone(),
     };
     let load = Arc::new(load::LoadView::open(config.data_dir.join("load-history")));
     host.register_metrics(metrics.registry_mut());

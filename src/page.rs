@@ -58,7 +58,8 @@ fn live(src: &AgentStateSource, range: Range, query: &BTreeMap<String, String>) 
     };
     let mut out = String::new();
     header(src, &mut out);
-    load(src, range, &mut out);
+    let has_gpus = host["gpus"].as_array().is_some_and(|g| !g.is_empty());
+    load(src, range, has_gpus, &mut out);
     nodes(&host, &mut out);
     workers(src, &mut out);
     money(src, query, &mut out);
@@ -177,7 +178,7 @@ fn prices(src: &AgentStateSource, out: &mut String) {
 }
 
 /// The LOAD charts of `range`.
-fn load(src: &AgentStateSource, range: Range, out: &mut String) {
+fn load(src: &AgentStateSource, range: Range, has_gpus: bool, out: &mut String) {
     out.push_str("<section id=\"load\"><h2>LOAD</h2><nav>");
     for r in ["hour", "day", "month"] {
         let _ = write!(out, "<a href=\"?range={r}\">last {r}</a> ");
@@ -189,66 +190,142 @@ fn load(src: &AgentStateSource, range: Range, out: &mut String) {
     };
     let s = view.series(range);
     chart(&s, "Allocations", &["running", "finished", "failed"], out);
-    chart(&s, "CPU, cores", &["host_cpu", "workers_cpu"], out);
-    chart(&s, "Memory, bytes", &["host_memory", "workers_memory"], out);
-    chart(&s, "GPUs held", &["gpus_held"], out);
+    chart(&s, "CPU", &["host_cpu", "workers_cpu"], out);
+    chart(&s, "Memory", &["host_memory", "workers_memory"], out);
+    chart(&s, "GPUs", &["gpus_held", "gpu_busy"], out);
+    if has_gpus {
+        chart(&s, "GPU memory", &["gpu_memory"], out);
+    }
     out.push_str("</section>");
 }
 
 const W: f64 = 640.0;
 const H: f64 = 120.0;
 
-/// One SVG chart of `fields` (a polyline each, scaled to the largest
-/// value); each line's title gives its last, mean and largest value.
+/// What each line is called on the page.
+fn legend(field: &str) -> &'static str {
+    match field {
+        "running" => "running",
+        "finished" => "finished",
+        "failed" => "failed",
+        "host_cpu" => "host",
+        "workers_cpu" => "workers",
+        "host_memory" => "host",
+        "workers_memory" => "workers",
+        "gpus_held" => "held by workers",
+        "gpu_busy" => "busy",
+        "gpu_memory" => "used",
+        _ => "",
+    }
+}
+
+/// A chart's value for people, in its field's unit.
+fn value(unit: &str, v: f64) -> String {
+    match unit {
+        "bytes" => human("bytes", v),
+        "cores" | "gpus" => format!("{v:.2} {unit}"),
+        _ => format!("{v:.0}"),
+    }
+}
+
+/// "2026-12-06 21:05 UTC".
+fn clock(at_unix_s: u64) -> String {
+    let day = (at_unix_s / 86_400) as u32;
+    let s = at_unix_s % 86_400;
+    format!(
+        "{} {:02}:{:02} UTC",
+        steward_metering::date_of(day),
+        s / 3600,
+        s % 3600 / 60
+    )
+}
+
+/// One SVG chart of `fields`: a polyline each, placed by time and scaled
+/// to the largest value, a legend with each line's last value, and the
+/// range's ends and top. The figure carries what the page's script needs
+/// to show the values under the pointer (`data-t0`, `data-t1`, `data-top`,
+/// `data-unit`), and each line's title its last, mean and largest value.
 fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
     let idx: Vec<usize> = fields
         .iter()
         .filter_map(|f| FIELDS.iter().position(|x| x.name == *f))
         .collect();
+    let unit = idx.first().map(|i| FIELDS[*i].unit).unwrap_or("");
     let top = s
         .points
         .iter()
         .flat_map(|p| idx.iter().map(|i| f64::from(p.value[*i])))
         .fold(0f64, f64::max)
         .max(1e-9);
-    let n = s.points.len().max(2) as f64 - 1.0;
+    let t0 = s.points.first().map(|p| p.at_unix_s).unwrap_or(0);
+    let t1 = s.points.last().map(|p| p.at_unix_s).unwrap_or(0);
     let _ = write!(
         out,
-        "<figure class=\"chart\" data-points=\"{}\"><figcaption>{}</figcaption>\
-         <svg viewBox=\"0 0 {W} {H}\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{}\">",
+        "<figure class=\"chart\" data-points=\"{}\" data-t0=\"{t0}\" data-t1=\"{t1}\" data-top=\"{top}\" data-unit=\"{unit}\">\
+         <figcaption><b>{}</b>",
         s.points.len(),
         esc(title),
+    );
+    for (k, i) in idx.iter().enumerate() {
+        let last = s
+            .points
+            .last()
+            .map(|p| f64::from(p.value[*i]))
+            .unwrap_or(0.0);
+        let _ = write!(
+            out,
+            " <span class=\"key s{k}\" data-field=\"{}\">{} {}</span>",
+            FIELDS[*i].name,
+            legend(FIELDS[*i].name),
+            value(unit, last)
+        );
+    }
+    let _ = write!(
+        out,
+        "<span class=\"top\">top {}</span></figcaption>\
+         <svg viewBox=\"0 0 {W} {H}\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{}\">",
+        value(unit, top),
         esc(title)
     );
     for (k, i) in idx.iter().enumerate() {
-        // At most one point per unit of width: the mean of each bucket
-        // (an hour of seconds is 3,600 points; the page stays small).
-        let per = (s.points.len() as f64 / W).ceil().max(1.0) as usize;
-        let pts: Vec<String> = s
-            .points
-            .chunks(per)
-            .enumerate()
-            .map(|(j, bucket)| {
-                let mean = bucket.iter().map(|p| f64::from(p.value[*i])).sum::<f64>()
-                    / bucket.len() as f64;
-                let x = (j * per) as f64 / n * W;
-                let y = H - mean / top * (H - 4.0);
-                format!("{x:.1},{y:.1}")
-            })
-            .collect();
-        let vals: Vec<f64> = s.points.iter().map(|p| f64::from(p.value[*i])).collect();
-        let last = vals.last().copied().unwrap_or(0.0);
-        let mean = vals.iter().sum::<f64>() / vals.len().max(1) as f64;
-        let max = vals.iter().copied().fold(0.0, f64::max);
-        let _ = write!(
-            out,
-            "<polyline class=\"s{k}\" data-field=\"{}\" points=\"{}\"><title>{}: last {last:.3}, mean {mean:.3}, largest {max:.3}</title></polyline>",
-            FIELDS[*i].name,
-            pts.join(" "),
-            FIELDS[*i].name
-        );
+        line(s, k, *i, top, (t0, t1), out);
     }
-    out.push_str("</svg></figure>");
+    let ends = if s.points.is_empty() {
+        String::new()
+    } else {
+        format!("<span>{}</span><span>{}</span>", clock(t0), clock(t1))
+    };
+    let _ = write!(out, "</svg><div class=\"ends\">{ends}</div></figure>");
+}
+
+/// One field's polyline: at most one point per unit of width (the mean of
+/// each bucket; an hour of seconds is 3,600 points, and the page stays
+/// small), placed by the bucket's first time.
+fn line(s: &Series, k: usize, i: usize, top: f64, (t0, t1): (u64, u64), out: &mut String) {
+    let per = (s.points.len() as f64 / W).ceil().max(1.0) as usize;
+    let span = t1.saturating_sub(t0).max(1) as f64;
+    let pts: Vec<String> = s
+        .points
+        .chunks(per)
+        .map(|bucket| {
+            let mean =
+                bucket.iter().map(|p| f64::from(p.value[i])).sum::<f64>() / bucket.len() as f64;
+            let x = (bucket[0].at_unix_s - t0) as f64 / span * W;
+            let y = H - mean / top * (H - 4.0);
+            format!("{x:.1},{y:.1}")
+        })
+        .collect();
+    let vals: Vec<f64> = s.points.iter().map(|p| f64::from(p.value[i])).collect();
+    let last = vals.last().copied().unwrap_or(0.0);
+    let mean = vals.iter().sum::<f64>() / vals.len().max(1) as f64;
+    let max = vals.iter().copied().fold(0.0, f64::max);
+    let name = FIELDS[i].name;
+    let _ = write!(
+        out,
+        "<polyline class=\"s{k}\" data-field=\"{name}\" data-legend=\"{}\" points=\"{}\"><title>{name}: last {last:.3}, mean {mean:.3}, largest {max:.3}</title></polyline>",
+        legend(name),
+        pts.join(" "),
+    );
 }
 
 /// NODES: the host's resources and what a new worker could still get.
@@ -667,22 +744,18 @@ mod tests {
             &["running", "finished", "failed"],
             &mut out,
         );
+        chart(&series, "CPU", &["host_cpu", "workers_cpu"], &mut out);
         chart(
             &series,
-            "CPU, cores",
-            &["host_cpu", "workers_cpu"],
-            &mut out,
-        );
-        chart(
-            &series,
-            "Memory, bytes",
+            "Memory",
             &["host_memory", "workers_memory"],
             &mut out,
         );
-        chart(&series, "GPUs held", &["gpus_held"], &mut out);
-        assert!(out.len() < 80 << 10, "{} bytes", out.len());
+        chart(&series, "GPUs", &["gpus_held", "gpu_busy"], &mut out);
+        chart(&series, "GPU memory", &["gpu_memory"], &mut out);
+        assert!(out.len() < 96 << 10, "{} bytes", out.len());
         let lines = out.matches("<polyline").count();
-        assert_eq!(lines, 8);
+        assert_eq!(lines, 10);
         let first = out
             .split(" points=\"")
             .nth(1)

@@ -149,6 +149,84 @@ fn exported_cost(steward: &support::AgentProc, key: &str) -> Result<i64> {
         .sum())
 }
 
+/// The pointer on the allocations chart, at the latest second in which an
+/// allocation finished: the tip names that second and each line with the
+/// value `/state/load` has for it. (A swap of the page's body between
+/// placing the pointer and reading the tip moves the tip's second: tried
+/// again.)
+async fn hover_shows_the_values(c: &Client, steward: &support::AgentProc) -> Result<()> {
+    for _ in 0..5 {
+        let (_, load) = steward.get_json("/state/load?range=hour").await?;
+        let points = load["points"].as_array().cloned().unwrap_or_default();
+        let target = points
+            .iter()
+            .rev()
+            .find(|p| p["value"][1].as_f64().unwrap_or(0.0) >= 1.0)
+            .context("no second with a finished allocation")?;
+        let at = target["at_unix_s"].as_u64().context("at")?;
+        let Some(tip) = hover_at(c, at).await? else {
+            continue;
+        };
+        let (shown_at, text) = tip;
+        if shown_at != at {
+            continue;
+        }
+        ensure!(text.contains(" UTC · "), "{text}");
+        for (k, field) in ["running", "finished", "failed"].iter().enumerate() {
+            let want = target["value"][k].as_f64().context("value")?;
+            let shown = text
+                .split(" · ")
+                .find_map(|part| part.strip_prefix(&format!("{field} ")))
+                .with_context(|| format!("{field} not in the tip {text:?}"))?;
+            ensure!(
+                shown == format!("{want:.0}"),
+                "the tip says {field} {shown} at {at}, /state/load says {want}"
+            );
+        }
+        return Ok(());
+    }
+    bail!("the tip never named the second the pointer was put on")
+}
+
+/// Puts the pointer on the allocations chart where second `at` is drawn;
+/// the tip's second and text then, if there is a tip.
+async fn hover_at(c: &Client, at: u64) -> Result<Option<(u64, String)>> {
+    // Where the chart is in the viewport (the page swaps its body every two
+    // seconds, so no element is held across calls; the layout stays).
+    let place = c
+        .execute(
+            "const f = document.querySelector('figure.chart'); const r = f.querySelector('svg').getBoundingClientRect(); \
+             return [r.left, r.top, r.width, r.height, +f.dataset.t0, +f.dataset.t1]",
+            vec![],
+        )
+        .await?;
+    let n = |i: usize| place[i].as_f64().context("the chart's place");
+    let (t0, t1) = (n(4)?, n(5)?);
+    let x = n(0)? + (at as f64 - t0) / (t1 - t0).max(1.0) * n(2)?;
+    use fantoccini::actions::InputSource as _;
+    let actions = fantoccini::actions::MouseActions::new("mouse".into()).then(
+        fantoccini::actions::PointerAction::MoveTo {
+            duration: None,
+            x: x.round(),
+            y: (n(1)? + n(3)? / 2.0).round(),
+        },
+    );
+    c.perform_actions(actions).await?;
+    let tip = c
+        .execute(
+            "const t = document.querySelector('figure.chart .tip'); return t ? [t.dataset.t, t.textContent] : null",
+            vec![],
+        )
+        .await?;
+    let Some(shown_at) = tip[0].as_str().and_then(|t| t.parse().ok()) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        shown_at,
+        tip[1].as_str().unwrap_or_default().to_string(),
+    )))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
     let driver = Driver::start()?;
@@ -225,6 +303,7 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        hover_shows_the_values(&c, &steward).await?;
         // The cost shown for the function is the export's (today's usage:
         // every record of this test ended today).
         c.goto(&page).await?;

@@ -210,3 +210,58 @@ async fn a_read_token_guards_the_page() -> Result<()> {
     plane.stop().await;
     Ok(())
 }
+
+/// GPU use in LOAD: the GPUs' busy share summed (40 % and 60 %: one GPU's
+/// worth) and their memory used, from the usage samples of a fake
+/// `nvidia-smi` (no GPU here), in `/state/load` and on the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_use_is_charted() -> Result<()> {
+    let bin = tempfile::tempdir()?;
+    support::fake_nvidia_smi(
+        bin.path(),
+        &[
+            "0, GPU-0a0a0a0a-1111-2222-3333-444444444444, Tesla T4, 15360, 1024, 40",
+            "1, GPU-1b1b1b1b-5555-6666-7777-888888888888, Tesla T4, 15360, 2048, 60",
+        ],
+    )?;
+    let path = format!("{}:{}", bin.path().display(), support::path_with_venv());
+    let plane = support::Plane::start().await?;
+    let steward = support::AgentProc::steward_with_path(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &["--usage-sample-interval-s", "1"],
+        &path,
+    )?;
+    let (_, load) = steward
+        .wait_json("/state/load", Duration::from_secs(30), |_, v| {
+            v["points"]
+                .as_array()
+                .and_then(|p| p.last())
+                .is_some_and(|p| p["value"][8].as_f64().unwrap_or(0.0) > 0.0)
+        })
+        .await?;
+    let last = load["points"]
+        .as_array()
+        .and_then(|p| p.last())
+        .context("a point")?;
+    ensure!(
+        load["fields"][8]["name"] == "gpu_busy",
+        "{}",
+        load["fields"]
+    );
+    let busy = last["value"][8].as_f64().unwrap_or(0.0);
+    ensure!((busy - 1.0).abs() < 1e-6, "busy {busy} GPUs");
+    let memory = last["value"][9].as_f64().unwrap_or(0.0);
+    ensure!(memory == 3072.0 * 1048576.0, "GPU memory {memory}");
+    let page = get(&steward, "/").await?.text().await?;
+    ensure!(
+        page.contains("data-field=\"gpu_busy\">busy 1.00 gpus<"),
+        "no busy GPUs in the legend"
+    );
+    ensure!(
+        page.contains("aria-label=\"GPU memory\""),
+        "no GPU memory chart"
+    );
+    plane.stop().await;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! The host's load over time, in bounded memory, as the host's page charts
 //! it: one [`Sample`] a second (allocations running, finished and failed;
-//! CPU and memory of the host and of its workers; GPUs held), kept in three
+//! CPU and memory of the host and of its workers; GPUs held, busy, and
+//! their memory used), kept in three
 //! rings after Netdata's tiers: every second for the last hour, every
 //! minute for the last day, every hour for the last 30 days. A coarser
 //! point holds the mean and the largest of each gauge over its interval
@@ -25,10 +26,15 @@ pub const FIELDS: [Field; N] = [
     Field::gauge("host_memory", "bytes"),
     Field::gauge("workers_memory", "bytes"),
     Field::gauge("gpus_held", "gpus"),
+    Field::gauge("gpu_busy", "gpus"),
+    Field::gauge("gpu_memory", "bytes"),
 ];
 
-/// How many values a sample has.
-pub const N: usize = 8;
+/// How many values a sample has. Fields are only ever appended: a file
+/// saved with fewer is read with the newer ones zero.
+pub const N: usize = 10;
+/// The fields of the first saved format (a file with fewer is not ours).
+const FIRST_N: usize = 8;
 
 /// One measured quantity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -266,7 +272,7 @@ impl History {
 
     /// The coarser two tiers, to be saved.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let bytes = encode(&self.tiers[1..]);
+        let bytes = encode(&self.tiers[1..], N);
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, bytes)?;
         std::fs::rename(&tmp, path)
@@ -316,18 +322,19 @@ fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// MAGIC, N (u32), then per tier its step (u64), its length (u32) and its
-/// points (u64 start, N f32 values, N f32 maxima), little-endian.
-fn encode(tiers: &[Tier]) -> Vec<u8> {
+/// MAGIC, the number of fields (u32), then per tier its step (u64), its
+/// length (u32) and its points (u64 start, that many f32 values, as many
+/// f32 maxima), little-endian. (`fields` below N writes an older format.)
+fn encode(tiers: &[Tier], fields: usize) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&(N as u32).to_le_bytes());
+    out.extend_from_slice(&(fields as u32).to_le_bytes());
     for t in tiers {
         out.extend_from_slice(&t.step_s.to_le_bytes());
         out.extend_from_slice(&(t.points.len() as u32).to_le_bytes());
         for p in &t.points {
             out.extend_from_slice(&p.at_unix_s.to_le_bytes());
-            for v in p.value.iter().chain(p.max.iter()) {
+            for v in p.value[..fields].iter().chain(p.max[..fields].iter()) {
                 out.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -341,7 +348,8 @@ fn decode(bytes: &[u8]) -> Result<[Vec<Point>; 2], LoadError> {
     if r.take(8)? != MAGIC {
         return Err(LoadError::Format("no magic"));
     }
-    if r.u32()? as usize != N {
+    let fields = r.u32()? as usize;
+    if !(FIRST_N..=N).contains(&fields) {
         return Err(LoadError::Format("another set of fields"));
     }
     let mut tiers = [Vec::new(), Vec::new()];
@@ -358,7 +366,7 @@ fn decode(bytes: &[u8]) -> Result<[Vec<Point>; 2], LoadError> {
             let at_unix_s = r.u64()?;
             let mut value = [0f32; N];
             let mut max = [0f32; N];
-            for v in value.iter_mut().chain(max.iter_mut()) {
+            for v in value[..fields].iter_mut().chain(max[..fields].iter_mut()) {
                 *v = f32::from_le_bytes(r.array()?);
             }
             if tier
@@ -500,5 +508,31 @@ mod tests {
         std::fs::write(&path, b"garbage").expect("write");
         let e = History::load(&path).expect_err("foreign");
         assert!(e.to_string().contains("not a saved load history"), "{e}");
+    }
+
+    /// A file saved before the GPU fields were appended is read, with
+    /// them zero; one with fields this build does not know is refused.
+    #[test]
+    fn a_file_of_the_first_format_is_read_with_the_new_fields_zero() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let path = tmp.path().join("load");
+        let mut h = History::new();
+        for s in 0..(2 * 3600) {
+            let mut x = sample(3600 * 1000 + s, 2.0, 1.0);
+            x.values[N - 1] = 7.0;
+            h.record(x);
+        }
+        std::fs::write(&path, encode(&h.tiers[1..], FIRST_N)).expect("write");
+        let back = History::load(&path).expect("first format");
+        let day = back.series(Range::Day).points;
+        assert_eq!(day.len(), h.series(Range::Day).points.len());
+        for (a, b) in day.iter().zip(h.series(Range::Day).points) {
+            assert_eq!(a.value[..FIRST_N], b.value[..FIRST_N]);
+            assert_eq!(a.value[FIRST_N..], [0.0; N - FIRST_N]);
+        }
+        let mut newer = encode(&h.tiers[1..], N);
+        newer[8..12].copy_from_slice(&((N + 1) as u32).to_le_bytes());
+        std::fs::write(&path, newer).expect("write");
+        assert!(History::load(&path).is_err(), "more fields than known");
     }
 }

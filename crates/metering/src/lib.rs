@@ -29,7 +29,7 @@ mod summary;
 #[cfg(test)]
 mod tmpfs_for_tests;
 
-pub use activity::{DAYS as ACTIVITY_DAYS, Day};
+pub use activity::{DAYS as ACTIVITY_DAYS, Day, date_of};
 pub use ledger::{
     BatchError, ID_WINDOW, Ledger, LedgerConfig, LedgerError, Position, Recovery, for_each_record,
     read_records,
