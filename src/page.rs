@@ -153,8 +153,11 @@ fn prices(src: &AgentStateSource, out: &mut String) {
         return;
     };
     let unit = |v: u64| {
-        let scale = 10f64.powi(i32::try_from(card.scale).unwrap_or(0));
-        format!("{:.6} {}", v as f64 / scale, esc(&card.currency))
+        minor(
+            i64::try_from(v).unwrap_or(i64::MAX),
+            card.scale,
+            &card.currency,
+        )
     };
     let _ = write!(
         out,
@@ -435,10 +438,17 @@ fn human(what: &str, v: f64) -> String {
 
 fn workers(src: &AgentStateSource, out: &mut String) {
     let (fes, total) = src.handle.function_executors_page(0, 200);
+    let costs = src
+        .metering
+        .as_ref()
+        .map(|m| m.worker_costs())
+        .unwrap_or_default();
+    let card = src.metering.as_ref().and_then(|m| m.price_card());
     let _ = write!(
         out,
         "<section id=\"workers\"><h2>Workers ({total})</h2><table><tr><th>id</th><th>function</th>\
-         <th>status</th><th>up</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th><th>memory used</th></tr>"
+         <th>status</th><th>up</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
+         <th>memory used</th><th title=\"its usage records so far, since it started or was adopted\">cost so far</th></tr>"
     );
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -452,14 +462,22 @@ fn workers(src: &AgentStateSource, out: &mut String) {
             .first()
             .map(|t| duration(now_ms.saturating_sub(t.at_unix_ms) / 1000))
             .unwrap_or_default();
+        let cost = match (costs.get(&f.id), &card) {
+            (Some(c), Some(card)) => format!(
+                "<td data-cost-minor=\"{c}\">{}</td>",
+                minor(*c, card.scale, &card.currency)
+            ),
+            _ => "<td></td>".to_string(),
+        };
         let _ = write!(
             out,
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td></tr>",
+            "<tr class=\"{}\" data-fe=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td>{cost}</tr>",
             if f.termination_reason.is_some() {
                 "failed"
             } else {
                 ""
             },
+            esc(&f.id),
             esc(&f.id),
             esc(&f.function),
             esc(&f.status),
@@ -475,6 +493,12 @@ fn workers(src: &AgentStateSource, out: &mut String) {
         );
     }
     out.push_str("</table></section>");
+}
+
+/// An amount in minor units, in the card's currency: "0.012345 USD".
+fn minor(v: i64, scale: u32, currency: &str) -> String {
+    let scale = 10f64.powi(i32::try_from(scale.min(18)).unwrap_or(0));
+    format!("{:.6} {}", v as f64 / scale, esc(currency))
 }
 
 /// Unix ms now, at the start of today (UTC) and of this month.

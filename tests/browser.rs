@@ -100,19 +100,27 @@ fn screenshots_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The `data-v` numbers of the NODES row `resource`, as the browser sees them.
+/// The `data-v` numbers of the NODES row `resource`, as the browser sees
+/// them (read in one script: the page swaps its body every two seconds, and
+/// an element found before a swap is gone after it).
 async fn row(c: &Client, resource: &str) -> Result<Vec<f64>> {
     let cells = c
-        .find_all(Locator::Css(&format!(
-            "#node-resources tr[data-resource=\"{resource}\"] td"
-        )))
+        .execute(
+            "return Array.from(document.querySelectorAll(arguments[0])).map(td => td.dataset.v)",
+            vec![json!(format!(
+                "#node-resources tr[data-resource=\"{resource}\"] td"
+            ))],
+        )
         .await?;
-    let mut out = Vec::new();
-    for cell in cells {
-        let v = cell.attr("data-v").await?.unwrap_or_default();
-        out.push(v.parse::<f64>().with_context(|| format!("{v:?}"))?);
-    }
-    Ok(out)
+    cells
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            let v = v.as_str().unwrap_or_default();
+            v.parse::<f64>().with_context(|| format!("{v:?}"))
+        })
+        .collect()
 }
 
 /// The ids `/state/allocations` lists.
@@ -291,9 +299,15 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
         // swaps in fresh charts by itself).
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let charts = c.find_all(Locator::Css("figure.chart")).await?;
+            let charts = c
+                .execute(
+                    "return Array.from(document.querySelectorAll('figure.chart')).map(f => f.dataset.points)",
+                    vec![],
+                )
+                .await?;
+            let charts = charts.as_array().cloned().unwrap_or_default();
             ensure!(charts.len() == 4, "{} charts", charts.len());
-            let points = charts[0].attr("data-points").await?.unwrap_or_default();
+            let points = charts[0].as_str().unwrap_or_default().to_string();
             if points.parse::<usize>().unwrap_or(0) >= 5 {
                 break;
             }
@@ -308,21 +322,42 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
         // every record of this test ended today).
         c.goto(&page).await?;
         let key = "default/fake/echo";
-        let cell = c
-            .find(Locator::Css(&format!(
-                "#usage-today tr[data-function=\"{key}\"] td[data-cost-minor]"
-            )))
-            .await?;
-        let shown: i64 = cell
-            .attr("data-cost-minor")
+        let shown: i64 = c
+            .execute(
+                "const t = document.querySelector(arguments[0]); return t ? t.dataset.costMinor : null",
+                vec![json!(format!(
+                    "#usage-today tr[data-function=\"{key}\"] td[data-cost-minor]"
+                ))],
+            )
             .await?
-            .unwrap_or_default()
+            .as_str()
+            .with_context(|| format!("no cost for {key}"))?
             .parse()?;
         let exported = exported_cost(&steward, key)?;
         ensure!(exported > 0, "the card prices the allocations");
         ensure!(
             shown == exported,
             "the page shows {shown}, the export says {exported}"
+        );
+        // A worker's cost so far is what its records in the export cost.
+        // (Read in one script: the page swaps its body every two seconds.)
+        let seen = c
+            .execute(
+                "const r = document.querySelector('#workers tr[data-fe]'); const t = r && r.querySelector('td[data-cost-minor]'); \
+                 return t ? [r.dataset.fe, t.dataset.costMinor] : null",
+                vec![],
+            )
+            .await?;
+        let fe = seen[0].as_str().context("no worker with a cost")?.to_string();
+        let shown: i64 = seen[1].as_str().unwrap_or_default().parse()?;
+        let of_worker: i64 = support::usage_export(steward.data_dir.path())?
+            .iter()
+            .filter(|r| r["function_executor_id"] == fe.as_str())
+            .filter_map(|r| r["cost_minor"].as_i64())
+            .sum();
+        ensure!(
+            shown == of_worker && shown > 0,
+            "worker {fe}: the page shows {shown} so far, its records cost {of_worker}"
         );
         std::fs::write(
             screenshots_dir()?.join("page-light.png"),

@@ -405,6 +405,9 @@ struct Books {
     unreadable: HashMap<String, u32>,
     /// The latest utilisation of each GPU by UUID, percent.
     gpu_utilization: HashMap<String, u32>,
+    /// What each live worker's records cost so far (minor units), from
+    /// its start or adoption: the page's "cost so far".
+    costs: HashMap<String, i64>,
     /// Records made and not yet taken by the thread, oldest first (those
     /// of a failed write back at the head), at most `cap`.
     pending: VecDeque<UsageRecord>,
@@ -714,6 +717,7 @@ impl Recorder {
             let util = b.utilization_of(&info.gpu_uuids);
             b.meter.set_gpu_utilization(&info.fe_id, util);
             b.probes.insert(info.fe_id.clone(), probe);
+            b.costs.insert(info.fe_id.clone(), 0);
             b.infos.insert(info.fe_id.clone(), info);
             b.nudge(inner);
         });
@@ -735,6 +739,7 @@ impl Recorder {
             let util = b.utilization_of(&info.gpu_uuids);
             b.meter.set_gpu_utilization(&info.fe_id, util);
             b.probes.insert(info.fe_id.clone(), probe);
+            b.costs.insert(info.fe_id.clone(), 0);
             b.infos.insert(info.fe_id.clone(), info);
             b.nudge(inner);
         });
@@ -957,6 +962,14 @@ impl Recorder {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = card;
     }
 
+    /// What each live worker's usage records cost so far by the price
+    /// card (minor units), since it started or was adopted; the piece
+    /// still open (a running allocation, the idle time not yet cut) is not
+    /// in it.
+    pub fn worker_costs(&self) -> HashMap<String, i64> {
+        lock(&self.inner.books).costs.clone()
+    }
+
     pub fn activity(&self) -> Vec<Day> {
         lock(&self.inner.activity).days()
     }
@@ -978,6 +991,11 @@ const GATHER_GAP_SHARE: u64 = 2;
 impl Books {
     /// Queues a record for the ledger.
     fn push(&mut self, r: UsageRecord, inner: &Inner) {
+        if let Some(c) = r.cost_minor
+            && let Some(total) = self.costs.get_mut(&r.function_executor_id)
+        {
+            *total = total.saturating_add(c);
+        }
         self.pending.push_back(r);
         self.bound(inner);
     }
@@ -1056,6 +1074,7 @@ impl Books {
         if let (Some(idle), Some(info)) = (idle, info) {
             self.push(segment_record(inner, &info, idle, at), inner);
         }
+        self.costs.remove(fe);
     }
 
     /// Samples every worker; cuts idle segments that grew too long.
@@ -1608,6 +1627,10 @@ mod tests {
         assert_eq!(a.cpu_core_us, 2_500_000);
         // 7 per task + 1000 per core-second × 2.5.
         assert_eq!(a.cost_minor, Some(7 + 2_500));
+        // The worker's cost so far is its records', until it stops.
+        assert_eq!(rec.worker_costs().get("w"), Some(&(7 + 2_500)));
+        rec.worker_stopped("w");
+        assert_eq!(rec.worker_costs().get("w"), None);
         rec.stop(Duration::from_secs(5));
         // The worker's idle time is recorded at stop.
         let all = read_records(&tmp.path().join("usage")).expect("read");
