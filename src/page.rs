@@ -713,14 +713,15 @@ fn events(src: &AgentStateSource, out: &mut String) {
     out.push_str("</table></section>");
 }
 
-/// The allocations held, then the ones dropped most recently (at most 50),
+/// The 50 allocations with the latest steps, held or dropped, newest
+/// first, each with its timeline (when it began, then each step after it),
 /// failures marked.
 fn allocations(src: &AgentStateSource, out: &mut String) {
-    let (allocs, _, _) = src.handle.allocations_page(0, 50);
+    let allocs = src.handle.latest_allocations(50);
     let _ = write!(
         out,
         "<section id=\"allocations\"><h2>Recent allocations</h2><table><tr><th>id</th><th>function</th>\
-         <th>worker</th><th>phase</th><th>last step</th></tr>"
+         <th>worker</th><th>phase</th><th>began</th><th>timeline</th></tr>"
     );
     for a in &allocs {
         let last = a.timeline.last().map(|t| t.what.as_str()).unwrap_or("");
@@ -729,17 +730,35 @@ fn allocations(src: &AgentStateSource, out: &mut String) {
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default();
+        let began = a.timeline.first().map_or(0, |t| t.at_unix_ms);
         let _ = write!(
             out,
-            "<tr class=\"{}\" data-allocation=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"{}\" data-allocation=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><ol class=\"steps\">",
             if failed { "failed" } else { "" },
             esc(&a.id),
             esc(&a.id),
             esc(&a.function),
             esc(&a.function_executor_id),
             esc(&phase),
-            esc(last)
+            if began > 0 {
+                clock(began / 1000)
+            } else {
+                String::new()
+            },
         );
+        const STEPS: usize = 8;
+        for t in a.timeline.iter().take(STEPS) {
+            let _ = write!(
+                out,
+                "<li>{} <small>+{} ms</small></li>",
+                esc(&t.what),
+                t.at_unix_ms.saturating_sub(began)
+            );
+        }
+        if a.timeline.len() > STEPS {
+            let _ = write!(out, "<li>… {} more</li>", a.timeline.len() - STEPS);
+        }
+        out.push_str("</ol></td></tr>");
     }
     out.push_str("</table></section>");
 }

@@ -211,6 +211,44 @@ impl AgentHandle {
         (views, total, st.results.len())
     }
 
+    /// The `limit` allocations whose last step is the latest, newest first,
+    /// among those held and those dropped recently (the host's page). One
+    /// pass over what is held, under the state lock; only those shown are
+    /// copied.
+    pub fn latest_allocations(&self, limit: usize) -> Vec<AllocView> {
+        let st = self.shared.state.lock();
+        let last = |a: &AllocEntry| a.timeline.last().map_or(0, |t| t.at_unix_ms);
+        let mut all: Vec<(u64, &String, &AllocEntry)> = st
+            .allocations
+            .iter()
+            .chain(
+                st.recent_allocations
+                    .iter()
+                    .rev()
+                    .take(limit)
+                    .map(|(id, a)| (id, a)),
+            )
+            .map(|(id, a)| (last(a), id, a))
+            .collect();
+        let newest_first = |x: &(u64, &String, &AllocEntry), y: &(u64, &String, &AllocEntry)| {
+            y.0.cmp(&x.0).then_with(|| x.1.cmp(y.1))
+        };
+        if all.len() > limit && limit > 0 {
+            all.select_nth_unstable_by(limit - 1, newest_first);
+        }
+        all.truncate(limit);
+        all.sort_unstable_by(newest_first);
+        all.into_iter()
+            .map(|(_, id, a)| AllocView {
+                id: id.clone(),
+                function_executor_id: a.fe_id.clone(),
+                function: a.function.clone(),
+                phase: a.phase,
+                timeline: a.timeline.clone(),
+            })
+            .collect()
+    }
+
     /// Brings the admitted-resource and worker-usage gauges up to date
     /// (read from the workers' cgroups; called before each scrape).
     pub fn refresh_worker_metrics(&self) {
@@ -541,6 +579,42 @@ mod tests {
         assert_eq!((ids, total), (vec!["a-0", "a-1", "a-2"], 5));
         let (page, _, _) = handle.allocations_page(3, 3);
         assert_eq!(page.len(), 2);
+    }
+
+    /// The page's recent allocations: by their last step, newest first,
+    /// held or dropped alike, whatever their ids.
+    #[test]
+    fn the_latest_allocations_come_newest_first() {
+        let shared = crate::testing_support::shared();
+        let entry = |at: u64| AllocEntry {
+            fe_id: "fe".into(),
+            function: "ns/app/f".into(),
+            phase: AllocPhase::Running,
+            timeline: vec![crate::events::TimelineEntry {
+                at_unix_ms: at,
+                what: "step".into(),
+            }],
+        };
+        {
+            let mut st = shared.state.lock();
+            for (id, at) in [("a", 30), ("b", 10), ("c", 50), ("d", 20)] {
+                st.allocations.insert(id.into(), entry(at));
+            }
+            for (id, at) in [("x", 5), ("y", 40)] {
+                st.recent_allocations.push_back((id.into(), entry(at)));
+            }
+        }
+        let handle = AgentHandle::new(shared);
+        let ids = |n| -> Vec<String> {
+            handle
+                .latest_allocations(n)
+                .into_iter()
+                .map(|a| a.id)
+                .collect()
+        };
+        assert_eq!(ids(3), ["c", "y", "a"]);
+        assert_eq!(ids(10), ["c", "y", "a", "d", "b", "x"]);
+        assert!(ids(0).is_empty());
     }
 
     /// A monitor whose usage read stalls until the test lets it go: a
