@@ -3,8 +3,10 @@
 //! Steward whose fake workers do real allocations. The charts have data
 //! points, the NODES table shows `/state/host`'s numbers, an allocation
 //! that finishes after the page loaded appears without a reload (the
-//! page's script), and light and dark screenshots are saved under
-//! `target/page/`. `cargo xtask test` installs `chromium` and
+//! page's script), the pointer on a chart shows the values `/state/load`
+//! has for that second, the costs shown (by function, and each worker's so
+//! far) are the export's, a browser logs in with the read token, and light
+//! and dark screenshots are saved under `target/page/`. `cargo xtask test` installs `chromium` and
 //! `chromium-driver` as root; without them this test fails, naming what is
 //! missing.
 
@@ -390,6 +392,86 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
     .await;
     dark.close().await?;
     shot?;
+    plane.stop().await;
+    Ok(())
+}
+
+/// With a read token, Chromium gets the login form; the token typed into
+/// it opens the page (a session cookie), and the page's own refresh runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_logs_in_with_the_read_token() -> Result<()> {
+    let driver = Driver::start()?;
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("state-token");
+    let secret = "a-browser-read-token-0123456789";
+    support::write_secret(&token, format!("{secret}\n"))?;
+    let (plane, steward) = support::fake_setup(
+        FunctionOptions::default(),
+        &["--state-token-file", token.to_str().context("path")?],
+    )
+    .await?;
+    let page = format!("{}/", steward.monitoring_url.as_deref().context("url")?);
+    let c = driver.browser(false).await?;
+    let checked = async {
+        c.goto(&page).await?;
+        ensure!(
+            c.find_all(Locator::Css("#live")).await?.is_empty(),
+            "the page without the token"
+        );
+        let field = c.find(Locator::Css("#login input[name=token]")).await?;
+        field.send_keys("not-the-read-token-0000").await?;
+        c.find(Locator::Css("#login button")).await?.click().await?;
+        let said = c.find(Locator::Css("#login-message")).await?.text().await?;
+        ensure!(said == "wrong token", "{said:?}");
+        let field = c.find(Locator::Css("#login input[name=token]")).await?;
+        field.send_keys(secret).await?;
+        c.find(Locator::Css("#login button")).await?.click().await?;
+        c.wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css("#live #node-resources"))
+            .await
+            .context("the page after logging in")?;
+        // The page's own refresh reads with the session too: an
+        // allocation finished now appears without a reload.
+        let ids = || async {
+            let url = format!(
+                "{}/state/allocations",
+                steward.monitoring_url.as_deref().context("url")?
+            );
+            let v: serde_json::Value = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(secret)
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(
+                v["allocations"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a["id"].as_str().map(String::from))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let before = ids().await?;
+        let out = plane.invoke_app("fake", "echo", json!(3)).await?;
+        ensure!(out.status == "success", "{out:?}");
+        let id = ids()
+            .await?
+            .into_iter()
+            .find(|id| !before.contains(id))
+            .context("the new allocation")?;
+        c.wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::Css(&format!("tr[data-allocation=\"{id}\"]")))
+            .await
+            .context("the new allocation on the logged-in page")?;
+        anyhow::Ok(())
+    }
+    .await;
+    c.close().await?;
+    checked?;
     plane.stop().await;
     Ok(())
 }

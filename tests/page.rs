@@ -185,6 +185,10 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
     Ok(())
 }
 
+/// With a read token the page answers a browser with a login form; the
+/// token, posted once, opens a session cookie that reads the page and the
+/// documents until it is logged out; a wrong one is refused. The static
+/// assets are the same on every host and stay open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_token_guards_the_page() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -194,19 +198,75 @@ async fn a_read_token_guards_the_page() -> Result<()> {
     let token = token.to_str().context("path")?;
     let (plane, steward) =
         support::fake_setup(FunctionOptions::default(), &["--state-token-file", token]).await?;
-    for path in ["/", "/dashboard", "/assets/page.js"] {
+    let base = steward.monitoring_url.clone().context("url")?;
+    for path in ["/", "/dashboard"] {
+        let resp = get(&steward, path).await?;
+        ensure!(resp.status() == 401, "{path} unguarded");
+        let body = resp.text().await?;
         ensure!(
-            get(&steward, path).await?.status() == 401,
-            "{path} unguarded"
+            body.contains("id=\"login\"") && !body.contains("id=\"live\""),
+            "{body}"
         );
     }
-    let url = format!("{}/", steward.monitoring_url.as_deref().context("url")?);
+    ensure!(get(&steward, "/state/host").await?.status() == 401);
+    ensure!(get(&steward, "/assets/page.js").await?.status() == 200);
     let ok = reqwest::Client::new()
-        .get(url)
+        .get(format!("{base}/"))
         .bearer_auth(secret)
         .send()
         .await?;
     ensure!(ok.status() == 200);
+    // A browser's login: no redirects followed, cookies by hand.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let wrong = client
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=not-the-token-at-all")
+        .send()
+        .await?;
+    ensure!(wrong.status() == 403);
+    ensure!(wrong.headers().get("set-cookie").is_none());
+    let login = client
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={secret}"))
+        .send()
+        .await?;
+    ensure!(login.status() == 303, "{}", login.status());
+    let cookie = login
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .context("no session cookie")?
+        .to_string();
+    ensure!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    ensure!(!cookie.contains(secret), "the token itself in the cookie");
+    let session = cookie.split(';').next().context("cookie")?.to_string();
+    let with = |path: &str| {
+        client
+            .get(format!("{base}{path}"))
+            .header("cookie", session.clone())
+            .send()
+    };
+    let page = with("/dashboard").await?;
+    ensure!(page.status() == 200);
+    ensure!(page.text().await?.contains("id=\"live\""));
+    ensure!(with("/state/host").await?.status() == 200);
+    let out = client
+        .post(format!("{base}/logout"))
+        .header("cookie", session.clone())
+        .send()
+        .await?;
+    ensure!(out.status() == 303);
+    ensure!(
+        with("/dashboard").await?.status() == 401,
+        "the session outlived its logout"
+    );
     plane.stop().await;
     Ok(())
 }

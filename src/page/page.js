@@ -115,6 +115,11 @@
         cache: "no-store",
         credentials: "same-origin",
       });
+      // The session ended (or the agent restarted): the login form.
+      if (r.status === 401 || r.status === 403) {
+        location.reload();
+        return;
+      }
       if (r.ok) {
         main.innerHTML = await r.text();
         const fig = hover && charts()[hover.index];

@@ -21,8 +21,10 @@
 //! to anything else), lives [`PROBE_CONNECTION_LIFETIME`] at most, and
 //! gives its oldest connection's place to a new one when full, so strangers
 //! holding every slot cannot make kubelet restart the agent. An optional read token
-//! guards `/state/*` and the metrics; the probes stay open. An admin
-//! request's body is read only once its token was accepted.
+//! guards `/state/*`, the metrics and the host's page; the probes and the
+//! page's static assets stay open. A browser, which cannot send a bearer
+//! token, logs in at `/login` and gets a session cookie ([`session`]). An
+//! admin request's body is read only once its token was accepted.
 //! Must not know about: gRPC, protobuf, workers, the control-plane protocol.
 
 use std::collections::BTreeMap;
@@ -43,6 +45,8 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+
+pub mod session;
 
 /// Content type of OpenMetrics text, as Prometheus expects it.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
@@ -546,6 +550,8 @@ struct App {
     read: Option<BearerToken>,
     admin: Option<BearerToken>,
     metrics: ServerMetrics,
+    /// Browsers logged in with the read (or admin) token.
+    sessions: session::Sessions,
 }
 
 type Shared = Arc<App>;
@@ -571,6 +577,7 @@ fn probes_only(source: Arc<dyn StateSource>, config: ServerConfig) -> Router {
             read: None,
             admin: None,
             metrics: config.metrics,
+            sessions: session::Sessions::default(),
         }))
 }
 
@@ -588,6 +595,7 @@ pub fn router_with(source: Arc<dyn StateSource>, config: ServerConfig) -> Router
         read: config.read,
         admin: config.admin.clone(),
         metrics: config.metrics.clone(),
+        sessions: session::Sessions::default(),
     });
     let guarded = Router::new()
         .route("/monitoring/metrics", get(metrics))
@@ -595,7 +603,6 @@ pub fn router_with(source: Arc<dyn StateSource>, config: ServerConfig) -> Router
         .route("/state/{name}", get(state_document))
         .route("/", get(page))
         .route("/dashboard", get(page))
-        .route("/assets/{name}", get(asset))
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             read_guard,
@@ -603,6 +610,15 @@ pub fn router_with(source: Arc<dyn StateSource>, config: ServerConfig) -> Router
     let mut r = Router::new()
         .route("/monitoring/startup", get(startup))
         .route("/monitoring/health", get(health))
+        // The page's own script and style: the same on every host, no data.
+        .route("/assets/{name}", get(asset))
+        .route(
+            "/login",
+            get(login_form)
+                .post(login)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_LOGIN_BODY)),
+        )
+        .route("/logout", axum::routing::post(logout))
         .merge(guarded);
     if let Some(token) = config.admin {
         let token = Arc::new(token);
@@ -674,8 +690,19 @@ async fn read_guard(State(app): State<Shared>, req: Request, next: Next) -> Resp
         return next.run(req).await;
     };
     let tokens: Vec<&BearerToken> = std::iter::once(read).chain(app.admin.as_ref()).collect();
+    let cookie = req
+        .headers()
+        .get(header::COOKIE)
+        .and_then(|v| v.to_str().ok());
+    let by_session = app.sessions.admits(cookie);
     match authorize(req.headers(), &tokens) {
         Ok(()) => next.run(req).await,
+        Err(_) if by_session => next.run(req).await,
+        // A browser asking for the page gets the login form.
+        Err((code, _)) if matches!(req.uri().path(), "/" | "/dashboard") => {
+            app.metrics.auth_failed("page", code);
+            login_page(code, "")
+        }
         Err((code, why)) => {
             let path = req.uri().path();
             let route = if path.starts_with("/state") {
@@ -844,6 +871,88 @@ async fn state_document(
 }
 
 /// What the host's page may load: only what the agent serves itself.
+/// A login form's body is at most this (a token is far shorter).
+const MAX_LOGIN_BODY: usize = 4096;
+
+/// The login form, with `message` (escaped) above it.
+fn login_page(code: StatusCode, message: &str) -> Response {
+    let message: String = message
+        .chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    let html = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>Steward · log in</title><link rel=\"stylesheet\" href=\"/assets/page.css\"></head>\
+         <body><main><h1>Steward</h1><p>This host's page needs its read token.</p>\
+         <p class=\"failing\" id=\"login-message\">{message}</p>\
+         <form method=\"post\" action=\"/login\" id=\"login\"><label>read token \
+         <input type=\"password\" name=\"token\" autocomplete=\"current-password\" required></label> \
+         <button>log in</button></form>\
+         <p><small>The session lasts {} hours, or until the agent restarts.</small></p></main></body></html>\n",
+        session::SESSION_TTL.as_secs() / 3600
+    );
+    (
+        code,
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
+}
+
+async fn login_form(State(app): State<Shared>) -> Response {
+    if app.read.is_none() {
+        return see_other("/dashboard", None);
+    }
+    login_page(StatusCode::OK, "")
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// The read (or admin) token, once, for a session cookie.
+async fn login(State(app): State<Shared>, axum::Form(form): axum::Form<LoginForm>) -> Response {
+    let Some(read) = &app.read else {
+        return see_other("/dashboard", None);
+    };
+    let presented = form.token.trim().as_bytes();
+    let ok = read.matches(presented) || app.admin.as_ref().is_some_and(|a| a.matches(presented));
+    if !ok {
+        app.metrics.auth_failed("login", StatusCode::FORBIDDEN);
+        app.src.read_refused("/login", 403);
+        return login_page(StatusCode::FORBIDDEN, "wrong token");
+    }
+    let id = app.sessions.open();
+    see_other("/dashboard", Some(session::set_cookie(&id)))
+}
+
+async fn logout(State(app): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    let cookie = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    app.sessions.close(cookie);
+    see_other("/login", Some(session::set_cookie("")))
+}
+
+/// 303 to `to`, setting `cookie` if given.
+fn see_other(to: &'static str, cookie: Option<String>) -> Response {
+    let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response();
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        resp.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    resp
+}
+
 const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 async fn page(State(app): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
