@@ -127,7 +127,23 @@ async fn row(c: &Client, resource: &str) -> Result<Vec<f64>> {
 
 /// The ids `/state/allocations` lists.
 async fn allocation_ids(steward: &support::AgentProc) -> Result<Vec<String>> {
-    let (_, allocs) = steward.get_json("/state/allocations").await?;
+    allocation_ids_with(steward, None).await
+}
+
+/// The same, with the read token `token` where one is set.
+async fn allocation_ids_with(
+    steward: &support::AgentProc,
+    token: Option<&str>,
+) -> Result<Vec<String>> {
+    let url = format!(
+        "{}/state/allocations",
+        steward.monitoring_url.as_deref().context("url")?
+    );
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let allocs: serde_json::Value = req.send().await?.json().await?;
     Ok(allocs["allocations"]
         .as_array()
         .into_iter()
@@ -433,31 +449,10 @@ async fn a_browser_logs_in_with_the_read_token() -> Result<()> {
             .context("the page after logging in")?;
         // The page's own refresh reads with the session too: an
         // allocation finished now appears without a reload.
-        let ids = || async {
-            let url = format!(
-                "{}/state/allocations",
-                steward.monitoring_url.as_deref().context("url")?
-            );
-            let v: serde_json::Value = reqwest::Client::new()
-                .get(url)
-                .bearer_auth(secret)
-                .send()
-                .await?
-                .json()
-                .await?;
-            anyhow::Ok(
-                v["allocations"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a["id"].as_str().map(String::from))
-                    .collect::<Vec<_>>(),
-            )
-        };
-        let before = ids().await?;
+        let before = allocation_ids_with(&steward, Some(secret)).await?;
         let out = plane.invoke_app("fake", "echo", json!(3)).await?;
         ensure!(out.status == "success", "{out:?}");
-        let id = ids()
+        let id = allocation_ids_with(&steward, Some(secret))
             .await?
             .into_iter()
             .find(|id| !before.contains(id))
