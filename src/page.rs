@@ -243,6 +243,13 @@ fn clock(at_unix_s: u64) -> String {
     )
 }
 
+/// "2026-12-06 21:05:07 UTC" (the hour's charts, a point a second).
+fn clock_s(at_unix_s: u64) -> String {
+    let c = clock(at_unix_s);
+    let (minute, _) = c.split_at(c.len() - 4);
+    format!("{minute}:{:02} UTC", at_unix_s % 60)
+}
+
 /// One SVG chart of `fields`: a polyline each, placed by time and scaled
 /// to the largest value, a legend with each line's last value, and the
 /// range's ends and top. The figure carries what the page's script needs
@@ -293,10 +300,11 @@ fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
     for (k, i) in idx.iter().enumerate() {
         line(s, k, *i, top, (t0, t1), out);
     }
+    let at = if s.step_s < 60 { clock_s } else { clock };
     let ends = if s.points.is_empty() {
         String::new()
     } else {
-        format!("<span>{}</span><span>{}</span>", clock(t0), clock(t1))
+        format!("<span>{}</span><span>{}</span>", at(t0), at(t1))
     };
     let _ = write!(out, "</svg><div class=\"ends\">{ends}</div></figure>");
 }
@@ -820,6 +828,12 @@ mod tests {
             (1_709_164_800_000, 1_706_745_600_000),
             "2024-02-29 23:59:59"
         );
+    }
+
+    #[test]
+    fn clocks_say_utc_to_the_minute_or_second() {
+        assert_eq!(clock(86_400 + 3_723), "1970-01-02 01:02 UTC");
+        assert_eq!(clock_s(86_400 + 3_723), "1970-01-02 01:02:03 UTC");
     }
 
     #[test]

@@ -22,33 +22,108 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 use steward_devserver::FunctionOptions;
 
-const CHROMIUM: &str = "/usr/bin/chromium";
-const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+/// The browsers the page is tested in, each through its WebDriver server.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// Debian's `chromium` and `chromium-driver`.
+    Chromium,
+    /// Debian's `firefox-esr` and Mozilla's `geckodriver` (from crates.io:
+    /// Debian has none), installed by `cargo xtask test` under /usr/local.
+    Firefox,
+}
 
-/// chromedriver on a port of its own, killed when dropped.
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Chromium => "chromium",
+            Kind::Firefox => "firefox",
+        }
+    }
+    fn browser(self) -> &'static str {
+        match self {
+            Kind::Chromium => "/usr/bin/chromium",
+            Kind::Firefox => "/usr/bin/firefox-esr",
+        }
+    }
+    fn driver(self) -> &'static str {
+        match self {
+            Kind::Chromium => "/usr/bin/chromedriver",
+            Kind::Firefox => "/usr/local/bin/geckodriver",
+        }
+    }
+    fn install_hint(self) -> &'static str {
+        match self {
+            Kind::Chromium => "install Debian's chromium and chromium-driver",
+            Kind::Firefox => {
+                "install Debian's firefox-esr and `cargo install geckodriver --root /usr/local`"
+            }
+        }
+    }
+    /// The session's capabilities; `dark`: the page is asked for its dark scheme.
+    fn capabilities(self, dark: bool) -> serde_json::Map<String, serde_json::Value> {
+        let mut caps = serde_json::Map::new();
+        match self {
+            Kind::Chromium => {
+                let mut args = vec![
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--window-size=1280,2400",
+                ];
+                if dark {
+                    args.push("--force-dark-mode");
+                    args.push("--blink-settings=preferredColorScheme=0");
+                }
+                caps.insert(
+                    "goog:chromeOptions".into(),
+                    json!({"binary": self.browser(), "args": args}),
+                );
+            }
+            Kind::Firefox => {
+                // 0: dark, 1: light (what the page's media query sees).
+                let scheme = if dark { 0 } else { 1 };
+                caps.insert(
+                    "moz:firefoxOptions".into(),
+                    json!({
+                        "binary": self.browser(),
+                        "args": ["-headless", "--width=1280", "--height=2400"],
+                        "prefs": {"layout.css.prefers-color-scheme.content-override": scheme},
+                    }),
+                );
+            }
+        }
+        caps
+    }
+}
+
+/// A WebDriver server on a port of its own, killed when dropped.
 struct Driver {
+    kind: Kind,
     child: Child,
     url: String,
 }
 
 impl Driver {
-    fn start() -> Result<Driver> {
-        for needed in [CHROMIUM, CHROMEDRIVER] {
+    fn start(kind: Kind) -> Result<Driver> {
+        for needed in [kind.browser(), kind.driver()] {
             ensure!(
                 Path::new(needed).is_file(),
-                "{needed} is missing: install Debian's chromium and chromium-driver (cargo xtask test does, as root)"
+                "{needed} is missing: {} (cargo xtask test does, as root)",
+                kind.install_hint()
             );
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new(CHROMEDRIVER)
+        let child = Command::new(kind.driver())
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting chromedriver")?;
+            .with_context(|| format!("starting {}", kind.driver()))?;
         let driver = Driver {
+            kind,
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
@@ -56,7 +131,8 @@ impl Driver {
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             ensure!(
                 Instant::now() < deadline,
-                "chromedriver did not listen within 30 s"
+                "{} did not listen within 30 s",
+                kind.driver()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -65,27 +141,11 @@ impl Driver {
 
     /// A headless browser session; `dark`: the page is asked for its dark scheme.
     async fn browser(&self, dark: bool) -> Result<Client> {
-        let mut args = vec![
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--window-size=1280,2400",
-        ];
-        if dark {
-            args.push("--force-dark-mode");
-            args.push("--blink-settings=preferredColorScheme=0");
-        }
-        let mut caps = serde_json::Map::new();
-        caps.insert(
-            "goog:chromeOptions".into(),
-            json!({"binary": CHROMIUM, "args": args}),
-        );
         ClientBuilder::rustls()?
-            .capabilities(caps)
+            .capabilities(self.kind.capabilities(dark))
             .connect(&self.url)
             .await
-            .context("a chromium session through chromedriver")
+            .with_context(|| format!("a {} session", self.kind.name()))
     }
 }
 
@@ -93,6 +153,14 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `page-light.png` (Chromium: the ones in `docs/`), `page-firefox-light.png`.
+fn shot_name(kind: Kind, scheme: &str) -> String {
+    match kind {
+        Kind::Chromium => format!("page-{scheme}.png"),
+        Kind::Firefox => format!("page-{}-{scheme}.png", kind.name()),
     }
 }
 
@@ -254,8 +322,19 @@ async fn hover_at(c: &Client, at: u64) -> Result<Option<(u64, String)>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
-    let driver = Driver::start()?;
+async fn the_page_in_chromium_shows_live_numbers() -> Result<()> {
+    the_page_shows_live_numbers(Kind::Chromium).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_firefox_shows_live_numbers() -> Result<()> {
+    the_page_shows_live_numbers(Kind::Firefox).await
+}
+
+/// The page in browser `kind`: NODES, live update, charts, values under
+/// the pointer, costs, and the light and dark schemes (screenshots).
+async fn the_page_shows_live_numbers(kind: Kind) -> Result<()> {
+    let driver = Driver::start(kind)?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("steward.yaml");
     let indented: String = CARD.lines().map(|l| format!("    {l}\n")).collect();
@@ -378,7 +457,7 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
             "worker {fe}: the page shows {shown} so far, its records cost {of_worker}"
         );
         std::fs::write(
-            screenshots_dir()?.join("page-light.png"),
+            screenshots_dir()?.join(shot_name(kind, "light")),
             c.screenshot().await?,
         )?;
         anyhow::Ok(())
@@ -397,7 +476,7 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
             .await?;
         let bg = bg.as_str().unwrap_or_default().to_string();
         std::fs::write(
-            screenshots_dir()?.join("page-dark.png"),
+            screenshots_dir()?.join(shot_name(kind, "dark")),
             dark.screenshot().await?,
         )?;
         if bg != "rgb(13, 17, 23)" {
@@ -416,7 +495,7 @@ async fn the_page_in_a_real_browser_shows_live_numbers() -> Result<()> {
 /// it opens the page (a session cookie), and the page's own refresh runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_logs_in_with_the_read_token() -> Result<()> {
-    let driver = Driver::start()?;
+    let driver = Driver::start(Kind::Chromium)?;
     let dir = tempfile::tempdir()?;
     let token = dir.path().join("state-token");
     let secret = "a-browser-read-token-0123456789";

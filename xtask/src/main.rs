@@ -420,8 +420,38 @@ fn ensure_browser() -> Result<()> {
         &[
             ("/usr/bin/chromium", "chromium"),
             ("/usr/bin/chromedriver", "chromium-driver"),
+            ("/usr/bin/firefox-esr", "firefox-esr"),
         ],
-        "the host page's browser test",
+        "the host page's browser tests",
+    )?;
+    ensure_geckodriver()
+}
+
+/// Firefox's WebDriver server: Debian has no package of it, so it is built
+/// from crates.io (Mozilla publishes it there), pinned, into /usr/local as
+/// root; elsewhere says what is missing (the Firefox test then fails,
+/// naming it).
+const GECKODRIVER: &str = "/usr/local/bin/geckodriver";
+const GECKODRIVER_VERSION: &str = "0.37.1";
+
+fn ensure_geckodriver() -> Result<()> {
+    if Path::new(GECKODRIVER).is_file() {
+        return Ok(());
+    }
+    let as_root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self")?) == 0;
+    if !as_root {
+        eprintln!(
+            "xtask: {GECKODRIVER} missing and this is not root: the Firefox page test will fail \
+             (cargo install geckodriver --version {GECKODRIVER_VERSION} --locked --root /usr/local)"
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: building geckodriver {GECKODRIVER_VERSION} from crates.io into /usr/local");
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["install", "geckodriver", "--locked", "--root", "/usr/local"])
+            .args(["--version", GECKODRIVER_VERSION])
+            .env_remove("CARGO_TARGET_DIR"),
     )
 }
 
