@@ -452,10 +452,11 @@ fn workers(src: &AgentStateSource, out: &mut String) {
         .map(|m| m.worker_costs())
         .unwrap_or_default();
     let card = src.metering.as_ref().and_then(|m| m.price_card());
+    let counts = src.handle.allocation_counts();
     let _ = write!(
         out,
         "<section id=\"workers\"><h2>Workers ({total})</h2><table><tr><th>id</th><th>function</th>\
-         <th>status</th><th>up</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
+         <th>status</th><th>up</th><th>allocations</th><th>GPUs</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
          <th>memory used</th><th title=\"its usage records so far, since it started or was adopted\">cost so far</th></tr>"
     );
     let now_ms = std::time::SystemTime::now()
@@ -470,6 +471,13 @@ fn workers(src: &AgentStateSource, out: &mut String) {
             .first()
             .map(|t| duration(now_ms.saturating_sub(t.at_unix_ms) / 1000))
             .unwrap_or_default();
+        let (running, queued) = counts.get(&f.id).copied().unwrap_or_default();
+        let gpus = format!(
+            "<td data-v=\"{}\" title=\"{}\">{}</td>",
+            f.gpus.len(),
+            esc(&f.gpus.join(", ")),
+            f.gpus.len()
+        );
         let cost = match (costs.get(&f.id), &card) {
             (Some(c), Some(card)) => format!(
                 "<td data-cost-minor=\"{c}\">{}</td>",
@@ -479,7 +487,8 @@ fn workers(src: &AgentStateSource, out: &mut String) {
         };
         let _ = write!(
             out,
-            "<tr class=\"{}\" data-fe=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td>{cost}</tr>",
+            "<tr class=\"{}\" data-fe=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td>\
+             <td data-running=\"{running}\" data-queued=\"{queued}\">{running} running, {queued} queued</td>{gpus}<td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td>{cost}</tr>",
             if f.termination_reason.is_some() {
                 "failed"
             } else {

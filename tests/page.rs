@@ -181,6 +181,23 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
         "the script names no other place"
     );
     ensure!(get(&steward, "/assets/other.js").await?.status() == 404);
+    // A worker's allocations held now: one running (a function that never ends).
+    plane.start_request("fake", "hang", json!("x")).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = get(&steward, "/dashboard?fragment=1").await?.text().await?;
+        let workers = page.split("id=\"workers\"").nth(1).unwrap_or_default();
+        let workers = workers.split("</section>").next().unwrap_or_default();
+        if workers.contains("data-running=\"1\" data-queued=\"0\">1 running, 0 queued") {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no worker running the hanging allocation: {}",
+            workers.chars().take(400).collect::<String>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     plane.stop().await;
     Ok(())
 }

@@ -211,6 +211,22 @@ impl AgentHandle {
         (views, total, st.results.len())
     }
 
+    /// Each worker's allocations held now: (running, queued), one pass
+    /// under the state lock (the host's page).
+    pub fn allocation_counts(&self) -> std::collections::HashMap<String, (u32, u32)> {
+        let st = self.shared.state.lock();
+        let mut counts = std::collections::HashMap::<String, (u32, u32)>::new();
+        for a in st.allocations.values() {
+            let c = counts.entry(a.fe_id.clone()).or_default();
+            match a.phase {
+                AllocPhase::Running => c.0 += 1,
+                AllocPhase::Queued => c.1 += 1,
+                AllocPhase::Finished => {}
+            }
+        }
+        counts
+    }
+
     /// The `limit` allocations whose last step is the latest, newest first,
     /// among those held and those dropped recently (the host's page). One
     /// pass over what is held, under the state lock; only those shown are
@@ -613,6 +629,7 @@ mod tests {
                 .collect()
         };
         assert_eq!(ids(3), ["c", "y", "a"]);
+        assert_eq!(handle.allocation_counts().get("fe"), Some(&(4, 0)));
         assert_eq!(ids(10), ["c", "y", "a", "d", "b", "x"]);
         assert!(ids(0).is_empty());
     }
