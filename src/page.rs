@@ -309,11 +309,14 @@ fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
     let _ = write!(out, "</svg><div class=\"ends\">{ends}</div></figure>");
 }
 
-/// One field's polyline: at most one point per unit of width (the mean of
-/// each bucket; an hour of seconds is 3,600 points, and the page stays
-/// small), placed by the bucket's first time.
+/// Points a line has at most: one per two units of width (an hour of
+/// seconds is 3,600 points; the page stays small).
+const LINE_POINTS: f64 = W / 2.0;
+
+/// One field's polyline: at most [`LINE_POINTS`] points (the mean of each
+/// bucket), placed by the bucket's first time.
 fn line(s: &Series, k: usize, i: usize, top: f64, (t0, t1): (u64, u64), out: &mut String) {
-    let per = (s.points.len() as f64 / W).ceil().max(1.0) as usize;
+    let per = (s.points.len() as f64 / LINE_POINTS).ceil().max(1.0) as usize;
     let span = t1.saturating_sub(t0).max(1) as f64;
     let pts: Vec<String> = s
         .points
@@ -456,7 +459,7 @@ fn workers(src: &AgentStateSource, out: &mut String) {
     let _ = write!(
         out,
         "<section id=\"workers\"><h2>Workers ({total})</h2><table><tr><th>id</th><th>function</th>\
-         <th>status</th><th>up</th><th>allocations</th><th>GPUs</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
+         <th>status</th><th>up</th><th>allocations, running / queued</th><th>GPUs</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
          <th>memory used</th><th title=\"its usage records so far, since it started or was adopted\">cost so far</th></tr>"
     );
     let now_ms = std::time::SystemTime::now()
@@ -472,12 +475,15 @@ fn workers(src: &AgentStateSource, out: &mut String) {
             .map(|t| duration(now_ms.saturating_sub(t.at_unix_ms) / 1000))
             .unwrap_or_default();
         let (running, queued) = counts.get(&f.id).copied().unwrap_or_default();
-        let gpus = format!(
-            "<td data-v=\"{}\" title=\"{}\">{}</td>",
-            f.gpus.len(),
-            esc(&f.gpus.join(", ")),
-            f.gpus.len()
-        );
+        let gpus = if f.gpus.is_empty() {
+            "<td>0</td>".to_string()
+        } else {
+            format!(
+                "<td title=\"{}\">{}</td>",
+                esc(&f.gpus.join(", ")),
+                f.gpus.len()
+            )
+        };
         let cost = match (costs.get(&f.id), &card) {
             (Some(c), Some(card)) => format!(
                 "<td data-cost-minor=\"{c}\">{}</td>",
@@ -487,10 +493,10 @@ fn workers(src: &AgentStateSource, out: &mut String) {
         };
         let _ = write!(
             out,
-            "<tr class=\"{}\" data-fe=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td>\
-             <td data-running=\"{running}\" data-queued=\"{queued}\">{running} running, {queued} queued</td>{gpus}<td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td>{cost}</tr>",
+            "<tr{} data-fe=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{up}</td>\
+             <td data-running=\"{running}\" data-queued=\"{queued}\">{running} / {queued}</td>{gpus}<td>{}</td><td>{}</td><td>{}</td><td>{:.1} s</td><td>{}</td>{cost}</tr>",
             if f.termination_reason.is_some() {
-                "failed"
+                " class=\"failed\""
             } else {
                 ""
             },
@@ -597,6 +603,10 @@ fn usage_section(
     }
 }
 
+/// Groups a usage table shows: the costliest (then busiest) first; the
+/// rest are counted in a line and in the total.
+const USAGE_ROWS: usize = 20;
+
 fn usage_table(title: &str, id: &str, by: &str, doc: &Value, out: &mut String) {
     let card = &doc["price_card"];
     let scale = 10f64.powi(card["scale"].as_i64().unwrap_or(0).clamp(0, 18) as i32);
@@ -606,16 +616,22 @@ fn usage_table(title: &str, id: &str, by: &str, doc: &Value, out: &mut String) {
         "<h3>{title}</h3><table id=\"{id}\"><tr><th>{by}</th><th>tasks</th><th>failed</th>\
          <th>CPU, core-s</th><th>memory, MB-s</th><th>wall, s</th><th>cost</th></tr>"
     );
-    let groups = doc["summary"]["groups"]
-        .as_object()
-        .cloned()
-        .unwrap_or_default();
-    for (key, t) in &groups {
-        let n = |k: &str| t[k].as_f64().unwrap_or(0.0);
+    let empty = serde_json::Map::new();
+    let groups = doc["summary"]["groups"].as_object().unwrap_or(&empty);
+    let mut rows: Vec<(&String, &Value)> = groups.iter().collect();
+    let num = |t: &Value, k: &str| t[k].as_f64().unwrap_or(0.0);
+    rows.sort_by(|a, b| {
+        num(b.1, "cost_minor")
+            .total_cmp(&num(a.1, "cost_minor"))
+            .then(num(b.1, "tasks").total_cmp(&num(a.1, "tasks")))
+            .then(a.0.cmp(b.0))
+    });
+    let row = |out: &mut String, attr: &str, name: &str, t: &Value| {
+        let n = |k: &str| num(t, k);
         let cost = t["cost_minor"].as_i64().unwrap_or(0);
         let _ = write!(
             out,
-            "<tr data-{by}=\"{f}\"><th>{f}</th><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td>\
+            "<tr {attr}><th>{name}</th><td data-v=\"{}\">{}</td><td data-v=\"{}\">{}</td>\
              <td>{:.3}</td><td>{:.1}</td><td>{:.3}</td><td data-cost-minor=\"{cost}\">{:.6} {currency}</td></tr>",
             n("tasks"),
             n("tasks"),
@@ -625,8 +641,21 @@ fn usage_table(title: &str, id: &str, by: &str, doc: &Value, out: &mut String) {
             n("memory_mb_ms") / 1e3,
             n("wall_ms") / 1e3,
             cost as f64 / scale,
-            f = esc(key),
         );
+    };
+    for (key, t) in rows.iter().take(USAGE_ROWS) {
+        let f = esc(key);
+        row(out, &format!("data-{by}=\"{f}\""), &f, t);
+    }
+    if rows.len() > USAGE_ROWS {
+        let _ = write!(
+            out,
+            "<tr class=\"more\"><th colspan=\"7\">… {} more (<code>/state/usage</code>, <code>steward usage export</code>)</th></tr>",
+            rows.len() - USAGE_ROWS
+        );
+    }
+    if rows.len() > 1 {
+        row(out, "class=\"total\"", "all", &doc["summary"]["totals"]);
     }
     out.push_str("</table>");
 }
@@ -730,11 +759,11 @@ fn events(src: &AgentStateSource, out: &mut String) {
     out.push_str("</table></section>");
 }
 
-/// The 50 allocations with the latest steps, held or dropped, newest
+/// The 30 allocations with the latest steps, held or dropped, newest
 /// first, each with its timeline (when it began, then each step after it),
 /// failures marked.
 fn allocations(src: &AgentStateSource, out: &mut String) {
-    let allocs = src.handle.latest_allocations(50);
+    let allocs = src.handle.latest_allocations(30);
     let _ = write!(
         out,
         "<section id=\"allocations\"><h2>Recent allocations</h2><table><tr><th>id</th><th>function</th>\
@@ -750,8 +779,8 @@ fn allocations(src: &AgentStateSource, out: &mut String) {
         let began = a.timeline.first().map_or(0, |t| t.at_unix_ms);
         let _ = write!(
             out,
-            "<tr class=\"{}\" data-allocation=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><ol class=\"steps\">",
-            if failed { "failed" } else { "" },
+            "<tr{} data-allocation=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><ol class=\"steps\">",
+            if failed { " class=\"failed\"" } else { "" },
             esc(&a.id),
             esc(&a.id),
             esc(&a.function),
@@ -813,7 +842,8 @@ mod tests {
         );
         chart(&series, "GPUs", &["gpus_held", "gpu_busy"], &mut out);
         chart(&series, "GPU memory", &["gpu_memory"], &mut out);
-        assert!(out.len() < 96 << 10, "{} bytes", out.len());
+        println!("a full hour of charts: {} bytes", out.len());
+        assert!(out.len() < 40 << 10, "{} bytes", out.len());
         let lines = out.matches("<polyline").count();
         assert_eq!(lines, 10);
         let first = out
@@ -822,7 +852,10 @@ mod tests {
             .and_then(|s| s.split('"').next())
             .unwrap_or("");
         let points = first.split(' ').count();
-        assert!((600..=W as usize).contains(&points), "{points} points");
+        assert!(
+            (300..=LINE_POINTS as usize).contains(&points),
+            "{points} points"
+        );
     }
 
     #[test]
@@ -836,6 +869,47 @@ mod tests {
             day_and_month_starts(1_709_251_199_000),
             (1_709_164_800_000, 1_706_745_600_000),
             "2024-02-29 23:59:59"
+        );
+    }
+
+    /// A usage table shows the costliest groups first, says how many more
+    /// there are, and totals them all.
+    #[test]
+    fn usage_tables_show_the_costliest_groups_and_the_total() {
+        let groups: serde_json::Map<String, Value> = (0..USAGE_ROWS + 5)
+            .map(|i| {
+                (
+                    format!("ns/app/f{i:02}"),
+                    serde_json::json!({"tasks": 1, "cost_minor": i}),
+                )
+            })
+            .collect();
+        let total = (0..USAGE_ROWS + 5).sum::<usize>();
+        let doc = serde_json::json!({
+            "price_card": {"scale": 2, "currency": "EUR"},
+            "summary": {"groups": groups, "totals": {"tasks": USAGE_ROWS + 5, "cost_minor": total}},
+        });
+        let mut out = String::new();
+        usage_table("t", "u", "function", &doc, &mut out);
+        let shown: Vec<&str> = out
+            .split("data-function=\"")
+            .skip(1)
+            .filter_map(|r| r.split('"').next())
+            .collect();
+        assert_eq!(shown.len(), USAGE_ROWS);
+        assert_eq!(shown[0], format!("ns/app/f{:02}", USAGE_ROWS + 4));
+        assert_eq!(shown[USAGE_ROWS - 1], "ns/app/f05");
+        assert!(out.contains("… 5 more"), "{out}");
+        assert!(
+            out.contains(&format!(
+                "class=\"total\"><th>all</th><td data-v=\"{}\"",
+                USAGE_ROWS + 5
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("data-cost-minor=\"{total}\"")),
+            "{out}"
         );
     }
 

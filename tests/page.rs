@@ -188,7 +188,7 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
         let page = get(&steward, "/dashboard?fragment=1").await?.text().await?;
         let workers = page.split("id=\"workers\"").nth(1).unwrap_or_default();
         let workers = workers.split("</section>").next().unwrap_or_default();
-        if workers.contains("data-running=\"1\" data-queued=\"0\">1 running, 0 queued") {
+        if workers.contains("data-running=\"1\" data-queued=\"0\">1 / 0") {
             break;
         }
         ensure!(

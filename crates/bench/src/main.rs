@@ -903,9 +903,15 @@ async fn page(env: &Env, workers: usize, t: &mut Table) -> Result<()> {
     plane.drain(Duration::from_secs(120)).await?;
     let label = format!("15. page at {workers} workers");
     let url = format!("{}/", proc.monitoring);
-    for _ in 0..5 {
+    for round in 0..5 {
         let started = Instant::now();
         let body = plane.http.get(&url).send().await?.text().await?;
+        if round == 0 {
+            // Kept to see what weighs what.
+            let dir = env.repo.join("target/page");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join(format!("bench-{workers}-workers.html")), &body)?;
+        }
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         t.add(
             &format!("{label}: whole page served (first data)"),
