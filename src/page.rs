@@ -459,7 +459,7 @@ fn workers(src: &AgentStateSource, out: &mut String) {
     let _ = write!(
         out,
         "<section id=\"workers\"><h2>Workers ({total})</h2><table><tr><th>id</th><th>function</th>\
-         <th>status</th><th>up</th><th>allocations, running / queued</th><th>GPUs</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
+         <th>status</th><th>up</th><th title=\"running / queued\">allocations</th><th>GPUs</th><th>pid</th><th>CPU limit</th><th>memory limit</th><th>CPU used</th>\
          <th>memory used</th><th title=\"its usage records so far, since it started or was adopted\">cost so far</th></tr>"
     );
     let now_ms = std::time::SystemTime::now()

@@ -414,7 +414,6 @@ async fn the_page_shows_live_numbers(kind: Kind) -> Result<()> {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        hover_shows_the_values(&c, &steward).await?;
         // The cost shown for the function is the export's (today's usage:
         // every record of this test ended today).
         c.goto(&page).await?;
@@ -456,6 +455,8 @@ async fn the_page_shows_live_numbers(kind: Kind) -> Result<()> {
             shown == of_worker && shown > 0,
             "worker {fe}: the page shows {shown} so far, its records cost {of_worker}"
         );
+        // Last, so that the screenshot shows the tip under the pointer.
+        hover_shows_the_values(&c, &steward).await?;
         std::fs::write(
             screenshots_dir()?.join(shot_name(kind, "light")),
             c.screenshot().await?,
