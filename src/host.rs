@@ -123,7 +123,10 @@ impl HostView {
             .filter_map(|g| g.utilization_percent)
             .map(|p| p.min(100) as f32 / 100.0)
             .sum();
-        let memory = gpus.iter().filter_map(|g| g.memory_used_bytes).sum::<u64>() as f64;
+        let memory = gpus
+            .iter()
+            .filter_map(|g| g.memory_used_bytes)
+            .fold(0u64, u64::saturating_add) as f64;
         Some((busy, memory))
     }
 

@@ -57,7 +57,10 @@ fn live(src: &AgentStateSource, range: Range, query: &BTreeMap<String, String>) 
         _ => Value::Null,
     };
     let mut out = String::new();
-    header(src, &mut out);
+    let logout = query
+        .get(steward_monitoring::PAGE_LOGOUT)
+        .is_some_and(|v| v == "1");
+    header(src, logout, &mut out);
     let has_gpus = host["gpus"].as_array().is_some_and(|g| !g.is_empty());
     load(src, range, has_gpus, &mut out);
     nodes(&host, &mut out);
@@ -96,7 +99,7 @@ fn mode_words(mode: &str) -> &'static str {
     }
 }
 
-fn header(src: &AgentStateSource, out: &mut String) {
+fn header(src: &AgentStateSource, logout: bool, out: &mut String) {
     let h = &src.handle;
     let mode = serde_json::to_value(h.mode())
         .ok()
@@ -119,7 +122,7 @@ fn header(src: &AgentStateSource, out: &mut String) {
         "<header><h1>{}</h1><p class=\"mode mode-{}\" id=\"mode\">{}</p>\
          <dl><dt>version</dt><dd>{}</dd><dt>labels</dt><dd>{}</dd>\
          <dt>server</dt><dd class=\"{}\">{}</dd><dt>last good report</dt><dd>{report}</dd>\
-         <dt>uptime</dt><dd>{}</dd></dl></header>",
+         <dt>uptime</dt><dd>{}</dd></dl>{}</header>",
         esc(h.executor_id()),
         esc(&mode),
         mode_words(&mode),
@@ -127,7 +130,12 @@ fn header(src: &AgentStateSource, out: &mut String) {
         labels.join(", "),
         if health.ok { "ok" } else { "failing" },
         esc(&health.message),
-        duration(uptime)
+        duration(uptime),
+        if logout {
+            "<form method=\"post\" action=\"/logout\" id=\"logout\"><button>log out</button></form>"
+        } else {
+            ""
+        }
     );
     prices(src, out);
 }
@@ -261,19 +269,22 @@ fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
         .filter_map(|f| FIELDS.iter().position(|x| x.name == *f))
         .collect();
     let unit = idx.first().map(|i| FIELDS[*i].unit).unwrap_or("");
-    let top = s
-        .points
+    let per = (s.points.len() as f64 / LINE_POINTS).ceil().max(1.0) as usize;
+    let lines: Vec<Vec<(u64, f64)>> = idx.iter().map(|i| buckets(s, *i, per)).collect();
+    let top = lines
         .iter()
-        .flat_map(|p| idx.iter().map(|i| f64::from(p.value[*i])))
+        .flatten()
+        .map(|(_, v)| *v)
         .fold(0f64, f64::max)
         .max(1e-9);
     let t0 = s.points.first().map(|p| p.at_unix_s).unwrap_or(0);
     let t1 = s.points.last().map(|p| p.at_unix_s).unwrap_or(0);
     let _ = write!(
         out,
-        "<figure class=\"chart\" data-points=\"{}\" data-t0=\"{t0}\" data-t1=\"{t1}\" data-top=\"{top}\" data-unit=\"{unit}\">\
+        "<figure class=\"chart\" data-points=\"{}\" data-t0=\"{t0}\" data-t1=\"{t1}\" data-top=\"{top}\" data-unit=\"{unit}\" data-bucket=\"{}\">\
          <figcaption><b>{}</b>",
         s.points.len(),
+        per as u64 * s.step_s,
         esc(title),
     );
     for (k, i) in idx.iter().enumerate() {
@@ -297,8 +308,8 @@ fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
         value(unit, top),
         esc(title)
     );
-    for (k, i) in idx.iter().enumerate() {
-        line(s, k, *i, top, (t0, t1), out);
+    for (k, (i, pts)) in idx.iter().zip(&lines).enumerate() {
+        line(s, k, *i, pts, top, (t0, t1), out);
     }
     let at = if s.step_s < 60 { clock_s } else { clock };
     let ends = if s.points.is_empty() {
@@ -313,19 +324,41 @@ fn chart(s: &Series, title: &str, fields: &[&str], out: &mut String) {
 /// seconds is 3,600 points; the page stays small).
 const LINE_POINTS: f64 = W / 2.0;
 
-/// One field's polyline: at most [`LINE_POINTS`] points (the mean of each
-/// bucket), placed by the bucket's first time.
-fn line(s: &Series, k: usize, i: usize, top: f64, (t0, t1): (u64, u64), out: &mut String) {
-    let per = (s.points.len() as f64 / LINE_POINTS).ceil().max(1.0) as usize;
-    let span = t1.saturating_sub(t0).max(1) as f64;
-    let pts: Vec<String> = s
-        .points
-        .chunks(per)
+/// Field `i` in buckets of `per` points: each bucket's first time, and its
+/// mean for a gauge or its total for a count (an allocation that finished
+/// in a bucket of 12 seconds counts 1, not a twelfth).
+fn buckets(s: &Series, i: usize, per: usize) -> Vec<(u64, f64)> {
+    s.points
+        .chunks(per.max(1))
         .map(|bucket| {
-            let mean =
-                bucket.iter().map(|p| f64::from(p.value[i])).sum::<f64>() / bucket.len() as f64;
-            let x = (bucket[0].at_unix_s - t0) as f64 / span * W;
-            let y = H - mean / top * (H - 4.0);
+            let sum = bucket.iter().map(|p| f64::from(p.value[i])).sum::<f64>();
+            let v = if FIELDS[i].count {
+                sum
+            } else {
+                sum / bucket.len() as f64
+            };
+            (bucket[0].at_unix_s, v)
+        })
+        .collect()
+}
+
+/// One field's polyline from its buckets, each placed by its first time;
+/// its title gives the field's last, mean and largest value.
+fn line(
+    s: &Series,
+    k: usize,
+    i: usize,
+    buckets: &[(u64, f64)],
+    top: f64,
+    (t0, t1): (u64, u64),
+    out: &mut String,
+) {
+    let span = t1.saturating_sub(t0).max(1) as f64;
+    let pts: Vec<String> = buckets
+        .iter()
+        .map(|(at, v)| {
+            let x = at.saturating_sub(t0) as f64 / span * W;
+            let y = H - v / top * (H - 4.0);
             format!("{x:.1},{y:.1}")
         })
         .collect();
@@ -910,6 +943,52 @@ mod tests {
         assert!(
             out.contains(&format!("data-cost-minor=\"{total}\"")),
             "{out}"
+        );
+    }
+
+    /// Over a full hour a drawn point is a bucket of seconds: a count is
+    /// its bucket's total (one allocation finished is 1, not a twelfth),
+    /// and the figure says how long a bucket is, for the tip.
+    #[test]
+    fn a_drawn_point_of_a_count_is_its_buckets_total() {
+        let mut h = History::new();
+        for s in 0..3600u64 {
+            let mut values = [0.0; N];
+            values[1] = f32::from(s == 1801);
+            values[0] = 2.0;
+            h.record(Sample {
+                at_unix_s: 1_000_000 + s,
+                values,
+            });
+        }
+        let mut out = String::new();
+        chart(
+            &h.series(Range::Hour),
+            "Allocations",
+            &["running", "finished", "failed"],
+            &mut out,
+        );
+        assert!(out.contains("data-top=\"2\""), "{}", &out[..300]);
+        assert!(out.contains("data-bucket=\"12\""), "{}", &out[..300]);
+        let finished = out
+            .split("data-field=\"finished\" data-legend=\"finished\" points=\"")
+            .nth(1)
+            .and_then(|p| p.split('"').next())
+            .unwrap_or_default();
+        let ys: Vec<f64> = finished
+            .split(' ')
+            .filter_map(|p| p.split(',').nth(1)?.parse().ok())
+            .collect();
+        // One point at half the height (1 of a top of 2), the rest at 0.
+        let half = H - 0.5 * (H - 4.0);
+        assert_eq!(
+            ys.iter().filter(|y| (**y - half).abs() < 0.05).count(),
+            1,
+            "{ys:?}"
+        );
+        assert_eq!(
+            ys.iter().filter(|y| (**y - H).abs() < 0.05).count(),
+            ys.len() - 1
         );
     }
 

@@ -55,6 +55,13 @@ async fn the_page_shows_the_hosts_numbers_and_loads_nothing_from_elsewhere() -> 
     ensure!(policy.contains("default-src 'none'"), "{policy}");
     let html = resp.text().await?;
     ensure!(!html.contains("://"), "a URL of elsewhere in the page");
+    // Without a read token there is nothing to log out of, whatever the
+    // query says.
+    let asked = get(&steward, "/?logout=1").await?.text().await?;
+    ensure!(
+        !html.contains("/logout") && !asked.contains("/logout"),
+        "a logout form without a read token"
+    );
     for section in [
         "id=\"load\"",
         "id=\"node-resources\"",
@@ -219,6 +226,10 @@ async fn a_read_token_guards_the_page() -> Result<()> {
     for path in ["/", "/dashboard"] {
         let resp = get(&steward, path).await?;
         ensure!(resp.status() == 401, "{path} unguarded");
+        ensure!(
+            resp.headers().get("www-authenticate").is_some(),
+            "a 401 says how to authenticate"
+        );
         let body = resp.text().await?;
         ensure!(
             body.contains("id=\"login\"") && !body.contains("id=\"live\""),
@@ -237,22 +248,20 @@ async fn a_read_token_guards_the_page() -> Result<()> {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
-    let wrong = client
-        .post(format!("{base}/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("token=not-the-token-at-all")
-        .send()
-        .await?;
+    let login = |token: &str, cookie: &str| {
+        client
+            .post(format!("{base}/login"))
+            .header("cookie", cookie.to_string())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={token}"))
+            .send()
+    };
+    let wrong = login("not-the-token-at-all", "").await?;
     ensure!(wrong.status() == 403);
     ensure!(wrong.headers().get("set-cookie").is_none());
-    let login = client
-        .post(format!("{base}/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={secret}"))
-        .send()
-        .await?;
-    ensure!(login.status() == 303, "{}", login.status());
-    let cookie = login
+    let first = login(secret, "").await?;
+    ensure!(first.status() == 303, "{}", first.status());
+    let cookie = first
         .headers()
         .get("set-cookie")
         .and_then(|v| v.to_str().ok())
@@ -264,16 +273,40 @@ async fn a_read_token_guards_the_page() -> Result<()> {
     );
     ensure!(!cookie.contains(secret), "the token itself in the cookie");
     let session = cookie.split(';').next().context("cookie")?.to_string();
-    let with = |path: &str| {
+    let get_with = |path: &str, session: &str| {
         client
             .get(format!("{base}{path}"))
-            .header("cookie", session.clone())
+            .header("cookie", session.to_string())
             .send()
     };
+    let with = |path: &str| get_with(path, &session);
     let page = with("/dashboard").await?;
     ensure!(page.status() == 200);
-    ensure!(page.text().await?.contains("id=\"live\""));
+    let page = page.text().await?;
+    ensure!(page.contains("id=\"live\""));
+    ensure!(
+        page.contains("action=\"/logout\""),
+        "no way to log out on the page"
+    );
     ensure!(with("/state/host").await?.status() == 200);
+    // The form, asked for with a live session, sends the browser on.
+    ensure!(with("/login").await?.status() == 303);
+    // Logging in again gives the old session back.
+    let again = login(secret, &session).await?;
+    ensure!(again.status() == 303);
+    ensure!(
+        with("/dashboard").await?.status() == 401,
+        "the old session outlived a new login"
+    );
+    let session = again
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .context("the new session's cookie")?
+        .to_string();
+    let with = |path: &str| get_with(path, &session);
+    ensure!(with("/dashboard").await?.status() == 200);
     let out = client
         .post(format!("{base}/logout"))
         .header("cookie", session.clone())

@@ -25,7 +25,7 @@
 
   // The line's point nearest to x (points are in x order).
   function nearest(line, x) {
-    const pts = line.getAttribute("points").trim().split(/\s+/);
+    const pts = (line.getAttribute("points") || "").trim().split(/\s+/);
     if (!pts.length || !pts[0]) return null;
     let lo = 0;
     let hi = pts.length - 1;
@@ -57,11 +57,13 @@
       if (!p) continue;
       px = p[0];
       const v = Math.max(((H - p[1]) / (H - 4)) * top, 0);
-      parts.push(line.dataset.legend + " " + fmt(unit, v));
+      parts.push((line.dataset.legend || line.dataset.field || "") + " " + fmt(unit, v));
     }
-    if (!parts.length) return;
     const t0 = +fig.dataset.t0;
     const t1 = +fig.dataset.t1;
+    if (!parts.length || !Number.isFinite(t0) || !Number.isFinite(t1)) return;
+    // A drawn point covers `bucket` seconds (its counts are their totals).
+    const bucket = +fig.dataset.bucket || 1;
     let tip = fig.querySelector(".tip");
     if (!tip) {
       tip = document.createElement("div");
@@ -71,7 +73,8 @@
     }
     const t = Math.round(t0 + (px / W) * (t1 - t0));
     tip.dataset.t = String(t);
-    tip.textContent = clock(t) + " · " + parts.join(" · ");
+    const span = bucket > 1 ? " (+" + bucket + " s)" : "";
+    tip.textContent = clock(t) + span + " · " + parts.join(" · ");
     let cursor = svg.querySelector("line.cursor");
     if (!cursor) {
       cursor = document.createElementNS(svg.namespaceURI, "line");

@@ -870,7 +870,10 @@ async fn state_document(
     }
 }
 
-/// What the host's page may load: only what the agent serves itself.
+/// The query key the server sets on a page request when the page should
+/// offer to log out (a read token is configured).
+pub const PAGE_LOGOUT: &str = "logout";
+
 /// A login form's body is at most this (a token is far shorter).
 const MAX_LOGIN_BODY: usize = 4096;
 
@@ -898,7 +901,7 @@ fn login_page(code: StatusCode, message: &str) -> Response {
          <p><small>The session lasts {} hours, or until the agent restarts.</small></p></main></body></html>\n",
         session::SESSION_TTL.as_secs() / 3600
     );
-    (
+    let mut resp = (
         code,
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -907,11 +910,17 @@ fn login_page(code: StatusCode, message: &str) -> Response {
         ],
         html,
     )
-        .into_response()
+        .into_response();
+    if code == StatusCode::UNAUTHORIZED {
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
 }
 
-async fn login_form(State(app): State<Shared>) -> Response {
-    if app.read.is_none() {
+async fn login_form(State(app): State<Shared>, headers: axum::http::HeaderMap) -> Response {
+    let cookie = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
+    if app.read.is_none() || app.sessions.admits(cookie) {
         return see_other("/dashboard", None);
     }
     login_page(StatusCode::OK, "")
@@ -923,10 +932,15 @@ struct LoginForm {
 }
 
 /// The read (or admin) token, once, for a session cookie.
-async fn login(State(app): State<Shared>, axum::Form(form): axum::Form<LoginForm>) -> Response {
+async fn login(
+    State(app): State<Shared>,
+    headers: axum::http::HeaderMap,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
     let Some(read) = &app.read else {
         return see_other("/dashboard", None);
     };
+    let cookie = headers.get(header::COOKIE).and_then(|v| v.to_str().ok());
     let presented = form.token.trim().as_bytes();
     let ok = read.matches(presented) || app.admin.as_ref().is_some_and(|a| a.matches(presented));
     if !ok {
@@ -934,6 +948,8 @@ async fn login(State(app): State<Shared>, axum::Form(form): axum::Form<LoginForm
         app.src.read_refused("/login", 403);
         return login_page(StatusCode::FORBIDDEN, "wrong token");
     }
+    // A browser logging in again gives its old session back.
+    app.sessions.close(cookie);
     let id = app.sessions.open();
     see_other("/dashboard", Some(session::set_cookie(&id)))
 }
@@ -953,9 +969,19 @@ fn see_other(to: &'static str, cookie: Option<String>) -> Response {
     resp
 }
 
+/// What the host's page may load: only what the agent serves itself.
 const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
-async fn page(State(app): State<Shared>, Query(q): Query<BTreeMap<String, String>>) -> Response {
+async fn page(
+    State(app): State<Shared>,
+    Query(mut q): Query<BTreeMap<String, String>>,
+) -> Response {
+    // Whether the page offers to log out (a read token is set); never the
+    // caller's to say.
+    q.remove(PAGE_LOGOUT);
+    if app.read.is_some() {
+        q.insert(PAGE_LOGOUT.into(), "1".into());
+    }
     let src = app.src.clone();
     match off_runtime(&app, move || src.page(&q)).await.flatten() {
         Some(html) => (

@@ -4,7 +4,10 @@
 //! [`SESSION_TTL`] at most, [`MAX_SESSIONS`] at once (a new one pushes the
 //! oldest out). The cookie is `HttpOnly` and `SameSite=Strict`; it grants
 //! reading, whichever token opened it. A restart of the agent ends every
-//! session.
+//! session. Browsers do not keep cookies apart by port: a service on
+//! another port of the same host name is sent the cookie too, so the page
+//! is best reached under a name of its own (and, off a trusted network,
+//! through a TLS proxy).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -46,38 +49,49 @@ impl Sessions {
         id
     }
 
-    /// Whether the `Cookie` header names a live session.
+    /// Whether the `Cookie` header names a live session (any of the
+    /// cookies of that name: a stale or planted one sent first does not
+    /// hide a good one).
     pub fn admits(&self, cookie_header: Option<&str>) -> bool {
-        let Some(id) = cookie_header.and_then(session_id) else {
+        let Some(header) = cookie_header else {
             return false;
         };
+        let now = Instant::now();
         let mut open = self.open.lock();
-        match open.get(id) {
-            Some(ends) if *ends > Instant::now() => true,
-            Some(_) => {
-                open.remove(id);
-                false
+        let mut admitted = false;
+        for id in session_ids(header) {
+            match open.get(id) {
+                Some(ends) if *ends > now => admitted = true,
+                Some(_) => {
+                    open.remove(id);
+                }
+                None => {}
             }
-            None => false,
         }
+        admitted
     }
 
-    /// Ends the session the `Cookie` header names, if any.
+    /// Ends the sessions the `Cookie` header names, if any.
     pub fn close(&self, cookie_header: Option<&str>) {
-        if let Some(id) = cookie_header.and_then(session_id) {
-            self.open.lock().remove(id);
+        if let Some(header) = cookie_header {
+            let mut open = self.open.lock();
+            for id in session_ids(header) {
+                open.remove(id);
+            }
         }
     }
 }
 
-/// The session id in a `Cookie` header (`a=b; steward_session=…`).
-fn session_id(header: &str) -> Option<&str> {
+/// The session ids in a `Cookie` header (`a=b; steward_session=…`), at
+/// most a few: a header is bounded, and so is the work on it.
+fn session_ids(header: &str) -> impl Iterator<Item = &str> {
     header
         .split(';')
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .filter(|(k, _)| *k == COOKIE)
         .map(|(_, v)| v)
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+        .take(8)
 }
 
 /// The `Set-Cookie` value for session `id` (empty `id`: ends it).
@@ -104,6 +118,10 @@ mod tests {
         assert!(!s.admits(Some(&format!("{COOKIE}={}", "0".repeat(64)))));
         assert!(!s.admits(Some(&format!("{COOKIE}=short"))));
         assert!(!s.admits(None));
+        // A stale or planted cookie of the same name sent first does not
+        // hide the live one.
+        let both = format!("{COOKIE}={}; {COOKIE}={id}", "a".repeat(64));
+        assert!(s.admits(Some(&both)));
         s.close(Some(&header));
         assert!(!s.admits(Some(&header)));
     }
@@ -112,6 +130,10 @@ mod tests {
     fn sessions_are_bounded_and_the_oldest_goes_first() {
         let s = Sessions::default();
         let first = s.open();
+        // The oldest by its end, whatever the clock's resolution.
+        if let Some(ends) = s.open.lock().get_mut(&first) {
+            *ends -= Duration::from_secs(1);
+        }
         for _ in 0..MAX_SESSIONS {
             s.open();
         }
