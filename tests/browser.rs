@@ -249,6 +249,7 @@ fn exported_cost(steward: &support::AgentProc, key: &str) -> Result<i64> {
 /// placing the pointer and reading the tip moves the tip's second: tried
 /// again.)
 async fn hover_shows_the_values(c: &Client, steward: &support::AgentProc) -> Result<()> {
+    let mut tries = Vec::new();
     for _ in 0..5 {
         let (_, load) = steward.get_json("/state/load?range=hour").await?;
         let points = load["points"].as_array().cloned().unwrap_or_default();
@@ -259,10 +260,12 @@ async fn hover_shows_the_values(c: &Client, steward: &support::AgentProc) -> Res
             .context("no second with a finished allocation")?;
         let at = target["at_unix_s"].as_u64().context("at")?;
         let Some(tip) = hover_at(c, at).await? else {
+            tries.push(format!("{at}: no tip"));
             continue;
         };
         let (shown_at, text) = tip;
         if shown_at != at {
+            tries.push(format!("{at}: {text:?}"));
             continue;
         }
         ensure!(text.contains(" UTC · "), "{text}");
@@ -279,7 +282,7 @@ async fn hover_shows_the_values(c: &Client, steward: &support::AgentProc) -> Res
         }
         return Ok(());
     }
-    bail!("the tip never named the second the pointer was put on")
+    bail!("the tip never named the second the pointer was put on: {tries:?}")
 }
 
 /// Puts the pointer on the allocations chart where second `at` is drawn;
@@ -298,20 +301,35 @@ async fn hover_at(c: &Client, at: u64) -> Result<Option<(u64, String)>> {
     let (t0, t1) = (n(4)?, n(5)?);
     let x = n(0)? + (at as f64 - t0) / (t1 - t0).max(1.0) * n(2)?;
     use fantoccini::actions::InputSource as _;
-    let actions = fantoccini::actions::MouseActions::new("mouse".into()).then(
-        fantoccini::actions::PointerAction::MoveTo {
+    // Off the page first: a move to where the pointer already is fires no
+    // event, and the tip of the last try would stay.
+    let actions = fantoccini::actions::MouseActions::new("mouse".into())
+        .then(fantoccini::actions::PointerAction::MoveTo {
+            duration: None,
+            x: 0.0,
+            y: 0.0,
+        })
+        .then(fantoccini::actions::PointerAction::MoveTo {
             duration: None,
             x: x.round(),
             y: (n(1)? + n(3)? / 2.0).round(),
-        },
-    );
+        });
     c.perform_actions(actions).await?;
-    let tip = c
-        .execute(
-            "const t = document.querySelector('figure.chart .tip'); return t ? [t.dataset.t, t.textContent] : null",
-            vec![],
-        )
-        .await?;
+    // The browser may handle the moves after the actions call returned
+    // (Firefox does): the tip, once there.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let tip = loop {
+        let tip = c
+            .execute(
+                "const t = document.querySelector('figure.chart .tip'); return t ? [t.dataset.t, t.textContent] : null",
+                vec![],
+            )
+            .await?;
+        if !tip.is_null() || Instant::now() > deadline {
+            break tip;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let Some(shown_at) = tip[0].as_str().and_then(|t| t.parse().ok()) else {
         return Ok(None);
     };
@@ -517,8 +535,21 @@ async fn a_browser_logs_in_with_the_read_token() -> Result<()> {
         let field = c.find(Locator::Css("#login input[name=token]")).await?;
         field.send_keys("not-the-read-token-0000").await?;
         c.find(Locator::Css("#login button")).await?.click().await?;
-        let said = c.find(Locator::Css("#login-message")).await?.text().await?;
-        ensure!(said == "wrong token", "{said:?}");
+        // The answer is a new page: read it in one script, once it is there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let said = c
+                .execute(
+                    "const m = document.getElementById('login-message'); return m ? m.textContent : null",
+                    vec![],
+                )
+                .await?;
+            if said == "wrong token" {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "the form said {said}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let field = c.find(Locator::Css("#login input[name=token]")).await?;
         field.send_keys(secret).await?;
         c.find(Locator::Css("#login button")).await?.click().await?;

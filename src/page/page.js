@@ -91,7 +91,7 @@
     return Array.from(main.querySelectorAll("figure.chart"));
   }
 
-  main.addEventListener("mousemove", (e) => {
+  main.addEventListener("pointermove", (e) => {
     const fig = e.target instanceof Element ? e.target.closest("figure.chart") : null;
     if (!fig) {
       if (hover) clear();
@@ -105,7 +105,7 @@
     hover = null;
     for (const t of main.querySelectorAll(".chart .tip, .chart line.cursor")) t.remove();
   }
-  main.addEventListener("mouseleave", clear);
+  main.addEventListener("pointerleave", clear);
 
   async function refresh() {
     if (busy || document.visibilityState !== "visible") return;
