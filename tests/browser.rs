@@ -156,6 +156,25 @@ impl Drop for Driver {
     }
 }
 
+/// Runs `script` in the page until `done` accepts its answer or `limit`
+/// passes; the last answer. (The page swaps its body every two seconds:
+/// what is read is read in one script.)
+async fn until_script(
+    c: &Client,
+    script: &str,
+    limit: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = c.execute(script, vec![]).await?;
+        if done(&answer) || Instant::now() > deadline {
+            return Ok(answer);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// `page-light.png` (Chromium: the ones in `docs/`), `page-firefox-light.png`.
 fn shot_name(kind: Kind, scheme: &str) -> String {
     match kind {
@@ -317,19 +336,13 @@ async fn hover_at(c: &Client, at: u64) -> Result<Option<(u64, String)>> {
     c.perform_actions(actions).await?;
     // The browser may handle the moves after the actions call returned
     // (Firefox does): the tip, once there.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let tip = loop {
-        let tip = c
-            .execute(
-                "const t = document.querySelector('figure.chart .tip'); return t ? [t.dataset.t, t.textContent] : null",
-                vec![],
-            )
-            .await?;
-        if !tip.is_null() || Instant::now() > deadline {
-            break tip;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let tip = until_script(
+        c,
+        "const t = document.querySelector('figure.chart .tip'); return t ? [t.dataset.t, t.textContent] : null",
+        Duration::from_secs(2),
+        |tip| !tip.is_null(),
+    )
+    .await?;
     let Some(shown_at) = tip[0].as_str().and_then(|t| t.parse().ok()) else {
         return Ok(None);
     };
@@ -412,26 +425,20 @@ async fn the_page_shows_live_numbers(kind: Kind) -> Result<()> {
         }
         // The charts have points, more as the seconds pass (the page
         // swaps in fresh charts by itself).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let charts = c
-                .execute(
-                    "return Array.from(document.querySelectorAll('figure.chart')).map(f => f.dataset.points)",
-                    vec![],
-                )
-                .await?;
-            let charts = charts.as_array().cloned().unwrap_or_default();
-            ensure!(charts.len() == 4, "{} charts", charts.len());
-            let points = charts[0].as_str().unwrap_or_default().to_string();
-            if points.parse::<usize>().unwrap_or(0) >= 5 {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the charts did not fill: {points:?} points"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        let charts = until_script(
+            &c,
+            "return Array.from(document.querySelectorAll('figure.chart')).map(f => f.dataset.points)",
+            Duration::from_secs(30),
+            |charts| charts[0].as_str().and_then(|p| p.parse::<usize>().ok()) >= Some(5),
+        )
+        .await?;
+        let charts = charts.as_array().cloned().unwrap_or_default();
+        ensure!(charts.len() == 4, "{} charts", charts.len());
+        let points = charts[0].as_str().unwrap_or_default();
+        ensure!(
+            points.parse::<usize>().unwrap_or(0) >= 5,
+            "the charts did not fill: {points:?} points"
+        );
         // The cost shown for the function is the export's (today's usage:
         // every record of this test ended today).
         c.goto(&page).await?;
@@ -536,20 +543,14 @@ async fn a_browser_logs_in_with_the_read_token() -> Result<()> {
         field.send_keys("not-the-read-token-0000").await?;
         c.find(Locator::Css("#login button")).await?.click().await?;
         // The answer is a new page: read it in one script, once it is there.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let said = c
-                .execute(
-                    "const m = document.getElementById('login-message'); return m ? m.textContent : null",
-                    vec![],
-                )
-                .await?;
-            if said == "wrong token" {
-                break;
-            }
-            ensure!(Instant::now() < deadline, "the form said {said}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let said = until_script(
+            &c,
+            "const m = document.getElementById('login-message'); return m ? m.textContent : null",
+            Duration::from_secs(10),
+            |said| said == "wrong token",
+        )
+        .await?;
+        ensure!(said == "wrong token", "the form said {said}");
         let field = c.find(Locator::Css("#login input[name=token]")).await?;
         field.send_keys(secret).await?;
         c.find(Locator::Css("#login button")).await?.click().await?;
