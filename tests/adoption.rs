@@ -89,6 +89,36 @@ async fn until_exists(path: &Path, limit: Duration) -> Result<()> {
     Ok(())
 }
 
+/// A plane with `examples/hello`, an adopting Steward, and `wait_for_file`
+/// running on its worker until `gate` is released.
+struct Long {
+    plane: Plane,
+    steward: AgentProc,
+    gate: PathBuf,
+    _gate_dir: tempfile::TempDir,
+    rid: String,
+    pid: u32,
+}
+
+impl Long {
+    async fn start() -> Result<Long> {
+        let plane = Plane::start().await?;
+        plane.deploy_hello(FunctionOptions::default()).await?;
+        let (gate_dir, gate) = gate()?;
+        let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
+        plane.wait_executors(1).await?;
+        let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+        Ok(Long {
+            plane,
+            steward,
+            gate,
+            _gate_dir: gate_dir,
+            rid,
+            pid,
+        })
+    }
+}
+
 /// Waits until the agent has an event of `kind`; its message.
 async fn event(steward: &AgentProc, kind: &str) -> Result<String> {
     let (_, v) = steward
@@ -183,12 +213,14 @@ async fn finishes_on_the_adopted_worker(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_outlives_a_sigkilled_steward_and_is_adopted_with_its_allocation() -> Result<()> {
-    let plane = Plane::start().await?;
-    plane.deploy_hello(FunctionOptions::default()).await?;
-    let (_g, gate) = gate()?;
-    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
-    plane.wait_executors(1).await?;
-    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+    let Long {
+        plane,
+        steward,
+        gate,
+        _gate_dir,
+        rid,
+        pid,
+    } = Long::start().await?;
 
     let killed_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -208,12 +240,14 @@ async fn a_worker_outlives_a_sigkilled_steward_and_is_adopted_with_its_allocatio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_made_while_no_steward_ran_is_collected_and_sent_once() -> Result<()> {
-    let plane = Plane::start().await?;
-    plane.deploy_hello(FunctionOptions::default()).await?;
-    let (_g, gate) = gate()?;
-    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
-    plane.wait_executors(1).await?;
-    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+    let Long {
+        plane,
+        steward,
+        gate,
+        _gate_dir,
+        rid,
+        pid,
+    } = Long::start().await?;
     let data = steward.into_data_dir()?; // SIGKILL
     release(&gate)?;
     // The function removes the file on its way out: it has finished (or
@@ -244,12 +278,14 @@ async fn a_result_made_while_no_steward_ran_is_collected_and_sent_once() -> Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_in_adoption_mode_leaves_the_worker_for_an_upgraded_binary() -> Result<()> {
-    let plane = Plane::start().await?;
-    plane.deploy_hello(FunctionOptions::default()).await?;
-    let (_g, gate) = gate()?;
-    let mut steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
-    plane.wait_executors(1).await?;
-    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+    let Long {
+        plane,
+        mut steward,
+        gate,
+        _gate_dir,
+        rid,
+        pid,
+    } = Long::start().await?;
 
     steward.signal(nix::sys::signal::Signal::SIGTERM);
     let status = steward
@@ -284,12 +320,14 @@ async fn sigterm_in_adoption_mode_leaves_the_worker_for_an_upgraded_binary() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_died_while_no_steward_ran_is_reported_terminated() -> Result<()> {
-    let plane = Plane::start().await?;
-    plane.deploy_hello(FunctionOptions::default()).await?;
-    let (_g, gate) = gate()?;
-    let steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), ADOPT)?;
-    plane.wait_executors(1).await?;
-    let (rid, pid) = start_long(&plane, &steward, &gate).await?;
+    let Long {
+        plane,
+        steward,
+        gate: _,
+        _gate_dir,
+        rid,
+        pid,
+    } = Long::start().await?;
     let data = steward.into_data_dir()?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),

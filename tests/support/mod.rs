@@ -828,14 +828,8 @@ impl Drop for AgentProc {
         // A SIGKILLed Steward leaves its workers' directories (sockets,
         // scratch) for its next start to sweep; a test's Steward has none.
         if let Ok(id) = std::fs::read_to_string(self.data_dir.path().join("executor_id")) {
-            let run = steward_worker_driver::Isolation::new(
-                &steward_worker_driver::Isolation::default_base(),
-                id.trim(),
-                steward_worker_driver::IdentitySetup::NotSeparated(String::new()),
-                steward_worker_driver::ChannelKind::Unix,
-                steward_worker_driver::EnvAllow::default(),
-            );
-            let _ = std::fs::remove_dir_all(run.run_dir);
+            let run_dir = steward_worker_driver::Isolation::default_run_dir(id.trim());
+            let _ = std::fs::remove_dir_all(run_dir);
         }
     }
 }

@@ -272,14 +272,8 @@ impl Drop for AgentProc {
         // The workers' directories a killed Steward (or one that left its
         // workers to adoption) leaves under the worker run directory.
         if let Ok(id) = std::fs::read_to_string(self._data.path().join("executor_id")) {
-            let run = steward_worker_driver::Isolation::new(
-                &steward_worker_driver::Isolation::default_base(),
-                id.trim(),
-                steward_worker_driver::IdentitySetup::NotSeparated(String::new()),
-                steward_worker_driver::ChannelKind::Unix,
-                steward_worker_driver::EnvAllow::default(),
-            );
-            let _ = std::fs::remove_dir_all(&run.run_dir);
+            let run_dir = steward_worker_driver::Isolation::default_run_dir(id.trim());
+            let _ = std::fs::remove_dir_all(run_dir);
         }
         for id in self.containers(&self.oci_runtime) {
             let _ = Command::new(&self.oci_runtime)

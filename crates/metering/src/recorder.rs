@@ -708,18 +708,7 @@ impl Recorder {
     pub fn worker_started(&self, info: WorkerInfo, probe: Arc<dyn Probe>) {
         self.with_books(|b, inner| {
             let first = sample_of(probe.read().unwrap_or_default(), now_ms());
-            // The same id again before its end was seen: the old one ends now.
-            if b.meter.knows(&info.fe_id) {
-                b.worker_stopped(&info.fe_id, first.at_ms, None, inner);
-            }
-            b.meter
-                .worker_started(&info.fe_id, info.gpu_models.clone(), first);
-            let util = b.utilization_of(&info.gpu_uuids);
-            b.meter.set_gpu_utilization(&info.fe_id, util);
-            b.probes.insert(info.fe_id.clone(), probe);
-            b.costs.insert(info.fe_id.clone(), 0);
-            b.infos.insert(info.fe_id.clone(), info);
-            b.nudge(inner);
+            b.begin(info, probe, first, inner);
         });
     }
 
@@ -730,19 +719,7 @@ impl Recorder {
         let Some(first) = since else {
             return self.worker_started(info, probe);
         };
-        self.with_books(|b, inner| {
-            if b.meter.knows(&info.fe_id) {
-                b.worker_stopped(&info.fe_id, first.at_ms, None, inner);
-            }
-            b.meter
-                .worker_started(&info.fe_id, info.gpu_models.clone(), first);
-            let util = b.utilization_of(&info.gpu_uuids);
-            b.meter.set_gpu_utilization(&info.fe_id, util);
-            b.probes.insert(info.fe_id.clone(), probe);
-            b.costs.insert(info.fe_id.clone(), 0);
-            b.infos.insert(info.fe_id.clone(), info);
-            b.nudge(inner);
-        });
+        self.with_books(|b, inner| b.begin(info, probe, first, inner));
     }
 
     /// An allocation that was running on an adopted worker, metered from
@@ -989,6 +966,23 @@ impl Drop for Recorder {
 const GATHER_GAP_SHARE: u64 = 2;
 
 impl Books {
+    /// Meters worker `info` from reading `first` (started now, or adopted
+    /// with a reading an earlier run kept).
+    fn begin(&mut self, info: WorkerInfo, probe: Arc<dyn Probe>, first: Sample, inner: &Inner) {
+        // The same id again before its end was seen: the old one ends now.
+        if self.meter.knows(&info.fe_id) {
+            self.worker_stopped(&info.fe_id, first.at_ms, None, inner);
+        }
+        self.meter
+            .worker_started(&info.fe_id, info.gpu_models.clone(), first);
+        let util = self.utilization_of(&info.gpu_uuids);
+        self.meter.set_gpu_utilization(&info.fe_id, util);
+        self.probes.insert(info.fe_id.clone(), probe);
+        self.costs.insert(info.fe_id.clone(), 0);
+        self.infos.insert(info.fe_id.clone(), info);
+        self.nudge(inner);
+    }
+
     /// Queues a record for the ledger.
     fn push(&mut self, r: UsageRecord, inner: &Inner) {
         if let Some(c) = r.cost_minor

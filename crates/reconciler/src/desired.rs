@@ -305,14 +305,7 @@ impl tonic::codec::Decoder for BytesCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn alloc(id: &str) -> pb::Allocation {
-        pb::Allocation {
-            allocation_id: Some(id.into()),
-            function_executor_id: Some("fe".into()),
-            ..Default::default()
-        }
-    }
+    use crate::testing_support::alloc;
 
     fn fe(id: &str) -> pb::FunctionExecutorDescription {
         pb::FunctionExecutorDescription {

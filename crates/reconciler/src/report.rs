@@ -594,15 +594,7 @@ fn result_ids(request: &Report) -> Vec<String> {
 #[cfg(test)]
 pub(crate) fn carried_ids(shared: &Shared, all: bool) -> (Vec<String>, Carried) {
     let (report, carried) = build_request(shared, all);
-    let ids = report
-        .decode()
-        .executor_update
-        .map(|u| u.allocation_results)
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|r| r.allocation_id)
-        .collect();
-    (ids, carried)
+    (result_ids(&report), carried)
 }
 
 #[cfg(test)]

@@ -41,3 +41,13 @@ pub(crate) fn shared_with(change: impl FnOnce(&mut AgentConfig)) -> Arc<Shared> 
     let server = crate::server::channel(&config.server_addr, None).expect("a valid address");
     Shared::new(config, metrics, cache, server)
 }
+
+/// An allocation `id` on worker "fe" (unit tests).
+#[cfg(test)]
+pub(crate) fn alloc(id: &str) -> crate::pb::Allocation {
+    crate::pb::Allocation {
+        allocation_id: Some(id.into()),
+        function_executor_id: Some("fe".into()),
+        ..Default::default()
+    }
+}

@@ -104,6 +104,13 @@ impl Isolation {
         }
     }
 
+    /// The run directory of executor `executor_id`'s workers under the
+    /// default base (what a killed Steward leaves for its next start to
+    /// sweep; tests and the bench remove it after theirs).
+    pub fn default_run_dir(executor_id: &str) -> PathBuf {
+        Isolation::default_base().join(instance_name(executor_id))
+    }
+
     /// This Steward's instance name (`e-<hash of its executor id>`), as its
     /// directory and its workers' cgroups are marked.
     pub(crate) fn instance(&self) -> String {

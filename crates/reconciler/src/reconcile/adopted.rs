@@ -197,14 +197,7 @@ pub(crate) fn release_results(shared: &Shared, desired: &crate::desired::Desired
 mod tests {
     use super::*;
     use crate::adoption::{AllocRecord, VERSION};
-
-    fn alloc(id: &str) -> pb::Allocation {
-        pb::Allocation {
-            allocation_id: Some(id.into()),
-            function_executor_id: Some("fe".into()),
-            ..Default::default()
-        }
-    }
+    use crate::testing_support::alloc;
 
     fn result(id: &str) -> pb::AllocationResult {
         pb::AllocationResult {
