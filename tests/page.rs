@@ -256,6 +256,29 @@ async fn a_read_token_guards_the_page() -> Result<()> {
             .body(format!("token={token}"))
             .send()
     };
+    // A stranger's bodies: too large, or not a form, are refused unread.
+    let huge = client
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", "x".repeat(1 << 20)))
+        .send()
+        .await?;
+    ensure!(
+        huge.status() == 413,
+        "a 1 MiB login body: {}",
+        huge.status()
+    );
+    let not_a_form = client
+        .post(format!("{base}/login"))
+        .header("content-type", "application/json")
+        .body("{\"token\": 1}")
+        .send()
+        .await?;
+    ensure!(
+        not_a_form.status().is_client_error() && not_a_form.headers().get("set-cookie").is_none(),
+        "a JSON login body: {}",
+        not_a_form.status()
+    );
     let wrong = login("not-the-token-at-all", "").await?;
     ensure!(wrong.status() == 403);
     ensure!(wrong.headers().get("set-cookie").is_none());
