@@ -356,10 +356,18 @@ fn reachable_by_others(path: &Path) -> bool {
     }) && std::fs::metadata(&real).is_ok_and(|m| m.permissions().mode() & 0o005 == 0o005)
 }
 
+/// Cargo for the tasks' builds. They are one-shot builds (CI's is from a
+/// clean checkout), so incremental caches are not kept unless the caller
+/// asks (`CARGO_INCREMENTAL`): they were a third of the test build's disk
+/// (2.3 of 6.8 GB), and a CI machine's disk that fills mid-link kills the
+/// linker with SIGBUS.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     if let Some(home) = outside_checkout() {
         cmd.env("CARGO_TARGET_DIR", home.join("target"));
+    }
+    if std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        cmd.env("CARGO_INCREMENTAL", "0");
     }
     cmd
 }
@@ -483,7 +491,47 @@ fn ensure_debian(needed: &[(&str, &str)], for_what: &str) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// What a clean test build takes on disk, with room to spare (measured:
+/// 4.5 GB of build, a few hundred MB of venv and browser).
+const TEST_BUILD_BYTES: u64 = 8_000_000_000;
+
+/// Says how much room the build has where it goes, and warns below
+/// [`TEST_BUILD_BYTES`]: a disk that fills mid-link ends in a linker
+/// SIGBUS that names nothing.
+fn say_disk_room() {
+    let target = target_dir();
+    let probe = target
+        .ancestors()
+        .find(|d| d.exists())
+        .unwrap_or(Path::new("/"));
+    let Ok(out) = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(probe)
+        .output()
+    else {
+        return;
+    };
+    let free: Option<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok());
+    let Some(free) = free else { return };
+    let gb = |b: u64| b as f64 / 1e9;
+    eprintln!(
+        "xtask: {:.1} GB free where the build goes ({})",
+        gb(free),
+        target.display()
+    );
+    if free < TEST_BUILD_BYTES {
+        eprintln!(
+            "xtask: WARNING: a clean test build needs about {:.0} GB; the build may fail for want of disk",
+            gb(TEST_BUILD_BYTES)
+        );
+    }
+}
+
 fn test(extra: &[String]) -> Result<()> {
+    say_disk_room();
     let venv = ensure_venv()?;
     ensure_runc()?;
     ensure_browser()?;
