@@ -434,7 +434,7 @@ mod tests {
         // running gauge is the minute's second count, one allocation
         // finishes a second. (A minute closes when the next one's first
         // sample comes, an hour when the next one's first minute closes.)
-        let t0 = 1_800_000_000 - 1_800_000_000 % 3600;
+        let t0 = 500_000 * 3600;
         for s in 0..=7260 {
             h.record(sample(t0 + s, (s % 60) as f32, 1.0));
         }
