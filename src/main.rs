@@ -266,6 +266,14 @@ struct AgentArgs {
     #[cfg(feature = "devserver")]
     #[arg(long, hide = true)]
     test_wedge_reconcile_file: Option<PathBuf>,
+    /// Fault injection for tests only: the agent SIGKILLs itself at this
+    /// point of adoption's bookkeeping (call-recorded: a nested call the
+    /// server created is on record, the worker not yet told;
+    /// upload-recorded: an output upload is on record, the worker not yet
+    /// given its URLs). Not in the package's binary.
+    #[cfg(feature = "devserver")]
+    #[arg(long, hide = true)]
+    test_kill_at: Option<steward_reconciler::KillPoint>,
     /// How long a result waits for its usage record when the ledger's
     /// disk hangs or its writes keep failing (100 to 600000); past it
     /// results go without waiting until a write succeeds again.
@@ -1091,6 +1099,7 @@ async fn run_agent(args: AgentArgs) -> Result<()> {
     #[cfg(feature = "devserver")]
     {
         config.wedge_reconcile_when = args.test_wedge_reconcile_file.clone();
+        config.test_kill_at = args.test_kill_at;
     }
     // Under systemd's watchdog the reconcile loop's own heartbeat pings it.
     let notifier = systemd::Notifier::from_env();

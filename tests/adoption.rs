@@ -5,7 +5,11 @@
 //! (same pid), follows the allocation to its end, and the plane gets its
 //! result once and never hears the worker terminated; its usage is metered
 //! once. A worker that died while no Steward ran is reported terminated,
-//! with its allocation failed. (Adoption off keeps the worker dying with
+//! with its allocation failed. The windows between a change on the
+//! adoption record and the worker hearing of it (a nested call created, an
+//! output upload opened) are hit by the agent killing itself there
+//! (`--test-kill-at`): nothing is asked of the server or the blob store a
+//! second time. (Adoption off keeps the worker dying with
 //! Steward: `end_to_end::sigkill_of_steward_leaves_no_worker_behind`,
 //! whose agents run with `STEWARD_ADOPT_WORKERS=false`.)
 
@@ -18,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use steward_devserver::FunctionOptions;
-use support::{AgentProc, Plane, alive, path_with_venv, worker_pids};
+use support::{AgentProc, Plane, alive, metric, path_with_venv, worker_pids};
 
 const ADOPT: &[&str] = &["--adopt-workers=true"];
 
@@ -350,6 +354,93 @@ async fn a_worker_that_died_while_no_steward_ran_is_reported_terminated() -> Res
     let (results, _) = plane_saw(&plane, "wait_for_file").await?;
     ensure!(results == 1, "the plane got {results} results for it");
     drop(steward);
+    plane.stop().await;
+    Ok(())
+}
+
+/// Starts `function` of `app` with an adopting agent that SIGKILLs itself
+/// at `point` (`--test-kill-at`, a window a kill from outside cannot hit
+/// on purpose), waits for that death, and starts the next agent on the
+/// same data; the request's id and the next agent.
+async fn killed_at(
+    plane: &Plane,
+    point: &str,
+    app: &str,
+    function: &str,
+    input: serde_json::Value,
+) -> Result<(String, AgentProc)> {
+    let kill = format!("--test-kill-at={point}");
+    let mut steward = AgentProc::steward(
+        &plane.grpc,
+        plane.blob_dir.path(),
+        &["--adopt-workers=true", &kill],
+    )?;
+    plane.wait_executors(1).await?;
+    let rid = plane.start_request(app, function, input).await?;
+    let status = steward
+        .wait_exit(Duration::from_secs(120))
+        .with_context(|| format!("the agent never reached {point}"))?;
+    ensure!(
+        std::os::unix::process::ExitStatusExt::signal(&status) == Some(9),
+        "the agent ended otherwise than by the injected SIGKILL: {status:?}\n{}",
+        steward.log()
+    );
+    let steward = restart(plane, steward.into_data_dir()?, None)?;
+    let adopted = event(&steward, "function_executor_adopted").await?;
+    ensure!(
+        adopted.contains("1 running allocation(s) followed"),
+        "{adopted}"
+    );
+    Ok((rid, steward))
+}
+
+/// The server created `nested`'s call of `square`, and the agent died
+/// with the call on record before the worker heard: the next agent tells
+/// the worker, does not ask the server again, and the parent finishes
+/// with its child's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_call_created_before_a_kill_is_not_sent_again() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_compose(FunctionOptions::default()).await?;
+    let (rid, steward) = killed_at(&plane, "call-recorded", "compose", "nested", json!(3)).await?;
+    let out = plane.outcome(&rid).await?;
+    ensure!(out.status == "success", "{out:?}");
+    ensure!(out.output == Some(json!(10)), "{out:?}");
+    let text = steward.metrics().await?;
+    // Every call_function of this agent is timed (the series is there
+    // from the start, so a wrong name fails too).
+    let sent = metric(&text, "steward_function_call_latency_seconds_count");
+    ensure!(
+        sent == Some(0.0),
+        "calls sent to the server again: {sent:?}"
+    );
+    plane.stop().await;
+    Ok(())
+}
+
+/// The agent died with an output upload on record before the worker got
+/// its URLs: the worker asks again, and the next agent gives it the
+/// recorded upload, not a second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_asked_for_again_after_a_kill_gets_the_recorded_upload() -> Result<()> {
+    let plane = Plane::start().await?;
+    plane.deploy_hello(FunctionOptions::default()).await?;
+    let (rid, steward) =
+        killed_at(&plane, "upload-recorded", "hello", "greet", json!("Ada")).await?;
+    let out = plane.outcome(&rid).await?;
+    ensure!(out.status == "success", "{out:?}");
+    ensure!(out.output == Some(json!("Hello, Ada!")), "{out:?}");
+    let text = steward.metrics().await?;
+    let op = |op: &str| {
+        metric(
+            &text,
+            &format!("steward_blob_store_requests_total{{operation=\"{op}\"}}"),
+        )
+    };
+    // The recorded upload was completed here; none was opened.
+    ensure!(op("complete_multipart") == Some(1.0), "{text}");
+    let created = op("create_multipart").unwrap_or(0.0);
+    ensure!(created == 0.0, "a second upload was created ({created})");
     plane.stop().await;
     Ok(())
 }

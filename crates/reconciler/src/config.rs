@@ -227,6 +227,33 @@ pub struct AgentConfig {
     /// loop, at its next heartbeat, stops doing anything (no pass, no
     /// heartbeat) until the agent shuts down: a wedged loop.
     pub wedge_reconcile_when: Option<PathBuf>,
+    /// Fault injection for tests only: the agent SIGKILLs itself the first
+    /// time it reaches this point, a window of adoption that a kill from
+    /// outside cannot hit on purpose.
+    pub test_kill_at: Option<KillPoint>,
+}
+
+/// Where [`AgentConfig::test_kill_at`] kills the agent: just after a
+/// change is on the adoption record, before the worker hears of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillPoint {
+    /// A nested call the server created is on record; the worker has not
+    /// been told it was created.
+    CallRecorded,
+    /// An output upload is on record; the worker has not got its URLs.
+    UploadRecorded,
+}
+
+impl std::str::FromStr for KillPoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KillPoint, String> {
+        match s {
+            "call-recorded" => Ok(KillPoint::CallRecorded),
+            "upload-recorded" => Ok(KillPoint::UploadRecorded),
+            _ => Err(format!("{s:?}: expected call-recorded or upload-recorded")),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -287,6 +314,7 @@ impl AgentConfig {
             reconcile_heartbeat: Duration::from_secs(5),
             on_reconcile_beat: None,
             wedge_reconcile_when: None,
+            test_kill_at: None,
             data_dir,
         }
     }

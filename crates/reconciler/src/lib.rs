@@ -51,7 +51,7 @@ use std::time::Duration;
 pub use admission::{Claim, WorkerDefaults};
 pub use config::{
     AgentConfig, AllocationLimits, DEFAULT_MAX_APPLICATION_CODE_BYTES,
-    DEFAULT_MAX_INPUT_BLOB_BYTES, GpuPool, GpuRefusal, NoGpus, ServerTls,
+    DEFAULT_MAX_INPUT_BLOB_BYTES, GpuPool, GpuRefusal, KillPoint, NoGpus, ServerTls,
 };
 pub use desired::Desired;
 pub use events::{Event, EventLog, MAX_EVENT_MESSAGE, MAX_EVENT_SUBJECT, shorten};

@@ -17,7 +17,7 @@ use super::conn::WorkerClient;
 use super::{calls, plan, request_state};
 use crate::state::Shared;
 use crate::watches::{Delivery, Waiter};
-use crate::{fe_pb, pb};
+use crate::{KillPoint, fe_pb, pb};
 
 /// Deadline of `create_allocation`, `send_allocation_update` and `delete_allocation`.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -1108,6 +1108,7 @@ impl<'a> Runner<'a> {
                 if let Some(store) = &self.shared.adoption {
                     // On record before the worker gets its URLs.
                     store.output_created(&self.alloc_id, record_of(&id, &upload));
+                    injected_kill(&self.shared, KillPoint::UploadRecorded);
                 }
                 self.uploads.map.insert(id.clone(), upload);
                 fe_pb::AllocationOutputBlob {
@@ -1186,6 +1187,7 @@ impl<'a> Runner<'a> {
                 if let Some(store) = &self.shared.adoption {
                     // After a restart the server is not asked again.
                     store.call_created(&self.alloc_id, &id);
+                    injected_kill(&self.shared, KillPoint::CallRecorded);
                 }
                 status(0, "")
             }
@@ -1615,6 +1617,15 @@ async fn abort_all(shared: &Arc<Shared>, uploads: HashMap<String, Upload>, extra
         {
             tracing::warn!(uri = %up.uri, error = %e, "aborting upload failed");
         }
+    }
+}
+
+/// The test-only fault ([`crate::AgentConfig::test_kill_at`]): the agent
+/// SIGKILLs itself at `at`, as a kill from outside might land there.
+fn injected_kill(shared: &Shared, at: KillPoint) {
+    if shared.config.test_kill_at == Some(at) {
+        tracing::warn!(?at, "fault injected: the agent kills itself");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
 }
 
