@@ -492,7 +492,8 @@ fn ensure_debian(needed: &[(&str, &str)], for_what: &str) -> Result<()> {
 }
 
 /// What a clean test build takes on disk, with room to spare (measured:
-/// 4.5 GB of build, a few hundred MB of venv and browser).
+/// 5.1 GB at the end of a clean `.ci/run`, a few hundred MB of venv and
+/// browser besides).
 const TEST_BUILD_BYTES: u64 = 8_000_000_000;
 
 /// Says how much room the build has where it goes, and warns below
