@@ -370,11 +370,8 @@ async fn killed_at(
     input: serde_json::Value,
 ) -> Result<(String, AgentProc)> {
     let kill = format!("--test-kill-at={point}");
-    let mut steward = AgentProc::steward(
-        &plane.grpc,
-        plane.blob_dir.path(),
-        &["--adopt-workers=true", &kill],
-    )?;
+    let args = [ADOPT, &[kill.as_str()]].concat();
+    let mut steward = AgentProc::steward(&plane.grpc, plane.blob_dir.path(), &args)?;
     plane.wait_executors(1).await?;
     let rid = plane.start_request(app, function, input).await?;
     let status = steward
